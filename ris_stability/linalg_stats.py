@@ -1,0 +1,247 @@
+"""Pure, batched spectral statistics from eigenvalues (or singular values).
+
+Every function works on a batch ``(..., n)`` and returns ``(...,)`` float64 tensors on the input's
+device; nothing calls ``.item()`` except :func:`to_floats`, which syncs once for a whole dict.
+
+Eigenvalue order: :func:`eigen_stats` takes eigenvalues ASCENDING (``torch.linalg.eigh`` order);
+:func:`singular_stats` takes singular values DESCENDING (``torch.linalg.svd`` order). The signal
+dimension ``k`` always means the top-k (largest) eigenvalues / singular values.
+
+Why gaps, not the condition number, predict eigenvector-gradient blow-ups: the eigh backward is
+``dA = V (diag(g_lambda) + skew(V^H g_V) / E) V^H`` with ``E_ij = lambda_j - lambda_i`` for EVERY pair
+(i, j), whether or not the loss uses both vectors: a pair the loss ignores contributes 0/E_ij, which is
+0 for a gap and 0/0 = NaN for an exact tie. So the bound on the amplification is 1 / (smallest gap over
+all pairs), which for sorted eigenvalues is the smallest adjacent difference: ``amplification =
+1 / min_gap``. The svd backward divides by ``s_j^2 - s_i^2`` instead, so singular-value gaps are taken
+on the squares.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ris_stability.tolerances import eps_of, rank_tol, tie_tol
+
+STAT_KEYS: tuple[str, ...] = (
+    "n", "rank", "cond", "log10_cond", "lambda_min", "lambda_max", "trace", "herm_err",
+    "min_gap", "gap_split", "min_gap_signal", "min_gap_noise", "max_cluster", "cluster_value",
+    "amplification",
+)
+
+# How each statistic is reduced to the worst case over a batch.
+_WORST_MIN = frozenset({"rank", "lambda_min", "min_gap", "gap_split", "min_gap_signal", "min_gap_noise"})
+_WORST_MAX = frozenset({"n", "cond", "log10_cond", "lambda_max", "trace", "herm_err", "amplification"})
+
+_STATS_DTYPE = torch.float64
+
+
+class SpectrumError(ValueError):
+    """The input to a statistics function has a shape or dtype the statistics cannot be defined on."""
+
+
+def _check_spectrum(vals: Tensor, what: str) -> None:
+    if vals.dim() < 1 or vals.shape[-1] < 1:
+        raise SpectrumError(
+            f"{what}: expected a (..., n) tensor with n >= 1, got shape {tuple(vals.shape)}; "
+            "pass the eigenvalues/singular values of at least one 1x1 matrix"
+        )
+    if vals.is_complex():
+        raise SpectrumError(
+            f"{what}: got complex values of dtype {vals.dtype}; pass the real eigenvalues of a Hermitian "
+            "matrix (torch.linalg.eigvalsh) or singular values (torch.linalg.svdvals)"
+        )
+
+
+def _signal_split(k, batch_shape: torch.Size, n: int, device) -> Tensor | None:
+    """Index of the first signal eigenvalue in ascending order, n - k, clamped to [0, n]; None if unknown."""
+    if k is None:
+        return None
+    k_t = torch.as_tensor(k, device=device).to(torch.long)
+    k_t = torch.broadcast_to(k_t, batch_shape)
+    return n - k_t.clamp(0, n)
+
+
+def _masked_min(values: Tensor, mask: Tensor) -> Tensor:
+    """Min over the last dim of the entries where mask holds; NaN where no entry holds."""
+    filled = torch.where(mask, values, torch.full_like(values, math.inf))
+    return torch.where(mask.any(-1), filled.amin(-1), torch.full_like(filled[..., 0], math.nan))
+
+
+def _gap_stats(ev: Tensor, split: Tensor | None, tol: Tensor) -> dict[str, Tensor]:
+    """Gaps and tied clusters of ascending ``ev`` (..., n) in float64; ``tol`` (...,) is the tie tolerance."""
+    n = ev.shape[-1]
+    # One sentinel column (never a gap, never tied) keeps every reduction over a non-empty dim for n = 1.
+    diffs = torch.cat([ev[..., 1:] - ev[..., :-1], torch.full_like(ev[..., :1], math.inf)], dim=-1)
+    j = torch.arange(n, device=ev.device)
+    is_pair = j < n - 1
+    out = {"min_gap": _masked_min(diffs, is_pair.expand_as(diffs))}
+    if split is None:
+        nan = torch.full_like(ev[..., 0], math.nan)
+        out.update(gap_split=nan, min_gap_signal=nan, min_gap_noise=nan.clone())
+    else:
+        s = split.unsqueeze(-1)
+        out["gap_split"] = _masked_min(diffs, (j == s - 1) & is_pair)
+        out["min_gap_signal"] = _masked_min(diffs, (j >= s) & is_pair)
+        out["min_gap_noise"] = _masked_min(diffs, j <= s - 2)
+    tied = (diffs <= tol.unsqueeze(-1)) & is_pair
+    # Length of the run of tied pairs ending at each position: count since the last untied pair.
+    count = torch.cumsum(tied.to(torch.long), dim=-1)
+    run = count - torch.cummax(torch.where(tied, torch.zeros_like(count), count), dim=-1).values
+    longest, end = run.max(dim=-1)
+    hi = ev.gather(-1, (end + 1).clamp(0, n - 1).unsqueeze(-1)).squeeze(-1)
+    lo = ev.gather(-1, (end + 1 - longest).clamp(0, n - 1).unsqueeze(-1)).squeeze(-1)
+    out["max_cluster"] = (longest + 1).to(ev.dtype)
+    out["cluster_value"] = torch.where(longest > 0, (hi + lo) / 2, torch.full_like(hi, math.nan))
+    out["amplification"] = 1.0 / out["min_gap"]
+    return out
+
+
+def _conditioning(mags: Tensor, n: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Rank and 2-norm condition number from magnitudes |lambda| or singular values (..., n), float64."""
+    big = mags.amax(-1)
+    small = mags.amin(-1)
+    tol = rank_tol(n, dtype, big)
+    rank = (mags > tol.unsqueeze(-1)).sum(-1).to(mags.dtype)
+    cond = torch.where(small <= tol, torch.full_like(big, math.inf), big / small)
+    return {"rank": rank, "cond": cond, "log10_cond": torch.log10(cond)}
+
+
+def _poison(stats: dict[str, Tensor], bad: Tensor) -> dict[str, Tensor]:
+    """NaN every statistic (except n) of the samples whose spectrum was not finite."""
+    return {key: value if key == "n" else torch.where(bad, torch.full_like(value, math.nan), value)
+            for key, value in stats.items()}
+
+
+def eigen_stats(eigvals: Tensor, k: Tensor | int | None = None, dtype=None) -> dict[str, Tensor]:
+    """Statistics of real eigenvalues ``(..., n)`` sorted ASCENDING (eigh order).
+
+    ``k``: signal dimension (the top-k eigenvalues), an int or a tensor broadcastable to the batch shape;
+    None when unknown (the split/signal/noise gaps are then NaN). ``dtype``: the dtype of the matrix the
+    eigenvalues came from, which sets the tolerances (default: ``eigvals.dtype``).
+    Returns every key of STAT_KEYS except ``herm_err`` as ``(...,)`` float64. ``cond`` is inf when the
+    smallest |lambda| is within the rank tolerance; gaps undefined for the given n/k are NaN; a sample
+    with a non-finite eigenvalue gets NaN everywhere except ``n``.
+    """
+    _check_spectrum(eigvals, "eigen_stats")
+    dtype = eigvals.dtype if dtype is None else dtype
+    eps_of(dtype)  # reject integer dtypes up front, with the ToleranceError message
+    with torch.no_grad():
+        ev = eigvals.detach().to(_STATS_DTYPE)
+        n = ev.shape[-1]
+        bad = ~torch.isfinite(ev).all(-1)
+        mags = ev.abs()
+        stats = {"n": torch.full_like(ev[..., 0], float(n))}
+        stats.update(_conditioning(mags, n, dtype))
+        stats.update(lambda_min=ev[..., 0], lambda_max=ev[..., -1], trace=ev.sum(-1))
+        split = _signal_split(k, ev.shape[:-1], n, ev.device)
+        stats.update(_gap_stats(ev, split, tie_tol(n, dtype, mags.amax(-1))))
+        return _poison(stats, bad)
+
+
+def singular_stats(svals: Tensor, k=None, dtype=None) -> dict[str, Tensor]:
+    """Statistics of singular values ``(..., r)`` sorted DESCENDING (svd order).
+
+    ``rank``, ``cond``, ``lambda_min`` (= s_min), ``lambda_max`` (= s_max) and ``trace`` (nuclear norm)
+    are taken on s. Gaps, clusters and ``amplification`` are taken on s^2, in s^2 units, because the
+    svd backward divides by ``s_j^2 - s_i^2``; ``cluster_value`` is reported back in units of s.
+    ``k`` selects the top-k singular values as the signal.
+    """
+    _check_spectrum(svals, "singular_stats")
+    dtype = svals.dtype if dtype is None else dtype
+    eps_of(dtype)
+    with torch.no_grad():
+        s = svals.detach().to(_STATS_DTYPE)
+        stats = eigen_stats(torch.flip(s, dims=(-1,)) ** 2, k=k, dtype=dtype)
+        r = s.shape[-1]
+        mags = s.abs()
+        stats.update(_conditioning(mags, r, dtype))
+        stats.update(lambda_min=s[..., -1], lambda_max=s[..., 0], trace=s.sum(-1))
+        stats["cluster_value"] = torch.sqrt(stats["cluster_value"])
+        return _poison(stats, ~torch.isfinite(s).all(-1))
+
+
+def hermitian_error(A: Tensor) -> Tensor:
+    """``||A - A^H||_F / ||A||_F`` per matrix of ``(..., n, n)``, float64; 0 for a zero matrix."""
+    _check_square(A, "hermitian_error")
+    with torch.no_grad():
+        A = A.detach()
+        num = torch.linalg.vector_norm(A - A.mH, dim=(-2, -1)).to(_STATS_DTYPE)
+        den = torch.linalg.vector_norm(A, dim=(-2, -1)).to(_STATS_DTYPE)
+        return torch.where(den == 0, torch.zeros_like(num), num / den)
+
+
+def _check_square(A: Tensor, what: str) -> None:
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise SpectrumError(
+            f"{what}: expected square matrices (..., n, n), got shape {tuple(A.shape)}; "
+            "use singular_stats(torch.linalg.svdvals(A)) for rectangular matrices"
+        )
+
+
+def matrix_stats(A: Tensor, k=None) -> dict[str, Tensor]:
+    """All STAT_KEYS of square matrices ``(..., n, n)``: eigenvalues of the Hermitian part
+    ``(A + A^H)/2`` plus ``herm_err`` of A itself. Runs under no_grad on ``A.detach()``. Matrices with a
+    non-finite entry get NaN statistics (the eigensolver is not run on them)."""
+    _check_square(A, "matrix_stats")
+    eps_of(A.dtype)
+    with torch.no_grad():
+        A = A.detach()
+        finite = torch.isfinite(A).all(-1).all(-1)
+        herm = (A + A.mH) / 2
+        # The solver may fail to converge on NaN/inf; those samples are reported as NaN below instead.
+        herm = torch.where(finite[..., None, None], herm, torch.zeros_like(herm))
+        stats = eigen_stats(torch.linalg.eigvalsh(herm), k=k, dtype=A.dtype)
+        stats = _poison(stats, ~finite)
+        stats["herm_err"] = hermitian_error(A)
+        return {key: stats[key] for key in STAT_KEYS}
+
+
+def _nan_reduce(value: Tensor, use_max: bool) -> Tensor:
+    """Max/min over all entries ignoring NaN (an undefined gap); NaN only when every entry is NaN."""
+    fill = -math.inf if use_max else math.inf
+    filled = torch.where(torch.isnan(value), torch.full_like(value, fill), value)
+    red = filled.amax() if use_max else filled.amin()
+    return torch.where(torch.isnan(value).all(), torch.full_like(red, math.nan), red)
+
+
+def worst(stats: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Reduce each statistic over all batch entries to its worst case, as 0-d tensors.
+
+    min for rank, lambda_min and gaps; max for n, cond, log10_cond, lambda_max, trace, herm_err,
+    amplification and max_cluster; ``cluster_value`` is that of the sample with the largest cluster.
+    NaN entries (undefined gaps) are ignored, but if any sample had a non-finite spectrum (NaN
+    ``lambda_max``) every statistic except ``n`` is NaN: a broken matrix is the worst case.
+    """
+    flat = {key: value.detach().reshape(-1).to(_STATS_DTYPE) for key, value in stats.items()}
+    out: dict[str, Tensor] = {}
+    for key, value in flat.items():
+        if key == "cluster_value" and "max_cluster" in flat:
+            sizes = torch.where(torch.isnan(flat["max_cluster"]), -math.inf, flat["max_cluster"])
+            out[key] = value[sizes.argmax()]
+        else:
+            out[key] = _nan_reduce(value, use_max=key not in _WORST_MIN)
+    if "lambda_max" in flat:
+        broken = torch.isnan(flat["lambda_max"]).any()
+        out = {key: value if key == "n" else torch.where(broken, torch.full_like(value, math.nan), value)
+               for key, value in out.items()}
+    return out
+
+
+def to_floats(stats: dict[str, Tensor]) -> dict[str, float]:
+    """Python floats of single-element statistics, with one device sync for the whole dict (one per
+    device when the values live on several)."""
+    by_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
+    for key, value in stats.items():
+        value = torch.as_tensor(value)
+        if value.numel() != 1:
+            raise SpectrumError(
+                f"to_floats: statistic '{key}' has shape {tuple(value.shape)}, expected one element; "
+                "reduce the batch first with worst(stats)"
+            )
+        by_device.setdefault(value.device, []).append((key, value.detach().reshape(()).to(_STATS_DTYPE)))
+    floats: dict[str, float] = {}
+    for items in by_device.values():
+        floats.update(zip((key for key, _ in items), torch.stack([v for _, v in items]).tolist()))
+    return {key: floats[key] for key in stats}

@@ -1,0 +1,63 @@
+"""Every dtype-derived tolerance of the ris_stability toolkit, named, in one place.
+
+All tolerances follow from one fact: a backward-stable Hermitian eigensolver (LAPACK/cuSOLVER ``heevd``)
+returns the exact eigenvalues of ``A + E`` with ``||E||_2 <= c(n) * eps * ||A||_2``, and by Weyl's
+inequality each computed eigenvalue is then within ``c(n) * eps * ||A||_2`` of the exact one. We take
+``c(n) = n``, the convention of numpy.linalg.matrix_rank and MATLAB rank(); in practice the error is
+closer to ``sqrt(n) * eps * ||A||_2``, so ``n`` leaves a margin. Singular values obey the same bound.
+"""
+from __future__ import annotations
+
+import torch
+
+# Below this size the n*eps bound is too tight to cover the rounding of forming the matrix itself
+# (a 2x2 exact tie built as Q diag(l, l) Q^H in float32 comes back a few eps apart).
+TIE_MIN_N = 4
+# Two computed eigenvalues of an exact tie are each off by up to the eigenvalue error bound, in
+# opposite directions in the worst case, so their distance can reach twice the bound.
+TIE_SPREAD = 2.0
+
+
+class ToleranceError(TypeError):
+    """A tolerance was requested for a dtype that has no floating-point epsilon."""
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real floating dtype matching ``dtype`` (complex64 -> float32, complex128 -> float64)."""
+    if dtype.is_complex:
+        return dtype.to_real()
+    if dtype.is_floating_point:
+        return dtype
+    raise ToleranceError(
+        f"no floating-point tolerance for dtype {dtype}: spectral statistics need a float or complex "
+        "tensor; cast the matrix (e.g. .to(torch.float64)) before asking for its statistics"
+    )
+
+
+def eps_of(dtype: torch.dtype) -> float:
+    """Machine epsilon of the real dtype matching ``dtype`` (complex64 -> float32's eps)."""
+    return float(torch.finfo(real_dtype(dtype)).eps)
+
+
+def eig_abs_err(n: int, dtype: torch.dtype, scale):
+    """Absolute error bound ``n * eps * scale`` of each computed eigenvalue (or singular value) of an
+    n x n matrix whose spectral norm is ``scale`` (float or tensor; tensors give tensors)."""
+    return n * eps_of(dtype) * scale
+
+
+def rank_tol(n: int, dtype: torch.dtype, lam_max):
+    """Numerical-rank tolerance ``n * eps * lam_max``: an eigenvalue (or singular value) whose magnitude
+    is at or below it cannot be told apart from zero. ``lam_max`` is the largest magnitude."""
+    return eig_abs_err(n, dtype, lam_max)
+
+
+def tie_tol(n: int, dtype: torch.dtype, scale):
+    """Distance at or below which two computed eigenvalues count as an exact tie.
+
+    Rule: ``TIE_SPREAD * max(n, TIE_MIN_N) * eps * scale`` with ``scale`` the spectral norm (largest
+    eigenvalue magnitude). Each computed eigenvalue of an exact tie lies within ``n * eps * scale`` of
+    the true value, so the two can be up to twice that apart; a pair closer than this is, for the
+    eigh backward (which divides by the computed difference), indistinguishable from a tie: its
+    eigenvector gradient is either 0/0 = NaN or noise amplified by 1/(rounding error).
+    """
+    return TIE_SPREAD * max(n, TIE_MIN_N) * eps_of(dtype) * scale
