@@ -1,0 +1,56 @@
+"""The pipeline's dtype-derived tolerances, named, in one place.
+
+Every threshold here is a pure function of the dtype (and, where it matters, the problem size), so
+the same code behaves consistently in float32/complex64 and float64/complex128. Complex dtypes use
+the precision of their real part. Relative tolerances are dimensionless: callers multiply them by
+the scale of the quantity they compare (e.g. max |lambda| of the matrix at hand).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# PyTorch's linalg_eig(h)_backward refuses a loss whose gradient has an imaginary diagonal in
+# V^H gV larger than this (allclose(Im diag, 0, rtol=1e-2, atol=1e-2)): such a loss depends on the
+# arbitrary phase of complex eigenvectors. Kept identical so both backwards accept the same losses.
+PHASE_INVARIANCE_ATOL = 1e-2
+
+
+def real_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype carrying the precision of `dtype` (complex64 -> float32, ...)."""
+    return dtype.to_real() if dtype.is_complex else dtype
+
+
+def eps_of(dtype: torch.dtype) -> float:
+    """Machine epsilon of `dtype` (of its real part for complex dtypes)."""
+    return torch.finfo(real_dtype_of(dtype)).eps
+
+
+def tiny_of(dtype: torch.dtype) -> float:
+    """Smallest positive normal number of `dtype`; a floor for scales that may be exactly zero."""
+    return torch.finfo(real_dtype_of(dtype)).tiny
+
+
+def degenerate_tol(dtype: torch.dtype, n: int) -> float:
+    """Relative gap below which two eigenvalues of an n x n Hermitian matrix count as tied.
+
+    n * eps is the standard backward-error bound of a Hermitian eigensolver: computed eigenvalues
+    are exact for a matrix within ~n * eps * ||A||_2 of the input, so two eigenvalues closer than
+    n * eps * max|lambda| cannot be told apart, and neither can their individual eigenvectors.
+    Same rule as the numerical-rank tolerance (n * eps * lambda_max).
+    """
+    if n < 1:
+        raise ValueError(f"degenerate_tol: matrix size n must be >= 1, got n={n}")
+    return n * eps_of(dtype)
+
+
+def broadening_tol(dtype: torch.dtype) -> float:
+    """Default relative Lorentzian width for near-degenerate eigenvalue pairs: sqrt(eps).
+
+    A broadened pair weight E / (E^2 + w^2) is bounded by 1 / (2 w) and deviates from 1 / E by the
+    relative amount w^2 / (E^2 + w^2), i.e. by less than eps for relative gaps E >= 1 (and less than
+    1e-4 once the relative gap exceeds 100 * sqrt(eps): 0.035 in float32, 1.5e-6 in float64).
+    """
+    return math.sqrt(eps_of(dtype))
