@@ -1,0 +1,217 @@
+"""SpectralProbe: call-site records, vec_grad, sampling, watch, cleanup, and bit-identical results."""
+from __future__ import annotations
+
+import math
+import pathlib
+
+import pytest
+import torch
+from torch import nn
+
+from ris_stability.linalg_stats import matrix_stats, to_floats, worst
+from ris_stability.probes import ProbeError, SpectralProbe
+
+
+def _line_of(marker: str) -> int:
+    lines = pathlib.Path(__file__).read_text().splitlines()
+    return next(i for i, line in enumerate(lines, start=1) if marker in line and "_line_of" not in line)
+
+
+class Subspace(nn.Module):
+    """Projector onto the top-2 eigenvectors (uses eigenvectors) or the top eigenvalues only."""
+
+    def __init__(self, use_vectors: bool = True):
+        super().__init__()
+        self.use_vectors = use_vectors
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        lam, vec = torch.linalg.eigh(r)  # eigh-call-site
+        if self.use_vectors:
+            top = vec[..., -2:]
+            return (top @ top.mH).real.square().sum()
+        return lam[..., -2:].sum()
+
+
+class Block(nn.Module):
+    def __init__(self, use_vectors: bool = True):
+        super().__init__()
+        self.inner = Subspace(use_vectors)
+
+
+class Outer(nn.Module):
+    def __init__(self, use_vectors: bool = True):
+        super().__init__()
+        self.proj = nn.Linear(4, 6 * 2)
+        self.block = Block(use_vectors)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.proj(x).view(x.shape[0], 6, 2)
+        r = z @ z.mT + 0.1 * torch.eye(6)
+        return self.block.inner(r)
+
+
+class SpectralLoss(nn.Module):
+    """A loss through eigh (vectors), cholesky and svd, on a small network's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2 * 5 * 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = torch.view_as_complex(self.net(x).view(x.shape[0], 5, 3, 2))
+        # Distinct loading: f f^H has rank 3, so a multiple of I would tie two eigenvalues (NaN backward).
+        r = f @ f.mH + torch.diag(torch.linspace(0.5, 1.0, 5)).to(f.dtype)
+        vec = torch.linalg.eigh(r).eigenvectors[..., -2:]
+        chol = torch.linalg.cholesky(r)
+        s = torch.linalg.svdvals(f)
+        u = torch.linalg.svd(f, full_matrices=False).U[..., :1]
+        return (vec @ vec.mH).abs().sum() + chol.diagonal(dim1=-2, dim2=-1).real.log().sum() + s.sum() \
+            + (u @ u.mH).abs().sum()
+
+
+def _run(probe: SpectralProbe | None):
+    torch.manual_seed(0)
+    model = SpectralLoss()
+    x = torch.randn(4, 3)
+    if probe is None:
+        loss = model(x)
+        loss.backward()
+    else:
+        probe.roots = {"model": model}
+        with probe:
+            loss = model(x)
+            loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("max_matrices", [None, 1], ids=["all-matrices", "first-matrix"])
+def test_probe_leaves_outputs_and_gradients_bit_identical(max_matrices):
+    loss_off, grads_off = _run(None)
+    probe = SpectralProbe(max_matrices=max_matrices)
+    loss_on, grads_on = _run(probe)
+    assert all(bool(g.isfinite().all()) for g in grads_off)  # NaN != NaN would fail torch.equal anyway
+    assert torch.equal(loss_off, loss_on)
+    assert all(torch.equal(a, b) for a, b in zip(grads_off, grads_on))
+    records = probe.collect()
+    assert set(records) == {"model:linalg.eigh", "model:linalg.cholesky", "model:linalg.svdvals", "model:linalg.svd"}
+    assert records["model:linalg.eigh"]["vec_grad"] and records["model:linalg.svd"]["vec_grad"]
+    assert not records["model:linalg.cholesky"]["vec_grad"]
+
+
+def test_records_module_path_and_source_line_of_a_nested_eigh():
+    model = Outer()
+    with SpectralProbe(roots={"model": model}) as probe:
+        model(torch.randn(3, 4)).backward()
+    rec = probe.collect()["model.block.inner:linalg.eigh"]
+    assert rec["module"] == "model.block.inner" and rec["op"] == "linalg.eigh" and rec["calls"] == 1
+    assert rec["location"].endswith(f"test_probes.py:{_line_of('# eigh-call-site')}")
+    assert rec["requires_grad"] is True
+    assert rec["stats"]["n"] == 6 and rec["stats"]["rank"] == 6
+    # 0.1 I plus a rank-2 part: four eigenvalues exactly at 0.1 in exact arithmetic, found as one cluster.
+    assert rec["stats"]["max_cluster"] == 4 and rec["stats"]["cluster_value"] == pytest.approx(0.1, rel=1e-5)
+
+
+@pytest.mark.parametrize("use_vectors, expected", [(True, True), (False, False)],
+                         ids=["eigenvector-loss", "eigenvalue-only-loss"])
+def test_vec_grad_flags_only_losses_that_use_eigenvectors(use_vectors, expected):
+    model = Outer(use_vectors)
+    with SpectralProbe(roots={"model": model}) as probe:
+        model(torch.randn(3, 4)).backward()
+    assert probe.collect()["model.block.inner:linalg.eigh"]["vec_grad"] is expected
+
+
+def test_module_outside_the_roots_is_named_by_class():
+    model = Outer()
+    with SpectralProbe(roots={"other": nn.Linear(1, 1)}) as probe:
+        model(torch.randn(3, 4))
+    assert set(probe.collect()) == {"Subspace:linalg.eigh"}
+
+
+def test_two_call_sites_of_one_op_in_one_module_stay_apart():
+    r = torch.eye(3, dtype=torch.float64) * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    with SpectralProbe() as probe:
+        torch.linalg.eigvalsh(r)
+        torch.linalg.eigvalsh(2 * r)
+    records = probe.collect()
+    assert len(records) == 2
+    assert sorted(rec["stats"]["lambda_max"] for rec in records.values()) == [3.0, 6.0]
+
+
+def test_watch_matches_matrix_stats_and_uses_the_given_k():
+    a = torch.randn(3, 5, 5, dtype=torch.complex128)
+    r = a @ a.mH
+    with SpectralProbe() as probe:
+        probe.watch("R_blend", r, k=torch.tensor([1, 2, 3]))
+    rec = probe.collect()["R_blend"]
+    want = to_floats(worst(matrix_stats(r, k=torch.tensor([1, 2, 3]))))
+    assert rec["op"] == "watch" and rec["stats"] == pytest.approx(want, nan_ok=True)
+    assert not math.isnan(rec["stats"]["gap_split"])
+    with pytest.raises(ProbeError, match="square"):
+        probe.watch("bad", torch.zeros(3, 4))
+
+
+def test_signal_dim_applies_to_calls_with_matching_batch_shape():
+    ev = torch.tensor([[0.0, 1.0, 3.0, 7.0], [0.0, 2.0, 3.0, 9.0]], dtype=torch.float64)
+    r = torch.diag_embed(ev)
+    with SpectralProbe() as probe:
+        probe.set_signal_dim(torch.tensor([1, 2]))
+        torch.linalg.eigvalsh(r)           # batch (2,): k applies -> gap_split = min(4, 1)
+        torch.linalg.eigvalsh(r[0])        # no batch: k does not apply -> NaN
+    by_batch = sorted(probe.collect().values(), key=lambda rec: rec["location"])
+    assert by_batch[0]["stats"]["gap_split"] == 1.0
+    assert math.isnan(by_batch[1]["stats"]["gap_split"])
+
+
+def test_sampling_every_and_max_matrices():
+    good_then_singular = torch.stack([torch.eye(3), torch.diag(torch.tensor([1.0, 1.0, 0.0]))])
+    with SpectralProbe(every=2, max_matrices=1) as probe:
+        probe.step(1)
+        torch.linalg.eigvalsh(good_then_singular)
+        assert probe.collect() == {}
+        probe.step(2)
+        torch.linalg.eigvalsh(good_then_singular)
+    rec = probe.collect()["linalg.eigvalsh"]
+    assert rec["calls"] == 1 and rec["stats"]["cond"] == 1.0  # the singular second matrix was not sampled
+
+
+def test_failed_cholesky_records_its_indefinite_input_and_reraises():
+    bad = torch.diag(torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64))
+    with SpectralProbe() as probe:
+        with pytest.raises(torch.linalg.LinAlgError):
+            torch.linalg.cholesky(bad)
+    assert probe.collect()["linalg.cholesky"]["stats"]["lambda_min"] == -0.5
+
+
+def test_general_ops_use_singular_values():
+    a = torch.tensor([[2.0, 1.0], [0.0, 0.5]], dtype=torch.float64)
+    with SpectralProbe() as probe:
+        torch.linalg.solve(a, torch.ones(2, dtype=torch.float64))
+    stats = probe.collect()["linalg.solve"]["stats"]
+    assert stats["cond"] == pytest.approx(float(torch.linalg.cond(a)), rel=1e-12)
+    assert math.isnan(stats["herm_err"])  # solve does not assume a Hermitian input
+
+
+def test_everything_is_removed_on_exit_even_when_an_exception_propagates():
+    import torch.nn.modules.module as module_mod
+
+    hooks_before = (len(module_mod._global_forward_pre_hooks), len(module_mod._global_forward_hooks))
+    probe = SpectralProbe()
+    with pytest.raises(RuntimeError, match="boom"):
+        with probe:
+            assert torch._C._len_torch_function_stack() == 1
+            raise RuntimeError("boom")
+    assert torch._C._len_torch_function_stack() == 0
+    assert (len(module_mod._global_forward_pre_hooks), len(module_mod._global_forward_hooks)) == hooks_before
+    torch.linalg.eigvalsh(torch.eye(2))  # not intercepted any more
+    assert probe.collect() == {} and not probe.active
+    with probe:  # and it can be entered again
+        torch.linalg.eigvalsh(torch.eye(2))
+    assert list(probe.collect()) == ["linalg.eigvalsh"]
+
+
+def test_re_entering_an_active_probe_is_an_error():
+    probe = SpectralProbe()
+    with probe:
+        with pytest.raises(ProbeError, match="already active"):
+            probe.__enter__()
+    assert torch._C._len_torch_function_stack() == 0
