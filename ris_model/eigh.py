@@ -7,7 +7,7 @@ huge values. `eigh_gap_aware` keeps torch's forward bit for bit and replaces onl
 
 Rule (per matrix, eigenvalues ascending, scale s = max|lambda|, e_ij = (lambda_j - lambda_i) / s):
 
-    F_ij = 0                              if |e_ij| <= tau    (tied: tau = n * eps(dtype))
+    F_ij = 0                              if |e_ij| <= tau    (tied: tau = 4 n eps(dtype))
     F_ij = e_ij / (e_ij^2 + w^2) / s      otherwise           (w = eps argument, default sqrt(eps))
 
     dA = V (diag(g_lambda) + F o skew(V^H g_V)) V^H,   skew(X) = (X - X^H) / 2
@@ -134,7 +134,7 @@ def eigh_gap_aware(A: torch.Tensor, eps: float | None = None) -> tuple[torch.Ten
     """Eigen-decompose Hermitian A (..., n, n): (eigenvalues ascending, eigenvectors as columns).
 
     The forward is torch.linalg.eigh (lower triangle read, outputs bit-identical). The backward
-    drops pairs tied within n * eps(dtype) * max|lambda| and broadens near pairs with relative
+    drops pairs tied within 4 n eps(dtype) max|lambda| (degenerate_tol) and broadens near pairs with relative
     width `eps` (None: sqrt(eps(dtype))); see the module docstring for the rule and its error.
     Supports float32/float64/complex64/complex128 and any leading batch dimensions.
     """

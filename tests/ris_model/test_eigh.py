@@ -278,11 +278,12 @@ def test_random_cluster_structures(sizes, gaps, negative_shift, complex_, eps, s
     loss_of_b = lambda x: spectral_loss(lambda y: eigh_gap_aware(y, eps), x, c, w, g)  # noqa: E731
     grad = grad_of(loss_of_b, b)
     assert torch.isfinite(grad).all()
-    assert rel_err(grad, exact_spectral_grad(b, c, w, g, cluster_of)) < (1e-9 if eps != 1e-4 else 1e-3)
+    tol = 1e-9 if eps != 1e-4 else 1e-3
+    assert rel_err(grad, exact_spectral_grad(b, c, w, g, cluster_of)) < tol
     d = random_hermitian(n, dtype, seed + 2)
     d = d / d.norm()
     fd = fd_directional(loss_of_b, b, d, h=1e-6)
-    assert abs(inner_product(grad, d) - fd) <= 1e-6 * max(grad.norm().item(), 1.0)
+    assert abs(inner_product(grad, d) - fd) <= max(tol, 1e-6) * max(grad.norm().item(), 1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex64], ids=str)
@@ -314,7 +315,7 @@ def test_pair_weights_rule():
     f = pair_weights(lam)
     s, w = 2.0, broadening_tol(torch.float64)
     assert torch.all(torch.diagonal(f) == 0)
-    assert f[1, 2] == 0 and f[2, 1] == 0  # tied: relative gap 5e-16 <= tau = 6 * eps
+    assert f[1, 2] == 0 and f[2, 1] == 0  # tied: relative gap 5e-16 <= tau = 24 eps
     assert f[0, 5].item() == pytest.approx(1 / 3.0, rel=1e-14)  # wide gap: 1 / (l_j - l_i)
     assert torch.equal(f, -f.mT)
     for j in (3, 4):  # near pairs: Lorentzian e / (e^2 + w^2) in units of s
@@ -336,7 +337,7 @@ def test_pair_weights_scale_invariant_and_eps_zero_is_exact():
 
 
 def test_tolerances_follow_dtype():
-    assert degenerate_tol(torch.complex64, 144) == 144 * torch.finfo(torch.float32).eps
+    assert degenerate_tol(torch.complex64, 144) == 4 * 144 * torch.finfo(torch.float32).eps
     assert eps_of(torch.complex128) == torch.finfo(torch.float64).eps
     assert broadening_tol(torch.float32) == pytest.approx(math.sqrt(torch.finfo(torch.float32).eps))
 
