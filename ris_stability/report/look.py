@@ -1,0 +1,157 @@
+"""The report's "What to look at" list: hazards found in the trace, most severe first, in plain words."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ris_stability.records import GRAD_NONFINITE_PREFIX, Trace
+from ris_stability.report.derive import (
+    MIN_STEPS_FOR_DEAD, MatrixSummary, event_names, grad_summaries, loss_summaries, precision,
+    summarize_matrix,
+)
+from ris_stability.report.markdown import code, fmt, steps_list
+
+EIGVEC_REMEDY = ('try `loss.eigh_backward = "gap_aware"`, an eigenvalue-only loss, '
+                 "or float64 for the spectral part")
+# A learning rate that never moves is only suspicious over a run long enough to have a schedule.
+MIN_STEPS_FOR_LR_CHECK = 10
+
+
+def what_to_look_at(trace: Trace, matrices: list[MatrixSummary] | None = None) -> list[str]:
+    """Markdown bullet texts derived from the trace; a reassuring line when nothing stands out."""
+    real, eps = precision(trace.meta)
+    if matrices is None:
+        matrices = [summarize_matrix(trace, name, eps) for name in trace.matrices]
+    items = _nonfinite_items(trace) + _finding_items(trace)
+    for m in matrices:
+        items += _matrix_items(m, eps, real, len(trace.steps))
+    items += _dead_term_items(trace) + _dead_module_items(trace) + _run_state_items(trace)
+    items += _lr_items(trace)
+    return items or ["Nothing stands out: every logged step is finite, no tied or nearly tied eigenvalues "
+                     "under eigenvector gradients, no dead loss term or module."]
+
+
+def _nonfinite_items(trace: Trace) -> list[str]:
+    bad = trace.nonfinite_steps
+    if not bad:
+        return []
+    first = bad[0]
+    text = (f"**Non-finite at step {first}**" if len(bad) == 1 else
+            f"**Non-finite at steps {steps_list(bad)}** (first: step {first})")
+    text += f" — {len(bad)} of {len(trace.steps)} logged steps"
+    skipped = [s for s in trace.skipped_steps if s in bad]
+    if skipped:
+        text += f", {len(skipped)} skipped"
+    row = trace.steps.loc[first] if first in trace.steps.index else None
+    if row is not None:
+        terms = [t for t in trace.loss_terms if not np.isfinite(row[f"loss/{t}"])]
+        if terms:
+            text += f". Loss terms non-finite there: {', '.join(code(t) for t in terms)}"
+        counts = [(c[len(GRAD_NONFINITE_PREFIX):], row[c]) for c in trace.steps.columns
+                  if c.startswith(GRAD_NONFINITE_PREFIX) and row[c] > 0]
+        if counts:
+            text += "; non-finite gradient elements in " + ", ".join(
+                f"{code(m)} ({fmt(n)})" for m, n in counts)
+    capsule = next((p for p in trace.capsules if p.name == f"step_{first:06d}.pt"), None)
+    if capsule is not None:
+        rel = capsule.relative_to(trace.run_dir).as_posix()
+        text += f". Capsule {code(rel)}: replay it with {code(f'risdiag bisect {capsule.as_posix()}')} to name the op"
+    return [text + "."]
+
+
+def _finding_items(trace: Trace) -> list[str]:
+    f = trace.finding
+    if not f:
+        return []
+    where = ", ".join(f"{k} {code(f[k])}" for k in ("phase", "op", "node", "module", "location") if f.get(k))
+    step = f" at step {f['step']}" if f.get("step") is not None else ""
+    cause = f": {f['cause']}" if f.get("cause") else ""
+    return [f"**Bisector finding{step}** — {where or 'see the finding section'}{cause}."]
+
+
+def _matrix_items(m: MatrixSummary, eps: float, real: str, n_steps: int) -> list[str]:
+    items = []
+    name = code(m.name)
+    if m.tie_steps and m.vec_grad is not False:
+        part = f"{m.tie_where} eigenvalues" if m.tie_where else "eigenvalues"
+        value = "0" if m.cluster_value == 0 else f"{m.cluster_value:.1e}"
+        cluster = f"cluster of {fmt(m.max_cluster)} at {value}"
+        text = (f"{name}: {part} tie from step {m.tie_steps[0]} ({cluster}; {len(m.tie_steps)} of "
+                f"{n_steps} logged steps)")
+        if m.vec_grad:
+            text += (" while its eigenvectors receive gradient: eigenvector gradients through it are 0/0 — "
+                     + EIGVEC_REMEDY + ".")
+        else:
+            text += (". Whether its eigenvectors receive gradient was not recorded; if they do, the "
+                     "eigenvector gradients through it are 0/0.")
+        items.append(text)
+    elif m.vec_grad and 0 < m.rel_gap_min < math.sqrt(eps):
+        items.append(
+            f"{name}: eigenvalues nearly tie (smallest gap {m.min_gap:.1e} at step {m.min_gap_step}, "
+            f"{m.rel_gap_min:.1e} relative to lambda_max, below sqrt(eps) = {math.sqrt(eps):.1e} for {real}) "
+            f"while its eigenvectors receive gradient: eigenvector gradients are amplified by up to "
+            f"1/gap = {1 / m.min_gap:.1e}, and an exact tie makes them 0/0 — if this run goes non-finite, "
+            f"{EIGVEC_REMEDY}.")
+    p95 = m.log10_cond[2]
+    if m.inverse_op and p95 >= -math.log10(eps):
+        items.append(
+            f"{name}: log10 condition number p95 = {fmt(p95)}, at or above log10(1/eps) = "
+            f"{-math.log10(eps):.1f} for {real}: an inverse or solve through it keeps no correct digit — "
+            "add diagonal loading, or use float64 for this op.")
+    return items
+
+
+def _dead_term_items(trace: Trace) -> list[str]:
+    items, derived = [], set()
+    for s in loss_summaries(trace):
+        if s.always_zero:
+            items.append(f"Loss term {code(s.name)} is identically 0 over all {s.finite_count} finite logged "
+                         "steps: it adds no gradient (a swallowed exception, or a weight of 0?).")
+        elif s.constant:
+            items.append(f"Loss term {code(s.name)} is constant at {fmt(s.min)} over all {s.finite_count} "
+                         "finite logged steps: it adds no gradient.")
+        else:
+            continue
+        derived.add(s.name)
+    flagged = [n for n in event_names(trace, "dead_loss_term") if n not in derived]
+    if flagged:
+        items.append(f"The monitor flagged loss term(s) {', '.join(code(n) for n in flagged)} as dead "
+                     "(constant or zero).")
+    return items
+
+
+def _dead_module_items(trace: Trace) -> list[str]:
+    items, dead = [], []
+    for s in grad_summaries(trace):
+        if s.finite_count >= MIN_STEPS_FOR_DEAD and s.max == 0:
+            dead.append(s.name)
+            items.append(f"Module {code(s.name)} never receives gradient (norm 0 at all {s.finite_count} "
+                         "finite logged steps): check that its output reaches the loss.")
+    params = [n for n in event_names(trace, "dead_parameter")
+              if not any(n == d or n.startswith(d + ".") for d in dead)]
+    if params:
+        shown = ", ".join(code(n) for n in params[:8]) + (f" (+{len(params) - 8} more)" if len(params) > 8 else "")
+        items.append(f"Parameters that never received a non-zero gradient: {shown}.")
+    return items
+
+
+def _run_state_items(trace: Trace) -> list[str]:
+    first, last = int(trace.steps.index[0]), int(trace.steps.index[-1])
+    items = []
+    if trace.summary is None:
+        cut = "; the last line of steps.jsonl was cut mid-write" if trace.truncated else ""
+        items.append(f"The run did not finish (no summary.json): this report covers the {len(trace.steps)} "
+                     f"logged steps {first}–{last}{cut}.")
+    elif trace.summary.get("status") == "stopped":
+        items.append(f"The run was stopped by the non-finite policy after step {last}.")
+    return items
+
+
+def _lr_items(trace: Trace) -> list[str]:
+    lr = trace.steps["lr"].dropna() if "lr" in trace.steps else None
+    if lr is None or len(lr) < MIN_STEPS_FOR_LR_CHECK or lr.min() != lr.max():
+        return []
+    return [f"The learning rate is constant at {fmt(lr.iloc[0])} over all {len(lr)} logged steps: expected "
+            "without a schedule; if the config sets one, it is not applied."]

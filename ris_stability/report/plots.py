@@ -1,0 +1,387 @@
+"""Report figures: one function per figure, each returns a matplotlib Figure (Agg canvas, no pyplot).
+
+Every function takes either one run's step table (`Trace.steps`) or a mapping label -> step table to
+overlay several runs (runs differ by line style, matrices by colour). Non-finite steps are marked with
+red vertical lines. Sized for GitHub's column: 8 in wide at 100 dpi.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import ListedColormap, LogNorm
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from PIL import Image
+from matplotlib.ticker import FixedLocator, LogFormatterSciNotation, NullFormatter
+
+from ris_stability.records import GRAD_NONFINITE_PREFIX, GRAD_TOTAL, grad_modules, loss_terms, matrix_names, matrix_stats
+from ris_stability.report.derive import log10_cond_filled
+
+WIDTH_IN, HEIGHT_IN, DPI = 8.0, 3.5, 100
+RUN_STYLES = ("-", "--", ":", "-.")
+NONFINITE_COLOR = "#d62728"
+SKIPPED_COLOR = "#7f7f7f"
+# Matrix colours: tab10 without its red (red means "non-finite" in every figure), then Dark2.
+MATRIX_COLORS = [c for i, c in enumerate(matplotlib.colormaps["tab10"].colors) if i != 3] + list(
+    matplotlib.colormaps["Dark2"].colors)
+TERM_COLORS = list(matplotlib.colormaps["Set1"].colors[1:]) + list(matplotlib.colormaps["Dark2"].colors)
+MARKERS_MAX_POINTS = 60  # draw point markers when a series is short enough for them to stay readable
+LEGEND_FONT = 7
+PNG_COLORS = 256
+
+StepTables = pd.DataFrame | Mapping[str, pd.DataFrame]
+
+
+def _runs(steps: StepTables) -> list[tuple[str, pd.DataFrame]]:
+    if isinstance(steps, pd.DataFrame):
+        return [("", steps)]
+    runs = list(steps.items())
+    if not runs:
+        raise ValueError("no step table given to plot")
+    if len(runs) > len(RUN_STYLES):
+        raise ValueError(f"at most {len(RUN_STYLES)} runs can be overlaid, got {len(runs)}")
+    return runs
+
+
+def palette(names: Iterable[str], colors: list = MATRIX_COLORS) -> dict[str, tuple]:
+    """Stable colour per name: sorted names take colours in order, so every figure of a report (and
+    every run of a comparison, given the union of names) draws a name in the same colour."""
+    return {name: colors[i % len(colors)] for i, name in enumerate(sorted(set(names)))}
+
+
+def new_figure(height: float = HEIGHT_IN) -> Figure:
+    fig = Figure(figsize=(WIDTH_IN, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Palette PNG at the report DPI, without metadata, so regenerated files only differ when pixels do."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    buffer.seek(0)
+    # A 256-colour palette keeps plots visually identical at about a third of the RGBA size.
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(colors=PNG_COLORS, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    return path
+
+
+def _flag_steps(frame: pd.DataFrame, column: str) -> list[int]:
+    return [int(s) for s in frame.index[frame[column].astype(bool)]] if column in frame else []
+
+
+def _mark_bad_steps(ax, runs: list[tuple[str, pd.DataFrame]]) -> list[Line2D]:
+    """Vertical lines at non-finite (red) and skipped-but-finite (grey) steps; returns legend handles."""
+    handles = []
+    for (_, frame), style in zip(runs, RUN_STYLES):
+        bad = _flag_steps(frame, "nonfinite")
+        for s in bad:
+            ax.axvline(s, color=NONFINITE_COLOR, lw=1.0, ls=style, alpha=0.8, zorder=1)
+        for s in set(_flag_steps(frame, "skipped")) - set(bad):
+            ax.axvline(s, color=SKIPPED_COLOR, lw=1.0, ls=style, alpha=0.8, zorder=1)
+    if any(_flag_steps(f, "nonfinite") for _, f in runs):
+        handles.append(Line2D([], [], color=NONFINITE_COLOR, lw=1.0, label="non-finite step"))
+    if any(set(_flag_steps(f, "skipped")) - set(_flag_steps(f, "nonfinite")) for _, f in runs):
+        handles.append(Line2D([], [], color=SKIPPED_COLOR, lw=1.0, label="skipped step"))
+    return handles
+
+
+def _plot_series(ax, series: pd.Series, color, style: str, **kwargs) -> None:
+    s = series.dropna()
+    s = s[np.isfinite(s)]
+    if not len(s):
+        return
+    style_kwargs = {"marker": "o", "ms": 2.5, "lw": 1.3}
+    style_kwargs.update(kwargs)
+    if len(s) > MARKERS_MAX_POINTS:
+        style_kwargs["marker"] = None
+    ax.plot(s.index, s.to_numpy(), color=color, ls=style, **style_kwargs)
+
+
+MATRIX_MARKERS = ("o", "s", "^", "D", "P", "X", "*", "h")
+
+
+def _layer(i: int, k: int) -> dict:
+    """Line width / marker for the i-th of k series: earlier series are drawn wider, so a series that
+    coincides with a later one (a matrix watched by name and probed at its eigh call) stays visible."""
+    return {"lw": min(1.2 + 0.8 * (k - 1 - i), 4.0), "ms": min(2.5 + 1.2 * (k - 1 - i), 7.0),
+            "marker": MATRIX_MARKERS[i % len(MATRIX_MARKERS)]}
+
+
+def _name_handles(names: Iterable[str], colors: Mapping[str, tuple], runs, suffix=None) -> list[Line2D]:
+    names = list(names)
+    handles = [Line2D([], [], color=colors[n], lw=1.5, marker=_layer(i, len(names))["marker"], ms=4,
+                      label=n + (suffix.get(n, "") if suffix else "")) for i, n in enumerate(names)]
+    if len(runs) > 1:
+        handles += [Line2D([], [], color="black", ls=style, lw=1.2, label=f"run: {label}")
+                    for (label, _), style in zip(runs, RUN_STYLES)]
+    return handles
+
+
+def _legend(fig: Figure, handles: list) -> None:
+    if handles:
+        fig.legend(handles=handles, loc="outside right upper", fontsize=LEGEND_FONT, frameon=False)
+
+
+def _style_axes(ax, ylabel: str, title: str) -> None:
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9, loc="left")
+    ax.grid(True, alpha=0.3, lw=0.5)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+
+
+def _matrices(runs) -> list[str]:
+    return sorted({n for _, frame in runs for n in matrix_names(frame.columns)})
+
+
+def _no_data(ax, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} recorded", transform=ax.transAxes, ha="center", va="center", color="grey")
+
+
+def plot_rank(steps: StepTables, colors: Mapping[str, tuple] | None = None) -> Figure:
+    """Numerical rank of each watched matrix over steps; the matrix size n as a thin dotted line."""
+    runs = _runs(steps)
+    names = _matrices(runs)
+    colors = colors or palette(names)
+    fig = new_figure()
+    ax = fig.add_subplot()
+    for i, ((_, frame), style) in enumerate(zip(runs, RUN_STYLES)):
+        for name in names:
+            stats = matrix_stats(frame, name)
+            if "rank" in stats:
+                _plot_series(ax, stats["rank"], colors[name], style, drawstyle="steps-post",
+                             **_layer(names.index(name), len(names)))
+            if "n" in stats and i == 0:
+                size = stats["n"].dropna()
+                ax.plot(size.index, size.to_numpy(), color=colors[name], ls=(0, (1, 3)), lw=0.9, alpha=0.7)
+    if not names:
+        _no_data(ax, "matrix statistics")
+    _style_axes(ax, "numerical rank\n(eigenvalues above tol)",
+                "Numerical rank per matrix (thin dotted: matrix size n)")
+    _legend(fig, _name_handles(names, colors, runs) + _mark_bad_steps(ax, runs))
+    return fig
+
+
+def plot_log10_cond(steps: StepTables, colors: Mapping[str, tuple] | None = None, eps: float | None = None,
+                    precision: str = "") -> Figure:
+    """log10 condition number over steps; singular steps (cond = inf) as triangles on a top band;
+    with `eps`, a dashed line at log10(1/eps) where inverses lose every digit."""
+    runs = _runs(steps)
+    names = _matrices(runs)
+    colors = colors or palette(names)
+    fig = new_figure()
+    ax = fig.add_subplot()
+    conds = {(label, n): log10_cond_filled(matrix_stats(frame, n)) for label, frame in runs for n in names}
+    finite = [v for s in conds.values() for v in s[np.isfinite(s)]]
+    top = (max(finite) if finite else 0.0) + 1.0
+    handles = _name_handles(names, colors, runs)
+    for (label, _), style in zip(runs, RUN_STYLES):
+        for name in names:
+            values = conds[(label, name)]
+            _plot_series(ax, values, colors[name], style, **_layer(names.index(name), len(names)))
+            singular = values.index[np.isinf(values)]
+            ax.plot(singular, np.full(len(singular), top), ls="none", marker="^", ms=5, color=colors[name],
+                    clip_on=False)
+    if any(np.isinf(s).any() for s in conds.values()):
+        ax.axhline(top, color="grey", lw=0.6, ls=":")
+        ax.text(-0.01, top, "inf", transform=ax.get_yaxis_transform(), ha="right", va="center", fontsize=9,
+                color="grey")
+        handles.append(Line2D([], [], ls="none", marker="^", color="grey", label="cond = inf (singular),\n"
+                                                                                    "drawn at the top"))
+    if eps is not None:
+        ax.axhline(-math.log10(eps), color="black", lw=0.8, ls="--")
+        handles.append(Line2D([], [], color="black", lw=0.8, ls="--", label=f"log10(1/eps) {precision}".strip()))
+    if not names:
+        _no_data(ax, "matrix statistics")
+    _style_axes(ax, "log10 condition number\n(lambda_max / lambda_min)", "Condition number per matrix")
+    _legend(fig, handles + _mark_bad_steps(ax, runs))
+    return fig
+
+
+GAP_PANELS = (
+    ("gap_split", None, r"Signal/noise gap $\lambda_K - \lambda_{K+1}$"),
+    ("min_gap_noise", "min_gap", "Smallest gap inside the noise subspace (all pairs where K is unknown)"),
+)
+
+
+def _gap_series(stats: pd.DataFrame, column: str, fallback: str | None) -> pd.Series | None:
+    if column in stats:
+        return stats[column]
+    if fallback and fallback in stats:
+        return stats[fallback]
+    return None
+
+
+ZERO_BAND_DECADES = 0.4  # height of one row of the "gap = 0" band, in decades of the log axis
+
+
+def _ticks_above(ax, floor: float, top: float) -> None:
+    """Log ticks only from the floor up: the zero band's rows are positions, not values."""
+    lo, hi = round(math.log10(floor)), math.ceil(math.log10(top))
+    step = max(1, (hi - lo) // 6)
+    ax.yaxis.set_major_locator(FixedLocator([10.0 ** e for e in range(lo, hi + 1, step)]))
+    ax.yaxis.set_major_formatter(LogFormatterSciNotation())
+    minor = [m * 10.0 ** e for e in range(lo, hi) for m in range(2, 10)] if step == 1 else []
+    ax.yaxis.set_minor_locator(FixedLocator(minor))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def plot_gaps(steps: StepTables, colors: Mapping[str, tuple] | None = None) -> Figure:
+    """Eigenvalue gaps on a log axis: the signal/noise split and the smallest noise gap. A zero gap
+    (an exact tie, 0/0 in eigh backward) cannot sit on a log axis: it is drawn in a shaded band below
+    the axis floor, one row per matrix (and run), labelled 0."""
+    runs = _runs(steps)
+    names = _matrices(runs)
+    colors = colors or palette(names)
+    series = {(p, label, n): _gap_series(matrix_stats(frame, n), col, fb)
+              for p, (col, fb, _) in enumerate(GAP_PANELS) for label, frame in runs for n in names}
+    positive = [v for s in series.values() if s is not None for v in s[np.isfinite(s) & (s > 0)]]
+    floor = 10.0 ** (math.floor(math.log10(min(positive)))) if positive else 1e-12
+    rows = len(runs) * len(names)
+    fig = new_figure(height=5.0)
+    axes = fig.subplots(2, 1, sharex=True)
+    for p, (ax, (_, _, title)) in enumerate(zip(axes, GAP_PANELS)):
+        any_zero = False
+        for r, ((label, _), style) in enumerate(zip(runs, RUN_STYLES)):
+            for i, name in enumerate(names):
+                s = series[(p, label, name)]
+                if s is None:
+                    continue
+                _plot_series(ax, s.where(s > 0), colors[name], style, **_layer(i, len(names)))
+                zeros = s.index[s == 0]
+                any_zero |= len(zeros) > 0
+                row = floor / 10.0 ** (ZERO_BAND_DECADES * (r * len(names) + i + 1))
+                ax.plot(zeros, np.full(len(zeros), row), ls="none", marker="v", ms=5, color=colors[name])
+        ax.set_yscale("log")
+        if any_zero:
+            bottom = floor / 10.0 ** (ZERO_BAND_DECADES * (rows + 1))
+            ax.axhspan(bottom, floor, color="#f2dede", zorder=0)
+            ax.text(-0.01, math.sqrt(bottom * floor), "0", transform=ax.get_yaxis_transform(),
+                    ha="right", va="center", fontsize=9, color="#a94442")
+            ax.set_ylim(bottom=bottom)
+            _ticks_above(ax, floor, max(positive))
+        if all(series[(p, label, n)] is None for label, _ in runs for n in names):
+            _no_data(ax, "gap of this kind")
+        _style_axes(ax, "eigenvalue gap\n(matrix units)", title)
+    handles = _name_handles(names, colors, runs)
+    if any(s is not None and (s == 0).any() for s in series.values()):
+        handles.append(Patch(color="#f2dede", label="gap = 0 (exact tie):\nshaded band, one row\nper matrix"))
+    _legend(fig, handles + _mark_bad_steps(axes[0], runs))
+    _mark_bad_steps(axes[1], runs)
+    return fig
+
+
+def _grad_matrix(frame: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(row labels, norms [module, step], non-finite mask) for one run."""
+    modules = grad_modules(frame.columns)
+    columns = [f"grad/{m}" for m in modules] + ([GRAD_TOTAL] if GRAD_TOTAL in frame else [])
+    labels = modules + (["(total)"] if GRAD_TOTAL in frame else [])
+    z = frame[columns].to_numpy(dtype=float).T if columns else np.zeros((0, len(frame)))
+    bad_step = frame["nonfinite"].to_numpy(bool) if "nonfinite" in frame else np.zeros(len(frame), bool)
+    nonfinite = np.isinf(z) | (np.isnan(z) & bad_step[None, :])
+    for row, module in enumerate(modules):
+        counts = frame.get(f"{GRAD_NONFINITE_PREFIX}{module}")
+        if counts is not None:
+            nonfinite[row] |= counts.fillna(0).to_numpy() > 0
+    return labels, z, nonfinite
+
+
+def _edges(steps: np.ndarray) -> np.ndarray:
+    if len(steps) == 1:
+        return np.array([steps[0] - 0.5, steps[0] + 0.5])
+    mid = (steps[1:] + steps[:-1]) / 2.0
+    return np.concatenate([[steps[0] - (mid[0] - steps[0])], mid, [steps[-1] + (steps[-1] - mid[-1])]])
+
+
+def plot_grad_heatmap(steps: StepTables) -> Figure:
+    """Per-module gradient L2 norm, module x step, log colour scale; one panel per run when overlaying.
+    Black: exactly 0 (no gradient); red: non-finite; light grey: not logged."""
+    runs = _runs(steps)
+    data = [(label, *_grad_matrix(frame), frame.index.to_numpy(dtype=float)) for label, frame in runs]
+    positive = np.concatenate([z[np.isfinite(z) & (z > 0)] for _, _, z, _, _ in data] + [np.zeros(0)])
+    vmin, vmax = (positive.min(), positive.max()) if len(positive) else (1e-12, 1.0)
+    if vmin == vmax:
+        vmin, vmax = vmin / 10, vmax * 10
+    norm = LogNorm(vmin=vmin, vmax=vmax)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(under="black", bad="#d9d9d9")
+    rows = max(len(labels) for _, labels, _, _, _ in data)
+    fig = new_figure(height=min(9.0, max(2.6, 1.1 + len(runs) * (0.5 + 0.22 * rows))))
+    axes = np.atleast_1d(fig.subplots(len(runs), 1, sharex=True, squeeze=False)[:, 0])
+    mesh = None
+    for ax, (label, labels, z, nonfinite, x) in zip(axes, data):
+        if not labels:
+            _no_data(ax, "gradient norms")
+            _style_axes(ax, "module", f"Gradient norm per module {label}".strip())
+            continue
+        shown = np.where(z == 0, vmin / 10, z)  # below vmin -> the colormap's "under" colour (black)
+        y = np.arange(len(labels) + 1) - 0.5
+        mesh = ax.pcolormesh(_edges(x), y, np.ma.masked_invalid(shown), cmap=cmap, norm=norm)
+        red = np.ma.masked_where(~nonfinite, np.ones_like(z))
+        ax.pcolormesh(_edges(x), y, red, cmap=ListedColormap([NONFINITE_COLOR]), vmin=0, vmax=1)
+        ax.set_yticks(range(len(labels)), labels, fontsize=LEGEND_FONT)
+        ax.set_ylim(len(labels) - 0.5, -0.5)
+        _style_axes(ax, "module", f"Gradient L2 norm per module{' — run: ' + label if label else ''}")
+        ax.grid(False)
+    if mesh is not None:
+        fig.colorbar(mesh, ax=list(axes), extend="min", label="grad L2 norm (log scale)", shrink=0.9)
+    keys = [Patch(color="black", label="0 (no gradient)"), Patch(color=NONFINITE_COLOR, label="non-finite"),
+            Patch(color="#d9d9d9", label="not logged")]
+    fig.legend(handles=keys, loc="outside lower center", ncol=3, fontsize=LEGEND_FONT, frameon=False)
+    return fig
+
+
+def _zero_suffix(label: str, zero_runs: list[str], n_runs: int) -> str:
+    if not zero_runs:
+        return ""
+    where = "" if n_runs == 1 else " in all runs" if len(zero_runs) == n_runs else f" in {', '.join(zero_runs)}"
+    return f" (≡ 0{where}, not drawn)"
+
+
+def plot_loss_terms(steps: StepTables) -> Figure:
+    """Total loss and each term over steps; log y when every drawn value is positive. A series that is
+    identically 0 in a run is not drawn (the legend says so), so it does not force a linear axis."""
+    runs = _runs(steps)
+    terms = list(dict.fromkeys(t for _, frame in runs for t in loss_terms(frame.columns)))
+    colors = palette(terms, TERM_COLORS)
+    columns = [("loss", "total", "black")] + [(f"loss/{t}", t, colors[t]) for t in terms]
+    drawn, zero_runs = [], {label: [] for _, label, _ in columns}
+    for (run, frame), style in zip(runs, RUN_STYLES):
+        for col, label, color in columns:
+            if col not in frame:
+                continue
+            finite = frame[col][np.isfinite(frame[col])]
+            if len(finite) and (finite == 0).all():
+                zero_runs[label].append(run)
+            else:
+                drawn.append((frame[col], color, style, col == "loss"))
+    values = np.concatenate([s[np.isfinite(s)].to_numpy(float) for s, _, _, _ in drawn] + [np.zeros(0)])
+    log = len(values) > 0 and bool((values > 0).all())
+    fig = new_figure()
+    ax = fig.add_subplot()
+    for series, color, style, total in drawn:
+        _plot_series(ax, series, color, style, **({"lw": 2.0} if total else {}))
+    if log:
+        ax.set_yscale("log")
+    handles = [Line2D([], [], color=color, lw=2.0 if c == "loss" else 1.5,
+                      label=label + _zero_suffix(label, zero_runs[label], len(runs)))
+               for c, label, color in columns if any(c in f for _, f in runs)]
+    if len(runs) > 1:
+        handles += [Line2D([], [], color="black", ls=style, label=f"run: {label}")
+                    for (label, _), style in zip(runs, RUN_STYLES)]
+    if not values.size:
+        _no_data(ax, "finite non-zero loss values")
+    _style_axes(ax, "loss value" + (" (log scale)" if log else ""), "Loss terms")
+    _legend(fig, handles + _mark_bad_steps(ax, runs))
+    return fig
