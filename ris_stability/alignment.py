@@ -1,0 +1,338 @@
+"""Training/inference alignment: are the matrices the loss consumes the ones inference consumes?
+
+The classic silent bug: the loss is computed on one matrix (say R_pred) while inference runs its
+estimator on another (R_blend). Training then optimises something inference never uses, and nothing
+crashes. :func:`check_alignment` runs a training path and an inference path on the same batch, each under
+a :class:`MatrixCapture` (a TorchFunctionMode plus module hooks, removed on exit) that records
+
+- every input matrix of an allow-listed linear-algebra call (``probes.OPS``: eigh, svd, solve, ...), and
+- every square matrix a named *consumer* module (e.g. one loss term) reads without having produced it,
+  so a term without linear algebra (a Frobenius-norm loss) is covered too,
+
+and compares each training-side matrix with the inference-side linear-algebra inputs of the same shape:
+the same object, or equal within the tolerance below, is aligned; anything else is a row of the table.
+
+What is compared: matrices equal to a tensor of the batch are data (targets such as R_true), not
+estimates, and are left out. A training matrix with no inference counterpart of its shape is listed in
+``notes``; if nothing at all is comparable the check raises :class:`AlignmentError` rather than pass.
+
+Tolerance: ``||T - I||_F <= rtol ||I||_F`` per matrix, with default ``rtol = n * eps`` of the coarser of
+the two dtypes (``tolerances.eig_abs_err(n, dtype, 1)``): two matrices closer than the backward error of
+an eigensolver cannot be told apart by any linear-algebra consumer. Ranks use ``tolerances.rank_tol``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.overrides import TorchFunctionMode
+
+from ris_stability.probes import OPS, caller_location
+from ris_stability.tolerances import eig_abs_err, eps_of, rank_tol
+
+SCHEMA = "risdiag.alignment/1"
+
+
+class AlignmentError(RuntimeError):
+    """The alignment check could not compare anything (no comparable matrices, a path failed)."""
+
+
+@dataclass
+class Captured:
+    """One matrix that entered linear algebra or a consumer module, and who consumed it."""
+
+    consumer: str  # consumer name, or the module path / source line of a linalg call
+    via: str  # the op that read it first (e.g. "linalg.eigh", "__sub__")
+    location: str  # file:line of that op
+    tensor: Tensor = field(repr=False)  # the object itself (identity matters), not a copy
+
+
+def _square(t: Any) -> bool:
+    return (isinstance(t, Tensor) and t.dim() >= 2 and t.shape[-1] == t.shape[-2] and t.shape[-1] >= 2
+            and (t.is_floating_point() or t.is_complex()))
+
+
+def _tensors(obj: Any) -> Iterator[Tensor]:
+    """Tensors inside (nested) lists, tuples, dicts and dataclass instances."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _tensors(getattr(obj, f.name))
+
+
+def _op_name(func: Any) -> str:
+    entry = OPS.get(func)
+    return entry[0] if entry is not None else getattr(func, "__name__", repr(func))
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, capture: MatrixCapture):
+        super().__init__()
+        self._capture = capture
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = {} if kwargs is None else kwargs
+        self._capture._before(func, args, kwargs)
+        out = func(*args, **kwargs)
+        self._capture._after(out)
+        return out
+
+
+class MatrixCapture:
+    """Records the matrices entering linalg calls and consumer modules while active (a context manager).
+
+    ``roots`` name modules for the consumer labels of linalg calls (``{"loss": loss_fn}`` labels an eigh
+    inside ``loss_fn.subspace`` as ``loss.subspace``); ``consumers`` maps a label to a module whose square
+    matrix inputs (all torch calls, not only linalg) are recorded under that label.
+    """
+
+    def __init__(self, roots: Mapping[str, nn.Module] | None = None,
+                 consumers: Mapping[str, nn.Module] | None = None):
+        self.records: list[Captured] = []
+        self._roots = dict(roots or {})
+        self._consumers = {id(module): name for name, module in (consumers or {}).items()}
+        self._paths: dict[int, str] = {}
+        self._stack: list[nn.Module] = []
+        self._produced: dict[str, list[Tensor]] = {}  # per consumer: tensors it made (kept alive for id())
+        self._seen: set[tuple[str, int]] = set()
+        self._handles: list[Any] = []
+        self._mode: _Mode | None = None
+
+    def __enter__(self) -> MatrixCapture:
+        self._paths = {id(m): f"{root}.{name}".strip(".") for root, top in self._roots.items()
+                       for name, m in top.named_modules()}
+        self._handles = [register_module_forward_pre_hook(lambda m, a: self._stack.append(m)),
+                         register_module_forward_hook(self._leave, always_call=True)]
+        self._mode = _Mode(self)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self._mode is not None:
+                self._mode.__exit__(*exc)
+        finally:
+            self._mode = None
+            for handle in self._handles:
+                handle.remove()
+            self._handles, self._stack, self._produced = [], [], {}
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        if any(m is module for m in self._stack):
+            while self._stack.pop() is not module:
+                pass
+
+    def _consumer(self) -> str | None:
+        for module in reversed(self._stack):
+            if id(module) in self._consumers:
+                return self._consumers[id(module)]
+        return None
+
+    def _module_path(self) -> str:
+        for module in reversed(self._stack):
+            if id(module) in self._paths:
+                return self._paths[id(module)]
+        return ""
+
+    def _add(self, consumer: str, via: str, tensor: Tensor) -> None:
+        key = (consumer, id(tensor))
+        if key not in self._seen:
+            self._seen.add(key)
+            self.records.append(Captured(consumer, via, caller_location(), tensor))
+
+    def _before(self, func: Any, args: tuple, kwargs: dict) -> None:
+        consumer = self._consumer()
+        if func in OPS:
+            matrix = args[0] if args else kwargs.get("A", kwargs.get("input"))
+            if isinstance(matrix, Tensor) and matrix.dim() >= 2:
+                label = consumer or self._module_path() or caller_location()
+                self._add(label, _op_name(func), matrix)
+        if consumer is not None:
+            made = {id(t) for t in self._produced.get(consumer, ())}
+            for t in _tensors((args, kwargs)):
+                if _square(t) and id(t) not in made:
+                    self._add(consumer, _op_name(func), t)
+
+    def _after(self, out: Any) -> None:
+        consumer = self._consumer()
+        if consumer is not None:
+            self._produced.setdefault(consumer, []).extend(_tensors(out))
+
+
+# --------------------------------------------------------------------------------------- comparison
+@dataclass(frozen=True)
+class AlignmentRow:
+    """One training-side matrix against its closest inference-side linear-algebra input."""
+
+    phase: str  # which training-side path ("train", "val", ...)
+    consumer: str
+    via: str
+    location: str
+    consumes: str  # name of the matrix the consumer reads
+    inference_consumer: str
+    inference_consumes: str
+    rel_diff: float  # max over the batch of ||T - I||_F / ||I||_F
+    rtol: float
+    same_object: bool
+    rank: int  # numerical rank (max over the batch) of the consumed matrix
+    inference_rank: int
+    shape: tuple[int, ...]
+
+    @property
+    def aligned(self) -> bool:
+        return self.same_object or self.rel_diff <= self.rtol
+
+
+@dataclass(frozen=True)
+class AlignmentResult:
+    rows: tuple[AlignmentRow, ...]
+    notes: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()  # misalignments found by other means (e.g. differing builder settings)
+
+    @property
+    def aligned(self) -> bool:
+        return not self.problems and all(row.aligned for row in self.rows)
+
+    def merge(self, other: AlignmentResult) -> AlignmentResult:
+        return AlignmentResult(self.rows + other.rows, self.notes + other.notes, self.problems + other.problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = [{**dataclasses.asdict(row), "shape": list(row.shape), "aligned": row.aligned} for row in self.rows]
+        return {"schema": SCHEMA, "aligned": self.aligned, "rows": rows, "notes": list(self.notes),
+                "problems": list(self.problems)}
+
+    def format_table(self) -> str:
+        head = ("", "phase", "consumer", "via", "consumes", "inference consumes", "rel. diff", "rtol",
+                "rank", "inf. rank")
+        body = [("ok" if r.aligned else "MISALIGNED", r.phase, r.consumer, r.via, r.consumes,
+                 f"{r.inference_consumes} @ {r.inference_consumer}", "same object" if r.same_object else f"{r.rel_diff:.3g}",
+                 f"{r.rtol:.2g}", str(r.rank), str(r.inference_rank)) for r in self.rows]
+        widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
+        fmt = lambda line: "  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()  # noqa: E731
+        lines = [fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, body)]
+        verdict = "ALIGNED" if self.aligned else "MISALIGNED"
+        lines += [f"problem: {p}" for p in self.problems] + [f"note: {n}" for n in self.notes]
+        lines.append(f"verdict: {verdict} ({sum(not r.aligned for r in self.rows)} of {len(self.rows)} rows differ)")
+        return "\n".join(lines)
+
+
+def _coarse_dtype(a: Tensor, b: Tensor) -> torch.dtype:
+    return a.dtype if eps_of(a.dtype) >= eps_of(b.dtype) else b.dtype
+
+
+def default_rtol(n: int, dtype: torch.dtype) -> float:
+    """n * eps(dtype): differences below an eigensolver's backward error are invisible to linalg."""
+    return float(eig_abs_err(n, dtype, 1.0))
+
+
+def relative_difference(a: Tensor, b: Tensor) -> float:
+    """max over the batch of ||a - b||_F / ||b||_F, computed in complex128/float64."""
+    wide = torch.complex128 if (a.is_complex() or b.is_complex()) else torch.float64
+    with torch.no_grad():
+        x, y = a.detach().to(wide), b.detach().to(wide)
+        num = torch.linalg.vector_norm(x - y, dim=(-2, -1))
+        den = torch.linalg.vector_norm(y, dim=(-2, -1)).clamp_min(torch.finfo(torch.float64).tiny)
+        return float((num / den).max())
+
+
+def numerical_rank(a: Tensor) -> int:
+    """Max over the batch of #singular values > rank_tol(n, dtype, s_max)."""
+    with torch.no_grad():
+        s = torch.linalg.svdvals(a.detach().to(torch.complex128 if a.is_complex() else torch.float64))
+        tol = rank_tol(a.shape[-1], a.dtype, s[..., :1])
+        return int((s > tol).sum(-1).max()) if s.numel() else 0
+
+
+def _is_data(t: Tensor, data: list[Tensor]) -> bool:
+    with torch.no_grad():
+        return any(t is d or (d.shape == t.shape and bool(torch.equal(d.detach().to(t.dtype), t.detach())))
+                   for d in data if d.is_floating_point() or d.is_complex())
+
+
+class _Namer:
+    """Names a matrix by identity with a known tensor, else by equality within tolerance, else by shape."""
+
+    def __init__(self, names: Mapping[str, Tensor], rtol: float | None):
+        self._names, self._rtol = names, rtol
+
+    def __call__(self, t: Tensor) -> str:
+        hits = [name for name, ref in self._names.items() if ref is t]
+        if not hits:
+            hits = [name for name, ref in self._names.items() if ref.shape == t.shape and relative_difference(
+                t, ref) <= (self._rtol if self._rtol is not None else default_rtol(t.shape[-1], _coarse_dtype(t, ref)))]
+        return " = ".join(hits) if hits else f"unnamed {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+
+
+def _compare(phase: str, train: list[Captured], infer: list[Captured], data: list[Tensor], namer: _Namer,
+             rtol: float | None) -> AlignmentResult:
+    rows, notes = [], []
+    for rec in train:
+        t = rec.tensor
+        if _is_data(t, data):
+            continue
+        candidates = [c for c in infer if c.tensor.shape == t.shape]
+        if not candidates:
+            notes.append(f"{phase}: {rec.consumer} reads {namer(t)} of shape {tuple(t.shape)}, but inference feeds "
+                         "no matrix of that shape to linear algebra; not compared")
+            continue
+        scored = [(0.0 if c.tensor is t else relative_difference(t, c.tensor), c) for c in candidates]
+        diff, best = min(scored, key=lambda pair: (pair[1].tensor is not t, pair[0]))
+        tol = rtol if rtol is not None else default_rtol(t.shape[-1], _coarse_dtype(t, best.tensor))
+        rows.append(AlignmentRow(
+            phase=phase, consumer=rec.consumer, via=rec.via, location=rec.location, consumes=namer(t),
+            inference_consumer=best.consumer, inference_consumes=namer(best.tensor), rel_diff=diff, rtol=tol,
+            same_object=best.tensor is t, rank=numerical_rank(t), inference_rank=numerical_rank(best.tensor),
+            shape=tuple(t.shape)))
+    return AlignmentResult(tuple(rows), tuple(notes))
+
+
+def check_alignment(train_fn: Callable[[Any], Any] | Mapping[str, Callable[[Any], Any]],
+                    infer_fn: Callable[[Any], Any], batch: Any, rtol: float | None = None, *,
+                    roots: Mapping[str, nn.Module] | None = None,
+                    consumers: Mapping[str, nn.Module] | None = None,
+                    names: Mapping[str, Tensor] | Callable[[], Mapping[str, Tensor]] | None = None,
+                    ) -> AlignmentResult:
+    """Compare the matrices the training path(s) consume with those inference feeds to linear algebra.
+
+    ``train_fn(batch)``: the forward and loss as in training (no backward needed); a mapping
+    ``{phase: fn}`` checks several paths (e.g. training and validation) against one inference run.
+    ``infer_fn(batch)``: the inference path. Put models in the mode you want compared (eval) first.
+    ``rtol``: None for ``n * eps`` of the coarser dtype. ``roots``/``consumers``: see :class:`MatrixCapture`.
+    ``names``: known matrices (or a function returning them, called after the runs) used to label
+    captured ones, by identity first, then by equality within the tolerance.
+    """
+    paths = dict(train_fn) if isinstance(train_fn, Mapping) else {"train": train_fn}
+    captured: dict[str, list[Captured]] = {}
+    for phase, fn in [*paths.items(), ("<inference>", infer_fn)]:
+        with MatrixCapture(roots, consumers if phase != "<inference>" else None) as cap:
+            fn(batch)
+        captured[phase] = cap.records
+    infer = [rec for rec in captured.pop("<inference>") if _square(rec.tensor)]
+    if not infer:
+        raise AlignmentError("check_alignment: the inference path fed no square matrix to linear algebra "
+                             f"(allow-list: {', '.join(sorted({v[0] for v in OPS.values()}))}); there is nothing "
+                             "to compare the loss matrices with. Check that infer_fn runs the estimator.")
+    known = names() if callable(names) else dict(names or {})
+    namer, data = _Namer(known, rtol), list(_tensors(batch))
+    result = AlignmentResult(())
+    for phase, records in captured.items():
+        result = result.merge(_compare(phase, records, infer, data, namer, rtol))
+    if not result.rows:
+        raise AlignmentError("check_alignment: no matrix the training path consumes has the shape of a matrix "
+                             "inference feeds to linear algebra; nothing was compared.\n" + "\n".join(result.notes))
+    return result
+
+
+__all__ = ["AlignmentError", "AlignmentResult", "AlignmentRow", "Captured", "MatrixCapture", "check_alignment",
+           "default_rtol", "numerical_rank", "relative_difference"]
