@@ -134,7 +134,7 @@ def test_tolerance_is_n_eps_of_the_dtype(factor, aligned):
     train_fn, infer_fn, kw = pipeline("blend", torch.complex128, perturb=factor * rtol)
     result = check_alignment(train_fn, infer_fn, toy_batch(), **kw)
     assert result.aligned is aligned
-    assert all(row.rel_diff == pytest.approx(factor * rtol, rel=1e-6) for row in result.rows)
+    assert all(row.rel_diff == pytest.approx(factor * rtol, rel=1e-3) for row in result.rows)
 
 
 def test_several_training_paths_share_one_inference_run():
