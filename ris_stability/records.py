@@ -62,8 +62,6 @@ class TraceError(UsageError):
     """A run folder or one of its trace files cannot be read or written."""
 
 
-# --------------------------------------------------------------------------- JSON encoding
-
 
 def _jsonable(value: Any, key: str) -> Any:
     """Plain-JSON form of one value; non-finite floats become None (read back as NaN)."""
@@ -107,8 +105,6 @@ def write_finding(run_dir: Path, finding: Mapping[str, Any]) -> Path:
     """Store the bisector's Finding.to_dict() as run_dir/finding.json."""
     return write_json_atomic(Path(run_dir) / FINDING_FILE, finding)
 
-
-# --------------------------------------------------------------------------- writer
 
 
 class TraceWriter:
@@ -189,8 +185,6 @@ class TraceWriter:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-
-# --------------------------------------------------------------------------- reader
 
 
 @dataclass(frozen=True)
@@ -388,8 +382,6 @@ def to_parquet(run_dir: Path) -> Path:
         raise TraceError(f"writing {target} needs pyarrow: pip install 'ris-diag[parquet]' ({exc})") from exc
     return target
 
-
-# --------------------------------------------------------------------------- column helpers
 
 
 def matrix_names(columns: Iterable[str]) -> list[str]:

@@ -97,7 +97,7 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
 def render_report(trace: Trace, figures: dict[str, tuple[str, str]]) -> str:
     """The report's Markdown; `figures` maps stem -> (alt text, relative link)."""
     real, eps = precision(trace.meta)
-    matrices = [summarize_matrix(trace, name, eps) for name in trace.matrices]
+    matrices = [summarize_matrix(trace, name) for name in trace.matrices]
     image = lambda stem: md.image(*figures[stem]) if stem in figures else ""  # noqa: E731
     blocks = [md.heading(f"Stability report: {md.code(trace.run_dir.name)}", 1)]
     if trace.summary is None:

@@ -16,7 +16,7 @@ from ris_stability.report.build import (
     MIN_STEPS_FOR_DEAD, REPORT_FILE, FIGURE_DIR, ReportError, figure_set, write_figures,
 )
 from ris_stability.report.derive import (
-    MatrixSummary, final_and_best_loss, grad_summaries, loss_summaries, precision, summarize_matrix,
+    MatrixSummary, final_and_best_loss, grad_summaries, loss_summaries, summarize_matrix,
 )
 from ris_stability.report.look import what_to_look_at
 
@@ -69,8 +69,7 @@ def build_comparison(run_dirs: list[Path], out_dir: Path, labels: list[str] | No
 def _matrix_rows(traces: dict[str, Trace]) -> list[tuple[str, list[str]]]:
     summaries: dict[str, dict[str, MatrixSummary]] = {}
     for label, trace in traces.items():
-        _, eps = precision(trace.meta)
-        summaries[label] = {m: summarize_matrix(trace, m, eps) for m in trace.matrices}
+        summaries[label] = {m: summarize_matrix(trace, m) for m in trace.matrices}
     rows = []
     for name in sorted({m for s in summaries.values() for m in s}):
         def per_run(getter) -> list[str]:

@@ -1,39 +1,56 @@
 """What a trace says: per-matrix / per-module / per-term summaries and the hazards worth a look.
 
-Pure functions of a `Trace` (no I/O, no plotting). Thresholds derive from the run's dtype eps.
+Pure functions of a `Trace` (no I/O, no plotting). Thresholds derive from the run's dtype eps through
+ris_stability.tolerances.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ris_stability.records import GRAD_NONFINITE_PREFIX, Trace, matrix_stats
+from ris_stability.tolerances import eps_of, real_dtype, tie_tol
 
-# A cluster of at least this many exactly equal eigenvalues makes eigh backward divide 0 by 0.
+# A cluster of at least this many equal eigenvalues makes eigh backward divide 0 by 0.
 TIED_CLUSTER_MIN = 2
 # Fewer logged values than this cannot show that a term or module is "always" zero/constant.
 MIN_STEPS_FOR_DEAD = 3
-# Ops whose backward/forward go through an inverse, so a condition number >= 1/eps loses all digits.
+# Ops whose result goes through an inverse, so an ill-conditioned input loses its digits there.
 INVERSE_OPS = ("inv", "solve", "cholesky", "lstsq", "pinv")
-# dtype names -> real precision used for eps (complex64 carries float32 parts).
-_REAL_OF = {"complex64": "float32", "complex128": "float64", "cfloat": "float32", "cdouble": "float64",
-            "float": "float32", "double": "float64", "half": "float16", "bfloat16": "float32"}
-DEFAULT_PRECISION = "float32"
+# An inverse keeps about log10(1/eps) - log10(cond) digits; like the monitor's ill_conditioned event,
+# flag when fewer than this many would remain.
+ILL_CONDITIONED_DIGITS_LEFT = 1.0
+DEFAULT_DTYPE = torch.float32
+
+
+def run_dtype(meta: dict) -> torch.dtype:
+    """The run's dtype from meta['dtype'] ("complex64" or "torch.complex64"); float32 when unknown."""
+    name = str(meta.get("dtype") or "").removeprefix("torch.")
+    dtype = getattr(torch, name, None) if name else None
+    return dtype if isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex) \
+        else DEFAULT_DTYPE
 
 
 def precision(meta: dict) -> tuple[str, float]:
-    """(real dtype name, machine eps) of the run, from meta['dtype']; float32 when unknown."""
-    name = str(meta.get("dtype") or "").removeprefix("torch.")
-    real = _REAL_OF.get(name, name)
-    try:
-        return real, float(np.finfo(real).eps)
-    except TypeError:
-        return DEFAULT_PRECISION, float(np.finfo(DEFAULT_PRECISION).eps)
+    """(real dtype name, machine eps) of the run, e.g. ("float32", 1.19e-07) for complex64."""
+    dtype = run_dtype(meta)
+    return str(real_dtype(dtype)).removeprefix("torch."), eps_of(dtype)
+
+
+def ill_conditioned_log10(eps: float) -> float:
+    """log10 condition number above which an inverse/solve keeps fewer than ILL_CONDITIONED_DIGITS_LEFT."""
+    return -math.log10(eps) - ILL_CONDITIONED_DIGITS_LEFT
+
+
+def near_tie_relative(eps: float) -> float:
+    """A gap below sqrt(eps) * lambda_max leaves the eigenvector gradient at most half its digits."""
+    return math.sqrt(eps)
 
 
 def log10_cond_filled(stats: pd.DataFrame) -> pd.Series:
@@ -95,16 +112,25 @@ def _argmin_step(series: pd.Series) -> int | None:
     return int(series.idxmin()) if len(series) else None
 
 
-def summarize_matrix(trace: Trace, name: str, eps: float) -> MatrixSummary:
+def _tie_where(stats: pd.DataFrame, tie_mask: pd.Series, dtype: torch.dtype) -> str:
+    """Which subspace holds the tie: the one whose smallest gap is within the tie tolerance."""
+    if not tie_mask.any():
+        return ""
+    n = float(_col(stats, "n").max())
+    tol = tie_tol(int(n) if math.isfinite(n) else 0, dtype, _col(stats, "lambda_max").abs())
+    for part in ("noise", "signal"):
+        if (_col(stats, f"min_gap_{part}") <= tol)[tie_mask].any():
+            return part
+    return ""
+
+
+def summarize_matrix(trace: Trace, name: str) -> MatrixSummary:
+    """Table row of one watched/probed matrix over the whole run; thresholds from the run's dtype."""
+    dtype = run_dtype(trace.meta)
     stats = matrix_stats(trace.steps, name)
     rank, gap, cluster = _col(stats, "rank"), _col(stats, "min_gap"), _col(stats, "max_cluster")
     vec = _col(stats, "vec_grad")
     tie_mask = cluster >= TIED_CLUSTER_MIN
-    tie_where = ""
-    if tie_mask.any() and (_col(stats, "min_gap_noise")[tie_mask] == 0).any():
-        tie_where = "noise"
-    elif tie_mask.any() and (_col(stats, "min_gap_signal")[tie_mask] == 0).any():
-        tie_where = "signal"
     cluster_step = _argmin_step(-cluster)
     rel = gap / _col(stats, "lambda_max").abs().replace(0, np.nan)
     cond = log10_cond_filled(stats)
@@ -113,18 +139,19 @@ def summarize_matrix(trace: Trace, name: str, eps: float) -> MatrixSummary:
         rank=(float(rank.min()), float(rank.median()), float(rank.max())),
         log10_cond=_percentiles(cond), min_gap=float(gap.min()), min_gap_step=_argmin_step(gap),
         gap_split_min=float(_col(stats, "gap_split").min()), max_cluster=float(cluster.max()),
-        cluster_value=float(_col(stats, "cluster_value").get(cluster_step, np.nan)) if cluster_step is not None
-        else math.nan,
+        cluster_value=math.nan if cluster_step is None else float(_col(stats, "cluster_value")[cluster_step]),
         cluster_step=cluster_step, tie_steps=tuple(int(s) for s in stats.index[tie_mask]),
-        tie_where=tie_where, vec_grad=None if vec.isna().all() else bool((vec > 0).any()),
+        tie_where=_tie_where(stats, tie_mask, dtype),
+        vec_grad=None if vec.isna().all() else bool((vec > 0).any()),
         rel_gap_min=float(rel.min()), singular_steps=int(np.isinf(cond).sum()), first_flag=None,
     )
-    return _with_first_flag(summary, stats, cond, trace.events, eps)
+    return replace(summary, first_flag=_first_flag(summary, stats, cond, trace.events, eps_of(dtype)))
 
 
-def _with_first_flag(s: MatrixSummary, stats: pd.DataFrame, cond: pd.Series, events: list[dict],
-                     eps: float) -> MatrixSummary:
-    """Earliest step at which an event names the matrix or a hazard shows in its statistics."""
+def _first_flag(s: MatrixSummary, stats: pd.DataFrame, cond: pd.Series, events: list[dict],
+                eps: float) -> tuple[int, str] | None:
+    """Earliest step at which an event names the matrix or a hazard shows in its statistics, with the
+    reasons found at that step."""
     vec_used = _col(stats, "vec_grad") > 0
     candidates: list[tuple[int, str]] = []
     for event in events:
@@ -134,24 +161,17 @@ def _with_first_flag(s: MatrixSummary, stats: pd.DataFrame, cond: pd.Series, eve
     if tie is not None:
         candidates.append((tie, "tie, vectors used"))
     rel = _col(stats, "min_gap") / _col(stats, "lambda_max").abs()
-    near = _first(stats.index[(rel > 0) & (rel < math.sqrt(eps)) & vec_used])
+    near = _first(stats.index[(rel > 0) & (rel < near_tie_relative(eps)) & vec_used])
     if near is not None:
         candidates.append((near, "near tie, vectors used"))
     if s.inverse_op:
-        ill = _first(stats.index[cond >= -math.log10(eps)])
+        ill = _first(stats.index[cond > ill_conditioned_log10(eps)])
         if ill is not None:
-            candidates.append((ill, "cond >= 1/eps"))
+            candidates.append((ill, "ill-conditioned inverse"))
     if not candidates:
-        return s
+        return None
     step = min(c[0] for c in candidates)
-    reasons = "; ".join(dict.fromkeys(r for c, r in candidates if c == step))
-    return _replace(s, first_flag=(step, reasons))
-
-
-def _replace(s: MatrixSummary, **changes: Any) -> MatrixSummary:
-    from dataclasses import replace
-
-    return replace(s, **changes)
+    return step, "; ".join(dict.fromkeys(r for c, r in candidates if c == step))
 
 
 @dataclass(frozen=True)

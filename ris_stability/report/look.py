@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from ris_stability.records import GRAD_NONFINITE_PREFIX, Trace
 from ris_stability.report.derive import (
-    MIN_STEPS_FOR_DEAD, MatrixSummary, event_names, grad_summaries, loss_summaries, precision,
-    summarize_matrix,
+    MIN_STEPS_FOR_DEAD, MatrixSummary, event_names, grad_summaries, ill_conditioned_log10, loss_summaries,
+    near_tie_relative, precision, summarize_matrix,
 )
 from ris_stability.report.markdown import code, fmt, steps_list
 
-EIGVEC_REMEDY = ('try `loss.eigh_backward = "gap_aware"`, an eigenvalue-only loss, '
-                 "or float64 for the spectral part")
+def eigvec_remedy(real: str) -> str:
+    """What to try against eigenvector-gradient blow-ups (float64 only when the run is not float64)."""
+    tail = "" if real == "float64" else ", or float64 for the spectral part"
+    return f'try `loss.eigh_backward = "gap_aware"`, an eigenvalue-only loss{tail}'
+
 # A learning rate that never moves is only suspicious over a run long enough to have a schedule.
 MIN_STEPS_FOR_LR_CHECK = 10
 
@@ -23,7 +25,7 @@ def what_to_look_at(trace: Trace, matrices: list[MatrixSummary] | None = None) -
     """Markdown bullet texts derived from the trace; a reassuring line when nothing stands out."""
     real, eps = precision(trace.meta)
     if matrices is None:
-        matrices = [summarize_matrix(trace, name, eps) for name in trace.matrices]
+        matrices = [summarize_matrix(trace, name) for name in trace.matrices]
     items = _nonfinite_items(trace) + _finding_items(trace)
     for m in matrices:
         items += _matrix_items(m, eps, real, len(trace.steps))
@@ -82,24 +84,25 @@ def _matrix_items(m: MatrixSummary, eps: float, real: str, n_steps: int) -> list
                 f"{n_steps} logged steps)")
         if m.vec_grad:
             text += (" while its eigenvectors receive gradient: eigenvector gradients through it are 0/0 — "
-                     + EIGVEC_REMEDY + ".")
+                     + eigvec_remedy(real) + ".")
         else:
             text += (". Whether its eigenvectors receive gradient was not recorded; if they do, the "
                      "eigenvector gradients through it are 0/0.")
         items.append(text)
-    elif m.vec_grad and 0 < m.rel_gap_min < math.sqrt(eps):
+    elif m.vec_grad and 0 < m.rel_gap_min < near_tie_relative(eps):
         items.append(
             f"{name}: eigenvalues nearly tie (smallest gap {m.min_gap:.1e} at step {m.min_gap_step}, "
-            f"{m.rel_gap_min:.1e} relative to lambda_max, below sqrt(eps) = {math.sqrt(eps):.1e} for {real}) "
+            f"{m.rel_gap_min:.1e} relative to lambda_max, below sqrt(eps) = {near_tie_relative(eps):.1e} for {real}) "
             f"while its eigenvectors receive gradient: eigenvector gradients are amplified by up to "
-            f"1/gap = {1 / m.min_gap:.1e}, and an exact tie makes them 0/0 — if this run goes non-finite, "
-            f"{EIGVEC_REMEDY}.")
+            f"1/gap = {1 / m.min_gap:.1e}, and an exact tie makes them 0/0 — if it goes non-finite, "
+            f"{eigvec_remedy(real)}.")
     p95 = m.log10_cond[2]
-    if m.inverse_op and p95 >= -math.log10(eps):
+    limit = ill_conditioned_log10(eps)
+    if m.inverse_op and p95 > limit:
         items.append(
-            f"{name}: log10 condition number p95 = {fmt(p95)}, at or above log10(1/eps) = "
-            f"{-math.log10(eps):.1f} for {real}: an inverse or solve through it keeps no correct digit — "
-            "add diagonal loading, or use float64 for this op.")
+            f"{name}: log10 condition number p95 = {fmt(p95)} > {limit:.1f} for {real} (eps = {eps:.1e}): "
+            "an inverse or solve through it keeps at most one correct digit — add diagonal loading, or use "
+            "float64 for this op.")
     return items
 
 

@@ -36,6 +36,7 @@ MATRIX_COLORS = [c for i, c in enumerate(matplotlib.colormaps["tab10"].colors) i
 TERM_COLORS = list(matplotlib.colormaps["Set1"].colors[1:]) + list(matplotlib.colormaps["Dark2"].colors)
 MARKERS_MAX_POINTS = 60  # draw point markers when a series is short enough for them to stay readable
 LEGEND_FONT = 7
+LEGEND_CHARS = 32  # longer names are shortened in legends (tables keep them whole)
 PNG_COLORS = 256
 
 StepTables = pd.DataFrame | Mapping[str, pd.DataFrame]
@@ -119,10 +120,18 @@ def _layer(i: int, k: int) -> dict:
             "marker": MATRIX_MARKERS[i % len(MATRIX_MARKERS)]}
 
 
-def _name_handles(names: Iterable[str], colors: Mapping[str, tuple], runs, suffix=None) -> list[Line2D]:
+def short_label(name: str, limit: int = LEGEND_CHARS) -> str:
+    """A legend label of at most `limit` characters: long call-site names keep their head and tail."""
+    if len(name) <= limit:
+        return name
+    head = (limit - 1) // 2
+    return f"{name[:head]}…{name[-(limit - 1 - head):]}"
+
+
+def _name_handles(names: Iterable[str], colors: Mapping[str, tuple], runs) -> list[Line2D]:
     names = list(names)
     handles = [Line2D([], [], color=colors[n], lw=1.5, marker=_layer(i, len(names))["marker"], ms=4,
-                      label=n + (suffix.get(n, "") if suffix else "")) for i, n in enumerate(names)]
+                      label=short_label(n)) for i, n in enumerate(names)]
     if len(runs) > 1:
         handles += [Line2D([], [], color="black", ls=style, lw=1.2, label=f"run: {label}")
                     for (label, _), style in zip(runs, RUN_STYLES)]
@@ -185,7 +194,8 @@ def plot_log10_cond(steps: StepTables, colors: Mapping[str, tuple] | None = None
     ax = fig.add_subplot()
     conds = {(label, n): log10_cond_filled(matrix_stats(frame, n)) for label, frame in runs for n in names}
     finite = [v for s in conds.values() for v in s[np.isfinite(s)]]
-    top = (max(finite) if finite else 0.0) + 1.0
+    # The singular band sits above every finite value and above the 1/eps line.
+    top = max(finite + ([-math.log10(eps)] if eps is not None else []) + [0.0]) + 1.0
     handles = _name_handles(names, colors, runs)
     for (label, _), style in zip(runs, RUN_STYLES):
         for name in names:
@@ -196,8 +206,7 @@ def plot_log10_cond(steps: StepTables, colors: Mapping[str, tuple] | None = None
                     clip_on=False)
     if any(np.isinf(s).any() for s in conds.values()):
         ax.axhline(top, color="grey", lw=0.6, ls=":")
-        ax.text(-0.01, top, "inf", transform=ax.get_yaxis_transform(), ha="right", va="center", fontsize=9,
-                color="grey")
+        _inf_tick(ax, top)
         handles.append(Line2D([], [], ls="none", marker="^", color="grey", label="cond = inf (singular),\n"
                                                                                     "drawn at the top"))
     if eps is not None:
@@ -208,6 +217,16 @@ def plot_log10_cond(steps: StepTables, colors: Mapping[str, tuple] | None = None
     _style_axes(ax, "log10 condition number\n(lambda_max / lambda_min)", "Condition number per matrix")
     _legend(fig, handles + _mark_bad_steps(ax, runs))
     return fig
+
+
+def _inf_tick(ax, top: float) -> None:
+    """Label the singular band "inf" on the y axis, dropping numeric ticks that would crowd it."""
+    low = ax.get_ylim()[0]
+    ax.set_ylim(low, top + 0.5)
+    auto = list(ax.get_yticks())
+    spacing = auto[1] - auto[0] if len(auto) > 1 else 1.0
+    ticks = [t for t in auto if low <= t <= top - 0.75 * spacing]
+    ax.set_yticks(ticks + [top], [f"{t:g}" for t in ticks] + ["inf"])
 
 
 GAP_PANELS = (

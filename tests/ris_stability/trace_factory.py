@@ -43,68 +43,78 @@ def _matrix_row(name: str, step: int, rng: np.random.Generator, *, n: int, rank:
     return {f"mat/{name}/{k}": v for k, v in stats.items()}
 
 
+def _step_row(step: int, bad: bool, rng: np.random.Generator, *, tied_cluster: int, tie_value: float,
+              dead_term: str | None, dead_module: str | None, singular_matrix: bool) -> dict:
+    row: dict = {"step": step, "time_s": 0.5 * (step + 1), "lr": 1e-3, "skipped": bad, "nonfinite": bad}
+    terms = {t: (0.0 if t == dead_term else float(np.exp(-0.1 * step) * (1 + i) + 0.01))
+             for i, t in enumerate(LOSS_TERMS)}
+    if bad:
+        terms["subspace"] = math.nan
+    row["loss"] = float(sum(terms.values()))
+    row.update({f"loss/{t}": v for t, v in terms.items()})
+    for i, module in enumerate(MODULES):
+        value = 0.0 if module == dead_module else float(10.0 ** rng.uniform(-3, 0) * (i + 1))
+        row[f"grad/{module}"] = math.nan if bad and module != dead_module else value
+    row["grad/_total"] = math.nan if bad else 1.0
+    if bad:
+        row["grad_nonfinite/heads.angle"] = 12
+    row.update(_matrix_row("R_blend", step, rng, n=144, rank=26, tied=tied_cluster, tie_value=tie_value,
+                           vec_grad=1.0))
+    row.update(_matrix_row("loss.subspace:linalg.eigh", step, rng, n=144, rank=26, tied=0, tie_value=0.0,
+                           vec_grad=0.0))
+    if singular_matrix:
+        row.update({"mat/R_pred/n": 144, "mat/R_pred/rank": 10, "mat/R_pred/cond": math.inf,
+                    "mat/R_pred/log10_cond": math.inf, "mat/R_pred/min_gap": 0.0, "mat/R_pred/max_cluster": 134,
+                    "mat/R_pred/cluster_value": 0.0, "mat/R_pred/vec_grad": 0.0})
+    return row
+
+
+def _bad_step_events(writer: TraceWriter, step: int) -> None:
+    writer.event("nonfinite_loss", "error", f"loss is NaN at step {step} (term subspace)", step=step,
+                 terms=["subspace"])
+    writer.event("step_skipped", "warning", f"step {step} skipped", step=step)
+    writer.event("capsule_written", "info", "capsule written", step=step, path=f"capsules/step_{step:06d}.pt")
+
+
+def _end_events(writer: TraceWriter, last: int, dead_term: str | None, dead_module: str | None) -> None:
+    if dead_term:
+        writer.event("dead_loss_term", "warning", f"loss term {dead_term} is constant 0", step=last,
+                     names=[dead_term])
+    if dead_module:
+        writer.event("dead_parameter", "warning", f"{dead_module} never received gradient", step=last,
+                     names=[f"{dead_module}.weight", f"{dead_module}.bias"])
+
+
 def make_run(run_dir: Path, *, n_steps: int = 12, nonfinite_at: tuple[int, ...] = (),
              tied_cluster: int = 0, tie_value: float = 1e-3, dead_term: str | None = None,
              dead_module: str | None = None, summary: bool = True, seed: int = 0,
              singular_matrix: bool = True) -> Path:
-    """A run folder with losses, grads and two matrices. Non-finite steps are skipped, as the
+    """A run folder with losses, grads and three matrices. Non-finite steps are skipped, as the
     monitor's skip policy does; `tied_cluster` ties the noise eigenvalues of R_blend from step 0."""
     rng = np.random.default_rng(seed)
     run_dir = Path(run_dir)
-    best = math.inf
-    final = None
+    losses = []
     with TraceWriter(run_dir, DEFAULT_META) as writer:
         writer.event("run_start", "info", "run started", step=0)
         if tied_cluster:
-            writer.event("tied_eigenvalues", "warning",
-                         f"R_blend: {tied_cluster} eigenvalues tied at {tie_value:.1e}", step=0,
-                         matrix="R_blend", max_cluster=tied_cluster, cluster_value=tie_value, vec_grad=1.0)
+            writer.event("tied_eigenvalues", "warning", f"R_blend: {tied_cluster} eigenvalues tied at "
+                         f"{tie_value:.1e}", step=0, matrix="R_blend", max_cluster=tied_cluster,
+                         cluster_value=tie_value, vec_grad=1.0)
         for step in range(n_steps):
             bad = step in nonfinite_at
-            row: dict = {"step": step, "time_s": 0.5 * (step + 1), "lr": 1e-3,
-                         "skipped": bad, "nonfinite": bad}
-            terms = {t: (0.0 if t == dead_term else float(np.exp(-0.1 * step) * (1 + i) + 0.01))
-                     for i, t in enumerate(LOSS_TERMS)}
-            if bad:
-                terms["subspace"] = math.nan
-            row["loss"] = float(sum(terms.values()))
-            row.update({f"loss/{t}": v for t, v in terms.items()})
-            for i, module in enumerate(MODULES):
-                value = 0.0 if module == dead_module else float(10.0 ** rng.uniform(-3, 0) * (i + 1))
-                row[f"grad/{module}"] = math.nan if bad and module != dead_module else value
-            row["grad/_total"] = math.nan if bad else 1.0
-            if bad:
-                row["grad_nonfinite/heads.angle"] = 12
-            row.update(_matrix_row("R_blend", step, rng, n=144, rank=26, tied=tied_cluster,
-                                   tie_value=tie_value, vec_grad=1.0))
-            row.update(_matrix_row("loss.subspace:linalg.eigh", step, rng, n=144, rank=26, tied=0,
-                                   tie_value=0.0, vec_grad=0.0))
-            if singular_matrix:
-                row.update({"mat/R_pred/n": 144, "mat/R_pred/rank": 10, "mat/R_pred/cond": math.inf,
-                            "mat/R_pred/log10_cond": math.inf, "mat/R_pred/min_gap": 0.0,
-                            "mat/R_pred/max_cluster": 134, "mat/R_pred/cluster_value": 0.0,
-                            "mat/R_pred/vec_grad": 0.0})
+            row = _step_row(step, bad, rng, tied_cluster=tied_cluster, tie_value=tie_value, dead_term=dead_term,
+                            dead_module=dead_module, singular_matrix=singular_matrix)
             writer.step(row)
             if bad:
-                writer.event("nonfinite_loss", "error", f"loss is NaN at step {step} (term subspace)",
-                             step=step, terms=["subspace"])
-                writer.event("step_skipped", "warning", f"step {step} skipped", step=step)
-                writer.event("capsule_written", "info", "capsule written", step=step,
-                             path=f"capsules/step_{step:06d}.pt")
+                _bad_step_events(writer, step)
             else:
-                final = row["loss"]
-                best = min(best, final)
-        if dead_term:
-            writer.event("dead_loss_term", "warning", f"loss term {dead_term} is constant 0",
-                         step=n_steps - 1, names=[dead_term])
-        if dead_module:
-            writer.event("dead_parameter", "warning", f"{dead_module} never received gradient",
-                         step=n_steps - 1, names=[f"{dead_module}.weight", f"{dead_module}.bias"])
+                losses.append(row["loss"])
+        _end_events(writer, n_steps - 1, dead_term, dead_module)
         if summary:
             writer.event("run_end", "info", "run finished", step=n_steps - 1)
             writer.summary({"steps": n_steps, "wall_s": 0.5 * n_steps, "nonfinite_steps": list(nonfinite_at),
-                            "skipped_steps": list(nonfinite_at), "final_loss": final,
-                            "best_loss": best if math.isfinite(best) else None,
+                            "skipped_steps": list(nonfinite_at), "final_loss": losses[-1] if losses else None,
+                            "best_loss": min(losses) if losses else None,
                             "status": "nonfinite" if nonfinite_at else "clean"})
     return run_dir
 
