@@ -3,8 +3,6 @@ gradient of rotation-invariant losses on degenerate spectra (where torch's own b
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -312,19 +310,24 @@ def test_batched_mix_of_separated_and_degenerate():
 # ----------------------------------------------------------------------------- pair weights
 def test_pair_weights_rule():
     lam = torch.tensor([-1.0, 0.5, 0.5 + 1e-15, 0.5 + 1e-9, 0.5 + 1e-6, 2.0], dtype=torch.float64)
+    s, tau = 2.0, degenerate_tol(torch.float64, 6)
     f = pair_weights(lam)
-    s, w = 2.0, broadening_tol(torch.float64)
     assert torch.all(torch.diagonal(f) == 0)
     assert f[1, 2] == 0 and f[2, 1] == 0  # tied: relative gap 5e-16 <= tau = 24 eps
     assert f[0, 5].item() == pytest.approx(1 / 3.0, rel=1e-14)  # wide gap: 1 / (l_j - l_i)
+    # gap 1e-9 >> tau s: 1 / E up to the bias (tau s / 1e-9)^2 ~ 1e-10
+    assert f[1, 3].item() == pytest.approx(1 / float(lam[3] - lam[1]), rel=1e-9)
     assert torch.equal(f, -f.mT)
-    for j in (3, 4):  # near pairs: Lorentzian e / (e^2 + w^2) in units of s
+    assert torch.equal(f, pair_weights(lam, eps=tau))  # default width = tie threshold
+    w = 1e-8  # an explicit width: Lorentzian e / (e^2 + w^2) in units of s
+    fw = pair_weights(lam, eps=w)
+    for j in (3, 4):
         e = float(lam[j] - lam[1]) / s
-        assert f[1, j].item() == pytest.approx(e / (e * e + w * w) / s, rel=1e-12)
-    assert f[1, 3].item() < 1e-2 / float(lam[3] - lam[1])  # gap 1e-9 < w s: strongly damped
-    bias = 1 - f[1, 4].item() * float(lam[4] - lam[1])  # gap 1e-6 > w s: relative bias w^2/e^2
+        assert fw[1, j].item() == pytest.approx(e / (e * e + w * w) / s, rel=1e-12)
+    assert fw[1, 3].item() < 1e-2 / float(lam[3] - lam[1])  # gap 1e-9 < w s: strongly damped
+    bias = 1 - fw[1, 4].item() * float(lam[4] - lam[1])  # gap 1e-6 > w s: relative bias w^2/e^2
     assert bias == pytest.approx((w * s / float(lam[4] - lam[1])) ** 2, rel=1e-3)
-    assert f.abs().max().item() <= 1 / (2 * w * s) * (1 + 1e-12)
+    assert fw.abs().max().item() <= 1 / (2 * w * s) * (1 + 1e-12)
 
 
 def test_pair_weights_scale_invariant_and_eps_zero_is_exact():
@@ -339,7 +342,8 @@ def test_pair_weights_scale_invariant_and_eps_zero_is_exact():
 def test_tolerances_follow_dtype():
     assert degenerate_tol(torch.complex64, 144) == 4 * 144 * torch.finfo(torch.float32).eps
     assert eps_of(torch.complex128) == torch.finfo(torch.float64).eps
-    assert broadening_tol(torch.float32) == pytest.approx(math.sqrt(torch.finfo(torch.float32).eps))
+    assert broadening_tol(torch.float32, 10) == degenerate_tol(torch.float32, 10)
+    assert degenerate_tol(torch.float64, 10) < degenerate_tol(torch.float32, 10)
 
 
 # ----------------------------------------------------------------------------- bad arguments
