@@ -1,0 +1,219 @@
+"""Gradient monitor: per-module grad norms, update ratios, non-finite counts, dead parameters and terms.
+
+Everything stays on the device between observations; :meth:`GradMonitor.collect`,
+:meth:`GradMonitor.dead_parameters` and :meth:`GradMonitor.dead_terms` each sync once.
+
+Typical loop::
+
+    gm = GradMonitor(model, depth=1, dead_after=50)
+    loss, terms = loss_fn(...); loss.backward()
+    gm.observe_grads(optimizer); gm.observe_terms(terms)
+    gm.before_step(optimizer); optimizer.step(); gm.after_step(optimizer)   # sampled steps only
+    row.update(gm.collect()); warn(gm.dead_parameters(), gm.dead_terms())
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ris_stability.linalg_stats import to_floats
+
+log = logging.getLogger(__name__)
+
+TOTAL_KEY = "_total"
+
+
+class GradMonitorError(RuntimeError):
+    """The monitor was called out of order or with an object it cannot measure."""
+
+
+def module_key(param_name: str, depth: int) -> str:
+    """Module a parameter is grouped under: the first ``depth`` components of its module path
+    (``heads.angle.weight`` -> ``heads`` at depth 1, ``heads.angle`` at depth 2 and deeper); a
+    parameter registered directly on the root keeps its own name."""
+    parts = param_name.split(".")
+    return ".".join(parts[: min(depth, len(parts) - 1)]) or parts[-1]
+
+
+def group_name(index: int, group: Mapping) -> str:
+    """Name of an optimizer param group: its ``"name"`` entry if it has one, else its index."""
+    return str(group.get("name", index))
+
+
+def _dense(grad: Tensor) -> Tensor:
+    return grad.coalesce().values() if grad.is_sparse else grad
+
+
+def grad_norms(params: Sequence[nn.Parameter], device: torch.device) -> Tensor:
+    """L2 norm of each parameter's grad as a float64 (P,) tensor on ``device``; 0 for a None grad."""
+    norms = torch.zeros(len(params), dtype=torch.float64, device=device)
+    present = [i for i, p in enumerate(params) if p.grad is not None]
+    if present:
+        values = torch._foreach_norm([_dense(params[i].grad) for i in present])
+        norms[torch.tensor(present, device=device)] = torch.stack(
+            [v.to(device=device, dtype=torch.float64) for v in values])
+    return norms
+
+
+def nonfinite_counts(params: Sequence[nn.Parameter], device: torch.device) -> Tensor:
+    """Number of non-finite grad elements of each parameter, (P,) int64 on ``device``."""
+    counts = torch.zeros(len(params), dtype=torch.long, device=device)
+    present = [i for i, p in enumerate(params) if p.grad is not None]
+    if present:
+        counts[torch.tensor(present, device=device)] = torch.stack(
+            [(~torch.isfinite(_dense(params[i].grad))).sum().to(device) for i in present])
+    return counts
+
+
+def combine_norms(norms: Tensor, index: Tensor, n_groups: int) -> Tensor:
+    """Norm of the concatenation per group, from per-tensor norms (P,) and group indices (P,)."""
+    squares = torch.zeros(n_groups, dtype=norms.dtype, device=norms.device)
+    return squares.index_add_(0, index, norms.square()).sqrt()
+
+
+@dataclass
+class _Term:
+    first: Tensor
+    varied: Tensor  # device bool: some observation differed from the first
+    count: int = 0
+    last: Tensor | None = None
+
+
+class GradMonitor:
+    """Stateful tracker of gradient health for one model (see module docstring for the call order).
+
+    ``depth``: module-tree depth at which grad norms are grouped. ``dead_after``: number of
+    observations after which a parameter that never received a non-zero finite gradient, or a loss
+    term that never changed, is reported (once) by name.
+    """
+
+    def __init__(self, model: nn.Module, depth: int = 1, dead_after: int = 50):
+        if depth < 1 or dead_after < 1:
+            raise GradMonitorError(f"GradMonitor: depth={depth} and dead_after={dead_after} must be >= 1")
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise GradMonitorError(f"GradMonitor: {type(model).__name__} has no trainable parameters to monitor")
+        self.depth, self.dead_after = depth, dead_after
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.device = self.params[0].device
+        keys = [module_key(name, depth) for name in self.names]
+        self.modules = list(dict.fromkeys(keys))
+        self._module_index = torch.tensor([self.modules.index(k) for k in keys], device=self.device)
+        self._position = {id(p): i for i, p in enumerate(self.params)}
+        self._alive = torch.zeros(len(self.params), dtype=torch.bool, device=self.device)
+        self._observed = 0
+        self._pending: dict[str, Tensor] = {}
+        self._snapshot: list[list[Tensor]] | None = None
+        self._terms: dict[str, _Term] = {}
+        self._reported_params: set[str] = set()
+        self._reported_terms: set[str] = set()  # reported dead, or seen to change after dead_after
+
+    # -- gradients ---------------------------------------------------------------------------------
+    def observe_grads(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Measure the current grads (call after backward): module and total norms, non-finite counts,
+        per-param-group norms when ``optimizer`` is given, and parameter liveness."""
+        norms = grad_norms(self.params, self.device)
+        counts = nonfinite_counts(self.params, self.device)
+        by_module = combine_norms(norms, self._module_index, len(self.modules))
+        nonfinite = torch.zeros(len(self.modules), dtype=torch.long, device=self.device)
+        nonfinite.index_add_(0, self._module_index, counts)
+        for i, module in enumerate(self.modules):
+            self._pending[f"grad/{module}"] = by_module[i]
+            self._pending[f"grad_nonfinite/{module}"] = nonfinite[i]
+        self._pending[f"grad/{TOTAL_KEY}"] = norms.square().sum().sqrt()
+        if optimizer is not None:
+            for g, group in enumerate(optimizer.param_groups):
+                index = [self._position[id(p)] for p in group["params"] if id(p) in self._position]
+                picked = norms[torch.tensor(index, dtype=torch.long, device=self.device)]
+                self._pending[f"grad_group/{group_name(g, group)}"] = picked.square().sum().sqrt()
+        # A NaN or inf norm is not a usable gradient; a zero norm means no gradient reached the parameter.
+        self._alive |= torch.isfinite(norms) & (norms > 0)
+        self._observed += 1
+
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Snapshot the parameters of every param group (call right before ``optimizer.step()``)."""
+        self._snapshot = [[p.detach().clone() for p in group["params"]] for group in optimizer.param_groups]
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Update ratio ||dtheta|| / ||theta|| per param group against the snapshot of before_step."""
+        if self._snapshot is None or len(self._snapshot) != len(optimizer.param_groups):
+            raise GradMonitorError("GradMonitor.after_step: no matching before_step snapshot; call "
+                                   "before_step(optimizer) right before optimizer.step() on the same optimizer")
+        for g, (group, before) in enumerate(zip(optimizer.param_groups, self._snapshot)):
+            after = [p.detach() for p in group["params"]]
+            if not after:
+                continue
+            delta = torch._foreach_norm(torch._foreach_sub(after, before))
+            theta = torch._foreach_norm(before)
+            d = torch.stack([v.to(self.device, torch.float64) for v in delta]).square().sum().sqrt()
+            t = torch.stack([v.to(self.device, torch.float64) for v in theta]).square().sum().sqrt()
+            self._pending[f"update_ratio/{group_name(g, group)}"] = d / t
+        self._snapshot = None
+
+    # -- loss terms --------------------------------------------------------------------------------
+    def observe_terms(self, terms: Mapping[str, Tensor | float]) -> None:
+        """Record each named loss term's value; a term equal to its first value (e.g. identically zero)
+        over ``dead_after`` observations is reported by :meth:`dead_terms`."""
+        for name, value in terms.items():
+            v = torch.as_tensor(value).detach()
+            state = self._terms.get(name)
+            if state is None:
+                state = self._terms[name] = _Term(first=v.clone(), varied=torch.zeros((), dtype=torch.bool,
+                                                                                      device=v.device))
+            elif v.shape != state.first.shape:
+                state.varied = torch.ones_like(state.varied)
+            else:
+                # NaN != NaN, so a term that goes non-finite counts as changing (it is reported elsewhere).
+                state.varied = state.varied | (v != state.first.to(v.device)).any().to(state.varied.device)
+            state.count += 1
+            state.last = v
+            if v.numel() == 1:
+                self._pending[f"loss/{name}"] = v.reshape(())
+
+    # -- reports -----------------------------------------------------------------------------------
+    def collect(self) -> dict[str, float]:
+        """Everything measured since the last collect, as Python numbers (one device sync), then cleared.
+        Keys: ``grad/<module>``, ``grad/_total``, ``grad_nonfinite/<module>`` (int, only when > 0),
+        ``grad_group/<group>``, ``update_ratio/<group>``, ``loss/<term>``."""
+        floats = to_floats(self._pending)
+        self._pending = {}
+        out: dict[str, float] = {}
+        for key, value in floats.items():
+            if key.startswith("grad_nonfinite/"):
+                if value > 0:
+                    out[key] = int(value)
+            else:
+                out[key] = value
+        return out
+
+    def dead_parameters(self) -> list[str]:
+        """Names of parameters that received no non-zero finite gradient in ``dead_after`` or more
+        observations; each name is returned once. Empty until enough observations."""
+        if self._observed < self.dead_after:
+            return []
+        alive = self._alive.tolist()
+        dead = [name for name, ok in zip(self.names, alive) if not ok and name not in self._reported_params]
+        self._reported_params.update(dead)
+        if dead:
+            log.warning("no gradient in %d steps for %d parameter(s): %s", self._observed, len(dead), dead)
+        return dead
+
+    def dead_terms(self) -> list[str]:
+        """Names of loss terms constant (including identically zero) over ``dead_after`` or more
+        observations; each name is returned once."""
+        ripe = [name for name, state in self._terms.items()
+                if state.count >= self.dead_after and name not in self._reported_terms]
+        if not ripe:
+            return []
+        varied = torch.stack([self._terms[name].varied.to(self.device) for name in ripe]).tolist()
+        dead = [name for name, changed in zip(ripe, varied) if not changed]
+        # A term that changed once can never become constant-since-the-start: settle it for good.
+        self._reported_terms.update(ripe)
+        if dead:
+            log.warning("loss term(s) constant over %d observations: %s", self.dead_after, dead)
+        return dead

@@ -1,0 +1,156 @@
+"""GradMonitor: grad norms against a reference, update ratios, non-finite counts, dead heads and terms."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ris_stability.grads import GradMonitor, GradMonitorError, module_key
+
+
+class Heads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.angle = nn.Linear(8, 2)
+        self.range = nn.Linear(8, 1)
+        self.dead = nn.Linear(8, 3)  # planted: never used by the loss
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8))
+        self.heads = Heads()
+        self.phase = nn.Parameter(torch.randn(3, dtype=torch.complex64))  # a root-level complex parameter
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.encoder(x)
+        angle = self.heads.angle(h)
+        rng = self.heads.range(h)
+        return {
+            "angle": angle.square().mean() + self.phase.abs().square().sum(),
+            "range": rng.abs().mean(),
+            "zero": 0.0 * angle.sum(),               # planted: identically zero term
+            "const": torch.tensor(1.5),              # planted: constant term (a swallowed exception)
+        }
+
+
+def _step(model: Toy, seed: int) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    terms = model(torch.randn(5, 4, generator=torch.Generator().manual_seed(seed)))
+    sum(terms.values()).backward()
+    return terms
+
+
+def _reference_norm(params: list[nn.Parameter]) -> float:
+    flat = [p.grad.reshape(-1).to(torch.complex128) for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.cat(flat))) if flat else 0.0
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_module_norms_equal_the_norm_of_the_concatenation(depth):
+    torch.manual_seed(0)
+    model = Toy()
+    _step(model, 1)
+    gm = GradMonitor(model, depth=depth)
+    gm.observe_grads()
+    got = gm.collect()
+    named = dict(model.named_parameters())
+    for module in gm.modules:
+        members = [p for name, p in named.items() if module_key(name, depth) == module]
+        assert got[f"grad/{module}"] == pytest.approx(_reference_norm(members), rel=1e-6), module
+    assert got["grad/_total"] == pytest.approx(_reference_norm(list(named.values())), rel=1e-6)
+    assert not any(key.startswith("grad_nonfinite/") for key in got)
+    assert got["grad/heads.dead" if depth > 1 else "grad/heads"] >= 0.0
+
+
+@pytest.mark.parametrize("name, depth, expected", [
+    ("heads.angle.weight", 1, "heads"),
+    ("heads.angle.weight", 2, "heads.angle"),
+    ("heads.angle.weight", 5, "heads.angle"),
+    ("phase", 1, "phase"),
+    ("encoder.0.bias", 2, "encoder.0"),
+], ids=lambda v: str(v))
+def test_module_key(name, depth, expected):
+    assert module_key(name, depth) == expected
+
+
+def test_planted_dead_head_and_constant_terms_are_reported_once_by_name():
+    torch.manual_seed(0)
+    model = Toy()
+    gm = GradMonitor(model, depth=2, dead_after=4)
+    for step in range(6):
+        terms = _step(model, step)
+        gm.observe_grads()
+        gm.observe_terms(terms)
+        if step < 3:
+            assert gm.dead_parameters() == [] and gm.dead_terms() == []
+    assert gm.dead_parameters() == ["heads.dead.weight", "heads.dead.bias"]
+    assert sorted(gm.dead_terms()) == ["const", "zero"]
+    assert gm.dead_parameters() == [] and gm.dead_terms() == []  # reported once
+    logged = gm.collect()
+    assert logged["loss/const"] == 1.5 and logged["loss/zero"] == 0.0
+    assert logged["grad/heads.dead"] == 0.0
+
+
+def test_a_zero_gradient_counts_as_dead_but_one_nonzero_step_keeps_it_alive():
+    lin = nn.Linear(2, 1)
+    gm = GradMonitor(lin, dead_after=3)
+    for step in range(3):
+        lin.weight.grad = torch.zeros_like(lin.weight)
+        lin.bias.grad = torch.ones_like(lin.bias) if step == 1 else torch.zeros_like(lin.bias)
+        gm.observe_grads()
+    assert gm.dead_parameters() == ["weight"]
+
+
+def test_nonfinite_grad_elements_are_counted_per_module():
+    torch.manual_seed(0)
+    model = Toy()
+    _step(model, 0)
+    model.heads.angle.weight.grad[0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
+    gm = GradMonitor(model, depth=1)
+    gm.observe_grads()
+    got = gm.collect()
+    assert got["grad_nonfinite/heads"] == 3 and isinstance(got["grad_nonfinite/heads"], int)
+    assert "grad_nonfinite/encoder" not in got
+    assert math.isnan(got["grad/heads"]) and math.isnan(got["grad/_total"])
+    assert math.isfinite(got["grad/encoder"])
+
+
+def test_update_ratio_and_param_group_norms_match_sgd():
+    torch.manual_seed(0)
+    model = Toy()
+    lr = 0.1
+    opt = torch.optim.SGD([
+        {"params": model.encoder.parameters(), "name": "encoder"},
+        {"params": list(model.heads.parameters()) + [model.phase]},
+    ], lr=lr)
+    _step(model, 3)
+    gm = GradMonitor(model)
+    gm.observe_grads(opt)
+    before = [[p.detach().clone() for p in g["params"]] for g in opt.param_groups]
+    gm.before_step(opt)
+    opt.step()
+    gm.after_step(opt)
+    got = gm.collect()
+    for g, key in enumerate(["encoder", "1"]):
+        grad_norm = _reference_norm(opt.param_groups[g]["params"])
+        theta = float(torch.linalg.vector_norm(torch.cat([p.reshape(-1).to(torch.complex128) for p in before[g]])))
+        assert got[f"grad_group/{key}"] == pytest.approx(grad_norm, rel=1e-6)
+        assert got[f"update_ratio/{key}"] == pytest.approx(lr * grad_norm / theta, rel=1e-5)
+    assert gm.collect() == {}  # cleared after collect
+
+
+def test_after_step_without_snapshot_is_an_error():
+    lin = nn.Linear(2, 1)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    with pytest.raises(GradMonitorError, match="before_step"):
+        GradMonitor(lin).after_step(opt)
+
+
+def test_model_without_trainable_parameters_is_an_error():
+    frozen = nn.Linear(2, 1).requires_grad_(False)
+    with pytest.raises(GradMonitorError, match="no trainable parameters"):
+        GradMonitor(frozen)
