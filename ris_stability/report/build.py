@@ -20,7 +20,7 @@ from ris_stability.report.derive import (
     MIN_STEPS_FOR_DEAD, MatrixSummary, SeriesSummary, condense_events, event_names, final_and_best_loss, grad_summaries,
     loss_summaries, precision, summarize_matrix,
 )
-from ris_stability.report.look import what_to_look_at
+from ris_stability.report.look import sci, what_to_look_at
 
 logger = logging.getLogger(__name__)
 
@@ -164,11 +164,6 @@ def _cluster(m: MatrixSummary) -> str:
     if m.max_cluster < 2:
         return "1 (no tie)"
     return f"{md.fmt(m.max_cluster)} at {sci(m.cluster_value)} (step {m.cluster_step})"
-
-
-def sci(value: float) -> str:
-    """Eigenvalue-style number: '1.0e-03', '0', '–'."""
-    return "0" if value == 0 else md.MISSING if math.isnan(value) else f"{value:.1e}"
 
 
 def matrix_table(matrices: list[MatrixSummary], real: str, eps: float) -> str:

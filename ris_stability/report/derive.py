@@ -84,6 +84,7 @@ class MatrixSummary:
     cluster_value: float
     cluster_step: int | None
     tie_steps: tuple[int, ...]                # steps with a tied cluster
+    tie_values: tuple[float, float]           # min, max cluster_value over those steps
     tie_where: str                            # "noise", "signal" or "" (unknown part of the spectrum)
     vec_grad: bool | None                     # eigenvectors received gradient (None: not recorded)
     rel_gap_min: float                        # min_gap / lambda_max
@@ -141,6 +142,8 @@ def summarize_matrix(trace: Trace, name: str) -> MatrixSummary:
         gap_split_min=float(_col(stats, "gap_split").min()), max_cluster=float(cluster.max()),
         cluster_value=math.nan if cluster_step is None else float(_col(stats, "cluster_value")[cluster_step]),
         cluster_step=cluster_step, tie_steps=tuple(int(s) for s in stats.index[tie_mask]),
+        tie_values=(float(_col(stats, "cluster_value")[tie_mask].min()),
+                    float(_col(stats, "cluster_value")[tie_mask].max())),
         tie_where=_tie_where(stats, tie_mask, dtype),
         vec_grad=None if vec.isna().all() else bool((vec > 0).any()),
         rel_gap_min=float(rel.min()), singular_steps=int(np.isinf(cond).sum()), first_flag=None,

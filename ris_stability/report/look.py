@@ -7,16 +7,18 @@ import numpy as np
 
 from ris_stability.records import GRAD_NONFINITE_PREFIX, Trace
 from ris_stability.report.derive import (
-    MIN_STEPS_FOR_DEAD, MatrixSummary, event_names, grad_summaries, ill_conditioned_log10, loss_summaries,
+    MIN_STEPS_FOR_DEAD, TIED_CLUSTER_MIN, MatrixSummary, event_names, grad_summaries, ill_conditioned_log10, loss_summaries,
     near_tie_relative, precision, summarize_matrix,
 )
-from ris_stability.report.markdown import code, fmt, steps_list
+from ris_stability.report.markdown import MISSING, code, fmt, steps_list
 
 def eigvec_remedy(real: str) -> str:
     """What to try against eigenvector-gradient blow-ups (float64 only when the run is not float64)."""
     tail = "" if real == "float64" else ", or float64 for the spectral part"
     return f'try `loss.eigh_backward = "gap_aware"`, an eigenvalue-only loss{tail}'
 
+# Tied-cluster values spanning more than this factor are reported as a range ("4.5e-09 to 1.0e-03").
+CLUSTER_VALUE_SPREAD = 10.0
 # A learning rate that never moves is only suspicious over a run long enough to have a schedule.
 MIN_STEPS_FOR_LR_CHECK = 10
 
@@ -56,11 +58,44 @@ def _nonfinite_items(trace: Trace) -> list[str]:
         if counts:
             text += "; non-finite gradient elements in " + ", ".join(
                 f"{code(m)} ({fmt(n)})" for m, n in counts)
+        text += _suspect(trace, first, row)
     capsule = next((p for p in trace.capsules if p.name == f"step_{first:06d}.pt"), None)
     if capsule is not None:
         rel = capsule.relative_to(trace.run_dir).as_posix()
         text += f". Capsule {code(rel)}: replay it with {code(f'risdiag bisect {capsule.as_posix()}')} to name the op"
     return [text + "."]
+
+
+def _suspect(trace: Trace, step: int, row) -> str:
+    """The matrix most likely behind a non-finite step: the one the monitor's event names, else the
+    eigenvector-consuming matrix with the smallest gap at that step."""
+    named = [(e.get("data") or {}).get("matrix") for e in trace.events
+             if e.get("step") == step and e.get("kind") in ("nonfinite_loss", "nonfinite_grad")]
+    candidates = [n for n in named if n in trace.matrices]
+    if not candidates:
+        used = [n for n in trace.matrices if row.get(f"mat/{n}/vec_grad", 0) > 0]
+        candidates = sorted(used, key=lambda n: _nan_last(row.get(f"mat/{n}/min_gap", np.nan)))
+    if not candidates:
+        return ""
+    name = candidates[0]
+    stat = lambda key: row.get(f"mat/{name}/{key}", np.nan)  # noqa: E731
+    parts = []
+    if stat("max_cluster") >= TIED_CLUSTER_MIN:
+        parts.append(f"tied cluster of {fmt(stat('max_cluster'))} at {sci(stat('cluster_value'))}")
+    if np.isfinite(stat("min_gap")):
+        parts.append(f"smallest gap {sci(stat('min_gap'))}")
+    if stat("vec_grad") > 0:
+        parts.append("eigenvectors receive gradient")
+    return f". Suspect matrix there: {code(name)}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _nan_last(value: float) -> float:
+    return np.inf if np.isnan(value) else value
+
+
+def sci(value: float) -> str:
+    """Eigenvalue-style number: '1.0e-03', '0', '–'."""
+    return "0" if value == 0 else MISSING if np.isnan(value) else f"{value:.1e}"
 
 
 def _finding_items(trace: Trace) -> list[str]:
@@ -78,7 +113,8 @@ def _matrix_items(m: MatrixSummary, eps: float, real: str, n_steps: int) -> list
     name = code(m.name)
     if m.tie_steps and m.vec_grad is not False:
         part = f"{m.tie_where} eigenvalues" if m.tie_where else "eigenvalues"
-        value = "0" if m.cluster_value == 0 else f"{m.cluster_value:.1e}"
+        lo, hi = m.tie_values
+        value = sci(lo) if not hi > max(lo, 0) * CLUSTER_VALUE_SPREAD else f"{sci(lo)} to {sci(hi)}"
         cluster = f"cluster of {fmt(m.max_cluster)} at {value}"
         text = (f"{name}: {part} tie from step {m.tie_steps[0]} ({cluster}; {len(m.tie_steps)} of "
                 f"{n_steps} logged steps)")

@@ -247,12 +247,15 @@ ZERO_BAND_DECADES = 0.4  # height of one row of the "gap = 0" band, in decades o
 
 
 def _ticks_above(ax, floor: float, top: float) -> None:
-    """Log ticks only from the floor up: the zero band's rows are positions, not values."""
+    """Log ticks only from the floor up (the zero band's rows are positions, not values); 2x and 5x
+    ticks are labelled too when fewer than two decades are visible."""
     lo, hi = round(math.log10(floor)), math.ceil(math.log10(top))
     step = max(1, (hi - lo) // 6)
-    ax.yaxis.set_major_locator(FixedLocator([10.0 ** e for e in range(lo, hi + 1, step)]))
-    ax.yaxis.set_major_formatter(LogFormatterSciNotation())
-    minor = [m * 10.0 ** e for e in range(lo, hi) for m in range(2, 10)] if step == 1 else []
+    mantissas = (1, 2, 5) if math.log10(top / floor) < 2 else (1,)
+    major = [m * 10.0 ** e for e in range(lo, hi + 1, step) for m in mantissas]
+    minor = [m * 10.0 ** e for e in range(lo, hi) for m in range(2, 10) if m not in mantissas] if step == 1 else []
+    ax.yaxis.set_major_locator(FixedLocator([t for t in major if t <= top]))
+    ax.yaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
     ax.yaxis.set_minor_locator(FixedLocator(minor))
     ax.yaxis.set_minor_formatter(NullFormatter())
 
@@ -289,8 +292,9 @@ def plot_gaps(steps: StepTables, colors: Mapping[str, tuple] | None = None) -> F
             ax.axhspan(bottom, floor, color="#f2dede", zorder=0)
             ax.text(-0.01, math.sqrt(bottom * floor), "0", transform=ax.get_yaxis_transform(),
                     ha="right", va="center", fontsize=9, color="#a94442")
-            ax.set_ylim(bottom=bottom)
-            _ticks_above(ax, floor, max(positive))
+            top = ax.get_ylim()[1] if positive else floor * 10
+            ax.set_ylim(bottom, top)
+            _ticks_above(ax, floor, top)
         if all(series[(p, label, n)] is None for label, _ in runs for n in names):
             _no_data(ax, "gap of this kind")
         _style_axes(ax, "eigenvalue gap\n(matrix units)", title)

@@ -63,7 +63,9 @@ def test_seed_nan_report_names_nonfinite_step_and_tied_cluster(seed_nan_report):
     items = [line for line in look.splitlines() if re.match(r"\d+\. ", line)]
     assert items[0].startswith("1. **Non-finite at step 3**")
     assert "`subspace`" in items[0] and "capsules/step_000003.pt" in items[0]
-    tie = next(i for i in items if "`R_blend`" in i)
+    assert ("Suspect matrix there: `R_blend` (tied cluster of 118 at 1.0e-03, smallest gap 0, eigenvectors "
+            "receive gradient)") in items[0]
+    tie = next(i for i in items if re.match(r"\d+\. `R_blend`: ", i))
     assert "noise eigenvalues tie from step 0 (cluster of 118 at 1.0e-03" in tie
     assert "0/0" in tie and 'loss.eigh_backward = "gap_aware"' in tie
     assert any("Loss term `orth` is identically 0" in i for i in items)
@@ -309,3 +311,17 @@ def test_tie_located_by_tolerance_not_exact_zero(tmp_path):
     summary = summarize_matrix(read_trace(tmp_path / "run"), "R")
     assert summary.tie_where == "noise" and summary.tie_steps == (0, 1, 2) and summary.vec_grad is True
     assert summary.first_flag == (0, "tie, vectors used; near tie, vectors used")
+
+
+def test_suspect_comes_from_the_monitor_event_and_cluster_values_show_a_range(tmp_path):
+    with TraceWriter(tmp_path / "run", DEFAULT_META) as w:
+        for step, (value, bad) in enumerate([(4e-9, False), (1e-3, True)]):
+            w.step({"step": step, "nonfinite": bad,
+                    "mat/A/max_cluster": 118, "mat/A/cluster_value": value, "mat/A/min_gap": 0.0,
+                    "mat/A/vec_grad": 1.0,
+                    "mat/B/max_cluster": 1, "mat/B/min_gap": 1e-2, "mat/B/vec_grad": 1.0})
+            if bad:  # the monitor's own suspect wins over the smallest gap
+                w.event("nonfinite_grad", "error", "non-finite gradient", step=step, matrix="B")
+    items = what_to_look_at(read_trace(tmp_path / "run"))
+    assert items[0].endswith("Suspect matrix there: `B` (smallest gap 1.0e-02, eigenvectors receive gradient).")
+    assert "`A`: eigenvalues tie from step 0 (cluster of 118 at 4.0e-09 to 1.0e-03; 2 of 2" in items[1]
