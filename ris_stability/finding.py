@@ -124,6 +124,8 @@ class Finding:
               op that created ``node``); "" outside any module.
     location: "file.py:LINE" of the innermost frame outside torch that issued the forward call; for
               phase input the path of the bad argument, e.g. "batch['x']" or "model.lin.weight".
+    stack:    the frames outside torch of that call, innermost first (stack[0] == location), so a
+              helper's line is followed by the model line that called it.
     function: the torch-level function that issued ``op`` in forward (e.g. "torch.linalg.eigh"), or "".
     inputs:   summaries of the op's inputs (plus, for an eigh backward, the forward eigenvalues).
     output:   summary of the first non-finite output, when there is one.
@@ -138,6 +140,7 @@ class Finding:
     node: str = ""
     module: str = ""
     location: str = ""
+    stack: tuple[str, ...] = ()
     function: str = ""
     inputs: tuple[TensorSummary, ...] = ()
     output: TensorSummary | None = None
@@ -150,13 +153,15 @@ class Finding:
             raise FindingFormatError(f"Finding.phase must be one of {PHASES}, got {self.phase!r}")
         object.__setattr__(self, "inputs", tuple(self.inputs))
         object.__setattr__(self, "remedies", tuple(self.remedies))
+        object.__setattr__(self, "stack", tuple(self.stack))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (non-finite floats become null), tagged with schema and version."""
         return {
             "schema": FINDING_SCHEMA, "version": FINDING_VERSION,
             "phase": self.phase, "cause": self.cause, "op": self.op, "node": self.node,
-            "module": self.module, "location": self.location, "function": self.function,
+            "module": self.module, "location": self.location, "stack": list(self.stack),
+            "function": self.function,
             "inputs": [s.to_dict() for s in self.inputs],
             "output": None if self.output is None else self.output.to_dict(),
             "culprit": self.culprit, "remedies": list(self.remedies), "message": self.message,
@@ -178,7 +183,8 @@ class Finding:
         return cls(
             phase=str(data["phase"]), cause=str(data["cause"]),
             op=str(data.get("op", "")), node=str(data.get("node", "")), module=str(data.get("module", "")),
-            location=str(data.get("location", "")), function=str(data.get("function", "")),
+            location=str(data.get("location", "")), stack=tuple(str(x) for x in data.get("stack", ())),
+            function=str(data.get("function", "")),
             inputs=tuple(TensorSummary.from_dict(s) for s in data.get("inputs", ())),
             output=None if out is None else TensorSummary.from_dict(out),
             culprit=str(data.get("culprit", "")), remedies=tuple(str(r) for r in data.get("remedies", ())),
@@ -217,6 +223,8 @@ def format_finding(f: Finding) -> str:
         f"  module:   {f.module or '(outside any module)'}",
         f"  location: {f.location or '-'}",
     ]
+    if len(f.stack) > 1:
+        lines.append(f"  called from: {' <- '.join(f.stack[1:])}")
     if f.culprit:
         lines.append(f"  culprit:  {f.culprit}")
     if f.output is not None:

@@ -24,10 +24,12 @@ This is the only file of the toolkit that imports private torch APIs.
 """
 from __future__ import annotations
 
+import cmath
 import contextlib
 import dataclasses
 import inspect
 import logging
+import math
 import os
 import re
 import sys
@@ -39,7 +41,6 @@ from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ris_stability import linalg_stats
@@ -80,10 +81,14 @@ class _Context:
     """Forward context of an op or of the autograd node it created."""
 
     module: str = ""
-    location: str = ""
+    stack: tuple[str, ...] = ()  # user frames "file.py:LINE", innermost first
     function: str = ""
     op: str = ""
     spectrum: tuple[str, Tensor] | None = None  # ("eigh"|"svd", values) of the forward decomposition
+
+    @property
+    def location(self) -> str:
+        return self.stack[0] if self.stack else ""
 
 
 @dataclasses.dataclass
@@ -108,7 +113,10 @@ def _finite(t: Tensor) -> bool:
     # A sum is finite only if every entry is (one NaN/Inf poisons it) and costs a fraction of an
     # elementwise isfinite; an overflowing sum of finite entries falls through to the exact test.
     with torch.no_grad():
-        if t.numel() == 0 or bool(torch.isfinite(t.detach().sum())):
+        if t.numel() == 0:
+            return True
+        total = t.detach().sum().item()
+        if cmath.isfinite(total) if isinstance(total, complex) else math.isfinite(total):
             return True
         return bool(torch.isfinite(t).all())
 
@@ -122,24 +130,31 @@ def _short_path(filename: str) -> str:
     return filename if rel.startswith("..") else rel
 
 
-def user_location(frame=None) -> str:
-    """'file.py:LINE' of the innermost frame outside torch and ris_stability (the toolkit's own
-    instruments may sit between the user's call and the op)."""
-    f = frame if frame is not None else sys._getframe(1)
-    while f is not None:
-        if not f.f_code.co_filename.startswith(_SKIP_DIRS):
-            return f"{_short_path(f.f_code.co_filename)}:{f.f_lineno}"
+MAX_STACK = 8  # user frames kept per op: enough to reach the model code from a helper
+
+
+def _is_user(filename: str) -> bool:
+    return not filename.startswith(_SKIP_DIRS)
+
+
+def user_stack(frame=None) -> tuple[str, ...]:
+    """'file.py:LINE' of the frames outside torch and ris_stability, innermost first (the toolkit's
+    own instruments may sit between the user's call and the op)."""
+    f, out = (frame if frame is not None else sys._getframe(1)), []
+    while f is not None and len(out) < MAX_STACK:
+        if _is_user(f.f_code.co_filename):
+            out.append(f"{_short_path(f.f_code.co_filename)}:{f.f_lineno}")
         f = f.f_back
-    return ""
+    return tuple(out)
 
 
-def _traceback_location(exc: BaseException) -> str:
-    tb, found = exc.__traceback__, ""
+def _traceback_stack(exc: BaseException) -> tuple[str, ...]:
+    tb, out = exc.__traceback__, []
     while tb is not None:
-        if not tb.tb_frame.f_code.co_filename.startswith(_SKIP_DIRS):
-            found = f"{_short_path(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
+        if _is_user(tb.tb_frame.f_code.co_filename):
+            out.append(f"{_short_path(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}")
         tb = tb.tb_next
-    return found
+    return tuple(reversed(out))[:MAX_STACK]
 
 
 # --- module tracking -------------------------------------------------------------------------------
@@ -226,6 +241,19 @@ def _mutated_positions(func) -> tuple[int, ...]:
         _MUTATED[func] = tuple(i for i, a in enumerate(func._schema.arguments)
                                if a.alias_info is not None and a.alias_info.is_write and not a.kwarg_only)
     return _MUTATED[func]
+
+
+_VIEWS: dict[Any, bool] = {}
+
+
+def _is_view(func) -> bool:
+    """An op whose outputs alias its input (view, slice, transpose ...): its values are a subset of
+    the input's, so it cannot be an origin and its outputs inherit the input's origin unchecked."""
+    if func not in _VIEWS:
+        returns = func._schema.returns
+        _VIEWS[func] = bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write
+                                             for r in returns)
+    return _VIEWS[func]
 
 
 def _kw_writes(func) -> set[str]:
@@ -381,7 +409,8 @@ class _Session:
         self.taint = WeakTensorKeyDictionary()
         self.origins: list[_Origin] = []
         self.nodes: dict[Any, _Context | None] = {}
-        self.pending_spectrum: tuple[str, Tensor] | None = None
+        # (kind, values, stack, module) of the last forward eigh/svd, until its autograd node shows up
+        self.pending_spectrum: tuple[str, Tensor, tuple[str, ...], str] | None = None
         self.last_forward_op = ""
         self.last_linalg_op: tuple | None = None
         self.hook_handles: list = []
@@ -404,8 +433,9 @@ class _Session:
     def dispatch(self, func, args, kwargs):
         if self.is_paused:
             return func(*args, **kwargs)
-        if self.phase == "backward":
-            self.last_node = torch._C._current_autograd_node()
+        node = torch._C._current_autograd_node()
+        if node is not None:
+            self.last_node = node
         copies, pre_finite = self._before_inplace(func, args)
         try:
             out = func(*args, **kwargs)
@@ -419,9 +449,15 @@ class _Session:
             self.last_forward_op = op_name(func)
             if packet in _SPECTRAL_OPS:
                 kind, index = _SPECTRAL_OPS[packet]
-                self.pending_spectrum = (kind, out[index])
+                self.pending_spectrum = (kind, out[index], user_stack(), self.modules.current())
         if is_linalg_op(str(func)):
             self.last_linalg_op = (func, args, kwargs)
+        if _is_view(func):
+            origin = next((o for o in map(self.taint.get, _tensors(args)) if o is not None), None)
+            if origin is not None:
+                for t in _tensors(out):
+                    self.taint[t] = origin
+            return out
         self._check(func, args, kwargs, out, copies, pre_finite)
         return out
 
@@ -455,12 +491,12 @@ class _Session:
 
     def _context(self):
         """(phase, node name, forward context) of the op running now."""
-        node = torch._C._current_autograd_node() if self.phase == "backward" else None
+        node = torch._C._current_autograd_node()  # set inside backward, also one that fn runs itself
         if node is not None:
             return "backward", node.name(), self.nodes.get(node) or _Context()
         if self.phase == "backward":
             return "backward", "", _Context()
-        return "forward", "", _Context(self.modules.current(), user_location(), self.function, "")
+        return "forward", "", _Context(self.modules.current(), user_stack(), self.function, "")
 
     def _make_origin(self, func, inputs, bad_out: Tensor | None, external: bool = False,
                      phase: str | None = None) -> _Origin:
@@ -502,16 +538,22 @@ class _Session:
             frontier.extend(nf for nf, _ in node.next_functions)
         if not new:
             return
-        ctx = _Context(self.modules.current(), user_location(), self.function, self.last_forward_op)
+        ctx = _Context(self.modules.current(), user_stack(), self.function, self.last_forward_op)
         for node in new:
             if node.name() in _PHASE_CHECKS:
                 self.hook_handles.append(_PHASE_CHECKS[node.name()](node))
+            node_ctx = ctx
+            forward_cls = getattr(node, "_forward_cls", None)
+            if forward_cls is not None:  # a custom autograd.Function: apply() bypasses function modes
+                node_ctx = dataclasses.replace(ctx, function=f"{forward_cls.__qualname__}.apply")
             name = node.name().lower()
             if self.pending_spectrum is not None and ("eigh" in name or "svd" in name):
-                self.nodes[node] = dataclasses.replace(ctx, spectrum=self.pending_spectrum)
+                # The decomposition's own call site: for a custom autograd.Function the node is only
+                # found when a later op consumes its output, possibly on another line.
+                kind, values, stack, module = self.pending_spectrum
+                node_ctx = dataclasses.replace(node_ctx, spectrum=(kind, values), stack=stack, module=module)
                 self.pending_spectrum = None
-            else:
-                self.nodes[node] = ctx
+            self.nodes[node] = node_ctx
 
     # -- the run
     @contextlib.contextmanager
@@ -586,7 +628,8 @@ class _Session:
                           culprit=origin.culprit, message=message)
         cause = explain(obs)
         return Finding(phase=origin.phase, cause=cause.text, op=origin.op, node=origin.node,
-                       module=origin.ctx.module, location=origin.ctx.location, function=origin.ctx.function,
+                       module=origin.ctx.module, location=origin.ctx.location, stack=origin.ctx.stack,
+                       function=origin.ctx.function,
                        inputs=origin.inputs, output=origin.output, culprit=origin.culprit_text,
                        remedies=cause.remedies, message=message or note)
 
@@ -607,7 +650,7 @@ class _Session:
                                            _spectral_stats(kind, values)),)
             origin = _Origin("error", ctx.op, node.name() if node is not None else "", ctx, inputs)
         else:
-            origin = _Origin("error", "", "", _Context(self.modules.current(), _traceback_location(exc), ""))
+            origin = _Origin("error", "", "", _Context(self.modules.current(), _traceback_stack(exc), ""))
         return self._finding(origin, message=str(exc))
 
     def _raising_node(self):

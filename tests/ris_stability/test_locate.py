@@ -243,6 +243,48 @@ def test_masked_log_reports_the_backward_origin():
     assert f.cause.startswith("log backward at 0")
 
 
+class NaiveEigh(torch.autograd.Function):
+    """A custom eigh (like a gap-aware one) whose backward divides by every pair's gap."""
+
+    @staticmethod
+    def forward(ctx, A):
+        L, V = torch.linalg.eigh(A)  # <custom-forward>
+        ctx.save_for_backward(L, V)
+        return L, V
+
+    @staticmethod
+    def backward(ctx, gL, gV):
+        L, V = ctx.saved_tensors
+        E = L.unsqueeze(-2) - L.unsqueeze(-1)
+        inner = (V.mH @ gV) / E  # <naive-div>
+        inner.diagonal(dim1=-2, dim2=-1).copy_(gL)
+        return V @ inner @ V.mH
+
+
+def project_top(A, k):
+    _, V = NaiveEigh.apply(A)  # <custom-eigh>
+    return V[..., -k:] @ V[..., -k:].mH
+
+
+class CustomProjector(nn.Module):
+    def forward(self, B):
+        n = B.shape[-1]
+        A = 0.999 * B + 1e-3 * torch.eye(n, dtype=B.dtype)
+        return project_top(A, 2).real.sum()  # <custom-caller>
+
+
+def test_custom_eigh_function_is_recognised_with_its_spectrum():
+    B = low_rank_psd(1, 12, 3).requires_grad_(True)
+    model = CustomProjector()
+    f = locate_nonfinite(lambda B: model(B), B)
+    assert (f.phase, f.node, f.function) == ("backward", "NaiveEighBackward", "NaiveEigh.apply")
+    assert f.op.startswith("aten.div")
+    assert "exactly tied eigenvalues (cluster of 9" in f.cause
+    assert f.stack[0].endswith(line_of("custom-forward"))  # torch.linalg.eigh inside the Function
+    assert f.stack[1].endswith(line_of("custom-eigh")) and f.stack[2].endswith(line_of("custom-caller"))
+    assert f.module == "model"  # the closure variable names the root
+
+
 # --- bad inputs -------------------------------------------------------------------------------------
 @dataclass
 class Batch:
