@@ -13,7 +13,13 @@ included) with ``torch.autograd.grad``, so ``.grad`` attributes are left as they
   (running inside ``torch._C._current_autograd_node()``) is reported with its forward context;
 * ``torch.autograd.detect_anomaly(check_nan=True)`` around backward stops at the first NaN node and
   names the node of a backward that raises.
-Everything is removed on exit, also when ``fn`` raises.
+Everything is removed on exit, also when ``fn`` raises. ``fn`` must not run backward itself.
+
+Under any dispatch mode PyTorch skips the complex-phase checks of the eigh/svd backward, so the
+locator restores them with node pre-hooks (same tolerances and messages). The answer for each phase:
+"input" when an argument (or a root's parameter/buffer) already holds NaN/Inf before the call;
+"error" when fn or the backward raises; else the origin of the non-finite loss ("forward") or of the
+first non-finite gradient ("backward", or "forward" when a masked forward value leaked into it).
 
 Module paths are relative to *roots*: ``Locator(roots={"model": m, "loss": l})`` names the loss's
 submodule ``subspace`` "loss.subspace". ``locate_nonfinite(fn, *args, **kwargs)`` (no roots) finds
@@ -314,7 +320,13 @@ def _matrix_spectral(op: str, t: Any) -> dict[str, float]:
     if (not _is_float(t) or t.dim() < 2 or t.shape[-1] != t.shape[-2] or t.numel() == 0
             or not is_linalg_op(op) or not _finite(t)):
         return {}
-    return linalg_stats.to_floats(linalg_stats.worst(linalg_stats.matrix_stats(t)))
+    try:
+        return linalg_stats.to_floats(linalg_stats.worst(linalg_stats.matrix_stats(t)))
+    except torch.linalg.LinAlgError as exc:
+        # The statistics' own eigvalsh failed on this input: report the op without them rather
+        # than let the instrument's error pass for the user's.
+        logger.warning("locator: no spectral statistics for an input of %s: %s", op, exc)
+        return {}
 
 
 # PyTorch skips its complex-phase checks in eigh/svd backward whenever a dispatch mode is active
@@ -790,7 +802,7 @@ class Locator:
     def __init__(self, roots: Mapping[str, nn.Module] | None = None):
         self.roots = None if roots is None else dict(roots)
 
-    def run(self, fn: Callable, *args: Any, **kwargs: Any) -> Finding | None:
+    def run(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Finding | None:
         named_args = bind_arguments(fn, args, kwargs)
         roots = discover_roots(fn, named_args) if self.roots is None else self.roots
         scanned: set[int] = set()
@@ -802,7 +814,7 @@ class Locator:
         return _Session(_ModuleStack(roots)).execute(fn, args, kwargs)
 
 
-def locate_nonfinite(fn: Callable, *args: Any, **kwargs: Any) -> Finding | None:
+def locate_nonfinite(fn: Callable, /, *args: Any, **kwargs: Any) -> Finding | None:
     """``fn(*args, **kwargs)`` -> scalar loss; its gradients are computed too. None when the loss and
     every gradient are finite, else the :class:`Finding` of the first origin. Roots are discovered
     (``Locator(roots=...).run`` to name them yourself)."""

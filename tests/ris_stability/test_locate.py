@@ -103,7 +103,7 @@ class Projector(nn.Module):
     def forward(self, B, W):
         n = B.shape[-1]
         tr = B.diagonal(dim1=-2, dim2=-1).real.sum(-1)[..., None, None]
-        A = (1 - self.alpha) * B + self.alpha * tr / n * torch.eye(n, dtype=B.dtype)
+        A = (1 - self.alpha) * B + self.alpha * tr / n * torch.eye(n, dtype=B.dtype, device=B.device)
         _, V = torch.linalg.eigh(A)  # <eigh>
         Vs = V[..., -self.k:]
         return ((Vs @ Vs.mH).real * W).sum()
