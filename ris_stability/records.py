@@ -52,6 +52,7 @@ GRAD_PREFIX = "grad/"
 GRAD_TOTAL = "grad/_total"
 GRAD_NONFINITE_PREFIX = "grad_nonfinite/"
 UPDATE_RATIO_PREFIX = "update_ratio/"
+GRAD_GROUP_PREFIX = "grad_group/"
 
 
 class UsageError(Exception):
@@ -301,7 +302,7 @@ def _steps_frame(rows: list[dict], source: Path) -> "pd.DataFrame":
     for column in frame.columns:
         if column in BOOL_COLUMNS:
             frame[column] = frame[column].astype("boolean").fillna(False).astype(bool)
-        elif column != "step" and _is_numeric_column(column):
+        elif column != "step" and (_is_numeric_column(column) or _all_numbers(frame[column])):
             frame[column] = _numeric(frame[column], column, source)
     frame["step"] = frame["step"].astype(int)
     if frame["step"].duplicated().any():
@@ -325,8 +326,14 @@ def _numeric(series: "pd.Series", column: str, source: Path) -> "pd.Series":
     return series.astype(float)
 
 
+def _all_numbers(series: "pd.Series") -> bool:
+    """An extra column (e.g. "grad_group/<g>") whose values are numbers or null reads as float too."""
+    return bool(series.map(lambda v: v is None or isinstance(v, (int, float))).all())
+
+
 def _is_numeric_column(column: str) -> bool:
-    prefixes = (MAT_PREFIX, LOSS_PREFIX, GRAD_PREFIX, GRAD_NONFINITE_PREFIX, UPDATE_RATIO_PREFIX)
+    prefixes = (MAT_PREFIX, LOSS_PREFIX, GRAD_PREFIX, GRAD_NONFINITE_PREFIX, UPDATE_RATIO_PREFIX,
+                GRAD_GROUP_PREFIX)
     return column in ("time_s", "lr", "loss") or column.startswith(prefixes)
 
 

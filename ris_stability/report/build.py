@@ -199,7 +199,7 @@ def events_table(events: list[dict]) -> str:
     groups = condense_events(events)
     if not groups:
         return "No events were recorded.\n"
-    rows = [(md.steps_list(list(g.steps), 6), g.severity, md.code(g.kind), g.count, g.message)
+    rows = [(md.steps_list(list(g.steps), 6) if g.steps else md.MISSING, g.severity, md.code(g.kind), g.count, g.message)
             for g in groups[:MAX_EVENT_ROWS]]
     text = md.table(["steps", "severity", "kind", "count", "message (first of the group)"], rows, "lllrl")
     if len(groups) > MAX_EVENT_ROWS:

@@ -159,7 +159,7 @@ def _first_flag(s: MatrixSummary, stats: pd.DataFrame, cond: pd.Series, events: 
     candidates: list[tuple[int, str]] = []
     for event in events:
         if (event.get("data") or {}).get("matrix") == s.name and event.get("step") is not None:
-            candidates.append((int(event["step"]), f"event {event.get('kind')}"))
+            candidates.append((int(event["step"]), f"{event.get('kind')} event"))
     tie = _first(stats.index[(_col(stats, "max_cluster") >= TIED_CLUSTER_MIN) & vec_used])
     if tie is not None:
         candidates.append((tie, "tie, vectors used"))
@@ -174,7 +174,10 @@ def _first_flag(s: MatrixSummary, stats: pd.DataFrame, cond: pd.Series, events: 
     if not candidates:
         return None
     step = min(c[0] for c in candidates)
-    return step, "; ".join(dict.fromkeys(r for c, r in candidates if c == step))
+    reasons = list(dict.fromkeys(r for c, r in candidates if c == step))
+    if "tie, vectors used" in reasons and "near tie, vectors used" in reasons:
+        reasons.remove("near tie, vectors used")  # the exact tie says it all
+    return step, "; ".join(reasons)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from PIL import Image
-from matplotlib.ticker import FixedLocator, LogFormatterSciNotation, NullFormatter
+from matplotlib.ticker import FixedLocator, LogFormatterSciNotation, NullFormatter, ScalarFormatter
 
 from ris_stability.records import GRAD_NONFINITE_PREFIX, GRAD_TOTAL, grad_modules, loss_terms, matrix_names, matrix_stats
 from ris_stability.report.derive import log10_cond_filled
@@ -36,6 +36,7 @@ MATRIX_COLORS = [c for i, c in enumerate(matplotlib.colormaps["tab10"].colors) i
 TERM_COLORS = list(matplotlib.colormaps["Set1"].colors[1:]) + list(matplotlib.colormaps["Dark2"].colors)
 MARKERS_MAX_POINTS = 60  # draw point markers when a series is short enough for them to stay readable
 LEGEND_FONT = 7
+MIN_COLOR_DECADES = 2.0  # the grad-norm colour scale spans at least this many decades
 LEGEND_CHARS = 32  # longer names are shortened in legends (tables keep them whole)
 PNG_COLORS = 256
 
@@ -149,6 +150,9 @@ def _style_axes(ax, ylabel: str, title: str) -> None:
     ax.set_title(title, fontsize=9, loc="left")
     ax.grid(True, alpha=0.3, lw=0.5)
     ax.xaxis.get_major_locator().set_params(integer=True)
+    formatter = ax.yaxis.get_major_formatter()
+    if isinstance(formatter, ScalarFormatter):  # an offset label ("1e-8+1.2e-2") would collide with the title
+        formatter.set_useOffset(False)
 
 
 def _matrices(runs) -> list[str]:
@@ -335,8 +339,9 @@ def plot_grad_heatmap(steps: StepTables) -> Figure:
     data = [(label, *_grad_matrix(frame), frame.index.to_numpy(dtype=float)) for label, frame in runs]
     positive = np.concatenate([z[np.isfinite(z) & (z > 0)] for _, _, z, _, _ in data] + [np.zeros(0)])
     vmin, vmax = (positive.min(), positive.max()) if len(positive) else (1e-12, 1.0)
-    if vmin == vmax:
-        vmin, vmax = vmin / 10, vmax * 10
+    if vmax < vmin * 10 ** MIN_COLOR_DECADES:  # a narrow range would crowd the colour bar with labels
+        centre, half = math.sqrt(vmin * vmax), 10 ** (MIN_COLOR_DECADES / 2)
+        vmin, vmax = centre / half, centre * half
     norm = LogNorm(vmin=vmin, vmax=vmax)
     cmap = matplotlib.colormaps["viridis"].with_extremes(under="black", bad="#d9d9d9")
     rows = max(len(labels) for _, labels, _, _, _ in data)
@@ -373,7 +378,8 @@ def _zero_suffix(label: str, zero_runs: list[str], n_runs: int) -> str:
 
 
 def plot_loss_terms(steps: StepTables) -> Figure:
-    """Total loss and each term over steps; log y when every drawn value is positive. A series that is
+    """Total loss and each term over steps; log y when every drawn value is positive and they span more
+    than a decade. A series that is
     identically 0 in a run is not drawn (the legend says so), so it does not force a linear axis."""
     runs = _runs(steps)
     terms = list(dict.fromkeys(t for _, frame in runs for t in loss_terms(frame.columns)))
@@ -390,7 +396,8 @@ def plot_loss_terms(steps: StepTables) -> Figure:
             else:
                 drawn.append((frame[col], color, style, col == "loss"))
     values = np.concatenate([s[np.isfinite(s)].to_numpy(float) for s, _, _, _ in drawn] + [np.zeros(0)])
-    log = len(values) > 0 and bool((values > 0).all())
+    # Log only when it helps: all positive and spread over more than a decade.
+    log = len(values) > 0 and bool((values > 0).all()) and values.max() > 10 * values.min()
     fig = new_figure()
     ax = fig.add_subplot()
     for series, color, style, total in drawn:

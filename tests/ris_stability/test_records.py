@@ -211,3 +211,12 @@ def test_to_parquet_round_trip(tmp_path):
     (run / records.STEPS_FILE).unlink()
     from_parquet = read_trace(run)  # the reader falls back to the Parquet table
     assert math.isnan(from_parquet.steps.loc[3, "loss"]) and len(from_parquet.steps) == 10
+
+
+def test_extra_numeric_columns_read_as_float(tmp_path):
+    with TraceWriter(tmp_path / "run", DEFAULT_META) as w:
+        w.step({"step": 0, "grad_group/0": None, "note": "warm-up", "custom": None})
+        w.step({"step": 1, "grad_group/0": 2.0, "note": "main", "custom": 3})
+    steps = read_trace(tmp_path / "run").steps
+    assert steps["grad_group/0"].dtype == float and math.isnan(steps.loc[0, "grad_group/0"])
+    assert steps["custom"].tolist()[1] == 3.0 and steps["note"].tolist() == ["warm-up", "main"]
