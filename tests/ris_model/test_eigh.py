@@ -162,6 +162,14 @@ def test_separated_gradgradcheck():
     assert torch.autograd.gradgradcheck(lambda x: LOSSES["mixed"](*eigh_gap_aware(x + x.mH), t), (x0,))
 
 
+@pytest.mark.parametrize("shape", [(0, 4, 4), (2, 0, 0)], ids=["empty-batch", "empty-matrix"])
+def test_empty_inputs_like_torch(shape):
+    a = torch.zeros(shape, dtype=torch.complex128, requires_grad=True)
+    lam, v = eigh_gap_aware(a)
+    (lam.sum() + v.abs().square().sum()).backward()
+    assert lam.shape == shape[:-1] and v.shape == shape and a.grad.shape == shape
+
+
 def test_phase_dependent_loss_is_refused_like_torch():
     b = _separated(torch.complex128, 8).requires_grad_()
     with pytest.raises(RuntimeError, match=r"e\^\{i phi\}"):
