@@ -13,8 +13,9 @@ and compares each training-side matrix with the inference-side linear-algebra in
 the same object, or equal within the tolerance below, is aligned; anything else is a row of the table.
 
 What is compared: matrices equal to a tensor of the batch are data (targets such as R_true), not
-estimates, and are left out. A training matrix with no inference counterpart of its shape is listed in
-``notes``; if nothing at all is comparable the check raises :class:`AlignmentError` rather than pass.
+estimates, and are left out. A square training matrix with no inference counterpart of its shape is
+listed in ``notes`` (rectangular ones, e.g. a QR of steering vectors, are compared only when inference
+has one of the same shape); if nothing at all is comparable the check raises :class:`AlignmentError`.
 
 Tolerance: ``||T - I||_F <= rtol ||I||_F`` per matrix, with default ``rtol = n * eps`` of the coarser of
 the two dtypes (``tolerances.eig_abs_err(n, dtype, 1)``): two matrices closer than the backward error of
@@ -23,8 +24,9 @@ an eigensolver cannot be told apart by any linear-algebra consumer. Ranks use ``
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -185,7 +187,7 @@ class AlignmentRow:
     rel_diff: float  # max over the batch of ||T - I||_F / ||I||_F
     rtol: float
     same_object: bool
-    rank: int  # numerical rank (max over the batch) of the consumed matrix
+    rank: int  # numerical rank (max over the batch, tolerance of the coarser dtype) of the consumed matrix
     inference_rank: int
     shape: tuple[int, ...]
 
@@ -246,11 +248,12 @@ def relative_difference(a: Tensor, b: Tensor) -> float:
         return float((num / den).max())
 
 
-def numerical_rank(a: Tensor) -> int:
-    """Max over the batch of #singular values > rank_tol(n, dtype, s_max)."""
+def numerical_rank(a: Tensor, dtype: torch.dtype | None = None) -> int:
+    """Max over the batch of #singular values > rank_tol(n, dtype, s_max); ``dtype`` (default a's) is the
+    precision the matrix was formed in (a complex64 matrix copied to complex128 still has float32 noise)."""
     with torch.no_grad():
         s = torch.linalg.svdvals(a.detach().to(torch.complex128 if a.is_complex() else torch.float64))
-        tol = rank_tol(a.shape[-1], a.dtype, s[..., :1])
+        tol = rank_tol(max(a.shape[-2:]), dtype or a.dtype, s[..., :1])
         return int((s > tol).sum(-1).max()) if s.numel() else 0
 
 
@@ -260,39 +263,74 @@ def _is_data(t: Tensor, data: list[Tensor]) -> bool:
                    for d in data if d.is_floating_point() or d.is_complex())
 
 
+Names = Mapping[str, "Tensor | Sequence[Tensor]"]
+
+
 class _Namer:
     """Names a matrix by identity with a known tensor, else by equality within tolerance, else by shape."""
 
-    def __init__(self, names: Mapping[str, Tensor], rtol: float | None):
-        self._names, self._rtol = names, rtol
+    def __init__(self, names: Names, rtol: float | None):
+        self._names = {name: [refs] if isinstance(refs, Tensor) else list(refs) for name, refs in names.items()}
+        self._rtol = rtol
+        self._cache: dict[int, str] = {}  # the captured tensors stay alive during the check: ids are stable
+
+    def _equal(self, t: Tensor, ref: Tensor) -> bool:
+        tol = self._rtol if self._rtol is not None else default_rtol(t.shape[-1], _coarse_dtype(t, ref))
+        return ref.shape == t.shape and relative_difference(t, ref) <= tol
 
     def __call__(self, t: Tensor) -> str:
-        hits = [name for name, ref in self._names.items() if ref is t]
+        if id(t) not in self._cache:
+            self._cache[id(t)] = self._name(t)
+        return self._cache[id(t)]
+
+    def _name(self, t: Tensor) -> str:
+        hits = [name for name, refs in self._names.items() if any(ref is t for ref in refs)]
         if not hits:
-            hits = [name for name, ref in self._names.items() if ref.shape == t.shape and relative_difference(
-                t, ref) <= (self._rtol if self._rtol is not None else default_rtol(t.shape[-1], _coarse_dtype(t, ref)))]
+            hits = [name for name, refs in self._names.items() if any(self._equal(t, ref) for ref in refs)]
         return " = ".join(hits) if hits else f"unnamed {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Small (n <= a few hundred) factorisations: a threaded LAPACK gains nothing at these sizes and, on
+    shared cores, its spinning threads make each call 10-100x slower. The thread count is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _compare(phase: str, train: list[Captured], infer: list[Captured], data: list[Tensor], namer: _Namer,
              rtol: float | None) -> AlignmentResult:
     rows, notes = [], []
+    ranks: dict[tuple[int, torch.dtype], int] = {}
+
+    def rank(t: Tensor, dtype: torch.dtype) -> int:
+        key = (id(t), dtype)
+        if key not in ranks:
+            ranks[key] = numerical_rank(t, dtype)
+        return ranks[key]
+
     for rec in train:
         t = rec.tensor
         if _is_data(t, data):
             continue
         candidates = [c for c in infer if c.tensor.shape == t.shape]
-        if not candidates:
+        if not candidates and _square(t):
             notes.append(f"{phase}: {rec.consumer} reads {namer(t)} of shape {tuple(t.shape)}, but inference feeds "
                          "no matrix of that shape to linear algebra; not compared")
+        if not candidates:
             continue
         scored = [(0.0 if c.tensor is t else relative_difference(t, c.tensor), c) for c in candidates]
         diff, best = min(scored, key=lambda pair: (pair[1].tensor is not t, pair[0]))
-        tol = rtol if rtol is not None else default_rtol(t.shape[-1], _coarse_dtype(t, best.tensor))
+        coarse = _coarse_dtype(t, best.tensor)
+        tol = rtol if rtol is not None else default_rtol(t.shape[-1], coarse)
         rows.append(AlignmentRow(
             phase=phase, consumer=rec.consumer, via=rec.via, location=rec.location, consumes=namer(t),
             inference_consumer=best.consumer, inference_consumes=namer(best.tensor), rel_diff=diff, rtol=tol,
-            same_object=best.tensor is t, rank=numerical_rank(t), inference_rank=numerical_rank(best.tensor),
+            same_object=best.tensor is t, rank=rank(t, coarse), inference_rank=rank(best.tensor, coarse),
             shape=tuple(t.shape)))
     return AlignmentResult(tuple(rows), tuple(notes))
 
@@ -301,7 +339,7 @@ def check_alignment(train_fn: Callable[[Any], Any] | Mapping[str, Callable[[Any]
                     infer_fn: Callable[[Any], Any], batch: Any, rtol: float | None = None, *,
                     roots: Mapping[str, nn.Module] | None = None,
                     consumers: Mapping[str, nn.Module] | None = None,
-                    names: Mapping[str, Tensor] | Callable[[], Mapping[str, Tensor]] | None = None,
+                    names: Names | Callable[[], Names] | None = None,
                     ) -> AlignmentResult:
     """Compare the matrices the training path(s) consume with those inference feeds to linear algebra.
 
@@ -309,8 +347,8 @@ def check_alignment(train_fn: Callable[[Any], Any] | Mapping[str, Callable[[Any]
     ``{phase: fn}`` checks several paths (e.g. training and validation) against one inference run.
     ``infer_fn(batch)``: the inference path. Put models in the mode you want compared (eval) first.
     ``rtol``: None for ``n * eps`` of the coarser dtype. ``roots``/``consumers``: see :class:`MatrixCapture`.
-    ``names``: known matrices (or a function returning them, called after the runs) used to label
-    captured ones, by identity first, then by equality within the tolerance.
+    ``names``: ``{name: tensor or tensors}`` of known matrices (or a function returning it, called after
+    the runs) used to label captured ones, by identity first, then by equality within the tolerance.
     """
     paths = dict(train_fn) if isinstance(train_fn, Mapping) else {"train": train_fn}
     captured: dict[str, list[Captured]] = {}
@@ -326,8 +364,9 @@ def check_alignment(train_fn: Callable[[Any], Any] | Mapping[str, Callable[[Any]
     known = names() if callable(names) else dict(names or {})
     namer, data = _Namer(known, rtol), list(_tensors(batch))
     result = AlignmentResult(())
-    for phase, records in captured.items():
-        result = result.merge(_compare(phase, records, infer, data, namer, rtol))
+    with _one_thread():
+        for phase, records in captured.items():
+            result = result.merge(_compare(phase, records, infer, data, namer, rtol))
     if not result.rows:
         raise AlignmentError("check_alignment: no matrix the training path consumes has the shape of a matrix "
                              "inference feeds to linear algebra; nothing was compared.\n" + "\n".join(result.notes))
