@@ -136,11 +136,11 @@ def run_summary(trace: Trace) -> list[tuple[str, str]]:
     capsules = [p.relative_to(trace.run_dir).as_posix() for p in trace.capsules]
     return [
         ("status", status),
-        ("command", md.code(meta.get("command") or "–")),
+        ("command", md.code(meta["command"]) if meta.get("command") else md.MISSING),
         ("config", config),
         ("torch / device / dtype", " / ".join(str(meta.get(k) or "–") for k in ("torch", "device", "dtype"))),
         ("created", str(meta.get("created") or "–")),
-        ("steps logged", f"{len(steps)} (steps {int(steps.index[0])}–{int(steps.index[-1])})"
+        ("steps logged", f"{len(steps)} ({md.span(int(steps.index[0]), int(steps.index[-1]))})"
          + (f"; run length {summary['steps']}" if summary.get("steps") is not None else "")),
         ("wall time", wall),
         ("final loss", md.fmt(final, 4)),
@@ -188,7 +188,8 @@ def series_table(summaries: list[SeriesSummary], what: str) -> str:
         return f"No per-{what} values were recorded.\n"
     rows = []
     for s in summaries:
-        note = "always 0" if s.always_zero else "constant" if s.constant else ""
+        note = ("no finite value" if s.finite_count == 0 else "always 0" if s.always_zero
+                else "constant" if s.constant else "")
         rows.append((md.code(s.name), md.fmt(s.first), md.fmt(s.median), md.fmt(s.min), md.fmt(s.max),
                      md.fmt(s.last), f"{s.zero_steps}", md.steps_list(list(s.nonfinite_steps), 6), note))
     return md.table([what, "first", "median", "min", "max", "last", "zero steps", "non-finite at", "note"],

@@ -10,7 +10,7 @@ from ris_stability.report.derive import (
     MIN_STEPS_FOR_DEAD, TIED_CLUSTER_MIN, MatrixSummary, event_names, grad_summaries, ill_conditioned_log10, loss_summaries,
     near_tie_relative, precision, summarize_matrix,
 )
-from ris_stability.report.markdown import MISSING, code, fmt, steps_list
+from ris_stability.report.markdown import MISSING, code, fmt, span, steps_list
 
 def eigvec_remedy(real: str) -> str:
     """What to try against eigenvector-gradient blow-ups (float64 only when the run is not float64)."""
@@ -181,8 +181,8 @@ def _run_state_items(trace: Trace) -> list[str]:
     items = []
     if trace.summary is None:
         cut = "; the last line of steps.jsonl was cut mid-write" if trace.truncated else ""
-        items.append(f"The run did not finish (no summary.json): this report covers the {len(trace.steps)} "
-                     f"logged steps {first}–{last}{cut}.")
+        items.append(f"The run did not finish (no summary.json): this report covers {len(trace.steps)} "
+                     f"logged step(s), {span(first, last)}{cut}.")
     elif trace.summary.get("status") == "stopped":
         items.append(f"The run was stopped by the non-finite policy after step {last}.")
     return items

@@ -92,6 +92,11 @@ def details(summary: str, body: str) -> str:
     return f"<details><summary>{summary}</summary>\n\n{body}\n</details>\n"
 
 
+def span(first: int, last: int) -> str:
+    """'step 5' or 'steps 0–9'."""
+    return f"step {first}" if first == last else f"steps {first}–{last}"
+
+
 def steps_list(steps: Sequence[int], limit: int = 12) -> str:
     """'3, 7, 9' or '3, 7, ... (+40 more)'; ranges of consecutive steps collapse to 'a–b'."""
     if not steps:

@@ -82,7 +82,7 @@ def test_report_from_truncated_trace(tmp_path):
     report = build_report(run)
     text = report.read_text()
     assert "**Incomplete run**" in text and "cut mid-write" in text
-    assert "6 (steps 0–5)" in text and "The run did not finish" in text
+    assert "6 (steps 0–5)" in text and "covers 6 logged step(s), steps 0–5; the last line" in text
     assert "**Non-finite at step 2**" in text
     assert_links_resolve(report)
 
@@ -293,6 +293,7 @@ def test_markdown_builders():
     assert md.table(["a", "b"], [("x|y", "line\nbreak")], "lr") == "| a | b |\n|:--|--:|\n| x\\|y | line break |\n"
     assert md.steps_list([0, 1, 2, 5, 7, 8]) == "0–2, 5, 7–8"
     assert md.steps_list([]) == "none"
+    assert md.span(5, 5) == "step 5" and md.span(0, 9) == "steps 0–9"
     assert md.steps_list(list(range(0, 40, 2)), limit=3) == "0, 2, 4, ... (+17 more ranges)"
     assert md.code("a`b") == "`` a`b ``"
     assert md.image("alt", "figures\\x.png") == "![alt](figures/x.png)\n"
@@ -326,3 +327,15 @@ def test_suspect_comes_from_the_monitor_event_and_cluster_values_show_a_range(tm
     items = what_to_look_at(read_trace(tmp_path / "run"))
     assert items[0].endswith("Suspect matrix there: `B` (smallest gap 1.0e-02, eigenvectors receive gradient).")
     assert "`A`: eigenvalues tie from step 0 (cluster of 118 at 4.0e-09 to 1.0e-03; 2 of 2" in items[1]
+
+
+def test_single_step_run_with_no_finite_value(tmp_path):
+    with TraceWriter(tmp_path / "run", {}) as w:
+        w.step({"step": 5, "loss": math.nan, "loss/x": None, "nonfinite": True, "grad/a": math.nan,
+                "mat/R/rank": 3, "mat/R/n": 4, "mat/R/log10_cond": None})
+    report = build_report(tmp_path / "run")
+    text = report.read_text()
+    assert "| **steps logged** | 1 (step 5) |" in text and "**Non-finite at step 5**" in text
+    assert "| `R` | 4 | 3 / 3 / 3 | inf / inf / inf |" in text
+    assert "| `x` | – | – | – | – | – | 0 | 5 | no finite value |" in text
+    assert len(assert_links_resolve(report)) == 5
