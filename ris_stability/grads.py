@@ -48,25 +48,25 @@ def _dense(grad: Tensor) -> Tensor:
     return grad.coalesce().values() if grad.is_sparse else grad
 
 
+def _per_param(params: Sequence[nn.Parameter], values: Sequence[Tensor], device: torch.device,
+               dtype: torch.dtype) -> Tensor:
+    """Stack one 0-d value per parameter with a grad (in order) and 0 for the others, on ``device``
+    without any host-to-device copy."""
+    zero = torch.zeros((), dtype=dtype, device=device)
+    it = iter(values)
+    return torch.stack([next(it).to(device=device, dtype=dtype) if p.grad is not None else zero for p in params])
+
+
 def grad_norms(params: Sequence[nn.Parameter], device: torch.device) -> Tensor:
     """L2 norm of each parameter's grad as a float64 (P,) tensor on ``device``; 0 for a None grad."""
-    norms = torch.zeros(len(params), dtype=torch.float64, device=device)
-    present = [i for i, p in enumerate(params) if p.grad is not None]
-    if present:
-        values = torch._foreach_norm([_dense(params[i].grad) for i in present])
-        norms[torch.tensor(present, device=device)] = torch.stack(
-            [v.to(device=device, dtype=torch.float64) for v in values])
-    return norms
+    grads = [_dense(p.grad) for p in params if p.grad is not None]
+    return _per_param(params, torch._foreach_norm(grads) if grads else (), device, torch.float64)
 
 
 def nonfinite_counts(params: Sequence[nn.Parameter], device: torch.device) -> Tensor:
     """Number of non-finite grad elements of each parameter, (P,) int64 on ``device``."""
-    counts = torch.zeros(len(params), dtype=torch.long, device=device)
-    present = [i for i, p in enumerate(params) if p.grad is not None]
-    if present:
-        counts[torch.tensor(present, device=device)] = torch.stack(
-            [(~torch.isfinite(_dense(params[i].grad))).sum().to(device) for i in present])
-    return counts
+    counts = [(~torch.isfinite(_dense(p.grad))).sum() for p in params if p.grad is not None]
+    return _per_param(params, counts, device, torch.long)
 
 
 def combine_norms(norms: Tensor, index: Tensor, n_groups: int) -> Tensor:
@@ -105,6 +105,7 @@ class GradMonitor:
         self.modules = list(dict.fromkeys(keys))
         self._module_index = torch.tensor([self.modules.index(k) for k in keys], device=self.device)
         self._position = {id(p): i for i, p in enumerate(self.params)}
+        self._group_indices: dict[tuple[int, ...], Tensor] = {}
         self._alive = torch.zeros(len(self.params), dtype=torch.bool, device=self.device)
         self._observed = 0
         self._pending: dict[str, Tensor] = {}
@@ -128,12 +129,20 @@ class GradMonitor:
         self._pending[f"grad/{TOTAL_KEY}"] = norms.square().sum().sqrt()
         if optimizer is not None:
             for g, group in enumerate(optimizer.param_groups):
-                index = [self._position[id(p)] for p in group["params"] if id(p) in self._position]
-                picked = norms[torch.tensor(index, dtype=torch.long, device=self.device)]
+                picked = norms[self._group_index(group["params"])]
                 self._pending[f"grad_group/{group_name(g, group)}"] = picked.square().sum().sqrt()
         # A NaN or inf norm is not a usable gradient; a zero norm means no gradient reached the parameter.
         self._alive |= torch.isfinite(norms) & (norms > 0)
         self._observed += 1
+
+    def _group_index(self, params: Sequence[nn.Parameter]) -> Tensor:
+        # Cached: building an index tensor is a host-to-device copy, which is not free on a GPU.
+        key = tuple(id(p) for p in params)
+        index = self._group_indices.get(key)
+        if index is None:
+            positions = [self._position[id(p)] for p in params if id(p) in self._position]
+            index = self._group_indices[key] = torch.tensor(positions, dtype=torch.long, device=self.device)
+        return index
 
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Snapshot the parameters of every param group (call right before ``optimizer.step()``)."""

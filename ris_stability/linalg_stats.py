@@ -58,8 +58,10 @@ def _signal_split(k, batch_shape: torch.Size, n: int, device) -> Tensor | None:
     """Index of the first signal eigenvalue in ascending order, n - k, clamped to [0, n]; None if unknown."""
     if k is None:
         return None
-    k_t = torch.as_tensor(k, device=device).to(torch.long)
-    k_t = torch.broadcast_to(k_t, batch_shape)
+    if isinstance(k, Tensor):
+        k_t = torch.broadcast_to(k.to(device=device, dtype=torch.long), batch_shape)
+    else:  # a fill, not a host-to-device copy: statistics must not sync with the device
+        k_t = torch.full(batch_shape, int(k), dtype=torch.long, device=device)
     return n - k_t.clamp(0, n)
 
 

@@ -153,7 +153,8 @@ def _complex_gap_stats(w: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
     dist = (w.unsqueeze(-1) - w.unsqueeze(-2)).abs()
     off = ~torch.eye(n, dtype=torch.bool, device=w.device)
     min_gap = torch.where(off, dist, torch.full_like(dist, math.inf)).flatten(-2).amin(-1)
-    min_gap = torch.where(torch.tensor(n > 1, device=w.device), min_gap, torch.full_like(min_gap, math.nan))
+    if n == 1:
+        min_gap = torch.full_like(min_gap, math.nan)
     # Largest number of eigenvalues within the tie tolerance of one of them (unordered: no chains).
     near = (dist <= tie_tol(n, dtype, w.abs().amax(-1))[..., None, None]).sum(-1)
     size, centre = near.max(-1)
@@ -362,7 +363,8 @@ class SpectralProbe:
 
     def watch(self, name: str, tensor: Tensor, k: Tensor | int | None = None) -> None:
         """Record the statistics of square matrices ``(..., n, n)`` that do not pass through linalg
-        (eigenvalues of the Hermitian part, plus herm_err). ``k`` overrides the signal dimension."""
+        (eigenvalues of the Hermitian part, plus herm_err). ``k`` overrides the signal dimension.
+        Works inside or outside the ``with`` block; honours ``every`` and ``max_matrices``."""
         if not isinstance(tensor, Tensor) or tensor.dim() < 2 or tensor.shape[-1] != tensor.shape[-2]:
             shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
             raise ProbeError(f"SpectralProbe.watch('{name}'): expected square matrices (..., n, n), got {shape}; "

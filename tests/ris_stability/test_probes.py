@@ -215,3 +215,17 @@ def test_re_entering_an_active_probe_is_an_error():
         with pytest.raises(ProbeError, match="already active"):
             probe.__enter__()
     assert torch._C._len_torch_function_stack() == 0
+
+
+class Failing(nn.Module):
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        raise FloatingPointError("planted failure inside a module")
+
+
+def test_module_stack_recovers_when_a_module_forward_raises():
+    failing = Failing()
+    with SpectralProbe(roots={"model": failing}) as probe:
+        with pytest.raises(FloatingPointError):
+            failing(torch.eye(2))
+        torch.linalg.eigvalsh(torch.eye(2))  # outside every module again
+    assert list(probe.collect()) == ["linalg.eigvalsh"]
