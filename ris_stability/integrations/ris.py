@@ -5,21 +5,37 @@ own clearly separated section below.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import math
+import time
+import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
-from ris_model.config import RunConfig, load_config
+from ris_model.complex_ops import complex_dtype
+from ris_model.config import ConfigError, RunConfig, config_hash, dumps_toml, from_dict, load_config, replace
 from ris_model.data import Batch, SimDataset
 from ris_model.infer import Prediction, predict
 from ris_model.loss import TERMS, CompositeLoss, LossInputs
 from ris_model.model import build_model
 from ris_model.simulate import make_system
-from ris_model.train import validate
+from ris_model.train import NonFiniteError, train, validate
 from ris_stability.alignment import AlignmentError, AlignmentResult, check_alignment, default_rtol, relative_difference
+from ris_stability.capsule import Capsule, CapsuleError, restore_rng
+from ris_stability.live import LiveView
+from ris_stability.monitor import MonitorConfig, StabilityMonitor
+from ris_stability.records import UsageError
+
+log = logging.getLogger(__name__)
 
 # =============================================================================================
 # Alignment (issue 7): the matrices each loss term consumes vs the matrix inference feeds to MUSIC
@@ -125,3 +141,137 @@ def run_align(config_path: str, overrides: list[str], as_json: bool) -> tuple[in
         return code, json.dumps({"config": config_path, "name": cfg.name, **result.to_dict()}, indent=2)
     head = f"risdiag align {config_path} (loss.covariance = {cfg.loss.covariance!r}, {cfg.covariance})"
     return code, head + "\n" + result.format_table()
+
+
+# =============================================================================================
+# Trace (issue 4): train a RunConfig with the StabilityMonitor attached; replay of its capsules (issue 5)
+# =============================================================================================
+
+REPLAYER = "ris_stability.integrations.ris:replay_capsule"
+
+
+class ModelBuildError(UsageError):
+    """The configuration is valid field by field but the model or loss cannot be built from it."""
+
+
+def _resolve_out(out: str | None, config_path: str) -> Path:
+    run_dir = Path(out) if out else Path("runs") / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"--out {str(run_dir)!r}: cannot write there ({err.strerror or err}); "
+                         "choose a writable folder, e.g. --out runs/my-run") from None
+    return run_dir
+
+
+def _check_buildable(cfg: RunConfig) -> None:
+    try:
+        system = make_system(cfg)
+        build_model(cfg, system)
+        CompositeLoss(cfg, system)
+    except (ValueError, RuntimeError, TypeError) as err:
+        raise ModelBuildError(f"config {cfg.name!r}: the model cannot be built: {err}. Check the [model] and "
+                              "[geometry] sections (sizes must be positive and consistent)") from None
+
+
+def batch_state(batch: Batch) -> dict[str, Any]:
+    return {"split": batch.split, "tensors": batch.tensors()}
+
+
+def _summary_table(cfg: RunConfig, run_dir: Path, mon: StabilityMonitor, result: Any, wall_s: float) -> Table:
+    t = Table(title=f"risdiag trace: {cfg.name}", show_header=False)
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    losses = [h.loss for h in result.history] if result is not None else []
+    t.add_row("steps", f"{len(losses)} of {cfg.train.steps}")
+    t.add_row("wall time", f"{wall_s:.1f} s" + (f" ({result.step_time_s * 1e3:.0f} ms/step)" if result else ""))
+    if losses:
+        t.add_row("loss first / last", f"{losses[0]:.4g} / {losses[-1]:.4g}")
+    if result is not None and result.val_history:
+        step, val = result.val_history[-1]
+        t.add_row("validation", f"loss {val['loss']:.4g}, K accuracy {val.get('k_acc', math.nan):.3f} (step {step})")
+    style = "red bold" if mon.nonfinite_steps else "green"
+    t.add_row("non-finite steps", Text(f"{len(mon.nonfinite_steps)} {mon.nonfinite_steps[:10]}", style=style))
+    t.add_row("skipped steps", str(len(mon.skipped_steps)))
+    if mon.capsules:
+        t.add_row("capsules", ", ".join(str(p) for p in mon.capsules[:3]))
+    t.add_row("run folder", str(run_dir))
+    return t
+
+
+def run_trace(config_path: str, overrides: list[str], steps: int | None, out: str | None, live: bool,
+              every: int, max_matrices: int, report: bool, console: Console) -> int:
+    """`risdiag trace`: train ``config_path`` with the monitor attached. Returns the exit code."""
+    if steps is not None:
+        overrides = [*overrides, f"train.steps={steps}"]
+    cfg = load_config(config_path, overrides)
+    _check_buildable(cfg)
+    run_dir = _resolve_out(out, config_path)
+    text = dumps_toml(cfg)
+    (run_dir / "config.resolved.toml").write_text(text)
+    meta = {"command": "risdiag trace " + " ".join([f"--config {config_path}", *(f"--set {o}" for o in overrides)]),
+            "config_path": str(config_path), "config_hash": config_hash(cfg), "torch": str(torch.__version__),
+            "device": cfg.train.device, "dtype": cfg.data.dtype}
+    view = LiveView(total_steps=cfg.train.steps, enabled=live)
+    policy = "stop" if cfg.train.nonfinite == "stop" else "skip"
+    mon = StabilityMonitor(run_dir, MonitorConfig(every=every, max_matrices=max_matrices, policy=policy), meta=meta,
+                           config_text=text, replayer=REPLAYER, batch_state=batch_state, live=view)
+    t0, result = time.perf_counter(), None
+    with view:
+        try:
+            result = train(cfg, callbacks=[mon], out_dir=run_dir)
+        except NonFiniteError as err:
+            log.error("run stopped: %s", err)
+    console.print(_summary_table(cfg, run_dir, mon, result, time.perf_counter() - t0))
+    if report:
+        from ris_stability.report.build import build_report
+
+        console.print(f"report: {build_report(run_dir)}")
+    return 1 if mon.nonfinite_steps else 0
+
+
+
+
+@dataclass
+class ReplayedStep:
+    """A capsule's step rebuilt: ``loss()`` runs the forward of that step and returns the scalar loss."""
+
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    batch: Batch
+    cfg: RunConfig
+    roots: dict[str, torch.nn.Module]
+
+    def loss(self) -> torch.Tensor:
+        self.model.train()
+        ctx = (torch.autocast(self.batch.y.device.type, dtype=getattr(torch, self.cfg.train.amp_dtype))
+               if self.cfg.train.amp else contextlib.nullcontext())
+        with ctx:
+            outputs = self.model(self.batch)
+        total, _ = self.loss_fn(outputs, self.batch)
+        return total
+
+
+def replay_capsule(capsule: Capsule, dtype: str | None = None) -> ReplayedStep:
+    """Rebuild the model, loss and batch of ``capsule`` (optionally in another dtype, e.g. "float64")."""
+    try:
+        cfg = from_dict(RunConfig, tomllib.loads(capsule.config_text))
+    except (tomllib.TOMLDecodeError, ConfigError) as err:
+        raise CapsuleError(f"capsule of step {capsule.step}: its stored config is unreadable ({err})") from None
+    if dtype is not None:
+        cfg = replace(cfg, data=replace(cfg.data, dtype=dtype), train=replace(cfg.train, amp=False))
+    system = make_system(cfg)
+    model = build_model(cfg, system)
+    model.load_state_dict(capsule.model_state)
+    loss_fn = CompositeLoss(cfg, system)
+    batch = Batch(split=capsule.batch["split"], **capsule.batch["tensors"])
+    if dtype is not None:
+        real = getattr(torch, dtype)
+        batch = batch.to(dtype=real)
+        for module in (model, loss_fn):  # Module.to(dtype) would drop the imaginary part of complex tensors
+            module._apply(lambda t: t.to(real) if t.is_floating_point() else t.to(complex_dtype(real)) if t.is_complex() else t)
+    restore_rng(capsule.rng)
+    return ReplayedStep(model=model, loss_fn=loss_fn, batch=batch, cfg=cfg, roots={"model": model, "loss": loss_fn})

@@ -1,0 +1,206 @@
+"""`risdiag bisect`: replay a crash capsule bit-exactly, locate the first non-finite op, judge precision vs
+structure in float64, export a standalone reproducer; on a run folder, find the first bad step first.
+
+The capsule names its replayer ("module:function", written by the integration that traced the run), so
+this module knows nothing of any particular model: a replayer returns an object with ``loss()`` (the
+forward of the captured step, returning the scalar loss), ``roots`` (named modules) and ``model``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from ris_stability.capsule import Capsule, CapsuleError
+from ris_stability.finding import Finding
+from ris_stability.locate import Locator
+from ris_stability.records import FINDING_FILE, META_FILE, UsageError, read_trace
+from ris_stability.reproducer import export_reproducer
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_USAGE, EXIT_NOT_REPRODUCED = 0, 2, 3
+
+
+class NotReproducedError(Exception):
+    """The replayed step is finite although the capsule recorded a non-finite one (exit code 3)."""
+
+
+@dataclass
+class ReplayOutcome:
+    step: int
+    loss: float
+    grads_finite: bool
+    bad_parameters: list[str]
+    recorded_loss: float
+    recorded_grads_finite: bool
+
+    @property
+    def nonfinite(self) -> bool:
+        return not (math.isfinite(self.loss) and self.grads_finite)
+
+    @property
+    def bit_exact(self) -> bool:
+        a, b = self.loss, self.recorded_loss
+        same_loss = (math.isnan(a) and math.isnan(b)) or a == b
+        return same_loss and self.grads_finite == self.recorded_grads_finite
+
+
+@dataclass
+class BisectResult:
+    capsule: Path
+    outcome: ReplayOutcome
+    finding: Finding | None
+    float64: dict[str, Any] | None = None
+    exported: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        o = self.outcome
+        return {"capsule": str(self.capsule), "step": o.step, "reproduced": o.nonfinite, "bit_exact": o.bit_exact,
+                "replay": {"loss": o.loss if math.isfinite(o.loss) else None, "grads_finite": o.grads_finite,
+                           "bad_parameters": o.bad_parameters[:20]},
+                "finding": self.finding.to_dict() if self.finding else None, "float64": self.float64,
+                "exported": self.exported}
+
+
+def _replayer(capsule: Capsule) -> Callable[..., Any]:
+    spec = capsule.meta.get("replayer", "")
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise CapsuleError(f"capsule of step {capsule.step} names no replayer (meta.replayer={spec!r}); it was not "
+                           "written by `risdiag trace` or a monitor given replayer='module:function'")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise CapsuleError(f"capsule replayer {spec!r} cannot be imported ({err})") from None
+
+
+def replay(capsule: Capsule, dtype: str | None = None) -> ReplayOutcome:
+    """Rebuild the step and run forward + backward exactly as training did; report what came out."""
+    rep = _replayer(capsule)(capsule, dtype)
+    rep.model.zero_grad(set_to_none=True)
+    loss = rep.loss()
+    loss.backward()
+    bad = [n for n, p in rep.model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    return ReplayOutcome(step=capsule.step, loss=float(loss.detach()), grads_finite=not bad, bad_parameters=bad,
+                         recorded_loss=float(capsule.meta.get("loss", math.nan)),
+                         recorded_grads_finite=bool(capsule.meta.get("grads_finite", False)))
+
+
+def locate_capsule(capsule: Capsule, dtype: str | None = None) -> Finding | None:
+    rep = _replayer(capsule)(capsule, dtype)
+    rep.model.zero_grad(set_to_none=True)
+    return Locator(roots=rep.roots).run(rep.loss)
+
+
+def bisect_capsule(path: Path, float64: bool = False, export: Path | None = None) -> BisectResult:
+    capsule = Capsule.load(path)
+    outcome = replay(capsule)
+    if not outcome.nonfinite:
+        raise NotReproducedError(
+            f"capsule {str(path)!r} (step {capsule.step}) replays finite: loss {outcome.loss:.6g}, all gradients "
+            f"finite, whereas the run recorded loss {outcome.recorded_loss:.6g} with "
+            f"{'finite' if outcome.recorded_grads_finite else 'non-finite'} gradients. Likely cause: a "
+            "non-deterministic op or a different torch build/thread count; re-run the trace on this machine")
+    finding = locate_capsule(capsule)
+    result = BisectResult(capsule=path, outcome=outcome, finding=finding)
+    if float64:
+        o64 = replay(capsule, dtype="float64")
+        verdict = "structural" if o64.nonfinite else "precision"
+        result.float64 = {"loss": o64.loss if math.isfinite(o64.loss) else None, "grads_finite": o64.grads_finite,
+                          "verdict": verdict, "explanation": (
+                              "finite in float64: the failure is a precision problem (float32 rounding turns a "
+                              "near-degenerate spectrum into exact ties or overflow)" if verdict == "precision" else
+                              "non-finite in float64 too: the failure is structural (exact ties, log(0), 0/0 ...); "
+                              "more precision will not fix it")}
+    if export is not None and finding is not None:
+        rep = _replayer(capsule)(capsule, None)
+        result.exported = [str(p) for p in export_reproducer(finding, rep, Path(export))]
+    return result
+
+
+def first_bad_step(run_dir: Path) -> tuple[int, Path]:
+    """The first step whose loss or gradients went non-finite, and its capsule."""
+    trace = read_trace(run_dir)
+    steps: list[int] = []
+    if "nonfinite" in trace.steps.columns:
+        steps += [int(s) for s in trace.steps.index[trace.steps["nonfinite"].fillna(False).astype(bool)]]
+    steps += [int(e["step"]) for e in trace.events if e.get("kind") in ("nonfinite_loss", "nonfinite_grad")
+              and e.get("step") is not None]
+    if not steps:
+        raise UsageError(f"run folder {str(run_dir)!r} recorded no non-finite step: nothing to bisect "
+                         f"({len(trace.steps)} steps logged, all finite)")
+    first = min(steps)
+    path = run_dir / "capsules" / f"step_{first:06d}.pt"
+    if not path.is_file():
+        raise UsageError(f"step {first} of {str(run_dir)!r} went non-finite but has no capsule ({path.name} missing); "
+                         "the monitor writes at most max_capsules capsules per run")
+    return first, path
+
+
+def _panel(result: BisectResult) -> Panel:
+    f, o = result.finding, result.outcome
+    t = Table.grid(padding=(0, 2))
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("capsule", str(result.capsule))
+    t.add_row("replay", f"step {o.step}: loss {o.loss:.6g}, gradients {'finite' if o.grads_finite else 'NON-FINITE'}"
+              f" ({'bit-exact' if o.bit_exact else 'NOT bit-exact'} vs the recorded step)")
+    if f is None:
+        t.add_row("finding", "the locator saw no non-finite value (replay differs from the located run?)")
+    else:
+        for name in ("phase", "op", "node", "module", "location", "function", "cause", "culprit", "message"):
+            value = getattr(f, name)
+            if value:
+                t.add_row(name, str(value))
+            if name == "location" and len(f.stack) > 1:
+                t.add_row("called from", " <- ".join(f.stack[1:4]))
+        for s in f.inputs[:4]:
+            spec = s.spectral
+            extra = (f"; min gap {spec.get('min_gap', math.nan):.2e}, largest tied cluster "
+                     f"{int(spec.get('max_cluster', 0) or 0)}" if spec else "")
+            t.add_row("input", f"{s.name} {list(s.shape)} {s.dtype}, |max| {s.absmax}, nan {s.nan}, inf {s.inf}{extra}")
+        for i, r in enumerate(f.remedies):
+            t.add_row("remedy" if i == 0 else "", f"- {r}")
+    if result.float64:
+        t.add_row("float64", f"{result.float64['verdict']}: {result.float64['explanation']}")
+    for p in result.exported:
+        t.add_row("exported", p)
+    return Panel(t, title="risdiag bisect", border_style="red" if f else "yellow")
+
+
+def _save_finding(result: BisectResult) -> None:
+    run_dir = result.capsule.parent.parent
+    if (run_dir / META_FILE).is_file() and result.finding is not None:
+        (run_dir / FINDING_FILE).write_text(json.dumps({**result.finding.to_dict(), "step": result.outcome.step}))
+
+
+def run_bisect(target: str, as_json: bool, float64: bool, export: str | None, console: Console) -> int:
+    path = Path(target)
+    if path.is_dir():
+        _, path = first_bad_step(path)
+    try:
+        result = bisect_capsule(path, float64=float64, export=Path(export) if export else None)
+    except NotReproducedError as err:
+        console.print(f"[yellow bold]risdiag bisect: did not reproduce:[/yellow bold] {err}", highlight=False)
+        return EXIT_NOT_REPRODUCED
+    _save_finding(result)
+    if as_json:
+        console.print_json(json.dumps(result.to_dict(), default=str))
+    else:
+        console.print(_panel(result))
+    return EXIT_OK
+
+
+__all__ = ["bisect_capsule", "first_bad_step", "replay", "locate_capsule", "run_bisect", "BisectResult",
+           "ReplayOutcome", "NotReproducedError", "UsageError"]

@@ -1,0 +1,132 @@
+"""`risdiag`: trace | bisect | report | align | compare.
+
+Exit codes: 0 success (a clean run, an aligned config, a located finding); 1 the run had non-finite
+steps / the config is misaligned; 2 usage errors (bad config, bad path, corrupted files); 3 a capsule
+that does not reproduce its non-finite step on replay. User errors print one clear message, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+
+from ris_stability.capsule import CapsuleError
+from ris_stability.records import UsageError
+
+EXIT_OK, EXIT_NONFINITE, EXIT_USAGE, EXIT_NOT_REPRODUCED = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="risdiag", description="Numerical-stability diagnostics for PyTorch training.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("trace", help="train a ris_model config with the stability monitor attached")
+    t.add_argument("--config", required=True, help="TOML config, e.g. configs/quickstart.toml")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.steps=50 (repeatable)")
+    t.add_argument("--steps", type=int, default=None, help="number of training steps (overrides train.steps)")
+    t.add_argument("--out", default=None, help="run folder (default runs/<config>-<time>)")
+    t.add_argument("--no-live", action="store_true", help="plain log lines instead of the live dashboard")
+    t.add_argument("--every", type=int, default=1, help="record matrix statistics every N steps (default 1)")
+    t.add_argument("--max-matrices", type=int, default=4, help="matrices of each batch the probes analyse")
+    t.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
+
+    b = sub.add_parser("bisect", help="replay a crash capsule (or a run folder) and name the failing op")
+    b.add_argument("target", help="a capsule file (capsules/step_NNNNNN.pt) or a run folder")
+    b.add_argument("--json", action="store_true", help="print the finding as JSON")
+    b.add_argument("--float64", action="store_true", help="also replay in float64: precision or structure?")
+    b.add_argument("--export", default=None, metavar="DIR", help="write a standalone reproducer to DIR")
+
+    r = sub.add_parser("report", help="build report.md and figures from a run folder")
+    r.add_argument("run_dir")
+    r.add_argument("--out", default=None, help="report file (default RUN_DIR/report.md)")
+
+    c = sub.add_parser("compare", help="side-by-side report of several runs")
+    c.add_argument("runs", nargs="+")
+    c.add_argument("--out", default=None, help="output folder (default reports/compare-<names>)")
+    c.add_argument("--labels", nargs="*", default=None)
+
+    a = sub.add_parser("align", help="check that the loss and inference consume the same matrices")
+    a.add_argument("--config", required=True)
+    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    a.add_argument("--json", action="store_true")
+    return p
+
+
+def _cmd_trace(args: argparse.Namespace, console: Console) -> int:
+    from ris_stability.integrations.ris import run_trace
+
+    return run_trace(config_path=args.config, overrides=args.overrides, steps=args.steps, out=args.out,
+                     live=not args.no_live, every=args.every, max_matrices=args.max_matrices,
+                     report=not args.no_report, console=console)
+
+
+def _cmd_bisect(args: argparse.Namespace, console: Console) -> int:
+    from ris_stability.bisect import run_bisect
+
+    return run_bisect(args.target, as_json=args.json, float64=args.float64, export=args.export, console=console)
+
+
+def _cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from ris_stability.report.build import build_report
+
+    path = build_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    console.print(f"report written to [bold]{path}[/bold]")
+    return EXIT_OK
+
+
+def _cmd_compare(args: argparse.Namespace, console: Console) -> int:
+    from ris_stability.report.compare import build_comparison
+
+    runs = [Path(r) for r in args.runs]
+    out = Path(args.out) if args.out else Path("reports") / ("compare-" + "-vs-".join(r.name for r in runs))
+    path = build_comparison(runs, out, labels=args.labels or None)
+    console.print(f"comparison written to [bold]{path}[/bold]")
+    return EXIT_OK
+
+
+def _cmd_align(args: argparse.Namespace, console: Console) -> int:
+    from ris_stability.integrations.ris import run_align
+
+    code, text = run_align(args.config, args.overrides, args.json)
+    if args.json:
+        sys.stdout.write(text + "\n")
+    else:
+        console.print(text, highlight=False)
+    return code
+
+
+COMMANDS = {"trace": _cmd_trace, "bisect": _cmd_bisect, "report": _cmd_report, "compare": _cmd_compare,
+            "align": _cmd_align}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    console = Console(stderr=False, soft_wrap=True)
+    err = Console(stderr=True)
+    from ris_model.config import ConfigError
+
+    try:
+        return COMMANDS[args.command](args, console)
+    except (ConfigError, UsageError, CapsuleError, FileNotFoundError, PermissionError) as exc:
+        err.print(f"[red bold]risdiag {args.command}: error:[/red bold] {exc}", highlight=False)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]; the run folder keeps every step logged so far")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "EXIT_OK", "EXIT_NONFINITE", "EXIT_USAGE", "EXIT_NOT_REPRODUCED", "json"]

@@ -1,0 +1,257 @@
+"""StabilityMonitor: spectral probes + gradient monitor + trace files + crash capsules, attached from outside.
+
+It fits ris_model's callback protocol structurally (methods named ``on_*`` taking the loop's context) and
+works around any other loop through the same methods with a small context object, or as a plain context
+manager. It only observes: statistics come from detached tensors, nothing consumes RNG, and the only
+influence it has on the run is the configured non-finite policy (``ctx.request_skip`` / ``request_stop``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+
+from ris_stability.capsule import Capsule, capsule_path, capture_rng, clone_state
+from ris_stability.grads import GradMonitor
+from ris_stability.probes import SpectralProbe
+from ris_stability.records import TraceWriter
+from ris_stability.tolerances import eps_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    every: int = 1  # matrix and gradient statistics every n steps (non-finite checks run every step)
+    max_matrices: int | None = 4  # matrices of each batch the probes analyse
+    grad_depth: int = 2  # module-tree depth of the per-module gradient norms
+    dead_after: int = 50  # steps after which a parameter / loss term that never moved is reported
+    policy: Literal["skip", "stop", "observe"] = "skip"  # what to ask of the loop on a non-finite step
+    max_capsules: int = 5  # capsules written per run (the first bad steps are the informative ones)
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.dead_after < 1 or self.max_capsules < 0:
+            raise ValueError(f"MonitorConfig: every={self.every}, dead_after={self.dead_after} must be >= 1 and "
+                             f"max_capsules={self.max_capsules} >= 0")
+        if self.policy not in ("skip", "stop", "observe"):
+            raise ValueError(f"MonitorConfig.policy={self.policy!r}: valid choices 'skip', 'stop', 'observe'")
+
+
+def ill_conditioned_log10(dtype: torch.dtype) -> float:
+    """log10 condition number beyond which a solve/inverse in ``dtype`` has lost about all its digits."""
+    return math.log10(1.0 / eps_of(dtype)) - 1.0
+
+
+def suspect_site(sites: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The call site most likely behind a non-finite backward: eigenvectors used, smallest gap."""
+    def key(s: dict[str, Any]) -> tuple[int, float, float]:
+        st = s["stats"]
+        gap = st.get("min_gap", math.nan)
+        return (0 if s["vec_grad"] else 1, gap if math.isfinite(gap) else math.inf, -st.get("max_cluster", 0.0))
+    ranked = sorted(sites.values(), key=key)
+    return ranked[0] if ranked else None
+
+
+class StabilityMonitor:
+    """Observe a training run and write a trace folder.
+
+    ``batch_state(batch) -> dict`` turns a batch into capsule content; ``config_text`` is stored in
+    capsules; ``replayer`` ("module:function") tells ``risdiag bisect`` how to rebuild the step.
+    """
+
+    def __init__(self, run_dir: str | Path, cfg: MonitorConfig = MonitorConfig(), *, meta: dict | None = None,
+                 config_text: str = "", replayer: str = "", batch_state: Callable[[Any], dict] | None = None,
+                 live: Any = None):
+        self.run_dir = Path(run_dir)
+        self.cfg, self.meta, self.config_text, self.replayer = cfg, dict(meta or {}), config_text, replayer
+        self.batch_state = batch_state or (lambda b: {"batch": b})
+        self.live = live
+        self.writer: TraceWriter | None = None
+        self.probe: SpectralProbe | None = None
+        self.grads: GradMonitor | None = None
+        self.nonfinite_steps: list[int] = []
+        self.skipped_steps: list[int] = []
+        self.capsules: list[Path] = []
+        self._rng: dict[str, Any] | None = None
+        self._sites: dict[str, dict[str, Any]] = {}
+        self._flagged: set[tuple[str, str]] = set()
+        self._t0 = time.perf_counter()
+        self._losses: list[float] = []
+        self._status = "clean"
+        self._dtype = torch.float32
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def attach(self, model: torch.nn.Module, loss_fn: torch.nn.Module | None = None) -> None:
+        roots = {"model": model} if loss_fn is None else {"model": model, "loss": loss_fn}
+        self._dtype = next((p.dtype for p in model.parameters()), torch.float32)
+        self.writer = TraceWriter(self.run_dir, self.meta)
+        self.probe = SpectralProbe(roots=roots, every=self.cfg.every, max_matrices=self.cfg.max_matrices)
+        self.grads = GradMonitor(model, depth=self.cfg.grad_depth, dead_after=self.cfg.dead_after)
+        self.probe.__enter__()
+        self.writer.event("run_start", "info", f"monitor attached (every={self.cfg.every}, policy={self.cfg.policy})")
+
+    def detach(self, status: str | None = None) -> None:
+        if self.probe is not None:
+            self.probe.__exit__(None, None, None)
+            self.probe = None
+        if self.writer is not None:
+            finite = [x for x in self._losses if math.isfinite(x)]
+            self.writer.summary({
+                "steps": len(self._losses), "wall_s": time.perf_counter() - self._t0,
+                "nonfinite_steps": self.nonfinite_steps, "skipped_steps": self.skipped_steps,
+                "final_loss": self._losses[-1] if self._losses else None,
+                "best_loss": min(finite) if finite else None, "status": status or self._status})
+            self.writer.event("run_end", "info", f"run ended: {status or self._status}")
+            self.writer.close()
+            self.writer = None
+
+    # -- ris_model callback protocol --------------------------------------------------------------
+    def on_train_start(self, ctx: Any) -> None:
+        self.attach(ctx.model, getattr(ctx, "loss_fn", None))
+
+    def on_step_start(self, ctx: Any) -> None:
+        self._rng = capture_rng()
+        self.probe.step(ctx.step)
+        k = getattr(ctx, "signal_dims", None)
+        self.probe.set_signal_dim(k)
+
+    def on_after_forward(self, ctx: Any) -> None:
+        if ctx.step % self.cfg.every == 0:
+            self.grads.observe_terms(ctx.terms)
+
+    def on_after_backward(self, ctx: Any) -> None:
+        sampled = ctx.step % self.cfg.every == 0
+        self._sites = self.probe.collect() if self.probe.sampling else {}
+        self.probe.sampling = False  # validation and later calls of this step are not training matrices
+        if sampled:
+            self.grads.observe_grads(ctx.optimizer)
+        finite = bool(ctx.grads_finite) if ctx.grads_finite is not None else self._grads_finite(ctx)
+        if not finite:
+            self._on_nonfinite(ctx)
+
+    def on_before_optimizer_step(self, ctx: Any) -> None:
+        if ctx.step % self.cfg.every == 0 and not ctx.skip_requested:
+            self.grads.before_step(ctx.optimizer)
+
+    def on_step_end(self, ctx: Any) -> None:
+        skipped = bool(getattr(ctx, "skipped", False))
+        if skipped:
+            self.skipped_steps.append(ctx.step)
+            self.writer.event("step_skipped", "warning", f"step {ctx.step} skipped ({ctx.skip_reason})",
+                              step=ctx.step, reason=ctx.skip_reason)
+        if ctx.step % self.cfg.every == 0 and not skipped and ctx.optimizer is not None:
+            self.grads.after_step(ctx.optimizer)
+        loss = float(ctx.loss.detach()) if ctx.loss is not None else math.nan
+        self._losses.append(loss)
+        if ctx.step % self.cfg.every == 0 or ctx.step in self.nonfinite_steps:
+            self._write_row(ctx, loss, skipped)
+
+    def on_exception(self, ctx: Any, exc: BaseException) -> None:
+        self._status = "stopped" if type(exc).__name__ == "NonFiniteError" else "crashed"
+        if self.writer is not None:
+            self.writer.event("run_stopped", "error", f"{type(exc).__name__}: {exc}", step=getattr(ctx, "step", None))
+        self.detach()
+
+    def on_train_end(self, ctx: Any) -> None:
+        if self.nonfinite_steps and self._status == "clean":
+            self._status = "nonfinite"
+        self.detach()
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _grads_finite(self, ctx: Any) -> bool:
+        grads = [p.grad for p in ctx.model.parameters() if p.grad is not None]
+        norms = torch._foreach_norm(grads) if grads else []
+        ok = torch.stack(norms).isfinite().all() if norms else torch.tensor(True)
+        return bool(ok) and (ctx.loss is None or bool(torch.isfinite(ctx.loss)))
+
+    def _on_nonfinite(self, ctx: Any) -> None:
+        step = ctx.step
+        self.nonfinite_steps.append(step)
+        loss_finite = ctx.loss is not None and bool(torch.isfinite(ctx.loss))
+        kind = "nonfinite_grad" if loss_finite else "nonfinite_loss"
+        suspect = suspect_site(self._sites)
+        data: dict[str, Any] = {}
+        msg = f"non-finite {'gradient' if loss_finite else 'loss'} at step {step}"
+        if suspect is not None:
+            st = suspect["stats"]
+            data = {"matrix": suspect["site"], "op": suspect["op"], "location": suspect["location"],
+                    "module": suspect["module"], "vec_grad": suspect["vec_grad"],
+                    "max_cluster": st.get("max_cluster"), "cluster_value": st.get("cluster_value"),
+                    "min_gap": st.get("min_gap")}
+            msg += (f"; suspect {suspect['site']} at {suspect['location']} (min gap {st.get('min_gap', math.nan):.2e}, "
+                    f"largest tied cluster {int(st.get('max_cluster', 0))}, eigenvectors "
+                    f"{'receive' if suspect['vec_grad'] else 'do not receive'} gradient)")
+        self.writer.event(kind, "error", msg, step=step, **data)
+        if self.live is not None:
+            self.live.update(step, event=msg, nonfinite=True)
+        if len(self.capsules) < self.cfg.max_capsules:
+            self._write_capsule(ctx, reason=msg)
+        if self.cfg.policy == "skip" and hasattr(ctx, "request_skip"):
+            ctx.request_skip("nonfinite")
+        elif self.cfg.policy == "stop" and hasattr(ctx, "request_stop"):
+            ctx.request_skip("nonfinite")
+            ctx.request_stop(msg)
+
+    def _write_capsule(self, ctx: Any, reason: str) -> None:
+        # After backward the optimizer has not stepped: parameters and optimizer state are still pre-step.
+        meta = {"torch": str(torch.__version__), "replayer": self.replayer, "lr": float(getattr(ctx, "lr", math.nan)),
+                "loss": float(ctx.loss.detach()) if ctx.loss is not None else math.nan,
+                "grads_finite": bool(ctx.grads_finite) if ctx.grads_finite is not None else False}
+        cap = Capsule(step=ctx.step, batch=self.batch_state(ctx.batch), model_state=clone_state(ctx.model.state_dict()),
+                      optimizer_state=clone_state(ctx.optimizer.state_dict()) if ctx.optimizer is not None else None,
+                      rng=self._rng or capture_rng(), config_text=self.config_text, reason=reason, meta=meta)
+        path = cap.save(capsule_path(self.run_dir, ctx.step))
+        self.capsules.append(path)
+        self.writer.event("capsule_written", "info", f"capsule for step {ctx.step} written", step=ctx.step,
+                          path=str(path.relative_to(self.run_dir)))
+
+    def _write_row(self, ctx: Any, loss: float, skipped: bool) -> None:
+        row: dict[str, Any] = {"step": ctx.step, "time_s": time.perf_counter() - self._t0,
+                               "lr": float(getattr(ctx, "lr", math.nan)), "skipped": skipped,
+                               "nonfinite": ctx.step in self.nonfinite_steps, "loss": loss}
+        row.update(self.grads.collect())
+        row.update({f"loss/{k}": float(v) for k, v in ctx.terms.items() if f"loss/{k}" not in row})
+        for name, site in self._sites.items():
+            row.update({f"mat/{name}/{k}": v for k, v in site["stats"].items()})
+            row[f"mat/{name}/vec_grad"] = 1.0 if site["vec_grad"] else 0.0
+            self._flag(ctx.step, name, site)
+        self._sites = {}
+        self.writer.step(row)
+        self._report_dead(ctx.step)
+        if self.live is not None:
+            self.live.update(ctx.step + 1, row=row, nonfinite=row["nonfinite"])
+
+    def _flag(self, step: int, name: str, site: dict[str, Any]) -> None:
+        st = site["stats"]
+        cluster = st.get("max_cluster", 0.0)
+        if site["vec_grad"] and cluster > 1 and (name, "tied") not in self._flagged:
+            self._flagged.add((name, "tied"))
+            self.writer.event("tied_eigenvalues", "warning",
+                              f"{name} ({site['location']}): {int(cluster)} eigenvalues tie at "
+                              f"{st.get('cluster_value', math.nan):.3e} and its eigenvectors receive gradient: "
+                              "eigh backward divides by their zero gaps (0/0)", step=step, matrix=name,
+                              max_cluster=cluster, cluster_value=st.get("cluster_value"), vec_grad=True,
+                              location=site["location"], module=site["module"])
+        lc = st.get("log10_cond", math.nan)
+        limit = ill_conditioned_log10(self._dtype)
+        if lc > limit and (name, "cond") not in self._flagged:  # NaN compares False; inf = singular
+            self._flagged.add((name, "cond"))
+            what = (f"singular (numerical rank {int(st.get('rank', 0))} of {int(st.get('n', 0))})" if math.isinf(lc)
+                    else f"log10 condition number {lc:.1f} > {limit:.1f}")
+            self.writer.event("ill_conditioned", "warning", f"{name}: {what}", step=step, matrix=name,
+                              log10_cond=lc, rank=st.get("rank"))
+
+    def _report_dead(self, step: int) -> None:
+        params, terms = self.grads.dead_parameters(), self.grads.dead_terms()
+        if params:
+            self.writer.event("dead_parameter", "warning", f"never received gradient: {', '.join(params[:8])}"
+                              + (f" (+{len(params) - 8})" if len(params) > 8 else ""), step=step, names=params)
+        if terms:
+            self.writer.event("dead_loss_term", "warning", f"constant or zero loss term(s): {', '.join(terms)}",
+                              step=step, names=terms)
