@@ -106,7 +106,8 @@ class MatrixCapture:
         self._consumers = {id(module): name for name, module in (consumers or {}).items()}
         self._paths: dict[int, str] = {}
         self._stack: list[nn.Module] = []
-        self._produced: dict[str, list[Tensor]] = {}  # per consumer: tensors it made (kept alive for id())
+        self._produced: dict[str, set[int]] = {}  # per consumer: ids of the tensors it made ...
+        self._alive: list[Tensor] = []  # ... kept alive while capturing, so an id cannot be reused
         self._seen: set[tuple[str, int]] = set()
         self._handles: list[Any] = []
         self._mode: _Mode | None = None
@@ -128,7 +129,7 @@ class MatrixCapture:
             self._mode = None
             for handle in self._handles:
                 handle.remove()
-            self._handles, self._stack, self._produced = [], [], {}
+            self._handles, self._stack, self._produced, self._alive = [], [], {}, []
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
         if any(m is module for m in self._stack):
@@ -161,7 +162,7 @@ class MatrixCapture:
                 label = consumer or self._module_path() or caller_location()
                 self._add(label, _op_name(func), matrix)
         if consumer is not None:
-            made = {id(t) for t in self._produced.get(consumer, ())}
+            made = self._produced.get(consumer, set())
             for t in _tensors((args, kwargs)):
                 if _square(t) and id(t) not in made:
                     self._add(consumer, _op_name(func), t)
@@ -169,7 +170,9 @@ class MatrixCapture:
     def _after(self, out: Any) -> None:
         consumer = self._consumer()
         if consumer is not None:
-            self._produced.setdefault(consumer, []).extend(_tensors(out))
+            outputs = list(_tensors(out))
+            self._alive.extend(outputs)
+            self._produced.setdefault(consumer, set()).update(id(t) for t in outputs)
 
 
 # --------------------------------------------------------------------------------------- comparison

@@ -112,12 +112,16 @@ class Case:
                 f"rank_b={self.rank_b}, rank_s={self.rank_s}, {self.cfg})")
 
 
-def _factor(gen: torch.Generator, b: int, n: int, rank: int, log_scales: list[float], keep: list[bool]) -> tuple[torch.Tensor, int]:
-    """U V with U (N, rank), V (rank, K_MAX), columns scaled by 10**log_scales, dropped columns exactly zero."""
+COLUMN_KINDS = {"full": 1.0, "near-zero": 1e-12, "zero": 0.0}  # near-zero: 1e-12 of its drawn scale
+
+
+def _factor(gen: torch.Generator, b: int, n: int, rank: int, log_scales: list[float], kinds: list[str]) -> tuple[torch.Tensor, int]:
+    """U V with U (N, rank), V (rank, K_MAX), column j scaled by 10**log_scales[j] * COLUMN_KINDS[kinds[j]].
+    Returns the factor and its structural rank (near-zero columns count: they are not exactly zero)."""
     u = torch.randn(b, n, rank, dtype=torch.complex128, generator=gen)
     v = torch.randn(b, rank, K_MAX, dtype=torch.complex128, generator=gen)
-    scale = torch.tensor([10.0 ** s if k else 0.0 for s, k in zip(log_scales, keep)], dtype=torch.float64)
-    return (u @ v) * scale, min(rank, sum(keep))
+    scale = torch.tensor([10.0 ** s * COLUMN_KINDS[k] for s, k in zip(log_scales, kinds)], dtype=torch.float64)
+    return (u @ v) * scale, min(rank, sum(k != "zero" for k in kinds))
 
 
 def _sample_cov(gen: torch.Generator, b: int, n: int, rank: int, log_scales: list[float], skew: float) -> torch.Tensor:
@@ -138,7 +142,7 @@ def cases(draw, dtype: torch.dtype, alpha=st.just(0.0), skews=st.sampled_from([0
     b = draw(st.integers(1, 2))
     log_scale = st.floats(-6.0, 6.0)
     cols = st.lists(log_scale, min_size=K_MAX, max_size=K_MAX)
-    keep = st.lists(st.booleans(), min_size=K_MAX, max_size=K_MAX)
+    keep = st.lists(st.sampled_from(list(COLUMN_KINDS)), min_size=K_MAX, max_size=K_MAX)
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     cfg = CovarianceConfig(lambda_range=draw(st.sampled_from([0.0, 0.3]) | st.floats(1e-3, 10.0)),
                            beta=draw(st.sampled_from([0.0, 0.3]) | st.floats(0.0, 0.99)), shrinkage=draw(alpha))
@@ -270,8 +274,8 @@ def test_shrinkage_at_project_defaults_ties_118_noise_eigenvalues(record_propert
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.complex64, torch.complex128):
         for alpha in (1e-3, 0.1):
-            a, ra = _factor(gen, 2, N_PROJECT, K_MAX, [0.0] * K_MAX, [True] * K_MAX)
-            bf, rb = _factor(gen, 2, N_PROJECT, K_MAX, [0.0] * K_MAX, [True] * K_MAX)
+            a, ra = _factor(gen, 2, N_PROJECT, K_MAX, [0.0] * K_MAX, ["full"] * K_MAX)
+            bf, rb = _factor(gen, 2, N_PROJECT, K_MAX, [0.0] * K_MAX, ["full"] * K_MAX)
             rs = _sample_cov(gen, 2, N_PROJECT, L, [0.0] * L, 0.0)
             case = Case(a.to(dtype), bf.to(dtype), rs.to(dtype), CovarianceConfig(shrinkage=alpha), ra, rb, L)
             lam = check_builder(build_covariances, case)
@@ -291,8 +295,8 @@ def test_shrinkage_at_project_defaults_ties_118_noise_eigenvalues(record_propert
 # ----------------------------------------------------------------------------- zero trace
 def _zero_trace_input(kind: str, dtype: torch.dtype):
     gen = torch.Generator().manual_seed(1)
-    a, _ = _factor(gen, 2, 24, K_MAX, [0.0] * K_MAX, [True] * K_MAX)
-    bf, _ = _factor(gen, 2, 24, K_MAX, [0.0] * K_MAX, [True] * K_MAX)
+    a, _ = _factor(gen, 2, 24, K_MAX, [0.0] * K_MAX, ["full"] * K_MAX)
+    bf, _ = _factor(gen, 2, 24, K_MAX, [0.0] * K_MAX, ["full"] * K_MAX)
     rs = _sample_cov(gen, 2, 24, L, [0.0] * L, 0.0)
     cfg = CovarianceConfig()
     if kind == "all factors zero":
@@ -376,7 +380,7 @@ def test_planted_bug_is_caught(bug):
 
 def test_inference_matrix_is_the_shrunk_blend():
     gen = torch.Generator().manual_seed(2)
-    a, _ = _factor(gen, 1, 24, K_MAX, [0.0] * K_MAX, [True] * K_MAX)
+    a, _ = _factor(gen, 1, 24, K_MAX, [0.0] * K_MAX, ["full"] * K_MAX)
     rs = _sample_cov(gen, 1, 24, L, [0.0] * L, 0.0)
     for alpha in (0.0, 0.1):
         cov = build_covariances(a, a, rs, dataclasses.replace(CovarianceConfig(), shrinkage=alpha))
