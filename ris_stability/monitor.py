@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -131,7 +131,9 @@ class StabilityMonitor:
         self.probe.sampling = False  # validation and later calls of this step are not training matrices
         if sampled:
             self.grads.observe_grads(ctx.optimizer)
-        finite = bool(ctx.grads_finite) if ctx.grads_finite is not None else self._grads_finite(ctx)
+        if ctx.grads_finite is None:
+            ctx.grads_finite = self._grads_finite(ctx)
+        finite = bool(ctx.grads_finite)
         if not finite:
             self._on_nonfinite(ctx)
 
@@ -255,3 +257,88 @@ class StabilityMonitor:
         if terms:
             self.writer.event("dead_loss_term", "warning", f"constant or zero loss term(s): {', '.join(terms)}",
                               step=step, names=terms)
+
+
+@dataclass
+class LoopContext:
+    """The context the monitor reads, for loops that do not have ris_model's StepContext."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None = None
+    loss_fn: torch.nn.Module | None = None
+    step: int = 0
+    lr: float = math.nan
+    batch: Any = None
+    signal_dims: Any = None
+    loss: torch.Tensor | None = None
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    grads_finite: bool | None = None
+    skipped: bool = False
+    skip_reason: str = ""
+    skip_requested: str = ""
+    stop_requested: str = ""
+
+    def request_skip(self, reason: str = "monitor") -> None:
+        self.skip_requested = reason
+
+    def request_stop(self, reason: str = "monitor") -> None:
+        self.stop_requested = reason
+
+
+class MonitorSession:
+    """Drive a StabilityMonitor from any hand-written loop::
+
+        with MonitorSession(StabilityMonitor("runs/x"), model, optimizer, loss_fn) as s:
+            for step, batch in enumerate(loader):
+                s.start_step(step, batch)
+                loss = loss_fn(model(batch), batch)
+                s.after_forward(loss, terms={"mse": loss})
+                loss.backward()
+                if s.after_backward():      # False: non-finite and the policy says skip
+                    optimizer.step()
+                s.end_step()
+                if s.stop_requested:
+                    break
+    """
+
+    def __init__(self, monitor: StabilityMonitor, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                 loss_fn: torch.nn.Module | None = None):
+        self.monitor = monitor
+        self.ctx = LoopContext(model=model, optimizer=optimizer, loss_fn=loss_fn)
+
+    def __enter__(self) -> "MonitorSession":
+        self.monitor.on_train_start(self.ctx)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self.monitor.on_exception(self.ctx, exc)
+        else:
+            self.monitor.on_train_end(self.ctx)
+
+    @property
+    def stop_requested(self) -> str:
+        return self.ctx.stop_requested
+
+    def start_step(self, step: int, batch: Any = None, lr: float = math.nan, signal_dims: Any = None) -> None:
+        c = self.ctx
+        c.step, c.batch, c.lr, c.signal_dims = step, batch, lr, signal_dims
+        c.loss, c.terms, c.grads_finite, c.skipped, c.skip_reason, c.skip_requested = None, {}, None, False, "", ""
+        self.monitor.on_step_start(c)
+
+    def after_forward(self, loss: torch.Tensor, terms: dict[str, torch.Tensor] | None = None) -> None:
+        self.ctx.loss = loss
+        self.ctx.terms = {k: v.detach() for k, v in (terms or {}).items()}
+        self.monitor.on_after_forward(self.ctx)
+
+    def after_backward(self) -> bool:
+        """Check the gradients; True when the optimizer should step (finite, or policy 'observe')."""
+        self.monitor.on_after_backward(self.ctx)
+        self.ctx.skipped = bool(self.ctx.skip_requested)
+        self.ctx.skip_reason = self.ctx.skip_requested
+        if not self.ctx.skipped:
+            self.monitor.on_before_optimizer_step(self.ctx)
+        return not self.ctx.skipped
+
+    def end_step(self) -> None:
+        self.monitor.on_step_end(self.ctx)

@@ -198,6 +198,18 @@ def _spectrum_stats(kind: str, flat: Tensor, out: Any, k) -> dict[str, Tensor]:
     return {key: stats[key] for key in STAT_KEYS}
 
 
+def _marked_entry(func: Callable) -> tuple[str, str] | None:
+    """Functions outside torch that declare ``__spectral_op__ = "eigh"`` (e.g. a custom eigh with its own
+    backward) are probed like torch's op of that kind, under their own name."""
+    kind = getattr(func, "__spectral_op__", None)
+    if kind not in _MARKED_KINDS:
+        return None
+    return (getattr(func, "__name__", kind), kind)
+
+
+_MARKED_KINDS = frozenset({"eigh", "eigvalsh", "svd", "svdvals", "herm", "general"})
+
+
 class _LinalgMode(TorchFunctionMode):
     """Passes every call through unchanged; hands allow-listed linalg calls to the probe."""
 
@@ -207,7 +219,7 @@ class _LinalgMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = {} if kwargs is None else kwargs
-        entry = OPS.get(func)
+        entry = OPS.get(func) or _marked_entry(func)
         probe = self._probe
         if entry is None or not probe.sampling or probe._busy:
             return func(*args, **kwargs)
