@@ -49,24 +49,38 @@ def _dense(grad: Tensor) -> Tensor:
 
 
 def _per_param(params: Sequence[nn.Parameter], values: Sequence[Tensor], device: torch.device,
-               dtype: torch.dtype) -> Tensor:
-    """Stack one 0-d value per parameter with a grad (in order) and 0 for the others, on ``device``
-    without any host-to-device copy."""
-    zero = torch.zeros((), dtype=dtype, device=device)
-    it = iter(values)
-    return torch.stack([next(it).to(device=device, dtype=dtype) if p.grad is not None else zero for p in params])
+               dtype: torch.dtype, index_cache: dict | None = None) -> Tensor:
+    """(P,) tensor on ``device``: the 0-d ``values`` (one per parameter with a grad, in order) and 0 for
+    parameters without a grad. One stack and one cast, not one kernel per parameter."""
+    present = tuple(i for i, p in enumerate(params) if p.grad is not None)
+    if not present:
+        return torch.zeros(len(params), dtype=dtype, device=device)
+    stacked = torch.stack([v if v.device == device else v.to(device) for v in values]).to(dtype)
+    if len(present) == len(params):
+        return stacked
+    cache = {} if index_cache is None else index_cache
+    if present not in cache:  # a host-to-device copy, so built once per pattern of missing grads
+        cache[present] = torch.tensor(present, dtype=torch.long, device=device)
+    return torch.zeros(len(params), dtype=dtype, device=device).index_copy_(0, cache[present], stacked)
 
 
-def grad_norms(params: Sequence[nn.Parameter], device: torch.device) -> Tensor:
+def _present_grads(params: Sequence[nn.Parameter]) -> list[Tensor]:
+    return [_dense(p.grad) for p in params if p.grad is not None]
+
+
+def grad_norms(params: Sequence[nn.Parameter], device: torch.device, index_cache: dict | None = None) -> Tensor:
     """L2 norm of each parameter's grad as a float64 (P,) tensor on ``device``; 0 for a None grad."""
-    grads = [_dense(p.grad) for p in params if p.grad is not None]
-    return _per_param(params, torch._foreach_norm(grads) if grads else (), device, torch.float64)
+    grads = _present_grads(params)
+    return _per_param(params, torch._foreach_norm(grads) if grads else (), device, torch.float64, index_cache)
 
 
-def nonfinite_counts(params: Sequence[nn.Parameter], device: torch.device) -> Tensor:
+def nonfinite_counts(params: Sequence[nn.Parameter], device: torch.device,
+                     index_cache: dict | None = None) -> Tensor:
     """Number of non-finite grad elements of each parameter, (P,) int64 on ``device``."""
-    counts = [(~torch.isfinite(_dense(p.grad))).sum() for p in params if p.grad is not None]
-    return _per_param(params, counts, device, torch.long)
+    grads = _present_grads(params)
+    # g * 0 is 0 where g is finite and NaN where it is not; its "L0 norm" counts the non-zero (NaN) entries.
+    counts = torch._foreach_norm(torch._foreach_mul(grads, 0.0), 0) if grads else ()
+    return _per_param(params, counts, device, torch.long, index_cache)
 
 
 def combine_norms(norms: Tensor, index: Tensor, n_groups: int) -> Tensor:
@@ -106,6 +120,7 @@ class GradMonitor:
         self._module_index = torch.tensor([self.modules.index(k) for k in keys], device=self.device)
         self._position = {id(p): i for i, p in enumerate(self.params)}
         self._group_indices: dict[tuple[int, ...], Tensor] = {}
+        self._present_indices: dict[tuple[int, ...], Tensor] = {}
         self._alive = torch.zeros(len(self.params), dtype=torch.bool, device=self.device)
         self._observed = 0
         self._pending: dict[str, Tensor] = {}
@@ -115,17 +130,17 @@ class GradMonitor:
         self._reported_terms: set[str] = set()  # reported dead, or seen to change after dead_after
 
     # -- gradients ---------------------------------------------------------------------------------
-    def observe_grads(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Measure the current grads (call after backward): module and total norms, non-finite counts,
-        per-param-group norms when ``optimizer`` is given, and parameter liveness."""
-        norms = grad_norms(self.params, self.device)
-        counts = nonfinite_counts(self.params, self.device)
+    def observe_grads(self, optimizer: torch.optim.Optimizer | None = None, count_nonfinite: bool = True) -> None:
+        """Measure the current grads (call after backward): module and total norms, per-param-group norms
+        when ``optimizer`` is given, parameter liveness, and non-finite counts unless ``count_nonfinite``
+        is False (a caller that checks ``grad/_total`` for finiteness anyway can count only on a bad step
+        with :meth:`count_nonfinite`)."""
+        norms = grad_norms(self.params, self.device, self._present_indices)
         by_module = combine_norms(norms, self._module_index, len(self.modules))
-        nonfinite = torch.zeros(len(self.modules), dtype=torch.long, device=self.device)
-        nonfinite.index_add_(0, self._module_index, counts)
         for i, module in enumerate(self.modules):
             self._pending[f"grad/{module}"] = by_module[i]
-            self._pending[f"grad_nonfinite/{module}"] = nonfinite[i]
+        if count_nonfinite:
+            self.count_nonfinite()
         self._pending[f"grad/{TOTAL_KEY}"] = norms.square().sum().sqrt()
         if optimizer is not None:
             for g, group in enumerate(optimizer.param_groups):
@@ -134,6 +149,14 @@ class GradMonitor:
         # A NaN or inf norm is not a usable gradient; a zero norm means no gradient reached the parameter.
         self._alive |= torch.isfinite(norms) & (norms > 0)
         self._observed += 1
+
+    def count_nonfinite(self) -> None:
+        """Count the non-finite elements of the current grads per module (reported by collect when > 0)."""
+        counts = nonfinite_counts(self.params, self.device, self._present_indices)
+        nonfinite = torch.zeros(len(self.modules), dtype=torch.long, device=self.device)
+        nonfinite.index_add_(0, self._module_index, counts)
+        for i, module in enumerate(self.modules):
+            self._pending[f"grad_nonfinite/{module}"] = nonfinite[i]
 
     def _group_index(self, params: Sequence[nn.Parameter]) -> Tensor:
         # Cached: building an index tensor is a host-to-device copy, which is not free on a GPU.

@@ -119,6 +119,19 @@ def test_nonfinite_grad_elements_are_counted_per_module():
     assert math.isfinite(got["grad/encoder"])
 
 
+def test_nonfinite_counting_can_be_deferred_to_a_bad_step():
+    torch.manual_seed(0)
+    model = Toy()
+    _step(model, 0)
+    model.phase.grad[1] = complex(math.inf, 0.0)
+    gm = GradMonitor(model, depth=1)
+    gm.observe_grads(count_nonfinite=False)
+    first = gm.collect()
+    assert math.isinf(first["grad/phase"]) and not any(k.startswith("grad_nonfinite/") for k in first)
+    gm.count_nonfinite()
+    assert gm.collect() == {"grad_nonfinite/phase": 1}
+
+
 def test_update_ratio_and_param_group_norms_match_sgd():
     torch.manual_seed(0)
     model = Toy()
