@@ -9,8 +9,8 @@ Pipeline of ``music``: eigh in complex128 (eigenvalues ascending) -> K (given, o
 q on the search grid in complex64, chunked over grid points, each steering chunk computed once and
 projected on the subspaces of the whole batch with one GEMM -> 3-D local minima of q (3x3x3
 neighbourhood), greedy non-maximum suppression in physical units (angular distance in degrees AND
-|ln(r_i / r_j)|) -> top K -> damped Newton on (phi, theta, ln r) of q in float64 with autograd
-derivatives, clamped to the search box.
+|ln(r_i / r_j)|) -> the 2K deepest -> damped Newton on (phi, theta, ln r) of q in float64 with
+autograd gradient and Hessian, clamped to the search box -> re-ranked by refined q -> NMS -> top K.
 
 Memory: the spectrum of one group of at most ``GROUP`` scenes (GROUP * grid points * 4 bytes, 360 MB
 for 128 scenes on the default 0.5 deg x 0.5 deg x 24 grid) plus chunk temporaries of about
@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ris_model.config import MusicConfig, SceneConfig
@@ -40,7 +39,7 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 64 * 2**20  # complex64 steering block + projections per grid chunk
 GROUP = 128  # scenes whose spectra are held at once (bounds memory; steering is reused inside a group)
 CANDIDATES_PER_SOURCE = 16  # local maxima kept per source slot before non-maximum suppression
-REFINE_TOL = 1e-10  # stop refining when every proposed step (radians, ln metres) is below this
+REFINE_TOL = 1e-10  # a point stops refining once its move (radians, ln metres) is below this
 
 
 class MusicError(ValueError):
@@ -50,7 +49,7 @@ class MusicError(ValueError):
 @dataclass(frozen=True)
 class Estimates:
     """MUSIC output. phi, theta radians; r metres; all (B, K_MAX) float64; mask (B, K_MAX) marks
-    the filled slots (ordered by spectrum height); k (B,) int64 = mask.sum(-1)."""
+    the filled slots (deepest refined null spectrum first); k (B,) int64 = mask.sum(-1)."""
 
     phi: Tensor
     theta: Tensor
@@ -126,24 +125,28 @@ def null_spectrum(Es: Tensor, system: System, phi: Tensor, theta: Tensor, r: Ten
     unused slots); phi, theta, r (G,) in the precision the spectrum is computed in. Returns (B, G).
 
     Each steering chunk is computed once and projected on the subspaces of all B scenes with one
-    GEMM against the non-zero columns only.
+    GEMM against the non-zero columns only; a second, small real GEMM with a 0/1 owner matrix sums
+    the squared magnitudes per scene and writes them already transposed (measured: ~1.7x faster than
+    an index_add or per-group reductions, which are memory-bound passes over the projections).
     """
-    b, n, kk = Es.shape
+    b, n, _ = Es.shape
     positions = system.positions.to(phi.dtype)
-    cols_mask = Es.abs().amax(-2) > 0  # (B, K): which columns are in use
+    cols_mask = Es.abs().amax(-2) > 0  # (B, K): which columns are in use (unused slots are zero)
     owner = torch.arange(b).repeat_interleave(cols_mask.sum(-1))
-    cols = Es.transpose(-1, -2)[cols_mask].to(torch.complex64 if phi.dtype == torch.float32
-                                             else torch.complex128)  # (C, N)
+    cdtype = torch.complex64 if phi.dtype == torch.float32 else torch.complex128
+    cols = Es.transpose(-1, -2)[cols_mask].to(cdtype)  # (C, N)
     cols_h = cols.conj().T.contiguous()  # (N, C): a @ cols_h = (e_c^H a) for every column c
+    # (B, 2C): row b has ones at the (real, imag) entries of scene b's columns
+    select = (owner[None, :] == torch.arange(b)[:, None]).to(phi.dtype).repeat_interleave(2, dim=1)
     g = phi.shape[0]
     out = torch.empty(b, g, dtype=phi.dtype)
     step = _chunk_points(n, cols.shape[0])
     for start in range(0, g, step):
         sl = slice(start, min(start + step, g))
         a = steering(positions, system.wavelength, phi[sl], theta[sl], r[sl], fresnel=system.fresnel)
-        power = torch.view_as_real(a @ cols_h).square().sum(-1)  # (G_chunk, C): |e_c^H a|^2
-        energy = torch.zeros(power.shape[0], b, dtype=phi.dtype).index_add_(1, owner, power)
-        out[:, sl] = (1.0 - energy).T
+        parts = torch.view_as_real(a @ cols_h).reshape(a.shape[0], -1)  # (G_chunk, 2C): Re, Im of e_c^H a
+        energy = select @ parts.square_().T  # (B, G_chunk): ||E_s^H a||^2 per scene
+        out[:, sl] = energy.neg_().add_(1.0)
     return out
 
 
@@ -166,6 +169,14 @@ def music_spectrum(Es: Tensor, system: System, phi: Tensor, theta: Tensor, r: Te
 def _grid_points(grid: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     ph, th, rr = torch.meshgrid(*grid, indexing="ij")
     return ph.reshape(-1), th.reshape(-1), rr.reshape(-1)
+
+
+def _max3(x: Tensor, dim: int) -> Tensor:
+    """Running max over windows of 3 along ``dim``, -inf beyond the edges (same shape as x)."""
+    pad = torch.full_like(x.narrow(dim, 0, 1), -math.inf)
+    p = torch.cat([pad, x, pad], dim=dim)
+    n = x.shape[dim]
+    return torch.maximum(torch.maximum(p.narrow(dim, 0, n), p.narrow(dim, 1, n)), p.narrow(dim, 2, n))
 
 
 def _nms(phi: Tensor, theta: Tensor, r: Tensor, valid: Tensor, cfg: MusicConfig) -> Tensor:
@@ -205,8 +216,8 @@ def find_peaks(q: Tensor, grid: tuple[Tensor, Tensor, Tensor], n: Tensor, slots:
     phi, theta, r (B, slots) float64 and a mask (B, slots), deepest first."""
     b = q.shape[0]
     shape = tuple(ax.shape[0] for ax in grid)
-    score = -q.reshape(b, 1, *shape)
-    pooled = F.max_pool3d(score, kernel_size=3, stride=1, padding=1)  # pads with -inf
+    score = -q.reshape(b, *shape)
+    pooled = _max3(_max3(_max3(score, 1), 2), 3)  # 3x3x3 max, separable: 3x faster than max_pool3d
     score = torch.where(score >= pooled, score, torch.full_like(score, -math.inf)).reshape(b, -1)
     top, idx = score.topk(min(score.shape[-1], CANDIDATES_PER_SOURCE * slots), dim=-1)
     pts = [p.to(torch.float64)[idx] for p in _grid_points(grid)]
@@ -337,10 +348,14 @@ def music(R: Tensor, k: Tensor | None, system: System, scene: SceneConfig, cfg: 
     cfg.nms_deg in direction and cfg.nms_range_frac in ln r are not resolved (one estimate).
     ``timings``, when given, accumulates seconds per stage ('eigh', 'spectrum', 'peaks', 'refine')
     and receives the grid size ('grid_points').
+    MUSIC is an estimator, not a loss: R is detached and the work runs on the CPU (like ``System``);
+    the Estimates are CPU tensors whatever the device of R.
     """
     k_max, b = scene.k_max, R.shape[0]
     t = {"eigh": 0.0, "spectrum": 0.0, "peaks": 0.0, "refine": 0.0}
     t0 = time.perf_counter()
+    R = R.detach().cpu()
+    k = None if k is None else torch.as_tensor(k).detach().cpu()
     evals, es = signal_subspace(R, k_max)
     if k is None:
         k = estimate_k(evals, k_max, rel_floor=R.shape[-1] * eps_of(R.dtype))

@@ -56,6 +56,34 @@ def _check(n_samples: int, snr_db_list: list[float], sources: tuple[str, ...]) -
         raise EvalError(f"music eval: unknown source(s) {bad}; valid: {', '.join(SOURCES)}")
 
 
+def _stack_unique(data: dict[float, dict], sources: tuple[str, ...],
+                  snr_db_list: list[float]) -> tuple[dict[tuple[str, float], int], list[torch.Tensor]]:
+    """Covariance blocks to localise: (source, snr) -> block index; bit-identical blocks are shared."""
+    jobs: dict[tuple[str, float], int] = {}
+    mats: list[torch.Tensor] = []
+    for src in sources:
+        for snr in snr_db_list:
+            R = data[snr][SOURCES[src]]
+            j = next((jobs[(src, s)] for s in snr_db_list
+                      if (src, s) in jobs and torch.equal(mats[jobs[(src, s)]], R)), None)
+            if j is None:
+                j = len(mats)
+                mats.append(R)
+            jobs[(src, snr)] = j
+    return jobs, mats
+
+
+def _throughput(timings: dict[str, float], n: int, n_scenes: int, mean_k: float) -> dict[str, float]:
+    """Spectrum rate (grid points x N x scenes / s) and its GEMM-only FLOP bound (8 k FLOPs each)."""
+    peak = gemm_peak_flops()
+    stages = ("eigh", "spectrum", "peaks", "refine")
+    return {"grid_points": int(timings["grid_points"]), "scenes_in_call": n_scenes,
+            **{f"{stage}_s": timings[stage] for stage in stages},
+            "music_s": sum(timings[stage] for stage in stages),
+            "throughput": timings["grid_points"] * n * n_scenes / timings["spectrum"],
+            "throughput_flop_bound": peak / (FLOPS_PER_CMAC * mean_k), "gemm_peak_flops": peak}
+
+
 def run_music_eval(cfg: RunConfig, n_samples: int, snr_db_list: list[float],
                    sources: tuple[str, ...] = ("true", "samp")) -> list[dict]:
     """One row per (source, SNR): pooled RMSEs, the CRB at the same scenes (sqrt of the mean CRB
@@ -69,50 +97,29 @@ def run_music_eval(cfg: RunConfig, n_samples: int, snr_db_list: list[float],
     for snr in snr_db_list:
         c = dataclasses.replace(cfg, scene=dataclasses.replace(cfg.scene, snr_db=(float(snr), float(snr))))
         data[snr] = simulate(c, system, "test", list(range(n_samples)))
-    first = data[snr_db_list[0]]
-    jobs: dict[tuple[str, float], int] = {}  # (source, snr) -> block index in the stacked covariances
-    mats = []
-    for src in sources:
-        for snr in snr_db_list:
-            R = data[snr][SOURCES[src]]
-            j = next((jobs[(src, s)] for s in snr_db_list
-                      if (src, s) in jobs and torch.equal(mats[jobs[(src, s)]], R)), None)
-            if j is None:
-                j = len(mats)
-                mats.append(R)
-            jobs[(src, snr)] = j
+    k_true = data[snr_db_list[0]]["k"]
+    jobs, mats = _stack_unique(data, sources, snr_db_list)
     timings: dict[str, float] = {}
-    est = music(torch.cat(mats), first["k"].repeat(len(mats)), system, cfg.scene, cfg.music, timings=timings)
-    n = system.n
-    mean_k = float(first["k"].double().mean())
-    peak = gemm_peak_flops()
-    work = timings["grid_points"] * n * len(mats) * n_samples
-    rate = work / timings["spectrum"]
-    bound = peak / (FLOPS_PER_CMAC * mean_k)  # GEMM-only: 8 k FLOPs per (point, element, scene)
+    est = music(torch.cat(mats), k_true.repeat(len(mats)), system, cfg.scene, cfg.music, timings=timings)
+    mean_k = float(k_true.double().mean())
+    speed = _throughput(timings, system.n, len(mats) * n_samples, mean_k)
     rows = []
     for snr in snr_db_list:
         d = data[snr]
-        bound_std = crb_batch(d, system)
+        bound = crb_batch(d, system)
         a = system.steer(d["phi"], d["theta"], d["r"])
         for src in sources:
             j = jobs[(src, snr)]
-            e = _split(est, j * n_samples, (j + 1) * n_samples)
             R = d[SOURCES[src]]
-            m = localization_errors(e, d["phi"], d["theta"], d["r"], d["mask"])
+            m = localization_errors(_split(est, j * n_samples, (j + 1) * n_samples),
+                                    d["phi"], d["theta"], d["r"], d["mask"])
             k_hat = estimate_k(signal_subspace(R, cfg.scene.k_max)[0], cfg.scene.k_max)
-            rows.append({
-                "source": src, "snr_db": float(snr), **m,
-                "crb_phi_deg": rms_bound(bound_std["phi_deg"], d["mask"]),
-                "crb_theta_deg": rms_bound(bound_std["theta_deg"], d["mask"]),
-                "crb_r_m": rms_bound(bound_std["r_m"], d["mask"]),
-                "k_acc": float((k_hat == d["k"]).double().mean()),
-                "energy_frac": float(subspace_energy_fraction(R, a, d["mask"]).mean()),
-                "energy_chance": mean_k / n,
-                "grid_points": int(timings["grid_points"]), "scenes_in_call": len(mats) * n_samples,
-                "spectrum_s": timings["spectrum"], "music_s": sum(timings[s] for s in
-                                                                  ("eigh", "spectrum", "peaks", "refine")),
-                "throughput": rate, "throughput_flop_bound": bound, "gemm_peak_flops": peak,
-            })
+            rows.append({"source": src, "snr_db": float(snr), **m,
+                         **{f"crb_{name}": rms_bound(bound[name], d["mask"])
+                            for name in ("phi_deg", "theta_deg", "r_m")},
+                         "k_acc": float((k_hat == d["k"]).double().mean()),
+                         "energy_frac": float(subspace_energy_fraction(R, a, d["mask"]).mean()),
+                         "energy_chance": mean_k / system.n, **speed})
     return rows
 
 

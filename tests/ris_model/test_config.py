@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 
 import pytest
 from hypothesis import given, settings
@@ -110,7 +111,6 @@ def test_round_trip_of_modified_configs(steps, lr, snr, fresnel, name):
     cfg = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, steps=steps, lr=lr),
         scene=dataclasses.replace(cfg.scene, snr_db=snr), geometry=dataclasses.replace(cfg.geometry, fresnel=fresnel))
-    import tomllib
     back = from_dict(RunConfig, tomllib.loads(dumps_toml(cfg)))
     assert back == cfg
     assert config_hash(back) == config_hash(cfg)

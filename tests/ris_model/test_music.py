@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -206,3 +207,30 @@ def test_grid_alone_misses_the_oracle_tolerance():
                 MusicConfig(phi_step_deg=1.0, theta_step_deg=1.0, n_range=12, refine_iters=0))
     ang, rng = max_errors(est, truth)
     assert ang > 1.0 and rng > RANGE_TOL_REL
+
+
+def test_music_eval_rows_and_table():
+    from ris_model.music_eval import EvalError, format_table, run_music_eval
+
+    cfg = dataclasses.replace(CFG, music=FAST)
+    rows = run_music_eval(cfg, 3, [5.0, 25.0])
+    assert [(r["source"], r["snr_db"]) for r in rows] == [("true", 5.0), ("samp", 5.0), ("true", 25.0), ("samp", 25.0)]
+    true_rows = [r for r in rows if r["source"] == "true"]
+    assert all(r["rmse_phi_deg"] < ANGLE_TOL_DEG and r["k_acc"] == 1.0 for r in true_rows)
+    assert true_rows[0]["rmse_r_m"] == true_rows[1]["rmse_r_m"]  # R_true does not depend on the SNR
+    assert rows[3]["crb_phi_deg"] < rows[1]["crb_phi_deg"]  # the bound tightens with SNR
+    assert rows[0]["scenes_in_call"] == 9  # R_true once + R_samp per SNR, in one MUSIC call
+    assert rows[0]["throughput"] > 0 and rows[0]["throughput_flop_bound"] > 0
+    text = format_table(rows)
+    assert "rmse phi" in text and "crb r" in text and "FLOP bound" in text and len(text.splitlines()) == 8
+    with pytest.raises(EvalError, match="valid: true, samp"):
+        run_music_eval(cfg, 3, [5.0], sources=("pred",))
+
+
+def test_music_accepts_a_covariance_that_requires_grad_and_complex64():
+    truth = planted([[(-12, 8, 1.2)]])
+    R = truth["R"].to(torch.complex64).requires_grad_(True)
+    est = music(R, None, SYSTEM, SCENE, FAST)
+    ang, rng = max_errors(est, truth)
+    assert int(est.k[0]) == 1 and ang < 0.01 and rng < 1e-3  # complex64 R limits the subspace accuracy
+    assert est.phi.dtype == torch.float64 and not est.phi.requires_grad
