@@ -7,6 +7,11 @@ whether the input requires grad, and whether the op's eigenvectors (U/V for svd)
 gradient in backward: a hook on those outputs sets a device flag when the incoming gradient is
 non-zero, so eigenvector hazards (tied gaps) are flagged only where the loss really uses the vectors.
 
+Cost: while active, the mode sees every torch call (Python pass-through, ~5 us each), so a caller that
+samples every N steps should enter the probe only on sampled steps (it can be entered again and again;
+records accumulate until collect). Measured on an H200, transformer + batched 144x144 eigh step of
+25 ms: probe active every step 1.15x, active but not sampling 1.09x, entered every 10th step 1.06x.
+
 The probe never changes results: the intercepted op runs exactly as called, statistics are computed on
 detached inputs under no_grad, the vector hooks return None, and nothing syncs with the device until
 :meth:`SpectralProbe.collect`.
