@@ -5,7 +5,8 @@ estimator on another (R_blend). Training then optimises something inference neve
 crashes. :func:`check_alignment` runs a training path and an inference path on the same batch, each under
 a :class:`MatrixCapture` (a TorchFunctionMode plus module hooks, removed on exit) that records
 
-- every input matrix of an allow-listed linear-algebra call (``probes.OPS``: eigh, svd, solve, ...), and
+- every input matrix of an allow-listed linear-algebra call (``probes.OPS``: eigh, svd, solve, ..., and
+  functions marked ``__spectral_op__``, such as a custom eigh), and
 - every square matrix a named *consumer* module (e.g. one loss term) reads without having produced it,
   so a term without linear algebra (a Frobenius-norm loss) is covered too,
 
@@ -71,6 +72,12 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
             yield from _tensors(getattr(obj, f.name))
+
+
+def _is_linalg(func: Any) -> bool:
+    """An allow-listed torch op, or a function marked ``__spectral_op__`` (probes' convention for custom
+    linear algebra such as an eigh with its own backward)."""
+    return func in OPS or getattr(func, "__spectral_op__", None) is not None
 
 
 def _op_name(func: Any) -> str:
@@ -156,7 +163,7 @@ class MatrixCapture:
 
     def _before(self, func: Any, args: tuple, kwargs: dict) -> None:
         consumer = self._consumer()
-        if func in OPS:
+        if _is_linalg(func):
             matrix = args[0] if args else kwargs.get("A", kwargs.get("input"))
             if isinstance(matrix, Tensor) and matrix.dim() >= 2:
                 label = consumer or self._module_path() or caller_location()

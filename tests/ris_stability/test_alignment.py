@@ -179,3 +179,22 @@ def test_rank_and_difference_helpers():
     assert numerical_rank(b.S) == 2 and numerical_rank(b.target) == R
     assert relative_difference(b.S, b.S) == 0.0
     assert relative_difference(2 * b.S, b.S) == pytest.approx(1.0)
+
+
+def _marked_eigh(A):
+    """A custom eigh that dispatches through __torch_function__ and declares itself spectral."""
+    if torch.overrides.has_torch_function((A,)):
+        return torch.overrides.handle_torch_function(_marked_eigh, (A,), A)
+    return torch.linalg.eigh(A)
+
+
+_marked_eigh.__spectral_op__ = "eigh"
+
+
+def test_functions_marked_spectral_are_linalg_inputs():
+    batch = toy_batch()
+    with MatrixCapture() as cap:
+        _marked_eigh(batch.S)
+    assert [rec.via for rec in cap.records] == ["_marked_eigh"]
+    assert cap.records[0].consumer.split(":")[0].endswith("test_alignment.py")  # no module: the source line
+    assert cap.records[0].tensor is batch.S
