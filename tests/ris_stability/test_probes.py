@@ -229,3 +229,23 @@ def test_module_stack_recovers_when_a_module_forward_raises():
             failing(torch.eye(2))
         torch.linalg.eigvalsh(torch.eye(2))  # outside every module again
     assert list(probe.collect()) == ["linalg.eigvalsh"]
+
+
+def custom_eigh(a: torch.Tensor):
+    """A user eigh outside torch that declares itself to instruments."""
+    if torch.overrides.has_torch_function((a,)):
+        return torch.overrides.handle_torch_function(custom_eigh, (a,), a)
+    return torch.linalg.eigh(a)
+
+
+custom_eigh.__spectral_op__ = "eigh"
+
+
+def test_functions_marked_as_spectral_ops_are_probed_under_their_own_name():
+    a = torch.diag(torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64)).requires_grad_()
+    with SpectralProbe() as probe:
+        lam, vec = custom_eigh(a)
+        lam.sum().backward()
+    rec = probe.collect()
+    assert list(rec) == ["custom_eigh"]  # the torch.linalg.eigh inside it is not counted twice
+    assert rec["custom_eigh"]["stats"]["max_cluster"] == 2 and rec["custom_eigh"]["vec_grad"] is False
