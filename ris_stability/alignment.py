@@ -236,6 +236,9 @@ class AlignmentResult:
         verdict = "ALIGNED" if self.aligned else "MISALIGNED"
         lines += [f"problem: {p}" for p in self.problems] + [f"note: {n}" for n in self.notes]
         lines.append(f"verdict: {verdict} ({sum(not r.aligned for r in self.rows)} of {len(self.rows)} rows differ)")
+        if any(not r.aligned for r in self.rows):
+            lines.append("the MISALIGNED consumers train on a matrix inference never uses, so their loss does not "
+                         "measure what inference does; make them read the inference matrix (same builder output)")
         return "\n".join(lines)
 
 

@@ -125,6 +125,9 @@ def align_config(cfg: RunConfig, batch_size: int = 4) -> AlignmentResult:
              "val": phase("val", lambda b: validate(model, loss_fn, [b]))},
             infer, batch, roots={"model": model, "loss": loss_fn}, consumers=_term_consumers(loss_fn), names=names)
     problems, notes = _validation_problems(spy.seen.get("val"), predictions[0], cfg)
+    if not result.aligned and cfg.loss.covariance == "pred":
+        notes.append("likely cause: loss.covariance = \"pred\" makes the covariance terms consume R_pred while MUSIC "
+                     "runs on R_eff (R_blend, shrunk if configured); next step: --set loss.covariance=blend")
     return result.merge(AlignmentResult((), tuple(notes), tuple(problems)))
 
 
