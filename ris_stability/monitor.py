@@ -91,15 +91,16 @@ class StabilityMonitor:
         roots = {"model": model} if loss_fn is None else {"model": model, "loss": loss_fn}
         self._dtype = next((p.dtype for p in model.parameters()), torch.float32)
         self.writer = TraceWriter(self.run_dir, self.meta)
-        self.probe = SpectralProbe(roots=roots, every=self.cfg.every, max_matrices=self.cfg.max_matrices)
+        # The probe's mode is entered only on sampled steps, from step start to after backward: between
+        # them every torch call would otherwise pay a Python round trip through the mode.
+        self.probe = SpectralProbe(roots=roots, every=1, max_matrices=self.cfg.max_matrices)
         self.grads = GradMonitor(model, depth=self.cfg.grad_depth, dead_after=self.cfg.dead_after)
-        self.probe.__enter__()
         self.writer.event("run_start", "info", f"monitor attached (every={self.cfg.every}, policy={self.cfg.policy})")
 
     def detach(self, status: str | None = None) -> None:
-        if self.probe is not None:
+        if self.probe is not None and self.probe.active:
             self.probe.__exit__(None, None, None)
-            self.probe = None
+        self.probe = None
         if self.writer is not None:
             finite = [x for x in self._losses if math.isfinite(x)]
             self.writer.summary({
@@ -117,9 +118,9 @@ class StabilityMonitor:
 
     def on_step_start(self, ctx: Any) -> None:
         self._rng = capture_rng()
-        self.probe.step(ctx.step)
-        k = getattr(ctx, "signal_dims", None)
-        self.probe.set_signal_dim(k)
+        if ctx.step % self.cfg.every == 0:
+            self.probe.set_signal_dim(getattr(ctx, "signal_dims", None))
+            self.probe.__enter__()
 
     def on_after_forward(self, ctx: Any) -> None:
         if ctx.step % self.cfg.every == 0:
@@ -127,10 +128,11 @@ class StabilityMonitor:
 
     def on_after_backward(self, ctx: Any) -> None:
         sampled = ctx.step % self.cfg.every == 0
-        self._sites = self.probe.collect() if self.probe.sampling else {}
-        self.probe.sampling = False  # validation and later calls of this step are not training matrices
+        if self.probe.active:  # vec_grad hooks have fired: backward is done
+            self._sites = self.probe.collect()
+            self.probe.__exit__(None, None, None)  # validation and later calls are not training matrices
         if sampled:
-            self.grads.observe_grads(ctx.optimizer)
+            self.grads.observe_grads(ctx.optimizer, count_nonfinite=False)
         if ctx.grads_finite is None:
             ctx.grads_finite = self._grads_finite(ctx)
         finite = bool(ctx.grads_finite)
@@ -175,6 +177,8 @@ class StabilityMonitor:
     def _on_nonfinite(self, ctx: Any) -> None:
         step = ctx.step
         self.nonfinite_steps.append(step)
+        if step % self.cfg.every == 0:
+            self.grads.count_nonfinite()
         loss_finite = ctx.loss is not None and bool(torch.isfinite(ctx.loss))
         kind = "nonfinite_grad" if loss_finite else "nonfinite_loss"
         suspect = suspect_site(self._sites)

@@ -1,0 +1,70 @@
+"""Replay time of one quickstart training step under the NaN locator vs a plain forward + backward.
+
+The locator is only used on replay (``risdiag bisect``); this prints what that replay costs relative to
+the step itself, measured in one process (median of repeats). Usage: python benchmarks/bisect_bench.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ris_model.config import dumps_toml, load_config
+from ris_model.data import train_batch
+from ris_model.model import build_model
+from ris_model.simulate import make_system
+from ris_stability.capsule import Capsule, capture_rng
+from ris_stability.integrations.ris import REPLAYER, batch_state, replay_capsule
+from ris_stability.locate import Locator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_capsule(config: str) -> Capsule:
+    cfg = load_config(ROOT / "configs" / config)
+    system = make_system(cfg)
+    model = build_model(cfg, system)
+    return Capsule(step=0, batch=batch_state(train_batch(cfg, system, 0)), model_state=model.state_dict(),
+                   optimizer_state=None, rng=capture_rng(), config_text=dumps_toml(cfg), meta={"replayer": REPLAYER})
+
+
+def timed(fn, repeats: int) -> float:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", default="quickstart.toml")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    capsule = make_capsule(args.config)
+    rep = replay_capsule(capsule)
+
+    def plain() -> None:
+        rep.model.zero_grad(set_to_none=True)
+        rep.loss().backward()
+
+    def located() -> None:
+        rep.model.zero_grad(set_to_none=True)
+        assert Locator(roots=rep.roots).run(rep.loss) is None
+
+    plain()  # warm up
+    t_plain, t_loc = timed(plain, args.repeats), timed(located, args.repeats)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, config {args.config}, "
+          f"batch {rep.batch.size}, median of {args.repeats}")
+    print(f"plain step (forward+backward): {t_plain * 1e3:8.1f} ms")
+    print(f"under the locator:             {t_loc * 1e3:8.1f} ms")
+    print(f"ratio locator / plain:         {t_loc / t_plain:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()

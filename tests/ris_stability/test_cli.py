@@ -1,0 +1,114 @@
+"""`risdiag` end to end on small versions of the shipped configs: trace, bisect, report, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ris_stability.capsule import Capsule
+from ris_stability.cli import main
+from ris_stability.records import read_trace
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["--set", "data.batch_size=4", "--set", "train.val_every=0", "--set", "data.n_val=0"]
+
+
+def trace(tmp: Path, config: str, steps: int, *extra: str) -> tuple[int, Path]:
+    out = tmp / Path(config).stem
+    code = main(["trace", "--config", str(ROOT / "configs" / config), "--steps", str(steps), "--out", str(out),
+                 "--no-live", "--no-report", *SMALL, *extra])
+    return code, out
+
+
+@pytest.fixture(scope="module")
+def nan_run(tmp_path_factory) -> Path:
+    code, out = trace(tmp_path_factory.mktemp("nan"), "seed-nan.toml", 2)
+    assert code == 1
+    return out
+
+
+def test_seed_nan_trace_records_the_tie_before_the_nan(nan_run):
+    t = read_trace(nan_run)
+    assert t.nonfinite_steps == [0, 1]
+    site = "loss.subspace:linalg.eigh"
+    assert t.steps.loc[0, f"mat/{site}/max_cluster"] > 100  # the noise eigenvalues tie ...
+    assert t.steps.loc[0, f"mat/{site}/min_gap"] == 0.0  # ... exactly, in the forward of the first step
+    assert t.steps.loc[0, f"mat/{site}/vec_grad"] == 1.0
+    ev = next(e for e in t.events if e["kind"] == "nonfinite_grad")
+    assert ev["step"] == 0 and ev["data"]["matrix"] == site and ev["data"]["module"] == "loss.subspace"
+    assert "eigh.py" in ev["data"]["location"]
+    assert any(e["kind"] == "capsule_written" for e in t.events)
+    assert bool(t.steps.loc[0, "skipped"])
+
+
+def test_bisect_names_op_module_line_and_cause(nan_run, tmp_path, capsys):
+    code = main(["bisect", str(nan_run), "--json", "--float64", "--export", str(tmp_path / "repro")])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    f = out["finding"]
+    assert out["reproduced"] and out["bit_exact"]
+    assert f["phase"] == "backward" and f["node"] == "LinalgEighBackward0"
+    assert f["module"] == "loss.subspace"
+    assert any(frame.startswith("ris_model/loss.py:") or "/ris_model/loss.py:" in frame for frame in f["stack"])
+    assert "tied eigenvalues" in f["cause"] and "cluster of" in f["cause"]
+    assert out["float64"]["verdict"] in ("precision", "structural")
+    assert (nan_run / "finding.json").is_file()
+    run = subprocess.run([sys.executable, str(tmp_path / "repro" / "reproduce.py")], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": ""}, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    bad = int(run.stdout.split("backward: gradient of input 0 has ")[1].split()[0])
+    assert bad > 0
+
+
+def test_report_of_the_nan_run(nan_run, tmp_path):
+    assert main(["report", str(nan_run), "--out", str(tmp_path / "r.md")]) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "loss.subspace:linalg.eigh" in text and "step 0" in text.lower()
+
+
+def test_clean_config_exits_zero(tmp_path):
+    code, out = trace(tmp_path, "quickstart.toml", 2)
+    assert code == 0
+    assert read_trace(out).nonfinite_steps == []
+
+
+def test_gap_aware_backward_runs_the_nan_config_clean(tmp_path):
+    code, out = trace(tmp_path, "seed-nan.toml", 2, "--set", "loss.eigh_backward=gap_aware")
+    assert code == 0
+    t = read_trace(out)
+    assert t.nonfinite_steps == []
+    assert "mat/loss.subspace:eigh_gap_aware/max_cluster" in t.steps.columns
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["trace", "--config", "configs/quickstart.toml", "--set", "train.nope=1"], "unknown key 'train.nope'"),
+    (["trace", "--config", "missing.toml"], "does not exist"),
+    (["trace", "--config", "configs/quickstart.toml", "--set", "scene.range_m=[-1, 2]"], "scene.range_m"),
+    (["trace", "--config", "configs/quickstart.toml", "--set", "model.n_heads=7"], "model.n_heads"),
+    (["trace", "--config", "configs/quickstart.toml", "--out", "/proc/forbidden/run"], "cannot write there"),
+    (["bisect", "no/such/capsule.pt"], "does not exist"),
+    (["report", "."], "run folder"),
+], ids=["unknown-key", "missing-config", "negative-range", "unbuildable-model", "unwritable-out", "missing-capsule",
+        "not-a-run"])
+def test_usage_errors_exit_2_without_traceback(args, needle, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_bisect_corrupted_and_unreproducible_capsules(nan_run, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    assert main(["bisect", str(bad)]) == 2
+    cap = Capsule.load(sorted((nan_run / "capsules").glob("*.pt"))[0])
+    cap.config_text = cap.config_text.replace("shrinkage = ", "shrinkage = 0.0 #")
+    finite = cap.save(tmp_path / "finite.pt")
+    assert main(["bisect", str(finite)]) == 3
+    assert "did not reproduce" in capsys.readouterr().out
