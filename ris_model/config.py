@@ -125,6 +125,14 @@ class ModelConfig:
     d_ff: int = 256
     dropout: float = 0.0
     factor_hidden: int = 512
+    factor_head: Literal["steering", "direct"] = "steering"
+    position_head: Literal["spectral", "regress"] = "spectral"
+    readout_grid: tuple[int, int, int] = (32, 16, 6)
+    readout_temperature: float = 5.0
+    readout_suppression_deg: float = 4.0
+    code_dim: int = 32
+    beam_grid: tuple[int, int, int] = (12, 6, 3)
+    range_spread: float = 0.5
 
     def __post_init__(self) -> None:
         _check(self.d_model >= 1 and self.n_layers >= 1, "model.d_model/n_layers",
@@ -132,6 +140,17 @@ class ModelConfig:
         _check(self.d_model % self.n_heads == 0, "model.n_heads", self.n_heads,
                f"must divide model.d_model={self.d_model}")
         _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)")
+        _check(self.factor_hidden >= 1 and self.code_dim >= 1, "model.factor_hidden/code_dim",
+               (self.factor_hidden, self.code_dim), "must be >= 1")
+        g = self.beam_grid
+        _check(all(v >= 1 for v in g) or all(v == 0 for v in g), "model.beam_grid", g,
+               "three positive cell counts (phi, theta, r), or [0, 0, 0] to disable the beam feature")
+        _check(all(v >= 1 for v in self.readout_grid), "model.readout_grid", self.readout_grid,
+               "three positive cell counts (phi, theta, r)")
+        _check(self.readout_temperature > 0 and self.readout_suppression_deg > 0,
+               "model.readout_temperature/readout_suppression_deg",
+               (self.readout_temperature, self.readout_suppression_deg), "must be > 0")
+        _check(self.range_spread >= 0, "model.range_spread", self.range_spread, "must be >= 0 (log-range units)")
 
 
 @dataclass(frozen=True)
@@ -160,12 +179,16 @@ class LossConfig:
     w_cross: float = 0.05
     w_k_ce: float = 0.2
     w_aux: float = 0.2
+    aux_huber_delta: float = 0.1
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             if f.name.startswith("w_"):
                 v = getattr(self, f.name)
                 _check(v >= 0 and math.isfinite(v), f"loss.{f.name}", v, "weights must be finite and >= 0")
+        _check(self.eigengap_margin >= 0, "loss.eigengap_margin", self.eigengap_margin, "must be >= 0")
+        _check(self.aux_huber_delta > 0, "loss.aux_huber_delta", self.aux_huber_delta,
+               "must be > 0 (normalised units: a fraction of each coordinate's half-range)")
 
 
 @dataclass(frozen=True)
@@ -192,10 +215,14 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     amp: bool = False
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     nonfinite: Literal["skip", "stop"] = "skip"
     val_every: int = 50
     checkpoint_every: int = 0
+    log_every: int = 10
     seed: int = 0
+    device: str = "cpu"
+    threads: int = 1
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "train.steps", self.steps, "must be >= 0")
@@ -204,6 +231,12 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
         _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
         _check(self.val_every >= 0, "train.val_every", self.val_every, "must be >= 0 (0 disables)")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every,
+               "must be >= 0 (0: only the final checkpoint)")
+        _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+        _check(self.threads >= 0, "train.threads", self.threads, "must be >= 0 (0 keeps torch's default)")
+        _check(self.device.split(":")[0] in ("cpu", "cuda"), "train.device", self.device,
+               "expected 'cpu', 'cuda' or 'cuda:<index>'")
 
 
 @dataclass(frozen=True)
@@ -262,7 +295,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     if unknown:
         where = prefix.rstrip(".") or "top level"
         raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!r} in {where}; valid keys: {', '.join(names)}")
+            f"unknown key {prefix + unknown[0]!r} in {where}; valid keys: {', '.join(names)}")
     kwargs = {}
     for name, value in data.items():
         tp, key = hints[name], f"{prefix}{name}"

@@ -1,0 +1,105 @@
+"""Command line: ``python -m ris_model train|eval|music|floors`` (works without ris_stability).
+
+  train  --config F [--set k=v ...] [--steps N] [--out DIR] [--resume CKPT]
+         (--steps N is shorthand for --set train.steps=N: the schedule is laid out for N steps)
+  eval   --checkpoint F [--n N] [--no-crb]     learned pipeline vs MUSIC on R_samp / R_true vs CRB
+  music  --config F [--set k=v ...] [--n N] [--snr 0 10 20]     MUSIC on R_true / R_samp vs CRB
+  floors --config F [--set k=v ...] [--n N]     each loss term for a perfect prediction
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from ris_model.checkpoint import CheckpointError, load_checkpoint, restore
+from ris_model.config import ConfigError, load_config
+from ris_model.data import BatchError
+from ris_model.infer import evaluate, format_eval
+from ris_model.loss import format_floors, loss_floors
+from ris_model.model import build_model, count_parameters
+from ris_model.simulate import make_system
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ris_model", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a config")
+    t.add_argument("--config", required=True)
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--steps", type=int, help="shorthand for --set train.steps=N")
+    t.add_argument("--out", help="run folder (default runs/<config name>)")
+    t.add_argument("--resume", help="checkpoint to continue from (same config)")
+    e = sub.add_parser("eval", help="evaluate a checkpoint on the test split")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--n", type=int, default=None, help="test samples (default data.n_test)")
+    e.add_argument("--no-crb", action="store_true", help="skip the Cramer-Rao bound row")
+    m = sub.add_parser("music", help="MUSIC on R_true / R_samp vs the CRB")
+    m.add_argument("--config", required=True)
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    m.add_argument("--n", type=int, default=64)
+    m.add_argument("--snr", type=float, nargs="+", default=[0.0, 10.0, 20.0])
+    f = sub.add_parser("floors", help="loss terms for a perfect prediction (irreducible floors)")
+    f.add_argument("--config", required=True)
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    f.add_argument("--n", type=int, default=64)
+    return p
+
+
+def _train(args: argparse.Namespace) -> None:
+    from ris_model.train import train
+
+    overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
+    cfg = load_config(args.config, overrides)
+    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    t0 = time.perf_counter()
+    res = train(cfg, out_dir=out, resume=args.resume)
+    print(f"trained {cfg.name}: {res.next_step} steps in {time.perf_counter() - t0:.1f} s "
+          f"({res.step_time_s * 1000:.0f} ms/step, {cfg.data.batch_size / res.step_time_s:.1f} samples/s), "
+          f"{res.n_skipped} skipped; final train loss {res.history[-1].loss:.4g}" if res.history else "no steps run")
+    if res.val_history:
+        step, val = res.val_history[-1]
+        print(f"validation after step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
+    print(f"checkpoint: {out / 'checkpoints' / 'last.pt'}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = ckpt.cfg
+    system = make_system(cfg)
+    model = build_model(cfg, system)
+    restore(ckpt, model)
+    n = args.n if args.n is not None else cfg.data.n_test
+    print(f"{cfg.name}: {count_parameters(model)} parameters, step {ckpt.next_step}, {n} test samples")
+    print(format_eval(evaluate(cfg, model, n, system, with_crb=not args.no_crb)))
+
+
+def _music(args: argparse.Namespace) -> None:
+    from ris_model.music_eval import format_table, run_music_eval
+
+    cfg = load_config(args.config, args.set)
+    print(format_table(run_music_eval(cfg, args.n, list(args.snr))))
+
+
+def _floors(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.set)
+    print(format_floors(loss_floors(cfg, n=args.n), cfg))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        {"train": _train, "eval": _eval, "music": _music, "floors": _floors}[args.command](args)
+    except (ConfigError, CheckpointError, BatchError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
