@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import pickle
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                               "<out>/checkpoints/ (last.pt is the final one)")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as err:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {err}. The file is truncated or not "
                               "a torch checkpoint; use another checkpoint of the run") from None
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:

@@ -134,8 +134,10 @@ def train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, batch: Batch, o
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    ctx.grads_finite = finite = _grads_finite(params) and bool(torch.isfinite(loss))
+    ctx.grads_finite = _grads_finite(params) and bool(torch.isfinite(loss))
     cbs.on_after_backward(ctx)
+    # Checked again after the callbacks: the decision rests on the gradients the optimizer would apply.
+    ctx.grads_finite = finite = bool(ctx.grads_finite) and _grads_finite(params)
     if finite:
         clip = settings.grad_clip if settings.grad_clip > 0 else float("inf")
         ctx.grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
