@@ -7,12 +7,17 @@ Speed: untrained weights, one batch of 2 validation samples, no training step, a
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import pytest
+import torch
 
-from ris_model.config import load_config
-from ris_stability.integrations.ris import ALIGN_EXIT_ALIGNED, ALIGN_EXIT_MISALIGNED, align_config, run_align
+from ris_model.config import CovarianceConfig, load_config
+from ris_model.covariance import build_covariances
+from ris_stability.integrations.ris import (
+    ALIGN_EXIT_ALIGNED, ALIGN_EXIT_MISALIGNED, _validation_problems, align_config, run_align,
+)
 
 CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.toml"))
 MISALIGNED = {"seed-misaligned.toml"}
@@ -58,3 +63,19 @@ def test_run_align_exit_codes_and_table():
 def test_override_can_fix_the_misaligned_config():
     code, _ = run_align("configs/seed-misaligned.toml", SPEED + ["loss.covariance=blend"], as_json=False)
     assert code == ALIGN_EXIT_ALIGNED
+
+
+def test_validation_built_with_other_settings_is_a_problem():
+    """The validation check compares validation's builder outputs with inference's on the same batch."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 24, 5, dtype=torch.complex128, generator=g)
+    s = torch.randn(2, 24, 16, dtype=torch.complex128, generator=g)
+    r_samp = s @ s.mH / (s.abs() ** 2).sum((-2, -1))[:, None, None]
+    cfg = load_config(None)
+    infer = types.SimpleNamespace(cov=build_covariances(f, f, r_samp, CovarianceConfig(beta=0.3)))
+    same = types.SimpleNamespace(cov=build_covariances(f, f, r_samp, CovarianceConfig(beta=0.3)))
+    other = types.SimpleNamespace(cov=build_covariances(f, f, r_samp, CovarianceConfig(beta=0.5, shrinkage=0.1)))
+    assert _validation_problems(same, infer, cfg)[0] == []
+    problems, _ = _validation_problems(other, infer, cfg)
+    assert [p.split(" differently")[0] for p in problems] == ["validation builds R_blend", "validation builds R_eff"]
+    assert _validation_problems(None, infer, cfg)[0]  # no validation loss seen: unknown settings is a problem
