@@ -223,11 +223,17 @@ class RISNet(nn.Module):
         lam, vecs = self._spectrum(xhat)
         log_lam = torch.log(lam.clamp_min(degenerate_tol(lam.dtype, self.n) * lam[:, :1]))
         h = self.norm(self.encoder(self.tokens(y, xhat, batch.codes, batch.channel, batch.snr_db)).mean(dim=1))
-        ctx = torch.cat([h, log_lam.to(h.dtype)], dim=-1)
-        k_logits = self.k_head(ctx).to(self.dtype)  # leave bf16 before the physics
-        slots = self.slot_head(ctx).reshape(-1, self.k_max, 5).to(self.dtype)
+        ctx = torch.cat([h.to(self.dtype), log_lam.to(self.dtype)], dim=-1)
+        # Under AMP only the encoder runs in reduced precision: heads, positions and factors stay in the
+        # parameter precision (bf16 would quantise angles to ~0.2 degrees).
+        with torch.autocast(y.device.type, enabled=False):
+            return self._heads(ctx, vecs, lam)
+
+    def _heads(self, ctx: Tensor, vecs: Tensor, lam: Tensor) -> ModelOutputs:
+        k_logits = self.k_head(ctx)
+        slots = self.slot_head(ctx).reshape(-1, self.k_max, 5)
         if self.readout is not None:
-            pos = self.readout(self.readout.maps(vecs, lam), ctx.to(self.dtype), slots[..., :3])
+            pos = self.readout(self.readout.maps(vecs, lam), ctx, slots[..., :3])
             pos = torch.minimum(torch.maximum(pos, self.lims[0]), self.lims[1])
         else:
             pos = self.lims[0] + (self.lims[1] - self.lims[0]) * torch.sigmoid(slots[..., :3])
@@ -241,7 +247,7 @@ class RISNet(nn.Module):
             f_ang = self._steer(phi, theta, r) * w
             f_rng = self._steer(phi, theta, r * spread.exp()) * w
         else:
-            raw = self.factor_head(ctx).to(self.dtype).reshape(-1, 2, self.n, self.k_max, 2)
+            raw = self.factor_head(ctx).reshape(-1, 2, self.n, self.k_max, 2)
             z = torch.view_as_complex(raw) / math.sqrt(self.n)
             f_ang, f_rng = z[:, 0] * w, z[:, 1] * w
         aux = torch.stack([phi, theta, r], dim=-1)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -276,18 +277,39 @@ def _periodic(run: _Run, step: int, last: bool) -> None:
         save_checkpoint(ctx.out_dir / "checkpoints" / name, ctx.cfg, step + 1, ctx.model, ctx.optimizer, ctx.scaler)
 
 
+class _Prefetch:
+    """Simulates the batch of step s + 1 on a worker thread while step s trains (the second core of a
+    2-core machine). Batches are pure functions of the step, so the stream is the same as without it."""
+
+    def __init__(self, cfg: RunConfig, system: System, start: int, stop: int):
+        self.cfg, self.system, self.stop = cfg, system, stop
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ris-batch")
+        self.pending = {start: self.pool.submit(train_batch, cfg, system, start)} if start < stop else {}
+
+    def get(self, step: int) -> Batch:
+        future = self.pending.pop(step, None) or self.pool.submit(train_batch, self.cfg, self.system, step)
+        if step + 1 < self.stop:
+            self.pending[step + 1] = self.pool.submit(train_batch, self.cfg, self.system, step + 1)
+        return future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def train(cfg: RunConfig, callbacks: Iterable[Any] = (), out_dir: str | Path | None = None,
           steps: int | None = None, resume: str | Path | None = None) -> TrainResult:
     """Train ``cfg``. ``steps`` runs only the first ``steps`` steps of the configured schedule (the
     schedule itself is not rescaled); ``resume`` continues from a checkpoint of the same config."""
+    threads = torch.get_num_threads()
     run = _setup(cfg, Path(out_dir) if out_dir is not None else None, steps, resume)
     ctx, cbs, res, times = run.ctx, CallbackList(callbacks), run.result, []
     device = torch.device(cfg.train.device)
     log_file = open(ctx.out_dir / "train_log.jsonl", "a") if ctx.out_dir is not None else None
+    batches = _Prefetch(cfg, ctx.system, run.start, run.stop)
     try:
         cbs.on_train_start(ctx)
         for step in range(run.start, run.stop):
-            ctx.begin_step(step, train_batch(cfg, ctx.system, step).to(device), lr_at(cfg.train, step))
+            ctx.begin_step(step, batches.get(step).to(device), lr_at(cfg.train, step))
             cbs.on_step_start(ctx)
             t0 = time.perf_counter()
             out = train_step(ctx.model, ctx.loss_fn, ctx.batch, ctx.optimizer, StepSettings.from_config(cfg, step),
@@ -305,6 +327,8 @@ def train(cfg: RunConfig, callbacks: Iterable[Any] = (), out_dir: str | Path | N
         cbs.on_exception(ctx, exc)
         raise
     finally:
+        torch.set_num_threads(threads)
+        batches.close()
         if log_file is not None:
             log_file.close()
     res.n_skipped, res.stopped = ctx.n_skipped, ctx.stop_requested
