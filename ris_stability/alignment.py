@@ -304,7 +304,7 @@ class _Namer:
 
 
 @contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """Small (n <= a few hundred) factorisations: a threaded LAPACK gains nothing at these sizes and, on
     shared cores, its spinning threads make each call 10-100x slower. The thread count is restored."""
     threads = torch.get_num_threads()
@@ -377,7 +377,7 @@ def check_alignment(train_fn: Callable[[Any], Any] | Mapping[str, Callable[[Any]
     known = names() if callable(names) else dict(names or {})
     namer, data = _Namer(known, rtol), list(_tensors(batch))
     result = AlignmentResult(())
-    with _one_thread():
+    with one_thread():
         for phase, records in captured.items():
             result = result.merge(_compare(phase, records, infer, data, namer, rtol))
     if not result.rows:
@@ -387,4 +387,4 @@ def check_alignment(train_fn: Callable[[Any], Any] | Mapping[str, Callable[[Any]
 
 
 __all__ = ["AlignmentError", "AlignmentResult", "AlignmentRow", "Captured", "MatrixCapture", "check_alignment",
-           "default_rtol", "numerical_rank", "relative_difference"]
+           "default_rtol", "numerical_rank", "one_thread", "relative_difference"]

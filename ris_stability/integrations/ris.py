@@ -29,7 +29,9 @@ from ris_model.loss import TERMS, CompositeLoss, LossInputs
 from ris_model.model import build_model
 from ris_model.simulate import make_system
 from ris_model.train import NonFiniteError, train, validate
-from ris_stability.alignment import AlignmentError, AlignmentResult, check_alignment, default_rtol, relative_difference
+from ris_stability.alignment import (
+    AlignmentError, AlignmentResult, check_alignment, default_rtol, one_thread, relative_difference,
+)
 from ris_stability.capsule import Capsule, CapsuleError, restore_rng
 from ris_stability.live import LiveView
 from ris_stability.monitor import MonitorConfig, StabilityMonitor
@@ -119,7 +121,8 @@ def align_config(cfg: RunConfig, batch_size: int = 4) -> AlignmentResult:
         known: dict[str, Any] = {name: [getattr(c, attr) for c in covs] for attr, name in _COV_NAMES.items()}
         return {**known, "R_true": batch.R_true, "R_samp": batch.R_samp}
 
-    with spy.attached(loss_fn):
+    # One batch of 144 x 144 factorisations: threads gain nothing and, on shared cores, cost 10-100x.
+    with spy.attached(loss_fn), one_thread():
         result = check_alignment(
             {"train": phase("train", lambda b: loss_fn(model(b), b)),
              "val": phase("val", lambda b: validate(model, loss_fn, [b]))},
