@@ -42,7 +42,7 @@ def trace_normalise(R: Tensor, name: str = "R") -> Tensor:
     """R / tr(R). A (numerically) zero trace is an error, never a silent division by an epsilon."""
     tr = trace(R)
     floor = torch.finfo(tr.dtype).tiny
-    bad = ~(tr.abs() > floor)
+    bad = ~(tr.abs() > floor) | ~torch.isfinite(tr)
     if bool(bad.any()):
         idx = torch.nonzero(bad.reshape(-1)).reshape(-1)[:5].tolist()
         raise ZeroTraceError(
