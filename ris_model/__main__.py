@@ -22,6 +22,7 @@ from ris_model.infer import evaluate, format_eval
 from ris_model.loss import format_floors, loss_floors
 from ris_model.model import build_model, count_parameters
 from ris_model.simulate import make_system
+from ris_model.train import NonFiniteError, train
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,8 +52,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from ris_model.train import train
-
     overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
     cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
@@ -98,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, BatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

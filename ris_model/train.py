@@ -227,11 +227,19 @@ class _Run:
     result: TrainResult
 
 
-def _setup(cfg: RunConfig, out_dir: Path | None, steps: int | None, resume: str | Path | None) -> _Run:
+def configure_threads(cfg: RunConfig) -> None:
+    """Set torch's intra-op thread count to ``train.threads`` (0 leaves it) for the whole process.
+
+    144 x 144 batched linear algebra gains little from MKL threads and collapses when the cores are shared
+    (see music.single_threaded). The count also changes reduction orders: a bit-exact replay of a step
+    must run with the same count, so ``train`` leaves it set and replayers call this first.
+    """
     if cfg.train.threads:
-        # 144 x 144 batched linear algebra gains little from MKL threads and collapses when the cores are
-        # shared (see music.single_threaded); the run-wide setting keeps step times stable.
         torch.set_num_threads(cfg.train.threads)
+
+
+def _setup(cfg: RunConfig, out_dir: Path | None, steps: int | None, resume: str | Path | None) -> _Run:
+    configure_threads(cfg)
     system = make_system(cfg)
     device = torch.device(cfg.train.device)
     model = build_model(cfg, system).to(device)
@@ -300,7 +308,6 @@ def train(cfg: RunConfig, callbacks: Iterable[Any] = (), out_dir: str | Path | N
           steps: int | None = None, resume: str | Path | None = None) -> TrainResult:
     """Train ``cfg``. ``steps`` runs only the first ``steps`` steps of the configured schedule (the
     schedule itself is not rescaled); ``resume`` continues from a checkpoint of the same config."""
-    threads = torch.get_num_threads()
     run = _setup(cfg, Path(out_dir) if out_dir is not None else None, steps, resume)
     ctx, cbs, res, times = run.ctx, CallbackList(callbacks), run.result, []
     device = torch.device(cfg.train.device)
@@ -327,7 +334,6 @@ def train(cfg: RunConfig, callbacks: Iterable[Any] = (), out_dir: str | Path | N
         cbs.on_exception(ctx, exc)
         raise
     finally:
-        torch.set_num_threads(threads)
         batches.close()
         if log_file is not None:
             log_file.close()
