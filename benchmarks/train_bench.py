@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from ris_model.callbacks import Callback
-from ris_model.config import load_config, replace
-from ris_model.model import count_parameters
-from ris_model.train import train
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from ris_model.callbacks import Callback  # noqa: E402
+from ris_model.config import load_config, replace  # noqa: E402
+from ris_model.model import count_parameters  # noqa: E402
+from ris_model.train import train  # noqa: E402
 
 
 class Clock(Callback):
@@ -35,17 +39,16 @@ class Clock(Callback):
 
 
 def measure(path: str, steps: int | None, val: bool) -> dict:
-    cfg = load_config(path)
+    cfg = load_config(ROOT / path)
     if not val:
         cfg = replace(cfg, train=replace(cfg.train, val_every=0))
     clock = Clock()
     t0 = time.perf_counter()
     res = train(cfg, callbacks=[clock], steps=steps)
     wall = time.perf_counter() - t0
-    step_times = [h for h in res.history]
     iters = [b - a for a, b in zip(clock.starts, clock.starts[1:])]
     return {"cfg": cfg, "res": res, "wall": wall, "params": count_parameters(res.model),
-            "step_s": res.step_time_s, "iter_s": statistics.median(iters), "n": len(step_times)}
+            "step_s": res.step_time_s, "iter_s": statistics.median(iters), "n": len(res.history)}
 
 
 def main() -> None:
