@@ -21,15 +21,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from ris_model.callbacks import Callback  # noqa: E402
 from ris_model.config import load_config, replace  # noqa: E402
+from ris_model.data import SimDataset  # noqa: E402
 from ris_model.model import count_parameters  # noqa: E402
-from ris_model.train import train  # noqa: E402
+from ris_model.train import train, validate  # noqa: E402
 
 
 class Clock(Callback):
-    """Wall time of each whole iteration (data + step + bookkeeping), from one step start to the next."""
+    """Wall time of each whole iteration (data + step + bookkeeping), from one step start to the next;
+    also validates the untrained model once, so the curve starts at step 0."""
 
-    def __init__(self) -> None:
+    def __init__(self, initial_val: bool) -> None:
         self.starts: list[float] = []
+        self.initial_val = initial_val
+        self.val0: dict[str, float] | None = None
+
+    def on_train_start(self, ctx) -> None:
+        if self.initial_val and ctx.cfg.data.n_val:
+            self.val0 = validate(ctx.model, ctx.loss_fn, SimDataset(ctx.cfg, "val", system=ctx.system).batches())
 
     def on_step_start(self, ctx) -> None:
         self.starts.append(time.perf_counter())
@@ -42,12 +50,12 @@ def measure(path: str, steps: int | None, val: bool) -> dict:
     cfg = load_config(ROOT / path)
     if not val:
         cfg = replace(cfg, train=replace(cfg.train, val_every=0))
-    clock = Clock()
+    clock = Clock(initial_val=val)
     t0 = time.perf_counter()
     res = train(cfg, callbacks=[clock], steps=steps)
     wall = time.perf_counter() - t0
     iters = [b - a for a, b in zip(clock.starts, clock.starts[1:])]
-    return {"cfg": cfg, "res": res, "wall": wall, "params": count_parameters(res.model),
+    return {"cfg": cfg, "res": res, "wall": wall, "params": count_parameters(res.model), "val0": clock.val0,
             "step_s": res.step_time_s, "iter_s": statistics.median(iters), "n": len(res.history)}
 
 
@@ -72,8 +80,9 @@ def main() -> None:
     for i in range(0, len(res.history), window):
         chunk = res.history[i:i + window]
         print(f"  steps {chunk[0].step:>4d}-{chunk[-1].step:<4d} train loss {statistics.fmean(h.loss for h in chunk):.4f}")
-    for step, val in res.val_history:
-        print(f"  after step {step:>4d}: val loss {val['loss']:.4f}  subspace {val['subspace']:.4f}  "
+    curve = ([(-1, quick["val0"])] if quick["val0"] else []) + res.val_history
+    for step, val in curve:
+        print(f"  {'untrained' if step < 0 else f'after step {step:>4d}'}: val loss {val['loss']:.4f}  subspace {val['subspace']:.4f}  "
               f"cov_nmse {val['cov_nmse']:.4f}  aux {val['aux']:.4f}  aux_matched {val['aux_matched']:.3f}")
 
 

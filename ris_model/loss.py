@@ -30,6 +30,7 @@ from ris_model.model import ModelOutputs
 from ris_model.simulate import System, make_system
 
 TERMS: tuple[str, ...] = ("cov_nmse", "eigengap", "subspace", "orthogonality", "cross", "k_ce", "aux")
+MIN_HALF_RANGE = 1e-3  # aux normalisation floor (radians / log-metres) for a degenerate scene interval
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,8 @@ class AuxRegression(nn.Module):
         sc = cfg.scene
         half = [math.radians(sc.phi_deg[1] - sc.phi_deg[0]) / 2, math.radians(sc.theta_deg[1] - sc.theta_deg[0]) / 2,
                 math.log(sc.range_m[1] / sc.range_m[0]) / 2]
-        self.register_buffer("scale", torch.tensor([max(h, 1e-3) for h in half]), persistent=False)
+        # A degenerate interval (e.g. theta pinned to one value) still needs a finite scale.
+        self.register_buffer("scale", torch.tensor([max(h, MIN_HALF_RANGE) for h in half]), persistent=False)
         self.delta = cfg.loss.aux_huber_delta
 
     def residuals(self, aux: Tensor, target: Tensor) -> Tensor:

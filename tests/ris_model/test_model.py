@@ -65,7 +65,7 @@ def test_steering_factors_are_steering_vectors_at_aux():
 @pytest.mark.parametrize("variant", ["steering+spectral", "direct+spectral", "steering+regress", "per-sample-channel"])
 def test_every_parameter_receives_gradient(variant):
     """A dead head is a failing test: the default loss must reach every parameter."""
-    cfg, system, model, batch, out = _run(VARIANTS[variant] + ["loss.eigengap_margin=0.5"])
+    cfg, system, model, batch, out = _run(VARIANTS[variant])
     total, _ = CompositeLoss(cfg, system)(out, batch)
     total.backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
