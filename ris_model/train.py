@@ -117,7 +117,13 @@ def _decide(ctx: StepContext, finite: bool, settings: StepSettings, scaler: Any)
 def train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, batch: Batch, optimizer: torch.optim.Optimizer,
                settings: StepSettings, *, step: int = 0, scaler: Any = None, callbacks: Any = None,
                ctx: StepContext | None = None) -> StepResult:
-    """One optimizer step: forward (autocast if AMP), fp32 loss, backward, checks, clip, step or skip."""
+    """One optimizer step: forward (autocast if AMP), fp32 loss, backward, checks, clip, step or skip.
+
+    Non-finite loss or gradients: skipped and reported (skip_reason "nonfinite") or NonFiniteError under
+    settings.nonfinite == "stop". Under fp16 AMP (a GradScaler is passed) they are the scaler's business:
+    it skips the step and halves the scale (skip_reason "amp_overflow"), so a persistent NaN shows as a
+    collapsing amp_scale rather than as an error.
+    """
     cbs = callbacks if callbacks is not None else CallbackList()
     if ctx is None:
         ctx = StepContext(cfg=None, system=None, model=model, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler)
