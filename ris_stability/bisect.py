@@ -85,9 +85,18 @@ def _replayer(capsule: Capsule) -> Callable[..., Any]:
         raise CapsuleError(f"capsule replayer {spec!r} cannot be imported ({err})") from None
 
 
+def _rebuild(capsule: Capsule, dtype: str | None) -> Any:
+    # LAPACK's rounding (and so whether near-tied eigenvalues come out exactly equal) depends on the
+    # thread count: replay with the one the run used.
+    threads = capsule.meta.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    return _replayer(capsule)(capsule, dtype)
+
+
 def replay(capsule: Capsule, dtype: str | None = None) -> ReplayOutcome:
     """Rebuild the step and run forward + backward exactly as training did; report what came out."""
-    rep = _replayer(capsule)(capsule, dtype)
+    rep = _rebuild(capsule, dtype)
     rep.model.zero_grad(set_to_none=True)
     loss = rep.loss()
     loss.backward()
@@ -98,7 +107,7 @@ def replay(capsule: Capsule, dtype: str | None = None) -> ReplayOutcome:
 
 
 def locate_capsule(capsule: Capsule, dtype: str | None = None) -> Finding | None:
-    rep = _replayer(capsule)(capsule, dtype)
+    rep = _rebuild(capsule, dtype)
     rep.model.zero_grad(set_to_none=True)
     return Locator(roots=rep.roots).run(rep.loss)
 
@@ -124,7 +133,7 @@ def bisect_capsule(path: Path, float64: bool = False, export: Path | None = None
                               "non-finite in float64 too: the failure is structural (exact ties, log(0), 0/0 ...); "
                               "more precision will not fix it")}
     if export is not None and finding is not None:
-        rep = _replayer(capsule)(capsule, None)
+        rep = _rebuild(capsule, None)
         result.exported = [str(p) for p in export_reproducer(finding, rep, Path(export))]
     return result
 

@@ -206,7 +206,7 @@ class StabilityMonitor:
 
     def _write_capsule(self, ctx: Any, reason: str) -> None:
         # After backward the optimizer has not stepped: parameters and optimizer state are still pre-step.
-        meta = {"torch": str(torch.__version__), "replayer": self.replayer, "lr": float(getattr(ctx, "lr", math.nan)),
+        meta = {"torch": str(torch.__version__), "threads": torch.get_num_threads(), "replayer": self.replayer, "lr": float(getattr(ctx, "lr", math.nan)),
                 "loss": float(ctx.loss.detach()) if ctx.loss is not None else math.nan,
                 "grads_finite": bool(ctx.grads_finite) if ctx.grads_finite is not None else False}
         cap = Capsule(step=ctx.step, batch=self.batch_state(ctx.batch), model_state=clone_state(ctx.model.state_dict()),

@@ -30,6 +30,7 @@ import pathlib
 
 import torch
 
+torch.set_num_threads({threads})  # the run's thread count: LAPACK rounding depends on it
 data = torch.load(pathlib.Path(__file__).with_name("{data}"), weights_only=True)
 fn = {function}
 inputs = [t.clone().requires_grad_(t.is_floating_point() or t.is_complex()) if isinstance(t, torch.Tensor) else t
@@ -101,6 +102,7 @@ def export_reproducer(finding: Finding, replayed: Any, out_dir: Path) -> list[Pa
     torch.save({"args": cap.args, "kwargs": cap.kwargs, "grads": grads}, data)
     script.write_text(SCRIPT.format(cause=finding.cause.replace('"', "'"), phase=finding.phase, op=finding.op,
                                     node=finding.node or "-", module=finding.module or "-", location=finding.location,
-                                    script=script.name, data=data.name, function=finding.function))
+                                    script=script.name, data=data.name, function=finding.function,
+                                    threads=torch.get_num_threads()))
     log.info("reproducer written to %s", out_dir)
     return [data, script]
