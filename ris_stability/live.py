@@ -119,6 +119,7 @@ class LiveView:
         self.enabled = enabled and self.console.is_terminal and sys.stderr.isatty()
         self.state = DashboardState(total_steps=total_steps)
         self._live: Live | None = None
+        self._plain_every = max(1, total_steps // 40)  # about 40 plain lines per run, plus every incident
 
     def __enter__(self) -> "LiveView":
         if self.enabled:
@@ -142,5 +143,5 @@ class LiveView:
             self.state.last_event = event
         if self._live is not None:
             self._live.update(build_dashboard(self.state), refresh=True)
-        elif row is not None:
+        elif row is not None and (step % self._plain_every == 0 or nonfinite or step >= self.state.total_steps):
             log.info("%s", plain_line(self.state))
