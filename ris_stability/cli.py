@@ -8,13 +8,15 @@ that does not reproduce its non-finite step on replay. User errors print one cle
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
+from rich.logging import RichHandler
+
+from ris_stability.live import terminal_console
 
 from ris_stability.capsule import CapsuleError
 from ris_stability.records import UsageError
@@ -109,10 +111,14 @@ COMMANDS = {"trace": _cmd_trace, "bisect": _cmd_bisect, "report": _cmd_report, "
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     console = Console(stderr=False, soft_wrap=True)
-    err = Console(stderr=True)
+    err = terminal_console()
+    level = logging.DEBUG if args.verbose else logging.INFO
+    if err.is_terminal:  # log records go through rich, so they print above the live dashboard, not through it
+        logging.basicConfig(level=level, format="%(name)s: %(message)s", datefmt="[%X]",
+                            handlers=[RichHandler(console=err, show_path=False)])
+    else:
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from ris_model.config import ConfigError
 
     try:
@@ -129,4 +135,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "EXIT_OK", "EXIT_NONFINITE", "EXIT_USAGE", "EXIT_NOT_REPRODUCED", "json"]
+__all__ = ["main", "EXIT_OK", "EXIT_NONFINITE", "EXIT_USAGE", "EXIT_NOT_REPRODUCED"]

@@ -37,6 +37,8 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         if math.isinf(v):
             return "inf"
+        if v.is_integer() and abs(v) < 1e6:
+            return str(int(v))
         return f"{v:.3e}" if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e4) else f"{v:.4f}"
     return str(v)
 
@@ -111,11 +113,23 @@ def plain_line(state: DashboardState) -> str:
             f"grad={_fmt(row.get('grad/_total'))} nonfinite={len(state.nonfinite_steps)}{mat}")
 
 
+_TERMINAL: Console | None = None
+
+
+def terminal_console() -> Console:
+    """The one stderr console shared by the dashboard and the log handler, so that log records are
+    printed above the live region instead of through it."""
+    global _TERMINAL
+    if _TERMINAL is None:
+        _TERMINAL = Console(stderr=True)
+    return _TERMINAL
+
+
 class LiveView:
     """rich Live dashboard when attached to a terminal; plain log lines otherwise."""
 
     def __init__(self, total_steps: int, enabled: bool = True, console: Console | None = None):
-        self.console = console or Console(stderr=True)
+        self.console = console or terminal_console()
         self.enabled = enabled and self.console.is_terminal and sys.stderr.isatty()
         self.state = DashboardState(total_steps=total_steps)
         self._live: Live | None = None

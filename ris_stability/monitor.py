@@ -231,7 +231,7 @@ class StabilityMonitor:
         self.writer.step(row)
         self._report_dead(ctx.step)
         if self.live is not None:
-            self.live.update(ctx.step + 1, row=row, nonfinite=row["nonfinite"])
+            self.live.update(ctx.step + 1, row=row)
 
     def _flag(self, step: int, name: str, site: dict[str, Any]) -> None:
         st = site["stats"]
