@@ -40,8 +40,9 @@ class StepClock:
         return statistics.median(gaps)
 
 
-def one_run(config: str, steps: int, every: int | None, tmp: Path) -> float:
-    cfg = load_config(ROOT / "configs" / config, [f"train.steps={steps}", "train.val_every=0", "train.checkpoint_every=0"])
+def one_run(config: str, steps: int, every: int | None, tmp: Path, overrides: list[str]) -> float:
+    cfg = load_config(ROOT / "configs" / config,
+                      [f"train.steps={steps}", "train.val_every=0", "train.checkpoint_every=0", *overrides])
     clock = StepClock()
     callbacks: list = [clock]
     if every is not None:
@@ -55,16 +56,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--configs", nargs="*", default=["quickstart.toml", "default.toml"])
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override, e.g. train.device=cuda")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x {args.rounds} rounds")
+    print(f"torch {torch.__version__}, {args.steps} steps x {args.rounds} rounds, overrides {args.overrides or 'none'}")
     print(f"{'config':<18}{'off ms':>10}{'every=1 ms':>12}{'every=10 ms':>13}{'ratio 1':>10}{'ratio 10':>10}")
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs:
             times: dict[str, list[float]] = {"off": [], "1": [], "10": []}
             for _ in range(args.rounds):
-                times["off"].append(one_run(config, args.steps, None, Path(tmp)))
-                times["1"].append(one_run(config, args.steps, 1, Path(tmp)))
-                times["10"].append(one_run(config, args.steps, 10, Path(tmp)))
+                times["off"].append(one_run(config, args.steps, None, Path(tmp), args.overrides))
+                times["1"].append(one_run(config, args.steps, 1, Path(tmp), args.overrides))
+                times["10"].append(one_run(config, args.steps, 10, Path(tmp), args.overrides))
             off, e1, e10 = (statistics.median(times[k]) for k in ("off", "1", "10"))
             print(f"{config:<18}{off * 1e3:>10.1f}{e1 * 1e3:>12.1f}{e10 * 1e3:>13.1f}{e1 / off:>10.3f}{e10 / off:>10.3f}")
 

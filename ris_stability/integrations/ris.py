@@ -279,5 +279,11 @@ def replay_capsule(capsule: Capsule, dtype: str | None = None) -> ReplayedStep:
         batch = batch.to(dtype=real)
         for module in (model, loss_fn):  # Module.to(dtype) would drop the imaginary part of complex tensors
             module._apply(lambda t: t.to(real) if t.is_floating_point() else t.to(complex_dtype(real)) if t.is_complex() else t)
+    device = torch.device(cfg.train.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log.warning("capsule of step %d was recorded on %s; replaying on the CPU (results may differ)",
+                    capsule.step, device)
+        device = torch.device("cpu")
+    model, loss_fn, batch = model.to(device), loss_fn.to(device), batch.to(device)
     restore_rng(capsule.rng)
     return ReplayedStep(model=model, loss_fn=loss_fn, batch=batch, cfg=cfg, roots={"model": model, "loss": loss_fn})
