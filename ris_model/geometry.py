@@ -45,8 +45,9 @@ def direction(phi: Tensor, theta: Tensor) -> Tensor:
 def path_difference(positions: Tensor, phi: Tensor, theta: Tensor, r: Tensor, fresnel: bool = False) -> Tensor:
     """||p - p_n|| - r for every element: (..., N). Exact form computed without cancellation."""
     u = direction(phi, theta)  # (..., 3)
-    up = u @ positions.T.to(u.dtype)  # (..., N): u . p_n
-    pn2 = (positions.to(u.dtype) ** 2).sum(-1)  # (N,)
+    positions = positions.to(device=u.device, dtype=u.dtype)  # the system lives on the CPU, angles anywhere
+    up = u @ positions.T  # (..., N): u . p_n
+    pn2 = (positions**2).sum(-1)  # (N,)
     r = r[..., None]
     if fresnel:
         return -up + (pn2 - up**2) / (2 * r)
