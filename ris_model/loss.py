@@ -109,7 +109,7 @@ class Orthogonality(nn.Module):
         f = _unit_columns(inp.outputs.cov_fact_angle)
         gram = (f.mH @ f).abs().pow(2)  # (B, K_MAX, K_MAX)
         m = inp.mask.to(gram.dtype)
-        pairs = m[:, :, None] * m[:, None, :] * (1 - torch.eye(m.shape[-1], dtype=gram.dtype))
+        pairs = m[:, :, None] * m[:, None, :] * (1 - torch.eye(m.shape[-1], dtype=gram.dtype, device=gram.device))
         k = inp.k.to(gram.dtype)
         return ((gram * pairs).sum((-2, -1)) / (k * (k - 1)).clamp_min(1)).mean()
 
