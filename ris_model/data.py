@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -78,7 +79,7 @@ class Batch:
     def load(path: str | Path) -> "Batch":
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError) as err:
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
             raise BatchError(f"cannot read batch file {str(path)!r}: {err}") from None
         if not isinstance(blob, dict) or blob.get("format") != BATCH_FORMAT:
             raise BatchError(f"{str(path)!r} is not a ris_model batch (format {BATCH_FORMAT})")
