@@ -48,13 +48,6 @@ PROPS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCh
 FIND = settings(max_examples=50, deadline=None, database=None, phases=[Phase.generate],
                 suppress_health_check=[HealthCheck.too_slow])
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Hundreds of small (<= 144 x 144) eigensolves: thread fan-out costs ~10x more than it saves here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 Builder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, CovarianceConfig], Covariances]

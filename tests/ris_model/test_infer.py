@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from ris_model.config import load_config
@@ -22,13 +21,6 @@ TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=6
         "covariance.shrinkage=0.01"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Batched 144 x 144 eigh under MKL threads slows 10-100x when the cores are shared; one thread is stable."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def test_predict_uses_the_builder_and_the_k_head():

@@ -33,13 +33,6 @@ REACHES = {
 NOT_REACHED = {"k_ce": ["readout", "slot_head"], "aux": ["k_head"]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Batched 144 x 144 eigh under MKL threads slows 10-100x when the cores are shared; one thread is stable."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Batched 144 x 144 eigh under MKL threads slows 10-100x when the cores are shared; one thread is stable."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def _run(extra):

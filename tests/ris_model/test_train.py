@@ -24,13 +24,6 @@ TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=6
         "train.steps=4", "train.warmup_steps=1", "train.val_every=0", "train.log_every=1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Batched 144 x 144 eigh under MKL threads slows 10-100x when the cores are shared; one thread is stable."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def tiny(*extra: str):

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from ris_stability.capsule import Capsule
 from ris_stability.cli import main
