@@ -17,6 +17,7 @@ from ris_model.config import dumps_toml, load_config
 from ris_model.data import train_batch
 from ris_model.model import build_model
 from ris_model.simulate import make_system
+from ris_model.train import configure_threads
 from ris_stability.capsule import Capsule, capture_rng
 from ris_stability.integrations.ris import REPLAYER, batch_state, replay_capsule
 from ris_stability.locate import Locator
@@ -44,10 +45,11 @@ def timed(fn, repeats: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default="quickstart.toml")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     capsule = make_capsule(args.config)
     rep = replay_capsule(capsule)
+    configure_threads(rep.cfg)  # the thread count training uses (train.threads)
 
     def plain() -> None:
         rep.model.zero_grad(set_to_none=True)
