@@ -15,19 +15,21 @@ from ris_stability.cli import main
 from ris_stability.records import read_trace
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["--set", "data.batch_size=4", "--set", "train.val_every=0", "--set", "data.n_val=0"]
+NO_VAL = ["--set", "train.val_every=0", "--set", "data.n_val=0"]
+SMALL = ["--set", "data.batch_size=4", *NO_VAL]
 
 
-def trace(tmp: Path, config: str, steps: int, *extra: str) -> tuple[int, Path]:
+def trace(tmp: Path, config: str, steps: int, *extra: str, small: bool = True) -> tuple[int, Path]:
     out = tmp / Path(config).stem
     code = main(["trace", "--config", str(ROOT / "configs" / config), "--steps", str(steps), "--out", str(out),
-                 "--no-live", "--no-report", *SMALL, *extra])
+                 "--no-live", "--no-report", *(SMALL if small else NO_VAL), *extra])
     return code, out
 
 
 @pytest.fixture(scope="module")
 def nan_run(tmp_path_factory) -> Path:
-    code, out = trace(tmp_path_factory.mktemp("nan"), "seed-nan.toml", 2)
+    # The shipped batch of 16: exact float32 ties occur in some of its matrices on every step.
+    code, out = trace(tmp_path_factory.mktemp("nan"), "seed-nan.toml", 2, small=False)
     assert code == 1
     return out
 
@@ -78,7 +80,7 @@ def test_clean_config_exits_zero(tmp_path):
 
 
 def test_gap_aware_backward_runs_the_nan_config_clean(tmp_path):
-    code, out = trace(tmp_path, "seed-nan.toml", 2, "--set", "loss.eigh_backward=gap_aware")
+    code, out = trace(tmp_path, "seed-nan.toml", 2, "--set", "loss.eigh_backward=gap_aware", small=False)
     assert code == 0
     t = read_trace(out)
     assert t.nonfinite_steps == []
