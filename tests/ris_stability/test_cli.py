@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ris_stability.capsule import Capsule
 from ris_stability.cli import main
 from ris_stability.records import read_trace
+from ris_stability.tolerances import tie_tol
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_VAL = ["--set", "train.val_every=0", "--set", "data.n_val=0"]
@@ -39,7 +41,9 @@ def test_seed_nan_trace_records_the_tie_before_the_nan(nan_run):
     assert t.nonfinite_steps == [0, 1]
     site = "loss.subspace:linalg.eigh"
     assert t.steps.loc[0, f"mat/{site}/max_cluster"] > 100  # the noise eigenvalues tie ...
-    assert t.steps.loc[0, f"mat/{site}/min_gap"] == 0.0  # ... exactly, in the forward of the first step
+    # ... within rounding (the probe samples 4 of the 16 matrices), in the forward of the first step
+    lam_max = t.steps.loc[0, f"mat/{site}/lambda_max"]
+    assert t.steps.loc[0, f"mat/{site}/min_gap"] <= tie_tol(144, torch.float32, lam_max)
     assert t.steps.loc[0, f"mat/{site}/vec_grad"] == 1.0
     ev = next(e for e in t.events if e["kind"] == "nonfinite_grad")
     assert ev["step"] == 0 and ev["data"]["matrix"] == site and ev["data"]["module"] == "loss.subspace"
