@@ -34,11 +34,12 @@ class MonitorConfig:
     dead_after: int = 50  # steps after which a parameter / loss term that never moved is reported
     policy: Literal["skip", "stop", "observe"] = "skip"  # what to ask of the loop on a non-finite step
     max_capsules: int = 5  # capsules written per run (the first bad steps are the informative ones)
+    update_every: int = 10  # update ratios (a parameter snapshot per step) every n steps: they move slowly
 
     def __post_init__(self) -> None:
-        if self.every < 1 or self.dead_after < 1 or self.max_capsules < 0:
-            raise ValueError(f"MonitorConfig: every={self.every}, dead_after={self.dead_after} must be >= 1 and "
-                             f"max_capsules={self.max_capsules} >= 0")
+        if self.every < 1 or self.dead_after < 1 or self.update_every < 1 or self.max_capsules < 0:
+            raise ValueError(f"MonitorConfig: every={self.every}, dead_after={self.dead_after}, update_every="
+                             f"{self.update_every} must be >= 1 and max_capsules={self.max_capsules} >= 0")
         if self.policy not in ("skip", "stop", "observe"):
             raise ValueError(f"MonitorConfig.policy={self.policy!r}: valid choices 'skip', 'stop', 'observe'")
 
@@ -140,7 +141,7 @@ class StabilityMonitor:
             self._on_nonfinite(ctx)
 
     def on_before_optimizer_step(self, ctx: Any) -> None:
-        if ctx.step % self.cfg.every == 0 and not ctx.skip_requested:
+        if self._measures_update(ctx.step) and not ctx.skip_requested:
             self.grads.before_step(ctx.optimizer)
 
     def on_step_end(self, ctx: Any) -> None:
@@ -149,7 +150,7 @@ class StabilityMonitor:
             self.skipped_steps.append(ctx.step)
             self.writer.event("step_skipped", "warning", f"step {ctx.step} skipped ({ctx.skip_reason})",
                               step=ctx.step, reason=ctx.skip_reason)
-        if ctx.step % self.cfg.every == 0 and not skipped and ctx.optimizer is not None:
+        if self._measures_update(ctx.step) and not skipped and ctx.optimizer is not None:
             self.grads.after_step(ctx.optimizer)
         loss = float(ctx.loss.detach()) if ctx.loss is not None else math.nan
         self._losses.append(loss)
@@ -168,6 +169,10 @@ class StabilityMonitor:
         self.detach()
 
     # -- internals ----------------------------------------------------------------------------------
+    def _measures_update(self, step: int) -> bool:
+        """Update ratios are taken on logged steps that are also multiples of update_every."""
+        return step % self.cfg.every == 0 and step % self.cfg.update_every == 0
+
     def _grads_finite(self, ctx: Any) -> bool:
         grads = [p.grad for p in ctx.model.parameters() if p.grad is not None]
         norms = torch._foreach_norm(grads) if grads else []

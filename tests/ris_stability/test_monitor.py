@@ -150,3 +150,13 @@ def test_stop_policy_requests_stop(tmp_path):
 def test_bad_monitor_config(kwargs):
     with pytest.raises(ValueError, match="MonitorConfig"):
         MonitorConfig(**kwargs)
+
+
+def test_update_ratios_are_sampled(tmp_path):
+    run(0.0, 12, StabilityMonitor(tmp_path / "run", MonitorConfig(update_every=10)))
+    steps = read_trace(tmp_path / "run").steps
+    ratio = [c for c in steps.columns if c.startswith("update_ratio/")]
+    assert ratio, "update ratios must be recorded on sampled steps"
+    recorded = steps[ratio[0]].dropna().index.tolist()
+    assert recorded == [0, 10]
+    assert (steps.loc[[0, 10], ratio[0]] > 0).all()
