@@ -30,28 +30,33 @@ This is the only file of the toolkit that imports private torch APIs.
 """
 from __future__ import annotations
 
-import cmath
 import contextlib
 import dataclasses
-import inspect
 import logging
-import math
-import os
 import re
-import sys
 import warnings
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from ris_stability import linalg_stats
 from ris_stability.causes import Observation, explain, is_linalg_op
 from ris_stability.finding import Finding, TensorSummary
+from ris_stability.locate_inputs import (LocatorUsageError, _check_loss, _graph_leaves, _input_finding,
+                                         bind_arguments, discover_roots, find_nonfinite)
+from ris_stability.locate_ops import (_CHECK_ERRORS, _FRESH, _NO_VALUES, _OVERWRITE, _SPECTRAL_OPS, _TRIVIAL,
+                                      _finite, _is_float, _is_view, _matrix_spectral, _mutated_positions,
+                                      _named_inputs, _nonfinite_inputs, _spectral_stats, _tensors,
+                                      culprit_values, op_name)
+from ris_stability.locate_phase import _PHASE_CHECKS, EIGH_PHASE_MESSAGE, SVD_PHASE_MESSAGE
+from ris_stability.locate_stack import MAX_STACK, _Context, _ModuleStack, _traceback_stack, user_stack
+
+__all__ = ["EIGH_PHASE_MESSAGE", "Locator", "LocatorUsageError", "MAX_STACK", "SVD_PHASE_MESSAGE",
+           "bind_arguments", "culprit_values", "discover_roots", "find_nonfinite", "locate_nonfinite",
+           "op_name", "user_stack"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,41 +65,8 @@ MAX_ORIGINS = 64  # masked non-finite values (e.g. -inf attention masks) need no
 # Pre-op copies of in-place operands (to show the values an in-place op destroyed) above this size
 # are skipped; only their finiteness is recorded.
 MAX_INPLACE_COPY = 1 << 22
-_SKIP_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
-_aten = torch.ops.aten
-# Ops that return no new values: nothing to check.
-_NO_VALUES = frozenset({_aten.resize_, _aten.set_, _aten._local_scalar_dense})
-# Ops whose output does not depend on their inputs' values (uninitialised memory): a NaN in their
-# output is their own (an "uninitialised memory was read" origin), whatever their input held.
-_FRESH = frozenset({_aten.empty, _aten.empty_like, _aten.empty_strided, _aten.new_empty, _aten.new_empty_strided})
-# In-place ops that overwrite ``self`` completely: its previous content is not an input.
-_OVERWRITE = frozenset({_aten.copy_, _aten.fill_, _aten.zero_, _aten.normal_, _aten.uniform_, _aten.random_,
-                        _aten.bernoulli_, _aten.exponential_, _aten.geometric_, _aten.log_normal_, _aten.cauchy_})
-_SPECTRAL_OPS = {_aten._linalg_eigh: ("eigh", 0), _aten._linalg_svd: ("svd", 1)}
-_CHECK_ERRORS = _aten._linalg_check_errors
-# Bookkeeping ops that never name what the user computed.
-_TRIVIAL = frozenset({_aten.detach, _aten.alias, _aten.lift_fresh, _aten.view, _aten._unsafe_view})
 _ANOMALY_NAN = re.compile(r"Function '(\w+)' returned nan values")
 _ANOMALY_NODE = re.compile(r"Error detected in (\w+)")
-
-
-class LocatorUsageError(TypeError):
-    """``fn`` did not return a scalar loss tensor."""
-
-
-@dataclasses.dataclass
-class _Context:
-    """Forward context of an op or of the autograd node it created."""
-
-    module: str = ""
-    stack: tuple[str, ...] = ()  # user frames "file.py:LINE", innermost first
-    function: str = ""
-    op: str = ""
-    spectrum: tuple[str, Tensor] | None = None  # ("eigh"|"svd", values) of the forward decomposition
-
-    @property
-    def location(self) -> str:
-        return self.stack[0] if self.stack else ""
 
 
 @dataclasses.dataclass
@@ -108,107 +80,6 @@ class _Origin:
     culprit: tuple | None = None
     culprit_text: str = ""
 
-
-def op_name(func) -> str:
-    """'aten.div.Tensor', 'aten.log' (the '.default' overload is dropped)."""
-    name = str(func)
-    return name[: -len(".default")] if name.endswith(".default") else name
-
-
-def _finite(t: Tensor) -> bool:
-    # A sum is finite only if every entry is (one NaN/Inf poisons it) and costs a fraction of an
-    # elementwise isfinite; an overflowing sum of finite entries falls through to the exact test.
-    with torch.no_grad():
-        if t.numel() == 0:
-            return True
-        total = t.detach().sum().item()
-        if cmath.isfinite(total) if isinstance(total, complex) else math.isfinite(total):
-            return True
-        return bool(torch.isfinite(t).all())
-
-
-def _is_float(t: Any) -> bool:
-    return isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())
-
-
-def _short_path(filename: str) -> str:
-    rel = os.path.relpath(filename)
-    return filename if rel.startswith("..") else rel
-
-
-MAX_STACK = 8  # user frames kept per op: enough to reach the model code from a helper
-
-
-def _is_user(filename: str) -> bool:
-    return not filename.startswith(_SKIP_DIRS)
-
-
-def user_stack(frame=None) -> tuple[str, ...]:
-    """'file.py:LINE' of the frames outside torch and ris_stability, innermost first (the toolkit's
-    own instruments may sit between the user's call and the op)."""
-    f, out = (frame if frame is not None else sys._getframe(1)), []
-    while f is not None and len(out) < MAX_STACK:
-        if _is_user(f.f_code.co_filename):
-            out.append(f"{_short_path(f.f_code.co_filename)}:{f.f_lineno}")
-        f = f.f_back
-    return tuple(out)
-
-
-def _traceback_stack(exc: BaseException) -> tuple[str, ...]:
-    tb, out = exc.__traceback__, []
-    while tb is not None:
-        if _is_user(tb.tb_frame.f_code.co_filename):
-            out.append(f"{_short_path(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}")
-        tb = tb.tb_next
-    return tuple(reversed(out))[:MAX_STACK]
-
-
-# --- module tracking -------------------------------------------------------------------------------
-class _ModuleStack:
-    """Stack of active modules from global forward hooks; names relative to the roots."""
-
-    def __init__(self, roots: Mapping[str, nn.Module]):
-        self._names: dict[int, tuple[nn.Module, str]] = {}
-        for root_name, root in roots.items():
-            for sub, m in root.named_modules():
-                path = ".".join(p for p in (root_name, sub) if p)
-                self._names.setdefault(id(m), (m, path))
-        self.stack: list[nn.Module] = []
-        self._handles: list = []
-
-    def install(self) -> None:
-        self._handles = [register_module_forward_pre_hook(self._pre), register_module_forward_hook(self._post)]
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def name_of(self, m: nn.Module) -> str:
-        return self._names[id(m)][1] if id(m) in self._names else type(m).__name__
-
-    def _pre(self, module: nn.Module, args) -> None:
-        if id(module) not in self._names:
-            self._names[id(module)] = (module, self._unknown_name(module))
-        self.stack.append(module)
-
-    def _post(self, module: nn.Module, args, output) -> None:
-        # Pop down to this module: entries left by an exception that was caught inside go too.
-        for i in range(len(self.stack) - 1, -1, -1):
-            if self.stack[i] is module:
-                del self.stack[i:]
-                return
-
-    def _unknown_name(self, module: nn.Module) -> str:
-        if not self.stack:
-            return type(module).__name__
-        parent = self.stack[-1]
-        base = self.name_of(parent)
-        rel = next((n for n, m in parent.named_modules() if m is module and n), type(module).__name__)
-        return ".".join(p for p in (base, rel) if p)
-
-    def current(self) -> str:
-        return self.name_of(self.stack[-1]) if self.stack else ""
 
 
 # --- the two modes ---------------------------------------------------------------------------------
@@ -235,179 +106,6 @@ class _ForwardRecorder(TorchFunctionMode):
         finally:
             s.function = outer
         return out
-
-
-# --- per-op helpers ---------------------------------------------------------------------------------
-_MUTATED: dict[Any, tuple[int, ...]] = {}
-
-
-def _mutated_positions(func) -> tuple[int, ...]:
-    """Positional arguments an op writes in place (``self`` of ``div_``), not ``out=`` buffers."""
-    if func not in _MUTATED:
-        _MUTATED[func] = tuple(i for i, a in enumerate(func._schema.arguments)
-                               if a.alias_info is not None and a.alias_info.is_write and not a.kwarg_only)
-    return _MUTATED[func]
-
-
-_VIEWS: dict[Any, bool] = {}
-
-
-def _is_view(func) -> bool:
-    """An op whose outputs alias its input (view, slice, transpose ...): its values are a subset of
-    the input's, so it cannot be an origin and its outputs inherit the input's origin unchecked."""
-    if func not in _VIEWS:
-        returns = func._schema.returns
-        _VIEWS[func] = bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write
-                                             for r in returns)
-    return _VIEWS[func]
-
-
-def _kw_writes(func) -> set[str]:
-    return {a.name for a in func._schema.arguments if a.kwarg_only and a.alias_info is not None
-            and a.alias_info.is_write}
-
-
-def _named_inputs(func, args, kwargs, before: Mapping[int, Any]) -> list[tuple[str, Any]]:
-    """(name, value) of the op's inputs; in-place operands as they were before the op (when a copy
-    was kept); no out= buffers and no operand that the op overwrites whole."""
-    schema_args = func._schema.arguments
-    overwritten = _mutated_positions(func) if func.overloadpacket in _OVERWRITE else ()
-    out: list[tuple[str, Any]] = []
-    for i, value in enumerate(args):
-        if i in overwritten:
-            continue
-        name = schema_args[i].name if i < len(schema_args) else f"arg{i}"
-        value = before.get(i, value)
-        if isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) for v in value):
-            out.extend((f"{name}[{j}]", v) for j, v in enumerate(value))
-        else:
-            out.append((name, value))
-    writes = _kw_writes(func)
-    out.extend((k, v) for k, v in kwargs.items() if k not in writes)
-    return out
-
-
-def culprit_values(func, inputs: list[tuple[str, Any]], bad: Tensor) -> tuple[tuple | None, str]:
-    """Input values at the first non-finite element of a pointwise op's output (None otherwise)."""
-    if torch.Tag.pointwise not in func.tags or bad.numel() == 0:
-        return None, ""
-    with torch.no_grad():
-        flat = int((~torch.isfinite(bad)).reshape(-1).nonzero()[0, 0])
-        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), bad.shape))
-        values, parts = [], []
-        for name, v in inputs:
-            if isinstance(v, Tensor):
-                try:
-                    v = torch.broadcast_to(v.detach(), bad.shape)[idx].item()
-                except RuntimeError:  # not broadcastable to the output: no single element to show
-                    v = None
-            elif not isinstance(v, (bool, int, float, complex)):
-                v = None
-            values.append(v)
-            if v is not None:
-                parts.append(f"{name}={v!r}")
-        out_v = bad.detach()[idx].item()
-    return tuple(values), f"at index {idx}: {', '.join(parts)} -> {out_v!r}"
-
-
-def _spectral_stats(kind: str, values: Tensor, dtype=None) -> dict[str, float]:
-    fn = linalg_stats.eigen_stats if kind == "eigh" else linalg_stats.singular_stats
-    return linalg_stats.to_floats(linalg_stats.worst(fn(values.detach(), dtype=dtype)))
-
-
-def _matrix_spectral(op: str, t: Any) -> dict[str, float]:
-    """Spectral statistics of a finite square matrix input of a linear-algebra op, else {}."""
-    if (not _is_float(t) or t.dim() < 2 or t.shape[-1] != t.shape[-2] or t.numel() == 0
-            or not is_linalg_op(op) or not _finite(t)):
-        return {}
-    try:
-        return linalg_stats.to_floats(linalg_stats.worst(linalg_stats.matrix_stats(t)))
-    except torch.linalg.LinAlgError as exc:
-        # The statistics' own eigvalsh failed on this input: report the op without them rather
-        # than let the instrument's error pass for the user's.
-        logger.warning("locator: no spectral statistics for an input of %s: %s", op, exc)
-        return {}
-
-
-# PyTorch skips its complex-phase checks in eigh/svd backward whenever a dispatch mode is active
-# (they count as "tensor subclass like"), so the locator would silently let an ill-defined loss
-# through. These node pre-hooks restore the same checks, with the same tolerances and messages.
-_PHASE_RTOL = _PHASE_ATOL = 1e-2
-EIGH_PHASE_MESSAGE = ("linalg_eigh_backward: The eigenvectors in the complex case are specified up to multiplication "
-                      "by e^{i phi}. The specified loss function depends on this quantity, so it is ill-defined.")
-SVD_PHASE_MESSAGE = ("svd_backward: The singular vectors in the complex case are specified up to multiplication "
-                     "by e^{i phi}. The specified loss function depends on this phase term, making it ill-defined.")
-
-
-def _imag_diag(X: Tensor) -> Tensor:
-    return torch.imag(torch.diagonal(X, 0, -2, -1))
-
-
-def _hook_eigh_phase(node):
-    V = node._saved_eigenvectors
-    if V is None or not V.is_complex():
-        return None
-
-    def check(grad_outputs):
-        gV = grad_outputs[1] if len(grad_outputs) > 1 else None
-        if gV is not None:
-            d = _imag_diag(V.mH @ gV)
-            if not torch.allclose(d, torch.zeros_like(d), rtol=_PHASE_RTOL, atol=_PHASE_ATOL):
-                raise RuntimeError(EIGH_PHASE_MESSAGE)
-    return node.register_prehook(check)
-
-
-def _hook_svd_phase(node):
-    U, Vh = node._saved_U, node._saved_Vh
-    if U is None or not U.is_complex():
-        return None
-
-    def check(grad_outputs):
-        _, gU, gVh = (tuple(grad_outputs) + (None, None, None))[:3]
-        if gU is None and gVh is None:
-            return
-        # skew(X) = X - X^H doubles the imaginary part of the diagonal, as in torch's svd_backward.
-        im_u = 2 * _imag_diag(U.mH @ gU) if gU is not None else torch.zeros_like(node._saved_S)
-        im_v = 2 * _imag_diag(Vh @ gVh.mH) if gVh is not None else torch.zeros_like(node._saved_S)
-        if not torch.allclose(im_u, -im_v, rtol=_PHASE_RTOL, atol=_PHASE_ATOL):
-            raise RuntimeError(SVD_PHASE_MESSAGE)
-    return node.register_prehook(check)
-
-
-_PHASE_CHECKS = {"LinalgEighBackward0": _hook_eigh_phase, "LinalgSvdBackward0": _hook_svd_phase}
-
-
-def _tensors(value: Any) -> Iterator[Tensor]:
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-
-
-def _nonfinite_inputs(func, args, kwargs, pre_finite: Mapping[int, bool]) -> list[Tensor]:
-    """The op's floating inputs that held a NaN/Inf before it ran (in-place operands judged by the
-    finiteness recorded before the op)."""
-    if func.overloadpacket in _FRESH:
-        return []
-    overwritten = _mutated_positions(func) if func.overloadpacket in _OVERWRITE else ()
-    writes = _kw_writes(func)
-    found: list[Tensor] = []
-    for i, value in enumerate(args):
-        if i in overwritten:
-            continue
-        if i in pre_finite:
-            if not pre_finite[i]:
-                found.append(value)
-            continue
-        found.extend(t for t in _tensors(value) if _is_float(t) and not _finite(t))
-    for key, value in kwargs.items():
-        if key not in writes:
-            found.extend(t for t in _tensors(value) if _is_float(t) and not _finite(t))
-    return found
 
 
 # --- one run ----------------------------------------------------------------------------------------
@@ -688,107 +386,6 @@ def _in_chain(exc: BaseException, target: BaseException) -> bool:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return False
-
-
-def _check_loss(loss: Any) -> None:
-    if not isinstance(loss, Tensor):
-        raise LocatorUsageError(
-            f"locate_nonfinite: fn returned {type(loss).__name__}, expected a scalar loss tensor; "
-            "wrap fn so that it returns the loss (e.g. lambda: step(batch)['loss'])")
-    if loss.numel() != 1:
-        raise LocatorUsageError(
-            f"locate_nonfinite: fn returned a tensor of shape {tuple(loss.shape)}, expected a scalar loss; "
-            "reduce it (e.g. .sum() or .mean()) inside fn")
-
-
-def _graph_leaves(loss: Tensor) -> list[Tensor]:
-    """Every leaf tensor requiring grad that the loss depends on, in graph order."""
-    if loss.grad_fn is None:
-        return [loss] if loss.requires_grad else []
-    leaves, seen, stack = [], set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, Tensor):
-            leaves.append(variable)
-        stack.extend(nf for nf, _ in node.next_functions)
-    return leaves
-
-
-# --- arguments: names, roots, non-finite inputs ------------------------------------------------------
-def bind_arguments(fn: Callable, args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
-    """(parameter name, value) of a call; positional fallbacks 'args[i]' when fn has no signature."""
-    try:
-        return list(inspect.signature(fn).bind(*args, **kwargs).arguments.items())
-    except (TypeError, ValueError):
-        return [(f"args[{i}]", a) for i, a in enumerate(args)] + list(kwargs.items())
-
-
-def discover_roots(fn: Callable, named_args: list[tuple[str, Any]]) -> dict[str, nn.Module]:
-    """Modules that name the module paths when no roots are given (see the module docstring)."""
-    roots: dict[str, nn.Module] = {}
-    owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
-    if isinstance(owner, nn.Module):
-        roots[""] = owner
-    for name, value in named_args:
-        if isinstance(value, nn.Module):
-            roots.setdefault(name, value)
-    code_fn = getattr(fn, "__func__", fn)
-    code = getattr(code_fn, "__code__", None)
-    for name, cell in zip(code.co_freevars if code else (), getattr(code_fn, "__closure__", None) or ()):
-        try:
-            value = cell.cell_contents
-        except ValueError:  # a closure variable not assigned yet
-            continue
-        if isinstance(value, nn.Module):
-            roots.setdefault(name, value)
-    return roots
-
-
-def _join(path: str, part: str) -> str:
-    return f"{path}.{part}" if path else part
-
-
-def find_nonfinite(value: Any, path: str, seen: set[int] | None = None,
-                   depth: int = 0) -> tuple[str, str, Tensor] | None:
-    """First (path, module path, tensor) holding NaN/Inf inside tensors, lists, tuples, dicts,
-    dataclasses and modules (parameters and buffers)."""
-    seen = set() if seen is None else seen
-    if id(value) in seen or depth > 8:
-        return None
-    seen.add(id(value))
-    if isinstance(value, Tensor):
-        return (path, "", value) if _is_float(value) and not _finite(value) else None
-    if isinstance(value, nn.Module):
-        for name, t in list(value.named_parameters()) + list(value.named_buffers()):
-            if _is_float(t) and not _finite(t):
-                return _join(path, name), _join(path, name.rpartition(".")[0]), t
-        return None
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        items = [(f"{path}.{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value)]
-    elif isinstance(value, Mapping):
-        items = [(f"{path}[{k!r}]", v) for k, v in value.items()]
-    elif isinstance(value, tuple) and hasattr(value, "_fields"):
-        items = [(f"{path}.{k}", v) for k, v in zip(value._fields, value)]
-    elif isinstance(value, (list, tuple)):
-        items = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
-    else:
-        return None
-    for sub_path, sub in items:
-        found = find_nonfinite(sub, sub_path, seen, depth + 1)
-        if found is not None:
-            return found
-    return None
-
-
-def _input_finding(path: str, module: str, t: Tensor) -> Finding:
-    summary = TensorSummary.of(path or "fn", t)
-    cause = explain(Observation(phase="input", location=path, inputs=(summary,)))
-    return Finding(phase="input", cause=cause.text, module=module, location=path, inputs=(summary,),
-                   remedies=cause.remedies)
 
 
 class Locator:
