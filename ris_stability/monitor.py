@@ -21,7 +21,7 @@ from ris_stability.capsule import Capsule, capsule_path, capture_rng, clone_stat
 from ris_stability.grads import GradMonitor
 from ris_stability.probes import SpectralProbe
 from ris_stability.records import TraceWriter
-from ris_stability.tolerances import eps_of
+from ris_stability.tolerances import ill_conditioned_log10
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,6 @@ class MonitorConfig:
                              f"{self.update_every} must be >= 1 and max_capsules={self.max_capsules} >= 0")
         if self.policy not in ("skip", "stop", "observe"):
             raise ValueError(f"MonitorConfig.policy={self.policy!r}: valid choices 'skip', 'stop', 'observe'")
-
-
-def ill_conditioned_log10(dtype: torch.dtype) -> float:
-    """log10 condition number beyond which a solve/inverse in ``dtype`` has lost about all its digits."""
-    return math.log10(1.0 / eps_of(dtype)) - 1.0
 
 
 def suspect_site(sites: dict[str, dict[str, Any]]) -> dict[str, Any] | None:

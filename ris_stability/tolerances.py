@@ -8,6 +8,8 @@ closer to ``sqrt(n) * eps * ||A||_2``, so ``n`` leaves a margin. Singular values
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Below this size the n*eps bound is too tight to cover the rounding of forming the matrix itself:
@@ -62,3 +64,13 @@ def tie_tol(n: int, dtype: torch.dtype, scale):
     eigenvector gradient is either 0/0 = NaN or noise amplified by 1/(rounding error).
     """
     return TIE_SPREAD * max(n, TIE_MIN_N) * eps_of(dtype) * scale
+
+
+# Decimal digits an inverse/solve must keep for its result to mean anything.
+ILL_CONDITIONED_DIGITS_LEFT = 1.0
+
+
+def ill_conditioned_log10(dtype: torch.dtype) -> float:
+    """log10 condition number above which an inverse or solve in ``dtype`` keeps fewer than
+    ILL_CONDITIONED_DIGITS_LEFT correct digits: log10(1/eps) - ILL_CONDITIONED_DIGITS_LEFT."""
+    return -math.log10(eps_of(dtype)) - ILL_CONDITIONED_DIGITS_LEFT

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from ris_stability.records import GRAD_NONFINITE_PREFIX, Trace, matrix_stats
-from ris_stability.tolerances import eps_of, real_dtype, tie_tol
+from ris_stability.tolerances import eps_of, ill_conditioned_log10, real_dtype, tie_tol
 
 # A cluster of at least this many equal eigenvalues makes eigh backward divide 0 by 0.
 TIED_CLUSTER_MIN = 2
@@ -23,9 +23,6 @@ TIED_CLUSTER_MIN = 2
 MIN_STEPS_FOR_DEAD = 3
 # Ops whose result goes through an inverse, so an ill-conditioned input loses its digits there.
 INVERSE_OPS = ("inv", "solve", "cholesky", "lstsq", "pinv")
-# An inverse keeps about log10(1/eps) - log10(cond) digits; like the monitor's ill_conditioned event,
-# flag when fewer than this many would remain.
-ILL_CONDITIONED_DIGITS_LEFT = 1.0
 DEFAULT_DTYPE = torch.float32
 
 
@@ -41,11 +38,6 @@ def precision(meta: dict) -> tuple[str, float]:
     """(real dtype name, machine eps) of the run, e.g. ("float32", 1.19e-07) for complex64."""
     dtype = run_dtype(meta)
     return str(real_dtype(dtype)).removeprefix("torch."), eps_of(dtype)
-
-
-def ill_conditioned_log10(eps: float) -> float:
-    """log10 condition number above which an inverse/solve keeps fewer than ILL_CONDITIONED_DIGITS_LEFT."""
-    return -math.log10(eps) - ILL_CONDITIONED_DIGITS_LEFT
 
 
 def near_tie_relative(eps: float) -> float:
@@ -148,13 +140,14 @@ def summarize_matrix(trace: Trace, name: str) -> MatrixSummary:
         vec_grad=None if vec.isna().all() else bool((vec > 0).any()),
         rel_gap_min=float(rel.min()), singular_steps=int(np.isinf(cond).sum()), first_flag=None,
     )
-    return replace(summary, first_flag=_first_flag(summary, stats, cond, trace.events, eps_of(dtype)))
+    return replace(summary, first_flag=_first_flag(summary, stats, cond, trace.events, dtype))
 
 
 def _first_flag(s: MatrixSummary, stats: pd.DataFrame, cond: pd.Series, events: list[dict],
-                eps: float) -> tuple[int, str] | None:
+                dtype: torch.dtype) -> tuple[int, str] | None:
     """Earliest step at which an event names the matrix or a hazard shows in its statistics, with the
     reasons found at that step."""
+    eps = eps_of(dtype)
     vec_used = _col(stats, "vec_grad") > 0
     candidates: list[tuple[int, str]] = []
     for event in events:
@@ -168,7 +161,7 @@ def _first_flag(s: MatrixSummary, stats: pd.DataFrame, cond: pd.Series, events: 
     if near is not None:
         candidates.append((near, "near tie, vectors used"))
     if s.inverse_op:
-        ill = _first(stats.index[cond > ill_conditioned_log10(eps)])
+        ill = _first(stats.index[cond > ill_conditioned_log10(dtype)])
         if ill is not None:
             candidates.append((ill, "ill-conditioned inverse"))
     if not candidates:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-
 import numpy as np
+import torch
 
 from ris_stability.records import GRAD_NONFINITE_PREFIX, Trace
 from ris_stability.report.derive import (
-    MIN_STEPS_FOR_DEAD, TIED_CLUSTER_MIN, MatrixSummary, event_names, grad_summaries, ill_conditioned_log10, loss_summaries,
-    near_tie_relative, precision, summarize_matrix,
+    MIN_STEPS_FOR_DEAD, TIED_CLUSTER_MIN, MatrixSummary, event_names, grad_summaries, loss_summaries,
+    near_tie_relative, precision, run_dtype, summarize_matrix,
 )
 from ris_stability.report.markdown import MISSING, code, fmt, span, steps_list
+from ris_stability.tolerances import ill_conditioned_log10
 
 def eigvec_remedy(real: str) -> str:
     """What to try against eigenvector-gradient blow-ups (float64 only when the run is not float64)."""
@@ -30,7 +31,7 @@ def what_to_look_at(trace: Trace, matrices: list[MatrixSummary] | None = None) -
         matrices = [summarize_matrix(trace, name) for name in trace.matrices]
     items = _nonfinite_items(trace) + _finding_items(trace)
     for m in matrices:
-        items += _matrix_items(m, eps, real, len(trace.steps))
+        items += _matrix_items(m, eps, real, len(trace.steps), run_dtype(trace.meta))
     items += _dead_term_items(trace) + _dead_module_items(trace) + _run_state_items(trace)
     items += _lr_items(trace)
     return items or ["Nothing stands out: every logged step is finite, no tied or nearly tied eigenvalues "
@@ -108,7 +109,7 @@ def _finding_items(trace: Trace) -> list[str]:
     return [f"**Bisector finding{step}** — {where or 'see the finding section'}{cause}."]
 
 
-def _matrix_items(m: MatrixSummary, eps: float, real: str, n_steps: int) -> list[str]:
+def _matrix_items(m: MatrixSummary, eps: float, real: str, n_steps: int, dtype: torch.dtype) -> list[str]:
     items = []
     name = code(m.name)
     if m.tie_steps and m.vec_grad is not False:
@@ -133,7 +134,7 @@ def _matrix_items(m: MatrixSummary, eps: float, real: str, n_steps: int) -> list
             f"1/gap = {1 / m.min_gap:.1e}, and an exact tie makes them 0/0 — if it goes non-finite, "
             f"{eigvec_remedy(real)}.")
     p95 = m.log10_cond[2]
-    limit = ill_conditioned_log10(eps)
+    limit = ill_conditioned_log10(dtype)
     if m.inverse_op and p95 > limit:
         items.append(
             f"{name}: log10 condition number p95 = {fmt(p95)} > {limit:.1f} for {real} (eps = {eps:.1e}): "
