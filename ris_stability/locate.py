@@ -52,7 +52,8 @@ from ris_stability.locate_ops import (_CHECK_ERRORS, _FRESH, _NO_VALUES, _OVERWR
                                       _named_inputs, _nonfinite_inputs, _spectral_stats, _tensors,
                                       culprit_values, op_name)
 from ris_stability.locate_phase import _PHASE_CHECKS, EIGH_PHASE_MESSAGE, SVD_PHASE_MESSAGE
-from ris_stability.locate_stack import MAX_STACK, _Context, _ModuleStack, _traceback_stack, user_stack
+from ris_stability.frames import MAX_STACK, traceback_stack as _traceback_stack, user_stack
+from ris_stability.locate_stack import _Context, _ModuleStack
 
 __all__ = ["EIGH_PHASE_MESSAGE", "Locator", "LocatorUsageError", "MAX_STACK", "SVD_PHASE_MESSAGE",
            "bind_arguments", "culprit_values", "discover_roots", "find_nonfinite", "locate_nonfinite",

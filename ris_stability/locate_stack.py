@@ -1,20 +1,11 @@
-"""Where an op runs: the user's frames ("file.py:LINE") and the stack of active nn.Modules.
-
-Frames inside torch and inside ris_stability are skipped (the toolkit's own instruments may sit
-between the user's call and the op).
-"""
+"""Where an op runs: its forward context and the stack of active nn.Modules (user frames: frames.py)."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 from typing import Mapping
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-
-_SKIP_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 
 @dataclasses.dataclass
@@ -30,39 +21,6 @@ class _Context:
     @property
     def location(self) -> str:
         return self.stack[0] if self.stack else ""
-
-
-
-def _short_path(filename: str) -> str:
-    rel = os.path.relpath(filename)
-    return filename if rel.startswith("..") else rel
-
-
-MAX_STACK = 8  # user frames kept per op: enough to reach the model code from a helper
-
-
-def _is_user(filename: str) -> bool:
-    return not filename.startswith(_SKIP_DIRS)
-
-
-def user_stack(frame=None) -> tuple[str, ...]:
-    """'file.py:LINE' of the frames outside torch and ris_stability, innermost first (the toolkit's
-    own instruments may sit between the user's call and the op)."""
-    f, out = (frame if frame is not None else sys._getframe(1)), []
-    while f is not None and len(out) < MAX_STACK:
-        if _is_user(f.f_code.co_filename):
-            out.append(f"{_short_path(f.f_code.co_filename)}:{f.f_lineno}")
-        f = f.f_back
-    return tuple(out)
-
-
-def _traceback_stack(exc: BaseException) -> tuple[str, ...]:
-    tb, out = exc.__traceback__, []
-    while tb is not None:
-        if _is_user(tb.tb_frame.f_code.co_filename):
-            out.append(f"{_short_path(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}")
-        tb = tb.tb_next
-    return tuple(reversed(out))[:MAX_STACK]
 
 
 # --- module tracking -------------------------------------------------------------------------------

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -40,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
+from ris_stability.frames import caller_location
 from ris_stability.linalg_stats import (
     STAT_KEYS, eigen_stats, hermitian_error, matrix_stats, singular_stats, to_floats, worst,
 )
@@ -82,8 +81,6 @@ _VECTOR_OUTPUTS = {"eigh": (1,), "eig": (1,), "svd": (0, 2), "svd_old": (0, 2)}
 # Ops whose input is Hermitian by contract, so a Hermitian error is a finding rather than noise.
 _HERMITIAN_KINDS = frozenset({"eigh", "eigvalsh", "herm"})
 
-# Frames in these packages are machinery; the reported location is the first frame outside them.
-_SKIP_DIRS = tuple(os.path.dirname(os.path.abspath(path)) + os.sep for path in (torch.__file__, __file__))
 _COMPACT_AFTER = 16  # per-site batches kept before they are reduced to one worst case on the device
 
 
@@ -125,22 +122,6 @@ class _Site:
 
     def reset(self) -> None:
         self.calls, self.requires_grad, self.chunks, self.vec = 0, False, [], None
-
-
-def _short_path(filename: str) -> str:
-    rel = os.path.relpath(filename)
-    return filename if rel.startswith("..") else rel
-
-
-def caller_location() -> str:
-    """``file:LINE`` of the innermost frame outside torch and outside ris_stability."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        filename = os.path.abspath(frame.f_code.co_filename)
-        if not filename.startswith(_SKIP_DIRS):
-            return f"{_short_path(filename)}:{frame.f_lineno}"
-        frame = frame.f_back
-    return "<unknown>"
 
 
 def _matrix_arg(args: tuple, kwargs: Mapping[str, Any]) -> Tensor | None:

@@ -78,7 +78,7 @@ class _Capture(TorchFunctionMode):
         return save
 
     def _here(self) -> bool:
-        from ris_stability.locate import user_stack  # the locator's own notion of "the user's line"
+        from ris_stability.frames import user_stack  # the locator's own notion of "the user's line"
 
         stack = user_stack()
         return not self.location or (bool(stack) and stack[0] == self.location)
