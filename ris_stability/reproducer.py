@@ -17,6 +17,7 @@ import torch
 from torch.overrides import TorchFunctionMode, resolve_name
 
 from ris_stability.finding import Finding
+from ris_stability.frames import user_stack
 from ris_stability.records import UsageError
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,6 @@ class _Capture(TorchFunctionMode):
         return save
 
     def _here(self) -> bool:
-        from ris_stability.frames import user_stack  # the locator's own notion of "the user's line"
-
         stack = user_stack()
         return not self.location or (bool(stack) and stack[0] == self.location)
 
