@@ -22,10 +22,10 @@ from rich.panel import Panel
 from rich.table import Table
 
 from ris_stability.capsule import Capsule, CapsuleError
-from ris_stability.finding import Finding
+from ris_stability.locate.finding import Finding
 from ris_stability.locate import Locator
 from ris_stability.records import FINDING_FILE, META_FILE, UsageError, read_trace
-from ris_stability.reproducer import export_reproducer
+from ris_stability.locate.reproducer import export_reproducer
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ris_stability.causes import (EIGH_REMEDIES, GAP_AWARE, Observation, exp_overflow_threshold, explain,
+from ris_stability.locate.causes import (EIGH_REMEDIES, GAP_AWARE, Observation, exp_overflow_threshold, explain,
                                   is_linalg_op, node_base, op_base)
-from ris_stability.finding import TensorSummary
+from ris_stability.locate.finding import TensorSummary
 
 
 def summ(name="self", dtype="float32", lo=0.0, hi=1.0, nan=0, inf=0, zeros=0, spectral=None):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ris_stability import Finding, Locator, locate_nonfinite
-from ris_stability.finding import TensorSummary, format_finding
+from ris_stability.locate.finding import TensorSummary, format_finding
 from ris_stability.locate import LocatorUsageError
 
 HERE = Path(__file__)
@@ -447,7 +447,7 @@ def test_finding_round_trips_through_json():
 
 
 def test_finding_rejects_unknown_keys_and_phases():
-    from ris_stability.finding import FindingFormatError
+    from ris_stability.locate.finding import FindingFormatError
 
     with pytest.raises(FindingFormatError, match="unknown key"):
         Finding.from_dict({"phase": "forward", "cause": "x", "colour": "red"})

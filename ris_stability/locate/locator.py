@@ -26,7 +26,7 @@ submodule ``subspace`` "loss.subspace". ``locate_nonfinite(fn, *args, **kwargs)`
 them itself: ``fn`` when it is a module or a bound method of one (root name ""), module arguments
 (root name = parameter name, e.g. "model"), and modules in ``fn``'s closure (the variable name).
 A module outside every root is named after the nearest named module that calls it, or its class.
-This is the only file of the toolkit that imports private torch APIs.
+Private dispatch-mode and autograd-node APIs are used in the locate subpackage only.
 """
 from __future__ import annotations
 
@@ -43,17 +43,17 @@ from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from ris_stability.causes import Observation, explain, is_linalg_op
-from ris_stability.finding import Finding, TensorSummary
-from ris_stability.locate_inputs import (LocatorUsageError, _check_loss, _graph_leaves, _input_finding,
+from ris_stability.locate.causes import Observation, explain, is_linalg_op
+from ris_stability.locate.finding import Finding, TensorSummary
+from ris_stability.locate.inputs import (LocatorUsageError, _check_loss, _graph_leaves, _input_finding,
                                          bind_arguments, discover_roots, find_nonfinite)
-from ris_stability.locate_ops import (_CHECK_ERRORS, _FRESH, _NO_VALUES, _OVERWRITE, _SPECTRAL_OPS, _TRIVIAL,
+from ris_stability.locate.ops import (_CHECK_ERRORS, _FRESH, _NO_VALUES, _OVERWRITE, _SPECTRAL_OPS, _TRIVIAL,
                                       _finite, _is_float, _is_view, _matrix_spectral, _mutated_positions,
                                       _named_inputs, _nonfinite_inputs, _spectral_stats, _tensors,
                                       culprit_values, op_name)
-from ris_stability.locate_phase import _PHASE_CHECKS, EIGH_PHASE_MESSAGE, SVD_PHASE_MESSAGE
+from ris_stability.locate.phase import _PHASE_CHECKS, EIGH_PHASE_MESSAGE, SVD_PHASE_MESSAGE
 from ris_stability.frames import MAX_STACK, traceback_stack as _traceback_stack, user_stack
-from ris_stability.locate_stack import _Context, _ModuleStack
+from ris_stability.locate.stack import _Context, _ModuleStack
 
 __all__ = ["EIGH_PHASE_MESSAGE", "Locator", "LocatorUsageError", "MAX_STACK", "SVD_PHASE_MESSAGE",
            "bind_arguments", "culprit_values", "discover_roots", "find_nonfinite", "locate_nonfinite",

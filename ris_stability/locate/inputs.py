@@ -8,9 +8,9 @@ from typing import Any, Callable, Mapping
 
 from torch import Tensor, nn
 
-from ris_stability.causes import Observation, explain
-from ris_stability.finding import Finding, TensorSummary
-from ris_stability.locate_ops import _finite, _is_float
+from ris_stability.locate.causes import Observation, explain
+from ris_stability.locate.finding import Finding, TensorSummary
+from ris_stability.locate.ops import _finite, _is_float
 
 
 class LocatorUsageError(TypeError):

@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from ris_stability.finding import TensorSummary
+from ris_stability.locate.finding import TensorSummary
 
 Value = float | complex | bool | None
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ris_stability import linalg_stats
-from ris_stability.causes import is_linalg_op
+from ris_stability.locate.causes import is_linalg_op
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode, resolve_name
 
-from ris_stability.finding import Finding
+from ris_stability.locate.finding import Finding
 from ris_stability.frames import user_stack
 from ris_stability.records import UsageError
 

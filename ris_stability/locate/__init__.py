@@ -1,0 +1,22 @@
+"""The NaN locator: which op, autograd node, module and line first produced a non-finite value, and why.
+
+Parts, one file each:
+
+* ``locator``    the Locator and ``locate_nonfinite`` (dispatch/function modes, taint, origins);
+* ``inputs``     argument binding, root discovery, non-finite inputs before the call;
+* ``ops``        op classification (trivial, fresh, overwriting, spectral) and value summaries;
+* ``phase``      the complex-phase checks of eigh/svd backward that dispatch modes skip;
+* ``stack``      the module stack and forward context recorded for each autograd node;
+* ``causes``     plain-words cause and remedies from an observation;
+* ``finding``    the Finding record and its text form;
+* ``reproducer`` a standalone torch-only script that reproduces a finding.
+
+Private torch internals (dispatch modes, autograd node access) are used in this subpackage only; the
+gradient monitor uses the `torch._foreach_*` kernels.
+"""
+
+from ris_stability.locate.finding import Finding, format_finding
+from ris_stability.locate.inputs import LocatorUsageError
+from ris_stability.locate.locator import Locator, locate_nonfinite
+
+__all__ = ["Finding", "Locator", "LocatorUsageError", "format_finding", "locate_nonfinite"]
