@@ -2,9 +2,10 @@
 
     python benchmarks/music_bench.py [--scenes 32] [--snr 0 10 20] [--set music.phi_step_deg=1.0 ...]
 
-Prints the evaluation table (RMSE phi/theta/r, the CRB at the same scenes, success rate, misses,
-false alarms, K-estimate accuracy, R's energy fraction in span{a_k}), the spectrum throughput of the
-shared MUSIC call with its FLOP bound, the time per stage, and one ratio measured in this run: the
+Prints the evaluation table of ``ris_model.scoring`` (matched fraction, false alarms, per-source error /
+CRB on matched sources, RMSE and CRB over the same sources, binned by per-source realised SNR), R's
+energy fraction in span{a_k}, the spectrum throughput of the shared MUSIC call with its FLOP bound, the
+time per stage, and one ratio measured in this run: the
 spectrum of B scenes computed with the steering shared across the batch vs B one-scene calls.
 """
 
@@ -21,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from ris_model.config import load_config  # noqa: E402
 from ris_model.geometry import search_grid  # noqa: E402
 from ris_model.music import null_spectrum, signal_subspace  # noqa: E402
-from ris_model.music_eval import format_table, run_music_eval  # noqa: E402
+from ris_model.music_eval import format_speed, run_music_eval  # noqa: E402
+from ris_model.scoring import format_rows  # noqa: E402
 from ris_model.simulate import make_system, simulate  # noqa: E402
 
 
@@ -53,9 +55,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; grid {cfg.music.phi_step_deg} deg x "
           f"{cfg.music.theta_step_deg} deg x {cfg.music.n_range} range planes; {args.scenes} test scenes")
     t0 = time.perf_counter()
-    rows = run_music_eval(cfg, args.scenes, args.snr)
-    print(format_table(rows))
-    r0 = rows[0]
+    rows, r0 = run_music_eval(cfg, args.scenes, args.snr)
+    print(format_rows(rows))
+    print(format_speed(r0))
     stages = ", ".join(f"{s} {r0[s + '_s']:.2f} s" for s in ("eigh", "spectrum", "peaks", "refine"))
     print(f"MUSIC stages: {stages}; {r0['music_s']:.2f} s total for {r0['scenes_in_call']} scenes "
           f"({r0['music_s'] / r0['scenes_in_call'] * 1e3:.0f} ms/scene); evaluation incl. simulation and CRB "

@@ -1,9 +1,10 @@
-"""Command line: ``python -m ris_model train|eval|music|floors`` (works without ris_stability).
+"""Command line: ``python -m ris_model train|eval|music|floors|evalreport`` (works without ris_stability).
 
   train  --config F [--set k=v ...] [--steps N] [--out DIR] [--resume CKPT]
          (--steps N is shorthand for --set train.steps=N: the schedule is laid out for N steps)
-  eval   --checkpoint F [--n N] [--no-crb]     learned pipeline vs MUSIC on R_samp / R_true vs CRB
+  eval   --checkpoint F [--n N] [--snr 0 10 20] [--no-crb]   learned pipeline vs MUSIC on R_samp / R_true vs CRB
   music  --config F [--set k=v ...] [--n N] [--snr 0 10 20]     MUSIC on R_true / R_samp vs CRB
+  evalreport --checkpoint F --out DIR [--n N] [--snr ...]     tables (Markdown, JSON) and figures of eval + music
   floors --config F [--set k=v ...] [--n N]     each loss term for a perfect prediction
 """
 
@@ -18,9 +19,10 @@ from pathlib import Path
 from ris_model.checkpoint import CheckpointError, load_checkpoint, restore
 from ris_model.config import ConfigError, load_config
 from ris_model.data import BatchError
-from ris_model.infer import evaluate, format_eval
+from ris_model.infer import evaluate
 from ris_model.loss import format_floors, loss_floors
 from ris_model.model import build_model, count_parameters
+from ris_model.scoring import format_rows
 from ris_model.simulate import make_system
 from ris_model.train import NonFiniteError, train
 
@@ -38,7 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint on the test split")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--n", type=int, default=None, help="test samples (default data.n_test)")
-    e.add_argument("--no-crb", action="store_true", help="skip the Cramer-Rao bound row")
+    e.add_argument("--snr", type=float, nargs="+", default=None,
+                   help="pin the nominal SNR of the test scenes to each value (default: as drawn)")
+    e.add_argument("--no-crb", action="store_true", help="skip the Cramer-Rao bound (no error/CRB columns)")
+    r = sub.add_parser("evalreport", help="reports/evaluation: tables and figures of a checkpoint")
+    r.add_argument("--checkpoint", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--n", type=int, default=128)
+    r.add_argument("--snr", type=float, nargs="+", default=[0.0, 10.0, 20.0])
     m = sub.add_parser("music", help="MUSIC on R_true / R_samp vs the CRB")
     m.add_argument("--config", required=True)
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -74,14 +83,22 @@ def _eval(args: argparse.Namespace) -> None:
     restore(ckpt, model)
     n = args.n if args.n is not None else cfg.data.n_test
     print(f"{cfg.name}: {count_parameters(model)} parameters, step {ckpt.next_step}, {n} test samples")
-    print(format_eval(evaluate(cfg, model, n, system, with_crb=not args.no_crb)))
+    print(format_rows(evaluate(cfg, model, n, system, with_crb=not args.no_crb, snr_db_list=args.snr)))
 
 
 def _music(args: argparse.Namespace) -> None:
-    from ris_model.music_eval import format_table, run_music_eval
+    from ris_model.music_eval import format_speed, run_music_eval
 
     cfg = load_config(args.config, args.set)
-    print(format_table(run_music_eval(cfg, args.n, list(args.snr))))
+    rows, speed = run_music_eval(cfg, args.n, list(args.snr))
+    print(format_rows(rows) + "\n" + format_speed(speed))
+
+
+def _evalreport(args: argparse.Namespace) -> None:
+    from ris_model.eval_report import write_report
+
+    for path in write_report(args.checkpoint, Path(args.out), args.n, list(args.snr)):
+        print(f"wrote {path}")
 
 
 def _floors(args: argparse.Namespace) -> None:
@@ -93,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
-        {"train": _train, "eval": _eval, "music": _music, "floors": _floors}[args.command](args)
+        {"train": _train, "eval": _eval, "music": _music, "floors": _floors,
+         "evalreport": _evalreport}[args.command](args)
     except (ConfigError, CheckpointError, BatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,12 +1,14 @@
 """Inference: model -> THE covariance builder -> MUSIC with K from the K head -> sources; evaluation.
 
-``evaluate`` puts the learned pipeline side by side with MUSIC on R_samp and on R_true and with the
-Cramer-Rao bound, on the same test scenes. All MUSIC runs share one ``music`` call, so the steering
-grid is computed once for every covariance.
+``evaluate`` puts the learned pipeline side by side with MUSIC on R_samp (K from MDL, AIC, the
+eigenvalue ratio or the truth) and on R_true, against each source's Cramer-Rao bound, on the same test
+scenes; rows come from ``scoring`` (the one table). All MUSIC runs on a batch share one ``music`` call,
+so the steering grid is computed once for every covariance.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -16,11 +18,11 @@ from torch import Tensor
 
 from ris_model.config import RunConfig
 from ris_model.covariance import Covariances, build_covariances, inference_matrix
-from ris_model.crb import crb_batch, rms_bound
 from ris_model.data import Batch, SimDataset
-from ris_model.metrics import localization_errors
 from ris_model.model import ModelOutputs
+from ris_model.model_order import estimate_k_ic
 from ris_model.music import Estimates, estimate_k, music, signal_subspace
+from ris_model.scoring import concat_truths, score, score_rows, truth_from
 from ris_model.simulate import System, make_system
 
 logger = logging.getLogger(__name__)
@@ -67,62 +69,76 @@ def predict(cfg: RunConfig, model: torch.nn.Module, batch: Batch, system: System
     return Prediction(outputs=outputs, cov=cov, R=R, k_hat=k_hat, sources=est)
 
 
-def _split(est: Estimates, i: int, n: int) -> Estimates:
-    return Estimates(*(t[i * n:(i + 1) * n] for t in (est.phi, est.theta, est.r, est.mask, est.k)))
+def _cat(parts: list[Estimates]) -> Estimates:
+    return Estimates(*(torch.cat([getattr(p, f) for p in parts]) for f in ("phi", "theta", "r", "mask", "k")))
 
 
-def _row(name: str, est: Estimates, batch: Batch, k_used: Tensor) -> dict:
-    m = localization_errors(est, batch.phi, batch.theta, batch.r, batch.mask)
-    return {"method": name, **m, "matched_frac": m["n_matched"] / max(m["n_true"], 1),
-            "k_acc": float((k_used.cpu() == batch.k.cpu()).double().mean())}
+def test_batches(cfg: RunConfig, n: int, system: System, snr_db_list: list[float] | None = None) -> list[Batch]:
+    """Test samples 0..n-1 as drawn (None), or the same scenes with the nominal SNR pinned to each value
+    (the SNR is the last draw of a scene, so only the noise level changes)."""
+    if snr_db_list is None:
+        return [SimDataset(cfg, "test", size=n, system=system).batch(list(range(n)))]
+    out = []
+    for snr in snr_db_list:
+        c = dataclasses.replace(cfg, scene=dataclasses.replace(cfg.scene, snr_db=(float(snr), float(snr))))
+        out.append(SimDataset(c, "test", size=n, system=system).batch(list(range(n))))
+    return out
+
+
+def k_estimates(cfg: RunConfig, R_samp: Tensor) -> dict[str, Tensor]:
+    """The classical K estimates on R_samp, the matrix the baseline MUSIC runs on: MDL and AIC on its top
+    rank(R_samp) <= L eigenvalues (``model_order``), and the eigenvalue-ratio rule (``music.estimate_k``)."""
+    evals = signal_subspace(R_samp, cfg.scene.k_max)[0]
+    rank = min(cfg.channel.snapshots, evals.shape[-1])
+    ic = {kind: estimate_k_ic(evals, cfg.channel.snapshots, rank, cfg.scene.k_max, kind) for kind in ("mdl", "aic")}
+    return {"MDL": ic["mdl"], "AIC": ic["aic"], "ratio": estimate_k(evals, cfg.scene.k_max)}
+
+
+# (method, matrix, K used, K estimated (scored for K accuracy), oracle)
+_JOBS = [("learned, K head", "eff", "head", True, False), ("learned, true K", "eff", "true", False, False),
+         ("MUSIC R_samp, MDL K", "samp", "MDL", True, False), ("MUSIC R_samp, AIC K", "samp", "AIC", True, False),
+         ("MUSIC R_samp, ratio K", "samp", "ratio", True, False), ("MUSIC R_samp, true K", "samp", "true", False, False),
+         ("MUSIC R_true, true K (oracle)", "true", "true", False, True)]
+AUX_METHOD = "learned aux head, K head"
+
+
+def _localise(cfg: RunConfig, model: torch.nn.Module, batch: Batch, system: System) -> dict[str, tuple]:
+    """Estimates and the K used of every method on one batch (one shared MUSIC call)."""
+    device = next(model.parameters()).device
+    outputs, cov = model_covariances(cfg, model, batch.to(device))
+    ks = {"head": k_from_logits(outputs.k_logits).cpu(), "true": batch.k, **k_estimates(cfg, batch.R_samp)}
+    mats = {"eff": inference_matrix(cov).cpu(), "samp": batch.R_samp, "true": batch.R_true}
+    t0 = time.perf_counter()
+    est = music(torch.cat([mats[m].to(torch.complex128) for _, m, *_ in _JOBS]),
+                torch.cat([ks[k] for _, _, k, *_ in _JOBS]), system, cfg.scene, cfg.music)
+    logger.info("evaluate: MUSIC on %d covariances in %.1f s", len(_JOBS) * batch.size, time.perf_counter() - t0)
+    n = batch.size
+    out = {name: (_split(est, i, n), ks[k]) for i, (name, _, k, *_) in enumerate(_JOBS)}
+    out[AUX_METHOD] = (aux_estimates(outputs, ks["head"]), ks["head"])
+    return out
 
 
 @torch.no_grad()
 def evaluate(cfg: RunConfig, model: torch.nn.Module, n: int, system: System | None = None,
-             with_crb: bool = True) -> list[dict]:
-    """Metrics on test samples 0..n-1: the learned pipeline (MUSIC on R_eff with the K head and with the
-    true K, and the aux head), MUSIC on R_samp (true K and estimate_k), MUSIC on R_true, and the CRB.
-
-    Each row holds ``metrics.localization_errors`` keys plus matched_frac and k_acc.
-    """
+             with_crb: bool = True, snr_db_list: list[float] | None = None) -> list[dict]:
+    """``scoring`` rows on test samples 0..n-1 (at each pinned nominal SNR of ``snr_db_list``, pooled):
+    the learned pipeline (MUSIC on R_eff with the K head and with the true K; the aux head), MUSIC on
+    R_samp with K from MDL, AIC, the eigenvalue ratio and the truth, and the oracle MUSIC on R_true.
+    Rows are binned by per-source realised SNR; ``with_crb=False`` leaves the CRB columns empty."""
     system = system if system is not None else make_system(cfg)
-    device = next(model.parameters()).device
-    batch = SimDataset(cfg, "test", size=n, system=system).batch(list(range(n)))
-    outputs, cov = model_covariances(cfg, model, batch.to(device))
-    k_hat, k_true = k_from_logits(outputs.k_logits).cpu(), batch.k
-    k_samp = estimate_k(signal_subspace(batch.R_samp, cfg.scene.k_max)[0], cfg.scene.k_max)
-    R_eff = inference_matrix(cov).cpu().to(torch.complex128)
-    jobs = [("learned R_eff, K head", R_eff, k_hat), ("learned R_eff, true K", R_eff, k_true),
-            ("R_samp, true K", batch.R_samp, k_true), ("R_samp, estimate_k", batch.R_samp, k_samp),
-            ("R_true, true K", batch.R_true, k_true)]
-    t0 = time.perf_counter()
-    est = music(torch.cat([R.to(torch.complex128) for _, R, _ in jobs]), torch.cat([k for *_, k in jobs]),
-                system, cfg.scene, cfg.music)
-    logger.info("evaluate: MUSIC on %d covariances in %.1f s", len(jobs) * n, time.perf_counter() - t0)
-    rows = [_row(name, _split(est, i, n), batch, k) for i, (name, _, k) in enumerate(jobs)]
-    rows.insert(2, _row("learned aux head, K head", aux_estimates(outputs, k_hat), batch, k_hat))
-    if with_crb:
-        bound = crb_batch(batch.to(dtype=torch.float64), system)
-        rows.append({"method": "CRB", "rmse_phi_deg": rms_bound(bound["phi_deg"], batch.mask),
-                     "rmse_theta_deg": rms_bound(bound["theta_deg"], batch.mask),
-                     "rmse_r_m": rms_bound(bound["r_m"], batch.mask)})
-    return rows
+    batches = test_batches(cfg, n, system, snr_db_list)
+    per_batch = [_localise(cfg, model, b, system) for b in batches]
+    truth = concat_truths([truth_from(b, system, with_crb=with_crb) for b in batches])
+    order = [_JOBS[0][0], _JOBS[1][0], AUX_METHOD] + [j[0] for j in _JOBS[2:]]
+    scored_k = {j[0]: j[3] for j in _JOBS} | {AUX_METHOD: True}
+    oracle = {j[0]: j[4] for j in _JOBS} | {AUX_METHOD: False}
+    scores = []
+    for name in order:
+        est = _cat([pb[name][0] for pb in per_batch])
+        k_used = torch.cat([pb[name][1] for pb in per_batch]) if scored_k[name] else None
+        scores.append(score(name, est, truth, k_used, oracle=oracle[name]))
+    return score_rows(scores, truth)
 
 
-_COLUMNS = [("rmse phi", "rmse_phi_deg", "{:8.3f}"), ("rmse th", "rmse_theta_deg", "{:8.3f}"),
-            ("rmse r", "rmse_r_m", "{:7.3f}"), ("matched", "matched_frac", "{:7.3f}"),
-            ("success", "success_rate", "{:7.3f}"), ("FA", "false_alarms", "{:5d}"), ("K acc", "k_acc", "{:6.3f}")]
-
-
-def format_eval(rows: list[dict]) -> str:
-    """Plain-text table of ``evaluate`` rows (degrees, metres; matched = sources found within the gate)."""
-    width = max(len(r["method"]) for r in rows)
-    head = f"{'method':<{width}} " + " ".join(f"{h:>{len(fmt.format(0))}}" for h, _, fmt in _COLUMNS)
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        cells = [fmt.format(r[k]) if k in r else " " * len(fmt.format(0)) for _, k, fmt in _COLUMNS]
-        lines.append(f"{r['method']:<{width}} " + " ".join(cells))
-    n = rows[0].get("n_scenes", 0)
-    lines.append(f"{n} test scenes, {rows[0].get('n_true', 0)} sources; RMSE over sources matched within the "
-                 "5 deg gate; CRB = sqrt(mean CRB variance) at the same scenes")
-    return "\n".join(lines)
+def _split(est: Estimates, i: int, n: int) -> Estimates:
+    return Estimates(*(t[i * n:(i + 1) * n] for t in (est.phi, est.theta, est.r, est.mask, est.k)))

@@ -10,7 +10,8 @@ parts, the SNR (dB / 10), and the snapshot's energy |a_g^H xhat_l|^2 on a coarse
 log scale (``model.beam_grid``; [0, 0, 0] drops it); a per-sample channel adds a learned projection of H.
 Tokens -> Transformer encoder (pre-norm) -> mean over snapshots -> context h.
 
-Heads: k_logits (B, K_MAX) from h and the log eigenvalues of R_hat (logit j means K = j + 1);
+Heads: k_logits (B, K_MAX) from h, the log eigenvalues of R_hat and (``model.greedy_k_features``) the
+greedy measurement-domain residual curve of ``greedy.py`` (logit j means K = j + 1);
 aux (B, K_MAX, 3) = (phi, theta, r) per slot in radians/metres; cov_fact_angle, cov_fact_range
 (B, N, K_MAX) complex. Slot positions come from ``model.position_head``:
   "spectral": a learned readout of grid spectra of R_hat. On a (phi, theta, r) grid
@@ -20,7 +21,8 @@ aux (B, K_MAX, 3) = (phi, theta, r) per slot in radians/metres; cov_fact_angle, 
       by a mix of the maps (weights = a learned base + a function of h) plus a learned per-cell bias, minus
       a learned suppression around the slots before it (a soft non-maximum suppression), and takes the
       softmax-weighted mean of the cell coordinates (phi, theta, ln r) plus a bounded learned offset.
-      Initialised to pick Bartlett peaks one after another, so it starts as a classical estimator;
+      Initialised (``model.readout_init``) to pick peaks of the K_MAX-vector MUSIC map, or of the Bartlett
+      map, one after another, so it starts as a classical estimator;
   "regress": an MLP on h with outputs squashed into the scene's intervals.
 Factors (``model.factor_head``):
   "steering": column k = sqrt(w_k) a(phi_k, theta_k, r_k) (angle factor) and sqrt(w_k) a(phi_k, theta_k,
@@ -43,6 +45,7 @@ from torch import Tensor, nn
 from ris_model.complex_ops import complex_dtype, pack, trace_normalise
 from ris_model.config import RunConfig, SceneConfig
 from ris_model.geometry import direction, steering
+from ris_model.greedy import GreedyResidual
 from ris_model.numerics import degenerate_tol
 from ris_model.simulate import System, backprojection
 
@@ -140,7 +143,9 @@ class SpectralReadout(nn.Module):
                              math.log(cfg.scene.range_m[1] / cfg.scene.range_m[0])])
         self.register_buffer("half_cell", (span / torch.tensor(mc.readout_grid) / 2).to(dtype), persistent=False)
         base = torch.zeros(self.k_max, self.n_maps, dtype=dtype)
-        base[:, -1] = 1.0  # start on the Bartlett map
+        # Start on one classical map: the MUSIC map with K_MAX vectors (matched 44 % of test sources at 20 dB
+        # before training against 33 % for Bartlett, 64 scenes) or the Bartlett map.
+        base[:, -1 if mc.readout_init == "bartlett" else 2 * self.k_max - 1] = 1.0
         self.base = nn.Parameter(base)
         self.mix = nn.Linear(d_ctx, self.k_max * self.n_maps, dtype=dtype)
         nn.init.zeros_(self.mix.weight)
@@ -192,7 +197,12 @@ class RISNet(nn.Module):
                                            batch_first=True, norm_first=True, dtype=dtype)
         self.encoder = nn.TransformerEncoder(layer, mc.n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(mc.d_model, dtype=dtype)
-        d_ctx = mc.d_model + self.n_eig
+        self.greedy = None
+        if mc.greedy_k_features:
+            fixed = None if cfg.channel.per_sample else (system.channel, system.codes)
+            self.greedy = GreedyResidual(system.steer(*cell_grid(sc, mc.readout_grid)), sc.k_max, fixed,
+                                         complex_dtype(dtype))
+        d_ctx = mc.d_model + self.n_eig + (sc.k_max + 1 if self.greedy is not None else 0)
         self.k_head = nn.Sequential(nn.Linear(d_ctx, mc.factor_hidden, dtype=dtype), nn.GELU(),
                                     nn.Linear(mc.factor_hidden, sc.k_max, dtype=dtype))
         self.slot_head = nn.Sequential(nn.Linear(d_ctx, mc.factor_hidden, dtype=dtype), nn.GELU(),
@@ -223,7 +233,10 @@ class RISNet(nn.Module):
         lam, vecs = self._spectrum(xhat)
         log_lam = torch.log(lam.clamp_min(degenerate_tol(lam.dtype, self.n) * lam[:, :1]))
         h = self.norm(self.encoder(self.tokens(y, xhat, batch.codes, batch.channel, batch.snr_db)).mean(dim=1))
-        ctx = torch.cat([h.to(self.dtype), log_lam.to(self.dtype)], dim=-1)
+        parts = [h.to(self.dtype), log_lam.to(self.dtype)]
+        if self.greedy is not None:
+            parts.append(self.greedy(y, batch.channel, batch.codes, batch.snr_db).to(self.dtype))
+        ctx = torch.cat(parts, dim=-1)
         # Under AMP only the encoder runs in reduced precision: heads, positions and factors stay in the
         # parameter precision (bf16 would quantise angles to ~0.2 degrees).
         with torch.autocast(y.device.type, enabled=False):

@@ -1,9 +1,12 @@
 """MUSIC on R_true and R_samp over a fixed test set against the Cramer-Rao bound (the `music` command).
 
+Rows come from ``scoring.score_rows`` (per-source error / CRB on matched sources, binned by realised SNR)
+and print with ``scoring.format_rows``, the table every command uses.
+
 The test set is samples 0..n-1 of the "test" split with the SNR pinned to each value in turn. The SNR
 is the last scene draw and numpy's uniform(a, a) still consumes one draw, so the scenes (K, angles,
 ranges, powers) are identical across SNRs; only the noise level changes. R_true does not depend on the
-SNR: it is localised once (checked bit-identical) and reported on every SNR row.
+SNR: it is localised once (checked bit-identical) and scored at every SNR.
 All covariances go through ONE ``music`` call, so every grid steering chunk is computed once and
 projected on all subspaces together; the throughput figures come from that call.
 """
@@ -17,9 +20,8 @@ import time
 import torch
 
 from ris_model.config import RunConfig
-from ris_model.crb import crb_batch, rms_bound
-from ris_model.metrics import localization_errors
-from ris_model.music import Estimates, estimate_k, music, signal_subspace
+from ris_model.music import Estimates, music
+from ris_model.scoring import concat_truths, score, score_rows, truth_from
 from ris_model.simulate import make_system, simulate, subspace_energy_fraction
 
 SOURCES = {"true": "R_true", "samp": "R_samp"}
@@ -85,11 +87,10 @@ def _throughput(timings: dict[str, float], n: int, n_scenes: int, mean_k: float)
 
 
 def run_music_eval(cfg: RunConfig, n_samples: int, snr_db_list: list[float],
-                   sources: tuple[str, ...] = ("true", "samp")) -> list[dict]:
-    """One row per (source, SNR): pooled RMSEs, the CRB at the same scenes (sqrt of the mean CRB
-    variance over all sources), success/miss/false-alarm counts, the accuracy of ``estimate_k`` on
-    the same matrices, R's energy fraction in span{a_k} (chance: mean K/N) and the spectrum
-    throughput of the shared MUSIC call (grid points x N x scenes per second, and its FLOP bound)."""
+                   sources: tuple[str, ...] = ("true", "samp")) -> tuple[list[dict], dict[str, float]]:
+    """``scoring`` rows of MUSIC with the true K on R_true (oracle: no CRB) and on R_samp, the test scenes
+    0..n-1 at every nominal SNR pooled and binned by per-source realised SNR, and the throughput of the
+    shared MUSIC call (grid points x N x scenes per second, and its FLOP bound)."""
     sources = tuple(sources)
     _check(n_samples, snr_db_list, sources)
     system = make_system(cfg)
@@ -101,57 +102,32 @@ def run_music_eval(cfg: RunConfig, n_samples: int, snr_db_list: list[float],
     jobs, mats = _stack_unique(data, sources, snr_db_list)
     timings: dict[str, float] = {}
     est = music(torch.cat(mats), k_true.repeat(len(mats)), system, cfg.scene, cfg.music, timings=timings)
-    mean_k = float(k_true.double().mean())
-    speed = _throughput(timings, system.n, len(mats) * n_samples, mean_k)
-    rows = []
-    for snr in snr_db_list:
-        d = data[snr]
-        bound = crb_batch(d, system)
-        a = system.steer(d["phi"], d["theta"], d["r"])
+    speed = _throughput(timings, system.n, len(mats) * n_samples, float(k_true.double().mean()))
+    for snr in snr_db_list:  # information content of each matrix: its trace inside span{a_k} (chance: K/N)
+        a = system.steer(data[snr]["phi"], data[snr]["theta"], data[snr]["r"])
         for src in sources:
-            j = jobs[(src, snr)]
-            R = d[SOURCES[src]]
-            m = localization_errors(_split(est, j * n_samples, (j + 1) * n_samples),
-                                    d["phi"], d["theta"], d["r"], d["mask"])
-            k_hat = estimate_k(signal_subspace(R, cfg.scene.k_max)[0], cfg.scene.k_max)
-            rows.append({"source": src, "snr_db": float(snr), **m,
-                         **{f"crb_{name}": rms_bound(bound[name], d["mask"])
-                            for name in ("phi_deg", "theta_deg", "r_m")},
-                         "k_acc": float((k_hat == d["k"]).double().mean()),
-                         "energy_frac": float(subspace_energy_fraction(R, a, d["mask"]).mean()),
-                         "energy_chance": mean_k / system.n, **speed})
-    return rows
+            frac = subspace_energy_fraction(data[snr][SOURCES[src]], a, data[snr]["mask"])
+            speed[f"energy_frac {SOURCES[src]} {snr:g} dB"] = float(frac.mean())
+    speed["energy_frac chance"] = float(k_true.double().mean()) / system.n
+    truth = concat_truths([truth_from(data[snr], system) for snr in snr_db_list])
+    scores = []
+    for src in sources:
+        parts = [_split(est, jobs[(src, snr)] * n_samples, (jobs[(src, snr)] + 1) * n_samples) for snr in snr_db_list]
+        pooled = Estimates(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Estimates)))
+        scores.append(score(f"MUSIC {SOURCES[src]}, true K" + (" (oracle)" if src == "true" else ""), pooled, truth,
+                            oracle=src == "true"))
+    return score_rows(scores, truth), speed
 
 
-_COLUMNS = [  # (header, key, format)
-    ("R", "source", "{:>4}"), ("SNR", "snr_db", "{:>5.0f}"),
-    ("rmse phi", "rmse_phi_deg", "{:>8.3f}"), ("crb phi", "crb_phi_deg", "{:>8.3f}"),
-    ("rmse th", "rmse_theta_deg", "{:>8.3f}"), ("crb th", "crb_theta_deg", "{:>8.3f}"),
-    ("rmse r", "rmse_r_m", "{:>7.3f}"), ("crb r", "crb_r_m", "{:>7.3f}"),
-    ("success", "success_rate", "{:>7.2f}"), ("miss", "misses", "{:>5d}"), ("FA", "false_alarms", "{:>4d}"),
-    ("K acc", "k_acc", "{:>5.2f}"), ("E frac", "energy_frac", "{:>6.3f}"),
-]
+def format_speed(speed: dict[str, float]) -> str:
+    """The footer of the ``music`` command: information content of the matrices, then throughput."""
+    info = ", ".join(f"{k.split(' ', 1)[1]} {v:.3f}" for k, v in speed.items() if k.startswith("energy_frac"))
+    return (f"trace fraction in span{{a_k}}: {info}\n"
+            f"spectrum: {speed['grid_points']} grid points x N x {speed['scenes_in_call']} scenes in "
+            f"{speed['spectrum_s']:.2f} s (MUSIC total {speed['music_s']:.2f} s) = {speed['throughput']:.3g} "
+            f"point-elements/s; FLOP bound {speed['throughput_flop_bound']:.3g}/s (GEMM-only, measured complex64 "
+            f"GEMM peak {speed['gemm_peak_flops'] / 1e9:.1f} GFLOP/s) -> "
+            f"{speed['throughput'] / speed['throughput_flop_bound']:.1%} of bound")
 
 
-def format_table(rows: list[dict]) -> str:
-    """Plain-text table of ``run_music_eval`` rows (angles in degrees, ranges in metres), with the
-    shared throughput figures as a footer."""
-    if not rows:
-        return "(no rows)"
-    head = " ".join(f"{h:>{len(fmt.format(rows[0][k]))}}" for h, k, fmt in _COLUMNS)
-    lines = [head, "-" * len(head)]
-    for row in rows:
-        lines.append(" ".join(fmt.format(row[k]) for _, k, fmt in _COLUMNS))
-    r0 = rows[0]
-    lines += [
-        f"scenes: {r0['n_scenes']} ({r0['n_true']} sources) per row; gate 5 deg; CRB = sqrt(mean CRB variance); "
-        f"E frac chance level = {r0['energy_chance']:.3f}",
-        f"spectrum: {r0['grid_points']} grid points x N x {r0['scenes_in_call']} scenes in {r0['spectrum_s']:.2f} s "
-        f"(MUSIC total {r0['music_s']:.2f} s) = {r0['throughput']:.3g} point-elements/s; FLOP bound "
-        f"{r0['throughput_flop_bound']:.3g}/s (GEMM-only, measured complex64 GEMM peak "
-        f"{r0['gemm_peak_flops'] / 1e9:.1f} GFLOP/s) -> {r0['throughput'] / r0['throughput_flop_bound']:.1%} of bound",
-    ]
-    return "\n".join(lines)
-
-
-__all__ = ["EvalError", "SOURCES", "gemm_peak_flops", "run_music_eval", "format_table"]
+__all__ = ["EvalError", "SOURCES", "gemm_peak_flops", "run_music_eval", "format_speed"]

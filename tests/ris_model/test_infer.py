@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ris_model.config import load_config
 from ris_model.covariance import build_covariances, inference_matrix
-from ris_model.data import train_batch
-from ris_model.infer import aux_estimates, evaluate, format_eval, k_from_logits, predict
+from ris_model.data import SimDataset, train_batch
+from ris_model.infer import aux_estimates, evaluate, k_from_logits, predict
 from ris_model.loss import perfect_outputs
 from ris_model.model import build_model
+from ris_model.scoring import format_rows
 from ris_model.simulate import make_system
 
 TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "model.factor_hidden=32",
@@ -47,14 +46,16 @@ def test_aux_estimates_take_the_first_k_slots():
 def test_evaluate_rows_side_by_side():
     cfg = load_config(None, TINY)
     system = make_system(cfg)
-    rows = evaluate(cfg, build_model(cfg, system), 3, system)
-    names = [r["method"] for r in rows]
-    assert names == ["learned R_eff, K head", "learned R_eff, true K", "learned aux head, K head", "R_samp, true K",
-                     "R_samp, estimate_k", "R_true, true K", "CRB"]
-    true_row = rows[names.index("R_true, true K")]
-    assert true_row["matched_frac"] == 1.0 and true_row["rmse_phi_deg"] < 0.1  # the oracle sits on the sources
-    assert rows[names.index("learned R_eff, true K")]["k_acc"] == 1.0
-    crb = rows[-1]
-    assert all(math.isfinite(crb[k]) and crb[k] > 0 for k in ("rmse_phi_deg", "rmse_theta_deg", "rmse_r_m"))
-    table = format_eval(rows)
-    assert "R_samp, true K" in table and "CRB" in table and "3 test scenes" in table
+    rows = evaluate(cfg, build_model(cfg, system), 3, system, snr_db_list=[5.0, 25.0])
+    overall = {r["method"]: r for r in rows if r["snr_bin"] == "all"}
+    assert list(overall) == ["learned, K head", "learned, true K", "learned aux head, K head", "MUSIC R_samp, MDL K",
+                             "MUSIC R_samp, AIC K", "MUSIC R_samp, ratio K", "MUSIC R_samp, true K",
+                             "MUSIC R_true, true K (oracle)"]
+    oracle = overall["MUSIC R_true, true K (oracle)"]
+    assert oracle["matched_frac"] == 1.0 and oracle["rmse_phi"] < 0.1 and oracle["crb_phi"] is None
+    assert overall["learned, true K"]["k_acc"] is None and overall["learned, K head"]["k_acc"] is not None
+    n_true = 2 * int(SimDataset(cfg, "test", size=3, system=system).batch([0, 1, 2]).k.sum())
+    assert all(r["n_sources"] == n_true for r in overall.values())  # both pinned SNRs pooled
+    samp = overall["MUSIC R_samp, true K"]
+    assert samp["crb_phi"] > 0 and samp["ratio_phi_med"] > 0  # a CRB beside every estimator that sees noise
+    assert "MUSIC R_samp, MDL K" in format_rows(rows)

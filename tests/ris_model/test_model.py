@@ -7,6 +7,7 @@ import torch
 
 from ris_model.config import load_config
 from ris_model.data import train_batch
+from ris_model.greedy import GreedyResidual
 from ris_model.loss import CompositeLoss
 from ris_model.model import ModelOutputs, build_model, cell_grid, count_parameters
 from ris_model.simulate import make_system
@@ -19,6 +20,7 @@ VARIANTS = {
     "direct+spectral": ['model.factor_head="direct"'],
     "no-beam-feature": ["model.beam_grid=[0,0,0]"],
     "per-sample-channel": ["channel.per_sample=true"],
+    "no-greedy-features": ["model.greedy_k_features=false"],
 }
 
 
@@ -84,14 +86,35 @@ def test_default_size_is_one_to_three_million_and_quickstart_small():
 
 
 def test_spectral_readout_starts_near_bartlett_peaks():
-    """At initialisation slot 0 sits near the strongest peak of the Bartlett spectrum of R_samp."""
-    cfg, system, _, batch, out = _run(["data.batch_size=8"])
+    """With readout_init = "bartlett", slot 0 starts near the strongest peak of the Bartlett spectrum of R_samp."""
+    cfg, system, _, batch, out = _run(["data.batch_size=8", 'model.readout_init="bartlett"'])
     phi, theta, r = cell_grid(cfg.scene, (60, 30, 12))
     a = system.steer(phi, theta, r)  # (G, N)
     bart = torch.einsum("gn,bnm,gm->bg", a.conj(), batch.R_samp.to(torch.complex128), a).real
     best = bart.argmax(-1)
     d_phi = (out.aux[:, 0, 0].detach().double() - phi[best]).rad2deg().abs()
     assert float(d_phi.median()) < 8.0  # within a readout cell (7.5 deg here) of the peak
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["fixed-channel", "per-sample-channel"])
+def test_greedy_residual_drops_to_the_noise_level_at_the_true_k(per_sample):
+    """Sources on grid cells at 30 dB: the residual curve is ~ the noise level (log ratio ~ 0) from k = K on
+    and far above it before; the per-sample path (columns formed per batch) agrees with the fixed one."""
+    cfg = load_config(None, TINY)
+    system = make_system(cfg)
+    g = torch.Generator().manual_seed(0)
+    cells = system.steer(*cell_grid(cfg.scene, (8, 4, 2)))  # (64, N)
+    k, L, m = 3, system.codes.shape[0], system.channel.shape[0]
+    src = cells[[5, 30, 50]]  # (K, N)
+    s = torch.randn(k, L, dtype=torch.complex128, generator=g)
+    clean = torch.einsum("mn,ln,kn,kl->lm", system.channel, system.codes, src, s)[None]  # (1, L, M)
+    snr_db = torch.tensor([30.0], dtype=torch.float64)
+    sigma2 = (clean.abs() ** 2).mean() / 10 ** 3
+    y = clean + torch.randn(1, L, m, dtype=torch.complex128, generator=g) * sigma2.sqrt()
+    fixed = None if per_sample else (system.channel, system.codes)
+    greedy = GreedyResidual(cells, 5, fixed, torch.complex128)
+    curve = greedy(y, system.channel[None], system.codes[None], snr_db)[0]
+    assert curve.shape == (6,) and float(curve[k - 1]) > 2.0 and (curve[k:].abs() < 0.5).all()
 
 
 def test_float64_model():

@@ -210,21 +210,37 @@ def test_grid_alone_misses_the_oracle_tolerance():
 
 
 def test_music_eval_rows_and_table():
-    from ris_model.music_eval import EvalError, format_table, run_music_eval
+    from ris_model.music_eval import EvalError, format_speed, run_music_eval
+    from ris_model.scoring import format_rows
 
     cfg = dataclasses.replace(CFG, music=FAST)
-    rows = run_music_eval(cfg, 3, [5.0, 25.0])
-    assert [(r["source"], r["snr_db"]) for r in rows] == [("true", 5.0), ("samp", 5.0), ("true", 25.0), ("samp", 25.0)]
-    true_rows = [r for r in rows if r["source"] == "true"]
-    assert all(r["rmse_phi_deg"] < ANGLE_TOL_DEG and r["k_acc"] == 1.0 for r in true_rows)
-    assert true_rows[0]["rmse_r_m"] == true_rows[1]["rmse_r_m"]  # R_true does not depend on the SNR
-    assert rows[3]["crb_phi_deg"] < rows[1]["crb_phi_deg"]  # the bound tightens with SNR
-    assert rows[0]["scenes_in_call"] == 9  # R_true once + R_samp per SNR, in one MUSIC call
-    assert rows[0]["throughput"] > 0 and rows[0]["throughput_flop_bound"] > 0
-    text = format_table(rows)
-    assert "rmse phi" in text and "crb r" in text and "FLOP bound" in text and len(text.splitlines()) == 8
+    rows, speed = run_music_eval(cfg, 3, [5.0, 25.0])
+    assert [r["method"] for r in rows if r["snr_bin"] == "all"] == ["MUSIC R_true, true K (oracle)",
+                                                                    "MUSIC R_samp, true K"]
+    oracle = [r for r in rows if r["method"].endswith("(oracle)")]
+    assert all(r["matched_frac"] == 1.0 and r["rmse_phi"] < ANGLE_TOL_DEG and r["crb_phi"] is None for r in oracle)
+    samp = [r for r in rows if r["method"] == "MUSIC R_samp, true K" and r["snr_bin"] != "all"]
+    assert len(samp) >= 3
+    assert all(r["crb_phi"] > 0 if r["n_matched"] else math.isnan(r["crb_phi"]) for r in samp)
+    assert sum(r["n_sources"] for r in samp) == rows[-1]["n_sources"] == 2 * int(simulate(CFG, SYSTEM, "test", [0, 1, 2])["k"].sum())
+    assert speed["scenes_in_call"] == 9  # R_true once + R_samp per SNR, in one MUSIC call
+    assert speed["throughput"] > 0 and speed["throughput_flop_bound"] > 0
+    assert 0 < speed["energy_frac R_samp 25 dB"] < speed["energy_frac R_true 25 dB"] == pytest.approx(1.0)
+    text = format_rows(rows) + "\n" + format_speed(speed)
+    assert "matched" in text and "crb r" in text and "FLOP bound" in text
     with pytest.raises(EvalError, match="valid: true, samp"):
         run_music_eval(cfg, 3, [5.0], sources=("pred",))
+
+
+def test_oracle_resolves_two_sources_two_degrees_apart_at_0_6_m():
+    """The suppression radius (music.nms_deg, 1 degree) is below the separation: both sources come out,
+    each within the oracle tolerance; a 3 degree radius merges them into one estimate and a spurious one."""
+    truth = planted([[(10.0, 5.0, 0.6), (12.0, 5.0, 0.6)], [(-20.0, 0.0, 0.6), (-20.0, 2.0, 0.6)]])
+    est = music(truth["R"], truth["k"], SYSTEM, SCENE, COARSE)
+    ang, rng = max_errors(est, truth)
+    assert est.k.tolist() == [2, 2] and ang < ANGLE_TOL_DEG and rng < RANGE_TOL_REL
+    wide = music(truth["R"], truth["k"], SYSTEM, SCENE, dataclasses.replace(COARSE, nms_deg=3.0))
+    assert max_errors(wide, truth)[0] > 1.0
 
 
 def test_music_accepts_a_covariance_that_requires_grad_and_complex64():
