@@ -151,8 +151,8 @@ def _wrap(entry: EntryPoint, original: Callable) -> Callable:
         frame = sys._getframe(1)
         name, kind = entry.name, entry.kind
         marked = _marked_caller(frame)
-        if marked is not None:
-            name, kind, frame = marked
+        if marked is not None:  # the call site is where the marked function was called
+            name, kind, frame = marked[0], marked[1], marked[2].f_back
         state.depth += 1
         try:
             out = original(*args, **kwargs)

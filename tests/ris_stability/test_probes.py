@@ -259,3 +259,37 @@ def test_functions_marked_as_spectral_ops_are_probed_under_their_own_name():
     rec = probe.collect()
     assert list(rec) == ["custom_eigh"]  # the torch.linalg.eigh inside it is not counted twice
     assert rec["custom_eigh"]["stats"]["max_cluster"] == 2 and rec["custom_eigh"]["vec_grad"] is False
+
+
+class _MarkedEigh(torch.autograd.Function):
+    """An eigh with its own backward: its outputs require grad only once apply() has returned."""
+
+    @staticmethod
+    def forward(ctx, a):
+        lam, vec = torch.linalg.eigh(a)
+        ctx.save_for_backward(vec)
+        return lam, vec
+
+    @staticmethod
+    def backward(ctx, g_lam, g_vec):
+        (vec,) = ctx.saved_tensors
+        return vec @ torch.diag_embed(g_lam if g_lam is not None else torch.zeros_like(vec[..., 0])) @ vec.mH
+
+
+def function_eigh(a: torch.Tensor):
+    return _MarkedEigh.apply(a)
+
+
+function_eigh.__spectral_op__ = "eigh"
+
+
+@pytest.mark.parametrize("use_vectors", [True, False], ids=["vectors-used", "values-only"])
+def test_marked_autograd_function_gets_its_name_and_its_vector_gradient_watched(use_vectors):
+    a = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)).requires_grad_()
+    with SpectralProbe() as probe:
+        lam, vec = function_eigh(a)  # marked-call-site
+        (vec.abs().sum() if use_vectors else lam.sum()).backward()
+    rec = probe.collect()
+    assert list(rec) == ["function_eigh"]
+    assert rec["function_eigh"]["vec_grad"] is use_vectors
+    assert rec["function_eigh"]["location"].endswith(f"test_probes.py:{_line_of('# marked-call-site')}")
