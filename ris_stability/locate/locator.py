@@ -45,6 +45,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from ris_stability.locate.causes import Observation, explain, is_linalg_op
 from ris_stability.locate.finding import Finding, TensorSummary
+from ris_stability.locate import masks
 from ris_stability.locate.inputs import (LocatorUsageError, _check_loss, _graph_leaves, _input_finding,
                                          bind_arguments, discover_roots, find_nonfinite)
 from ris_stability.locate.ops import (_CHECK_ERRORS, _FRESH, _NO_VALUES, _OVERWRITE, _SPECTRAL_OPS, _TRIVIAL,
@@ -80,7 +81,8 @@ class _Origin:
     output: TensorSummary | None = None
     culprit: tuple | None = None
     culprit_text: str = ""
-
+    intentional: bool = False  # infinities supplied on purpose (a mask), see locate/masks.py
+    context: str = ""
 
 
 # --- the two modes ---------------------------------------------------------------------------------
@@ -191,14 +193,29 @@ class _Session:
             return
         bad_in = _nonfinite_inputs(func, args, kwargs, pre_finite)
         origin = next((o for o in (self.taint.get(t) for t in bad_in) if o is not None), None)
+        inputs = None
         if origin is None:
             inputs = _named_inputs(func, args, kwargs, copies)
             origin = self._make_origin(func, inputs, bad[0], external=bool(bad_in))
-            if len(self.origins) < MAX_ORIGINS:
-                self.origins.append(origin)
+            origin.intentional = (all(masks.only_neg_inf(t) for t in bad_in) if bad_in
+                                  else masks.supplies_inf(args, kwargs)) and not masks.has_nan(bad)
+            self._keep(origin)
+        if origin.intentional and masks.has_nan(bad) and not masks.has_nan(bad_in):
+            # A mask's infinities turned into NaN here: this op is the fault, the mask its context.
+            inputs = inputs if inputs is not None else _named_inputs(func, args, kwargs, copies)
+            nan_out = next(t for t in bad if masks.has_nan([t]))
+            context = masks.describe(origin.op, origin.ctx.function, origin.ctx.location, origin.ctx.module,
+                                     origin.phase == "input")
+            origin = self._make_origin(func, inputs, nan_out)
+            origin.context = context
+            self._keep(origin)
         for t in bad:
             self.taint[t] = origin
         self.last_bad = origin
+
+    def _keep(self, origin: _Origin) -> None:
+        if len(self.origins) < MAX_ORIGINS:
+            self.origins.append(origin)
 
     def _context(self):
         """(phase, node name, forward context) of the op running now."""
@@ -225,6 +242,8 @@ class _Session:
         culprit, text = (None, "")
         if bad_out is not None and func.overloadpacket not in _FRESH:
             culprit, text = culprit_values(func, inputs, bad_out)
+            if culprit is None:
+                culprit, text = masks.row_culprit(func.overloadpacket.__name__, tuple(v for _, v in inputs), bad_out)
         output = None if bad_out is None else TensorSummary.of("output", bad_out)
         phase = phase or ("input" if external else here)
         return _Origin(phase, op, node, ctx, tuple(summaries), output, culprit, text)
@@ -322,8 +341,9 @@ class _Session:
 
     def _origin_of(self, tensors: list[Tensor]) -> _Origin:
         origin = next((o for o in (self.taint.get(t) for t in tensors) if o is not None), None)
-        if origin is None:
-            origin = next((o for o in self.origins if o.phase == self.phase), None)
+        if origin is None:  # masks are the last resort: an origin that made NaN comes first
+            ranked = sorted(self.origins, key=lambda o: o.intentional)
+            origin = next((o for o in ranked if o.phase == self.phase), None)
         if origin is None:  # produced by no op we saw: it came from outside, e.g. a global tensor
             t = tensors[0]
             origin = _Origin("input", "", "", _Context(), (TensorSummary.of("value", t),),
@@ -336,13 +356,14 @@ class _Session:
                     f"the gradients through backward; {note}")
         obs = Observation(phase=origin.phase, op=origin.op, node=origin.node, function=origin.ctx.function,
                           location=origin.ctx.location, inputs=origin.inputs, output=origin.output,
-                          culprit=origin.culprit, message=message)
+                          culprit=origin.culprit, message=message, context=origin.context,
+                          intentional=origin.intentional)
         cause = explain(obs)
         return Finding(phase=origin.phase, cause=cause.text, op=origin.op, node=origin.node,
                        module=origin.ctx.module, location=origin.ctx.location, stack=origin.ctx.stack,
                        function=origin.ctx.function,
                        inputs=origin.inputs, output=origin.output, culprit=origin.culprit_text,
-                       remedies=cause.remedies, message=message or note)
+                       remedies=cause.remedies, message=message or note, context=origin.context)
 
     def _error_finding(self, exc: Exception) -> Finding:
         with self.paused():
