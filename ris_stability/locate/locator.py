@@ -129,6 +129,7 @@ class _Session:
         self.last_node = None
         self.last_bad: _Origin | None = None
         self.error: tuple[BaseException, _Origin] | None = None
+        self.symptom_of: _Origin | None = None  # first origin of the non-finite input an op raised on
         self.caught: list = []
 
     # -- dispatch-level checks
@@ -186,6 +187,8 @@ class _Session:
         return copies, finite
 
     def _check(self, func, args, kwargs, out, copies, pre_finite) -> None:
+        if func.overloadpacket in _FRESH:
+            return  # uninitialised memory holds anything; it becomes a value only once an op writes it
         bad = [t for t in _tensors(out) if _is_float(t) and not _finite(t)]
         if not bad:
             return
@@ -235,6 +238,12 @@ class _Session:
             func, args, kwargs = self.last_linalg_op
             copies = {}
         self.error = (exc, self._make_origin(func, _named_inputs(func, args, kwargs, copies), None, phase="error"))
+        bad_in = _nonfinite_inputs(func, args, kwargs, {})
+        if bad_in:
+            # The op raised because its input was already non-finite (eig/cholesky/svd refuse NaN/Inf):
+            # that is a symptom; the finding is where the value first went non-finite.
+            upstream = next((o for o in map(self.taint.get, bad_in) if o is not None), None)
+            self.symptom_of = upstream or next(iter(self.origins), None)
 
     # -- forward node bookkeeping (called by _ForwardRecorder after each torch function)
     def register_nodes(self, out: Any) -> None:
@@ -351,6 +360,11 @@ class _Session:
     def _error_finding_unpaused(self, exc: Exception) -> Finding:
         if self.error is not None and _in_chain(exc, self.error[0]):
             origin = self.error[1]
+            if self.symptom_of is not None:
+                raised = origin.op or origin.ctx.function or "a later op"
+                where = f" ({origin.ctx.location})" if origin.ctx.location else ""
+                return self._finding(self.symptom_of, message=(
+                    f"{raised}{where} later raised on this non-finite value: {str(exc).strip().splitlines()[0]}"))
         elif self.phase == "backward":
             node = self._raising_node()
             ctx = (self.nodes.get(node) if node is not None else None) or _Context()
