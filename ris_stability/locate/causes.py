@@ -259,7 +259,8 @@ def _pow_cause(obs: Observation) -> Cause:
 
 
 _OVERFLOW_OPS = frozenset({"mul", "add", "sub", "sum", "mean", "mm", "bmm", "matmul", "addmm", "baddbmm",
-                           "dot", "vdot", "cumsum", "prod", "square", "linear", "einsum", "addcmul", "var"})
+                           "dot", "vdot", "cumsum", "prod", "square", "linear", "einsum", "addcmul", "var",
+                           "convolution", "conv1d", "conv2d", "conv3d", "_convolution"})
 _LINALG_OP = re.compile(r"linalg|cholesky|eig|svd|^qr$|^lu|inverse|solve|^(log|slog)?det$")
 
 

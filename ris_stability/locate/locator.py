@@ -152,6 +152,11 @@ class _Session(_DispatchChecks, _NodeRecorder):
     def _error_finding_unpaused(self, exc: Exception) -> Finding:
         if self.error is not None and _in_chain(exc, self.error[0]):
             origin = self.error[1]
+            if self.symptom_of is not None:
+                raised = origin.op or origin.ctx.function or "a later op"
+                where = f" ({origin.ctx.location})" if origin.ctx.location else ""
+                return self._finding(self.symptom_of, message=(
+                    f"{raised}{where} later raised on this non-finite value: {str(exc).strip().splitlines()[0]}"))
         elif self.phase == "backward":
             node = self._raising_node()
             ctx = (self.nodes.get(node) if node is not None else None) or _Context()

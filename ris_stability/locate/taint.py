@@ -76,6 +76,7 @@ class _DispatchChecks:
         self.last_node = None
         self.last_bad: _Origin | None = None
         self.error: tuple[BaseException, _Origin] | None = None
+        self.symptom_of: _Origin | None = None  # first origin of the non-finite input an op raised on
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -131,6 +132,8 @@ class _DispatchChecks:
         return copies, finite
 
     def _check(self, func, args, kwargs, out, copies, pre_finite) -> None:
+        if func.overloadpacket in _FRESH:
+            return  # uninitialised memory holds anything; it becomes a value only once an op writes it
         bad = [t for t in _tensors(out) if _is_float(t) and not _finite(t)]
         if not bad:
             return
@@ -188,4 +191,10 @@ class _DispatchChecks:
             func, args, kwargs = self.last_linalg_op
             copies = {}
         self.error = (exc, self._make_origin(func, _named_inputs(func, args, kwargs, copies), None, phase="error"))
+        bad_in = _nonfinite_inputs(func, args, kwargs, {})
+        if bad_in:
+            # The op raised because its input was already non-finite (eig/cholesky/svd refuse NaN/Inf):
+            # that is a symptom; the finding is where the value first went non-finite.
+            upstream = next((o for o in map(self.taint.get, bad_in) if o is not None), None)
+            self.symptom_of = upstream or next(iter(self.origins), None)
 
