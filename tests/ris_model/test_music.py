@@ -233,13 +233,15 @@ def test_music_eval_rows_and_table():
 
 
 def test_oracle_resolves_two_sources_two_degrees_apart_at_0_6_m():
-    """The suppression radius (music.nms_deg, 1 degree) is below the separation: both sources come out,
-    each within the oracle tolerance; a 3 degree radius merges them into one estimate and a spurious one."""
+    """With the default grid (0.5 deg, 24 range planes) and suppression radius (music.nms_deg, 1 degree, below
+    the separation) both sources come out, each within the oracle tolerance; a 3 degree radius merges each
+    pair into one estimate and a spurious one. (On the 1 degree COARSE grid the two peaks of the horizontal
+    pair are only two cells apart and share one 3x3x3 local maximum: the grid must resolve them too.)"""
     truth = planted([[(10.0, 5.0, 0.6), (12.0, 5.0, 0.6)], [(-20.0, 0.0, 0.6), (-20.0, 2.0, 0.6)]])
-    est = music(truth["R"], truth["k"], SYSTEM, SCENE, COARSE)
+    est = music(truth["R"], truth["k"], SYSTEM, SCENE, MusicConfig())
     ang, rng = max_errors(est, truth)
     assert est.k.tolist() == [2, 2] and ang < ANGLE_TOL_DEG and rng < RANGE_TOL_REL
-    wide = music(truth["R"], truth["k"], SYSTEM, SCENE, dataclasses.replace(COARSE, nms_deg=3.0))
+    wide = music(truth["R"], truth["k"], SYSTEM, SCENE, dataclasses.replace(MusicConfig(), nms_deg=3.0))
     assert max_errors(wide, truth)[0] > 1.0
 
 
