@@ -121,8 +121,9 @@ class _Session(_DispatchChecks, _NodeRecorder):
 
     def _origin_of(self, tensors: list[Tensor]) -> _Origin:
         origin = next((o for o in (self.taint.get(t) for t in tensors) if o is not None), None)
-        if origin is None:
-            origin = next((o for o in self.origins if o.phase == self.phase), None)
+        if origin is None:  # masks are the last resort: an origin that made NaN comes first
+            ranked = sorted(self.origins, key=lambda o: o.intentional)
+            origin = next((o for o in ranked if o.phase == self.phase), None)
         if origin is None:  # produced by no op we saw: it came from outside, e.g. a global tensor
             t = tensors[0]
             origin = _Origin("input", "", "", _Context(), (TensorSummary.of("value", t),),
@@ -135,13 +136,14 @@ class _Session(_DispatchChecks, _NodeRecorder):
                     f"the gradients through backward; {note}")
         obs = Observation(phase=origin.phase, op=origin.op, node=origin.node, function=origin.ctx.function,
                           location=origin.ctx.location, inputs=origin.inputs, output=origin.output,
-                          culprit=origin.culprit, message=message)
+                          culprit=origin.culprit, message=message, context=origin.context,
+                          intentional=origin.intentional)
         cause = explain(obs)
         return Finding(phase=origin.phase, cause=cause.text, op=origin.op, node=origin.node,
                        module=origin.ctx.module, location=origin.ctx.location, stack=origin.ctx.stack,
                        function=origin.ctx.function,
                        inputs=origin.inputs, output=origin.output, culprit=origin.culprit_text,
-                       remedies=cause.remedies, message=message or note)
+                       remedies=cause.remedies, message=message or note, context=origin.context)
 
     def _error_finding(self, exc: Exception) -> Finding:
         with self.paused():

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ris_stability.frames import user_stack
+from ris_stability.locate import masks
 from ris_stability.locate.causes import is_linalg_op
 from ris_stability.locate.finding import TensorSummary
 from ris_stability.locate.ops import (_CHECK_ERRORS, _FRESH, _NO_VALUES, _OVERWRITE, _SPECTRAL_OPS, _TRIVIAL,
@@ -42,6 +43,8 @@ class _Origin:
     output: TensorSummary | None = None
     culprit: tuple | None = None
     culprit_text: str = ""
+    intentional: bool = False  # infinities supplied on purpose (a mask), see locate/masks.py
+    context: str = ""
 
 
 class _NonFiniteMode(TorchDispatchMode):
@@ -136,15 +139,29 @@ class _DispatchChecks:
             return
         bad_in = _nonfinite_inputs(func, args, kwargs, pre_finite)
         origin = next((o for o in (self.taint.get(t) for t in bad_in) if o is not None), None)
+        inputs = None
         if origin is None:
             inputs = _named_inputs(func, args, kwargs, copies)
             origin = self._make_origin(func, inputs, bad[0], external=bool(bad_in))
-            if len(self.origins) < MAX_ORIGINS:
-                self.origins.append(origin)
+            origin.intentional = (all(masks.only_neg_inf(t) for t in bad_in) if bad_in
+                                  else masks.supplies_inf(args, kwargs)) and not masks.has_nan(bad)
+            self._keep(origin)
+        if origin.intentional and masks.has_nan(bad) and not masks.has_nan(bad_in):
+            # A mask's infinities turned into NaN here: this op is the fault, the mask its context.
+            inputs = inputs if inputs is not None else _named_inputs(func, args, kwargs, copies)
+            nan_out = next(t for t in bad if masks.has_nan([t]))
+            context = masks.describe(origin.op, origin.ctx.function, origin.ctx.location, origin.ctx.module,
+                                     origin.phase == "input")
+            origin = self._make_origin(func, inputs, nan_out)
+            origin.context = context
+            self._keep(origin)
         for t in bad:
             self.taint[t] = origin
         self.last_bad = origin
 
+    def _keep(self, origin: _Origin) -> None:
+        if len(self.origins) < MAX_ORIGINS:
+            self.origins.append(origin)
 
     def _make_origin(self, func, inputs, bad_out: Tensor | None, external: bool = False,
                      phase: str | None = None) -> _Origin:
@@ -162,6 +179,8 @@ class _DispatchChecks:
         culprit, text = (None, "")
         if bad_out is not None and func.overloadpacket not in _FRESH:
             culprit, text = culprit_values(func, inputs, bad_out)
+            if culprit is None:
+                culprit, text = masks.row_culprit(func.overloadpacket.__name__, tuple(v for _, v in inputs), bad_out)
         output = None if bad_out is None else TensorSummary.of("output", bad_out)
         phase = phase or ("input" if external else here)
         return _Origin(phase, op, node, ctx, tuple(summaries), output, culprit, text)
