@@ -17,6 +17,7 @@ their dtype: casts are differentiable, so gradients reach them in their own dtyp
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -27,22 +28,26 @@ from torch.overrides import TorchFunctionMode
 
 from ris_stability.frames import caller_location
 from ris_stability.linalg_stats import hermitian_error
-from ris_stability.locate.stack import _ModuleStack
+from ris_stability.intercept import entry_by_function
+from ris_stability.tracker import ModuleTracker
 
 HIGH = {torch.float16: torch.float64, torch.bfloat16: torch.float64, torch.float32: torch.float64,
         torch.complex32: torch.complex128, torch.complex64: torch.complex128}
 LOW_OF = {torch.float64: torch.float32, torch.complex128: torch.complex64}
 
-# The linear-algebra entry points whose precision the audit can change, by printed name.
-LINALG: dict[Callable, str] = {
-    torch.linalg.eig: "linalg.eig", torch.linalg.eigvals: "linalg.eigvals", torch.linalg.eigh: "linalg.eigh",
-    torch.linalg.eigvalsh: "linalg.eigvalsh", torch.linalg.svd: "linalg.svd", torch.linalg.svdvals: "linalg.svdvals",
-    torch.linalg.inv: "linalg.inv", torch.linalg.solve: "linalg.solve", torch.linalg.lstsq: "linalg.lstsq",
-    torch.linalg.pinv: "linalg.pinv", torch.linalg.cholesky: "linalg.cholesky", torch.linalg.det: "linalg.det",
-    torch.linalg.slogdet: "linalg.slogdet", torch.linalg.qr: "linalg.qr", torch.linalg.matrix_exp: "linalg.matrix_exp",
-    torch.inverse: "inverse", torch.Tensor.inverse: "inverse", torch.pinverse: "pinverse", torch.svd: "svd",
-    torch.Tensor.svd: "svd", torch.det: "det", torch.Tensor.det: "det",
+# Linear-algebra functions the probe does not observe but whose precision the audit can change.
+_EXTRA_LINALG: dict[Callable, str] = {
+    torch.linalg.det: "linalg.det", torch.linalg.slogdet: "linalg.slogdet", torch.linalg.matrix_exp:
+    "linalg.matrix_exp", torch.det: "det", torch.Tensor.det: "det", torch.logdet: "logdet",
 }
+
+
+@functools.lru_cache(maxsize=1)
+def _linalg_names() -> dict[Callable, str]:
+    """Original torch callable -> op name: the probe's entry points (unwrapped) and the extras."""
+    return {**{f: e.name for f, e in entry_by_function().items()}, **_EXTRA_LINALG}
+
+
 MAX_GRAD_COPY = 1 << 20  # elements of one call's matrix gradient kept for the per-site comparison
 
 
@@ -97,22 +102,8 @@ class _SiteModes(TorchFunctionMode):
 
     def __init__(self, roots: Mapping[str, nn.Module]):
         super().__init__()
-        self.modules = _ModuleStack(roots)
+        self.modules = ModuleTracker(roots)
         self.sites: dict[tuple[str, str, str], SiteRecord] = {}
-
-    def __enter__(self):
-        self.modules.install()
-        try:
-            return super().__enter__()
-        except BaseException:
-            self.modules.remove()
-            raise
-
-    def __exit__(self, *exc):
-        try:
-            return super().__exit__(*exc)
-        finally:
-            self.modules.remove()
 
     def site(self, op: str) -> SiteRecord:
         module, location = self.modules.current(), caller_location()
@@ -171,7 +162,7 @@ class SitePromotion(_SiteModes):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        op = LINALG.get(func)
+        op = _linalg_names().get(func)
         A = _matrix(args, kwargs) if op else None
         if A is None or not (A.is_floating_point() or A.is_complex()):
             return func(*args, **kwargs)
@@ -198,7 +189,7 @@ class Float64Everything(_SiteModes):
         func = _LOW_METHODS.get(func, func)
         args, kwargs = _up(tuple(args)), {k: _up(v) for k, v in kwargs.items()}
         out = func(*args, **kwargs)
-        op = LINALG.get(func)
+        op = _linalg_names().get(func)
         A = _matrix(args, kwargs) if op else None
         if A is not None and (A.is_floating_point() or A.is_complex()):
             self.observe(self.site(op), func, A, out)
