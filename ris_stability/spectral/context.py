@@ -38,18 +38,28 @@ def is_active() -> bool:
     return _depth > 0
 
 
+# Spellings whose attribute we created (a Tensor method inherited from the C base class): deleted on exit.
+_created: set[str] = set()
+
+
 def _install() -> None:
     for name, replacement in REPLACEMENTS.items():
         owner, attr = originals.SPELLINGS[name]
         originals.saved[name] = getattr(owner, attr)
+        if attr not in vars(owner):
+            _created.add(name)
         setattr(owner, attr, replacement)
 
 
 def _restore() -> None:
     for name, fn in list(originals.saved.items()):
         owner, attr = originals.SPELLINGS[name]
-        setattr(owner, attr, fn)
+        if name in _created:
+            delattr(owner, attr)
+        else:
+            setattr(owner, attr, fn)
     originals.saved.clear()
+    _created.clear()
 
 
 @contextlib.contextmanager

@@ -82,6 +82,7 @@ def test_every_spelling_is_swapped_inside_and_restored_after():
         assert torch.linalg.svd(a).U.grad_fn.name() == "SvdGapAwareBackward"
         assert torch.svd(a).V.grad_fn is not None and a.svd().U.grad_fn.name() == "SvdGapAwareBackward"
     assert not is_active() and _originals() == before
+    assert "svd" not in vars(torch.Tensor)  # the method is inherited again, not shadowed by a copy
 
 
 def test_restored_on_exception_and_nestable():
@@ -128,6 +129,13 @@ def test_composes_with_the_probe_and_the_locator():
     (site,) = records
     assert site == "model:eigh_gap_aware" and records[site]["stats"]["max_cluster"] == 4
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    with gap_aware(), SpectralProbe(roots={"model": model}) as probe:  # the other order of entry
+        model(x).backward()
+    assert probe.collect()[site.replace("eigh_gap_aware", "linalg.eigh")]["stats"]["max_cluster"] == 4
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert _originals() == [torch.linalg.eigh, torch.linalg.svd, torch.svd, torch.Tensor.svd]
     assert locate_nonfinite(model, x) is not None  # torch's backward: NaN, located
     with gap_aware():
         assert locate_nonfinite(model, x) is None  # gap-aware: clean
