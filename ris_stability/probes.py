@@ -69,6 +69,9 @@ class _Site:
     requires_grad: bool = False
     chunks: list[Tensor] = field(default_factory=list)
     vec: Tensor | None = None  # device bool: some eigenvector output received a non-zero gradient
+    # device float64: sum over calls of (||dL/dA|| * ||A||)^2, the gradient each call passed back to its
+    # matrix in units of that matrix (unchanged when the matrix is rescaled): the site's contribution.
+    back: Tensor | None = None
 
     def add(self, rows: Tensor, requires_grad: bool) -> None:
         self.calls += 1
@@ -90,8 +93,27 @@ class _Site:
             return None
         return hook
 
+    def backward_hook(self, scale: Tensor) -> Callable:
+        def hook(grad_inputs, grad_outputs) -> None:
+            g = grad_inputs[0] if grad_inputs else None
+            if g is not None:
+                with torch.no_grad():
+                    sq = (_norm64(g) * scale.to(g.device)).square()
+                    self.back = sq if self.back is None else self.back + sq.to(self.back.device)
+        return hook
+
     def reset(self) -> None:
-        self.calls, self.requires_grad, self.chunks, self.vec = 0, False, [], None
+        self.calls, self.requires_grad, self.chunks, self.vec, self.back = 0, False, [], None, None
+
+
+def _norm64(t: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(torch.view_as_real(t) if t.is_complex() else t, dtype=torch.float64)
+
+
+def _grad_node(out: Any):
+    """The autograd node of the op's first output (None when it does not require grad)."""
+    first = out[0] if isinstance(out, (tuple, list)) and out else out
+    return first.grad_fn if isinstance(first, Tensor) else None
 
 
 def _matrix_arg(args: tuple, kwargs: Mapping[str, Any]) -> Tensor | None:
@@ -161,6 +183,9 @@ class SpectralProbe:
         flat = self._flatten(matrices)
         k = self._k_for(matrices.shape[:-2], flat.shape[0])
         site.add(self._measure(lambda: stat_rows(kind, flat, out, k), flat, site.name), matrices.requires_grad)
+        node = _grad_node(out)
+        if node is not None:
+            node.register_hook(site.backward_hook(_norm64(matrices.detach())))
         for index in KINDS[kind].vector_outputs if out is not None else ():
             vectors = out[index]
             if vectors.requires_grad:
@@ -241,8 +266,9 @@ class SpectralProbe:
         site.add(self._measure(lambda: stat_rows(_WATCH_KIND, flat, None, kk), flat, name), tensor.requires_grad)
 
     def _reduce(self) -> tuple[list[_Site], Tensor | None]:
-        """The sites recorded since the last collect and their worst statistics (S, K+1) on the device,
-        the last column being vec_grad (0/1); the records are reset."""
+        """The sites recorded since the last collect and their worst statistics (S, K+2) on the device,
+        then vec_grad (0/1) and the norm of the gradient the calls passed back (NaN if none); the records
+        are reset."""
         active = [site for site in self._sites.values() if site.calls]
         if not active:
             return [], None
@@ -251,7 +277,9 @@ class SpectralProbe:
             reduced = site.reduced()
             vec = (site.vec.to(reduced.device, torch.float64) if site.vec is not None
                    else torch.zeros((), dtype=torch.float64, device=reduced.device))
-            rows.append(torch.cat([reduced, vec.reshape(1)]))
+            back = (site.back.to(reduced.device) if site.back is not None
+                    else torch.full((), float("nan"), dtype=torch.float64, device=reduced.device))
+            rows.append(torch.cat([reduced, vec.reshape(1), back.reshape(1).sqrt()]))
         table = torch.stack(rows)
         infos = [_Site(site.name, site.op, site.location, site.module, site.calls, site.requires_grad)
                  for site in active]
@@ -293,7 +321,7 @@ class SpectralProbe:
 def _records(sites: list[_Site], values: list[list[float]]) -> dict[str, dict[str, Any]]:
     return {
         site.name: {"site": site.name, "op": site.op, "location": site.location, "module": site.module,
-                    "requires_grad": site.requires_grad, "vec_grad": bool(row[-1]),
-                    "stats": dict(zip(STAT_KEYS, row[:-1])), "calls": site.calls}
+                    "requires_grad": site.requires_grad, "vec_grad": bool(row[-2]),
+                    "stats": dict(zip(STAT_KEYS, row[:-2])), "calls": site.calls, "grad_norm": row[-1]}
         for site, row in zip(sites, values)
     }
