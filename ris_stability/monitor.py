@@ -22,7 +22,7 @@ from ris_stability.grads import TOTAL_KEY, GradMonitor, float64_norms
 from ris_stability.spikes import SpikeDetector
 from ris_stability.probes import SpectralProbe
 from ris_stability.records import TraceWriter
-from ris_stability.tolerances import ill_conditioned_log10
+from ris_stability.hazards import site_hazards
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +284,7 @@ class StabilityMonitor:
             row[f"mat/{name}/vec_grad"] = 1.0 if site["vec_grad"] else 0.0
             if site.get("grad_norm") is not None:
                 row[f"mat/{name}/grad_in"] = site["grad_norm"]
+            row.update({f"mat/{name}/{k}": v for k, v in (site.get("backward") or {}).items() if math.isfinite(v)})
             self._flag(ctx.step, name, site)
         self._sites = {}
         self.writer.step(row)
@@ -292,24 +293,10 @@ class StabilityMonitor:
             self.live.update(ctx.step + 1, row=row)
 
     def _flag(self, step: int, name: str, site: dict[str, Any]) -> None:
-        st = site["stats"]
-        cluster = st.get("max_cluster", 0.0)
-        if site["vec_grad"] and cluster > 1 and (name, "tied") not in self._flagged:
-            self._flagged.add((name, "tied"))
-            self.writer.event("tied_eigenvalues", "warning",
-                              f"{name} ({site['location']}): {int(cluster)} eigenvalues tie at "
-                              f"{st.get('cluster_value', math.nan):.3e} and its eigenvectors receive gradient: "
-                              "eigh backward divides by their zero gaps (0/0)", step=step, matrix=name,
-                              max_cluster=cluster, cluster_value=st.get("cluster_value"), vec_grad=True,
-                              location=site["location"], module=site["module"])
-        lc = st.get("log10_cond", math.nan)
-        limit = ill_conditioned_log10(self._dtype)
-        if lc > limit and (name, "cond") not in self._flagged:  # NaN compares False; inf = singular
-            self._flagged.add((name, "cond"))
-            what = (f"singular (numerical rank {int(st.get('rank', 0))} of {int(st.get('n', 0))})" if math.isinf(lc)
-                    else f"log10 condition number {lc:.1f} > {limit:.1f}")
-            self.writer.event("ill_conditioned", "warning", f"{name}: {what}", step=step, matrix=name,
-                              log10_cond=lc, rank=st.get("rank"))
+        for hazard in site_hazards(name, site, self._dtype):  # the right hazard for the site's op
+            if (name, hazard.kind) not in self._flagged:
+                self._flagged.add((name, hazard.kind))
+                self.writer.event(hazard.kind, hazard.severity, hazard.message, step=step, **hazard.data)
 
     def _report_dead(self, step: int) -> None:
         params, terms = self.grads.dead_parameters(), self.grads.dead_terms()
