@@ -42,6 +42,7 @@ from ris_stability.frames import caller_location
 from ris_stability.linalg_stats import (
     STAT_KEYS, eigen_stats, hermitian_error, matrix_stats, singular_stats, to_floats, worst,
 )
+from ris_stability.records.schema import SettingError
 from ris_stability.tolerances import tie_tol
 
 log = logging.getLogger(__name__)
@@ -231,8 +232,8 @@ class SpectralProbe:
     def __init__(self, roots: Mapping[str, nn.Module] | None = None, every: int = 1,
                  max_matrices: int | None = None):
         if every < 1 or (max_matrices is not None and max_matrices < 1):
-            raise ProbeError(f"SpectralProbe: every={every} and max_matrices={max_matrices} must be >= 1 "
-                             "(max_matrices=None records whole batches)")
+            raise SettingError(f"SpectralProbe: every={every} and max_matrices={max_matrices} must be >= 1 "
+                               "(max_matrices=None records whole batches)")
         self.roots = dict(roots or {})
         self.every, self.max_matrices = every, max_matrices
         self._step, self.sampling, self._busy = 0, True, False

@@ -45,6 +45,11 @@ class UsageError(Exception):
     """Base of the errors caused by what the user asked for (bad folder, bad file); CLI exit code 2."""
 
 
+class SettingError(UsageError, ValueError):
+    """An invalid setting of a config object (MonitorConfig, SpectralProbe, ...). A ValueError for API
+    callers; a UsageError, so the CLI exits 2 with one line for any option that feeds such an object."""
+
+
 class TraceError(UsageError):
     """A run folder or one of its trace files cannot be read or written."""
 
