@@ -17,13 +17,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ris_stability.frames import user_stack
+from ris_stability.locate import masks
 from ris_stability.locate.causes import is_linalg_op
 from ris_stability.locate.finding import TensorSummary
 from ris_stability.locate.ops import (_CHECK_ERRORS, _FRESH, _NO_VALUES, _OVERWRITE, _SPECTRAL_OPS, _TRIVIAL,
                                       _finite, _is_float, _is_view, _matrix_spectral, _mutated_positions,
                                       _named_inputs, _nonfinite_inputs, _spectral_stats, _tensors,
                                       culprit_values, op_name)
-from ris_stability.locate.stack import _Context, _ModuleStack
+from ris_stability.locate.stack import _Context
+from ris_stability.tracker import ModuleTracker
 
 MAX_INPUT_SUMMARIES = 8  # an op such as cat can take hundreds of tensors; the first few say enough
 MAX_ORIGINS = 64  # masked non-finite values (e.g. -inf attention masks) need not be kept beyond this
@@ -42,6 +44,8 @@ class _Origin:
     output: TensorSummary | None = None
     culprit: tuple | None = None
     culprit_text: str = ""
+    intentional: bool = False  # infinities supplied on purpose (a mask), see locate/masks.py
+    context: str = ""
 
 
 class _NonFiniteMode(TorchDispatchMode):
@@ -60,7 +64,7 @@ class _DispatchChecks:
     recorder that the session combines with this class.
     """
 
-    def __init__(self, modules: _ModuleStack):
+    def __init__(self, modules: ModuleTracker):
         self.modules = modules
         self.phase = "forward"
         self.taint = WeakTensorKeyDictionary()
@@ -73,6 +77,7 @@ class _DispatchChecks:
         self.last_node = None
         self.last_bad: _Origin | None = None
         self.error: tuple[BaseException, _Origin] | None = None
+        self.symptom_of: _Origin | None = None  # first origin of the non-finite input an op raised on
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -128,20 +133,36 @@ class _DispatchChecks:
         return copies, finite
 
     def _check(self, func, args, kwargs, out, copies, pre_finite) -> None:
+        if func.overloadpacket in _FRESH:
+            return  # uninitialised memory holds anything; it becomes a value only once an op writes it
         bad = [t for t in _tensors(out) if _is_float(t) and not _finite(t)]
         if not bad:
             return
         bad_in = _nonfinite_inputs(func, args, kwargs, pre_finite)
         origin = next((o for o in (self.taint.get(t) for t in bad_in) if o is not None), None)
+        inputs = None
         if origin is None:
             inputs = _named_inputs(func, args, kwargs, copies)
             origin = self._make_origin(func, inputs, bad[0], external=bool(bad_in))
-            if len(self.origins) < MAX_ORIGINS:
-                self.origins.append(origin)
+            origin.intentional = (all(masks.only_neg_inf(t) for t in bad_in) if bad_in
+                                  else masks.supplies_inf(args, kwargs)) and not masks.has_nan(bad)
+            self._keep(origin)
+        if origin.intentional and masks.has_nan(bad) and not masks.has_nan(bad_in):
+            # A mask's infinities turned into NaN here: this op is the fault, the mask its context.
+            inputs = inputs if inputs is not None else _named_inputs(func, args, kwargs, copies)
+            nan_out = next(t for t in bad if masks.has_nan([t]))
+            context = masks.describe(origin.op, origin.ctx.function, origin.ctx.location, origin.ctx.module,
+                                     origin.phase == "input")
+            origin = self._make_origin(func, inputs, nan_out)
+            origin.context = context
+            self._keep(origin)
         for t in bad:
             self.taint[t] = origin
         self.last_bad = origin
 
+    def _keep(self, origin: _Origin) -> None:
+        if len(self.origins) < MAX_ORIGINS:
+            self.origins.append(origin)
 
     def _make_origin(self, func, inputs, bad_out: Tensor | None, external: bool = False,
                      phase: str | None = None) -> _Origin:
@@ -159,6 +180,8 @@ class _DispatchChecks:
         culprit, text = (None, "")
         if bad_out is not None and func.overloadpacket not in _FRESH:
             culprit, text = culprit_values(func, inputs, bad_out)
+            if culprit is None:
+                culprit, text = masks.row_culprit(func.overloadpacket.__name__, tuple(v for _, v in inputs), bad_out)
         output = None if bad_out is None else TensorSummary.of("output", bad_out)
         phase = phase or ("input" if external else here)
         return _Origin(phase, op, node, ctx, tuple(summaries), output, culprit, text)
@@ -169,4 +192,10 @@ class _DispatchChecks:
             func, args, kwargs = self.last_linalg_op
             copies = {}
         self.error = (exc, self._make_origin(func, _named_inputs(func, args, kwargs, copies), None, phase="error"))
+        bad_in = _nonfinite_inputs(func, args, kwargs, {})
+        if bad_in:
+            # The op raised because its input was already non-finite (eig/cholesky/svd refuse NaN/Inf):
+            # that is a symptom; the finding is where the value first went non-finite.
+            upstream = next((o for o in map(self.taint.get, bad_in) if o is not None), None)
+            self.symptom_of = upstream or next(iter(self.origins), None)
 
