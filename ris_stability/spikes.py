@@ -15,11 +15,13 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
+from ris_stability.records.schema import SettingError
+
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 TOTAL = "_total"
 
 
-class SpikeConfigError(ValueError):
+class SpikeConfigError(SettingError):
     """A spike detector setting that cannot define a baseline."""
 
 
