@@ -16,7 +16,7 @@ import pandas as pd
 from ris_stability.records import UsageError, Trace, read_trace
 from ris_stability.report import markdown as md
 from ris_stability.report import plots
-from ris_stability.report.derive import (
+from ris_stability.report.derive import (spike_marks, 
     MIN_STEPS_FOR_DEAD, MatrixSummary, SeriesSummary, condense_events, event_names, final_and_best_loss, grad_summaries,
     loss_summaries, precision, summarize_matrix,
 )
@@ -48,7 +48,9 @@ def figure_set(trace_or_steps: Trace | dict[str, pd.DataFrame], meta: dict,
                            lambda: plots.plot_log10_cond(steps, colors, eps, real))
         figures["gaps"] = ("eigenvalue gaps per matrix", lambda: plots.plot_gaps(steps, colors))
     if any(c.startswith("grad/") for c in cols):
-        figures["grad_heatmap"] = ("gradient norm per module and step", lambda: plots.plot_grad_heatmap(steps))
+        spikes = spike_marks(trace_or_steps.events) if isinstance(trace_or_steps, Trace) else None
+        figures["grad_heatmap"] = ("gradient norm per module and step (rings: gradient spikes)",
+                                   lambda: plots.plot_grad_heatmap(steps, spikes))
     if "loss" in cols or any(c.startswith("loss/") for c in cols):
         figures["loss"] = ("loss terms over steps", lambda: plots.plot_loss_terms(steps))
     return figures
@@ -181,6 +183,10 @@ def matrix_table(matrices: list[MatrixSummary], real: str, eps: float) -> str:
     note = (f"Worst over the sampled batch at each logged step. log10 cond = inf: singular. A gap matters "
             f"when eigenvectors receive gradient (their backward divides by every pairwise gap); "
             f"dtype {real}, eps = {eps:.1e}.\n")
+    poisoned = [f"{md.code(m.name)} at steps {md.steps_list(list(m.nan_steps), 6)}" for m in matrices if m.nan_steps]
+    if poisoned:
+        note += ("\nStatistics are NaN (the matrix itself held NaN/Inf; not counted as singular) for "
+                 + "; ".join(poisoned) + ".\n")
     return md.table(["matrix", "n", "rank min / med / max", "log10 cond p5 / p50 / p95", "smallest gap",
                      "largest tied cluster", "eigvec grad", "first flagged step"], rows, "lrrrrrll") + "\n" + note
 
