@@ -5,10 +5,11 @@ matplotlib are imported by the live view, the trace reader and the reports only.
 """
 
 from ris_stability.alignment import check_alignment
+from ris_stability.autoattach import watch
 from ris_stability.grads import GradMonitor
 from ris_stability.locate import Finding, Locator, format_finding, locate_nonfinite
 from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor
 from ris_stability.probes import SpectralProbe
 
 __all__ = ["check_alignment", "Finding", "format_finding", "GradMonitor", "Locator", "locate_nonfinite", "MonitorConfig",
-           "MonitorSession", "StabilityMonitor", "SpectralProbe"]
+           "MonitorSession", "StabilityMonitor", "SpectralProbe", "watch"]

@@ -83,8 +83,10 @@ class StabilityMonitor:
         self._dtype = torch.float32
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def attach(self, model: torch.nn.Module, loss_fn: torch.nn.Module | None = None) -> None:
-        roots = {"model": model} if loss_fn is None else {"model": model, "loss": loss_fn}
+    def attach(self, model: torch.nn.Module, loss_fn: torch.nn.Module | None = None,
+               roots: dict[str, torch.nn.Module] | None = None) -> None:
+        if roots is None:
+            roots = {"model": model} if loss_fn is None else {"model": model, "loss": loss_fn}
         self._dtype = next((p.dtype for p in model.parameters()), torch.float32)
         self.writer = TraceWriter(self.run_dir, self.meta)
         # The probe's mode is entered only on sampled steps, from step start to after backward: between
@@ -110,11 +112,12 @@ class StabilityMonitor:
 
     # -- ris_model callback protocol --------------------------------------------------------------
     def on_train_start(self, ctx: Any) -> None:
-        self.attach(ctx.model, getattr(ctx, "loss_fn", None))
+        self.attach(ctx.model, getattr(ctx, "loss_fn", None), getattr(ctx, "roots", None))
 
     def on_step_start(self, ctx: Any) -> None:
         self._rng = capture_rng()
-        if ctx.step % self.cfg.every == 0:
+        # a step run under the locator is not sampled: the probe's own statistics would pass its modes
+        if ctx.step % self.cfg.every == 0 and not getattr(ctx, "locating", False):
             self.probe.set_signal_dim(getattr(ctx, "signal_dims", None))
             self.probe.__enter__()
 
@@ -281,6 +284,8 @@ class LoopContext:
     skip_reason: str = ""
     skip_requested: str = ""
     stop_requested: str = ""
+    roots: dict[str, torch.nn.Module] | None = None  # names of the module paths (default {"model": model})
+    locating: bool = False  # the step runs under the locator (armed after a fault): no matrix sampling
 
     def request_skip(self, reason: str = "monitor") -> None:
         self.skip_requested = reason
