@@ -19,7 +19,8 @@ from typing import Iterable, Mapping
 from torch import Tensor, nn
 
 from ris_stability.locate.finding import Finding
-from ris_stability.locate.locator import _ForwardRecorder, _Session
+from ris_stability.locate.locator import _Session
+from ris_stability.locate.nodes import _ForwardRecorder
 from ris_stability.locate.ops import _finite
 from ris_stability.locate.stack import _ModuleStack
 
