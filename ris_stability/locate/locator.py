@@ -7,7 +7,7 @@ included) with ``torch.autograd.grad``, so ``.grad`` attributes are left as they
 * a TorchDispatchMode checks every aten op's outputs. An op with a non-finite output and only finite
   inputs is an *origin*; an op that merely consumes a non-finite input passes the origin on ("taint",
   per tensor). The finding is the origin of the non-finite loss or gradient, not the last propagator;
-* global module forward hooks keep the stack of active nn.Modules (innermost = the op's module);
+* the module tracker (ris_stability.tracker) names the innermost running nn.Module of each op;
 * a TorchFunctionMode maps every autograd node created in forward to the module, source line and
   torch function that created it, and to the eigenvalues of an eigh/svd forward, so a backward op
   (running inside ``torch._C._current_autograd_node()``) is reported with its forward context;
@@ -50,7 +50,8 @@ from ris_stability.locate.inputs import (LocatorUsageError, _check_loss, _graph_
 from ris_stability.locate.nodes import _ForwardRecorder, _NodeRecorder
 from ris_stability.locate.ops import _finite, _spectral_stats, culprit_values, op_name
 from ris_stability.locate.phase import EIGH_PHASE_MESSAGE, SVD_PHASE_MESSAGE
-from ris_stability.locate.stack import _Context, _ModuleStack
+from ris_stability.locate.stack import _Context
+from ris_stability.tracker import ModuleTracker
 from ris_stability.locate.taint import _DispatchChecks, _NonFiniteMode, _Origin
 
 __all__ = ["EIGH_PHASE_MESSAGE", "Locator", "LocatorUsageError", "MAX_STACK", "SVD_PHASE_MESSAGE",
@@ -66,7 +67,7 @@ _ANOMALY_NODE = re.compile(r"Error detected in (\w+)")
 class _Session(_DispatchChecks, _NodeRecorder):
     """One locator run: the dispatch checks (taint, origins) and the node contexts, installed together."""
 
-    def __init__(self, modules: _ModuleStack):
+    def __init__(self, modules: ModuleTracker):
         _DispatchChecks.__init__(self, modules)
         _NodeRecorder.__init__(self)
         self.caught: list = []
@@ -76,8 +77,6 @@ class _Session(_DispatchChecks, _NodeRecorder):
         with contextlib.ExitStack() as stack:
             self.caught = stack.enter_context(warnings.catch_warnings(record=True))
             warnings.simplefilter("always")
-            self.modules.install()
-            stack.callback(self.modules.remove)
             stack.callback(self._remove_node_hooks)
             stack.enter_context(_NonFiniteMode(self))
             yield
@@ -167,7 +166,7 @@ class _Session(_DispatchChecks, _NodeRecorder):
                                            _spectral_stats(kind, values)),)
             origin = _Origin("error", ctx.op, node.name() if node is not None else "", ctx, inputs)
         else:
-            origin = _Origin("error", "", "", _Context(self.modules.current(), _traceback_stack(exc), ""))
+            origin = _Origin("error", "", "", _Context(self.modules.of_traceback(exc.__traceback__), _traceback_stack(exc), ""))
         return self._finding(origin, message=str(exc))
 
     def _raising_node(self):
@@ -215,7 +214,7 @@ class Locator:
             if found is not None:
                 logger.info("locator: argument %s holds non-finite values before the call", found[0])
                 return _input_finding(*found)
-        return _Session(_ModuleStack(roots)).execute(fn, args, kwargs)
+        return _Session(ModuleTracker(roots)).execute(fn, args, kwargs)
 
 
 def locate_nonfinite(fn: Callable, /, *args: Any, **kwargs: Any) -> Finding | None:

@@ -24,7 +24,8 @@ from ris_stability.locate.ops import (_CHECK_ERRORS, _FRESH, _NO_VALUES, _OVERWR
                                       _finite, _is_float, _is_view, _matrix_spectral, _mutated_positions,
                                       _named_inputs, _nonfinite_inputs, _spectral_stats, _tensors,
                                       culprit_values, op_name)
-from ris_stability.locate.stack import _Context, _ModuleStack
+from ris_stability.locate.stack import _Context
+from ris_stability.tracker import ModuleTracker
 
 MAX_INPUT_SUMMARIES = 8  # an op such as cat can take hundreds of tensors; the first few say enough
 MAX_ORIGINS = 64  # masked non-finite values (e.g. -inf attention masks) need not be kept beyond this
@@ -63,7 +64,7 @@ class _DispatchChecks:
     recorder that the session combines with this class.
     """
 
-    def __init__(self, modules: _ModuleStack):
+    def __init__(self, modules: ModuleTracker):
         self.modules = modules
         self.phase = "forward"
         self.taint = WeakTensorKeyDictionary()
