@@ -112,7 +112,7 @@ class StepDriver:
         if name not in self._inputs:  # references only: copied when a capsule is written
             self._inputs[name] = {"args": list(args), "kwargs": dict(kwargs)}
 
-    def start_step(self, current: nn.Module | None = None) -> None:
+    def start_step(self) -> None:
         if self.in_step or self.ctx is None:
             return
         self.in_step = True
@@ -124,7 +124,7 @@ class StepDriver:
         if c.locating:
             self._attempts_left -= 1
             self._located = False
-            self._armed = ArmedLocator(self.roots, current).__enter__()
+            self._armed = ArmedLocator(self.roots).__enter__()
 
     def before_backward(self, loss: Tensor | None) -> None:
         self.start_step()

@@ -148,14 +148,14 @@ class AutoAttach:
         self.optimizer = optimizer
         self.driver.attach(roots, optimizer)
         for name, root in roots.items():
-            self._root_handles.append(root.register_forward_pre_hook(self._root_hook(name, root), with_kwargs=True))
+            self._root_handles.append(root.register_forward_pre_hook(self._root_hook(name), with_kwargs=True))
 
-    def _root_hook(self, name: str, root: nn.Module):
+    def _root_hook(self, name: str):
         driver = self.driver
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             driver.record_inputs(name, args, kwargs)
-            driver.start_step(current=root)
+            driver.start_step()
         return hook
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:

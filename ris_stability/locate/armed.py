@@ -22,7 +22,7 @@ from ris_stability.locate.finding import Finding
 from ris_stability.locate.locator import _Session
 from ris_stability.locate.nodes import _ForwardRecorder
 from ris_stability.locate.ops import _finite
-from ris_stability.locate.stack import _ModuleStack
+from ris_stability.tracker import ModuleTracker
 
 
 class ArmedLocator:
@@ -36,9 +36,8 @@ class ArmedLocator:
         armed.close()                                               # outside any torch function
     """
 
-    def __init__(self, roots: Mapping[str, nn.Module], current: nn.Module | None = None):
-        self._session = _Session(_ModuleStack(dict(roots)))
-        self._current = current  # a module whose forward is already running (entered from its pre-hook)
+    def __init__(self, roots: Mapping[str, nn.Module]):
+        self._session = _Session(ModuleTracker(dict(roots)))
         self._stack: contextlib.ExitStack | None = None
         self._recorder: _ForwardRecorder | None = None
 
@@ -50,8 +49,6 @@ class ArmedLocator:
         stack = contextlib.ExitStack()
         stack.enter_context(self._session.installed())
         self._stack = stack
-        if self._current is not None:  # its global pre-hook ran before ours was installed
-            self._session.modules.stack.append(self._current)
         self._recorder = _ForwardRecorder(self._session)
         self._recorder.__enter__()
         return self
