@@ -8,8 +8,9 @@ from ris_stability.alignment import check_alignment
 from ris_stability.autoattach import watch
 from ris_stability.grads import GradMonitor
 from ris_stability.locate import Finding, Locator, format_finding, locate_nonfinite
+from ris_stability.precision import PrecisionAudit, audit_precision
 from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor
 from ris_stability.probes import SpectralProbe
 
-__all__ = ["check_alignment", "Finding", "format_finding", "GradMonitor", "Locator", "locate_nonfinite", "MonitorConfig",
-           "MonitorSession", "StabilityMonitor", "SpectralProbe", "watch"]
+__all__ = ["audit_precision", "PrecisionAudit", "check_alignment", "Finding", "format_finding", "GradMonitor", "Locator",
+           "locate_nonfinite", "MonitorConfig", "MonitorSession", "StabilityMonitor", "SpectralProbe", "watch"]

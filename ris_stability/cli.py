@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--replayer", default=None, metavar="MODULE:FUNCTION",
                    help="rebuild the step with this function instead of the one the capsule names (module path "
                         "or FILE.py:function); needed for capsules of `risdiag trace -- python SCRIPT.py`")
+    b.add_argument("--precision", action="store_true",
+                   help="audit the step's gradient against float64 instead (finite steps too): which op's "
+                        "precision changes it")
 
     r = sub.add_parser("report", help="build report.md and figures from a run folder")
     r.add_argument("run_dir")
@@ -106,8 +109,10 @@ def _cmd_trace(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_bisect(args: argparse.Namespace, console: Console) -> int:
-    from ris_stability.bisect import run_bisect
+    from ris_stability.bisect import run_bisect, run_precision
 
+    if args.precision:
+        return run_precision(args.target, as_json=args.json, console=console)
     return run_bisect(args.target, as_json=args.json, float64=args.float64, export=args.export, console=console,
                       replayer=args.replayer)
 

@@ -74,3 +74,20 @@ def ill_conditioned_log10(dtype: torch.dtype) -> float:
     """log10 condition number above which an inverse or solve in ``dtype`` keeps fewer than
     ILL_CONDITIONED_DIGITS_LEFT correct digits: log10(1/eps) - ILL_CONDITIONED_DIGITS_LEFT."""
     return -math.log10(eps_of(dtype)) - ILL_CONDITIONED_DIGITS_LEFT
+
+
+# Relative gradient error (||g - g_float64|| / ||g_float64||) above which an op's precision counts as
+# changing the gradient: 1 % is far above float32 rounding of a healthy gradient (~1e-6) and far
+# below the errors that mislead training (the 200x of a complex64 eig backward at eigenvalues ~1e11).
+PRECISION_GRAD_RTOL = 1e-2
+
+# A matrix whose relative Hermitian error ||A - A^H|| / ||A|| is within this many eps of its dtype
+# was built Hermitian (F F^H, (A + A^H)/2 leave a few eps of rounding): eigh applies.
+HERMITIAN_INPUT_EPS = 100.0
+
+
+def hermitian_input_tol(dtype: torch.dtype | str) -> float:
+    """Relative Hermitian error at or below which an input counts as Hermitian (eigh applies)."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    return HERMITIAN_INPUT_EPS * eps_of(dtype)
