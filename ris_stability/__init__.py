@@ -11,6 +11,7 @@ from ris_stability.locate import Finding, Locator, format_finding, locate_nonfin
 from ris_stability.precision import PrecisionAudit, audit_precision
 from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor
 from ris_stability.probes import SpectralProbe
+from ris_stability.spectral import gap_aware
 
-__all__ = ["audit_precision", "PrecisionAudit", "check_alignment", "Finding", "format_finding", "GradMonitor", "Locator",
-           "locate_nonfinite", "MonitorConfig", "MonitorSession", "StabilityMonitor", "SpectralProbe", "watch"]
+__all__ = ["audit_precision", "PrecisionAudit", "check_alignment", "Finding", "format_finding", "gap_aware", "GradMonitor",
+           "Locator", "locate_nonfinite", "MonitorConfig", "MonitorSession", "StabilityMonitor", "SpectralProbe", "watch"]
