@@ -91,6 +91,14 @@ def test_gap_aware_backward_runs_the_nan_config_clean(tmp_path):
     assert "mat/loss.subspace:eigh_gap_aware/max_cluster" in t.steps.columns
 
 
+def test_gap_aware_option_runs_the_nan_config_clean_and_restores_torch(tmp_path):
+    eigh, svd = torch.linalg.eigh, torch.linalg.svd
+    code, out = trace(tmp_path, "seed-nan.toml", 2, "--gap-aware", small=False)  # loss.eigh_backward = "torch"
+    assert code == 0
+    assert read_trace(out).nonfinite_steps == []
+    assert (torch.linalg.eigh, torch.linalg.svd) == (eigh, svd)
+
+
 @pytest.mark.parametrize("args, needle", [
     (["trace", "--config", "configs/quickstart.toml", "--set", "train.nope=1"], "unknown key 'train.nope'"),
     (["trace", "--config", "missing.toml"], "does not exist"),
