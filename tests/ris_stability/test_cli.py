@@ -62,6 +62,9 @@ def test_bisect_names_op_module_line_and_cause(nan_run, tmp_path, capsys):
     assert f["module"] == "loss.subspace"
     assert any(frame.startswith("ris_model/loss.py:") or "/ris_model/loss.py:" in frame for frame in f["stack"])
     assert "tied eigenvalues" in f["cause"] and "cluster of" in f["cause"]
+    assert "with ris_stability.gap_aware():" in f["remedies"][0]  # the generic one-line fix first ...
+    assert 'loss.eigh_backward = "gap_aware"' in f["remedies"][1]  # ... then ris_model's config key
+    assert any("diagonal loading" in r and "lifted above the rounding floor" in r for r in f["remedies"])
     assert out["float64"]["verdict"] == "precision"  # finite in float64: the ties are a float32 artefact
     assert (nan_run / "finding.json").is_file()
     run = subprocess.run([sys.executable, str(tmp_path / "repro" / "reproduce.py")], capture_output=True, text=True,
