@@ -151,6 +151,8 @@ def run_summary(trace: Trace) -> list[tuple[str, str]]:
         ("modules without gradient", _names_or_none(dead_modules)),
         ("dead parameters (events)", _names_or_none(event_names(trace, "dead_parameter"))),
         ("capsules", _names_or_none(capsules)),
+        ("AMP overflow steps (GradScaler)", md.steps_list(summary.get("amp_overflow_steps") or [])),
+        ("not observed", "; ".join(summary.get("limitations") or []) or "–"),
     ]
 
 
