@@ -91,6 +91,11 @@ def hermitian_input_tol(dtype: torch.dtype | str) -> float:
     return HERMITIAN_INPUT_EPS * eps_of(dtype)
 
 
+# pinv drops singular values below its cut-off and inverts the rest: one within this many decades of
+# the cut-off is dropped or kept by rounding.
+PINV_CUTOFF_DECADES = 1.0
+
+
 def cluster_leak_tol(dtype: torch.dtype) -> float:
     """Share of an eigh/svd vector gradient inside tied clusters at or below which the loss counts as invariant
     there (the gap-aware backward is then exact): sqrt(eps). Rounding puts ~n eps there for an invariant loss
