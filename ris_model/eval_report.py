@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from ris_model.checkpoint import load_checkpoint, restore
-from ris_model.infer import evaluate
+from ris_model.infer import evaluate, test_batches
 from ris_model.model import build_model, count_parameters
 from ris_model.scoring import format_rows, rows_json
-from ris_model.simulate import make_system
+from ris_model.simulate import make_system, subspace_energy_fraction
 
 LEARNED = "learned, K head"
 GOAL_BINS = ("10", "20")  # realised-SNR bins the acceptance goals are stated at
@@ -71,8 +71,9 @@ def goal_check(rows: list[dict]) -> list[str]:
     return lines
 
 
-def figures(rows: list[dict], out: Path) -> list[Path]:
-    """Matched fraction and median error/CRB (phi, theta) against the realised-SNR bin, one line per method."""
+def figures(rows: list[dict], out: Path, min_sources: int = 5) -> list[Path]:
+    """Matched fraction and median error/CRB (phi, theta) against the realised-SNR bin, one line per method
+    (bins with fewer than ``min_sources`` true sources are left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,7 +87,7 @@ def figures(rows: list[dict], out: Path) -> list[Path]:
                                      "median error / CRB on matched sources", True)):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for m in methods:
-            pts = [r for r in rows if r["method"] == m and r["snr_bin"] != "all" and r["n_sources"] >= 5]
+            pts = [r for r in rows if r["method"] == m and r["snr_bin"] != "all" and r["n_sources"] >= min_sources]
             for key, style in zip(keys, ("-o", "--s")):
                 xy = [(float(r["snr_bin"]), r[key]) for r in pts if r[key] is not None and not math.isnan(r[key])]
                 if xy:
@@ -98,13 +99,24 @@ def figures(rows: list[dict], out: Path) -> list[Path]:
         ax.set_xlabel("per-source realised SNR bin (dB)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
         fig.tight_layout()
         path = out / f"{name}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def information_content(cfg, system, n: int, snr_db_list: list[float]) -> dict[str, float]:
+    """Mean fraction of tr(R_samp) inside span{a_k} per nominal SNR, and its chance level K/N."""
+    out = {}
+    for snr, b in zip(snr_db_list, test_batches(cfg, n, system, snr_db_list)):
+        a = system.steer(b.phi.double(), b.theta.double(), b.r.double())
+        out[f"{snr:g} dB"] = float(subspace_energy_fraction(b.R_samp.to(a.dtype), a, b.mask).mean())
+        out["chance K/N"] = float(b.k.double().mean()) / system.n
+    return out
 
 
 def write_report(checkpoint: str | Path, out: Path, n: int, snr_db_list: list[float]) -> list[Path]:
@@ -118,12 +130,15 @@ def write_report(checkpoint: str | Path, out: Path, n: int, snr_db_list: list[fl
     rows = evaluate(cfg, model, n, system, snr_db_list=snr_db_list)
     meta = {"config": cfg.name, "step": ckpt.next_step, "parameters": count_parameters(model), "test_scenes": n,
             "nominal_snr_db": snr_db_list, "eval_seconds": round(time.perf_counter() - t0, 1)}
+    meta["r_samp_trace_in_signal_span"] = information_content(cfg, system, n, snr_db_list)
     out.mkdir(parents=True, exist_ok=True)
+    info = ", ".join(f"{k} {v:.3f}" for k, v in meta["r_samp_trace_in_signal_span"].items())
     snrs = ", ".join(f"{s:g}" for s in snr_db_list)
     md = [f"# Evaluation of `{cfg.name}` after {ckpt.next_step} steps ({meta['parameters']} parameters)", "",
           f"Test scenes 0..{n - 1} at nominal SNR {snrs} dB (same scenes, only the noise changes), pooled and "
           "binned by per-source realised SNR. Regenerate: `bash reports/evaluation/regenerate.sh`.", "",
-          "## Goal check", "", *goal_check(rows), "", "## K estimation", "", *k_summary(rows), "",
+          "## Goal check", "", *goal_check(rows), "",
+          f"Information content of R_samp (fraction of its trace inside span{{a_k}}, mean over scenes): {info}.", "", "## K estimation", "", *k_summary(rows), "",
           "K accuracy per scene (scenes in the bin); MDL/AIC on the top L eigenvalues of R_samp "
           "(`ris_model/model_order.py` says why only those).", "",
           "## Localisation", "", format_rows(rows, markdown=True), ""]

@@ -102,18 +102,35 @@ _JOBS = [("learned, K head", "eff", "head", True, False), ("learned, true K", "e
 AUX_METHOD = "learned aux head, K head"
 
 
+def _unique_runs(ks: dict[str, Tensor], n: int) -> tuple[list[tuple[str, int, int]], dict[str, Tensor]]:
+    """MUSIC runs needed by the jobs: unique (matrix, scene, K) triples, and each job's row per scene.
+    Estimators often agree on K (MDL and AIC here always do), and MUSIC is deterministic, so a
+    (matrix, scene, K) triple is localised once and shared."""
+    runs: dict[tuple[str, int, int], int] = {}
+    rows = {}
+    for name, mat, k_name, *_ in _JOBS:
+        idx = [runs.setdefault((mat, i, int(ks[k_name][i])), len(runs)) for i in range(n)]
+        rows[name] = torch.tensor(idx)
+    return list(runs), rows
+
+
+def _take(est: Estimates, idx: Tensor) -> Estimates:
+    return Estimates(*(getattr(est, f)[idx] for f in ("phi", "theta", "r", "mask", "k")))
+
+
 def _localise(cfg: RunConfig, model: torch.nn.Module, batch: Batch, system: System) -> dict[str, tuple]:
-    """Estimates and the K used of every method on one batch (one shared MUSIC call)."""
+    """Estimates and the K used of every method on one batch (one shared MUSIC call over unique runs)."""
     device = next(model.parameters()).device
     outputs, cov = model_covariances(cfg, model, batch.to(device))
     ks = {"head": k_from_logits(outputs.k_logits).cpu(), "true": batch.k, **k_estimates(cfg, batch.R_samp)}
     mats = {"eff": inference_matrix(cov).cpu(), "samp": batch.R_samp, "true": batch.R_true}
+    runs, rows = _unique_runs(ks, batch.size)
     t0 = time.perf_counter()
-    est = music(torch.cat([mats[m].to(torch.complex128) for _, m, *_ in _JOBS]),
-                torch.cat([ks[k] for _, _, k, *_ in _JOBS]), system, cfg.scene, cfg.music)
-    logger.info("evaluate: MUSIC on %d covariances in %.1f s", len(_JOBS) * batch.size, time.perf_counter() - t0)
-    n = batch.size
-    out = {name: (_split(est, i, n), ks[k]) for i, (name, _, k, *_) in enumerate(_JOBS)}
+    est = music(torch.stack([mats[m][i].to(torch.complex128) for m, i, _ in runs]),
+                torch.tensor([k for *_, k in runs]), system, cfg.scene, cfg.music)
+    logger.info("evaluate: MUSIC on %d covariances (%d jobs x %d scenes deduplicated) in %.1f s", len(runs),
+                len(_JOBS), batch.size, time.perf_counter() - t0)
+    out = {name: (_take(est, rows[name]), ks[k]) for name, _, k, *_ in _JOBS}
     out[AUX_METHOD] = (aux_estimates(outputs, ks["head"]), ks["head"])
     return out
 
@@ -139,6 +156,3 @@ def evaluate(cfg: RunConfig, model: torch.nn.Module, n: int, system: System | No
         scores.append(score(name, est, truth, k_used, oracle=oracle[name]))
     return score_rows(scores, truth)
 
-
-def _split(est: Estimates, i: int, n: int) -> Estimates:
-    return Estimates(*(t[i * n:(i + 1) * n] for t in (est.phi, est.theta, est.r, est.mask, est.k)))

@@ -59,3 +59,18 @@ def test_evaluate_rows_side_by_side():
     samp = overall["MUSIC R_samp, true K"]
     assert samp["crb_phi"] > 0 and samp["ratio_phi_med"] > 0  # a CRB beside every estimator that sees noise
     assert "MUSIC R_samp, MDL K" in format_rows(rows)
+
+
+def test_music_runs_are_shared_between_estimators_that_agree_on_k():
+    from ris_model.infer import _JOBS, _unique_runs
+
+    n = 4
+    ks = {"head": torch.tensor([1, 2, 3, 4]), "true": torch.tensor([1, 2, 2, 5]), "MDL": torch.ones(4, dtype=torch.int64),
+          "AIC": torch.ones(4, dtype=torch.int64), "ratio": torch.tensor([1, 2, 1, 1])}
+    runs, rows = _unique_runs(ks, n)
+    # R_eff: K head and true K agree on scenes 0 and 1 -> 6 runs; R_samp: the distinct (scene, K); R_true: n
+    samp = {(i, int(k[i])) for k in (ks["MDL"], ks["ratio"], ks["true"]) for i in range(n)}
+    assert len(runs) == 6 + len(samp) + n == len(set(runs))
+    assert torch.equal(rows["MUSIC R_samp, MDL K"], rows["MUSIC R_samp, AIC K"])
+    for name, mat, k_name, *_ in _JOBS:
+        assert [runs[j] for j in rows[name].tolist()] == [(mat, i, int(ks[k_name][i])) for i in range(n)]
