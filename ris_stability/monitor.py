@@ -18,7 +18,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from ris_stability.capsule import Capsule, capsule_path, capture_rng, clone_state
-from ris_stability import amp
+from ris_stability import amp, linalg_ops
 from ris_stability.grads import GradMonitor, float64_norms
 from ris_stability.loopstack import COMPILE_LIMITATION, compiled_parts, optimizers_of, run_meta, unwrap
 from ris_stability.probes import SpectralProbe
@@ -301,9 +301,8 @@ class StabilityMonitor:
         if site["vec_grad"] and cluster > 1 and (name, "tied") not in self._flagged:
             self._flagged.add((name, "tied"))
             self.writer.event("tied_eigenvalues", "warning",
-                              f"{name} ({site['location']}): {int(cluster)} eigenvalues tie at "
-                              f"{st.get('cluster_value', math.nan):.3e} and its eigenvectors receive gradient: "
-                              "eigh backward divides by their zero gaps (0/0)", step=step, matrix=name,
+                              linalg_ops.tie_message(name, site["op"], site["location"], cluster,
+                                                     st.get("cluster_value", math.nan)), step=step, matrix=name,
                               max_cluster=cluster, cluster_value=st.get("cluster_value"), vec_grad=True,
                               location=site["location"], module=site["module"])
         lc = st.get("log10_cond", math.nan)

@@ -34,6 +34,7 @@ from ris_stability.alignment import (
 )
 from ris_stability.capsule import Capsule, CapsuleError, restore_rng
 from ris_stability.live import LiveView
+from ris_stability.loopstack import portable
 from ris_stability.monitor import MonitorConfig, StabilityMonitor
 from ris_stability.records import UsageError
 
@@ -218,8 +219,9 @@ def run_trace(config_path: str, overrides: list[str], steps: int | None, out: st
     run_dir = _resolve_out(out, config_path)
     text = dumps_toml(cfg)
     (run_dir / "config.resolved.toml").write_text(text)
-    meta = {"command": "risdiag trace " + " ".join([f"--config {config_path}", *(f"--set {o}" for o in overrides)]),
-            "config_path": str(config_path), "config_hash": config_hash(cfg), "torch": str(torch.__version__),
+    config_name = portable(str(config_path))  # no absolute path in a run folder
+    meta = {"command": "risdiag trace " + " ".join([f"--config {config_name}", *(f"--set {o}" for o in overrides)]),
+            "config_path": config_name, "config_hash": config_hash(cfg), "torch": str(torch.__version__),
             "device": cfg.train.device, "dtype": cfg.data.dtype}
     view = LiveView(total_steps=cfg.train.steps, enabled=live)
     policy = "stop" if cfg.train.nonfinite == "stop" else "skip"
