@@ -109,10 +109,12 @@ class StabilityMonitor:
         self.limitations: list[str] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def attach(self, model: torch.nn.Module, loss_fn: torch.nn.Module | None = None) -> None:
+    def attach(self, model: torch.nn.Module, loss_fn: torch.nn.Module | None = None,
+               roots: dict[str, torch.nn.Module] | None = None) -> None:
         compiled = compiled_parts(model)
         model = self._model = unwrap(model)  # a torch.compile wrapper would prefix every name with _orig_mod
-        roots = {"model": model} if loss_fn is None else {"model": model, "loss": loss_fn}
+        if roots is None:
+            roots = {"model": model} if loss_fn is None else {"model": model, "loss": loss_fn}
         self._dtype = next((p.dtype for p in model.parameters()), torch.float32)
         self.meta = {**run_meta(model), **self.meta}
         self.writer = TraceWriter(self.run_dir, self.meta)
@@ -143,12 +145,13 @@ class StabilityMonitor:
 
     # -- ris_model callback protocol --------------------------------------------------------------
     def on_train_start(self, ctx: Any) -> None:
-        self.attach(ctx.model, getattr(ctx, "loss_fn", None))
+        self.attach(ctx.model, getattr(ctx, "loss_fn", None), getattr(ctx, "roots", None))
 
     def on_step_start(self, ctx: Any) -> None:
         self._rng = capture_rng()
         self.overflow, self._amp_scale = False, None
-        if ctx.step % self.cfg.every == 0:
+        # a step run under the locator is not sampled: the probe's own statistics would pass its modes
+        if ctx.step % self.cfg.every == 0 and not getattr(ctx, "locating", False):
             self.probe.set_signal_dim(getattr(ctx, "signal_dims", None))
             self.probe.__enter__()
 
@@ -400,6 +403,8 @@ class LoopContext:
     skip_reason: str = ""
     skip_requested: str = ""
     stop_requested: str = ""
+    roots: dict[str, torch.nn.Module] | None = None  # names of the module paths (default {"model": model})
+    locating: bool = False  # the step runs under the locator (armed after a fault): no matrix sampling
 
     def request_skip(self, reason: str = "monitor") -> None:
         self.skip_requested = reason

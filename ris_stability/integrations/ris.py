@@ -6,6 +6,7 @@ own clearly separated section below.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from ris_stability.alignment import (
 )
 from ris_stability.capsule import Capsule, CapsuleError, restore_rng
 from ris_stability.live import LiveView
+from ris_stability.locate.finding import Finding
 from ris_stability.monitor import MonitorConfig, StabilityMonitor
 from ris_stability.records import UsageError
 
@@ -264,6 +266,14 @@ class ReplayedStep:
             outputs = self.model(self.batch)
         total, _ = self.loss_fn(outputs, self.batch)
         return total
+
+    def annotate_finding(self, finding: Finding) -> Finding:
+        """ris_model's words for the generic eigh remedy: the config key that applies the gap-aware backward."""
+        if "eigh" not in finding.node.lower() or self.cfg.loss.eigh_backward == "gap_aware":
+            return finding
+        key = ('ris_model: set loss.eigh_backward = "gap_aware" in the config (--set loss.eigh_backward=gap_aware), '
+               "the config form of the same fix for every eigenvector term")
+        return dataclasses.replace(finding, remedies=finding.remedies[:1] + (key,) + finding.remedies[1:])
 
 
 def replay_capsule(capsule: Capsule, dtype: str | None = None) -> ReplayedStep:
