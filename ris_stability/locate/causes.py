@@ -87,6 +87,8 @@ MASK_REMEDIES = (KEEP_ONE_KEY, FINITE_MASK, ZERO_MASKED_ROWS)
 
 EIGH_FOR_HERMITIAN = ("if the matrix is Hermitian (e.g. a covariance), use torch.linalg.eigh: real sorted eigenvalues, "
                       "orthonormal eigenvectors, no V^{-H} in its backward")
+SUBSPACE_ONLY = ("make the loss depend only on a subspace separated by a real gap (a projector onto the top-K), "
+                 "never on individual vectors inside a cluster")
 EIG_REMEDIES = (EIGH_FOR_HERMITIAN, SUBSPACE_ONLY, FLOAT64_SPECTRAL, EIGVAL_ONLY)
 
 
