@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 if TYPE_CHECKING:  # pandas is heavy and only needed by readers
     import pandas as pd
@@ -115,9 +115,13 @@ class TraceWriter:
     flushing alone already survives the process being killed.
     """
 
-    def __init__(self, run_dir: Path, meta: Mapping[str, Any], *, fsync: bool = False) -> None:
+    def __init__(self, run_dir: Path, meta: Mapping[str, Any], *, fsync: bool = False,
+                 listeners: Iterable[Callable[[str, Mapping[str, Any]], None]] = ()) -> None:
         self.run_dir = Path(run_dir)
         self.fsync = fsync
+        # Called with ("step", row) / ("event", record) after each line is written: how other instruments
+        # (e.g. a sweep's pruner) follow a run as it happens without reading the files back.
+        self.listeners = tuple(listeners)
         self._t0 = time.monotonic()
         self._closed = False
         if (self.run_dir / META_FILE).exists():
@@ -156,6 +160,8 @@ class TraceWriter:
         full = dict(row)
         full.setdefault("time_s", self.elapsed())
         self._append(self._steps, _dumps(full, "step row"))
+        for listener in self.listeners:
+            listener("step", full)
 
     def event(self, kind: str, severity: str, message: str, step: int | None = None, **data: Any) -> None:
         """Append one event; `data` holds the kind-specific fields (matrix, names, path, ...)."""
@@ -168,6 +174,8 @@ class TraceWriter:
         record = {"step": step, "time_s": self.elapsed(), "kind": kind, "severity": severity,
                   "message": str(message), "data": data}
         self._append(self._events, _dumps(record, f"event {kind}"))
+        for listener in self.listeners:
+            listener("event", record)
 
     def summary(self, summary: Mapping[str, Any]) -> Path:
         """Write summary.json (steps, wall_s, nonfinite_steps, skipped_steps, final/best loss, status)."""
