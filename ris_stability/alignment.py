@@ -3,7 +3,8 @@
 The classic silent bug: the loss is computed on one matrix (say R_pred) while inference runs its
 estimator on another (R_blend). Training then optimises something inference never uses, and nothing
 crashes. :func:`check_alignment` runs a training path and an inference path on the same batch, each under
-a :class:`MatrixCapture` (a TorchFunctionMode plus module hooks, removed on exit) that records
+a :class:`MatrixCapture` (a TorchFunctionMode, removed on exit; modules named by ris_stability.tracker)
+that records
 
 - every input matrix of an allow-listed linear-algebra call (``probes.OPS``: eigh, svd, solve, ..., and
   functions marked ``__spectral_op__``, such as a custom eigh), and
@@ -31,11 +32,11 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
 from ris_stability.probes import OPS, caller_location
 from ris_stability.tolerances import eig_abs_err, eps_of, rank_tol
+from ris_stability.tracker import ModuleTracker
 
 SCHEMA = "risdiag.alignment/1"
 
@@ -111,19 +112,13 @@ class MatrixCapture:
         self.records: list[Captured] = []
         self._roots = dict(roots or {})
         self._consumers = {id(module): name for name, module in (consumers or {}).items()}
-        self._paths: dict[int, str] = {}
-        self._stack: list[nn.Module] = []
+        self._tracker = ModuleTracker(self._roots)
         self._produced: dict[str, set[int]] = {}  # per consumer: ids of the tensors it made ...
         self._alive: list[Tensor] = []  # ... kept alive while capturing, so an id cannot be reused
         self._seen: set[tuple[str, int]] = set()
-        self._handles: list[Any] = []
         self._mode: _Mode | None = None
 
     def __enter__(self) -> MatrixCapture:
-        self._paths = {id(m): f"{root}.{name}".strip(".") for root, top in self._roots.items()
-                       for name, m in top.named_modules()}
-        self._handles = [register_module_forward_pre_hook(lambda m, a: self._stack.append(m)),
-                         register_module_forward_hook(self._leave, always_call=True)]
         self._mode = _Mode(self)
         self._mode.__enter__()
         return self
@@ -134,26 +129,10 @@ class MatrixCapture:
                 self._mode.__exit__(*exc)
         finally:
             self._mode = None
-            for handle in self._handles:
-                handle.remove()
-            self._handles, self._stack, self._produced, self._alive = [], [], {}, []
+            self._produced, self._alive = {}, []
 
-    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        if any(m is module for m in self._stack):
-            while self._stack.pop() is not module:
-                pass
-
-    def _consumer(self) -> str | None:
-        for module in reversed(self._stack):
-            if id(module) in self._consumers:
-                return self._consumers[id(module)]
-        return None
-
-    def _module_path(self) -> str:
-        for module in reversed(self._stack):
-            if id(module) in self._paths:
-                return self._paths[id(module)]
-        return ""
+    def _consumer(self, running: list[nn.Module]) -> str | None:
+        return next((self._consumers[id(m)] for m in running if id(m) in self._consumers), None)
 
     def _add(self, consumer: str, via: str, tensor: Tensor) -> None:
         key = (consumer, id(tensor))
@@ -162,11 +141,12 @@ class MatrixCapture:
             self.records.append(Captured(consumer, via, caller_location(), tensor))
 
     def _before(self, func: Any, args: tuple, kwargs: dict) -> None:
-        consumer = self._consumer()
+        running = ModuleTracker.running()
+        consumer = self._consumer(running)
         if _is_linalg(func):
             matrix = args[0] if args else kwargs.get("A", kwargs.get("input"))
             if isinstance(matrix, Tensor) and matrix.dim() >= 2:
-                label = consumer or self._module_path() or caller_location()
+                label = consumer or self._tracker.name(running) or caller_location()
                 self._add(label, _op_name(func), matrix)
         if consumer is not None:
             made = self._produced.get(consumer, set())
@@ -175,7 +155,7 @@ class MatrixCapture:
                     self._add(consumer, _op_name(func), t)
 
     def _after(self, out: Any) -> None:
-        consumer = self._consumer()
+        consumer = self._consumer(ModuleTracker.running())
         if consumer is not None:
             outputs = list(_tensors(out))
             self._alive.extend(outputs)

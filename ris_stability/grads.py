@@ -68,10 +68,21 @@ def _present_grads(params: Sequence[nn.Parameter]) -> list[Tensor]:
     return [_dense(p.grad) for p in params if p.grad is not None]
 
 
+def float64_norms(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """L2 norm of each tensor, accumulated and returned in float64: a float32 norm of finite values up
+    to ~1e19 overflows to inf (its sum of squares exceeds float32's max), which would pass a huge but
+    finite gradient for a non-finite one. Complex tensors are measured through their real view."""
+    if not tensors:
+        return ()
+    real = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+    return tuple(torch._foreach_norm(real, 2, dtype=torch.float64))
+
+
 def grad_norms(params: Sequence[nn.Parameter], device: torch.device, index_cache: dict | None = None) -> Tensor:
-    """L2 norm of each parameter's grad as a float64 (P,) tensor on ``device``; 0 for a None grad."""
+    """L2 norm of each parameter's grad as a float64 (P,) tensor on ``device`` (accumulated in float64,
+    so finite gradients always have finite norms); 0 for a None grad."""
     grads = _present_grads(params)
-    return _per_param(params, torch._foreach_norm(grads) if grads else (), device, torch.float64, index_cache)
+    return _per_param(params, float64_norms(grads), device, torch.float64, index_cache)
 
 
 def nonfinite_counts(params: Sequence[nn.Parameter], device: torch.device,
@@ -180,8 +191,8 @@ class GradMonitor:
             after = [p.detach() for p in group["params"]]
             if not after:
                 continue
-            delta = torch._foreach_norm(torch._foreach_sub(after, before))
-            theta = torch._foreach_norm(before)
+            delta = float64_norms(torch._foreach_sub(after, before))
+            theta = float64_norms(before)
             d = torch.stack([v.to(self.device, torch.float64) for v in delta]).square().sum().sqrt()
             t = torch.stack([v.to(self.device, torch.float64) for v in theta]).square().sum().sqrt()
             self._pending[f"update_ratio/{group_name(g, group)}"] = d / t

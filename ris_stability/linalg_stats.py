@@ -239,6 +239,43 @@ def worst(stats: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def worst_rows(rows: Tensor, keys: tuple[str, ...] = STAT_KEYS) -> Tensor:
+    """:func:`worst` of statistics stacked as rows (R, K) with columns ``keys``: a (K,) tensor, computed
+    for all columns at once (a dozen kernels whatever K), same rules as :func:`worst`."""
+    rows = rows.detach().to(_STATS_DTYPE)
+    is_min, keep = _column_masks(keys, rows.device)
+    nan = torch.isnan(rows)
+    fill = torch.where(is_min, math.inf, -math.inf).to(rows.dtype)
+    filled = torch.where(nan, fill, rows)
+    red = torch.where(is_min, filled.amin(0), filled.amax(0))
+    red = torch.where(nan.all(0), math.nan, red)
+    if "cluster_value" in keys and "max_cluster" in keys:
+        sizes = filled[:, keys.index("max_cluster")]
+        col = rows[:, keys.index("cluster_value")]
+        red = red.index_copy(0, _index(keys.index("cluster_value"), rows.device), col.gather(0, sizes.argmax().reshape(1)))
+    if "lambda_max" in keys:
+        broken = nan[:, keys.index("lambda_max")].any()
+        red = torch.where(broken & ~keep, math.nan, red)
+    return red
+
+
+_MASKS: dict[tuple[tuple[str, ...], torch.device], tuple[Tensor, Tensor]] = {}
+
+
+def _column_masks(keys: tuple[str, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(min-reduced columns, the "n" column) as device masks; cached, because building them is a
+    host-to-device copy, which on a GPU waits for the queue."""
+    masks = _MASKS.get((keys, device))
+    if masks is None:
+        masks = _MASKS[(keys, device)] = (torch.tensor([key in _WORST_MIN for key in keys], device=device),
+                                          torch.tensor([key == "n" for key in keys], device=device))
+    return masks
+
+
+def _index(i: int, device) -> Tensor:
+    return torch.full((1,), i, dtype=torch.long, device=device)
+
+
 def to_floats(stats: dict[str, Tensor]) -> dict[str, float]:
     """Python floats of single-element statistics, with one device sync for the whole dict (one per
     device when the values live on several)."""

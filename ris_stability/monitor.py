@@ -18,7 +18,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from ris_stability.capsule import Capsule, capsule_path, capture_rng, clone_state
-from ris_stability.grads import GradMonitor
+from ris_stability.grads import GradMonitor, float64_norms
 from ris_stability.probes import SpectralProbe
 from ris_stability.records import TraceWriter
 from ris_stability.tolerances import ill_conditioned_log10
@@ -173,8 +173,9 @@ class StabilityMonitor:
 
     def _grads_finite(self, ctx: Any) -> bool:
         grads = [p.grad for p in ctx.model.parameters() if p.grad is not None]
-        norms = torch._foreach_norm(grads) if grads else []
-        ok = torch.stack(norms).isfinite().all() if norms else torch.tensor(True)
+        # float64 norms: finite iff every element is finite (a float32 norm overflows for grads ~1e19).
+        norms = float64_norms([g.coalesce().values() if g.is_sparse else g for g in grads])
+        ok = torch.stack([n.to(norms[0].device) for n in norms]).isfinite().all() if norms else torch.tensor(True)
         return bool(ok) and (ctx.loss is None or bool(torch.isfinite(ctx.loss)))
 
     def _on_nonfinite(self, ctx: Any) -> None:

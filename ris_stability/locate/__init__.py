@@ -2,7 +2,10 @@
 
 Parts, one file each:
 
-* ``locator``    the Locator and ``locate_nonfinite`` (dispatch/function modes, taint, origins);
+* ``locator``    the Locator and ``locate_nonfinite``: the run driver (forward, backward, finding);
+* ``taint``      the dispatch mode: non-finite outputs, origins and their taint, raising ops;
+* ``masks``      intentional infinities (a mask's -inf) versus the NaN an op makes of them;
+* ``nodes``      the function mode: forward context of each autograd node;
 * ``inputs``     argument binding, root discovery, non-finite inputs before the call;
 * ``ops``        op classification (trivial, fresh, overwriting, spectral) and value summaries;
 * ``phase``      the complex-phase checks of eigh/svd backward that dispatch modes skip;

@@ -43,6 +43,8 @@ class Observation:
     output: TensorSummary | None = None
     culprit: tuple[Value, ...] | None = None
     message: str = ""
+    context: str = ""  # set when the op turned a mask's intentional infinities into NaN
+    intentional: bool = False  # the origin itself is a mask's -inf that reached the loss or gradients
 
 
 # --- remedies -------------------------------------------------------------------------------------
@@ -80,6 +82,13 @@ FIX_PHASE = "or fix the phase explicitly (e.g. rotate each vector so its largest
 REGULARISE = "regularise (A + lambda * I) or use lstsq / pinv for rank-deficient systems"
 FLOAT64_CHECK = "re-run in float64: finite there means precision, non-finite means structure"
 INSPECT = "inspect the op's inputs listed above for extreme values"
+KEEP_ONE_KEY = ("make sure every query keeps at least one key (e.g. never mask a token's own position, or give "
+                "padding queries one unmasked dummy key)")
+FINITE_MASK = ("mask with a large finite negative (torch.finfo(dtype).min) instead of -inf, so a fully masked "
+               "row softmaxes to a uniform row instead of NaN")
+ZERO_MASKED_ROWS = ("or zero the fully masked rows' scores before softmax with torch.where (a where after "
+                    "softmax still sends NaN into the gradient)")
+MASK_REMEDIES = (KEEP_ONE_KEY, FINITE_MASK, ZERO_MASKED_ROWS)
 
 EIGH_REMEDIES = (SUBSPACE_ONLY, GAP_AWARE, EIGVAL_ONLY, FLOAT64_SPECTRAL, NO_LOADING)
 
@@ -250,7 +259,8 @@ def _pow_cause(obs: Observation) -> Cause:
 
 
 _OVERFLOW_OPS = frozenset({"mul", "add", "sub", "sum", "mean", "mm", "bmm", "matmul", "addmm", "baddbmm",
-                           "dot", "vdot", "cumsum", "prod", "square", "linear", "einsum", "addcmul", "var"})
+                           "dot", "vdot", "cumsum", "prod", "square", "linear", "einsum", "addcmul", "var",
+                           "convolution", "conv1d", "conv2d", "conv3d", "_convolution"})
 _LINALG_OP = re.compile(r"linalg|cholesky|eig|svd|^qr$|^lu|inverse|solve|^(log|slog)?det$")
 
 
@@ -259,8 +269,32 @@ def is_linalg_op(op: str) -> bool:
     return bool(_LINALG_OP.search(op_base(op)))
 
 
+def _mask_cause(obs: Observation) -> Cause:
+    """NaN made from a mask's intentional -inf (obs.context says where the -inf was written)."""
+    name = op_base(obs.op)
+    c = obs.culprit or ()
+    if name in ("softmax", "log_softmax") and len(c) == 4 and _is(c[0], lambda v: v == -math.inf):
+        return Cause("masked_row_softmax", f"{name.replace('_', ' ')} over a row that is entirely -inf: every key "
+                     f"is masked ({c[3]} of {c[3]} entries -inf, exp(-inf - -inf) = NaN)", MASK_REMEDIES)
+    if name in ("softmax", "log_softmax") and len(c) == 4:
+        return Cause("masked_softmax_inf", f"{name.replace('_', ' ')} over a row holding +inf (inf - inf = NaN)",
+                     MASK_REMEDIES)
+    if name in ("add", "sub", "rsub") :
+        return Cause("inf_minus_inf", f"inf - inf in {name}: two masked (infinite) values cancel to NaN",
+                     (FINITE_MASK, MASK_BEFORE))
+    if name in ("mul", "matmul", "mm", "bmm", "addmm", "baddbmm", "linear", "einsum"):
+        return Cause("zero_times_inf", f"0 * inf in {name}: a masked (infinite) value multiplied by 0 gives NaN",
+                     (FINITE_MASK, MASK_BEFORE))
+    return Cause("mask_to_nan", f"{name} turned the infinite values of a mask into NaN", (FINITE_MASK, MASK_BEFORE))
+
+
 def _op_cause(obs: Observation) -> Cause:
     name = op_base(obs.op)
+    if obs.context:
+        return _mask_cause(obs)
+    if obs.intentional:
+        return Cause("mask_reached_loss", f"the -inf written on purpose by {obs.op or 'a mask'} reached the loss or "
+                     "the gradients unchanged (e.g. a max / logsumexp over a fully masked row)", MASK_REMEDIES)
     if obs.culprit and any(_is(v, lambda x: not math.isfinite(x)) for v in obs.culprit):
         return Cause("nonfinite_constant", f"a non-finite constant passed to {obs.op}", (INSPECT,))
     if name in ("log", "log2", "log10", "log1p", "xlogy"):

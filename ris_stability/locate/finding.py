@@ -132,6 +132,7 @@ class Finding:
     culprit:  the input values at the first non-finite output element of an elementwise op, in words.
     cause:    one plain sentence; remedies: suggestions (text only: nothing is ever changed for you).
     message:  the exception text for phase error; otherwise extra notes (may be "").
+    context:  where intentional infinities (a mask's -inf) that this op turned into NaN came from, or "".
     """
 
     phase: str
@@ -147,6 +148,7 @@ class Finding:
     culprit: str = ""
     remedies: tuple[str, ...] = ()
     message: str = ""
+    context: str = ""
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -165,6 +167,7 @@ class Finding:
             "inputs": [s.to_dict() for s in self.inputs],
             "output": None if self.output is None else self.output.to_dict(),
             "culprit": self.culprit, "remedies": list(self.remedies), "message": self.message,
+            "context": self.context,
         }
 
     @classmethod
@@ -188,7 +191,7 @@ class Finding:
             inputs=tuple(TensorSummary.from_dict(s) for s in data.get("inputs", ())),
             output=None if out is None else TensorSummary.from_dict(out),
             culprit=str(data.get("culprit", "")), remedies=tuple(str(r) for r in data.get("remedies", ())),
-            message=str(data.get("message", "")),
+            message=str(data.get("message", "")), context=str(data.get("context", "")),
         )
 
 
@@ -227,6 +230,8 @@ def format_finding(f: Finding) -> str:
         lines.append(f"  called from: {' <- '.join(f.stack[1:])}")
     if f.culprit:
         lines.append(f"  culprit:  {f.culprit}")
+    if f.context:
+        lines.append(f"  context:  {f.context}")
     if f.output is not None:
         lines.append(f"  output:   {format_summary(f.output)}")
     if f.inputs:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ris_stability.locate.causes import Observation, explain
 from ris_stability.locate.finding import Finding, TensorSummary
+from ris_stability.locate.masks import only_neg_inf
 from ris_stability.locate.ops import _finite, _is_float
 
 
@@ -74,6 +75,10 @@ def discover_roots(fn: Callable, named_args: list[tuple[str, Any]]) -> dict[str,
     return roots
 
 
+def _bad(t: Any) -> bool:
+    return _is_float(t) and not _finite(t) and not only_neg_inf(t)
+
+
 def _join(path: str, part: str) -> str:
     return f"{path}.{part}" if path else part
 
@@ -81,16 +86,17 @@ def _join(path: str, part: str) -> str:
 def find_nonfinite(value: Any, path: str, seen: set[int] | None = None,
                    depth: int = 0) -> tuple[str, str, Tensor] | None:
     """First (path, module path, tensor) holding NaN/Inf inside tensors, lists, tuples, dicts,
-    dataclasses and modules (parameters and buffers)."""
+    dataclasses and modules (parameters and buffers). A tensor whose only non-finite entries are -inf is
+    an additive mask, not a fault: the locator follows it instead (see locate/masks.py)."""
     seen = set() if seen is None else seen
     if id(value) in seen or depth > 8:
         return None
     seen.add(id(value))
     if isinstance(value, Tensor):
-        return (path, "", value) if _is_float(value) and not _finite(value) else None
+        return (path, "", value) if _bad(value) else None
     if isinstance(value, nn.Module):
         for name, t in list(value.named_parameters()) + list(value.named_buffers()):
-            if _is_float(t) and not _finite(t):
+            if _bad(t):
                 return _join(path, name), _join(path, name.rpartition(".")[0]), t
         return None
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

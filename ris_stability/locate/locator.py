@@ -7,7 +7,7 @@ included) with ``torch.autograd.grad``, so ``.grad`` attributes are left as they
 * a TorchDispatchMode checks every aten op's outputs. An op with a non-finite output and only finite
   inputs is an *origin*; an op that merely consumes a non-finite input passes the origin on ("taint",
   per tensor). The finding is the origin of the non-finite loss or gradient, not the last propagator;
-* global module forward hooks keep the stack of active nn.Modules (innermost = the op's module);
+* the module tracker (ris_stability.tracker) names the innermost running nn.Module of each op;
 * a TorchFunctionMode maps every autograd node created in forward to the module, source line and
   torch function that created it, and to the eigenvalues of an eigh/svd forward, so a backward op
   (running inside ``torch._C._current_autograd_node()``) is reported with its forward context;
@@ -27,11 +27,13 @@ them itself: ``fn`` when it is a module or a bound method of one (root name ""),
 (root name = parameter name, e.g. "model"), and modules in ``fn``'s closure (the variable name).
 A module outside every root is named after the nearest named module that calls it, or its class.
 Private dispatch-mode and autograd-node APIs are used in the locate subpackage only.
+
+This file is the run driver (install, forward, backward, the finding); the dispatch mode and taint
+tracking are in ``taint.py``, the function mode and node contexts in ``nodes.py``.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import re
 import warnings
@@ -39,21 +41,18 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode, resolve_name
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.weak import WeakTensorKeyDictionary
 
-from ris_stability.locate.causes import Observation, explain, is_linalg_op
+from ris_stability.frames import MAX_STACK, traceback_stack as _traceback_stack, user_stack
+from ris_stability.locate.causes import Observation, explain
 from ris_stability.locate.finding import Finding, TensorSummary
 from ris_stability.locate.inputs import (LocatorUsageError, _check_loss, _graph_leaves, _input_finding,
                                          bind_arguments, discover_roots, find_nonfinite)
-from ris_stability.locate.ops import (_CHECK_ERRORS, _FRESH, _NO_VALUES, _OVERWRITE, _SPECTRAL_OPS, _TRIVIAL,
-                                      _finite, _is_float, _is_view, _matrix_spectral, _mutated_positions,
-                                      _named_inputs, _nonfinite_inputs, _spectral_stats, _tensors,
-                                      culprit_values, op_name)
-from ris_stability.locate.phase import _PHASE_CHECKS, EIGH_PHASE_MESSAGE, SVD_PHASE_MESSAGE
-from ris_stability.frames import MAX_STACK, traceback_stack as _traceback_stack, user_stack
-from ris_stability.locate.stack import _Context, _ModuleStack
+from ris_stability.locate.nodes import _ForwardRecorder, _NodeRecorder
+from ris_stability.locate.ops import _finite, _spectral_stats, culprit_values, op_name
+from ris_stability.locate.phase import EIGH_PHASE_MESSAGE, SVD_PHASE_MESSAGE
+from ris_stability.locate.stack import _Context
+from ris_stability.tracker import ModuleTracker
+from ris_stability.locate.taint import _DispatchChecks, _NonFiniteMode, _Origin
 
 __all__ = ["EIGH_PHASE_MESSAGE", "Locator", "LocatorUsageError", "MAX_STACK", "SVD_PHASE_MESSAGE",
            "bind_arguments", "culprit_values", "discover_roots", "find_nonfinite", "locate_nonfinite",
@@ -61,228 +60,27 @@ __all__ = ["EIGH_PHASE_MESSAGE", "Locator", "LocatorUsageError", "MAX_STACK", "S
 
 logger = logging.getLogger(__name__)
 
-MAX_INPUT_SUMMARIES = 8  # an op such as cat can take hundreds of tensors; the first few say enough
-MAX_ORIGINS = 64  # masked non-finite values (e.g. -inf attention masks) need not be kept beyond this
-# Pre-op copies of in-place operands (to show the values an in-place op destroyed) above this size
-# are skipped; only their finiteness is recorded.
-MAX_INPLACE_COPY = 1 << 22
 _ANOMALY_NAN = re.compile(r"Function '(\w+)' returned nan values")
 _ANOMALY_NODE = re.compile(r"Error detected in (\w+)")
 
 
-@dataclasses.dataclass
-class _Origin:
-    phase: str
-    op: str
-    node: str
-    ctx: _Context
-    inputs: tuple[TensorSummary, ...] = ()
-    output: TensorSummary | None = None
-    culprit: tuple | None = None
-    culprit_text: str = ""
+class _Session(_DispatchChecks, _NodeRecorder):
+    """One locator run: the dispatch checks (taint, origins) and the node contexts, installed together."""
 
-
-
-# --- the two modes ---------------------------------------------------------------------------------
-class _NonFiniteMode(TorchDispatchMode):
-    def __init__(self, session: "_Session"):
-        super().__init__()
-        self.session = session
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return self.session.dispatch(func, args, kwargs or {})
-
-
-class _ForwardRecorder(TorchFunctionMode):
-    def __init__(self, session: "_Session"):
-        super().__init__()
-        self.session = session
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        s = self.session
-        outer, s.function = s.function, resolve_name(func) or getattr(func, "__name__", "")
-        try:
-            out = func(*args, **(kwargs or {}))
-            s.register_nodes(out)
-        finally:
-            s.function = outer
-        return out
-
-
-# --- one run ----------------------------------------------------------------------------------------
-class _Session:
-    """State of one locator run: taint map, origins, node contexts, the first raising op."""
-
-    def __init__(self, modules: _ModuleStack):
-        self.modules = modules
-        self.phase = "forward"
-        self.function = ""
-        self.taint = WeakTensorKeyDictionary()
-        self.origins: list[_Origin] = []
-        self.nodes: dict[Any, _Context | None] = {}
-        # (kind, values, stack, module) of the last forward eigh/svd, until its autograd node shows up
-        self.pending_spectrum: tuple[str, Tensor, tuple[str, ...], str] | None = None
-        self.last_forward_op = ""
-        self.last_linalg_op: tuple | None = None
-        self.hook_handles: list = []
-        self.is_paused = False
-        self.last_node = None
-        self.last_bad: _Origin | None = None
-        self.error: tuple[BaseException, _Origin] | None = None
+    def __init__(self, modules: ModuleTracker):
+        _DispatchChecks.__init__(self, modules)
+        _NodeRecorder.__init__(self)
         self.caught: list = []
 
-    # -- dispatch-level checks
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """The locator's own checks between forward and backward are not the user's ops."""
-        was, self.is_paused = self.is_paused, True
-        try:
-            yield
-        finally:
-            self.is_paused = was
-
-    def dispatch(self, func, args, kwargs):
-        if self.is_paused:
-            return func(*args, **kwargs)
-        node = torch._C._current_autograd_node()
-        if node is not None:
-            self.last_node = node
-        copies, pre_finite = self._before_inplace(func, args)
-        try:
-            out = func(*args, **kwargs)
-        except Exception as exc:
-            self._record_error(func, args, kwargs, copies, exc)
-            raise
-        packet = func.overloadpacket
-        if packet in _NO_VALUES:
-            return out
-        if self.phase == "forward" and packet not in _TRIVIAL:
-            self.last_forward_op = op_name(func)
-            if packet in _SPECTRAL_OPS:
-                kind, index = _SPECTRAL_OPS[packet]
-                self.pending_spectrum = (kind, out[index], user_stack(), self.modules.current())
-        if is_linalg_op(str(func)):
-            self.last_linalg_op = (func, args, kwargs)
-        if _is_view(func):
-            origin = next((o for o in map(self.taint.get, _tensors(args)) if o is not None), None)
-            if origin is not None:
-                for t in _tensors(out):
-                    self.taint[t] = origin
-            return out
-        self._check(func, args, kwargs, out, copies, pre_finite)
-        return out
-
-    @staticmethod
-    def _before_inplace(func, args) -> tuple[dict[int, Tensor], dict[int, bool]]:
-        positions = _mutated_positions(func)
-        if not positions or func.overloadpacket in _OVERWRITE:
-            return {}, {}
-        copies, finite = {}, {}
-        for i in positions:
-            if i < len(args) and _is_float(args[i]):
-                finite[i] = _finite(args[i])
-                if args[i].numel() <= MAX_INPLACE_COPY:
-                    copies[i] = args[i].detach().clone()
-        return copies, finite
-
-    def _check(self, func, args, kwargs, out, copies, pre_finite) -> None:
-        bad = [t for t in _tensors(out) if _is_float(t) and not _finite(t)]
-        if not bad:
-            return
-        bad_in = _nonfinite_inputs(func, args, kwargs, pre_finite)
-        origin = next((o for o in (self.taint.get(t) for t in bad_in) if o is not None), None)
-        if origin is None:
-            inputs = _named_inputs(func, args, kwargs, copies)
-            origin = self._make_origin(func, inputs, bad[0], external=bool(bad_in))
-            if len(self.origins) < MAX_ORIGINS:
-                self.origins.append(origin)
-        for t in bad:
-            self.taint[t] = origin
-        self.last_bad = origin
-
-    def _context(self):
-        """(phase, node name, forward context) of the op running now."""
-        node = torch._C._current_autograd_node()  # set inside backward, also one that fn runs itself
-        if node is not None:
-            return "backward", node.name(), self.nodes.get(node) or _Context()
-        if self.phase == "backward":
-            return "backward", "", _Context()
-        return "forward", "", _Context(self.modules.current(), user_stack(), self.function, "")
-
-    def _make_origin(self, func, inputs, bad_out: Tensor | None, external: bool = False,
-                     phase: str | None = None) -> _Origin:
-        here, node, ctx = self._context()
-        op = op_name(func)
-        ctx = dataclasses.replace(ctx, op=op) if not node else ctx
-        tensors = [(n, v) for n, v in inputs if isinstance(v, Tensor)]
-        if external:  # show the tensor that brought the NaN in first
-            tensors.sort(key=lambda nv: _is_float(nv[1]) and _finite(nv[1]))
-        summaries = [TensorSummary.of(n, v, _matrix_spectral(op, v)) for n, v in tensors[:MAX_INPUT_SUMMARIES]]
-        if node and ctx.spectrum is not None:
-            kind, values = ctx.spectrum
-            summaries.append(TensorSummary.of(f"{kind} values of the forward {ctx.function or kind}", values,
-                                              _spectral_stats(kind, values)))
-        culprit, text = (None, "")
-        if bad_out is not None and func.overloadpacket not in _FRESH:
-            culprit, text = culprit_values(func, inputs, bad_out)
-        output = None if bad_out is None else TensorSummary.of("output", bad_out)
-        phase = phase or ("input" if external else here)
-        return _Origin(phase, op, node, ctx, tuple(summaries), output, culprit, text)
-
-    def _record_error(self, func, args, kwargs, copies, exc: Exception) -> None:
-        if func.overloadpacket is _CHECK_ERRORS and self.last_linalg_op is not None:
-            # linalg ops raise from a separate checker op; blame the op whose result it checked.
-            func, args, kwargs = self.last_linalg_op
-            copies = {}
-        self.error = (exc, self._make_origin(func, _named_inputs(func, args, kwargs, copies), None, phase="error"))
-
-    # -- forward node bookkeeping (called by _ForwardRecorder after each torch function)
-    def register_nodes(self, out: Any) -> None:
-        frontier = [t.grad_fn for t in _tensors(out) if t.grad_fn is not None]
-        new = []
-        while frontier:
-            node = frontier.pop()
-            if node is None or node in self.nodes:
-                continue
-            self.nodes[node] = None
-            new.append(node)
-            frontier.extend(nf for nf, _ in node.next_functions)
-        if not new:
-            return
-        ctx = _Context(self.modules.current(), user_stack(), self.function, self.last_forward_op)
-        for node in new:
-            if node.name() in _PHASE_CHECKS:
-                self.hook_handles.append(_PHASE_CHECKS[node.name()](node))
-            node_ctx = ctx
-            forward_cls = getattr(node, "_forward_cls", None)
-            if forward_cls is not None:  # a custom autograd.Function: apply() bypasses function modes
-                node_ctx = dataclasses.replace(ctx, function=f"{forward_cls.__qualname__}.apply")
-            name = node.name().lower()
-            if self.pending_spectrum is not None and ("eigh" in name or "svd" in name):
-                # The decomposition's own call site: for a custom autograd.Function the node is only
-                # found when a later op consumes its output, possibly on another line.
-                kind, values, stack, module = self.pending_spectrum
-                node_ctx = dataclasses.replace(node_ctx, spectrum=(kind, values), stack=stack, module=module)
-                self.pending_spectrum = None
-            self.nodes[node] = node_ctx
-
-    # -- the run
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             self.caught = stack.enter_context(warnings.catch_warnings(record=True))
             warnings.simplefilter("always")
-            self.modules.install()
-            stack.callback(self.modules.remove)
             stack.callback(self._remove_node_hooks)
             stack.enter_context(_NonFiniteMode(self))
             yield
 
-    def _remove_node_hooks(self) -> None:
-        for handle in self.hook_handles:
-            if handle is not None:
-                handle.remove()
-        self.hook_handles = []
 
     def execute(self, fn: Callable, args: tuple, kwargs: dict) -> Finding | None:
         try:
@@ -322,8 +120,9 @@ class _Session:
 
     def _origin_of(self, tensors: list[Tensor]) -> _Origin:
         origin = next((o for o in (self.taint.get(t) for t in tensors) if o is not None), None)
-        if origin is None:
-            origin = next((o for o in self.origins if o.phase == self.phase), None)
+        if origin is None:  # masks are the last resort: an origin that made NaN comes first
+            ranked = sorted(self.origins, key=lambda o: o.intentional)
+            origin = next((o for o in ranked if o.phase == self.phase), None)
         if origin is None:  # produced by no op we saw: it came from outside, e.g. a global tensor
             t = tensors[0]
             origin = _Origin("input", "", "", _Context(), (TensorSummary.of("value", t),),
@@ -336,13 +135,14 @@ class _Session:
                     f"the gradients through backward; {note}")
         obs = Observation(phase=origin.phase, op=origin.op, node=origin.node, function=origin.ctx.function,
                           location=origin.ctx.location, inputs=origin.inputs, output=origin.output,
-                          culprit=origin.culprit, message=message)
+                          culprit=origin.culprit, message=message, context=origin.context,
+                          intentional=origin.intentional)
         cause = explain(obs)
         return Finding(phase=origin.phase, cause=cause.text, op=origin.op, node=origin.node,
                        module=origin.ctx.module, location=origin.ctx.location, stack=origin.ctx.stack,
                        function=origin.ctx.function,
                        inputs=origin.inputs, output=origin.output, culprit=origin.culprit_text,
-                       remedies=cause.remedies, message=message or note)
+                       remedies=cause.remedies, message=message or note, context=origin.context)
 
     def _error_finding(self, exc: Exception) -> Finding:
         with self.paused():
@@ -351,6 +151,11 @@ class _Session:
     def _error_finding_unpaused(self, exc: Exception) -> Finding:
         if self.error is not None and _in_chain(exc, self.error[0]):
             origin = self.error[1]
+            if self.symptom_of is not None:
+                raised = origin.op or origin.ctx.function or "a later op"
+                where = f" ({origin.ctx.location})" if origin.ctx.location else ""
+                return self._finding(self.symptom_of, message=(
+                    f"{raised}{where} later raised on this non-finite value: {str(exc).strip().splitlines()[0]}"))
         elif self.phase == "backward":
             node = self._raising_node()
             ctx = (self.nodes.get(node) if node is not None else None) or _Context()
@@ -361,7 +166,7 @@ class _Session:
                                            _spectral_stats(kind, values)),)
             origin = _Origin("error", ctx.op, node.name() if node is not None else "", ctx, inputs)
         else:
-            origin = _Origin("error", "", "", _Context(self.modules.current(), _traceback_stack(exc), ""))
+            origin = _Origin("error", "", "", _Context(self.modules.of_traceback(exc.__traceback__), _traceback_stack(exc), ""))
         return self._finding(origin, message=str(exc))
 
     def _raising_node(self):
@@ -409,7 +214,7 @@ class Locator:
             if found is not None:
                 logger.info("locator: argument %s holds non-finite values before the call", found[0])
                 return _input_finding(*found)
-        return _Session(_ModuleStack(roots)).execute(fn, args, kwargs)
+        return _Session(ModuleTracker(roots)).execute(fn, args, kwargs)
 
 
 def locate_nonfinite(fn: Callable, /, *args: Any, **kwargs: Any) -> Finding | None:

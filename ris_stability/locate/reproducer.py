@@ -38,16 +38,17 @@ inputs = [t.clone().requires_grad_(t.is_floating_point() or t.is_complex()) if i
           for t in data["args"]]
 out = fn(*inputs, **data["kwargs"])
 outs = list(out) if isinstance(out, (tuple, list)) else [out]
-bad_fwd = sum(int((~torch.isfinite(o)).sum()) for o in outs
-              if isinstance(o, torch.Tensor) and (o.is_floating_point() or o.is_complex()))
-print(f"forward: {{bad_fwd}} non-finite output entries")
+floats = [o for o in outs if isinstance(o, torch.Tensor) and (o.is_floating_point() or o.is_complex())]
+bad_fwd = sum(int((~torch.isfinite(o)).sum()) for o in floats)
+nan_fwd = sum(int(torch.isnan(o).sum()) for o in floats)
+print(f"forward: {{bad_fwd}} non-finite output entries ({{nan_fwd}} NaN)")
 pairs = [(o, g) for o, g in zip(outs, data["grads"]) if g is not None]
 if pairs:
     torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
     for i, t in enumerate(inputs):
         if isinstance(t, torch.Tensor) and t.grad is not None:
-            bad = int((~torch.isfinite(t.grad)).sum())
-            print(f"backward: gradient of input {{i}} has {{bad}} non-finite entries of {{t.grad.numel()}}")
+            bad, nan = int((~torch.isfinite(t.grad)).sum()), int(torch.isnan(t.grad).sum())
+            print(f"backward: gradient of input {{i}} has {{bad}} non-finite entries ({{nan}} NaN) of {{t.grad.numel()}}")
 '''
 
 

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ris_stability.report.plots import LEGEND_FONT, new_figure
+from ris_stability.report.canvas import LEGEND_FONT, new_figure
 
 # outcome -> (colour, marker); red stays "broken by a tie / non-finite" as in the run reports.
 OUTCOME_STYLES: dict[str, tuple[str, str]] = {

@@ -120,11 +120,11 @@ def test_vec_grad_flags_only_losses_that_use_eigenvectors(use_vectors, expected)
     assert probe.collect()["model.block.inner:linalg.eigh"]["vec_grad"] is expected
 
 
-def test_module_outside_the_roots_is_named_by_class():
+def test_module_outside_the_roots_is_named_by_its_outermost_class_and_path():
     model = Outer()
     with SpectralProbe(roots={"other": nn.Linear(1, 1)}) as probe:
         model(torch.randn(3, 4))
-    assert set(probe.collect()) == {"Subspace:linalg.eigh"}
+    assert set(probe.collect()) == {"Outer.block.inner:linalg.eigh"}
 
 
 def test_two_call_sites_of_one_op_in_one_module_stay_apart():
@@ -191,30 +191,40 @@ def test_general_ops_use_singular_values():
     assert math.isnan(stats["herm_err"])  # solve does not assume a Hermitian input
 
 
+def _entry_point_state():
+    from ris_stability.intercept import ENTRY_POINTS
+    return {(id(e.owner), e.attr): (getattr(e.owner, e.attr), e.attr in vars(e.owner)) for e in ENTRY_POINTS}
+
+
 def test_everything_is_removed_on_exit_even_when_an_exception_propagates():
     import torch.nn.modules.module as module_mod
 
+    original_eigh, before = torch.linalg.eigh, _entry_point_state()
     hooks_before = (len(module_mod._global_forward_pre_hooks), len(module_mod._global_forward_hooks))
     probe = SpectralProbe()
     with pytest.raises(RuntimeError, match="boom"):
         with probe:
-            assert torch._C._len_torch_function_stack() == 1
+            assert torch.linalg.eigh is not original_eigh  # observed through a wrapper while active
+            assert torch._C._len_torch_function_stack() == 0  # and no mode sees the other torch calls
             raise RuntimeError("boom")
-    assert torch._C._len_torch_function_stack() == 0
+    assert _entry_point_state() == before and torch.linalg.eigh is original_eigh
     assert (len(module_mod._global_forward_pre_hooks), len(module_mod._global_forward_hooks)) == hooks_before
     torch.linalg.eigvalsh(torch.eye(2))  # not intercepted any more
     assert probe.collect() == {} and not probe.active
     with probe:  # and it can be entered again
         torch.linalg.eigvalsh(torch.eye(2))
-    assert list(probe.collect()) == ["linalg.eigvalsh"]
+        torch.eye(2).inverse()  # Tensor methods too
+    assert list(probe.collect()) == ["linalg.eigvalsh", "inverse"]
+    assert _entry_point_state() == before
 
 
 def test_re_entering_an_active_probe_is_an_error():
     probe = SpectralProbe()
+    before = _entry_point_state()
     with probe:
         with pytest.raises(ProbeError, match="already active"):
             probe.__enter__()
-    assert torch._C._len_torch_function_stack() == 0
+    assert _entry_point_state() == before
 
 
 class Failing(nn.Module):
@@ -249,3 +259,37 @@ def test_functions_marked_as_spectral_ops_are_probed_under_their_own_name():
     rec = probe.collect()
     assert list(rec) == ["custom_eigh"]  # the torch.linalg.eigh inside it is not counted twice
     assert rec["custom_eigh"]["stats"]["max_cluster"] == 2 and rec["custom_eigh"]["vec_grad"] is False
+
+
+class _MarkedEigh(torch.autograd.Function):
+    """An eigh with its own backward: its outputs require grad only once apply() has returned."""
+
+    @staticmethod
+    def forward(ctx, a):
+        lam, vec = torch.linalg.eigh(a)
+        ctx.save_for_backward(vec)
+        return lam, vec
+
+    @staticmethod
+    def backward(ctx, g_lam, g_vec):
+        (vec,) = ctx.saved_tensors
+        return vec @ torch.diag_embed(g_lam if g_lam is not None else torch.zeros_like(vec[..., 0])) @ vec.mH
+
+
+def function_eigh(a: torch.Tensor):
+    return _MarkedEigh.apply(a)
+
+
+function_eigh.__spectral_op__ = "eigh"
+
+
+@pytest.mark.parametrize("use_vectors", [True, False], ids=["vectors-used", "values-only"])
+def test_marked_autograd_function_gets_its_name_and_its_vector_gradient_watched(use_vectors):
+    a = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)).requires_grad_()
+    with SpectralProbe() as probe:
+        lam, vec = function_eigh(a)  # marked-call-site
+        (vec.abs().sum() if use_vectors else lam.sum()).backward()
+    rec = probe.collect()
+    assert list(rec) == ["function_eigh"]
+    assert rec["function_eigh"]["vec_grad"] is use_vectors
+    assert rec["function_eigh"]["location"].endswith(f"test_probes.py:{_line_of('# marked-call-site')}")

@@ -1,199 +1,26 @@
-"""Trace files of a monitored run (format v1): writer, tolerant reader, Parquet converter.
+"""Tolerant reader of a run folder and the Parquet converter (pandas is imported here only).
 
-A run folder holds meta.json, steps.jsonl (one flat JSON object per logged step), events.jsonl,
-optional summary.json / finding.json / capsules/. The writer appends and flushes one line per step,
-so a killed process loses at most the step being written; the reader drops a truncated last line.
-Non-finite floats are written as JSON null and read back as NaN (JSON has no NaN/inf literals).
-
-The writer needs only the standard library; pandas is imported by the reader and the converter.
+The reader drops a truncated last line of steps.jsonl (a run killed mid-write) and reads null as NaN.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
-import math
-import numbers
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
+
+from ris_stability.records.schema import (BOOL_COLUMNS, CAPSULE_DIR, EVENTS_FILE, FINDING_FILE, GRAD_GROUP_PREFIX,
+                                          GRAD_NONFINITE_PREFIX, GRAD_PREFIX, LOSS_PREFIX, MAT_PREFIX, META_FILE,
+                                          SCHEMA_NAME, SCHEMA_VERSION, STEPS_FILE, STEPS_PARQUET, SUMMARY_FILE,
+                                          UPDATE_RATIO_PREFIX, TraceError, grad_modules, loss_terms,
+                                          matrix_names)
 
 if TYPE_CHECKING:  # pandas is heavy and only needed by readers
     import pandas as pd
 
 logger = logging.getLogger(__name__)
-
-SCHEMA_NAME = "risdiag-trace"
-SCHEMA_VERSION = 1
-
-META_FILE = "meta.json"
-STEPS_FILE = "steps.jsonl"
-STEPS_PARQUET = "steps.parquet"
-EVENTS_FILE = "events.jsonl"
-SUMMARY_FILE = "summary.json"
-FINDING_FILE = "finding.json"
-CAPSULE_DIR = "capsules"
-
-SEVERITIES = ("info", "warning", "error")
-EVENT_KINDS = (
-    "run_start", "run_end", "nonfinite_loss", "nonfinite_grad", "step_skipped", "run_stopped",
-    "capsule_written", "dead_parameter", "dead_loss_term", "ill_conditioned", "tied_eigenvalues",
-    "finding",
-)
-# Step-table columns that are flags, not measurements.
-BOOL_COLUMNS = ("skipped", "nonfinite")
-
-MAT_PREFIX = "mat/"
-LOSS_PREFIX = "loss/"
-GRAD_PREFIX = "grad/"
-GRAD_TOTAL = "grad/_total"
-GRAD_NONFINITE_PREFIX = "grad_nonfinite/"
-UPDATE_RATIO_PREFIX = "update_ratio/"
-GRAD_GROUP_PREFIX = "grad_group/"
-
-
-class UsageError(Exception):
-    """Base of the errors caused by what the user asked for (bad folder, bad file); CLI exit code 2."""
-
-
-class TraceError(UsageError):
-    """A run folder or one of its trace files cannot be read or written."""
-
-
-
-def _jsonable(value: Any, key: str) -> Any:
-    """Plain-JSON form of one value; non-finite floats become None (read back as NaN)."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        as_float = float(value)
-        return as_float if math.isfinite(as_float) else None
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v, f"{key}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(
-        f"trace value {key!r} has type {type(value).__name__}, which the trace cannot store; "
-        "pass a Python number, bool, str, None, list or dict (call .item() on 0-d tensors)"
-    )
-
-
-def _dumps(obj: Mapping[str, Any], what: str) -> str:
-    return json.dumps(_jsonable(obj, what), allow_nan=False, separators=(",", ":"))
-
-
-def write_json_atomic(path: Path, obj: Mapping[str, Any]) -> Path:
-    """Write a JSON file via a temporary file + rename, so a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    text = json.dumps(_jsonable(obj, path.name), allow_nan=False, indent=2, sort_keys=True)
-    try:
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise TraceError(f"cannot write {path}: {exc}. Check that the folder exists and is writable.") from exc
-    return path
-
-
-def write_finding(run_dir: Path, finding: Mapping[str, Any]) -> Path:
-    """Store the bisector's Finding.to_dict() as run_dir/finding.json."""
-    return write_json_atomic(Path(run_dir) / FINDING_FILE, finding)
-
-
-
-class TraceWriter:
-    """Append-only writer of one run folder.
-
-    `fsync=True` also forces each line to disk (survives a machine crash, costs ~ms per step);
-    flushing alone already survives the process being killed.
-    """
-
-    def __init__(self, run_dir: Path, meta: Mapping[str, Any], *, fsync: bool = False,
-                 listeners: Iterable[Callable[[str, Mapping[str, Any]], None]] = ()) -> None:
-        self.run_dir = Path(run_dir)
-        self.fsync = fsync
-        # Called with ("step", row) / ("event", record) after each line is written: how other instruments
-        # (e.g. a sweep's pruner) follow a run as it happens without reading the files back.
-        self.listeners = tuple(listeners)
-        self._t0 = time.monotonic()
-        self._closed = False
-        if (self.run_dir / META_FILE).exists():
-            raise TraceError(
-                f"{self.run_dir} already holds a trace ({META_FILE} exists); appending would mix two runs. "
-                "Choose another output folder or delete the old run."
-            )
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            full_meta = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-            full_meta.update(meta)
-            full_meta.update(schema=SCHEMA_NAME, version=SCHEMA_VERSION)
-            write_json_atomic(self.run_dir / META_FILE, full_meta)
-            self._steps = open(self.run_dir / STEPS_FILE, "a", encoding="utf-8")
-            self._events = open(self.run_dir / EVENTS_FILE, "a", encoding="utf-8")
-        except OSError as exc:
-            raise TraceError(
-                f"cannot create the run folder {self.run_dir}: {exc}. Pass a writable output folder."
-            ) from exc
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self._t0
-
-    def _append(self, handle, line: str) -> None:
-        if self._closed:
-            raise ValueError(f"TraceWriter for {self.run_dir} is closed; no more rows can be written")
-        handle.write(line + "\n")
-        handle.flush()
-        if self.fsync:
-            os.fsync(handle.fileno())
-
-    def step(self, row: Mapping[str, Any]) -> None:
-        """Append one step row (flat keys per TRACE_SCHEMA); adds time_s when absent."""
-        if not isinstance(row.get("step"), numbers.Integral) or isinstance(row.get("step"), bool):
-            raise ValueError(f"step row needs an integer 'step' key, got {row.get('step')!r}")
-        full = dict(row)
-        full.setdefault("time_s", self.elapsed())
-        self._append(self._steps, _dumps(full, "step row"))
-        for listener in self.listeners:
-            listener("step", full)
-
-    def event(self, kind: str, severity: str, message: str, step: int | None = None, **data: Any) -> None:
-        """Append one event; `data` holds the kind-specific fields (matrix, names, path, ...)."""
-        if severity not in SEVERITIES:
-            raise ValueError(f"event severity must be one of {SEVERITIES}, got {severity!r}")
-        if not kind or not isinstance(kind, str):
-            raise ValueError(f"event kind must be a non-empty string, got {kind!r}")
-        if kind not in EVENT_KINDS:
-            logger.debug("event kind %r is not one of the documented kinds %s", kind, EVENT_KINDS)
-        record = {"step": step, "time_s": self.elapsed(), "kind": kind, "severity": severity,
-                  "message": str(message), "data": data}
-        self._append(self._events, _dumps(record, f"event {kind}"))
-        for listener in self.listeners:
-            listener("event", record)
-
-    def summary(self, summary: Mapping[str, Any]) -> Path:
-        """Write summary.json (steps, wall_s, nonfinite_steps, skipped_steps, final/best loss, status)."""
-        return write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._steps.close()
-        self._events.close()
-
-    def __enter__(self) -> "TraceWriter":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
 
 
 @dataclass(frozen=True)
@@ -396,27 +223,3 @@ def to_parquet(run_dir: Path) -> Path:
     except ImportError as exc:
         raise TraceError(f"writing {target} needs pyarrow: pip install 'ris-diag[parquet]' ({exc})") from exc
     return target
-
-
-
-def matrix_names(columns: Iterable[str]) -> list[str]:
-    """Sorted names of the matrices with "mat/<name>/<stat>" columns (names may contain '/')."""
-    names = {c[len(MAT_PREFIX):].rpartition("/")[0] for c in columns if c.startswith(MAT_PREFIX)}
-    return sorted(n for n in names if n)
-
-
-def matrix_stats(steps: "pd.DataFrame", name: str) -> "pd.DataFrame":
-    """The stat columns of one matrix, renamed to the bare stat ("rank", "min_gap", ...)."""
-    prefix = f"{MAT_PREFIX}{name}/"
-    cols = [c for c in steps.columns if c.startswith(prefix) and "/" not in c[len(prefix):]]
-    return steps[cols].rename(columns=lambda c: c[len(prefix):])
-
-
-def loss_terms(columns: Iterable[str]) -> list[str]:
-    """Names of the loss terms ("loss/<term>" columns), in column order."""
-    return [c[len(LOSS_PREFIX):] for c in columns if c.startswith(LOSS_PREFIX)]
-
-
-def grad_modules(columns: Iterable[str]) -> list[str]:
-    """Module paths with a "grad/<module>" column, in column order, without the "_total" column."""
-    return [c[len(GRAD_PREFIX):] for c in columns if c.startswith(GRAD_PREFIX) and c != GRAD_TOTAL]

@@ -1,0 +1,242 @@
+"""Observe the linear-algebra entry points only: thin wrappers swapped in while a listener is active.
+
+Routing every torch call through a Python ``TorchFunctionMode`` costs a round trip per call (thousands per
+training step) to see the handful that are linear algebra. Instead, while at least one listener is
+registered, each entry point of :data:`ENTRY_POINTS` (``torch.linalg.eigh``, ``torch.svd``,
+``Tensor.cholesky``, ...) is replaced by a wrapper that calls the original and hands the call to the
+listeners; the last listener to leave puts every original back. Calls made through the names looked up
+at call time (``torch.linalg.eigh(...)``, ``x.cholesky()``) are seen; a reference taken before the
+listener started (``from torch.linalg import eigh``) is not. Calls inside ``torch.compile``'d code, in
+other threads, or nested inside an observed call (including the listeners' own statistics) pass through.
+
+A function outside torch that declares ``__spectral_op__ = "eigh"`` (e.g. a custom eigh with its own
+backward) is observed under its own name: the entry point it calls is attributed to it (found on the
+Python stack), and its outputs are the ones whose gradient is watched.
+
+Other helpers extend the table with :func:`add_entry_point` (a kind names the statistics the listener
+computes, see ``ris_stability.site_stats``).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EntryPoint:
+    """An attribute ``owner.attr`` (a torch function or Tensor method) observed as op ``name`` of ``kind``."""
+
+    owner: Any
+    attr: str
+    name: str
+    kind: str
+
+    @property
+    def original(self) -> Callable:
+        return _ORIGINALS.get(self, getattr(self.owner, self.attr))
+
+
+_L, _T = torch.linalg, torch
+ENTRY_POINTS: list[EntryPoint] = [
+    EntryPoint(_L, "eigh", "linalg.eigh", "eigh"),
+    EntryPoint(_L, "eigvalsh", "linalg.eigvalsh", "eigvalsh"),
+    EntryPoint(_L, "svd", "linalg.svd", "svd"),
+    EntryPoint(_L, "svdvals", "linalg.svdvals", "svdvals"),
+    EntryPoint(_L, "cholesky", "linalg.cholesky", "herm"),
+    EntryPoint(_L, "cholesky_ex", "linalg.cholesky_ex", "herm"),
+    EntryPoint(_L, "inv", "linalg.inv", "general"),
+    EntryPoint(_L, "inv_ex", "linalg.inv_ex", "general"),
+    EntryPoint(_L, "solve", "linalg.solve", "general"),
+    EntryPoint(_L, "solve_ex", "linalg.solve_ex", "general"),
+    EntryPoint(_L, "lstsq", "linalg.lstsq", "general"),
+    EntryPoint(_L, "qr", "linalg.qr", "general"),
+    EntryPoint(_L, "pinv", "linalg.pinv", "general"),
+    EntryPoint(_L, "eig", "linalg.eig", "eig"),
+    EntryPoint(_L, "eigvals", "linalg.eigvals", "eigvals"),
+    EntryPoint(_T, "cholesky", "cholesky", "herm"),
+    EntryPoint(torch.Tensor, "cholesky", "cholesky", "herm"),
+    EntryPoint(_T, "inverse", "inverse", "general"),
+    EntryPoint(torch.Tensor, "inverse", "inverse", "general"),
+    EntryPoint(_T, "pinverse", "pinverse", "general"),
+    EntryPoint(torch.Tensor, "pinverse", "pinverse", "general"),
+    EntryPoint(_T, "svd", "svd", "svd_old"),
+    EntryPoint(torch.Tensor, "svd", "svd", "svd_old"),
+]
+
+
+def add_entry_point(owner: Any, attr: str, name: str, kind: str) -> EntryPoint:
+    """Observe ``owner.attr`` as op ``name`` of statistics ``kind`` from the next time a listener starts."""
+    entry = EntryPoint(owner, attr, name, kind)
+    if entry not in ENTRY_POINTS:
+        ENTRY_POINTS.append(entry)
+    return entry
+
+
+def entry_by_function() -> dict[Callable, EntryPoint]:
+    """The original torch callables of the table (for TorchFunctionMode users such as the alignment)."""
+    return {entry.original: entry for entry in ENTRY_POINTS}
+
+
+class Listener(Protocol):
+    thread: int
+
+    def accepts(self) -> bool: ...
+
+    def on_call(self, name: str, kind: str, args: tuple, kwargs: dict, out: Any,
+                frame: FrameType | None) -> None: ...
+
+    def before_backward(self) -> None: ...
+
+
+# Backward starts here (Tensor.backward calls torch.autograd.backward): listeners get to hook the
+# outputs of the forward, including those of autograd Functions, which require grad only once returned.
+_BACKWARD_POINTS: list[tuple[Any, str]] = [(torch.autograd, "backward"), (torch.autograd, "grad")]
+
+
+class _State(threading.local):
+    depth = 0  # > 0 inside an observed call or a listener: nested entry points pass through
+
+
+_STATE = _State()
+_LISTENERS: list[Listener] = []
+_ORIGINALS: dict[EntryPoint, Callable] = {}  # entry -> original, while installed
+_INSTALLED: dict[EntryPoint, tuple[bool, Callable]] = {}  # entry -> (owned the attribute, wrapper)
+_LOCK = threading.Lock()
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Entry points called inside pass through unobserved (for the listeners' own statistics)."""
+    _STATE.depth += 1
+    try:
+        yield
+    finally:
+        _STATE.depth -= 1
+
+
+def _marked_caller(frame: FrameType | None, limit: int = 8) -> tuple[str, str, FrameType] | None:
+    """(name, kind, frame) of the innermost function marked ``__spectral_op__`` on the stack above."""
+    for _ in range(limit):
+        if frame is None:
+            return None
+        code = frame.f_code
+        func = frame.f_globals.get(code.co_name)
+        kind = getattr(func, "__spectral_op__", None)
+        if kind is not None and getattr(func, "__code__", None) is code:
+            return code.co_name, kind, frame
+        frame = frame.f_back
+    return None
+
+
+def _wrap(entry: EntryPoint, original: Callable) -> Callable:
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        state = _STATE
+        if state.depth or not _LISTENERS or torch.compiler.is_compiling():
+            return original(*args, **kwargs)
+        ident = threading.get_ident()
+        listeners = [lst for lst in _LISTENERS if lst.thread == ident and lst.accepts()]
+        if not listeners:
+            return original(*args, **kwargs)
+        frame = sys._getframe(1)
+        name, kind = entry.name, entry.kind
+        marked = _marked_caller(frame)
+        if marked is not None:  # the call site is where the marked function was called
+            name, kind, frame = marked[0], marked[1], marked[2].f_back
+        state.depth += 1
+        try:
+            out = original(*args, **kwargs)
+        except Exception:
+            # The input that made the op fail (e.g. an indefinite matrix in cholesky) is the finding.
+            _notify(listeners, name, kind, args, kwargs, None, frame)
+            raise
+        finally:
+            state.depth -= 1
+        _notify(listeners, name, kind, args, kwargs, out, frame)
+        return out
+
+    wrapper.__ris_wrapped__ = original
+    return wrapper
+
+
+def _wrap_backward(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _LISTENERS and not _STATE.depth and not torch.compiler.is_compiling():
+            ident = threading.get_ident()
+            with quiet():
+                for listener in [lst for lst in _LISTENERS if lst.thread == ident]:
+                    listener.before_backward()
+        return original(*args, **kwargs)
+
+    wrapper.__ris_wrapped__ = original
+    return wrapper
+
+
+def _notify(listeners: list[Listener], name: str, kind: str, args: tuple, kwargs: dict, out: Any,
+            frame: FrameType) -> None:
+    with quiet():
+        for listener in listeners:
+            listener.on_call(name, kind, args, kwargs, out, frame)
+
+
+def register(listener: Listener) -> None:
+    """Start handing entry-point calls to ``listener`` (installs the wrappers for the first one)."""
+    with _LOCK:
+        if any(lst is listener for lst in _LISTENERS):
+            return
+        _LISTENERS.append(listener)
+        if len(_LISTENERS) == 1:
+            _install()
+
+
+def unregister(listener: Listener) -> None:
+    """Stop handing calls to ``listener``; the last one to leave restores every original."""
+    with _LOCK:
+        _LISTENERS[:] = [lst for lst in _LISTENERS if lst is not listener]
+        if not _LISTENERS:
+            _uninstall()
+
+
+def _install() -> None:
+    backward = [EntryPoint(owner, attr, attr, "") for owner, attr in _BACKWARD_POINTS]
+    for entry in ENTRY_POINTS + backward:
+        if entry in _INSTALLED:
+            continue
+        original = getattr(entry.owner, entry.attr)
+        wrapper = _wrap(entry, original) if entry.kind else _wrap_backward(original)
+        owned = entry.attr in vars(entry.owner)  # a Tensor method may live on the C base class
+        _ORIGINALS[entry] = original
+        _INSTALLED[entry] = (owned, wrapper)
+        setattr(entry.owner, entry.attr, wrapper)
+
+
+def _uninstall() -> None:
+    for entry, (owned, wrapper) in list(_INSTALLED.items()):
+        if getattr(entry.owner, entry.attr, None) is wrapper:
+            if owned:
+                setattr(entry.owner, entry.attr, _ORIGINALS[entry])
+            else:
+                delattr(entry.owner, entry.attr)
+        else:
+            # Someone swapped the attribute after us (e.g. a context that patches eigh) and will put our
+            # wrapper back when it leaves: it then passes every call straight through.
+            log.debug("intercept: %s.%s was replaced while observed; left to its replacer",
+                      getattr(entry.owner, "__name__", entry.owner), entry.attr)
+        del _INSTALLED[entry]
+        del _ORIGINALS[entry]
+
+
+def installed() -> bool:
+    """Whether the wrappers are in place (some listener is active)."""
+    return bool(_INSTALLED)

@@ -1,0 +1,201 @@
+"""The locator's dispatch mode: check every aten op's outputs and track which origin each tensor carries.
+
+An op with a non-finite output and only finite inputs is an *origin*; an op that merely consumes a
+non-finite input passes the origin on ("taint", per tensor), so the finding is the origin of a
+non-finite loss or gradient, not the last op that propagated it. Views inherit their base's origin.
+An op that raises is recorded too (for linalg ops: the op whose result the checker op rejected).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from ris_stability.frames import user_stack
+from ris_stability.locate import masks
+from ris_stability.locate.causes import is_linalg_op
+from ris_stability.locate.finding import TensorSummary
+from ris_stability.locate.ops import (_CHECK_ERRORS, _FRESH, _NO_VALUES, _OVERWRITE, _SPECTRAL_OPS, _TRIVIAL,
+                                      _finite, _is_float, _is_view, _matrix_spectral, _mutated_positions,
+                                      _named_inputs, _nonfinite_inputs, _spectral_stats, _tensors,
+                                      culprit_values, op_name)
+from ris_stability.locate.stack import _Context
+from ris_stability.tracker import ModuleTracker
+
+MAX_INPUT_SUMMARIES = 8  # an op such as cat can take hundreds of tensors; the first few say enough
+MAX_ORIGINS = 64  # masked non-finite values (e.g. -inf attention masks) need not be kept beyond this
+# Pre-op copies of in-place operands (to show the values an in-place op destroyed) above this size
+# are skipped; only their finiteness is recorded.
+MAX_INPLACE_COPY = 1 << 22
+
+
+@dataclasses.dataclass
+class _Origin:
+    phase: str
+    op: str
+    node: str
+    ctx: _Context
+    inputs: tuple[TensorSummary, ...] = ()
+    output: TensorSummary | None = None
+    culprit: tuple | None = None
+    culprit_text: str = ""
+    intentional: bool = False  # infinities supplied on purpose (a mask), see locate/masks.py
+    context: str = ""
+
+
+class _NonFiniteMode(TorchDispatchMode):
+    def __init__(self, checks: "_DispatchChecks"):
+        super().__init__()
+        self.checks = checks
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return self.checks.dispatch(func, args, kwargs or {})
+
+
+class _DispatchChecks:
+    """Dispatch-level part of a locator session: taint map, origins, the first raising op.
+
+    ``_context()`` (the phase, node and forward context of the running op) comes from the node
+    recorder that the session combines with this class.
+    """
+
+    def __init__(self, modules: ModuleTracker):
+        self.modules = modules
+        self.phase = "forward"
+        self.taint = WeakTensorKeyDictionary()
+        self.origins: list[_Origin] = []
+        # (kind, values, stack, module) of the last forward eigh/svd, until its autograd node shows up
+        self.pending_spectrum: tuple[str, Tensor, tuple[str, ...], str] | None = None
+        self.last_forward_op = ""
+        self.last_linalg_op: tuple | None = None
+        self.is_paused = False
+        self.last_node = None
+        self.last_bad: _Origin | None = None
+        self.error: tuple[BaseException, _Origin] | None = None
+        self.symptom_of: _Origin | None = None  # first origin of the non-finite input an op raised on
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The locator's own checks between forward and backward are not the user's ops."""
+        was, self.is_paused = self.is_paused, True
+        try:
+            yield
+        finally:
+            self.is_paused = was
+
+    def dispatch(self, func, args, kwargs):
+        if self.is_paused:
+            return func(*args, **kwargs)
+        node = torch._C._current_autograd_node()
+        if node is not None:
+            self.last_node = node
+        copies, pre_finite = self._before_inplace(func, args)
+        try:
+            out = func(*args, **kwargs)
+        except Exception as exc:
+            self._record_error(func, args, kwargs, copies, exc)
+            raise
+        packet = func.overloadpacket
+        if packet in _NO_VALUES:
+            return out
+        if self.phase == "forward" and packet not in _TRIVIAL:
+            self.last_forward_op = op_name(func)
+            if packet in _SPECTRAL_OPS:
+                kind, index = _SPECTRAL_OPS[packet]
+                self.pending_spectrum = (kind, out[index], user_stack(), self.modules.current())
+        if is_linalg_op(str(func)):
+            self.last_linalg_op = (func, args, kwargs)
+        if _is_view(func):
+            origin = next((o for o in map(self.taint.get, _tensors(args)) if o is not None), None)
+            if origin is not None:
+                for t in _tensors(out):
+                    self.taint[t] = origin
+            return out
+        self._check(func, args, kwargs, out, copies, pre_finite)
+        return out
+
+    @staticmethod
+    def _before_inplace(func, args) -> tuple[dict[int, Tensor], dict[int, bool]]:
+        positions = _mutated_positions(func)
+        if not positions or func.overloadpacket in _OVERWRITE:
+            return {}, {}
+        copies, finite = {}, {}
+        for i in positions:
+            if i < len(args) and _is_float(args[i]):
+                finite[i] = _finite(args[i])
+                if args[i].numel() <= MAX_INPLACE_COPY:
+                    copies[i] = args[i].detach().clone()
+        return copies, finite
+
+    def _check(self, func, args, kwargs, out, copies, pre_finite) -> None:
+        if func.overloadpacket in _FRESH:
+            return  # uninitialised memory holds anything; it becomes a value only once an op writes it
+        bad = [t for t in _tensors(out) if _is_float(t) and not _finite(t)]
+        if not bad:
+            return
+        bad_in = _nonfinite_inputs(func, args, kwargs, pre_finite)
+        origin = next((o for o in (self.taint.get(t) for t in bad_in) if o is not None), None)
+        inputs = None
+        if origin is None:
+            inputs = _named_inputs(func, args, kwargs, copies)
+            origin = self._make_origin(func, inputs, bad[0], external=bool(bad_in))
+            origin.intentional = (all(masks.only_neg_inf(t) for t in bad_in) if bad_in
+                                  else masks.supplies_inf(args, kwargs)) and not masks.has_nan(bad)
+            self._keep(origin)
+        if origin.intentional and masks.has_nan(bad) and not masks.has_nan(bad_in):
+            # A mask's infinities turned into NaN here: this op is the fault, the mask its context.
+            inputs = inputs if inputs is not None else _named_inputs(func, args, kwargs, copies)
+            nan_out = next(t for t in bad if masks.has_nan([t]))
+            context = masks.describe(origin.op, origin.ctx.function, origin.ctx.location, origin.ctx.module,
+                                     origin.phase == "input")
+            origin = self._make_origin(func, inputs, nan_out)
+            origin.context = context
+            self._keep(origin)
+        for t in bad:
+            self.taint[t] = origin
+        self.last_bad = origin
+
+    def _keep(self, origin: _Origin) -> None:
+        if len(self.origins) < MAX_ORIGINS:
+            self.origins.append(origin)
+
+    def _make_origin(self, func, inputs, bad_out: Tensor | None, external: bool = False,
+                     phase: str | None = None) -> _Origin:
+        here, node, ctx = self._context()
+        op = op_name(func)
+        ctx = dataclasses.replace(ctx, op=op) if not node else ctx
+        tensors = [(n, v) for n, v in inputs if isinstance(v, Tensor)]
+        if external:  # show the tensor that brought the NaN in first
+            tensors.sort(key=lambda nv: _is_float(nv[1]) and _finite(nv[1]))
+        summaries = [TensorSummary.of(n, v, _matrix_spectral(op, v)) for n, v in tensors[:MAX_INPUT_SUMMARIES]]
+        if node and ctx.spectrum is not None:
+            kind, values = ctx.spectrum
+            summaries.append(TensorSummary.of(f"{kind} values of the forward {ctx.function or kind}", values,
+                                              _spectral_stats(kind, values)))
+        culprit, text = (None, "")
+        if bad_out is not None and func.overloadpacket not in _FRESH:
+            culprit, text = culprit_values(func, inputs, bad_out)
+            if culprit is None:
+                culprit, text = masks.row_culprit(func.overloadpacket.__name__, tuple(v for _, v in inputs), bad_out)
+        output = None if bad_out is None else TensorSummary.of("output", bad_out)
+        phase = phase or ("input" if external else here)
+        return _Origin(phase, op, node, ctx, tuple(summaries), output, culprit, text)
+
+    def _record_error(self, func, args, kwargs, copies, exc: Exception) -> None:
+        if func.overloadpacket is _CHECK_ERRORS and self.last_linalg_op is not None:
+            # linalg ops raise from a separate checker op; blame the op whose result it checked.
+            func, args, kwargs = self.last_linalg_op
+            copies = {}
+        self.error = (exc, self._make_origin(func, _named_inputs(func, args, kwargs, copies), None, phase="error"))
+        bad_in = _nonfinite_inputs(func, args, kwargs, {})
+        if bad_in:
+            # The op raised because its input was already non-finite (eig/cholesky/svd refuse NaN/Inf):
+            # that is a symptom; the finding is where the value first went non-finite.
+            upstream = next((o for o in map(self.taint.get, bad_in) if o is not None), None)
+            self.symptom_of = upstream or next(iter(self.origins), None)
+

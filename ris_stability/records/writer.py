@@ -1,0 +1,154 @@
+"""Writer of a run folder: append-only, flushed JSONL lines, atomic JSON files.
+
+The writer appends and flushes one line per step, so a killed process loses at most the step being
+written. Non-finite floats are written as JSON null (JSON has no NaN/inf literals). It needs only the
+standard library.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import numbers
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from ris_stability.records.schema import (EVENT_KINDS, EVENTS_FILE, FINDING_FILE, META_FILE, SCHEMA_NAME,
+                                          SCHEMA_VERSION, SEVERITIES, STEPS_FILE, SUMMARY_FILE, TraceError)
+
+logger = logging.getLogger(__name__)
+
+
+def _jsonable(value: Any, key: str) -> Any:
+    """Plain-JSON form of one value; non-finite floats become None (read back as NaN)."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        as_float = float(value)
+        return as_float if math.isfinite(as_float) else None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(
+        f"trace value {key!r} has type {type(value).__name__}, which the trace cannot store; "
+        "pass a Python number, bool, str, None, list or dict (call .item() on 0-d tensors)"
+    )
+
+
+def _dumps(obj: Mapping[str, Any], what: str) -> str:
+    return json.dumps(_jsonable(obj, what), allow_nan=False, separators=(",", ":"))
+
+
+def write_json_atomic(path: Path, obj: Mapping[str, Any]) -> Path:
+    """Write a JSON file via a temporary file + rename, so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    text = json.dumps(_jsonable(obj, path.name), allow_nan=False, indent=2, sort_keys=True)
+    try:
+        tmp.write_text(text + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise TraceError(f"cannot write {path}: {exc}. Check that the folder exists and is writable.") from exc
+    return path
+
+
+def write_finding(run_dir: Path, finding: Mapping[str, Any]) -> Path:
+    """Store the bisector's Finding.to_dict() as run_dir/finding.json."""
+    return write_json_atomic(Path(run_dir) / FINDING_FILE, finding)
+
+
+
+class TraceWriter:
+    """Append-only writer of one run folder.
+
+    `fsync=True` also forces each line to disk (survives a machine crash, costs ~ms per step);
+    flushing alone already survives the process being killed.
+    """
+
+    def __init__(self, run_dir: Path, meta: Mapping[str, Any], *, fsync: bool = False,
+                 listeners: Iterable[Callable[[str, Mapping[str, Any]], None]] = ()) -> None:
+        # Called with ("step", row) / ("event", record) after each line is written: how other instruments
+        # (e.g. a sweep's pruner) follow a run as it happens without reading the files back.
+        self.listeners = tuple(listeners)
+        self.run_dir = Path(run_dir)
+        self.fsync = fsync
+        self._t0 = time.monotonic()
+        self._closed = False
+        if (self.run_dir / META_FILE).exists():
+            raise TraceError(
+                f"{self.run_dir} already holds a trace ({META_FILE} exists); appending would mix two runs. "
+                "Choose another output folder or delete the old run."
+            )
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            full_meta = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            full_meta.update(meta)
+            full_meta.update(schema=SCHEMA_NAME, version=SCHEMA_VERSION)
+            write_json_atomic(self.run_dir / META_FILE, full_meta)
+            self._steps = open(self.run_dir / STEPS_FILE, "a", encoding="utf-8")
+            self._events = open(self.run_dir / EVENTS_FILE, "a", encoding="utf-8")
+        except OSError as exc:
+            raise TraceError(
+                f"cannot create the run folder {self.run_dir}: {exc}. Pass a writable output folder."
+            ) from exc
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def _append(self, handle, line: str) -> None:
+        if self._closed:
+            raise ValueError(f"TraceWriter for {self.run_dir} is closed; no more rows can be written")
+        handle.write(line + "\n")
+        handle.flush()
+        if self.fsync:
+            os.fsync(handle.fileno())
+
+    def step(self, row: Mapping[str, Any]) -> None:
+        """Append one step row (flat keys per TRACE_SCHEMA); adds time_s when absent."""
+        if not isinstance(row.get("step"), numbers.Integral) or isinstance(row.get("step"), bool):
+            raise ValueError(f"step row needs an integer 'step' key, got {row.get('step')!r}")
+        full = dict(row)
+        full.setdefault("time_s", self.elapsed())
+        self._append(self._steps, _dumps(full, "step row"))
+        for listener in self.listeners:
+            listener("step", full)
+
+    def event(self, kind: str, severity: str, message: str, step: int | None = None, **data: Any) -> None:
+        """Append one event; `data` holds the kind-specific fields (matrix, names, path, ...)."""
+        if severity not in SEVERITIES:
+            raise ValueError(f"event severity must be one of {SEVERITIES}, got {severity!r}")
+        if not kind or not isinstance(kind, str):
+            raise ValueError(f"event kind must be a non-empty string, got {kind!r}")
+        if kind not in EVENT_KINDS:
+            logger.debug("event kind %r is not one of the documented kinds %s", kind, EVENT_KINDS)
+        record = {"step": step, "time_s": self.elapsed(), "kind": kind, "severity": severity,
+                  "message": str(message), "data": data}
+        self._append(self._events, _dumps(record, f"event {kind}"))
+        for listener in self.listeners:
+            listener("event", record)
+
+    def summary(self, summary: Mapping[str, Any]) -> Path:
+        """Write summary.json (steps, wall_s, nonfinite_steps, skipped_steps, final/best loss, status)."""
+        return write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._steps.close()
+        self._events.close()
+
+    def __enter__(self) -> "TraceWriter":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

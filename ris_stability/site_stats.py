@@ -1,0 +1,134 @@
+"""Statistics of one observed linear-algebra call, by kind of op: kind -> function, extendable.
+
+Each function takes the detached, flattened input matrices ``flat`` (b, m, n) (the first ``max_matrices``
+of the batch), the op's output ``out`` (None when the op raised) and the signal dimension ``k``, and
+returns a dict of (b,) float64 tensors over STAT_KEYS (missing keys are NaN). It reuses what the op
+computed (the eigenvalues of eigh/eigvalsh, the singular values of svd/svdvals) and factorises the
+input itself only for ops that give no spectrum (cholesky: eigvalsh; solve/inv/...: svdvals).
+Nothing here synchronises with the device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ris_stability.linalg_stats import STAT_KEYS, eigen_stats, hermitian_error, matrix_stats, singular_stats
+from ris_stability.tolerances import tie_tol
+
+StatsFn = Callable[[Tensor, Any, Any], dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How a kind of op is measured: its statistics, which outputs hold vectors whose gradient is the
+    tie hazard, and whether its input is Hermitian by contract (a Hermitian error is then a finding)."""
+
+    stats: StatsFn
+    vector_outputs: tuple[int, ...] = ()
+    hermitian: bool = False
+
+
+def nan_rows(flat: Tensor) -> Tensor:
+    return torch.full(flat.shape[:-2], math.nan, dtype=torch.float64, device=flat.device)
+
+
+def _first(values: Tensor, b: int) -> Tensor:
+    return values.detach().reshape(-1, values.shape[-1])[:b]
+
+
+def general_stats(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
+    """Singular-value statistics of general (b, m, n) matrices; NaN for matrices with non-finite entries."""
+    finite = torch.isfinite(flat).all(-1).all(-1)
+    safe = torch.where(finite[..., None, None], flat, torch.zeros_like(flat))
+    stats = singular_stats(torch.linalg.svdvals(safe), k=k, dtype=flat.dtype)
+    return {key: torch.where(finite, value, torch.full_like(value, math.nan)) if key != "n" else value
+            for key, value in stats.items()}
+
+
+def complex_gap_stats(w: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Gap statistics of unordered complex eigenvalues (..., n): the eig backward divides by w_j - w_i."""
+    n = w.shape[-1]
+    w = w.detach().to(torch.complex128)
+    dist = (w.unsqueeze(-1) - w.unsqueeze(-2)).abs()
+    off = ~torch.eye(n, dtype=torch.bool, device=w.device)
+    min_gap = torch.where(off, dist, torch.full_like(dist, math.inf)).flatten(-2).amin(-1)
+    if n == 1:
+        min_gap = torch.full_like(min_gap, math.nan)
+    # Largest number of eigenvalues within the tie tolerance of one of them (unordered: no chains).
+    near = (dist <= tie_tol(n, dtype, w.abs().amax(-1))[..., None, None]).sum(-1)
+    size, centre = near.max(-1)
+    value = w.abs().gather(-1, centre.unsqueeze(-1)).squeeze(-1)
+    return {"min_gap": min_gap, "amplification": 1.0 / min_gap, "max_cluster": size.to(torch.float64),
+            "cluster_value": torch.where(size > 1, value, torch.full_like(value, math.nan))}
+
+
+def _eigh(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
+    if out is None:
+        return matrix_stats(flat, k=k)
+    return eigen_stats(_first(out[0], flat.shape[0]), k=k, dtype=flat.dtype)
+
+
+def _eigvalsh(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
+    if out is None:
+        return matrix_stats(flat, k=k)
+    return eigen_stats(_first(out, flat.shape[0]), k=k, dtype=flat.dtype)
+
+
+def _svd_at(index: int | None) -> StatsFn:
+    def stats(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
+        if out is None:
+            return general_stats(flat, None, k)
+        s = out if index is None else out[index]
+        return singular_stats(_first(s, flat.shape[0]), k=k, dtype=flat.dtype)
+    return stats
+
+
+def _eig_at(index: int | None) -> StatsFn:
+    def stats(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
+        result = general_stats(flat, None, k)
+        if out is not None:
+            w = out if index is None else out[index]
+            result.update(complex_gap_stats(_first(w, flat.shape[0]), flat.dtype))
+            # Complex eigenvalues have no order, so no signal/noise split.
+            result.update({key: nan_rows(flat) for key in ("gap_split", "min_gap_signal", "min_gap_noise")})
+        return result
+    return stats
+
+
+KINDS: dict[str, Kind] = {
+    "eigh": Kind(_eigh, vector_outputs=(1,), hermitian=True),
+    "eigvalsh": Kind(_eigvalsh, hermitian=True),
+    "herm": Kind(lambda flat, out, k: matrix_stats(flat, k=k), hermitian=True),
+    "svd": Kind(_svd_at(1), vector_outputs=(0, 2)),
+    "svd_old": Kind(_svd_at(1), vector_outputs=(0, 2)),
+    "svdvals": Kind(_svd_at(None)),
+    "general": Kind(general_stats),
+    "eig": Kind(_eig_at(0), vector_outputs=(1,)),
+    "eigvals": Kind(_eig_at(None)),
+}
+
+
+def register_kind(name: str, stats: StatsFn, vector_outputs: tuple[int, ...] = (), hermitian: bool = False) -> None:
+    """Add (or replace) the statistics of a kind of op, for entry points added with intercept.add_entry_point."""
+    KINDS[name] = Kind(stats, tuple(vector_outputs), hermitian)
+
+
+def stat_rows(kind: str, flat: Tensor, out: Any, k) -> Tensor:
+    """(b, len(STAT_KEYS)) float64 statistics of the call, one row per matrix, columns in STAT_KEYS order."""
+    spec = KINDS[kind]
+    stats = spec.stats(flat, out, k)
+    if spec.hermitian and "herm_err" not in stats:
+        stats["herm_err"] = hermitian_error(flat)
+    nan = None
+    columns = []
+    for key in STAT_KEYS:
+        value = stats.get(key)
+        if value is None or (key == "herm_err" and not spec.hermitian):
+            nan = nan_rows(flat) if nan is None else nan
+            value = nan
+        columns.append(value.to(torch.float64))
+    return torch.stack(columns, dim=-1)
