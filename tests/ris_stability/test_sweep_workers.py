@@ -50,7 +50,13 @@ def test_two_workers_share_one_study_without_duplicates(tmp_path):
     assert len(set(pids)) == 2 and sorted(pids.count(p) for p in set(pids)) == [4, 4]  # 4 trials per worker
 
 
-def _running_trial_of(study: optuna.Study, pid: int) -> bool:
+def _running_trial_of(tmp: Path, pid: int) -> bool:
+    if not (tmp / "db.sqlite").exists():
+        return False
+    try:
+        study = load(tmp)
+    except KeyError:  # the file exists before the worker has created the study in it
+        return False
     return any(t.user_attrs.get("pid") == pid for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)))
 
 
@@ -59,7 +65,7 @@ def test_killed_worker_fails_its_trial_and_the_other_finishes(tmp_path):
     cmd = sweep_cmd(tmp_path, 2, 1, "--steps", "10", "--set", "train.sleep_s=0.15", "--set", "train.val_every=100")
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + TIMEOUT_S
-    while not ((tmp_path / "db.sqlite").exists() and _running_trial_of(load(tmp_path), first.pid)):
+    while not _running_trial_of(tmp_path, first.pid):
         assert time.monotonic() < deadline and first.poll() is None, "the first worker never started a trial"
         time.sleep(0.2)
     other = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
