@@ -21,7 +21,7 @@ import torch
 
 # Run as a plain script from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ris_model.eigh import eigh_gap_aware  # noqa: E402
+from ris_stability.spectral import eigh_gap_aware  # noqa: E402
 
 DTYPES = {"complex64": torch.complex64, "complex128": torch.complex128, "float32": torch.float32, "float64": torch.float64}
 

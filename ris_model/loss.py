@@ -25,11 +25,13 @@ from torch import Tensor, nn
 
 from ris_model.config import RunConfig
 from ris_model.covariance import Covariances, build_covariances
-from ris_model.eigh import eigh
 from ris_model.model import ModelOutputs
 from ris_model.simulate import System, make_system
+from ris_stability.spectral import eigh_gap_aware
 
 TERMS: tuple[str, ...] = ("cov_nmse", "eigengap", "subspace", "orthogonality", "cross", "k_ce", "aux")
+# loss.eigh_backward: the eigh the eigenvector terms call (forwards identical; only the backward differs).
+EIGH_BACKWARDS: tuple[str, ...] = ("torch", "gap_aware")
 MIN_HALF_RANGE = 1e-3  # aux normalisation floor (radians / log-metres) for a degenerate scene interval
 
 
@@ -87,10 +89,14 @@ class Subspace(nn.Module):
 
     def __init__(self, backward: str, k_max: int):
         super().__init__()
+        if backward not in EIGH_BACKWARDS:
+            raise ValueError(f"loss.eigh_backward: unknown backward {backward!r}; valid choices: "
+                             f"{', '.join(EIGH_BACKWARDS)}. Next step: fix loss.eigh_backward in the config.")
         self.backward, self.k_max = backward, k_max
 
     def forward(self, inp: LossInputs) -> Tensor:
-        _, vecs = eigh(inp.R_x, backward=self.backward)
+        # torch.linalg.eigh looked up per call, so a surrounding ris_stability.gap_aware() context applies.
+        _, vecs = (eigh_gap_aware if self.backward == "gap_aware" else torch.linalg.eigh)(inp.R_x)
         top = vecs[..., -self.k_max:].flip(-1)  # (B, N, K_MAX), descending eigenvalue order
         energy = (inp.basis.mH @ top).abs().pow(2).sum(-2)  # (B, K_MAX): ||Q^H u_j||^2
         return 1 - _masked_mean(energy, inp.mask)

@@ -7,8 +7,10 @@ matplotlib are imported by the live view, the trace reader and the reports only.
 from ris_stability.alignment import check_alignment
 from ris_stability.grads import GradMonitor
 from ris_stability.locate import Finding, Locator, format_finding, locate_nonfinite
+from ris_stability.precision import PrecisionAudit, audit_precision
 from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor
 from ris_stability.probes import SpectralProbe
+from ris_stability.spectral import gap_aware
 
-__all__ = ["check_alignment", "Finding", "format_finding", "GradMonitor", "Locator", "locate_nonfinite", "MonitorConfig",
-           "MonitorSession", "StabilityMonitor", "SpectralProbe"]
+__all__ = ["audit_precision", "PrecisionAudit", "check_alignment", "Finding", "format_finding", "GradMonitor", "Locator", "locate_nonfinite", "MonitorConfig",
+           "MonitorSession", "StabilityMonitor", "SpectralProbe", "gap_aware"]

@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from ris_stability.capsule import Capsule, CapsuleError
+from ris_stability.capsule import Capsule, CapsuleError, restore_rng
+from ris_stability.precision import PrecisionAudit, audit_precision, format_audit
 from ris_stability.locate.finding import Finding
 from ris_stability.locate import Locator
 from ris_stability.records import FINDING_FILE, META_FILE, UsageError, read_trace
@@ -138,6 +139,37 @@ def bisect_capsule(path: Path, float64: bool = False, export: Path | None = None
     return result
 
 
+def audit_capsule(path: Path) -> PrecisionAudit:
+    """Precision audit of a capsule's step (finite or not): its gradient against float64."""
+    capsule = Capsule.load(path)
+    rep = _rebuild(capsule, None)
+    rep.model.zero_grad(set_to_none=True)
+    restore_rng(capsule.rng)
+    return audit_precision(rep.loss, roots=rep.roots)
+
+
+def _latest_capsule(run_dir: Path) -> Path:
+    found = sorted((run_dir / "capsules").glob("step_*.pt"))
+    if not found:
+        raise UsageError(f"run folder {str(run_dir)!r} holds no capsule to audit; the monitor writes one on a "
+                         "non-finite step or a gradient spike")
+    return found[0]
+
+
+def run_precision(target: str, as_json: bool, console: Console) -> int:
+    """`risdiag bisect --precision`: audit the capsule (or a run folder's first capsule) against float64."""
+    path = Path(target)
+    if path.is_dir():
+        path = _latest_capsule(path)
+    audit = audit_capsule(path)
+    if as_json:
+        console.print_json(json.dumps({"capsule": str(path), **audit.to_dict()}, default=str))
+    else:
+        console.print(Panel(format_audit(audit), title=f"risdiag bisect --precision {path.name}",
+                            border_style="green" if audit.ok else "red"), highlight=False)
+    return EXIT_OK
+
+
 def first_bad_step(run_dir: Path) -> tuple[int, Path]:
     """The first step whose loss or gradients went non-finite, and its capsule."""
     trace = read_trace(run_dir)
@@ -211,5 +243,5 @@ def run_bisect(target: str, as_json: bool, float64: bool, export: str | None, co
     return EXIT_OK
 
 
-__all__ = ["bisect_capsule", "first_bad_step", "replay", "locate_capsule", "run_bisect", "BisectResult",
+__all__ = ["audit_capsule", "run_precision", "bisect_capsule", "first_bad_step", "replay", "locate_capsule", "run_bisect", "BisectResult",
            "ReplayOutcome", "NotReproducedError", "UsageError"]

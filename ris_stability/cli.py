@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the finding as JSON")
     b.add_argument("--float64", action="store_true", help="also replay in float64: precision or structure?")
     b.add_argument("--export", default=None, metavar="DIR", help="write a standalone reproducer to DIR")
+    b.add_argument("--precision", action="store_true",
+                   help="audit the step's gradient against float64 instead (finite steps too): which op's "
+                        "precision changes it")
 
     r = sub.add_parser("report", help="build report.md and figures from a run folder (or a sweep's study)")
     r.add_argument("run_dir", nargs="?", default=None)
@@ -100,8 +103,10 @@ def _cmd_trace(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_bisect(args: argparse.Namespace, console: Console) -> int:
-    from ris_stability.bisect import run_bisect
+    from ris_stability.bisect import run_bisect, run_precision
 
+    if args.precision:
+        return run_precision(args.target, as_json=args.json, console=console)
     return run_bisect(args.target, as_json=args.json, float64=args.float64, export=args.export, console=console)
 
 

@@ -12,13 +12,9 @@ import math
 
 import torch
 
-# Below this size the n*eps bound is too tight to cover the rounding of forming the matrix itself:
-# exact ties built as Q diag(lambda) Q^H come back up to ~9 eps*scale apart whatever n (measured for
-# n = 3..144, complex64 and complex128), which exceeds 2*n*eps*scale for n < 5.
-TIE_MIN_N = 8
-# Two computed eigenvalues of an exact tie are each off by up to the eigenvalue error bound, in
-# opposite directions in the worst case, so their distance can reach twice the bound.
-TIE_SPREAD = 2.0
+# THE tie rule is defined once, in the leaf op library (the gap-aware backwards drop exactly the pairs
+# it calls tied); re-exported here with the toolkit's other tolerances.
+from ris_stability.spectral.rule import TIE_MIN_N, TIE_SPREAD, tie_rtol
 
 
 class ToleranceError(TypeError):
@@ -57,13 +53,15 @@ def rank_tol(n: int, dtype: torch.dtype, lam_max):
 def tie_tol(n: int, dtype: torch.dtype, scale):
     """Distance at or below which two computed eigenvalues count as an exact tie.
 
-    Rule: ``TIE_SPREAD * max(n, TIE_MIN_N) * eps * scale`` with ``scale`` the spectral norm (largest
-    eigenvalue magnitude). Each computed eigenvalue of an exact tie lies within ``n * eps * scale`` of
-    the true value, so the two can be up to twice that apart; a pair closer than this is, for the
-    eigh backward (which divides by the computed difference), indistinguishable from a tie: its
-    eigenvector gradient is either 0/0 = NaN or noise amplified by 1/(rounding error).
+    Rule (``ris_stability.spectral.tie_rtol``): ``TIE_SPREAD * max(n, TIE_MIN_N) * eps * scale`` with
+    ``scale`` the spectral norm (largest eigenvalue magnitude). Each computed eigenvalue of an exact tie
+    lies within ``n * eps * scale`` of the true value, so the two can be up to twice that apart; a pair
+    closer than this is, for the eigh backward (which divides by the computed difference),
+    indistinguishable from a tie: its eigenvector gradient is either 0/0 = NaN or noise amplified by
+    1/(rounding error). The gap-aware backwards drop exactly these pairs.
     """
-    return TIE_SPREAD * max(n, TIE_MIN_N) * eps_of(dtype) * scale
+    real_dtype(dtype)  # integer dtypes: ToleranceError with its message
+    return tie_rtol(n, dtype) * scale
 
 
 # Decimal digits an inverse/solve must keep for its result to mean anything.
@@ -74,3 +72,20 @@ def ill_conditioned_log10(dtype: torch.dtype) -> float:
     """log10 condition number above which an inverse or solve in ``dtype`` keeps fewer than
     ILL_CONDITIONED_DIGITS_LEFT correct digits: log10(1/eps) - ILL_CONDITIONED_DIGITS_LEFT."""
     return -math.log10(eps_of(dtype)) - ILL_CONDITIONED_DIGITS_LEFT
+
+
+# Relative gradient error (||g - g_float64|| / ||g_float64||) above which an op's precision counts as
+# changing the gradient: 1 % is far above float32 rounding of a healthy gradient (~1e-6) and far
+# below the errors that mislead training (the 200x of a complex64 eig backward at eigenvalues ~1e11).
+PRECISION_GRAD_RTOL = 1e-2
+
+# A matrix whose relative Hermitian error ||A - A^H|| / ||A|| is within this many eps of its dtype
+# was built Hermitian (F F^H, (A + A^H)/2 leave a few eps of rounding): eigh applies.
+HERMITIAN_INPUT_EPS = 100.0
+
+
+def hermitian_input_tol(dtype: torch.dtype | str) -> float:
+    """Relative Hermitian error at or below which an input counts as Hermitian (eigh applies)."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    return HERMITIAN_INPUT_EPS * eps_of(dtype)

@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 from ris_model.complex_ops import ZeroTraceError, hermitise, outer, trace, trace_normalise
 from ris_model.config import ChannelConfig, CovarianceConfig, SceneConfig
 from ris_model.covariance import Covariances, build_covariances, inference_matrix, shrink
+from ris_stability.spectral import tie_rtol
 
 logger = logging.getLogger(__name__)
 
@@ -277,10 +278,10 @@ def test_shrinkage_at_project_defaults_ties_118_noise_eigenvalues(record_propert
             assert cluster == N_PROJECT - 2 * K_MAX - L == 118
             cond = (lam["eff"][..., -1] / lam["eff"][..., 0]).max().item()
             assert cond <= (1 - alpha + alpha / N_PROJECT) / (alpha / N_PROJECT) * (1 + 1e-3)
-            # The tie as the eigh backward sees it: closer than the n eps lambda_max tie rule of
-            # ris_model/numerics.py (degenerate_tol) and ris_stability/tolerances.py.
+            # The tie as the eigh backward sees it: closer than THE tie rule (ris_stability.spectral.tie_rtol,
+            # used by ris_model/numerics.py and ris_stability/tolerances.py alike).
             rel_gap = (lam["eff"].diff(dim=-1) / lam["eff"][..., -1:]).amin(-1).max().item()
-            assert rel_gap <= 2 * N_PROJECT * eps(dtype)
+            assert rel_gap <= tie_rtol(N_PROJECT, dtype)
             record_property(f"cluster_{dtype}_{alpha}", cluster)
             logger.info("%s alpha=%g: cond(R_eff)=%.3g, tied noise cluster=%d", dtype, alpha, cond, cluster)
 

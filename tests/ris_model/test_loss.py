@@ -157,3 +157,10 @@ def test_subspace_nan_with_ties_and_gap_aware_fix():
         g = torch.autograd.grad(value, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
         grads[backward] = all(x is None or bool(torch.isfinite(x).all()) for x in g)
     assert grads == {"torch": False, "gap_aware": True}
+
+
+def test_unknown_eigh_backward_is_refused_with_the_choices():
+    from ris_model.loss import Subspace
+
+    with pytest.raises(ValueError, match="valid choices: torch, gap_aware"):
+        Subspace("lorentz", 5)

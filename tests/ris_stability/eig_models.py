@@ -35,8 +35,8 @@ class ProjectorLoss(nn.Module):
         total = F.new_zeros((), dtype=torch.float32)
         for b in range(F.shape[0]):
             cov = scale[b] * (F[b] @ F[b].mH)
-            _, V = torch.linalg.eig(cov.to(self.dtype))
-            top = V[:, :K]
+            w, V = torch.linalg.eig(cov.to(self.dtype))
+            top = V[:, w.real.argsort(descending=True)[:K]]  # eig's order is unspecified
             P = (top @ top.mH).to(target.dtype)
             total = total + (P - target[b]).abs().square().sum().to(total.dtype)
         return total / F.shape[0]
@@ -118,3 +118,26 @@ class HermitianEig(nn.Module):
         A = self.B @ self.B.T + torch.eye(6)
         w, V = torch.linalg.eig(A)
         return (V[:, :2].abs() ** 2).sum() + w.real.sum()
+
+
+class ReplayedEigStep:
+    """What ``risdiag bisect`` needs of a replayed step: the model, its roots and the step's loss."""
+
+    def __init__(self, net: FactorNet, loss_fn: ProjectorLoss, batch: dict[str, torch.Tensor]) -> None:
+        self.model, self.loss_fn, self.batch = net, loss_fn, batch
+        self.roots = {"model": net, "loss": loss_fn}
+
+    def loss(self) -> torch.Tensor:
+        return eig_loss(self.model, self.loss_fn, self.batch)
+
+
+def replay(capsule, dtype: str | None = None) -> ReplayedEigStep:
+    """Replayer of capsules written by a monitor around eig_loss (``batch_state`` default: {"batch": b})."""
+    net, loss_fn = eig_setup()
+    net.load_state_dict(capsule.model_state)
+    batch = dict(capsule.batch["batch"])
+    if dtype == "float64":
+        net.double()
+        loss_fn = ProjectorLoss(torch.complex128)
+        batch = {k: v.to(torch.complex128 if v.is_complex() else torch.float64) for k, v in batch.items()}
+    return ReplayedEigStep(net, loss_fn, batch)

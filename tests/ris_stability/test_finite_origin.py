@@ -87,8 +87,8 @@ def test_eig_raising_on_healthy_input_is_still_the_finding():
 
 def test_uninitialised_memory_is_not_an_origin():
     from ris_stability.locate.locator import _Session
-    from ris_stability.locate.stack import _ModuleStack
-    session = _Session(_ModuleStack({}))
+    from ris_stability.tracker import ModuleTracker
+    session = _Session(ModuleTracker({}))
     garbage = torch.tensor([math.nan, 1.0])  # what empty_like may hand out
     session._check(torch.ops.aten.empty_like.default, (torch.ones(2),), {}, garbage, {}, {})
     assert session.origins == [] and session.taint.get(garbage) is None

@@ -1,4 +1,4 @@
-"""eigh_gap_aware: torch's forward bit for bit, torch's gradient on separated spectra, the exact
+"""ris_stability.spectral.eigh_gap_aware: torch's forward bit for bit, torch's gradient on separated spectra, the exact
 gradient of rotation-invariant losses on degenerate spectra (where torch's own backward is NaN)."""
 
 from __future__ import annotations
@@ -8,14 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ris_model.eigh import (
-    EigenvectorPhaseError,
-    EighConfigError,
-    eigh,
-    eigh_gap_aware,
-    pair_weights,
-)
-from ris_model.numerics import broadening_tol, degenerate_tol, eps_of
+from ris_model.numerics import degenerate_tol
+from ris_stability.spectral import (PhaseDependenceError, SpectralArgumentError, eigh_gap_aware, eps_of, pair_weights,
+                                    tie_rtol)
+from ris_stability.tolerances import tie_tol
 
 ALL_DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]
 EXACT_DTYPES = [torch.float64, torch.complex128]
@@ -111,11 +107,13 @@ def test_forward_is_bit_identical_to_torch(dtype):
     assert torch.all(lam[..., 1:] >= lam[..., :-1])  # ascending
 
 
-def test_autograd_node_name_and_dispatch():
-    a = random_hermitian(5, torch.complex128, 1).requires_grad_()
-    assert eigh(a, backward="gap_aware")[1].grad_fn.name() == "EighGapAwareBackward"
-    assert "LinalgEighBackward" in eigh(a, backward="torch")[1].grad_fn.name()
-    assert torch.equal(eigh(a, "gap_aware")[1], eigh(a, "torch")[1])
+@pytest.mark.parametrize("uplo", ["L", "U"])
+def test_autograd_node_name_named_tuple_and_uplo(uplo):
+    a = torch.randn(5, 5, dtype=torch.complex128, generator=_gen(1)).requires_grad_()  # not Hermitian: UPLO matters
+    out = eigh_gap_aware(a, uplo)
+    ref = torch.linalg.eigh(a, UPLO=uplo)
+    assert type(out) is type(ref) and out.eigenvectors.grad_fn.name() == "EighGapAwareBackward"
+    assert torch.equal(out.eigenvalues, ref.eigenvalues) and torch.equal(out.eigenvectors, ref.eigenvectors)
 
 
 # ----------------------------------------------------------------------------- well separated
@@ -174,7 +172,7 @@ def test_phase_dependent_loss_is_refused_like_torch():
     b = _separated(torch.complex128, 8).requires_grad_()
     with pytest.raises(RuntimeError, match=r"e\^\{i phi\}"):
         torch.linalg.eigh(b)[1].real.sum().backward()
-    with pytest.raises(EigenvectorPhaseError, match=r"max \|Im diag"):
+    with pytest.raises(PhaseDependenceError, match=r"max \|Im diag"):
         eigh_gap_aware(b)[1].real.sum().backward()
 
 
@@ -199,7 +197,7 @@ def test_exact_ties_torch_nan_gap_aware_exact(dtype, eps):
     t = random_hermitian(8, dtype, 11)
     assert torch.unique(torch.linalg.eigvalsh(b)[:5]).numel() == 1  # ties are bit-exact
     torch_grad = grad_of(lambda x: projector_loss(torch.linalg.eigh, x, 3, t), b)
-    ours = grad_of(lambda x: projector_loss(lambda y: eigh_gap_aware(y, eps), x, 3, t), b)
+    ours = grad_of(lambda x: projector_loss(lambda y: eigh_gap_aware(y, eps=eps), x, 3, t), b)
     assert torch.isnan(torch_grad).any()
     assert torch.isfinite(ours).all()
     hi = torch.complex128 if dtype.is_complex else torch.float64
@@ -281,7 +279,7 @@ def test_random_cluster_structures(sizes, gaps, negative_shift, complex_, eps, s
     w = torch.randn(len(sizes), dtype=torch.float64, generator=gen)[cluster_of]
     b = from_spectrum(spectrum, dtype, seed)
     g = random_hermitian(n, dtype, seed + 1)
-    loss_of_b = lambda x: spectral_loss(lambda y: eigh_gap_aware(y, eps), x, c, w, g)  # noqa: E731
+    loss_of_b = lambda x: spectral_loss(lambda y: eigh_gap_aware(y, eps=eps), x, c, w, g)  # noqa: E731
     grad = grad_of(loss_of_b, b)
     assert torch.isfinite(grad).all()
     tol = 1e-9 if eps != 1e-4 else 1e-3
@@ -318,10 +316,10 @@ def test_batched_mix_of_separated_and_degenerate():
 # ----------------------------------------------------------------------------- pair weights
 def test_pair_weights_rule():
     lam = torch.tensor([-1.0, 0.5, 0.5 + 1e-15, 0.5 + 1e-9, 0.5 + 1e-6, 2.0], dtype=torch.float64)
-    s, tau = 2.0, degenerate_tol(torch.float64, 6)
+    s, tau = 2.0, tie_rtol(6, torch.float64)
     f = pair_weights(lam)
     assert torch.all(torch.diagonal(f) == 0)
-    assert f[1, 2] == 0 and f[2, 1] == 0  # tied: relative gap 5e-16 <= tau = 24 eps
+    assert f[1, 2] == 0 and f[2, 1] == 0  # tied: relative gap 5e-16 <= tau = 16 eps
     assert f[0, 5].item() == pytest.approx(1 / 3.0, rel=1e-14)  # wide gap: 1 / (l_j - l_i)
     # gap 1e-9 >> tau s: 1 / E up to the bias (tau s / 1e-9)^2 ~ 1e-10
     assert f[1, 3].item() == pytest.approx(1 / float(lam[3] - lam[1]), rel=1e-9)
@@ -347,11 +345,19 @@ def test_pair_weights_scale_invariant_and_eps_zero_is_exact():
     assert torch.all(pair_weights(torch.zeros(2, 4)) == 0)  # zero matrix: all tied, no 0/0
 
 
-def test_tolerances_follow_dtype():
-    assert degenerate_tol(torch.complex64, 144) == 4 * 144 * torch.finfo(torch.float32).eps
+def test_one_tie_rule_for_toolkit_backward_and_pipeline():
+    """THE tie rule: 2 max(n, 8) eps, defined in ris_stability.spectral and used by the toolkit's statistics
+    (tolerances.tie_tol), the gap-aware backwards and ris_model alike."""
+    for dtype in (torch.float32, torch.complex64, torch.float64, torch.complex128):
+        for n in (1, 2, 8, 9, 144):
+            assert tie_rtol(n, dtype) == 2 * max(n, 8) * torch.finfo(dtype.to_real()).eps
+            assert tie_tol(n, dtype, 3.0) == tie_rtol(n, dtype) * 3.0
+            assert degenerate_tol(dtype, n) == tie_rtol(n, dtype)
     assert eps_of(torch.complex128) == torch.finfo(torch.float64).eps
-    assert broadening_tol(torch.float32, 10) == degenerate_tol(torch.float32, 10)
-    assert degenerate_tol(torch.float64, 10) < degenerate_tol(torch.float32, 10)
+    assert tie_rtol(10, torch.float64) < tie_rtol(10, torch.float32)
+    lam = torch.tensor([0.0, 1.0, 1.0 + tie_rtol(3, torch.float64), 2.0], dtype=torch.float64) / 2.0
+    f = pair_weights(lam * 2.0)
+    assert f[1, 2] == 0 and f[0, 1] != 0  # the backward drops exactly the pairs the rule calls tied
 
 
 # ----------------------------------------------------------------------------- bad arguments
@@ -361,12 +367,10 @@ BAD_CALLS = [
     pytest.param(lambda a: eigh_gap_aware(a, eps=float("inf")), "eps", id="inf-eps"),
     pytest.param(lambda a: eigh_gap_aware(a, eps=True), "eps", id="bool-eps"),
     pytest.param(lambda a: eigh_gap_aware(a[:, :3]), "square", id="non-square"),
-    pytest.param(lambda a: eigh(a, backward="lorentz"), "valid choices: torch, gap_aware", id="unknown-backward"),
-    pytest.param(lambda a: eigh(a, backward="torch", eps=1e-3), "only applies", id="eps-with-torch"),
 ]
 
 
 @pytest.mark.parametrize("call, message", BAD_CALLS)
 def test_bad_arguments_raise_with_explanation(call, message):
-    with pytest.raises(EighConfigError, match=message):
+    with pytest.raises(SpectralArgumentError, match=message):
         call(random_hermitian(4, torch.float64, 24))
