@@ -50,27 +50,26 @@ def test_two_workers_share_one_study_without_duplicates(tmp_path):
     assert len(set(pids)) == 2 and sorted(pids.count(p) for p in set(pids)) == [4, 4]  # 4 trials per worker
 
 
-def _running_trial_of(tmp: Path, pid: int) -> bool:
-    if not (tmp / "db.sqlite").exists():
-        return False
-    try:
-        study = load(tmp)
-    except KeyError:  # the file exists before the worker has created the study in it
-        return False
-    return any(t.user_attrs.get("pid") == pid for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)))
+def _started_a_trial(log: Path) -> bool:
+    # The worker logs "trial N: params -> folder" once the trial is RUNNING in the storage; reading its log
+    # keeps this test's own connections out of the storage while the workers create it.
+    return "sweep.trial: trial " in log.read_text()
 
 
 def test_killed_worker_fails_its_trial_and_the_other_finishes(tmp_path):
-    # 10 steps of 0.15 s: a trial takes seconds, so the kill lands inside one.
-    cmd = sweep_cmd(tmp_path, 2, 1, "--steps", "10", "--set", "train.sleep_s=0.15", "--set", "train.val_every=100")
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Trials of 30 steps of 0.1 s: a few seconds each, so the kill lands inside one even on a loaded machine.
+    slow = ["--steps", "30", "--set", "train.sleep_s=0.1", "--set", "train.val_every=100"]
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(sweep_cmd(tmp_path, 20, 1, *slow), cwd=tmp_path, env=env(), stdout=log, stderr=log)
     deadline = time.monotonic() + TIMEOUT_S
-    while not _running_trial_of(tmp_path, first.pid):
-        assert time.monotonic() < deadline and first.poll() is None, "the first worker never started a trial"
+    while not _started_a_trial(tmp_path / "first.log"):
+        assert time.monotonic() < deadline and first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(0.2)
-    other = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    other = subprocess.Popen(sweep_cmd(tmp_path, 2, 1, *slow), cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
+    log.close()
     _, err = other.communicate(timeout=TIMEOUT_S)
     assert other.returncode == 0, err[-3000:]
     time.sleep(3.5)  # past the grace period (3 heartbeats of 1 s) of the killed worker's trial
