@@ -25,8 +25,38 @@ from ris_stability.records import UsageError
 EXIT_OK, EXIT_NONFINITE, EXIT_USAGE, EXIT_NOT_REPRODUCED = 0, 1, 2, 3
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage block) and exits 2; subparsers inherit it."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _int_at_least(low: int):
+    """argparse type: an integer >= low. Every integer option uses one, so a bad value exits 2 at parse time."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+positive_int = _int_at_least(1)
+nonnegative_int = _int_at_least(0)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="risdiag", description="Numerical-stability diagnostics for PyTorch training.")
+    p = _Parser(prog="risdiag", description="Numerical-stability diagnostics for PyTorch training.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -34,11 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="TOML config, e.g. configs/quickstart.toml")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.steps=50 (repeatable)")
-    t.add_argument("--steps", type=int, default=None, help="number of training steps (overrides train.steps)")
+    t.add_argument("--steps", type=positive_int, default=None, help="number of training steps (overrides train.steps)")
     t.add_argument("--out", default=None, help="run folder (default runs/<config>-<time>)")
     t.add_argument("--no-live", action="store_true", help="plain log lines instead of the live dashboard")
-    t.add_argument("--every", type=int, default=1, help="record matrix statistics every N steps (default 1)")
-    t.add_argument("--max-matrices", type=int, default=4, help="matrices of each batch the probes analyse")
+    t.add_argument("--every", type=positive_int, default=1, help="record matrix statistics every N steps (default 1)")
+    t.add_argument("--max-matrices", type=positive_int, default=4, help="matrices of each batch the probes analyse")
     t.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
 
     b = sub.add_parser("bisect", help="replay a crash capsule (or a run folder) and name the failing op")
@@ -73,20 +103,20 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("sweep", help="Optuna study of traced runs with stability-aware pruning (needs the [sweep] extra)")
     s.add_argument("--config", required=True, help="TOML config, e.g. configs/quickstart.toml")
     s.add_argument("--space", required=True, help="search-space TOML, e.g. configs/space-quickstart.toml")
-    s.add_argument("--trials", type=int, required=True, help="trials this command runs (split over --workers)")
+    s.add_argument("--trials", type=positive_int, required=True, help="trials this command runs (split over --workers)")
     s.add_argument("--storage", required=True, help="Optuna RDB URL, e.g. sqlite:///runs/sweep.db or postgresql://...")
     s.add_argument("--study", required=True, help="study name; the same name and storage on another machine joins")
-    s.add_argument("--steps", type=int, default=None, help="training steps of each trial (overrides train.steps)")
-    s.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    s.add_argument("--steps", type=positive_int, default=None, help="training steps of each trial (overrides train.steps)")
+    s.add_argument("--workers", type=positive_int, default=1, help="worker processes on this machine (default 1)")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="fixed override of every trial's config (repeatable)")
     s.add_argument("--metric", default="loss", help="validation metric to optimise (default loss)")
     s.add_argument("--direction", default="minimize", choices=("minimize", "maximize"))
     s.add_argument("--out", default=None, help="trial run folders go to OUT/trial-NNNN (default runs/sweep-STUDY)")
-    s.add_argument("--seed", type=int, default=None, help="TPE sampler seed (worker i uses SEED + i)")
-    s.add_argument("--heartbeat", type=int, default=10, help="seconds between trial heartbeats (stale after 3)")
-    s.add_argument("--startup-trials", type=int, default=3, help="trials before the median pruner prunes")
-    s.add_argument("--nonfinite-budget", type=int, default=0, help="non-finite steps a trial may have (default 0)")
+    s.add_argument("--seed", type=nonnegative_int, default=None, help="TPE sampler seed (worker i uses SEED + i)")
+    s.add_argument("--heartbeat", type=positive_int, default=10, help="seconds between trial heartbeats (stale after 3)")
+    s.add_argument("--startup-trials", type=nonnegative_int, default=3, help="trials before the median pruner prunes")
+    s.add_argument("--nonfinite-budget", type=nonnegative_int, default=0, help="non-finite steps a trial may have (default 0)")
     s.add_argument("--explode-factor", type=float, default=1e4, help="prune when |g| > FACTOR x its early median")
     s.add_argument("--no-tie-prune", action="store_true", help="do not prune on tied eigenvalues")
     s.add_argument("--no-trial-reports", action="store_true", help="skip each trial's report.md")
@@ -210,7 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args, console)
     except (ConfigError, UsageError, CapsuleError, FileNotFoundError, PermissionError) as exc:
-        err.print(f"[red bold]risdiag {args.command}: error:[/red bold] {escape(str(exc))}", highlight=False)
+        # UsageError covers the settings of config objects too (SettingError): options added later inherit it.
+        # Escaped: messages quote TOML tables such as [params."train.lr"], which rich would take for markup.
+        err.print(f"[red bold]risdiag {args.command}: error:[/red bold] {escape(_one_line(exc))}", highlight=False,
+                  soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]; the run folder keeps every step logged so far")
@@ -221,4 +254,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "EXIT_OK", "EXIT_NONFINITE", "EXIT_USAGE", "EXIT_NOT_REPRODUCED"]
+__all__ = ["main", "nonnegative_int", "positive_int", "EXIT_OK", "EXIT_NONFINITE", "EXIT_USAGE", "EXIT_NOT_REPRODUCED"]

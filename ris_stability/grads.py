@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,18 @@ from ris_stability.linalg_stats import to_floats
 log = logging.getLogger(__name__)
 
 TOTAL_KEY = "_total"
+
+
+def _as_list(optimizer: Any) -> list:
+    if optimizer is None:
+        return []
+    return list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+
+
+def _group_key(k: int, g: int, group: Mapping, n_optimizers: int) -> str:
+    """A param group's column name: its group name, prefixed by the optimizer's index when there are several."""
+    name = group_name(g, group)
+    return name if n_optimizers == 1 else f"{k}.{name}"
 
 
 class GradMonitorError(RuntimeError):
@@ -133,6 +145,8 @@ class GradMonitor:
         self._group_indices: dict[tuple[int, ...], Tensor] = {}
         self._present_indices: dict[tuple[int, ...], Tensor] = {}
         self._alive = torch.zeros(len(self.params), dtype=torch.bool, device=self.device)
+        self._had_grad = [False] * len(self.params)
+        self._liveness: tuple[Tensor, list[bool]] | None = None
         self._observed = 0
         self._pending: dict[str, Tensor] = {}
         self._snapshot: list[list[Tensor]] | None = None
@@ -141,25 +155,54 @@ class GradMonitor:
         self._reported_terms: set[str] = set()  # reported dead, or seen to change after dead_after
 
     # -- gradients ---------------------------------------------------------------------------------
-    def observe_grads(self, optimizer: torch.optim.Optimizer | None = None, count_nonfinite: bool = True) -> None:
+    def observe_grads(self, optimizer: Any = None, count_nonfinite: bool = True, scale: float = 1.0) -> None:
         """Measure the current grads (call after backward): module and total norms, per-param-group norms
-        when ``optimizer`` is given, parameter liveness, and non-finite counts unless ``count_nonfinite``
-        is False (a caller that checks ``grad/_total`` for finiteness anyway can count only on a bad step
-        with :meth:`count_nonfinite`)."""
+        when ``optimizer`` (one or a sequence; several name their groups "<k>.<group>") is given, parameter
+        liveness, and non-finite counts unless ``count_nonfinite`` is False (a caller that checks
+        ``grad/_total`` for finiteness anyway can count only on a bad step with :meth:`count_nonfinite`).
+        ``scale``: the factor the grads still carry (a GradScaler's scale before ``unscale_``), divided out.
+        The liveness of this observation counts once the next observation is taken, unless
+        :meth:`settle` (False) drops it first: a skipped or non-finite step says nothing about liveness."""
+        self._commit()
         norms = grad_norms(self.params, self.device, self._present_indices)
+        if scale != 1.0:
+            norms = norms / scale
         by_module = combine_norms(norms, self._module_index, len(self.modules))
         for i, module in enumerate(self.modules):
             self._pending[f"grad/{module}"] = by_module[i]
         if count_nonfinite:
             self.count_nonfinite()
         self._pending[f"grad/{TOTAL_KEY}"] = norms.square().sum().sqrt()
-        if optimizer is not None:
-            for g, group in enumerate(optimizer.param_groups):
+        opts = _as_list(optimizer)
+        for k, opt in enumerate(opts):
+            for g, group in enumerate(opt.param_groups):
                 picked = norms[self._group_index(group["params"])]
-                self._pending[f"grad_group/{group_name(g, group)}"] = picked.square().sum().sqrt()
+                self._pending[f"grad_group/{_group_key(k, g, group, len(opts))}"] = picked.square().sum().sqrt()
         # A NaN or inf norm is not a usable gradient; a zero norm means no gradient reached the parameter.
-        self._alive |= torch.isfinite(norms) & (norms > 0)
-        self._observed += 1
+        self._liveness = (torch.isfinite(norms) & (norms > 0), [p.grad is not None for p in self.params])
+
+    def _commit(self) -> None:
+        if self._liveness is not None:
+            alive, present = self._liveness
+            self._alive |= alive
+            self._had_grad = [a or b for a, b in zip(self._had_grad, present)]
+            self._observed += 1
+            self._liveness = None
+
+    def settle(self, ok: bool) -> None:
+        """Count the last observation's liveness now (``ok``) or drop it (a skipped / non-finite step)."""
+        if ok:
+            self._commit()
+        self._liveness = None
+
+    def nonfinite_parameters(self) -> list[str]:
+        """Names of the parameters whose current grad holds NaN/Inf (one sync; for bad steps only)."""
+        counts = nonfinite_counts(self.params, self.device, self._present_indices).tolist()
+        return [name for name, c in zip(self.names, counts) if c > 0]
+
+    def never_had_grad(self, name: str) -> bool:
+        """True when the parameter's grad was None at every counted observation (not reached by the loss)."""
+        return not self._had_grad[self.names.index(name)]
 
     def count_nonfinite(self) -> None:
         """Count the non-finite elements of the current grads per module (reported by collect when > 0)."""
@@ -178,24 +221,29 @@ class GradMonitor:
             index = self._group_indices[key] = torch.tensor(positions, dtype=torch.long, device=self.device)
         return index
 
-    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Snapshot the parameters of every param group (call right before ``optimizer.step()``)."""
-        self._snapshot = [[p.detach().clone() for p in group["params"]] for group in optimizer.param_groups]
+    def before_step(self, optimizer: Any) -> None:
+        """Snapshot the parameters of every param group (call right before ``optimizer.step()``; one
+        optimizer or a sequence)."""
+        self._snapshot = [[p.detach().clone() for p in group["params"]]
+                          for opt in _as_list(optimizer) for group in opt.param_groups]
 
-    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def after_step(self, optimizer: Any) -> None:
         """Update ratio ||dtheta|| / ||theta|| per param group against the snapshot of before_step."""
-        if self._snapshot is None or len(self._snapshot) != len(optimizer.param_groups):
+        opts = _as_list(optimizer)
+        groups = [(_group_key(k, g, group, len(opts)), group) for k, opt in enumerate(opts)
+                  for g, group in enumerate(opt.param_groups)]
+        if self._snapshot is None or len(self._snapshot) != len(groups):
             raise GradMonitorError("GradMonitor.after_step: no matching before_step snapshot; call "
                                    "before_step(optimizer) right before optimizer.step() on the same optimizer")
-        for g, (group, before) in enumerate(zip(optimizer.param_groups, self._snapshot)):
+        for (key, group), before in zip(groups, self._snapshot):
             after = [p.detach() for p in group["params"]]
             if not after:
                 continue
-            delta = float64_norms(torch._foreach_sub(after, before))
-            theta = float64_norms(before)
+            delta = torch._foreach_norm(torch._foreach_sub(after, before))
+            theta = torch._foreach_norm(before)
             d = torch.stack([v.to(self.device, torch.float64) for v in delta]).square().sum().sqrt()
             t = torch.stack([v.to(self.device, torch.float64) for v in theta]).square().sum().sqrt()
-            self._pending[f"update_ratio/{group_name(g, group)}"] = d / t
+            self._pending[f"update_ratio/{key}"] = d / t
         self._snapshot = None
 
     # -- loss terms --------------------------------------------------------------------------------
@@ -237,6 +285,7 @@ class GradMonitor:
     def dead_parameters(self) -> list[str]:
         """Names of parameters that received no non-zero finite gradient in ``dead_after`` or more
         observations; each name is returned once. Empty until enough observations."""
+        self._commit()
         if self._observed < self.dead_after:
             return []
         alive = self._alive.tolist()

@@ -18,9 +18,11 @@ from typing import Any, Callable, Literal
 import torch
 
 from ris_stability.capsule import Capsule, capsule_path, capture_rng, clone_state
+from ris_stability import amp
 from ris_stability.grads import GradMonitor, float64_norms
+from ris_stability.loopstack import COMPILE_LIMITATION, compiled_parts, optimizers_of, run_meta, unwrap
 from ris_stability.probes import SpectralProbe
-from ris_stability.records import TraceWriter
+from ris_stability.records import SettingError, TraceWriter
 from ris_stability.tolerances import ill_conditioned_log10
 
 log = logging.getLogger(__name__)
@@ -35,13 +37,17 @@ class MonitorConfig:
     policy: Literal["skip", "stop", "observe"] = "skip"  # what to ask of the loop on a non-finite step
     max_capsules: int = 5  # capsules written per run (the first bad steps are the informative ones)
     update_every: int = 10  # update ratios (a parameter snapshot per step) every n steps: they move slowly
+    amp_collapse_steps: int = amp.COLLAPSE_STEPS  # GradScaler scale below 1 this many steps in a row: incident
 
     def __post_init__(self) -> None:
-        if self.every < 1 or self.dead_after < 1 or self.update_every < 1 or self.max_capsules < 0:
-            raise ValueError(f"MonitorConfig: every={self.every}, dead_after={self.dead_after}, update_every="
-                             f"{self.update_every} must be >= 1 and max_capsules={self.max_capsules} >= 0")
+        if (self.every < 1 or self.dead_after < 1 or self.update_every < 1 or self.grad_depth < 1
+                or self.max_capsules < 0 or (self.max_matrices is not None and self.max_matrices < 1)):
+            raise SettingError(f"MonitorConfig: every={self.every}, dead_after={self.dead_after}, update_every="
+                               f"{self.update_every}, grad_depth={self.grad_depth} and max_matrices="
+                               f"{self.max_matrices} must be >= 1 (max_matrices=None: whole batches) and "
+                               f"max_capsules={self.max_capsules} >= 0")
         if self.policy not in ("skip", "stop", "observe"):
-            raise ValueError(f"MonitorConfig.policy={self.policy!r}: valid choices 'skip', 'stop', 'observe'")
+            raise SettingError(f"MonitorConfig.policy={self.policy!r}: valid choices 'skip', 'stop', 'observe'")
 
 
 def suspect_site(sites: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -84,17 +90,29 @@ class StabilityMonitor:
         self._losses: list[float] = []
         self._status = "clean"
         self._dtype = torch.float32
+        self._model: torch.nn.Module | None = None
+        self._amp_scale: float | None = None
+        self._checked_step: int | None = None  # non-finite handling runs once per step (accumulation)
+        self._scale = amp.ScaleWatch(collapse_steps=cfg.amp_collapse_steps)
+        self.overflow = False  # this step's gradients overflowed under a GradScaler (the scaler skips it)
+        self.limitations: list[str] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
     def attach(self, model: torch.nn.Module, loss_fn: torch.nn.Module | None = None) -> None:
+        compiled = compiled_parts(model)
+        model = self._model = unwrap(model)  # a torch.compile wrapper would prefix every name with _orig_mod
         roots = {"model": model} if loss_fn is None else {"model": model, "loss": loss_fn}
         self._dtype = next((p.dtype for p in model.parameters()), torch.float32)
+        self.meta = {**run_meta(model), **self.meta}
         self.writer = TraceWriter(self.run_dir, self.meta, listeners=self.listeners)
         # The probe's mode is entered only on sampled steps, from step start to after backward: between
         # them every torch call would otherwise pay a Python round trip through the mode.
         self.probe = SpectralProbe(roots=roots, every=1, max_matrices=self.cfg.max_matrices)
         self.grads = GradMonitor(model, depth=self.cfg.grad_depth, dead_after=self.cfg.dead_after)
         self.writer.event("run_start", "info", f"monitor attached (every={self.cfg.every}, policy={self.cfg.policy})")
+        if compiled:
+            self.limitations.append(f"torch.compile ({', '.join(p or 'model' for p in compiled)}): {COMPILE_LIMITATION}")
+            self.writer.event("compiled_model", "warning", self.limitations[-1], parts=compiled)
 
     def detach(self, status: str | None = None) -> None:
         if self.probe is not None and self.probe.active:
@@ -106,7 +124,8 @@ class StabilityMonitor:
                 "steps": len(self._losses), "wall_s": time.perf_counter() - self._t0,
                 "nonfinite_steps": self.nonfinite_steps, "skipped_steps": self.skipped_steps,
                 "final_loss": self._losses[-1] if self._losses else None,
-                "best_loss": min(finite) if finite else None, "status": status or self._status})
+                "best_loss": min(finite) if finite else None, "status": status or self._status,
+                "amp_overflow_steps": self._scale.overflow_steps, "limitations": self.limitations})
             self.writer.event("run_end", "info", f"run ended: {status or self._status}")
             self.writer.close()
             self.writer = None
@@ -117,30 +136,39 @@ class StabilityMonitor:
 
     def on_step_start(self, ctx: Any) -> None:
         self._rng = capture_rng()
+        self.overflow, self._amp_scale = False, None
         if ctx.step % self.cfg.every == 0:
             self.probe.set_signal_dim(getattr(ctx, "signal_dims", None))
             self.probe.__enter__()
 
     def on_after_forward(self, ctx: Any) -> None:
-        if ctx.step % self.cfg.every == 0:
-            self.grads.observe_terms(ctx.terms)
+        """Loss terms are recorded at step end, and only for steps that stepped with finite values."""
 
     def on_after_backward(self, ctx: Any) -> None:
+        """The gradients of this optimizer step are complete (after the last micro-batch's backward)."""
         sampled = ctx.step % self.cfg.every == 0
         if self.probe.active:  # vec_grad hooks have fired: backward is done
             self._sites = self.probe.collect()
             self.probe.__exit__(None, None, None)  # validation and later calls are not training matrices
+        scaler = getattr(ctx, "scaler", None)
+        scaler = scaler if amp.is_scaler(scaler) else None
+        opts = optimizers_of(ctx)
+        scale = amp.scale_of(scaler) if scaler is not None else 1.0
         if sampled:
-            self.grads.observe_grads(ctx.optimizer, count_nonfinite=False)
+            still_scaled = scaler is not None and not amp.unscaled(scaler, opts)
+            self.grads.observe_grads(opts, count_nonfinite=False, scale=scale if still_scaled else 1.0)
         if ctx.grads_finite is None:
             ctx.grads_finite = self._grads_finite(ctx)
         finite = bool(ctx.grads_finite)
-        if not finite:
+        first, self._checked_step = self._checked_step != ctx.step, ctx.step
+        if scaler is not None and first:
+            self._amp_step(ctx, scale, finite)
+        elif not finite and first:
             self._on_nonfinite(ctx)
 
     def on_before_optimizer_step(self, ctx: Any) -> None:
         if self._measures_update(ctx.step) and not ctx.skip_requested:
-            self.grads.before_step(ctx.optimizer)
+            self.grads.before_step(optimizers_of(ctx))
 
     def on_step_end(self, ctx: Any) -> None:
         skipped = bool(getattr(ctx, "skipped", False))
@@ -148,8 +176,13 @@ class StabilityMonitor:
             self.skipped_steps.append(ctx.step)
             self.writer.event("step_skipped", "warning", f"step {ctx.step} skipped ({ctx.skip_reason})",
                               step=ctx.step, reason=ctx.skip_reason)
-        if self._measures_update(ctx.step) and not skipped and ctx.optimizer is not None:
-            self.grads.after_step(ctx.optimizer)
+        if self._measures_update(ctx.step) and not skipped and optimizers_of(ctx):
+            self.grads.after_step(optimizers_of(ctx))
+        ok = not skipped and ctx.step not in self.nonfinite_steps and not self.overflow
+        if ctx.step % self.cfg.every == 0:
+            self.grads.settle(ok)  # liveness counts only steps that stepped with finite gradients
+            if ok:
+                self.grads.observe_terms(ctx.terms)
         loss = float(ctx.loss.detach()) if ctx.loss is not None else math.nan
         self._losses.append(loss)
         if ctx.step % self.cfg.every == 0 or ctx.step in self.nonfinite_steps:
@@ -178,7 +211,26 @@ class StabilityMonitor:
         ok = torch.stack([n.to(norms[0].device) for n in norms]).isfinite().all() if norms else torch.tensor(True)
         return bool(ok) and (ctx.loss is None or bool(torch.isfinite(ctx.loss)))
 
-    def _on_nonfinite(self, ctx: Any) -> None:
+    def _amp_step(self, ctx: Any, scale: float, finite: bool) -> None:
+        """Under a GradScaler: an overflow is the scaler's routine (recorded, no capsule, no skip request:
+        the scaler skips by itself); a scale that stays below 1 is an incident; a non-finite loss is a fault."""
+        loss_finite = ctx.loss is None or bool(torch.isfinite(ctx.loss))
+        self.overflow = not finite and loss_finite
+        self._amp_scale = scale
+        if self.overflow:
+            self.writer.event("amp_overflow", "info", f"GradScaler overflow at step {ctx.step} (scale {scale:.6g}): "
+                              "the scaler skips this step and lowers the scale", step=ctx.step, scale=scale)
+        elif not finite:
+            self._on_nonfinite(ctx, request=False)
+        if self._scale.observe(ctx.step, scale, self.overflow):
+            msg = self._scale.describe(scale)
+            self._status = "nonfinite"
+            self.writer.event("amp_scale_collapse", "error", msg, step=ctx.step, scale=scale,
+                              overflow_steps=self._scale.overflow_steps)
+            if len(self.capsules) < self.cfg.max_capsules:
+                self._write_capsule(ctx, reason=msg)
+
+    def _on_nonfinite(self, ctx: Any, request: bool = True) -> None:
         step = ctx.step
         self.nonfinite_steps.append(step)
         if step % self.cfg.every == 0:
@@ -197,11 +249,18 @@ class StabilityMonitor:
             msg += (f"; suspect {suspect['site']} at {suspect['location']} (min gap {st.get('min_gap', math.nan):.2e}, "
                     f"largest tied cluster {int(st.get('max_cluster', 0))}, eigenvectors "
                     f"{'receive' if suspect['vec_grad'] else 'do not receive'} gradient)")
+        bad = self.grads.nonfinite_parameters() if loss_finite else []
+        if bad:  # "non-finite" is not "no gradient": name them in these words (see _report_dead)
+            msg += f"; gradient non-finite (NaN/Inf entries) in: {', '.join(bad[:8])}" + (
+                f" (+{len(bad) - 8})" if len(bad) > 8 else "")
+            data["nonfinite_parameters"] = bad
         self.writer.event(kind, "error", msg, step=step, **data)
         if self.live is not None:
             self.live.update(step, event=msg, nonfinite=True)
         if len(self.capsules) < self.cfg.max_capsules:
             self._write_capsule(ctx, reason=msg)
+        if not request:
+            return
         if self.cfg.policy == "skip" and hasattr(ctx, "request_skip"):
             ctx.request_skip("nonfinite")
         elif self.cfg.policy == "stop" and hasattr(ctx, "request_stop"):
@@ -213,9 +272,11 @@ class StabilityMonitor:
         meta = {"torch": str(torch.__version__), "threads": torch.get_num_threads(), "replayer": self.replayer, "lr": float(getattr(ctx, "lr", math.nan)),
                 "loss": float(ctx.loss.detach()) if ctx.loss is not None else math.nan,
                 "grads_finite": bool(ctx.grads_finite) if ctx.grads_finite is not None else False}
-        cap = Capsule(step=ctx.step, batch=self.batch_state(ctx.batch), model_state=clone_state(ctx.model.state_dict()),
-                      optimizer_state=clone_state(ctx.optimizer.state_dict()) if ctx.optimizer is not None else None,
-                      rng=self._rng or capture_rng(), config_text=self.config_text, reason=reason, meta=meta)
+        opts = [clone_state(opt.state_dict()) for opt in optimizers_of(ctx)]
+        cap = Capsule(step=ctx.step, batch=self.batch_state(ctx.batch), model_state=clone_state(self._model.state_dict()),
+                      optimizer_state=(opts[0] if len(opts) == 1 else {"optimizers": opts}) if opts else None,
+                      rng=self._rng or capture_rng(), config_text=self.config_text, reason=reason, meta=meta,
+                      grads={n: p.grad.detach().clone() for n, p in self._model.named_parameters() if p.grad is not None})
         path = cap.save(capsule_path(self.run_dir, ctx.step))
         self.capsules.append(path)
         self.writer.event("capsule_written", "info", f"capsule for step {ctx.step} written", step=ctx.step,
@@ -225,6 +286,10 @@ class StabilityMonitor:
         row: dict[str, Any] = {"step": ctx.step, "time_s": time.perf_counter() - self._t0,
                                "lr": float(getattr(ctx, "lr", math.nan)), "skipped": skipped,
                                "nonfinite": ctx.step in self.nonfinite_steps, "loss": loss}
+        if self._amp_scale is not None:
+            row.update(amp_scale=self._amp_scale, amp_overflow=self.overflow)
+        if getattr(ctx, "micro_batches", 1) > 1:
+            row["micro_batches"] = ctx.micro_batches
         row.update(self.grads.collect())
         row.update({f"loss/{k}": float(v) for k, v in ctx.terms.items() if f"loss/{k}" not in row})
         for name, site in self._sites.items():
@@ -259,12 +324,19 @@ class StabilityMonitor:
 
     def _report_dead(self, step: int) -> None:
         params, terms = self.grads.dead_parameters(), self.grads.dead_terms()
-        if params:
-            self.writer.event("dead_parameter", "warning", f"never received gradient: {', '.join(params[:8])}"
-                              + (f" (+{len(params) - 8})" if len(params) > 8 else ""), step=step, names=params)
+        missing = [p for p in params if self.grads.never_had_grad(p)]
+        zero = [p for p in params if p not in missing]
+        n = self.grads.dead_after
+        for names, what in ((missing, f"received no gradient in {n}+ finite steps (grad is None: the loss does not "
+                                      "depend on them)"),
+                            (zero, f"gradient exactly zero in every one of {n}+ finite steps")):
+            if names:
+                self.writer.event("dead_parameter", "warning", f"{what}: {', '.join(names[:8])}"
+                                  + (f" (+{len(names) - 8})" if len(names) > 8 else ""), step=step, names=names,
+                                  gradient="none" if names is missing else "zero")
         if terms:
-            self.writer.event("dead_loss_term", "warning", f"constant or zero loss term(s): {', '.join(terms)}",
-                              step=step, names=terms)
+            self.writer.event("dead_loss_term", "warning", f"loss term(s) constant over {n}+ finite steps: "
+                              f"{', '.join(terms)}", step=step, names=terms)
 
 
 @dataclass
@@ -272,8 +344,10 @@ class LoopContext:
     """The context the monitor reads, for loops that do not have ris_model's StepContext."""
 
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer | None = None
+    optimizer: Any = None  # one optimizer or a sequence of them (all step together)
     loss_fn: torch.nn.Module | None = None
+    scaler: Any = None  # a GradScaler under fp16 AMP: its overflow steps are routine, not faults
+    micro_batches: int = 0  # after_forward calls this step (gradient accumulation)
     step: int = 0
     lr: float = math.nan
     batch: Any = None
@@ -307,12 +381,18 @@ class MonitorSession:
                 s.end_step()
                 if s.stop_requested:
                     break
+
+    Gradient accumulation: call ``after_forward`` for every micro-batch (the step's loss and terms are
+    their sums) and ``after_backward`` once, after the last micro-batch's backward. Several optimizers:
+    pass them as a list. fp16 AMP: pass the GradScaler (``scaler=``) and call ``scaler.step`` /
+    ``scaler.update`` whenever ``after_backward`` returns True (it does on an overflow: the scaler skips
+    that step itself).
     """
 
-    def __init__(self, monitor: StabilityMonitor, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 loss_fn: torch.nn.Module | None = None):
+    def __init__(self, monitor: StabilityMonitor, model: torch.nn.Module, optimizer: Any = None,
+                 loss_fn: torch.nn.Module | None = None, scaler: Any = None):
         self.monitor = monitor
-        self.ctx = LoopContext(model=model, optimizer=optimizer, loss_fn=loss_fn)
+        self.ctx = LoopContext(model=model, optimizer=optimizer, loss_fn=loss_fn, scaler=scaler)
 
     def __enter__(self) -> "MonitorSession":
         self.monitor.on_train_start(self.ctx)
@@ -332,21 +412,30 @@ class MonitorSession:
         c = self.ctx
         c.step, c.batch, c.lr, c.signal_dims = step, batch, lr, signal_dims
         c.loss, c.terms, c.grads_finite, c.skipped, c.skip_reason, c.skip_requested = None, {}, None, False, "", ""
+        c.micro_batches = 0
         self.monitor.on_step_start(c)
 
     def after_forward(self, loss: torch.Tensor, terms: dict[str, torch.Tensor] | None = None) -> None:
-        self.ctx.loss = loss
-        self.ctx.terms = {k: v.detach() for k, v in (terms or {}).items()}
-        self.monitor.on_after_forward(self.ctx)
+        c = self.ctx
+        terms = {k: v.detach() for k, v in (terms or {}).items()}
+        if c.micro_batches == 0:
+            c.loss, c.terms = loss, terms
+        else:  # gradient accumulation: the step's gradient is that of the sum of the micro-batch losses
+            c.loss = c.loss.detach() + loss.detach()
+            c.terms = {k: c.terms[k] + v if k in c.terms else v for k, v in terms.items()}
+        c.micro_batches += 1
+        self.monitor.on_after_forward(c)
 
     def after_backward(self) -> bool:
-        """Check the gradients; True when the optimizer should step (finite, or policy 'observe')."""
+        """Check the step's gradients; True when the optimizer (or the GradScaler) should step: finite,
+        a GradScaler overflow (the scaler skips it itself), or policy 'observe'."""
         self.monitor.on_after_backward(self.ctx)
-        self.ctx.skipped = bool(self.ctx.skip_requested)
-        self.ctx.skip_reason = self.ctx.skip_requested
+        overflow = self.monitor.overflow
+        self.ctx.skipped = bool(self.ctx.skip_requested) or overflow
+        self.ctx.skip_reason = self.ctx.skip_requested or ("amp_overflow" if overflow else "")
         if not self.ctx.skipped:
             self.monitor.on_before_optimizer_step(self.ctx)
-        return not self.ctx.skipped
+        return not self.ctx.skip_requested
 
     def end_step(self) -> None:
         self.monitor.on_step_end(self.ctx)
