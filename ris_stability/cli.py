@@ -55,6 +55,21 @@ positive_int = _int_at_least(1)
 nonnegative_int = _int_at_least(0)
 
 
+def _float_above(low: float):
+    """argparse type: a finite number > low."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not low < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number > {low:g}, got {text}")
+        return value
+
+    parse.__name__ = f"number > {low:g}"
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="risdiag", description="Numerical-stability diagnostics for PyTorch training.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -117,7 +132,7 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--heartbeat", type=positive_int, default=10, help="seconds between trial heartbeats (stale after 3)")
     s.add_argument("--startup-trials", type=nonnegative_int, default=3, help="trials before the median pruner prunes")
     s.add_argument("--nonfinite-budget", type=nonnegative_int, default=0, help="non-finite steps a trial may have (default 0)")
-    s.add_argument("--explode-factor", type=float, default=1e4, help="prune when |g| > FACTOR x its early median")
+    s.add_argument("--explode-factor", type=_float_above(1.0), default=1e4, help="prune when |g| > FACTOR x its early median")
     s.add_argument("--no-tie-prune", action="store_true", help="do not prune on tied eigenvalues")
     s.add_argument("--no-trial-reports", action="store_true", help="skip each trial's report.md")
     s.add_argument("--target", default="ris_stability.integrations.ris:sweep_target",
@@ -204,11 +219,8 @@ def _cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     for name in ("ris_model", "ris_stability"):  # one line per trial, not every training step
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("ris_stability.sweep").setLevel(logging.INFO)
-    try:
-        rules = StabilityRules(nonfinite_budget=args.nonfinite_budget, explode_factor=args.explode_factor,
-                               prune_on_tie=not args.no_tie_prune)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    rules = StabilityRules(nonfinite_budget=args.nonfinite_budget, explode_factor=args.explode_factor,
+                           prune_on_tie=not args.no_tie_prune)
     opts = SweepOptions(config=args.config, space=args.space, trials=args.trials, storage=args.storage,
                         study=args.study, steps=args.steps, workers=args.workers, overrides=tuple(args.overrides),
                         target=args.target, metric=args.metric, direction=args.direction, out=args.out,

@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ris_stability.records import GRAD_TOTAL, MAT_PREFIX
+from ris_stability.records import GRAD_TOTAL, MAT_PREFIX, SettingError
 
 # Ops whose backward masks tied pairs by construction (ris_stability.spectral's gap-aware eigh / svd and
 # any op named after them): a tie there is harmless, so it is tracked but never prunes.
@@ -38,7 +38,7 @@ class StabilityRules:
 
     def __post_init__(self) -> None:
         if self.nonfinite_budget < 0 or self.baseline_steps < 1 or not self.explode_factor > 1:
-            raise ValueError(f"StabilityRules: nonfinite_budget={self.nonfinite_budget} must be >= 0, baseline_steps="
+            raise SettingError(f"StabilityRules: nonfinite_budget={self.nonfinite_budget} must be >= 0, baseline_steps="
                              f"{self.baseline_steps} >= 1, explode_factor={self.explode_factor} > 1")
 
 
