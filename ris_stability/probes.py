@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ris_stability import intercept
 from ris_stability.frames import caller_location, user_stack
-from ris_stability.linalg_stats import STAT_KEYS, matrix_stats, worst_rows
+from ris_stability.linalg_stats import STAT_KEYS, eig_backward_terms, matrix_stats, worst_rows
 from ris_stability.records.schema import SettingError
 from ris_stability.site_stats import KINDS, nan_rows, stat_rows
 from ris_stability.tracker import ModuleTracker
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 OPS: dict[Callable, tuple[str, str]] = {func: (entry.name, entry.kind)
                                         for func, entry in intercept.entry_by_function().items()}
 
+EIG_TERM_KEYS = ("phase_noise", "gap_terms")
 _COMPACT_AFTER = 16  # per-site batches kept before they are reduced to one worst case on the device
 _WATCH_KIND = "herm"
 
@@ -70,6 +71,11 @@ class _Site:
     requires_grad: bool = False
     chunks: list[Tensor] = field(default_factory=list)
     vec: Tensor | None = None  # device bool: some eigenvector output received a non-zero gradient
+    # device float64: sum over calls of (||dL/dA|| * ||A||)^2, the gradient each call passed back to its
+    # matrix in units of that matrix (unchanged when the matrix is rescaled): the site's contribution.
+    back: Tensor | None = None
+    # device float64 maxima over the calls of an eig site's backward parts (linalg_stats.eig_backward_terms)
+    eig_terms: dict[str, Tensor] = field(default_factory=dict)
 
     def add(self, rows: Tensor, requires_grad: bool) -> None:
         self.calls += 1
@@ -91,8 +97,37 @@ class _Site:
             return None
         return hook
 
+    def backward_hook(self, scale: Tensor) -> Callable:
+        def hook(grad_inputs, grad_outputs) -> None:
+            g = grad_inputs[0] if grad_inputs else None
+            if g is not None:
+                with torch.no_grad():
+                    sq = (_norm64(g) * scale.to(g.device)).square()
+                    self.back = sq if self.back is None else self.back + sq.to(self.back.device)
+        return hook
+
+    def eig_hook(self, w: Tensor, V: Tensor) -> Callable[[Tensor], None]:
+        def hook(gV: Tensor) -> None:
+            b = w.shape[0]
+            noise, terms = eig_backward_terms(w, V, gV.detach().reshape(-1, *gV.shape[-2:])[:b])
+            for key, value in (("phase_noise", noise.amax()), ("gap_terms", terms.amax())):
+                old = self.eig_terms.get(key)
+                self.eig_terms[key] = value if old is None else torch.maximum(old, value.to(old.device))
+        return hook
+
     def reset(self) -> None:
-        self.calls, self.requires_grad, self.chunks, self.vec = 0, False, [], None
+        self.calls, self.requires_grad, self.chunks, self.vec, self.back = 0, False, [], None, None
+        self.eig_terms = {}
+
+
+def _norm64(t: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(torch.view_as_real(t) if t.is_complex() else t, dtype=torch.float64)
+
+
+def _grad_node(out: Any):
+    """The autograd node of the op's first output (None when it does not require grad)."""
+    first = out[0] if isinstance(out, (tuple, list)) and out else out
+    return first.grad_fn if isinstance(first, Tensor) else None
 
 
 def _matrix_arg(args: tuple, kwargs: Mapping[str, Any]) -> Tensor | None:
@@ -162,6 +197,12 @@ class SpectralProbe:
         flat = self._flatten(matrices)
         k = self._k_for(matrices.shape[:-2], flat.shape[0])
         site.add(self._measure(lambda: stat_rows(kind, flat, out, k), flat, site.name), matrices.requires_grad)
+        node = _grad_node(out)
+        if node is not None:
+            node.register_hook(site.backward_hook(_norm64(matrices.detach())))
+        if kind == "eig" and out is not None and out[1].requires_grad:
+            n, b = matrices.shape[-1], flat.shape[0]
+            out[1].register_hook(site.eig_hook(out[0].detach().reshape(-1, n)[:b], out[1].detach().reshape(-1, n, n)[:b]))
         for index in KINDS[kind].vector_outputs if out is not None else ():
             vectors = out[index]
             if vectors.requires_grad:
@@ -242,8 +283,9 @@ class SpectralProbe:
         site.add(self._measure(lambda: stat_rows(_WATCH_KIND, flat, None, kk), flat, name), tensor.requires_grad)
 
     def _reduce(self) -> tuple[list[_Site], Tensor | None]:
-        """The sites recorded since the last collect and their worst statistics (S, K+1) on the device,
-        the last column being vec_grad (0/1); the records are reset."""
+        """The sites recorded since the last collect and their worst statistics (S, K+4) on the device,
+        then vec_grad (0/1), the norm of the gradient the calls passed back (NaN if none) and the eig
+        backward's phase noise and gap terms (NaN if not an eig site); the records are reset."""
         active = [site for site in self._sites.values() if site.calls]
         if not active:
             return [], None
@@ -252,7 +294,10 @@ class SpectralProbe:
             reduced = site.reduced()
             vec = (site.vec.to(reduced.device, torch.float64) if site.vec is not None
                    else torch.zeros((), dtype=torch.float64, device=reduced.device))
-            rows.append(torch.cat([reduced, vec.reshape(1)]))
+            back = (site.back.to(reduced.device) if site.back is not None
+                    else torch.full((), float("nan"), dtype=torch.float64, device=reduced.device))
+            eig = [site.eig_terms.get(key, back.new_full((), float("nan"))).reshape(1) for key in EIG_TERM_KEYS]
+            rows.append(torch.cat([reduced, vec.reshape(1), back.reshape(1).sqrt(), *eig]))
         table = torch.stack(rows)
         infos = [_Site(site.name, site.op, site.location, site.module, site.calls, site.requires_grad)
                  for site in active]
@@ -294,7 +339,8 @@ class SpectralProbe:
 def _records(sites: list[_Site], values: list[list[float]]) -> dict[str, dict[str, Any]]:
     return {
         site.name: {"site": site.name, "op": site.op, "location": site.location, "module": site.module,
-                    "requires_grad": site.requires_grad, "vec_grad": bool(row[-1]),
-                    "stats": dict(zip(STAT_KEYS, row[:-1])), "calls": site.calls}
+                    "requires_grad": site.requires_grad, "vec_grad": bool(row[len(STAT_KEYS)]),
+                    "stats": dict(zip(STAT_KEYS, row)), "calls": site.calls, "grad_norm": row[len(STAT_KEYS) + 1],
+                    "backward": dict(zip(EIG_TERM_KEYS, row[len(STAT_KEYS) + 2:]))}
         for site, row in zip(sites, values)
     }

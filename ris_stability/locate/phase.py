@@ -39,7 +39,7 @@ def _hook_svd_phase(node):
         return None
 
     def check(grad_outputs):
-        _, gU, gVh = (tuple(grad_outputs) + (None, None, None))[:3]
+        gU, _, gVh = (tuple(grad_outputs) + (None, None, None))[:3]  # outputs (U, S, Vh)
         if gU is None and gVh is None:
             return
         # skew(X) = X - X^H doubles the imaginary part of the diagonal, as in torch's svd_backward.
