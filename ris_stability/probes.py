@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ris_stability import intercept
+from ris_stability import intercept, linalg_ops
 from ris_stability.frames import caller_location, user_stack
 from ris_stability.linalg_stats import STAT_KEYS, eig_backward_terms, matrix_stats, worst_rows
 from ris_stability.records.schema import SettingError
@@ -48,8 +48,10 @@ from ris_stability.tracker import ModuleTracker
 log = logging.getLogger(__name__)
 
 # The torch callables observed, as (name, kind): for instruments that see calls through a TorchFunctionMode.
+# Norms are spectral only for some orders (linalg_ops.refine): not an allow-listed matrix consumer.
 OPS: dict[Callable, tuple[str, str]] = {func: (entry.name, entry.kind)
-                                        for func, entry in intercept.entry_by_function().items()}
+                                        for func, entry in intercept.entry_by_function().items()
+                                        if entry.kind != "norm"}
 
 EIG_TERM_KEYS = ("phase_noise", "gap_terms")
 _COMPACT_AFTER = 16  # per-site batches kept before they are reduced to one worst case on the device
@@ -187,14 +189,22 @@ class SpectralProbe:
 
     def on_call(self, name: str, kind: str, args: tuple, kwargs: dict, out: Any, frame: FrameType | None) -> None:
         self.before_backward()
+        refined = linalg_ops.refine(name, kind, args, kwargs)
+        if refined is None:
+            return
+        name, kind = refined
         matrices = _matrix_arg(args, kwargs)
         if matrices is None or kind not in KINDS:
             return
         module = self._tracker.current(frame) if self._tracker is not None else ""
         stack = user_stack(frame, limit=1)
         location = stack[0] if stack else "<unknown>"
-        site = self._site((module, name, location), f"{module}:{name}" if module else name, name, location, module)
-        flat = self._flatten(matrices)
+        shape = tuple(matrices.shape[-2:])
+        site = self._site((module, name, location, shape), f"{module}:{name}" if module else name, name, location,
+                          module)
+        # Ops that return their spectrum are measured on the whole batch (O(b n) from the values they
+        # computed), so the worst sample is found wherever it sits; max_matrices bounds the others.
+        flat = self._flatten(matrices, whole=out is not None and kind in linalg_ops.SPECTRUM_KINDS)
         k = self._k_for(matrices.shape[:-2], flat.shape[0])
         site.add(self._measure(lambda: stat_rows(kind, flat, out, k), flat, site.name), matrices.requires_grad)
         node = _grad_node(out)
@@ -244,18 +254,24 @@ class SpectralProbe:
         return tracker.current()
 
     # -- recording -------------------------------------------------------------------------------
-    def _site(self, key: tuple[str, str, str], name: str, op: str, location: str, module: str) -> _Site:
+    def _site(self, key: tuple, name: str, op: str, location: str, module: str) -> _Site:
         site = self._sites.get(key)
         if site is None:
-            taken = {other.name for other in self._sites.values()}
-            # A second call site of the same op in the same module keeps its own record.
-            site = _Site(name if name not in taken else f"{name}@{location}", op, location, module)
+            taken = {other.name: k for k, other in self._sites.items()}
+            if name in taken:
+                # A second call site of the same op in the same module keeps its own record, and so does a
+                # second matrix shape at one call site ((144, k) and (k, k) statistics do not mix).
+                shape = "x".join(str(d) for d in key[-1]) if len(key) > 3 else ""
+                same_line = len(key) > 3 and taken[name][:3] == key[:3]
+                name = f"{name}[{shape}]" if same_line else f"{name}@{location}"
+                name = name if name not in taken else f"{name}@{location}[{shape}]"
+            site = _Site(name, op, location, module)
             self._sites[key] = site
         return site
 
-    def _flatten(self, matrices: Tensor) -> Tensor:
+    def _flatten(self, matrices: Tensor, whole: bool = False) -> Tensor:
         flat = matrices.detach().reshape(-1, *matrices.shape[-2:])
-        return flat if self.max_matrices is None else flat[: self.max_matrices]
+        return flat if self.max_matrices is None or whole else flat[: self.max_matrices]
 
     def _measure(self, compute: Callable[[], Tensor], flat: Tensor, what: str) -> Tensor:
         try:
