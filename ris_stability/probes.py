@@ -40,8 +40,8 @@ from torch import Tensor, nn
 
 from ris_stability import intercept
 from ris_stability.frames import caller_location, user_stack
-from ris_stability.linalg_stats import STAT_KEYS, matrix_stats, worst_rows
-from ris_stability.site_stats import KINDS, nan_rows, stat_rows
+from ris_stability.linalg_stats import STAT_KEYS, worst_rows, worst_segments
+from ris_stability.site_stats import KINDS, Call, cut_outputs, nan_rows, rows_of
 from ris_stability.tracker import ModuleTracker
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,9 @@ log = logging.getLogger(__name__)
 OPS: dict[Callable, tuple[str, str]] = {func: (entry.name, entry.kind)
                                         for func, entry in intercept.entry_by_function().items()}
 
-_COMPACT_AFTER = 16  # per-site batches kept before they are reduced to one worst case on the device
+# Calls kept before their statistics are computed (and rows before they are reduced to one worst case
+# per site): bounds the memory of a long stretch between two collects.
+_COMPUTE_AFTER = 256
 _WATCH_KIND = "herm"
 
 
@@ -67,18 +69,8 @@ class _Site:
     module: str
     calls: int = 0
     requires_grad: bool = False
-    chunks: list[Tensor] = field(default_factory=list)
+    rows: list[Tensor] = field(default_factory=list)  # computed statistics (b, len(STAT_KEYS))
     vec: Tensor | None = None  # device bool: some eigenvector output received a non-zero gradient
-
-    def add(self, rows: Tensor, requires_grad: bool) -> None:
-        self.calls += 1
-        self.requires_grad = self.requires_grad or requires_grad
-        self.chunks.append(rows)
-        if len(self.chunks) >= _COMPACT_AFTER:
-            self.chunks = [self.reduced().unsqueeze(0)]
-
-    def reduced(self) -> Tensor:
-        return worst_rows(self.chunks[0] if len(self.chunks) == 1 else torch.cat(self.chunks))
 
     def vector_hook(self) -> Callable[[Tensor | None], None]:
         def hook(grad: Tensor | None) -> None:
@@ -91,7 +83,7 @@ class _Site:
         return hook
 
     def reset(self) -> None:
-        self.calls, self.requires_grad, self.chunks, self.vec = 0, False, [], None
+        self.calls, self.requires_grad, self.rows, self.vec = 0, False, [], None
 
 
 def _matrix_arg(args: tuple, kwargs: Mapping[str, Any]) -> Tensor | None:
@@ -125,6 +117,7 @@ class SpectralProbe:
         self._tracker: ModuleTracker | None = None
         # Vector outputs of autograd Functions: they require grad only once the Function has returned.
         self._pending: list[tuple[_Site, weakref.ref]] = []
+        self._calls: list[tuple[_Site, Call]] = []  # statistics not computed yet
 
     # -- lifecycle -------------------------------------------------------------------------------
     def __enter__(self) -> SpectralProbe:
@@ -158,9 +151,7 @@ class SpectralProbe:
         stack = user_stack(frame, limit=1)
         location = stack[0] if stack else "<unknown>"
         site = self._site((module, name, location), f"{module}:{name}" if module else name, name, location, module)
-        flat = self._flatten(matrices)
-        k = self._k_for(matrices.shape[:-2], flat.shape[0])
-        site.add(self._measure(lambda: stat_rows(kind, flat, out, k), flat, site.name), matrices.requires_grad)
+        self._add(site, kind, matrices, out, None)
         for index in KINDS[kind].vector_outputs if out is not None else ():
             vectors = out[index]
             if vectors.requires_grad:
@@ -211,16 +202,38 @@ class SpectralProbe:
             self._sites[key] = site
         return site
 
-    def _flatten(self, matrices: Tensor) -> Tensor:
-        flat = matrices.detach().reshape(-1, *matrices.shape[-2:])
-        return flat if self.max_matrices is None else flat[: self.max_matrices]
+    def _add(self, site: _Site, kind: str, matrices: Tensor, out: Any, k: Tensor | int | None) -> None:
+        """Keep the call for later: its statistics are computed with the alike calls at collect time. The
+        input is copied (the caller may overwrite it); the outputs are kept as they are."""
+        with torch.no_grad():
+            flat = matrices.detach().reshape(-1, *matrices.shape[-2:])
+            flat = (flat if self.max_matrices is None else flat[: self.max_matrices]).clone()
+            b = flat.shape[0]
+            call = Call(kind, flat, cut_outputs(out, matrices.shape[:-2], b), self._k_for(matrices.shape[:-2], b, k))
+        site.calls += 1
+        site.requires_grad = site.requires_grad or matrices.requires_grad
+        self._calls.append((site, call))
+        if len(self._calls) >= _COMPUTE_AFTER:
+            self._compute()
 
-    def _measure(self, compute: Callable[[], Tensor], flat: Tensor, what: str) -> Tensor:
+    def _compute(self) -> None:
+        """Turn the kept calls into statistics rows of their sites (on the device, no sync)."""
+        calls, self._calls = self._calls, []
+        if calls:
+            for (site, _), rows in zip(calls, rows_of([call for _, call in calls], self._measure)):
+                site.rows.append(rows)
+        for site in self._sites.values():
+            if len(site.rows) > _COMPUTE_AFTER:
+                site.rows = [worst_rows(torch.cat(site.rows)).unsqueeze(0)]
+
+    @staticmethod
+    def _measure(compute: Callable[[], Tensor], flat: Tensor) -> Tensor:
         try:
             with torch.no_grad(), intercept.quiet():  # our own linalg calls must not be recorded
                 return compute()
         except torch.linalg.LinAlgError as err:
-            log.warning("SpectralProbe: statistics of %s could not be computed (%s); recorded as NaN", what, err)
+            log.warning("SpectralProbe: statistics of a %s batch could not be computed (%s); recorded as NaN",
+                        tuple(flat.shape), err)
             nan = nan_rows(flat)
             return torch.stack([torch.full_like(nan, float(flat.shape[-1])) if key == "n" else nan
                                 for key in STAT_KEYS], dim=-1)
@@ -236,23 +249,23 @@ class SpectralProbe:
         if not self.sampling:
             return
         site = self._site(("<watch>", name, ""), name, "watch", caller_location(), self.module_path())
-        flat = self._flatten(tensor)
-        kk = self._k_for(tensor.shape[:-2], flat.shape[0], k)
-        site.add(self._measure(lambda: stat_rows(_WATCH_KIND, flat, None, kk), flat, name), tensor.requires_grad)
+        self._add(site, _WATCH_KIND, tensor, None, k)
 
     def _reduce(self) -> tuple[list[_Site], Tensor | None]:
         """The sites recorded since the last collect and their worst statistics (S, K+1) on the device,
         the last column being vec_grad (0/1); the records are reset."""
+        self._compute()
         active = [site for site in self._sites.values() if site.calls]
         if not active:
             return [], None
-        rows = []
-        for site in active:
-            reduced = site.reduced()
-            vec = (site.vec.to(reduced.device, torch.float64) if site.vec is not None
-                   else torch.zeros((), dtype=torch.float64, device=reduced.device))
-            rows.append(torch.cat([reduced, vec.reshape(1)]))
-        table = torch.stack(rows)
+        rows = torch.cat([r for site in active for r in site.rows])
+        device = rows.device
+        segment = torch.cat([torch.full((r.shape[0],), i, dtype=torch.long, device=device)
+                             for i, site in enumerate(active) for r in site.rows])
+        worst = worst_segments(rows, segment, len(active))
+        zero = torch.zeros((), dtype=torch.bool, device=device)
+        vec = torch.stack([zero if site.vec is None else site.vec.to(device) for site in active])
+        table = torch.cat([worst, vec.to(worst.dtype).unsqueeze(1)], dim=1)
         infos = [_Site(site.name, site.op, site.location, site.module, site.calls, site.requires_grad)
                  for site in active]
         for site in active:

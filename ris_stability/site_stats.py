@@ -132,3 +132,68 @@ def stat_rows(kind: str, flat: Tensor, out: Any, k) -> Tensor:
             value = nan
         columns.append(value.to(torch.float64))
     return torch.stack(columns, dim=-1)
+
+
+@dataclass
+class Call:
+    """One observed call, kept until its statistics are computed together with the others of its kind
+    and shapes: ``flat`` a detached copy of the (b, m, n) input, ``out`` the op's outputs cut to the same
+    b matrices (None when the op raised), ``k`` the signal dimension (None, an int, or a (b,) tensor)."""
+
+    kind: str
+    flat: Tensor
+    out: Any
+    k: Any
+
+    def group(self) -> tuple:
+        """Calls with the same key are measured as one batch."""
+        k = "tensor" if isinstance(self.k, Tensor) else self.k
+        return (self.kind, tuple(self.flat.shape[1:]), self.flat.dtype, self.flat.device, k, _signature(self.out))
+
+
+def _signature(out: Any) -> Any:
+    if out is None or isinstance(out, Tensor):
+        return None if out is None else (tuple(out.shape[1:]), out.dtype)
+    return tuple(None if t is None else (tuple(t.shape[1:]), t.dtype) for t in out)
+
+
+def cut_outputs(out: Any, batch_shape: torch.Size, b: int) -> Any:
+    """The op's outputs for the first b matrices of its batch, flattened to (b, ...) and detached;
+    outputs without the batch shape (e.g. lstsq's rank of a single matrix) become None."""
+    def cut(t: Any) -> Tensor | None:
+        if not isinstance(t, Tensor) or tuple(t.shape[: len(batch_shape)]) != tuple(batch_shape):
+            return None
+        return t.detach().reshape(-1, *t.shape[len(batch_shape):])[:b]
+    if out is None or isinstance(out, Tensor):
+        return None if out is None else cut(out)
+    return tuple(cut(t) for t in out)
+
+
+def _cat(parts: list[Any]) -> Any:
+    first = parts[0]
+    if first is None or isinstance(first, Tensor):
+        return None if first is None else torch.cat(parts)
+    return tuple(None if column[0] is None else torch.cat(column) for column in zip(*parts))
+
+
+def rows_of(calls: list[Call], measure: Callable[[Callable[[], Tensor], Tensor], Tensor]) -> list[Tensor]:
+    """(b_i, len(STAT_KEYS)) statistics of each call, computed once per group of alike calls (a loop
+    over samples calling eigh on each makes one batched computation, not one per call).
+    ``measure(compute, flat)`` runs a computation and turns a failure into NaN rows for ``flat``."""
+    groups: dict[tuple, list[int]] = {}
+    for i, call in enumerate(calls):
+        groups.setdefault(call.group(), []).append(i)
+    rows: list[Tensor | None] = [None] * len(calls)
+    for members in groups.values():
+        batch = [calls[i] for i in members]
+        if len(batch) == 1:
+            call = batch[0]
+            rows[members[0]] = measure(lambda: stat_rows(call.kind, call.flat, call.out, call.k), call.flat)
+            continue
+        flat = torch.cat([c.flat for c in batch])
+        k = torch.cat([c.k for c in batch]) if isinstance(batch[0].k, Tensor) else batch[0].k
+        out = _cat([c.out for c in batch])
+        joint = measure(lambda: stat_rows(batch[0].kind, flat, out, k), flat)
+        for i, part in zip(members, joint.split([c.flat.shape[0] for c in batch])):
+            rows[i] = part
+    return rows
