@@ -8,15 +8,18 @@ forward of the captured step, returning the scalar loss), ``roots`` (named modul
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import math
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
+from torch import Tensor
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
@@ -45,16 +48,56 @@ class ReplayOutcome:
     bad_parameters: list[str]
     recorded_loss: float
     recorded_grads_finite: bool
+    grads: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    recorded_grads: dict[str, Tensor] | None = field(default=None, repr=False)  # None: capsule stored none
 
     @property
     def nonfinite(self) -> bool:
         return not (math.isfinite(self.loss) and self.grads_finite)
 
     @property
+    def differences(self) -> list[str]:
+        """What the replay did not reproduce bit for bit: loss, non-finite pattern, each gradient."""
+        out = []
+        if not _same_float(self.loss, self.recorded_loss):
+            out.append(f"loss {self.loss!r} vs recorded {self.recorded_loss!r}")
+        if self.grads_finite != self.recorded_grads_finite:
+            out.append(f"gradients {'finite' if self.grads_finite else 'non-finite'} vs recorded "
+                       f"{'finite' if self.recorded_grads_finite else 'non-finite'}")
+        if self.recorded_grads is None:
+            return out + ["the capsule stores no gradients to compare with"]
+        for name in sorted(set(self.grads) | set(self.recorded_grads)):
+            a, b = self.grads.get(name), self.recorded_grads.get(name)
+            if a is None or b is None:
+                out.append(f"gradient of {name} {'missing on replay' if a is None else 'not recorded'}")
+            elif not same_bits(a, b):
+                out.append(f"gradient of {name} differs")
+        return out
+
+    @property
     def bit_exact(self) -> bool:
-        a, b = self.loss, self.recorded_loss
-        same_loss = (math.isnan(a) and math.isnan(b)) or a == b
-        return same_loss and self.grads_finite == self.recorded_grads_finite
+        return not self.differences
+
+
+def _same_float(a: float, b: float) -> bool:
+    return struct.pack("<d", a) == struct.pack("<d", b) or (math.isnan(a) and math.isnan(b))
+
+
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    """Bitwise equality of two tensors; NaNs compare by position (their payload is not kept by every op)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    nan_a, nan_b = a.isnan(), b.isnan()
+    if not torch.equal(nan_a, nan_b):
+        return False
+    bits = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[a.element_size()]
+    return torch.equal(a.masked_fill(nan_a, 0).contiguous().view(bits),
+                       b.masked_fill(nan_b, 0).contiguous().view(bits))
 
 
 @dataclass
@@ -69,7 +112,7 @@ class BisectResult:
         o = self.outcome
         return {"capsule": str(self.capsule), "step": o.step, "reproduced": o.nonfinite, "bit_exact": o.bit_exact,
                 "replay": {"loss": o.loss if math.isfinite(o.loss) else None, "grads_finite": o.grads_finite,
-                           "bad_parameters": o.bad_parameters[:20]},
+                           "bad_parameters": o.bad_parameters[:20], "differences": o.differences[:20]},
                 "finding": self.finding.to_dict() if self.finding else None, "float64": self.float64,
                 "exported": self.exported}
 
@@ -86,31 +129,44 @@ def _replayer(capsule: Capsule) -> Callable[..., Any]:
         raise CapsuleError(f"capsule replayer {spec!r} cannot be imported ({err})") from None
 
 
-def _rebuild(capsule: Capsule, dtype: str | None) -> Any:
+@contextlib.contextmanager
+def _capsule_threads(capsule: Capsule) -> Iterator[None]:
+    """Run with the thread count the run used, then restore the process-wide setting."""
     # LAPACK's rounding (and so whether near-tied eigenvalues come out exactly equal) depends on the
     # thread count: replay with the one the run used.
-    threads = capsule.meta.get("threads")
+    threads, before = capsule.meta.get("threads"), torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _rebuild(capsule: Capsule, dtype: str | None) -> Any:
     return _replayer(capsule)(capsule, dtype)
 
 
 def replay(capsule: Capsule, dtype: str | None = None) -> ReplayOutcome:
     """Rebuild the step and run forward + backward exactly as training did; report what came out."""
-    rep = _rebuild(capsule, dtype)
-    rep.model.zero_grad(set_to_none=True)
-    loss = rep.loss()
-    loss.backward()
-    bad = [n for n, p in rep.model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    with _capsule_threads(capsule):
+        rep = _rebuild(capsule, dtype)
+        rep.model.zero_grad(set_to_none=True)
+        loss = rep.loss()
+        loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in rep.model.named_parameters() if p.grad is not None}
+    bad = [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
     return ReplayOutcome(step=capsule.step, loss=float(loss.detach()), grads_finite=not bad, bad_parameters=bad,
                          recorded_loss=float(capsule.meta.get("loss", math.nan)),
-                         recorded_grads_finite=bool(capsule.meta.get("grads_finite", False)))
+                         recorded_grads_finite=bool(capsule.meta.get("grads_finite", False)), grads=grads,
+                         recorded_grads=capsule.grads if dtype is None else None)
 
 
 def locate_capsule(capsule: Capsule, dtype: str | None = None) -> Finding | None:
-    rep = _rebuild(capsule, dtype)
-    rep.model.zero_grad(set_to_none=True)
-    return Locator(roots=rep.roots).run(rep.loss)
+    with _capsule_threads(capsule):
+        rep = _rebuild(capsule, dtype)
+        rep.model.zero_grad(set_to_none=True)
+        return Locator(roots=rep.roots).run(rep.loss)
 
 
 def bisect_capsule(path: Path, float64: bool = False, export: Path | None = None) -> BisectResult:
@@ -134,18 +190,20 @@ def bisect_capsule(path: Path, float64: bool = False, export: Path | None = None
                               "non-finite in float64 too: the failure is structural (exact ties, log(0), 0/0 ...); "
                               "more precision will not fix it")}
     if export is not None and finding is not None:
-        rep = _rebuild(capsule, None)
-        result.exported = [str(p) for p in export_reproducer(finding, rep, Path(export))]
+        with _capsule_threads(capsule):
+            rep = _rebuild(capsule, None)
+            result.exported = [str(p) for p in export_reproducer(finding, rep, Path(export))]
     return result
 
 
 def audit_capsule(path: Path) -> PrecisionAudit:
     """Precision audit of a capsule's step (finite or not): its gradient against float64."""
     capsule = Capsule.load(path)
-    rep = _rebuild(capsule, None)
-    rep.model.zero_grad(set_to_none=True)
-    restore_rng(capsule.rng)
-    return audit_precision(rep.loss, roots=rep.roots)
+    with _capsule_threads(capsule):
+        rep = _rebuild(capsule, None)
+        rep.model.zero_grad(set_to_none=True)
+        restore_rng(capsule.rng)
+        return audit_precision(rep.loss, roots=rep.roots)
 
 
 def _latest_capsule(run_dir: Path) -> Path:
@@ -196,7 +254,7 @@ def _panel(result: BisectResult) -> Panel:
     t.add_column()
     t.add_row("capsule", str(result.capsule))
     t.add_row("replay", f"step {o.step}: loss {o.loss:.6g}, gradients {'finite' if o.grads_finite else 'NON-FINITE'}"
-              f" ({'bit-exact' if o.bit_exact else 'NOT bit-exact'} vs the recorded step)")
+              f" ({'bit-exact vs the recorded step' if o.bit_exact else 'NOT bit-exact: ' + '; '.join(o.differences[:3])})")
     if f is None:
         t.add_row("finding", "the locator saw no non-finite value (replay differs from the located run?)")
     else:
@@ -226,12 +284,26 @@ def _save_finding(result: BisectResult) -> None:
         (run_dir / FINDING_FILE).write_text(json.dumps({**result.finding.to_dict(), "step": result.outcome.step}))
 
 
+def _check_export(export: str) -> Path:
+    """The reproducer folder, created before the (slow) replay so that a bad --export fails at once."""
+    out = Path(export)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--export {export!r}: cannot create that folder ({err.strerror or err}); "
+                         "pass a writable folder for reproducer.pt and reproduce.py") from None
+    return out
+
+
 def run_bisect(target: str, as_json: bool, float64: bool, export: str | None, console: Console) -> int:
     path = Path(target)
+    export_dir = _check_export(export) if export else None
+    if not path.exists():
+        raise UsageError(f"{target!r} does not exist; pass a capsule (RUN_DIR/capsules/step_NNNNNN.pt) or a run folder")
     if path.is_dir():
         _, path = first_bad_step(path)
     try:
-        result = bisect_capsule(path, float64=float64, export=Path(export) if export else None)
+        result = bisect_capsule(path, float64=float64, export=export_dir)
     except NotReproducedError as err:
         console.print(f"[yellow bold]risdiag bisect: did not reproduce:[/yellow bold] {err}", highlight=False)
         return EXIT_NOT_REPRODUCED
@@ -243,5 +315,6 @@ def run_bisect(target: str, as_json: bool, float64: bool, export: str | None, co
     return EXIT_OK
 
 
-__all__ = ["audit_capsule", "run_precision", "bisect_capsule", "first_bad_step", "replay", "locate_capsule", "run_bisect", "BisectResult",
+__all__ = ["audit_capsule", "run_precision", "same_bits", "bisect_capsule", "first_bad_step", "replay",
+           "locate_capsule", "run_bisect", "BisectResult",
            "ReplayOutcome", "NotReproducedError", "UsageError"]

@@ -2,7 +2,8 @@
 
 A capsule is a single ``torch.save`` file holding plain containers and tensors only (loadable with
 ``weights_only=True``): the batch, the model and optimizer state from *before* the step, the RNG states
-at the start of the step, the resolved config text and the step index. It knows nothing of ris_model:
+at the start of the step, the resolved config text, the step index and the step's gradients (so a
+replay can be checked bit for bit). It knows nothing of ris_model:
 the integration decides what "batch" and "config" are and how to rebuild the step from them.
 """
 
@@ -75,6 +76,7 @@ class Capsule:
     config_text: str = ""  # resolved config (TOML) of the run
     reason: str = ""  # why it was written, e.g. "non-finite gradient"
     meta: dict[str, Any] = field(default_factory=dict)  # torch version, dtype, loss value, lr ...
+    grads: dict[str, torch.Tensor] | None = None  # parameter name -> gradient of the step (None: not stored)
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temp file + rename): a crash while writing never leaves a half capsule."""
@@ -83,7 +85,7 @@ class Capsule:
         tmp = path.with_suffix(path.suffix + ".tmp")
         blob = {"format": CAPSULE_FORMAT, "version": CAPSULE_VERSION, "step": self.step, "batch": self.batch,
                 "model_state": self.model_state, "optimizer_state": self.optimizer_state, "rng": self.rng,
-                "config_text": self.config_text, "reason": self.reason, "meta": self.meta}
+                "config_text": self.config_text, "reason": self.reason, "meta": self.meta, "grads": self.grads}
         torch.save(blob, tmp)
         os.replace(tmp, path)
         log.info("capsule for step %d written to %s", self.step, path)
@@ -108,7 +110,7 @@ class Capsule:
                                "or re-run the trace")
         return Capsule(step=int(blob["step"]), batch=blob["batch"], model_state=blob["model_state"],
                        optimizer_state=blob["optimizer_state"], rng=blob["rng"], config_text=blob["config_text"],
-                       reason=blob["reason"], meta=blob["meta"])
+                       reason=blob["reason"], meta=blob["meta"], grads=blob.get("grads"))
 
 
 def clone_state(state: Any) -> Any:

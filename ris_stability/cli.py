@@ -24,8 +24,38 @@ from ris_stability.records import UsageError
 EXIT_OK, EXIT_NONFINITE, EXIT_USAGE, EXIT_NOT_REPRODUCED = 0, 1, 2, 3
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage block) and exits 2; subparsers inherit it."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _int_at_least(low: int):
+    """argparse type: an integer >= low. Every integer option uses one, so a bad value exits 2 at parse time."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+positive_int = _int_at_least(1)
+nonnegative_int = _int_at_least(0)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="risdiag", description="Numerical-stability diagnostics for PyTorch training.")
+    p = _Parser(prog="risdiag", description="Numerical-stability diagnostics for PyTorch training.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -33,11 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="TOML config, e.g. configs/quickstart.toml")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.steps=50 (repeatable)")
-    t.add_argument("--steps", type=int, default=None, help="number of training steps (overrides train.steps)")
+    t.add_argument("--steps", type=positive_int, default=None, help="number of training steps (overrides train.steps)")
     t.add_argument("--out", default=None, help="run folder (default runs/<config>-<time>)")
     t.add_argument("--no-live", action="store_true", help="plain log lines instead of the live dashboard")
-    t.add_argument("--every", type=int, default=1, help="record matrix statistics every N steps (default 1)")
-    t.add_argument("--max-matrices", type=int, default=4, help="matrices of each batch the probes analyse")
+    t.add_argument("--every", type=positive_int, default=1, help="record matrix statistics every N steps (default 1)")
+    t.add_argument("--max-matrices", type=positive_int, default=4, help="matrices of each batch the probes analyse")
     t.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
 
     b = sub.add_parser("bisect", help="replay a crash capsule (or a run folder) and name the failing op")
@@ -129,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args, console)
     except (ConfigError, UsageError, CapsuleError, FileNotFoundError, PermissionError) as exc:
-        err.print(f"[red bold]risdiag {args.command}: error:[/red bold] {exc}", highlight=False)
+        # UsageError covers the settings of config objects too (SettingError): options added later inherit it.
+        err.print(f"[red bold]risdiag {args.command}: error:[/red bold] {_one_line(exc)}", highlight=False,
+                  soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]; the run folder keeps every step logged so far")
@@ -140,4 +172,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "EXIT_OK", "EXIT_NONFINITE", "EXIT_USAGE", "EXIT_NOT_REPRODUCED"]
+__all__ = ["main", "nonnegative_int", "positive_int", "EXIT_OK", "EXIT_NONFINITE", "EXIT_USAGE", "EXIT_NOT_REPRODUCED"]

@@ -22,7 +22,7 @@ from ris_stability import amp
 from ris_stability.grads import GradMonitor, float64_norms
 from ris_stability.loopstack import COMPILE_LIMITATION, compiled_parts, optimizers_of, run_meta, unwrap
 from ris_stability.probes import SpectralProbe
-from ris_stability.records import TraceWriter
+from ris_stability.records import SettingError, TraceWriter
 from ris_stability.tolerances import ill_conditioned_log10
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,14 @@ class MonitorConfig:
     amp_collapse_steps: int = amp.COLLAPSE_STEPS  # GradScaler scale below 1 this many steps in a row: incident
 
     def __post_init__(self) -> None:
-        if self.every < 1 or self.dead_after < 1 or self.update_every < 1 or self.max_capsules < 0:
-            raise ValueError(f"MonitorConfig: every={self.every}, dead_after={self.dead_after}, update_every="
-                             f"{self.update_every} must be >= 1 and max_capsules={self.max_capsules} >= 0")
+        if (self.every < 1 or self.dead_after < 1 or self.update_every < 1 or self.grad_depth < 1
+                or self.max_capsules < 0 or (self.max_matrices is not None and self.max_matrices < 1)):
+            raise SettingError(f"MonitorConfig: every={self.every}, dead_after={self.dead_after}, update_every="
+                               f"{self.update_every}, grad_depth={self.grad_depth} and max_matrices="
+                               f"{self.max_matrices} must be >= 1 (max_matrices=None: whole batches) and "
+                               f"max_capsules={self.max_capsules} >= 0")
         if self.policy not in ("skip", "stop", "observe"):
-            raise ValueError(f"MonitorConfig.policy={self.policy!r}: valid choices 'skip', 'stop', 'observe'")
+            raise SettingError(f"MonitorConfig.policy={self.policy!r}: valid choices 'skip', 'stop', 'observe'")
 
 
 def suspect_site(sites: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -280,7 +283,8 @@ class StabilityMonitor:
         cap = Capsule(step=ctx.step, batch=self.batch_state(ctx.batch), model_state=clone_state(self._model.state_dict()),
                       optimizer_state=(opts[0] if len(opts) == 1 else {"optimizers": opts}) if opts else None,
                       rng=rng_state(self._rng) if self._rng is not None else capture_rng(),
-                      config_text=self.config_text, reason=reason, meta=meta)
+                      config_text=self.config_text, reason=reason, meta=meta,
+                      grads={n: p.grad.detach().clone() for n, p in self._model.named_parameters() if p.grad is not None})
         path = cap.save(capsule_path(self.run_dir, ctx.step))
         self.capsules.append(path)
         self.writer.event("capsule_written", "info", f"capsule for step {ctx.step} written", step=ctx.step,

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from ris_stability import intercept
 from ris_stability.frames import caller_location, user_stack
 from ris_stability.linalg_stats import STAT_KEYS, worst_rows, worst_segments
+from ris_stability.records.schema import SettingError
 from ris_stability.site_stats import KINDS, Call, cut_outputs, nan_rows, rows_of
 from ris_stability.tracker import ModuleTracker
 
@@ -106,8 +107,8 @@ class SpectralProbe:
     def __init__(self, roots: Mapping[str, nn.Module] | None = None, every: int = 1,
                  max_matrices: int | None = None):
         if every < 1 or (max_matrices is not None and max_matrices < 1):
-            raise ProbeError(f"SpectralProbe: every={every} and max_matrices={max_matrices} must be >= 1 "
-                             "(max_matrices=None records whole batches)")
+            raise SettingError(f"SpectralProbe: every={every} and max_matrices={max_matrices} must be >= 1 "
+                               "(max_matrices=None records whole batches)")
         self.roots = dict(roots or {})
         self.every, self.max_matrices = every, max_matrices
         self._step, self.sampling, self._active = 0, True, False

@@ -215,6 +215,8 @@ def run_trace(config_path: str, overrides: list[str], steps: int | None, out: st
         overrides = [*overrides, f"train.steps={steps}"]
     cfg = load_config(config_path, overrides)
     _check_buildable(cfg)
+    policy = "stop" if cfg.train.nonfinite == "stop" else "skip"
+    mon_cfg = MonitorConfig(every=every, max_matrices=max_matrices, policy=policy)  # bad settings: no run folder
     run_dir = _resolve_out(out, config_path)
     text = dumps_toml(cfg)
     (run_dir / "config.resolved.toml").write_text(text)
@@ -222,8 +224,7 @@ def run_trace(config_path: str, overrides: list[str], steps: int | None, out: st
             "config_path": str(config_path), "config_hash": config_hash(cfg), "torch": str(torch.__version__),
             "device": cfg.train.device, "dtype": cfg.data.dtype}
     view = LiveView(total_steps=cfg.train.steps, enabled=live)
-    policy = "stop" if cfg.train.nonfinite == "stop" else "skip"
-    mon = StabilityMonitor(run_dir, MonitorConfig(every=every, max_matrices=max_matrices, policy=policy), meta=meta,
+    mon = StabilityMonitor(run_dir, mon_cfg, meta=meta,
                            config_text=text, replayer=REPLAYER, batch_state=batch_state, live=view)
     t0, result = time.perf_counter(), None
     with view:

@@ -1,6 +1,7 @@
 """Tolerant reader of a run folder and the Parquet converter (pandas is imported here only).
 
-The reader drops a truncated last line of steps.jsonl (a run killed mid-write) and reads null as NaN.
+The reader drops a truncated last line of steps.jsonl (a run killed mid-write), turns the strings
+"nan"/"inf"/"-inf" back into floats and reads null ("not recorded") as NaN.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from ris_stability.records.schema import (BOOL_COLUMNS, CAPSULE_DIR, EVENTS_FILE, FINDING_FILE, GRAD_GROUP_PREFIX,
                                           GRAD_NONFINITE_PREFIX, GRAD_PREFIX, LOSS_PREFIX, MAT_PREFIX, META_FILE,
+                                          NONFINITE_TEXT,
                                           SCHEMA_NAME, SCHEMA_VERSION, STEPS_FILE, STEPS_PARQUET, SUMMARY_FILE,
                                           UPDATE_RATIO_PREFIX, TraceError, grad_modules, loss_terms,
                                           matrix_names)
@@ -25,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Trace:
-    """Everything a run folder recorded. `steps` is indexed by step, NaN where the trace had null."""
+    """Everything a run folder recorded. `steps` is indexed by step; NaN where the trace had "nan" or
+    null (not recorded), +-inf where it had "inf"/"-inf"."""
 
     run_dir: Path
     meta: dict
@@ -148,22 +151,29 @@ def _steps_frame(rows: list[dict], source: Path) -> "pd.DataFrame":
 
 
 def _numeric(series: "pd.Series", column: str, source: Path) -> "pd.Series":
-    """Float column; null -> NaN, bool -> 0/1. Strings such as "inf" are rejected: the format writes null."""
+    """Float column; null -> NaN, "nan"/"inf"/"-inf" -> the float, bool -> 0/1. Other strings are rejected."""
     import pandas as pd
 
     if not pd.api.types.is_numeric_dtype(series):
-        bad = series[series.map(lambda v: v is not None and not isinstance(v, (int, float)))]
+        bad = series[series.map(lambda v: not _is_number(v))]
         if len(bad):
             raise TraceError(
                 f"{source}: column {column!r} holds non-numbers (e.g. {bad.iloc[0]!r} at row {bad.index[0]}); "
-                "trace format v1 stores non-finite values as null. Re-write the trace with TraceWriter."
+                f"trace format v1 stores a non-finite value as one of {sorted(NONFINITE_TEXT)} and a missing one "
+                "as null. Re-write the trace with TraceWriter."
             )
+        series = series.map(lambda v: NONFINITE_TEXT[v] if isinstance(v, str) else v)
     return series.astype(float)
 
 
+def _is_number(value: object) -> bool:
+    return value is None or isinstance(value, (int, float)) or (isinstance(value, str) and value in NONFINITE_TEXT)
+
+
 def _all_numbers(series: "pd.Series") -> bool:
-    """An extra column (e.g. "grad_group/<g>") whose values are numbers or null reads as float too."""
-    return bool(series.map(lambda v: v is None or isinstance(v, (int, float))).all())
+    """An extra column (e.g. "grad_group/<g>") whose values are numbers, non-finite strings or null reads
+    as float too."""
+    return bool(series.map(_is_number).all())
 
 
 def _is_numeric_column(column: str) -> bool:

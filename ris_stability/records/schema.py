@@ -1,7 +1,8 @@
 """Trace format v1: file names, schema id, column families, event kinds, and the trace errors.
 
 A run folder holds meta.json, steps.jsonl (one flat JSON object per logged step), events.jsonl,
-optional summary.json / finding.json / capsules/. Step columns are grouped by prefix: "mat/<name>/<stat>",
+optional summary.json / finding.json / capsules/. In steps.jsonl a non-finite float is the string "nan",
+"inf" or "-inf" and null means "not recorded"; the other JSON files write non-finite floats as null. Step columns are grouped by prefix: "mat/<name>/<stat>",
 "loss/<term>", "grad/<module>", "grad_nonfinite/<module>", "update_ratio/<module>", "grad_group/<g>".
 """
 
@@ -29,6 +30,11 @@ EVENT_KINDS = (
     "capsule_written", "dead_parameter", "dead_loss_term", "ill_conditioned", "tied_eigenvalues",
     "finding",
 )
+# steps.jsonl stores non-finite floats as these strings (JSON has no NaN/inf literals); null means "not
+# recorded". The reader turns them back into floats, so NaN (a poisoned value), +inf (e.g. a singular
+# matrix, an exact tie's infinite amplification) and -inf stay apart.
+NONFINITE_TEXT = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
 # Step-table columns that are flags, not measurements.
 BOOL_COLUMNS = ("skipped", "nonfinite")
 
@@ -43,6 +49,11 @@ GRAD_GROUP_PREFIX = "grad_group/"
 
 class UsageError(Exception):
     """Base of the errors caused by what the user asked for (bad folder, bad file); CLI exit code 2."""
+
+
+class SettingError(UsageError, ValueError):
+    """An invalid setting of a config object (MonitorConfig, SpectralProbe, ...). A ValueError for API
+    callers; a UsageError, so the CLI exits 2 with one line for any option that feeds such an object."""
 
 
 class TraceError(UsageError):

@@ -1,8 +1,9 @@
 """Writer of a run folder: append-only, flushed JSONL lines, atomic JSON files.
 
 The writer appends and flushes one line per step, so a killed process loses at most the step being
-written. Non-finite floats are written as JSON null (JSON has no NaN/inf literals). It needs only the
-standard library.
+written. JSON has no NaN/inf literals: in step rows a non-finite float is written as the string "nan", "inf"
+or "-inf" (null means "not recorded"); in events and the JSON files as null. It needs only the standard
+library.
 """
 
 from __future__ import annotations
@@ -23,19 +24,22 @@ from ris_stability.records.schema import (EVENT_KINDS, EVENTS_FILE, FINDING_FILE
 logger = logging.getLogger(__name__)
 
 
-def _jsonable(value: Any, key: str) -> Any:
-    """Plain-JSON form of one value; non-finite floats become None (read back as NaN)."""
+def _jsonable(value: Any, key: str, keep_nonfinite: bool = False) -> Any:
+    """Plain-JSON form of one value. Non-finite floats become "nan"/"inf"/"-inf" with ``keep_nonfinite``
+    (step rows), else None."""
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
         as_float = float(value)
-        return as_float if math.isfinite(as_float) else None
+        if math.isfinite(as_float):
+            return as_float
+        return _nonfinite_text(as_float) if keep_nonfinite else None
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v, f"{key}.{k}") for k, v in value.items()}
+        return {str(k): _jsonable(v, f"{key}.{k}", keep_nonfinite) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_jsonable(v, f"{key}[{i}]", keep_nonfinite) for i, v in enumerate(value)]
     if isinstance(value, Path):
         return str(value)
     raise TypeError(
@@ -44,8 +48,12 @@ def _jsonable(value: Any, key: str) -> Any:
     )
 
 
-def _dumps(obj: Mapping[str, Any], what: str) -> str:
-    return json.dumps(_jsonable(obj, what), allow_nan=False, separators=(",", ":"))
+def _nonfinite_text(value: float) -> str:
+    return "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
+
+
+def _dumps(obj: Mapping[str, Any], what: str, keep_nonfinite: bool = False) -> str:
+    return json.dumps(_jsonable(obj, what, keep_nonfinite), allow_nan=False, separators=(",", ":"))
 
 
 def write_json_atomic(path: Path, obj: Mapping[str, Any]) -> Path:
@@ -114,7 +122,7 @@ class TraceWriter:
             raise ValueError(f"step row needs an integer 'step' key, got {row.get('step')!r}")
         full = dict(row)
         full.setdefault("time_s", self.elapsed())
-        self._append(self._steps, _dumps(full, "step row"))
+        self._append(self._steps, _dumps(full, "step row", keep_nonfinite=True))
 
     def event(self, kind: str, severity: str, message: str, step: int | None = None, **data: Any) -> None:
         """Append one event; `data` holds the kind-specific fields (matrix, names, path, ...)."""

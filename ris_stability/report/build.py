@@ -181,6 +181,10 @@ def matrix_table(matrices: list[MatrixSummary], real: str, eps: float) -> str:
     note = (f"Worst over the sampled batch at each logged step. log10 cond = inf: singular. A gap matters "
             f"when eigenvectors receive gradient (their backward divides by every pairwise gap); "
             f"dtype {real}, eps = {eps:.1e}.\n")
+    poisoned = [f"{md.code(m.name)} at steps {md.steps_list(list(m.nan_steps), 6)}" for m in matrices if m.nan_steps]
+    if poisoned:
+        note += ("\nStatistics are NaN (the matrix itself held NaN/Inf; not counted as singular) for "
+                 + "; ".join(poisoned) + ".\n")
     return md.table(["matrix", "n", "rank min / med / max", "log10 cond p5 / p50 / p95", "smallest gap",
                      "largest tied cluster", "eigvec grad", "first flagged step"], rows, "lrrrrrll") + "\n" + note
 

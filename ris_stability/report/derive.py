@@ -46,17 +46,25 @@ def near_tie_relative(eps: float) -> float:
 
 
 def log10_cond_filled(stats: pd.DataFrame) -> pd.Series:
-    """log10 condition per step, +inf where the matrix was singular (cond written as null), NaN where
-    the matrix was not sampled."""
+    """log10 condition per step: +inf where the matrix was singular, NaN where it was not sampled or its
+    statistics are NaN (the matrix itself held NaN/Inf, which says nothing about singularity).
+
+    Traces written before steps.jsonl kept non-finite values apart stored a singular matrix's inf as
+    null; such a null is read as +inf only where the recorded rank is finite and below n (a NaN-poisoned
+    matrix has a NaN rank)."""
     if "log10_cond" not in stats:
         return pd.Series(np.nan, index=stats.index)
     values = stats["log10_cond"].copy()
-    sampled = stats[[c for c in ("n", "rank", "lambda_min") if c in stats]].notna().any(axis=1)
-    singular = values.isna() & sampled
     if "rank" in stats and "n" in stats:
-        singular &= (stats["rank"] < stats["n"]) | stats["rank"].isna()
-    values[singular] = math.inf
+        values[values.isna() & stats["rank"].notna() & (stats["rank"] < stats["n"])] = math.inf
     return values
+
+
+def nan_stat_steps(stats: pd.DataFrame) -> list[int]:
+    """Steps at which the matrix was recorded (n known) but its statistics are NaN: it held NaN/Inf."""
+    if "n" not in stats or "lambda_max" not in stats:
+        return []
+    return [int(s) for s in stats.index[stats["n"].notna() & stats["lambda_max"].isna()]]
 
 
 def _first(index: pd.Index) -> int | None:
@@ -82,6 +90,7 @@ class MatrixSummary:
     rel_gap_min: float                        # min_gap / lambda_max
     singular_steps: int
     first_flag: tuple[int, str] | None        # (step, reason)
+    nan_steps: tuple[int, ...] = ()           # recorded with NaN statistics (the matrix held NaN/Inf)
 
     @property
     def inverse_op(self) -> bool:
@@ -139,6 +148,7 @@ def summarize_matrix(trace: Trace, name: str) -> MatrixSummary:
         tie_where=_tie_where(stats, tie_mask, dtype),
         vec_grad=None if vec.isna().all() else bool((vec > 0).any()),
         rel_gap_min=float(rel.min()), singular_steps=int(np.isinf(cond).sum()), first_flag=None,
+        nan_steps=tuple(nan_stat_steps(stats)),
     )
     return replace(summary, first_flag=_first_flag(summary, stats, cond, trace.events, dtype))
 

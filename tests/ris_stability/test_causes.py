@@ -150,3 +150,23 @@ def test_every_observation_gets_a_sentence_and_remedies(phase, op, node, culprit
                                 message=message))
     assert cause.key and cause.text.strip() and "\n" not in cause.text
     assert cause.remedies
+
+
+@pytest.mark.parametrize("node, what", [("LinalgEighBackward0", "eigh"), ("LinalgSvdBackward0", "svd")])
+@pytest.mark.parametrize("size", [2, 3, 144])
+@pytest.mark.parametrize("gap, kind", [(0.0, "exact_tie"), (3e-9, "near_tie")])
+def test_tie_clusters_of_every_size_exact_and_near(node, what, size, gap, kind):
+    """A pair is already a cluster: two exactly tied eigenvalues are 0/0, not a 1/gap overflow."""
+    spectral = {"max_cluster": float(size), "cluster_value": 0.5, "min_gap": gap,
+                "amplification": math.inf if gap == 0 else 1 / gap}
+    cause = explain(Observation("backward", "aten.div.Tensor", node=node, inputs=(summ(spectral=spectral),)))
+    assert cause.key == f"{what}_{kind}"
+    assert f"cluster of {size} at 5.0e-01" in cause.text
+    assert ("0/0" in cause.text) == (gap == 0) and ("1/gap overflow" in cause.text) == (gap > 0)
+
+
+def test_a_single_eigenvalue_is_no_cluster():
+    spectral = {"max_cluster": 1.0, "cluster_value": math.nan, "min_gap": 3e-9, "amplification": 1 / 3e-9}
+    cause = explain(Observation("backward", "aten.div.Tensor", node="LinalgEighBackward0",
+                                inputs=(summ(spectral=spectral),)))
+    assert cause.key == "eigh_small_gap" and "cluster" not in cause.text

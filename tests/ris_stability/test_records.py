@@ -15,23 +15,28 @@ from tests.ris_stability.trace_factory import (
 )
 
 
-def test_writer_round_trips_nonfinite_as_nan(tmp_path):
+def test_writer_keeps_nan_inf_and_minus_inf_apart(tmp_path):
     with TraceWriter(tmp_path / "run", DEFAULT_META) as w:
         w.step({"step": 0, "loss": float("nan"), "loss/a": float("inf"), "loss/b": -float("inf"),
-                "mat/R/cond": np.float32("inf"), "mat/R/rank": np.int64(7), "skipped": False})
+                "mat/R/cond": np.float32("inf"), "mat/R/rank": np.int64(7), "mat/R/amplification": None,
+                "grad_group/0": float("-inf"), "skipped": False})
         w.step({"step": 1, "loss": 2.5, "loss/a": 1.0, "loss/b": 3.0, "mat/R/cond": 4.0,
-                "mat/R/rank": 8, "skipped": True})
+                "mat/R/rank": 8, "mat/R/amplification": 2.0, "grad_group/0": 1.0, "skipped": True})
     raw = (tmp_path / "run" / records.STEPS_FILE).read_text().splitlines()
     first = json.loads(raw[0])
-    assert first["loss"] is None and first["loss/a"] is None and first["mat/R/cond"] is None
+    assert (first["loss"], first["loss/a"], first["loss/b"], first["mat/R/cond"]) == ("nan", "inf", "-inf", "inf")
+    assert first["mat/R/amplification"] is None  # not recorded, which is not NaN
     assert first["mat/R/rank"] == 7 and "time_s" in first
     trace = read_trace(tmp_path / "run")
     assert isinstance(trace, Trace)
     assert list(trace.steps.index) == [0, 1] and trace.steps.index.name == "step"
-    assert trace.steps.loc[0, ["loss", "loss/a", "loss/b", "mat/R/cond"]].isna().all()
+    row = trace.steps.loc[0]
+    assert math.isnan(row["loss"]) and row["loss/a"] == math.inf and row["loss/b"] == -math.inf
+    assert row["mat/R/cond"] == math.inf and row["grad_group/0"] == -math.inf
+    assert math.isnan(row["mat/R/amplification"])
     assert trace.steps.loc[1, "loss"] == 2.5 and trace.steps.loc[1, "mat/R/cond"] == 4.0
     assert trace.steps["skipped"].tolist() == [False, True]
-    assert trace.steps["loss/a"].dtype == float
+    assert trace.steps["loss/a"].dtype == float and trace.steps["grad_group/0"].dtype == float
     assert trace.meta["version"] == SCHEMA_VERSION and trace.meta["dtype"] == "complex64"
     assert trace.summary is None and trace.truncated is False
 
@@ -119,7 +124,7 @@ def _bad_meta_json(tmp_path):
 def _string_in_numeric_column(tmp_path):
     run = tmp_path / "run"
     with TraceWriter(run, DEFAULT_META) as w:
-        w.step({"step": 0, "mat/R/cond": "inf"})
+        w.step({"step": 0, "mat/R/cond": "infinite"})
     return run
 
 
@@ -190,7 +195,7 @@ def test_column_helpers(tmp_path):
     assert grad_modules(trace.steps.columns) == ["encoder", "heads.angle", "heads.range", "heads.k"]
     stats = matrix_stats(trace.steps, "R_blend")
     assert stats["max_cluster"].tolist() == [118] * 10 and stats["min_gap_noise"].eq(0).all()
-    assert matrix_stats(trace.steps, "R_pred")["log10_cond"].isna().all()
+    assert (matrix_stats(trace.steps, "R_pred")["log10_cond"] == math.inf).all()  # singular: +inf, not missing
 
 
 def test_matrix_names_with_slashes():
@@ -202,6 +207,7 @@ def test_matrix_names_with_slashes():
 
 
 def test_to_parquet_round_trip(tmp_path):
+    pytest.importorskip("pyarrow", reason="steps.parquet needs the optional extra ris-diag[parquet]")
     run = make_seed_nan_like(tmp_path / "run")
     path = to_parquet(run)
     assert path == run / "steps.parquet"
@@ -211,6 +217,25 @@ def test_to_parquet_round_trip(tmp_path):
     (run / records.STEPS_FILE).unlink()
     from_parquet = read_trace(run)  # the reader falls back to the Parquet table
     assert math.isnan(from_parquet.steps.loc[3, "loss"]) and len(from_parquet.steps) == 10
+    # the singular matrix's cond and an exact tie's amplification stay +inf, not "not recorded"
+    assert (from_parquet.steps["mat/R_pred/cond"] == math.inf).all()
+    assert (from_parquet.steps["mat/R_blend/amplification"] == math.inf).all()
+
+
+def test_to_parquet_keeps_minus_inf(tmp_path):
+    pytest.importorskip("pyarrow", reason="steps.parquet needs the optional extra ris-diag[parquet]")
+    with TraceWriter(tmp_path / "run", DEFAULT_META) as w:
+        w.step({"step": 0, "loss": -math.inf, "loss/a": math.inf, "loss/b": math.nan})
+    steps = pd.read_parquet(to_parquet(tmp_path / "run"))
+    assert steps.loc[0, "loss"] == -math.inf and steps.loc[0, "loss/a"] == math.inf
+    assert math.isnan(steps.loc[0, "loss/b"])
+
+
+def test_to_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
+    run = make_run(tmp_path / "run", n_steps=2)
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", lambda *a, **k: (_ for _ in ()).throw(ImportError("pyarrow")))
+    with pytest.raises(TraceError, match=r"ris-diag\[parquet\]"):
+        to_parquet(run)
 
 
 def test_extra_numeric_columns_read_as_float(tmp_path):
