@@ -17,7 +17,8 @@ MAX_STACK = 8  # user frames kept per op: enough to reach the model code from a 
 
 
 def _is_user(filename: str) -> bool:
-    return not os.path.abspath(filename).startswith(_SKIP_DIRS)
+    # frozen stdlib modules (runpy, which runs a traced script) are never the user's code
+    return not filename.startswith("<frozen ") and not os.path.abspath(filename).startswith(_SKIP_DIRS)
 
 
 def _short_path(filename: str) -> str:

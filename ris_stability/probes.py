@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ris_stability import intercept
 from ris_stability.frames import caller_location, user_stack
-from ris_stability.linalg_stats import STAT_KEYS, worst_rows, worst_segments
+from ris_stability.linalg_stats import STAT_KEYS, eig_backward_terms, worst_rows, worst_segments
 from ris_stability.records.schema import SettingError
 from ris_stability.site_stats import KINDS, Call, cut_outputs, nan_rows, rows_of
 from ris_stability.tracker import ModuleTracker
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 OPS: dict[Callable, tuple[str, str]] = {func: (entry.name, entry.kind)
                                         for func, entry in intercept.entry_by_function().items()}
 
+EIG_TERM_KEYS = ("phase_noise", "gap_terms")
 # Calls kept before their statistics are computed (and rows before they are reduced to one worst case
 # per site): bounds the memory of a long stretch between two collects.
 _COMPUTE_AFTER = 256
@@ -72,6 +73,11 @@ class _Site:
     requires_grad: bool = False
     rows: list[Tensor] = field(default_factory=list)  # computed statistics (b, len(STAT_KEYS))
     vec: Tensor | None = None  # device bool: some eigenvector output received a non-zero gradient
+    # device float64: sum over calls of (||dL/dA|| * ||A||)^2, the gradient each call passed back to its
+    # matrix in units of that matrix (unchanged when the matrix is rescaled): the site's contribution.
+    back: Tensor | None = None
+    # device float64 maxima over the calls of an eig site's backward parts (linalg_stats.eig_backward_terms)
+    eig_terms: dict[str, Tensor] = field(default_factory=dict)
 
     def vector_hook(self) -> Callable[[Tensor | None], None]:
         def hook(grad: Tensor | None) -> None:
@@ -83,8 +89,37 @@ class _Site:
             return None
         return hook
 
+    def backward_hook(self, scale: Tensor) -> Callable:
+        def hook(grad_inputs, grad_outputs) -> None:
+            g = grad_inputs[0] if grad_inputs else None
+            if g is not None:
+                with torch.no_grad():
+                    sq = (_norm64(g) * scale.to(g.device)).square()
+                    self.back = sq if self.back is None else self.back + sq.to(self.back.device)
+        return hook
+
+    def eig_hook(self, w: Tensor, V: Tensor) -> Callable[[Tensor], None]:
+        def hook(gV: Tensor) -> None:
+            b = w.shape[0]
+            noise, terms = eig_backward_terms(w, V, gV.detach().reshape(-1, *gV.shape[-2:])[:b])
+            for key, value in (("phase_noise", noise.amax()), ("gap_terms", terms.amax())):
+                old = self.eig_terms.get(key)
+                self.eig_terms[key] = value if old is None else torch.maximum(old, value.to(old.device))
+        return hook
+
     def reset(self) -> None:
-        self.calls, self.requires_grad, self.rows, self.vec = 0, False, [], None
+        self.calls, self.requires_grad, self.rows, self.vec, self.back = 0, False, [], None, None
+        self.eig_terms = {}
+
+
+def _norm64(t: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(torch.view_as_real(t) if t.is_complex() else t, dtype=torch.float64)
+
+
+def _grad_node(out: Any):
+    """The autograd node of the op's first output (None when it does not require grad)."""
+    first = out[0] if isinstance(out, (tuple, list)) and out else out
+    return first.grad_fn if isinstance(first, Tensor) else None
 
 
 def _matrix_arg(args: tuple, kwargs: Mapping[str, Any]) -> Tensor | None:
@@ -153,6 +188,12 @@ class SpectralProbe:
         location = stack[0] if stack else "<unknown>"
         site = self._site((module, name, location), f"{module}:{name}" if module else name, name, location, module)
         self._add(site, kind, matrices, out, None)
+        node = _grad_node(out)
+        if node is not None:
+            node.register_hook(site.backward_hook(_norm64(matrices.detach())))
+        if kind == "eig" and out is not None and out[1].requires_grad:
+            n, b = matrices.shape[-1], min(matrices.reshape(-1, n, n).shape[0], self.max_matrices or 1 << 62)
+            out[1].register_hook(site.eig_hook(out[0].detach().reshape(-1, n)[:b], out[1].detach().reshape(-1, n, n)[:b]))
         for index in KINDS[kind].vector_outputs if out is not None else ():
             vectors = out[index]
             if vectors.requires_grad:
@@ -253,8 +294,9 @@ class SpectralProbe:
         self._add(site, _WATCH_KIND, tensor, None, k)
 
     def _reduce(self) -> tuple[list[_Site], Tensor | None]:
-        """The sites recorded since the last collect and their worst statistics (S, K+1) on the device,
-        the last column being vec_grad (0/1); the records are reset."""
+        """The sites recorded since the last collect and their worst statistics (S, K+4) on the device,
+        then vec_grad (0/1), the norm of the gradient the calls passed back (NaN if none) and the eig
+        backward's phase noise and gap terms (NaN if not an eig site); the records are reset."""
         self._compute()
         active = [site for site in self._sites.values() if site.calls]
         if not active:
@@ -264,9 +306,13 @@ class SpectralProbe:
         segment = torch.cat([torch.full((r.shape[0],), i, dtype=torch.long, device=device)
                              for i, site in enumerate(active) for r in site.rows])
         worst = worst_segments(rows, segment, len(active))
-        zero = torch.zeros((), dtype=torch.bool, device=device)
-        vec = torch.stack([zero if site.vec is None else site.vec.to(device) for site in active])
-        table = torch.cat([worst, vec.to(worst.dtype).unsqueeze(1)], dim=1)
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
+        extra = torch.stack([torch.stack([
+            zero if site.vec is None else site.vec.to(device, torch.float64),
+            nan if site.back is None else site.back.to(device).sqrt(),
+            *[site.eig_terms.get(key, nan).to(device) for key in EIG_TERM_KEYS]]) for site in active])
+        table = torch.cat([worst, extra], dim=1)
         infos = [_Site(site.name, site.op, site.location, site.module, site.calls, site.requires_grad)
                  for site in active]
         for site in active:
@@ -307,7 +353,8 @@ class SpectralProbe:
 def _records(sites: list[_Site], values: list[list[float]]) -> dict[str, dict[str, Any]]:
     return {
         site.name: {"site": site.name, "op": site.op, "location": site.location, "module": site.module,
-                    "requires_grad": site.requires_grad, "vec_grad": bool(row[-1]),
-                    "stats": dict(zip(STAT_KEYS, row[:-1])), "calls": site.calls}
+                    "requires_grad": site.requires_grad, "vec_grad": bool(row[len(STAT_KEYS)]),
+                    "stats": dict(zip(STAT_KEYS, row)), "calls": site.calls, "grad_norm": row[len(STAT_KEYS) + 1],
+                    "backward": dict(zip(EIG_TERM_KEYS, row[len(STAT_KEYS) + 2:]))}
         for site, row in zip(sites, values)
     }

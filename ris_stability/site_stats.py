@@ -16,7 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ris_stability.linalg_stats import STAT_KEYS, eigen_stats, hermitian_error, matrix_stats, singular_stats
+from ris_stability.linalg_stats import (STAT_KEYS, eig_stats, eigen_stats, hermitian_error, matrix_stats,
+                                       pinv_cutoff_margin, singular_stats)
 from ris_stability.tolerances import tie_tol
 
 StatsFn = Callable[[Tensor, Any, Any], dict[str, Tensor]]
@@ -89,14 +90,29 @@ def _svd_at(index: int | None) -> StatsFn:
 
 def _eig_at(index: int | None) -> StatsFn:
     def stats(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
-        result = general_stats(flat, None, k)
-        if out is not None:
-            w = out if index is None else out[index]
-            result.update(complex_gap_stats(_first(w, flat.shape[0]), flat.dtype))
-            # Complex eigenvalues have no order, so no signal/noise split.
-            result.update({key: nan_rows(flat) for key in ("gap_split", "min_gap_signal", "min_gap_noise")})
+        # Conditioning (svdvals) is not an eig hazard: nothing is inverted; the hazards are eigenvalue
+        # separation, non-normality and a Hermitian input that wants eigh.
+        result: dict[str, Tensor] = {"n": torch.full(flat.shape[:-2], float(flat.shape[-1]), dtype=torch.float64,
+                                                     device=flat.device)}
+        if out is not None:  # eig raises on a non-finite input, so its output means a finite one
+            w = _first(out if index is None else out[index], flat.shape[0])
+            result.update(complex_gap_stats(w, flat.dtype))
+            result.update(eig_stats(flat, w))
+            mags = w.abs().to(torch.float64)
+            result.update(lambda_max=mags.amax(-1), lambda_min=mags.amin(-1))
         return result
     return stats
+
+
+def _pinv(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
+    """pinv's hazard is its cut-off (default rtol), not the condition number: it never inverts the
+    singular values it drops."""
+    result = general_stats(flat, None, k)
+    finite = torch.isfinite(flat).all(-1).all(-1)
+    safe = torch.where(finite[..., None, None], flat, torch.zeros_like(flat))
+    margin = pinv_cutoff_margin(torch.linalg.svdvals(safe), flat.shape[-2], flat.shape[-1], flat.dtype)
+    result["cutoff_margin"] = torch.where(finite, margin, torch.full_like(margin, math.nan))
+    return result
 
 
 KINDS: dict[str, Kind] = {
@@ -109,6 +125,7 @@ KINDS: dict[str, Kind] = {
     "general": Kind(general_stats),
     "eig": Kind(_eig_at(0), vector_outputs=(1,)),
     "eigvals": Kind(_eig_at(None)),
+    "pinv": Kind(_pinv),
 }
 
 
@@ -127,7 +144,7 @@ def stat_rows(kind: str, flat: Tensor, out: Any, k) -> Tensor:
     columns = []
     for key in STAT_KEYS:
         value = stats.get(key)
-        if value is None or (key == "herm_err" and not spec.hermitian):
+        if value is None:
             nan = nan_rows(flat) if nan is None else nan
             value = nan
         columns.append(value.to(torch.float64))

@@ -89,3 +89,8 @@ def hermitian_input_tol(dtype: torch.dtype | str) -> float:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."))
     return HERMITIAN_INPUT_EPS * eps_of(dtype)
+
+
+# pinv drops singular values below its cut-off and inverts the rest: one within this many decades of
+# the cut-off is dropped or kept by rounding.
+PINV_CUTOFF_DECADES = 1.0

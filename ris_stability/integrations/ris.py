@@ -208,6 +208,10 @@ def _summary_table(cfg: RunConfig, run_dir: Path, mon: StabilityMonitor, result:
     return t
 
 
+# The pipeline's own switches for the generic report's remedies (ris_stability.report.look reads them).
+RUN_REMEDIES = {"eigenvector": '`loss.eigh_backward = "gap_aware"`'}
+
+
 def run_trace(config_path: str, overrides: list[str], steps: int | None, out: str | None, live: bool,
               every: int, max_matrices: int, report: bool, console: Console) -> int:
     """`risdiag trace`: train ``config_path`` with the monitor attached. Returns the exit code."""
@@ -222,7 +226,7 @@ def run_trace(config_path: str, overrides: list[str], steps: int | None, out: st
     (run_dir / "config.resolved.toml").write_text(text)
     meta = {"command": "risdiag trace " + " ".join([f"--config {config_path}", *(f"--set {o}" for o in overrides)]),
             "config_path": str(config_path), "config_hash": config_hash(cfg), "torch": str(torch.__version__),
-            "device": cfg.train.device, "dtype": cfg.data.dtype}
+            "device": cfg.train.device, "dtype": cfg.data.dtype, "remedies": RUN_REMEDIES}
     view = LiveView(total_steps=cfg.train.steps, enabled=live)
     mon = StabilityMonitor(run_dir, mon_cfg, meta=meta,
                            config_text=text, replayer=REPLAYER, batch_state=batch_state, live=view)

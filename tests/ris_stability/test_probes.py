@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ris_stability.linalg_stats import matrix_stats, to_floats, worst
+from ris_stability.linalg_stats import HAZARD_KEYS, matrix_stats, to_floats, worst
 from ris_stability.probes import ProbeError, SpectralProbe
 
 
@@ -144,7 +144,9 @@ def test_watch_matches_matrix_stats_and_uses_the_given_k():
         probe.watch("R_blend", r, k=torch.tensor([1, 2, 3]))
     rec = probe.collect()["R_blend"]
     want = to_floats(worst(matrix_stats(r, k=torch.tensor([1, 2, 3]))))
-    assert rec["op"] == "watch" and rec["stats"] == pytest.approx(want, nan_ok=True)
+    spectrum = {key: rec["stats"][key] for key in want}
+    assert rec["op"] == "watch" and spectrum == pytest.approx(want, nan_ok=True)
+    assert all(math.isnan(rec["stats"][key]) for key in HAZARD_KEYS)  # op hazards: not a watched matrix's
     assert not math.isnan(rec["stats"]["gap_split"])
     with pytest.raises(ProbeError, match="square"):
         probe.watch("bad", torch.zeros(3, 4))
