@@ -192,7 +192,9 @@ class SpectralProbe:
         if node is not None:
             node.register_hook(site.backward_hook(_norm64(matrices.detach())))
         if kind == "eig" and out is not None and out[1].requires_grad:
-            n, b = matrices.shape[-1], min(matrices.reshape(-1, n, n).shape[0], self.max_matrices or 1 << 62)
+            n = matrices.shape[-1]
+            b = matrices[..., 0, 0].numel() if self.max_matrices is None else min(matrices[..., 0, 0].numel(),
+                                                                                   self.max_matrices)
             out[1].register_hook(site.eig_hook(out[0].detach().reshape(-1, n)[:b], out[1].detach().reshape(-1, n, n)[:b]))
         for index in KINDS[kind].vector_outputs if out is not None else ():
             vectors = out[index]
