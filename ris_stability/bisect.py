@@ -182,7 +182,10 @@ def locate_capsule(capsule: Capsule, dtype: str | None = None) -> Finding | None
     with _capsule_threads(capsule):
         rep = _rebuild(capsule, dtype)
         rep.model.zero_grad(set_to_none=True)
-        return Locator(roots=rep.roots).run(rep.loss)
+        finding = Locator(roots=rep.roots).run(rep.loss)
+    # A replayer may add its model's own words to the generic remedies (e.g. the config key of a fix).
+    annotate = getattr(rep, "annotate_finding", None)
+    return annotate(finding) if annotate is not None and finding is not None else finding
 
 
 def bisect_capsule(path: Path, float64: bool = False, export: Path | None = None,

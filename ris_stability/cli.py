@@ -9,10 +9,12 @@ SCRIPT.py` raised. User errors print one clear message, no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -69,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set train.steps=50 (repeatable)")
     t.add_argument("--steps", type=positive_int, default=None, help="number of training steps (overrides train.steps)")
     t.add_argument("--out", default=None, help="run folder (default runs/<config>-<time>)")
+    t.add_argument("--gap-aware", action="store_true",
+                   help="run inside ris_stability.gap_aware(): every torch.linalg.eigh / torch.linalg.svd / torch.svd "
+                        "call uses the gap-aware backward (forwards unchanged)")
     t.add_argument("--no-live", action="store_true", help="plain log lines instead of the live dashboard")
     t.add_argument("--every", type=positive_int, default=1, help="record matrix statistics every N steps (default 1)")
     t.add_argument("--max-matrices", type=positive_int, default=4, help="matrices of each batch the probes analyse")
@@ -123,6 +128,18 @@ def _cmd_trace_script(args: argparse.Namespace, console: Console) -> int:
     return run.code
 
 
+def _gap_aware_option(cmd: Callable[[argparse.Namespace, Console], int]) -> Callable[[argparse.Namespace, Console], int]:
+    """--gap-aware: the whole command (a config run or a script) runs inside ris_stability.gap_aware()."""
+    @functools.wraps(cmd)
+    def run(args: argparse.Namespace, console: Console) -> int:
+        from ris_stability.spectral import gap_aware
+
+        with gap_aware() if args.gap_aware else contextlib.nullcontext():
+            return cmd(args, console)
+    return run
+
+
+@_gap_aware_option
 def _cmd_trace(args: argparse.Namespace, console: Console) -> int:
     if args.script:
         return _cmd_trace_script(args, console)

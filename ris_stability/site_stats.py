@@ -61,7 +61,9 @@ def complex_gap_stats(w: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
         min_gap = torch.full_like(min_gap, math.nan)
     # Largest number of eigenvalues within the tie tolerance of one of them (unordered: no chains).
     near = (dist <= tie_tol(n, dtype, w.abs().amax(-1))[..., None, None]).sum(-1)
-    size, centre = near.max(-1)
+    # amax + argmax, not max(dim): on CPU the (values, indices) reduction of a tiny tensor can cost
+    # a thread-pool round trip (measured 23 ms vs 0.02 ms on 2 busy threads).
+    size, centre = near.amax(-1), near.argmax(-1)
     value = w.abs().gather(-1, centre.unsqueeze(-1)).squeeze(-1)
     return {"min_gap": min_gap, "amplification": 1.0 / min_gap, "max_cluster": size.to(torch.float64),
             "cluster_value": torch.where(size > 1, value, torch.full_like(value, math.nan))}
@@ -151,66 +153,46 @@ def stat_rows(kind: str, flat: Tensor, out: Any, k) -> Tensor:
     return torch.stack(columns, dim=-1)
 
 
-@dataclass
-class Call:
-    """One observed call, kept until its statistics are computed together with the others of its kind
-    and shapes: ``flat`` a detached copy of the (b, m, n) input, ``out`` the op's outputs cut to the same
-    b matrices (None when the op raised), ``k`` the signal dimension (None, an int, or a (b,) tensor)."""
-
-    kind: str
-    flat: Tensor
-    out: Any
-    k: Any
-
-    def group(self) -> tuple:
-        """Calls with the same key are measured as one batch."""
-        k = "tensor" if isinstance(self.k, Tensor) else self.k
-        return (self.kind, tuple(self.flat.shape[1:]), self.flat.dtype, self.flat.device, k, _signature(self.out))
+# Kinds measured from (input, output) that can be measured for many calls at once: the statistics of a
+# site called once per sample in a Python loop are computed per step on the concatenated calls, not per
+# call (a dozen small kernels each). Kinds not listed (added by register_kind) are measured per call.
+_OUTPUT_KINDS = frozenset({"eigh", "eigvalsh", "svd", "svd_old", "svdvals", "eig", "eigvals"})
+_INPUT_KINDS = frozenset({"herm", "general", "pinv"})
+NOT_BATCHABLE = object()
 
 
-def _signature(out: Any) -> Any:
-    if out is None or isinstance(out, Tensor):
-        return None if out is None else (tuple(out.shape[1:]), out.dtype)
-    return tuple(None if t is None else (tuple(t.shape[1:]), t.dtype) for t in out)
+def batch_parts(kind: str, out: Any, batch_dims: int, b: int) -> Any:
+    """The part of an op's output its statistics need, flattened to ``b`` leading rows so calls can be
+    concatenated: None for kinds measured from the input alone, NOT_BATCHABLE when it cannot be done."""
+    if kind in _INPUT_KINDS:
+        return None
+    if kind not in _OUTPUT_KINDS or out is None:
+        return NOT_BATCHABLE
+    items = out if isinstance(out, (tuple, list)) else (out,)
+    if not all(isinstance(t, Tensor) and t.dim() >= batch_dims for t in items):
+        return NOT_BATCHABLE
+    flat = tuple(t.detach().reshape(-1, *t.shape[batch_dims:])[:b] for t in items)
+    return flat if isinstance(out, (tuple, list)) else flat[0]
 
 
-def cut_outputs(out: Any, batch_shape: torch.Size, b: int) -> Any:
-    """The op's outputs for the first b matrices of its batch, flattened to (b, ...) and detached;
-    outputs without the batch shape (e.g. lstsq's rank of a single matrix) become None."""
-    def cut(t: Any) -> Tensor | None:
-        if not isinstance(t, Tensor) or tuple(t.shape[: len(batch_shape)]) != tuple(batch_shape):
-            return None
-        return t.detach().reshape(-1, *t.shape[len(batch_shape):])[:b]
-    if out is None or isinstance(out, Tensor):
-        return None if out is None else cut(out)
-    return tuple(cut(t) for t in out)
+def _group_key(kind: str, flat: Tensor, parts: Any, k) -> tuple:
+    shapes = tuple(t.shape[1:] for t in (parts if isinstance(parts, tuple) else (parts,)) if t is not None)
+    return kind, tuple(flat.shape[1:]), flat.dtype, flat.device, shapes, k
 
 
-def _cat(parts: list[Any]) -> Any:
-    first = parts[0]
-    if first is None or isinstance(first, Tensor):
-        return None if first is None else torch.cat(parts)
-    return tuple(None if column[0] is None else torch.cat(column) for column in zip(*parts))
-
-
-def rows_of(calls: list[Call], measure: Callable[[Callable[[], Tensor], Tensor], Tensor]) -> list[Tensor]:
-    """(b_i, len(STAT_KEYS)) statistics of each call, computed once per group of alike calls (a loop
-    over samples calling eigh on each makes one batched computation, not one per call).
-    ``measure(compute, flat)`` runs a computation and turns a failure into NaN rows for ``flat``."""
-    groups: dict[tuple, list[int]] = {}
-    for i, call in enumerate(calls):
-        groups.setdefault(call.group(), []).append(i)
-    rows: list[Tensor | None] = [None] * len(calls)
+def batched_rows(calls: list[tuple[str, Tensor, Any, Any]]) -> list[tuple[str, Tensor, Any, Any]]:
+    """Deferred calls (kind, flat, parts, k) merged into one (kind, flat, parts, k) per group of calls with
+    the same kind, shapes, dtype, device and signal dimension (an int or None); order within kept."""
+    groups: dict[tuple, list[tuple[str, Tensor, Any, Any]]] = {}
+    for call in calls:
+        groups.setdefault(_group_key(*call), []).append(call)
+    merged = []
     for members in groups.values():
-        batch = [calls[i] for i in members]
-        if len(batch) == 1:
-            call = batch[0]
-            rows[members[0]] = measure(lambda: stat_rows(call.kind, call.flat, call.out, call.k), call.flat)
-            continue
-        flat = torch.cat([c.flat for c in batch])
-        k = torch.cat([c.k for c in batch]) if isinstance(batch[0].k, Tensor) else batch[0].k
-        out = _cat([c.out for c in batch])
-        joint = measure(lambda: stat_rows(batch[0].kind, flat, out, k), flat)
-        for i, part in zip(members, joint.split([c.flat.shape[0] for c in batch])):
-            rows[i] = part
-    return rows
+        kind, _, parts, k = members[0]
+        flat = torch.cat([m[1] for m in members]) if len(members) > 1 else members[0][1]
+        if isinstance(parts, tuple):
+            parts = tuple(torch.cat([m[2][i] for m in members]) for i in range(len(parts)))
+        elif parts is not None:
+            parts = torch.cat([m[2] for m in members])
+        merged.append((kind, flat, parts, k))
+    return merged

@@ -69,7 +69,9 @@ def _nonfinite_items(trace: Trace) -> list[str]:
     capsule = next((p for p in trace.capsules if p.name == f"step_{first:06d}.pt"), None)
     if capsule is not None:
         rel = capsule.relative_to(trace.run_dir).as_posix()
-        text += f". Capsule {code(rel)}: replay it with {code(f'risdiag bisect {capsule.as_posix()}')} to name the op"
+        # from the folder holding the run: an absolute path would not survive moving the run folder
+        cmd = f"risdiag bisect {trace.run_dir.name}/{rel}"
+        text += f". Capsule {code(rel)}: replay it with {code(cmd)} (from the folder holding the run) to name the op"
     return [text + "."]
 
 
@@ -112,7 +114,8 @@ def _finding_items(trace: Trace) -> list[str]:
     where = ", ".join(f"{k} {code(f[k])}" for k in ("phase", "op", "node", "module", "location") if f.get(k))
     step = f" at step {f['step']}" if f.get("step") is not None else ""
     cause = f": {f['cause']}" if f.get("cause") else ""
-    return [f"**Bisector finding{step}** — {where or 'see the finding section'}{cause}."]
+    title = "Finding" if f.get("source") else "Bisector finding"
+    return [f"**{title}{step}** — {where or 'see the finding section'}{cause}."]
 
 
 def _matrix_items(m: MatrixSummary, eps: float, real: str, n_steps: int, dtype: torch.dtype,
