@@ -321,22 +321,3 @@ def test_marked_autograd_function_gets_its_name_and_its_vector_gradient_watched(
     assert rec["function_eigh"]["vec_grad"] is use_vectors
     assert rec["function_eigh"]["location"].endswith(f"test_probes.py:{_line_of('# marked-call-site')}")
 
-
-def test_alike_calls_of_a_per_sample_loop_are_measured_as_one_batch(monkeypatch):
-    import ris_stability.site_stats as site_stats
-
-    ev = torch.tensor([[1.0, 2.0, 3.0], [1.0, 5.0, 9.0], [4.0, 4.0, 7.0], [0.5, 2.0, 8.0]], dtype=torch.float64)
-    batch = torch.diag_embed(ev)
-    computed = []
-    real = site_stats.stat_rows
-    monkeypatch.setattr(site_stats, "stat_rows", lambda kind, flat, *a: computed.append(flat.shape[0]) or real(kind, flat, *a))
-    with SpectralProbe() as probe:
-        for sample in batch:
-            torch.linalg.eigvalsh(sample)  # one call site, four calls
-    looped = probe.collect()["linalg.eigvalsh"]
-    with SpectralProbe() as probe:
-        torch.linalg.eigvalsh(batch)
-    batched = probe.collect()["linalg.eigvalsh"]
-    assert computed == [4, 4]  # the loop's four calls made one computation, like the batched call
-    assert looped["calls"] == 4 and looped["stats"] == pytest.approx(batched["stats"], nan_ok=True)
-    assert looped["stats"]["max_cluster"] == 2 and looped["stats"]["cluster_value"] == 4.0
