@@ -219,9 +219,12 @@ def bisect_capsule(path: Path, float64: bool = False, export: Path | None = None
     return result
 
 
-def audit_capsule(path: Path) -> PrecisionAudit:
-    """Precision audit of a capsule's step (finite or not): its gradient against float64."""
+def audit_capsule(path: Path, replayer: str | None = None) -> PrecisionAudit:
+    """Precision audit of a capsule's step (finite or not): its gradient against float64. ``replayer``
+    overrides the one the capsule names (script runs)."""
     capsule = Capsule.load(path)
+    if replayer:
+        capsule.meta["replayer"] = replayer
     with _capsule_threads(capsule):
         rep = _rebuild(capsule, None)
         rep.model.zero_grad(set_to_none=True)
@@ -237,12 +240,12 @@ def _latest_capsule(run_dir: Path) -> Path:
     return found[0]
 
 
-def run_precision(target: str, as_json: bool, console: Console) -> int:
+def run_precision(target: str, as_json: bool, console: Console, replayer: str | None = None) -> int:
     """`risdiag bisect --precision`: audit the capsule (or a run folder's first capsule) against float64."""
     path = Path(target)
     if path.is_dir():
         path = _latest_capsule(path)
-    audit = audit_capsule(path)
+    audit = audit_capsule(path, replayer)
     if as_json:
         console.print_json(json.dumps({"capsule": str(path), **audit.to_dict()}, default=str))
     else:
