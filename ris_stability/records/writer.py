@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from ris_stability.sinks.base import current_sinks
 from ris_stability.records.schema import (EVENT_KINDS, EVENTS_FILE, FINDING_FILE, META_FILE, SCHEMA_NAME,
                                           SCHEMA_VERSION, SEVERITIES, STEPS_FILE, SUMMARY_FILE, TraceError)
 
@@ -104,6 +105,9 @@ class TraceWriter:
             raise TraceError(
                 f"cannot create the run folder {self.run_dir}: {exc}. Pass a writable output folder."
             ) from exc
+        self.sinks = current_sinks()  # TensorBoard / MLflow copies, when a command installed them
+        if self.sinks is not None:
+            self.sinks.start_run(self.run_dir, full_meta)
 
     def elapsed(self) -> float:
         return time.monotonic() - self._t0
@@ -123,6 +127,8 @@ class TraceWriter:
         full = dict(row)
         full.setdefault("time_s", self.elapsed())
         self._append(self._steps, _dumps(full, "step row", keep_nonfinite=True))
+        if self.sinks is not None:
+            self.sinks.step(self.run_dir, full)
 
     def event(self, kind: str, severity: str, message: str, step: int | None = None, **data: Any) -> None:
         """Append one event; `data` holds the kind-specific fields (matrix, names, path, ...)."""
@@ -135,9 +141,13 @@ class TraceWriter:
         record = {"step": step, "time_s": self.elapsed(), "kind": kind, "severity": severity,
                   "message": str(message), "data": data}
         self._append(self._events, _dumps(record, f"event {kind}"))
+        if self.sinks is not None:
+            self.sinks.event(self.run_dir, record)
 
     def summary(self, summary: Mapping[str, Any]) -> Path:
         """Write summary.json (steps, wall_s, nonfinite_steps, skipped_steps, final/best loss, status)."""
+        if self.sinks is not None:
+            self.sinks.summary(self.run_dir, summary)
         return write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
 
     def close(self) -> None:
