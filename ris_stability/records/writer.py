@@ -85,7 +85,7 @@ class TraceWriter:
 
     def __init__(self, run_dir: Path, meta: Mapping[str, Any], *, fsync: bool = False,
                  listeners: Iterable[Callable[[str, Mapping[str, Any]], None]] = ()) -> None:
-        # Called with ("step", row) / ("event", record) after each line is written: how other instruments
+        # Called with ("step", row) / ("event", record) after each line is written, ("summary", summary): how other instruments
         # (e.g. a sweep's pruner) follow a run as it happens without reading the files back.
         self.listeners = tuple(listeners)
         self.run_dir = Path(run_dir)
@@ -109,9 +109,9 @@ class TraceWriter:
             raise TraceError(
                 f"cannot create the run folder {self.run_dir}: {exc}. Pass a writable output folder."
             ) from exc
-        self.sinks = current_sinks()  # TensorBoard / MLflow copies, when a command installed them
-        if self.sinks is not None:
-            self.sinks.start_run(self.run_dir, full_meta)
+        sinks = current_sinks()  # TensorBoard / MLflow copies, when a command installed them
+        if sinks is not None:
+            self.listeners += (sinks.start_run(self.run_dir, full_meta),)
 
     def elapsed(self) -> float:
         return time.monotonic() - self._t0
@@ -131,8 +131,6 @@ class TraceWriter:
         full = dict(row)
         full.setdefault("time_s", self.elapsed())
         self._append(self._steps, _dumps(full, "step row", keep_nonfinite=True))
-        if self.sinks is not None:
-            self.sinks.step(self.run_dir, full)
         for listener in self.listeners:
             listener("step", full)
 
@@ -147,15 +145,13 @@ class TraceWriter:
         record = {"step": step, "time_s": self.elapsed(), "kind": kind, "severity": severity,
                   "message": str(message), "data": data}
         self._append(self._events, _dumps(record, f"event {kind}"))
-        if self.sinks is not None:
-            self.sinks.event(self.run_dir, record)
         for listener in self.listeners:
             listener("event", record)
 
     def summary(self, summary: Mapping[str, Any]) -> Path:
         """Write summary.json (steps, wall_s, nonfinite_steps, skipped_steps, final/best loss, status)."""
-        if self.sinks is not None:
-            self.sinks.summary(self.run_dir, summary)
+        for listener in self.listeners:
+            listener("summary", summary)
         return write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
 
     def close(self) -> None:

@@ -1,8 +1,8 @@
 """Sinks: the trace rows and events of a run, also written where users already look.
 
 A :class:`SinkSet` is installed around a command (``with open_sinks(tensorboard=DIR, mlflow=True):``);
-every :class:`~ris_stability.records.TraceWriter` created inside it hands its step rows, events and
-summary to the set, which routes them to one per-run writer of each backend (one TensorBoard run
+every :class:`~ris_stability.records.TraceWriter` created inside it adds the set as a listener of its
+step rows, events and summary, which routes them to one per-run writer of each backend (one TensorBoard run
 folder, one MLflow run per run folder). ``publish()`` at the end adds what exists only after the run:
 report.md, the report's figures and the capsules. The run folder stays the record; a sink is a copy.
 
@@ -114,21 +114,23 @@ class SinkSet:
                 del sinks[name]
 
     # -- called by TraceWriter ----------------------------------------------------------------------------
-    def start_run(self, run_dir: Path, meta: Mapping[str, Any]) -> None:
+    def start_run(self, run_dir: Path, meta: Mapping[str, Any]) -> Callable[[str, Mapping[str, Any]], None]:
+        """Open one run of each backend; returns the writer's listener for that run folder."""
+        run_dir = Path(run_dir)
         sinks: dict[str, RunSink] = {}
         for b in self.backends:
-            self._guard(b.name, "opening a run", lambda b=b: sinks.__setitem__(b.name, b.open_run(Path(run_dir), meta)))
-        self._runs[Path(run_dir)] = sinks
+            self._guard(b.name, "opening a run", lambda b=b: sinks.__setitem__(b.name, b.open_run(run_dir, meta)))
+        self._runs[run_dir] = sinks
+        return lambda kind, record: self._listen(run_dir, kind, record)
 
-    def step(self, run_dir: Path, row: Mapping[str, Any]) -> None:
-        scalars = scalar_tags(row)
-        self._each(run_dir, "writing a step", lambda s: s.step(int(row["step"]), scalars))
-
-    def event(self, run_dir: Path, record: Mapping[str, Any]) -> None:
-        self._each(run_dir, "writing an event", lambda s: s.event(record))
-
-    def summary(self, run_dir: Path, summary: Mapping[str, Any]) -> None:
-        self._status[Path(run_dir)] = str(summary.get("status", "clean"))
+    def _listen(self, run_dir: Path, kind: str, record: Mapping[str, Any]) -> None:
+        if kind == "step":
+            scalars = scalar_tags(record)
+            self._each(run_dir, "writing a step", lambda s: s.step(int(record["step"]), scalars))
+        elif kind == "event":
+            self._each(run_dir, "writing an event", lambda s: s.event(record))
+        elif kind == "summary":
+            self._status[run_dir] = str(record.get("status", "clean"))
 
     # -- called once the command is over -------------------------------------------------------------------
     def publish(self) -> None:
