@@ -114,7 +114,8 @@ def render_report(trace: Trace, figures: dict[str, tuple[str, str]]) -> str:
                md.heading("Loss terms"), series_table(loss_summaries(trace), "term"), image("loss"),
                md.heading("Events"), events_table(trace.events)]
     if trace.finding:
-        blocks += [md.heading("Bisector finding"), finding_block(trace.finding)]
+        title = "Finding (in-process locator)" if trace.finding.get("source") else "Bisector finding"
+        blocks += [md.heading(title), finding_block(trace.finding)]
     return md.document(blocks)
 
 

@@ -112,7 +112,8 @@ def _finding_items(trace: Trace) -> list[str]:
     where = ", ".join(f"{k} {code(f[k])}" for k in ("phase", "op", "node", "module", "location") if f.get(k))
     step = f" at step {f['step']}" if f.get("step") is not None else ""
     cause = f": {f['cause']}" if f.get("cause") else ""
-    return [f"**Bisector finding{step}** — {where or 'see the finding section'}{cause}."]
+    title = "Finding" if f.get("source") else "Bisector finding"
+    return [f"**{title}{step}** — {where or 'see the finding section'}{cause}."]
 
 
 def _matrix_items(m: MatrixSummary, eps: float, real: str, n_steps: int, dtype: torch.dtype,

@@ -130,3 +130,17 @@ def test_module_form_in_a_real_process(tmp_path):
     assert "trained 7 steps" in proc.stdout
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     assert meta["script_kind"] == "module" and meta["script"] == "scripts.sqrt_rows"
+
+
+def test_example_replays_with_its_replayer(tmp_path, capsys):
+    """The README's worked example: trace examples/planted_fault.py, then bisect its first capsule."""
+    example = REPO / "examples" / "planted_fault.py"
+    code, run_dir = trace(tmp_path, str(example), "--steps", "10")
+    assert code == cli.EXIT_NONFINITE
+    capsule = run_dir / "capsules" / "step_000008.pt"
+    assert cli.main(["bisect", str(capsule)]) == cli.EXIT_USAGE  # a script's capsule names no replayer
+    assert "--replayer" in capsys.readouterr().err
+    assert cli.main(["bisect", str(capsule), "--json", "--replayer", f"{example}:replay"]) == cli.EXIT_OK
+    result = json.loads(capsys.readouterr().out)
+    assert result["reproduced"] and result["bit_exact"]
+    assert result["finding"]["node"] == "LinalgEighBackward0" and result["finding"]["module"] == "model.features.1"
