@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ris_stability.linalg_ops import tie_message
 from ris_stability.tolerances import (PINV_CUTOFF_DECADES, PRECISION_GRAD_RTOL, hermitian_input_tol,
                                       ill_conditioned_log10)
 
@@ -46,7 +47,7 @@ def op_base(op: str) -> str:
 
 def site_op(name: str) -> str:
     """The op of a probe site name ('loss:linalg.eig@f.py:3' -> 'eig'); '' for a watched matrix."""
-    op = name.split("@", 1)[0].rsplit(":", 1)[-1]
+    op = name.split("@", 1)[0].split("[", 1)[0].rsplit(":", 1)[-1]
     return op_base(op) if "." in op or op in CONDITION_OPS | EIG_OPS | PINV_OPS else ""
 
 
@@ -75,10 +76,9 @@ def _tie(name: str, site: dict[str, Any], st: dict[str, float]) -> list[Hazard]:
     cluster = st.get("max_cluster", 0.0)
     if not (site.get("vec_grad") and cluster > 1):
         return []
-    return [Hazard("tied_eigenvalues", "warning",
-                   f"{name} ({site.get('location', '')}): {int(cluster)} eigenvalues tie at "
-                   f"{st.get('cluster_value', math.nan):.3e} and its eigenvectors receive gradient: the "
-                   "backward divides by their zero gaps (0/0)",
+    return [Hazard("tied_eigenvalues", "warning",  # in the op's own words: singular values for an svd
+                   tie_message(name, site.get("op", ""), site.get("location", ""), cluster,
+                               st.get("cluster_value", math.nan)),
                    {"matrix": name, "max_cluster": cluster, "cluster_value": st.get("cluster_value"),
                     "vec_grad": True, "location": site.get("location"), "module": site.get("module")})]
 

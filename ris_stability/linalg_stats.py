@@ -97,7 +97,7 @@ def _gap_stats(ev: Tensor, split: Tensor | None, tol: Tensor) -> dict[str, Tenso
     # Length of the run of tied pairs ending at each position: count since the last untied pair.
     count = torch.cumsum(tied.to(torch.long), dim=-1)
     run = count - torch.cummax(torch.where(tied, torch.zeros_like(count), count), dim=-1).values
-    longest, end = run.max(dim=-1)
+    longest, end = run.amax(dim=-1), run.argmax(dim=-1)  # not max(dim): see site_stats.complex_gap_stats
     hi = ev.gather(-1, (end + 1).clamp(0, n - 1).unsqueeze(-1)).squeeze(-1)
     lo = ev.gather(-1, (end + 1 - longest).clamp(0, n - 1).unsqueeze(-1)).squeeze(-1)
     out["max_cluster"] = (longest + 1).to(ev.dtype)
@@ -323,10 +323,21 @@ def eig_stats(A: Tensor, w: Tensor | None = None) -> dict[str, Tensor]:
         rel = torch.where(scale > 0, gap / scale, torch.full_like(gap, math.nan))
         rel = torch.where(torch.isinf(rel), torch.full_like(rel, math.nan), rel)  # n = 1: no pair
         A64 = A.to(torch.complex128 if A.is_complex() else torch.float64)
-        comm = _frobenius(A64 @ A64.mH - A64.mH @ A64)
+        comm = _frobenius(_gram(A64, A64.mH) - _gram(A64.mH, A64))
         size = _frobenius(A64).square()
         non_normal = torch.where(size > 0, comm / size, torch.zeros_like(comm))
         return {"herm_err": hermitian_error(A), "rel_sep": rel, "non_normal": non_normal}
+
+
+# Below this size a broadcast product beats a batched matmul: torch's CPU bmm of many tiny matrices
+# pays a thread-pool round trip per call (measured 30 ms for 16 8x8 products on 2 busy threads).
+_BROADCAST_MATMUL_N = 32
+
+
+def _gram(X: Tensor, Y: Tensor) -> Tensor:
+    if X.shape[-1] <= _BROADCAST_MATMUL_N:
+        return (X.unsqueeze(-1) * Y.unsqueeze(-3)).sum(-2)
+    return X @ Y
 
 
 def pinv_cutoff_margin(svals: Tensor, m: int, n: int, dtype: torch.dtype, rtol: float | None = None,
@@ -353,7 +364,7 @@ def eig_backward_terms(w: Tensor, V: Tensor, gV: Tensor) -> tuple[Tensor, Tensor
     phase (so what is measured is rounding), and the largest off-diagonal |(V^H gV)_ij / (w_j - w_i)|,
     the true eigenvector terms. Noise above a fraction of the terms means the gradient is rounding."""
     with torch.no_grad():
-        VhgV = V.detach().mH @ gV.detach()
+        VhgV = _gram(V.detach().mH, gV.detach())
         E = (w.detach().unsqueeze(-2) - w.detach().unsqueeze(-1)).conj()
         off = ~torch.eye(w.shape[-1], dtype=torch.bool, device=w.device)
         noise = VhgV.diagonal(dim1=-2, dim2=-1).imag.abs().amax(-1).to(_STATS_DTYPE)

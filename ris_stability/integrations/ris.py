@@ -36,6 +36,7 @@ from ris_stability.alignment import (
 from ris_stability.capsule import Capsule, CapsuleError, restore_rng
 from ris_stability.live import LiveView
 from ris_stability.locate.finding import Finding
+from ris_stability.loopstack import portable
 from ris_stability.monitor import MonitorConfig, StabilityMonitor
 from ris_stability.records import UsageError
 
@@ -226,8 +227,9 @@ def run_trace(config_path: str, overrides: list[str], steps: int | None, out: st
     run_dir = _resolve_out(out, config_path)
     text = dumps_toml(cfg)
     (run_dir / "config.resolved.toml").write_text(text)
-    meta = {"command": "risdiag trace " + " ".join([f"--config {config_path}", *(f"--set {o}" for o in overrides)]),
-            "config_path": str(config_path), "config_hash": config_hash(cfg), "torch": str(torch.__version__),
+    config_name = portable(str(config_path))  # no absolute path in a run folder
+    meta = {"command": "risdiag trace " + " ".join([f"--config {config_name}", *(f"--set {o}" for o in overrides)]),
+            "config_path": config_name, "config_hash": config_hash(cfg), "torch": str(torch.__version__),
             "device": cfg.train.device, "dtype": cfg.data.dtype, "remedies": RUN_REMEDIES}
     view = LiveView(total_steps=cfg.train.steps, enabled=live)
     mon = StabilityMonitor(run_dir, mon_cfg, meta=meta,

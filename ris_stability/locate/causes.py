@@ -85,6 +85,12 @@ ZERO_MASKED_ROWS = ("or zero the fully masked rows' scores before softmax with t
                     "softmax still sends NaN into the gradient)")
 MASK_REMEDIES = (KEEP_ONE_KEY, FINITE_MASK, ZERO_MASKED_ROWS)
 
+EIGH_FOR_HERMITIAN = ("if the matrix is Hermitian (e.g. a covariance), use torch.linalg.eigh: real sorted eigenvalues, "
+                      "orthonormal eigenvectors, no V^{-H} in its backward")
+SUBSPACE_ONLY = ("make the loss depend only on a subspace separated by a real gap (a projector onto the top-K), "
+                 "never on individual vectors inside a cluster")
+EIG_REMEDIES = (EIGH_FOR_HERMITIAN, SUBSPACE_ONLY, FLOAT64_SPECTRAL, EIGVAL_ONLY)
+
 
 def op_base(op: str) -> str:
     """'aten.div_.Tensor' -> 'div', 'aten._linalg_eigh' -> 'linalg_eigh', 'aten.log' -> 'log'."""
@@ -181,10 +187,30 @@ _SIMPLE_NODES: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 
 
+def _eig_cause(obs: Observation) -> Cause:
+    """LinalgEigBackward0: the general eig backward divides the eigenvector terms by w_j - w_i of every
+    pair and applies V^{-H}, so ties and ill-conditioned (non-orthogonal) eigenvectors both blow it up."""
+    st = _spectral(obs) or {}
+    cluster, gap = st.get("max_cluster", math.nan), st.get("min_gap", math.nan)
+    if cluster >= 2:
+        kind = "exact_tie" if gap == 0 else "near_tie"
+        return Cause(f"eig_{kind}",
+                     f"eigenvector gradient of a general eig through {'exactly' if gap == 0 else 'nearly'} tied "
+                     f"eigenvalues (cluster of {int(cluster)} at |lambda| {st.get('cluster_value', math.nan):.1e}, "
+                     f"smallest |gap| {gap:.1e}): the eig backward divides by w_j - w_i", EIG_REMEDIES)
+    gaps = f" (smallest |gap| {gap:.1e})" if math.isfinite(gap) else ""
+    return Cause("eig_backward",
+                 f"non-finite eigenvector gradient in eig backward{gaps}: it divides by every eigenvalue "
+                 "difference and applies the inverse of the eigenvector matrix, which is ill-conditioned for "
+                 "a non-normal (non-Hermitian) input", EIG_REMEDIES)
+
+
 def _backward_cause(obs: Observation) -> Cause | None:
     base = node_base(obs.node)
     if "eigh" in base:
         return _eigh_cause(obs, "eigh")
+    if base == "linalgeig":
+        return _eig_cause(obs)
     if "svd" in base:
         return _eigh_cause(obs, "svd")
     if "norm" in base:

@@ -77,7 +77,7 @@ class _NodeRecorder:
             if forward_cls is not None:  # a custom autograd.Function: apply() bypasses function modes
                 node_ctx = dataclasses.replace(ctx, function=f"{forward_cls.__qualname__}.apply")
             name = node.name().lower()
-            if self.pending_spectrum is not None and ("eigh" in name or "svd" in name):
+            if self.pending_spectrum is not None and ("eig" in name or "svd" in name):
                 # The decomposition's own call site: for a custom autograd.Function the node is only
                 # found when a later op consumes its output, possibly on another line.
                 kind, values, stack, module = self.pending_spectrum

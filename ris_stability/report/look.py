@@ -69,7 +69,9 @@ def _nonfinite_items(trace: Trace) -> list[str]:
     capsule = next((p for p in trace.capsules if p.name == f"step_{first:06d}.pt"), None)
     if capsule is not None:
         rel = capsule.relative_to(trace.run_dir).as_posix()
-        text += f". Capsule {code(rel)}: replay it with {code(f'risdiag bisect {capsule.as_posix()}')} to name the op"
+        # from the folder holding the run: an absolute path would not survive moving the run folder
+        cmd = f"risdiag bisect {trace.run_dir.name}/{rel}"
+        text += f". Capsule {code(rel)}: replay it with {code(cmd)} (from the folder holding the run) to name the op"
     return [text + "."]
 
 

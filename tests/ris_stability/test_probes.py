@@ -168,12 +168,36 @@ def test_sampling_every_and_max_matrices():
     good_then_singular = torch.stack([torch.eye(3), torch.diag(torch.tensor([1.0, 1.0, 0.0]))])
     with SpectralProbe(every=2, max_matrices=1) as probe:
         probe.step(1)
-        torch.linalg.eigvalsh(good_then_singular)
+        torch.linalg.qr(good_then_singular)
         assert probe.collect() == {}
         probe.step(2)
-        torch.linalg.eigvalsh(good_then_singular)
-    rec = probe.collect()["linalg.eigvalsh"]
+        torch.linalg.qr(good_then_singular)  # qr gives no spectrum: the probe factorises max_matrices itself
+    rec = probe.collect()["linalg.qr"]
     assert rec["calls"] == 1 and rec["stats"]["cond"] == 1.0  # the singular second matrix was not sampled
+
+
+@pytest.mark.parametrize("op", ["eigh", "eigvalsh", "svd", "svdvals"])
+def test_worst_sample_of_the_whole_batch_is_found(op):
+    """An exact tie in sample 5 of 8 is found with max_matrices=4: ops that return their spectrum are
+    measured on the whole batch."""
+    torch.manual_seed(0)
+    ev = torch.rand(8, 6, dtype=torch.float64).sort(-1).values + torch.arange(6) * 0.5
+    ev[5, 2] = ev[5, 3] = ev[5, 4] = 1.7
+    q, _ = torch.linalg.qr(torch.randn(8, 6, 6, dtype=torch.float64))
+    a = q @ torch.diag_embed(ev) @ q.mT
+    with SpectralProbe(max_matrices=4) as probe:
+        getattr(torch.linalg, op)(a)  # looked up inside: the probe swaps the entry point in
+    (rec,) = probe.collect().values()
+    assert rec["stats"]["max_cluster"] == 3 and rec["stats"]["cluster_value"] == pytest.approx(1.7, rel=1e-9)
+
+
+def test_a_site_called_with_two_shapes_reports_both():
+    with SpectralProbe() as probe:
+        for n in (6, 3):
+            torch.linalg.svdvals(torch.randn(4, n, n, dtype=torch.float64) + 5 * torch.eye(n))
+    recs = probe.collect()
+    assert sorted(r["stats"]["n"] for r in recs.values()) == [3, 6]
+    assert len({r["location"] for r in recs.values()}) == 1 and any(name.endswith("[3x3]") for name in recs)
 
 
 def test_failed_cholesky_records_its_indefinite_input_and_reraises():
