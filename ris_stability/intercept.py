@@ -24,7 +24,7 @@ import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from types import FrameType
+from types import FrameType, MethodType
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
@@ -138,8 +138,39 @@ def _marked_caller(frame: FrameType | None, limit: int = 8) -> tuple[str, str, F
     return None
 
 
+class StandIn:
+    """What sits in place of a torch function while observed: it calls ``call`` and compares (and
+    hashes) equal to the original, so code that checks ``func in (torch.linalg.eig, ...)`` or looks
+    functions up in tables built meanwhile (torch.overrides caches them) still finds the original; set on
+    ``torch.Tensor`` it binds like a method."""
+
+    def __init__(self, call: Callable, original: Callable):
+        functools.update_wrapper(self, original)
+        self._call, self._original = call, original
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(*args, **kwargs)
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return self if obj is None else MethodType(self, obj)
+
+    def __eq__(self, other: object) -> bool:
+        return other is self or other is self._original or (
+            isinstance(other, StandIn) and other._original is self._original)
+
+    def __hash__(self) -> int:
+        return hash(self._original)
+
+    def __repr__(self) -> str:
+        return f"<observed {self._original!r}>"
+
+
+def original_of(func: Any) -> Any:
+    """The torch function behind a stand-in (``func`` itself otherwise)."""
+    return func._original if isinstance(func, StandIn) else func
+
+
 def _wrap(entry: EntryPoint, original: Callable) -> Callable:
-    @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         state = _STATE
         if state.depth or not _LISTENERS or torch.compiler.is_compiling():
@@ -148,7 +179,7 @@ def _wrap(entry: EntryPoint, original: Callable) -> Callable:
         listeners = [lst for lst in _LISTENERS if lst.thread == ident and lst.accepts()]
         if not listeners:
             return original(*args, **kwargs)
-        frame = sys._getframe(1)
+        frame = sys._getframe(2)  # the caller of StandIn.__call__
         name, kind = entry.name, entry.kind
         marked = _marked_caller(frame)
         if marked is not None:  # the call site is where the marked function was called
@@ -165,12 +196,10 @@ def _wrap(entry: EntryPoint, original: Callable) -> Callable:
         _notify(listeners, name, kind, args, kwargs, out, frame)
         return out
 
-    wrapper.__ris_wrapped__ = original
-    return wrapper
+    return StandIn(wrapper, original)
 
 
 def _wrap_backward(original: Callable) -> Callable:
-    @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if _LISTENERS and not _STATE.depth and not torch.compiler.is_compiling():
             ident = threading.get_ident()
@@ -179,8 +208,7 @@ def _wrap_backward(original: Callable) -> Callable:
                     listener.before_backward()
         return original(*args, **kwargs)
 
-    wrapper.__ris_wrapped__ = original
-    return wrapper
+    return StandIn(wrapper, original)
 
 
 def _notify(listeners: list[Listener], name: str, kind: str, args: tuple, kwargs: dict, out: Any,
