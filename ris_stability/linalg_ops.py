@@ -93,6 +93,16 @@ def tie_message(name: str, op: str, location: str, cluster: float, value: float)
             f"gradient: {what.hazard}")
 
 
+def split_site(name: str) -> tuple[str, str, str, str]:
+    """(module, op, shape, location) of a probe site name ``module:op[shape]@file:line``; the shape and
+    location parts appear only when needed to tell two records apart, and module is "" outside modules.
+    Step columns ``mat/<site>/<stat>`` split at the first and the last '/' (a location may hold '/')."""
+    head, _, location = name.partition("@")
+    head, _, shape = head.partition("[")
+    module, _, op = head.rpartition(":")
+    return module, op, shape.rstrip("]"), location
+
+
 # --- norms: which calls are spectral -------------------------------------------------------------------
 def _arg(args: tuple, kwargs: dict, index: int, *names: str) -> Any:
     if len(args) > index:
