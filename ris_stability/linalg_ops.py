@@ -158,10 +158,16 @@ _NEW = (
 )
 
 
+def _matrix_order(args: tuple, kwargs: dict) -> bool:
+    """The wrapper's pre-test for norms: only orders 2, -2 and 'nuc' can be spectral (refine decides)."""
+    order = args[1] if len(args) > 1 else kwargs.get("ord", kwargs.get("p"))
+    return order in (2, -2, "nuc") and not isinstance(order, bool)
+
+
 def _register() -> None:
     for owner, attr, name, kind in _NEW:
         if hasattr(owner, attr):
-            intercept.add_entry_point(owner, attr, name, kind)
+            intercept.add_entry_point(owner, attr, name, kind, _matrix_order if kind == "norm" else None)
     # "norm" is resolved per call by refine(); its kinds are the orders that have a spectral hazard.
     for order in (2, -2, "nuc"):
         site_stats.register_kind(f"norm_{order}", _norm_stats(order))
