@@ -30,9 +30,9 @@ STAT_KEYS: tuple[str, ...] = (
     "amplification",
 )
 
-# How each statistic is reduced to the worst case over a batch.
+# How each statistic is reduced to the worst case over a batch: these by their minimum, every other one
+# by its maximum (cluster_value follows the largest cluster).
 _WORST_MIN = frozenset({"rank", "lambda_min", "min_gap", "gap_split", "min_gap_signal", "min_gap_noise"})
-_WORST_MAX = frozenset({"n", "cond", "log10_cond", "lambda_max", "trace", "herm_err", "amplification"})
 
 _STATS_DTYPE = torch.float64
 

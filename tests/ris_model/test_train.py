@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ from ris_model.schedule import lr_at
 from ris_model.simulate import make_system
 from ris_model.train import (NonFiniteError, StepSettings, make_optimizer, make_scaler, param_groups, train,
                              train_step)
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "model.factor_hidden=32",
         "model.code_dim=8", "model.beam_grid=[4,2,2]", "model.readout_grid=[8,4,2]", "data.batch_size=4",
@@ -215,10 +218,10 @@ def test_seed_nan_is_nonfinite_at_a_deterministic_step_and_quickstart_is_not():
     """The shipped seed-nan config (as is, only shortened) goes non-finite at step 0 and at the same steps every
     time; the quickstart does not over the same steps."""
     short = ['train.nonfinite="skip"', "train.steps=3", "train.val_every=0"]
-    nan_cfg = load_config("configs/seed-nan.toml", short)
+    nan_cfg = load_config(str(CONFIG_DIR / "seed-nan.toml"), short)
     steps = _nonfinite_steps(nan_cfg)
     assert steps[:1] == [0] and steps == _nonfinite_steps(nan_cfg)
-    assert _nonfinite_steps(load_config("configs/quickstart.toml", short)) == []
+    assert _nonfinite_steps(load_config(str(CONFIG_DIR / "quickstart.toml"), short)) == []
     first = steps[0]
     stop = dataclasses.replace(nan_cfg, train=dataclasses.replace(nan_cfg.train, nonfinite="stop"))
     with pytest.raises(NonFiniteError, match=f"step {first}: non-finite gradient") as err:
@@ -239,8 +242,8 @@ def test_batch_with_nan_in_y_is_rejected():
 
 
 def test_missing_config_file_is_named():
-    with pytest.raises(ConfigError, match="config file 'configs/nope.toml' does not exist"):
-        load_config("configs/nope.toml")
+    with pytest.raises(ConfigError, match="config file '.*nope.toml' does not exist"):
+        load_config(CONFIG_DIR / "nope.toml")
 
 
 def test_checkpoint_from_another_config_names_the_keys(tmp_path):

@@ -16,6 +16,8 @@ from ris_stability.cli import main
 from ris_stability.records import read_trace
 from ris_stability.tolerances import tie_tol
 
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
 ROOT = Path(__file__).resolve().parents[2]
 NO_VAL = ["--set", "train.val_every=0", "--set", "data.n_val=0"]
 SMALL = ["--set", "data.batch_size=4", *NO_VAL]
@@ -92,17 +94,17 @@ def test_gap_aware_backward_runs_the_nan_config_clean(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["trace", "--config", "configs/quickstart.toml", "--set", "train.nope=1"], "unknown key 'train.nope'"),
+    (["trace", "--config", str(CONFIG_DIR / "quickstart.toml"), "--set", "train.nope=1"], "unknown key 'train.nope'"),
     (["trace", "--config", "missing.toml"], "does not exist"),
-    (["trace", "--config", "configs/quickstart.toml", "--set", "scene.range_m=[-1, 2]"], "scene.range_m"),
-    (["trace", "--config", "configs/quickstart.toml", "--set", "model.n_heads=7"], "model.n_heads"),
-    (["trace", "--config", "configs/quickstart.toml", "--out", "/proc/forbidden/run"], "cannot write there"),
+    (["trace", "--config", str(CONFIG_DIR / "quickstart.toml"), "--set", "scene.range_m=[-1, 2]"], "scene.range_m"),
+    (["trace", "--config", str(CONFIG_DIR / "quickstart.toml"), "--set", "model.n_heads=7"], "model.n_heads"),
+    (["trace", "--config", str(CONFIG_DIR / "quickstart.toml"), "--out", "/proc/forbidden/run"], "cannot write there"),
     (["bisect", "no/such/capsule.pt"], "does not exist"),
     (["report", "."], "run folder"),
 ], ids=["unknown-key", "missing-config", "negative-range", "unbuildable-model", "unwritable-out", "missing-capsule",
         "not-a-run"])
-def test_usage_errors_exit_2_without_traceback(args, needle, capsys, monkeypatch):
-    monkeypatch.chdir(ROOT)
+def test_usage_errors_exit_2_without_traceback(args, needle, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # any folder: the paths above do not depend on it
     assert main(args) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
