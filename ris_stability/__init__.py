@@ -5,6 +5,7 @@ matplotlib are imported by the live view, the trace reader and the reports only.
 """
 
 from ris_stability.alignment import check_alignment
+from ris_stability.autoattach import watch
 from ris_stability.grads import GradMonitor
 from ris_stability.locate import Finding, Locator, format_finding, locate_nonfinite
 from ris_stability.precision import PrecisionAudit, audit_precision
@@ -12,5 +13,5 @@ from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonito
 from ris_stability.probes import SpectralProbe
 from ris_stability.spectral import gap_aware
 
-__all__ = ["audit_precision", "PrecisionAudit", "check_alignment", "Finding", "format_finding", "GradMonitor", "Locator", "locate_nonfinite", "MonitorConfig",
-           "MonitorSession", "StabilityMonitor", "SpectralProbe", "gap_aware"]
+__all__ = ["audit_precision", "PrecisionAudit", "check_alignment", "Finding", "format_finding", "gap_aware", "GradMonitor",
+           "Locator", "locate_nonfinite", "MonitorConfig", "MonitorSession", "StabilityMonitor", "SpectralProbe", "watch"]

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import json
 import logging
 import math
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -119,14 +121,28 @@ class BisectResult:
 
 def _replayer(capsule: Capsule) -> Callable[..., Any]:
     spec = capsule.meta.get("replayer", "")
-    module, _, name = spec.partition(":")
+    module, _, name = spec.rpartition(":")
     if not module or not name:
-        raise CapsuleError(f"capsule of step {capsule.step} names no replayer (meta.replayer={spec!r}); it was not "
-                           "written by `risdiag trace` or a monitor given replayer='module:function'")
+        raise CapsuleError(f"capsule of step {capsule.step} names no replayer (meta.replayer={spec!r}); pass one: "
+                           "risdiag bisect CAPSULE --replayer module:function (see the README, 'Replaying later')")
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise CapsuleError(f"capsule replayer {spec!r} cannot be imported ({err})") from None
+        return getattr(_import_replayer_module(module), name)
+    except (ImportError, AttributeError, OSError, SyntaxError) as err:
+        raise CapsuleError(f"capsule replayer {spec!r} cannot be imported ({type(err).__name__}: {err})") from None
+
+
+def _import_replayer_module(module: str) -> Any:
+    """A dotted module (searched from the working directory too, as `python -m` does) or a FILE.py."""
+    if module.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(Path(module).stem, module)
+        if spec is None or spec.loader is None or not Path(module).is_file():
+            raise ImportError(f"no file {module!r}")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    return importlib.import_module(module)
 
 
 @contextlib.contextmanager
@@ -166,11 +182,18 @@ def locate_capsule(capsule: Capsule, dtype: str | None = None) -> Finding | None
     with _capsule_threads(capsule):
         rep = _rebuild(capsule, dtype)
         rep.model.zero_grad(set_to_none=True)
-        return Locator(roots=rep.roots).run(rep.loss)
+        finding = Locator(roots=rep.roots).run(rep.loss)
+    # A replayer may add its model's own words to the generic remedies (e.g. the config key of a fix).
+    annotate = getattr(rep, "annotate_finding", None)
+    return annotate(finding) if annotate is not None and finding is not None else finding
 
 
-def bisect_capsule(path: Path, float64: bool = False, export: Path | None = None) -> BisectResult:
+def bisect_capsule(path: Path, float64: bool = False, export: Path | None = None,
+                   replayer: str | None = None) -> BisectResult:
+    """``replayer`` ("module:function" or "FILE.py:function") overrides the one the capsule names."""
     capsule = Capsule.load(path)
+    if replayer:
+        capsule.meta["replayer"] = replayer
     outcome = replay(capsule)
     if not outcome.nonfinite:
         raise NotReproducedError(
@@ -295,7 +318,8 @@ def _check_export(export: str) -> Path:
     return out
 
 
-def run_bisect(target: str, as_json: bool, float64: bool, export: str | None, console: Console) -> int:
+def run_bisect(target: str, as_json: bool, float64: bool, export: str | None, console: Console,
+               replayer: str | None = None) -> int:
     path = Path(target)
     export_dir = _check_export(export) if export else None
     if not path.exists():
@@ -303,7 +327,7 @@ def run_bisect(target: str, as_json: bool, float64: bool, export: str | None, co
     if path.is_dir():
         _, path = first_bad_step(path)
     try:
-        result = bisect_capsule(path, float64=float64, export=export_dir)
+        result = bisect_capsule(path, float64=float64, export=export_dir, replayer=replayer)
     except NotReproducedError as err:
         console.print(f"[yellow bold]risdiag bisect: did not reproduce:[/yellow bold] {err}", highlight=False)
         return EXIT_NOT_REPRODUCED

@@ -2,16 +2,19 @@
 
 Exit codes: 0 success (a clean run, an aligned config, a located finding); 1 the run had non-finite
 steps / the config is misaligned; 2 usage errors (bad config, bad path, corrupted files); 3 a capsule
-that does not reproduce its non-finite step on replay. User errors print one clear message, no traceback.
+that does not reproduce its non-finite step on replay; 4 the script traced by `risdiag trace -- python
+SCRIPT.py` raised. User errors print one clear message, no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -59,22 +62,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("trace", help="train a ris_model config with the stability monitor attached")
-    t.add_argument("--config", required=True, help="TOML config, e.g. configs/quickstart.toml")
+    t = sub.add_parser("trace", help="train with the stability monitor attached: a ris_model config (--config) "
+                       "or any PyTorch script (-- python SCRIPT.py [ARGS])",
+                       usage="risdiag trace [options] (--config CONFIG | -- python SCRIPT.py [ARGS] | "
+                             "-- python -m MODULE [ARGS])")
+    t.add_argument("--config", default=None, help="TOML config, e.g. configs/quickstart.toml")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.steps=50 (repeatable)")
     t.add_argument("--steps", type=positive_int, default=None, help="number of training steps (overrides train.steps)")
     t.add_argument("--out", default=None, help="run folder (default runs/<config>-<time>)")
+    t.add_argument("--gap-aware", action="store_true",
+                   help="run inside ris_stability.gap_aware(): every torch.linalg.eigh / torch.linalg.svd / torch.svd "
+                        "call uses the gap-aware backward (forwards unchanged)")
     t.add_argument("--no-live", action="store_true", help="plain log lines instead of the live dashboard")
     t.add_argument("--every", type=positive_int, default=1, help="record matrix statistics every N steps (default 1)")
     t.add_argument("--max-matrices", type=positive_int, default=4, help="matrices of each batch the probes analyse")
     t.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
+    t.add_argument("--on-nonfinite", choices=("skip", "stop", "observe"), default=None,
+                   help="script runs: what to do with a non-finite step: skip it (default; parameters and optimizer "
+                        "state unchanged), stop after locating it, or observe (let the optimizer step)")
+    t.add_argument("--replayer", default="", metavar="MODULE:FUNCTION",
+                   help="script runs: replayer stored in the capsules for `risdiag bisect` (see README)")
+    t.add_argument("script", nargs=argparse.REMAINDER, help="-- python SCRIPT.py [ARGS] (or -- python -m MODULE)")
 
     b = sub.add_parser("bisect", help="replay a crash capsule (or a run folder) and name the failing op")
     b.add_argument("target", help="a capsule file (capsules/step_NNNNNN.pt) or a run folder")
     b.add_argument("--json", action="store_true", help="print the finding as JSON")
     b.add_argument("--float64", action="store_true", help="also replay in float64: precision or structure?")
     b.add_argument("--export", default=None, metavar="DIR", help="write a standalone reproducer to DIR")
+    b.add_argument("--replayer", default=None, metavar="MODULE:FUNCTION",
+                   help="rebuild the step with this function instead of the one the capsule names (module path "
+                        "or FILE.py:function); needed for capsules of `risdiag trace -- python SCRIPT.py`")
     b.add_argument("--precision", action="store_true",
                    help="audit the step's gradient against float64 instead (finite steps too): which op's "
                         "precision changes it")
@@ -95,7 +113,41 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cmd_trace_script(args: argparse.Namespace, console: Console) -> int:
+    from ris_stability.integrations.script import report_to, trace_script
+
+    given = [flag for flag, value in (("--config", args.config), ("--steps", args.steps), ("--set", args.overrides))
+             if value]
+    if given:
+        raise UsageError(f"{', '.join(given)} apply to ris_model configs, not to a script; pass the script's own "
+                         "arguments after '--'")
+    run = trace_script(args.script, args.out, live=not args.no_live, every=args.every,
+                       max_matrices=args.max_matrices, on_nonfinite=args.on_nonfinite or "skip",
+                       replayer=args.replayer)
+    report_to(run, console, terminal_console(), report=not args.no_report)
+    return run.code
+
+
+def _gap_aware_option(cmd: Callable[[argparse.Namespace, Console], int]) -> Callable[[argparse.Namespace, Console], int]:
+    """--gap-aware: the whole command (a config run or a script) runs inside ris_stability.gap_aware()."""
+    @functools.wraps(cmd)
+    def run(args: argparse.Namespace, console: Console) -> int:
+        from ris_stability.spectral import gap_aware
+
+        with gap_aware() if args.gap_aware else contextlib.nullcontext():
+            return cmd(args, console)
+    return run
+
+
+@_gap_aware_option
 def _cmd_trace(args: argparse.Namespace, console: Console) -> int:
+    if args.script:
+        return _cmd_trace_script(args, console)
+    if not args.config:
+        raise UsageError("trace needs --config CONFIG (a ris_model run) or '-- python SCRIPT.py [ARGS]' (any script)")
+    if args.on_nonfinite or args.replayer:
+        raise UsageError("--on-nonfinite and --replayer apply to script runs ('-- python SCRIPT.py'); for a config "
+                         "set train.nonfinite instead")
     from ris_stability.integrations.ris import run_trace
 
     return run_trace(config_path=args.config, overrides=args.overrides, steps=args.steps, out=args.out,
@@ -108,7 +160,8 @@ def _cmd_bisect(args: argparse.Namespace, console: Console) -> int:
 
     if args.precision:
         return run_precision(args.target, as_json=args.json, console=console)
-    return run_bisect(args.target, as_json=args.json, float64=args.float64, export=args.export, console=console)
+    return run_bisect(args.target, as_json=args.json, float64=args.float64, export=args.export, console=console,
+                      replayer=args.replayer)
 
 
 def _cmd_report(args: argparse.Namespace, console: Console) -> int:

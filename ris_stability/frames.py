@@ -1,10 +1,11 @@
 """The user's source lines: "file.py:LINE" of the frames outside torch and outside ris_stability.
 
 The toolkit's own instruments (modes, hooks) sit between the user's call and the op, so both torch's
-and this package's frames are skipped; paths are shown relative to the working directory when inside it.
+and this package's frames are skipped; paths are shown relative to the project root (see ``_short_path``), never absolute.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from types import FrameType
@@ -17,12 +18,39 @@ MAX_STACK = 8  # user frames kept per op: enough to reach the model code from a 
 
 
 def _is_user(filename: str) -> bool:
-    return not os.path.abspath(filename).startswith(_SKIP_DIRS)
+    # frozen stdlib modules (runpy, which runs a traced script) are never the user's code
+    return not filename.startswith("<frozen ") and not os.path.abspath(filename).startswith(_SKIP_DIRS)
 
 
+_ROOT_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", ".git")
+
+
+@functools.lru_cache(maxsize=4096)
+def _project_root(folder: str) -> str | None:
+    """The nearest folder at or above ``folder`` holding a project marker (pyproject.toml, setup.py, .git)."""
+    while True:
+        if any(os.path.exists(os.path.join(folder, m)) for m in _ROOT_MARKERS):
+            return folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
+@functools.lru_cache(maxsize=4096)
 def _short_path(filename: str) -> str:
-    rel = os.path.relpath(filename)
-    return filename if rel.startswith("..") else rel
+    """A portable name for a source file: relative to its project root (the folder with pyproject.toml /
+    setup.py / .git), else to the sys.path entry holding it (an installed package), else its base name.
+    Never absolute, so run folders and findings read the same on every machine."""
+    if filename.startswith("<") or not os.path.isabs(filename) and not os.path.exists(filename):
+        return filename
+    path = os.path.abspath(filename)
+    root = _project_root(os.path.dirname(path))
+    if root is None:
+        entries = sorted((os.path.abspath(e) for e in sys.path if e), key=len, reverse=True)
+        root = next((e for e in entries if path.startswith(e + os.sep)), None)
+    rel = os.path.relpath(path, root) if root is not None else os.path.basename(path)
+    return rel.replace(os.sep, "/")
 
 
 def user_stack(frame: FrameType | None = None, limit: int = MAX_STACK) -> tuple[str, ...]:

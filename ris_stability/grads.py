@@ -204,6 +204,12 @@ class GradMonitor:
         """True when the parameter's grad was None at every counted observation (not reached by the loss)."""
         return not self._had_grad[self.names.index(name)]
 
+    def peek_norms(self) -> dict[str, float]:
+        """The module and total grad norms measured by the last observe_grads, as floats (one sync),
+        keyed by module (``_total`` for the total); they stay pending for collect."""
+        pending = {k[len("grad/"):]: v for k, v in self._pending.items() if k.startswith("grad/")}
+        return to_floats(pending) if pending else {}
+
     def count_nonfinite(self) -> None:
         """Count the non-finite elements of the current grads per module (reported by collect when > 0)."""
         counts = nonfinite_counts(self.params, self.device, self._present_indices)

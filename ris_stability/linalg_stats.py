@@ -24,15 +24,20 @@ from torch import Tensor
 
 from ris_stability.tolerances import eps_of, rank_tol, tie_tol
 
-STAT_KEYS: tuple[str, ...] = (
+SPECTRUM_KEYS: tuple[str, ...] = (
     "n", "rank", "cond", "log10_cond", "lambda_min", "lambda_max", "trace", "herm_err",
     "min_gap", "gap_split", "min_gap_signal", "min_gap_noise", "max_cluster", "cluster_value",
     "amplification",
 )
+# Hazards of particular ops (NaN for the others): eig/eigvals eigenvalue separation relative to scale and
+# non-normality (:func:`eig_stats`); pinv: decades between its cut-off and the nearest singular value.
+HAZARD_KEYS: tuple[str, ...] = ("rel_sep", "non_normal", "cutoff_margin")
+STAT_KEYS: tuple[str, ...] = SPECTRUM_KEYS + HAZARD_KEYS
 
 # How each statistic is reduced to the worst case over a batch: these by their minimum, every other one
 # by its maximum (cluster_value follows the largest cluster).
-_WORST_MIN = frozenset({"rank", "lambda_min", "min_gap", "gap_split", "min_gap_signal", "min_gap_noise"})
+_WORST_MIN = frozenset({"rank", "lambda_min", "min_gap", "gap_split", "min_gap_signal", "min_gap_noise",
+                        "rel_sep", "cutoff_margin"})
 
 _STATS_DTYPE = torch.float64
 
@@ -91,7 +96,7 @@ def _gap_stats(ev: Tensor, split: Tensor | None, tol: Tensor) -> dict[str, Tenso
     # Length of the run of tied pairs ending at each position: count since the last untied pair.
     count = torch.cumsum(tied.to(torch.long), dim=-1)
     run = count - torch.cummax(torch.where(tied, torch.zeros_like(count), count), dim=-1).values
-    longest, end = run.max(dim=-1)
+    longest, end = run.amax(dim=-1), run.argmax(dim=-1)  # not max(dim): see site_stats.complex_gap_stats
     hi = ev.gather(-1, (end + 1).clamp(0, n - 1).unsqueeze(-1)).squeeze(-1)
     lo = ev.gather(-1, (end + 1 - longest).clamp(0, n - 1).unsqueeze(-1)).squeeze(-1)
     out["max_cluster"] = (longest + 1).to(ev.dtype)
@@ -190,7 +195,7 @@ def _check_square(A: Tensor, what: str) -> None:
 
 
 def matrix_stats(A: Tensor, k=None) -> dict[str, Tensor]:
-    """All STAT_KEYS of square matrices ``(..., n, n)``: eigenvalues of the Hermitian part
+    """All SPECTRUM_KEYS of square matrices ``(..., n, n)``: eigenvalues of the Hermitian part
     ``(A + A^H)/2`` plus ``herm_err`` of A itself. Runs under no_grad on ``A.detach()``. Matrices with a
     non-finite entry get NaN statistics (the eigensolver is not run on them)."""
     _check_square(A, "matrix_stats")
@@ -204,7 +209,7 @@ def matrix_stats(A: Tensor, k=None) -> dict[str, Tensor]:
         stats = eigen_stats(torch.linalg.eigvalsh(herm), k=k, dtype=A.dtype)
         stats = _poison(stats, ~finite)
         stats["herm_err"] = hermitian_error(A)
-        return {key: stats[key] for key in STAT_KEYS}
+        return {key: stats[key] for key in SPECTRUM_KEYS}
 
 
 def _nan_reduce(value: Tensor, use_max: bool) -> Tensor:
@@ -292,3 +297,76 @@ def to_floats(stats: dict[str, Tensor]) -> dict[str, float]:
     for items in by_device.values():
         floats.update(zip((key for key, _ in items), torch.stack([v for _, v in items]).tolist()))
     return {key: floats[key] for key in stats}
+
+
+def eig_stats(A: Tensor, w: Tensor | None = None) -> dict[str, Tensor]:
+    """Hazards of a general eigendecomposition of square ``A (..., n, n)`` with eigenvalues ``w (..., n)``
+    (computed when not given), float64 ``(...,)``:
+
+    ``herm_err`` (a Hermitian input wants eigh: real sorted eigenvalues, no phase term in its backward);
+    ``rel_sep`` = min_{i != j} |w_i - w_j| / max |w| (the eig backward divides by w_j - w_i; relative to
+    the scale, since rounding is); ``non_normal`` = ||A A^H - A^H A||_F / ||A||_F^2 (0 for a normal
+    matrix, whose eigenvectors are orthogonal; large values mean ill-conditioned eigenvectors, whose
+    inverse the backward applies)."""
+    _check_square(A, "eig_stats")
+    with torch.no_grad():
+        A = A.detach()
+        if w is None:
+            w = torch.linalg.eigvals(A)
+        w = w.detach().to(torch.complex128)
+        n = w.shape[-1]
+        dist = (w.unsqueeze(-1) - w.unsqueeze(-2)).abs()
+        off = ~torch.eye(n, dtype=torch.bool, device=w.device)
+        gap = torch.where(off, dist, torch.full_like(dist, math.inf)).flatten(-2).amin(-1)
+        scale = w.abs().amax(-1)
+        rel = torch.where(scale > 0, gap / scale, torch.full_like(gap, math.nan))
+        rel = torch.where(torch.isinf(rel), torch.full_like(rel, math.nan), rel)  # n = 1: no pair
+        A64 = A.to(torch.complex128 if A.is_complex() else torch.float64)
+        comm = _frobenius(_gram(A64, A64.mH) - _gram(A64.mH, A64))
+        size = _frobenius(A64).square()
+        non_normal = torch.where(size > 0, comm / size, torch.zeros_like(comm))
+        return {"herm_err": hermitian_error(A), "rel_sep": rel, "non_normal": non_normal}
+
+
+# Below this size a broadcast product beats a batched matmul: torch's CPU bmm of many tiny matrices
+# pays a thread-pool round trip per call (measured 30 ms for 16 8x8 products on 2 busy threads).
+_BROADCAST_MATMUL_N = 32
+
+
+def _gram(X: Tensor, Y: Tensor) -> Tensor:
+    if X.shape[-1] <= _BROADCAST_MATMUL_N:
+        return (X.unsqueeze(-1) * Y.unsqueeze(-3)).sum(-2)
+    return X @ Y
+
+
+def pinv_cutoff_margin(svals: Tensor, m: int, n: int, dtype: torch.dtype, rtol: float | None = None,
+                       atol: float = 0.0) -> Tensor:
+    """Decades between torch.linalg.pinv's cut-off and the nearest singular value, float64 ``(...,)``.
+
+    pinv drops singular values at or below ``max(atol, rtol * s_max)`` (default rtol ``max(m, n) * eps``
+    when neither is given) and inverts the rest: a singular value near the cut-off is a coin flip
+    between dropped (0) and kept (1/s, the largest term of the result). A margin under one decade is
+    that hazard; a singular value far below the cut-off is dropped safely and far above kept safely."""
+    with torch.no_grad():
+        s = svals.detach().to(_STATS_DTYPE)
+        rtol = max(m, n) * eps_of(dtype) if rtol is None else rtol
+        cut = torch.clamp(s.amax(-1) * rtol, min=atol)
+        ratio = torch.where(s > 0, s / cut.unsqueeze(-1), torch.zeros_like(s))
+        margin = torch.log10(ratio).abs().amin(-1)
+        return torch.where(cut > 0, margin, torch.full_like(margin, math.nan))
+
+
+def eig_backward_terms(w: Tensor, V: Tensor, gV: Tensor) -> tuple[Tensor, Tensor]:
+    """The two parts of torch's eig backward for eigenvalues ``w (..., n)``, eigenvectors ``V`` and their
+    gradient ``gV``, in the precision of the op, as float64 ``(...,)``: the largest |Im diag(V^H gV)|,
+    which the backward keeps undivided and which is exactly 0 for a loss invariant to each eigenvector's
+    phase (so what is measured is rounding), and the largest off-diagonal |(V^H gV)_ij / (w_j - w_i)|,
+    the true eigenvector terms. Noise above a fraction of the terms means the gradient is rounding."""
+    with torch.no_grad():
+        VhgV = _gram(V.detach().mH, gV.detach())
+        E = (w.detach().unsqueeze(-2) - w.detach().unsqueeze(-1)).conj()
+        off = ~torch.eye(w.shape[-1], dtype=torch.bool, device=w.device)
+        noise = VhgV.diagonal(dim1=-2, dim2=-1).imag.abs().amax(-1).to(_STATS_DTYPE)
+        terms = torch.where(off, (VhgV / torch.where(off, E, torch.ones_like(E))).abs(),
+                            torch.zeros_like(E.real)).flatten(-2).amax(-1).to(_STATS_DTYPE)
+        return noise, terms

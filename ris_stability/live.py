@@ -67,7 +67,7 @@ def worst_matrices(row: dict[str, Any], n: int = 5) -> list[tuple[str, dict[str,
 
 def build_dashboard(state: DashboardState) -> Group:
     row = state.row
-    head = Text.assemble(("risdiag trace ", "bold"), f"step {state.step}/{state.total_steps}   ",
+    head = Text.assemble(("risdiag trace ", "bold"), f"step {state.step}/{state.total_steps or '?'}   ",
                          ("non-finite steps: ", "bold"),
                          (str(len(state.nonfinite_steps)), "red bold" if state.nonfinite_steps else "green"))
     bar = ProgressBar(total=max(state.total_steps, 1), completed=state.step, width=60)
@@ -109,7 +109,7 @@ def plain_line(state: DashboardState) -> str:
     if worst:
         name, s = worst[0]
         mat = f" worst={name} gap={_fmt(s.get('min_gap'))} tied={_fmt(s.get('max_cluster'))}"
-    return (f"step {state.step}/{state.total_steps} loss={_fmt(row.get('loss'))} "
+    return (f"step {state.step}/{state.total_steps or '?'} loss={_fmt(row.get('loss'))} "
             f"grad={_fmt(row.get('grad/_total'))} nonfinite={len(state.nonfinite_steps)}{mat}")
 
 
@@ -157,5 +157,11 @@ class LiveView:
             self.state.last_event = event
         if self._live is not None:
             self._live.update(build_dashboard(self.state), refresh=True)
-        elif row is not None and (step % self._plain_every == 0 or nonfinite or step >= self.state.total_steps):
+        elif row is not None and (self._plain_due(step) or nonfinite):
             log.info("%s", plain_line(self.state))
+
+    def _plain_due(self, step: int) -> bool:
+        total = self.state.total_steps
+        if total <= 0:  # length unknown (a traced script): steps 1-10, then each power of ten's multiples
+            return step <= 10 or step % (10 ** (len(str(step)) - 1)) == 0
+        return step % self._plain_every == 0 or step >= total

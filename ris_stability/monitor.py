@@ -17,15 +17,18 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from ris_stability.capsule import Capsule, capsule_path, capture_rng, clone_state
+from ris_stability.capsule import Capsule, capsule_path, capture_rng, clone_state, restore_rng
 from ris_stability import amp
-from ris_stability.grads import GradMonitor, float64_norms
+from ris_stability.grads import TOTAL_KEY, GradMonitor, float64_norms
 from ris_stability.loopstack import COMPILE_LIMITATION, compiled_parts, optimizers_of, run_meta, unwrap
+from ris_stability.spikes import SpikeDetector
 from ris_stability.probes import SpectralProbe
 from ris_stability.records import SettingError, TraceWriter
-from ris_stability.tolerances import ill_conditioned_log10
+from ris_stability.hazards import site_hazards
 
 log = logging.getLogger(__name__)
+
+SPIKE_WARMUP = 5  # logged steps before a gradient norm has a baseline
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,10 @@ class MonitorConfig:
     policy: Literal["skip", "stop", "observe"] = "skip"  # what to ask of the loop on a non-finite step
     max_capsules: int = 5  # capsules written per run (the first bad steps are the informative ones)
     update_every: int = 10  # update ratios (a parameter snapshot per step) every n steps: they move slowly
+    spike_factor: float = 10.0  # a logged grad norm above factor x its running median (and factor robust sigmas)
+    spike_window: int = 50  # logged steps in the running median / MAD baseline of each gradient norm
+    audit_every: int = 0  # precision audit every n steps when the loop gives an audit_fn (0: only on spikes)
+    audit_on_spike: bool = True  # precision audit on a gradient spike when the loop gives an audit_fn
     amp_collapse_steps: int = amp.COLLAPSE_STEPS  # GradScaler scale below 1 this many steps in a row: incident
 
     def __post_init__(self) -> None:
@@ -46,6 +53,10 @@ class MonitorConfig:
                                f"{self.update_every}, grad_depth={self.grad_depth} and max_matrices="
                                f"{self.max_matrices} must be >= 1 (max_matrices=None: whole batches) and "
                                f"max_capsules={self.max_capsules} >= 0")
+        if not self.spike_factor > 1 or self.spike_window < SPIKE_WARMUP or self.audit_every < 0:
+            raise SettingError(f"MonitorConfig: spike_factor={self.spike_factor} must be > 1, spike_window="
+                               f"{self.spike_window} >= {SPIKE_WARMUP} and audit_every={self.audit_every} >= 0 "
+                               "(0: no sampled audits)")
         if self.policy not in ("skip", "stop", "observe"):
             raise SettingError(f"MonitorConfig.policy={self.policy!r}: valid choices 'skip', 'stop', 'observe'")
 
@@ -78,6 +89,9 @@ class StabilityMonitor:
         self.probe: SpectralProbe | None = None
         self.grads: GradMonitor | None = None
         self.nonfinite_steps: list[int] = []
+        self.spike_steps: list[int] = []
+        self.audit_fn: Callable[[], torch.Tensor] | None = None  # recomputes the step's loss (precision audit)
+        self.spikes = SpikeDetector(cfg.spike_factor, cfg.spike_window, SPIKE_WARMUP)
         self.skipped_steps: list[int] = []
         self.capsules: list[Path] = []
         self._rng: dict[str, Any] | None = None
@@ -95,10 +109,12 @@ class StabilityMonitor:
         self.limitations: list[str] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def attach(self, model: torch.nn.Module, loss_fn: torch.nn.Module | None = None) -> None:
+    def attach(self, model: torch.nn.Module, loss_fn: torch.nn.Module | None = None,
+               roots: dict[str, torch.nn.Module] | None = None) -> None:
         compiled = compiled_parts(model)
         model = self._model = unwrap(model)  # a torch.compile wrapper would prefix every name with _orig_mod
-        roots = {"model": model} if loss_fn is None else {"model": model, "loss": loss_fn}
+        if roots is None:
+            roots = {"model": model} if loss_fn is None else {"model": model, "loss": loss_fn}
         self._dtype = next((p.dtype for p in model.parameters()), torch.float32)
         self.meta = {**run_meta(model), **self.meta}
         self.writer = TraceWriter(self.run_dir, self.meta)
@@ -129,12 +145,13 @@ class StabilityMonitor:
 
     # -- ris_model callback protocol --------------------------------------------------------------
     def on_train_start(self, ctx: Any) -> None:
-        self.attach(ctx.model, getattr(ctx, "loss_fn", None))
+        self.attach(ctx.model, getattr(ctx, "loss_fn", None), getattr(ctx, "roots", None))
 
     def on_step_start(self, ctx: Any) -> None:
         self._rng = capture_rng()
         self.overflow, self._amp_scale = False, None
-        if ctx.step % self.cfg.every == 0:
+        # a step run under the locator is not sampled: the probe's own statistics would pass its modes
+        if ctx.step % self.cfg.every == 0 and not getattr(ctx, "locating", False):
             self.probe.set_signal_dim(getattr(ctx, "signal_dims", None))
             self.probe.__enter__()
 
@@ -162,6 +179,8 @@ class StabilityMonitor:
             self._amp_step(ctx, scale, finite)
         elif not finite and first:
             self._on_nonfinite(ctx)
+        if finite and sampled and first:
+            self._check_spike(ctx)
 
     def on_before_optimizer_step(self, ctx: Any) -> None:
         if self._measures_update(ctx.step) and not ctx.skip_requested:
@@ -264,6 +283,44 @@ class StabilityMonitor:
             ctx.request_skip("nonfinite")
             ctx.request_stop(msg)
 
+    def _check_spike(self, ctx: Any) -> None:
+        norms = self.grads.peek_norms()
+        sites = {name: site["grad_norm"] for name, site in self._sites.items()
+                 if isinstance(site.get("grad_norm"), float)}
+        modules = {k: v for k, v in norms.items() if k != TOTAL_KEY}
+        spike = self.spikes.observe(ctx.step, norms.get(TOTAL_KEY, math.nan), modules, sites)
+        audit = self.audit_fn is not None and self.cfg.audit_every > 0 and ctx.step % self.cfg.audit_every == 0
+        if spike is not None:
+            self.spike_steps.append(ctx.step)
+            msg = spike.message()
+            if len(self.capsules) < self.cfg.max_capsules:
+                self._write_capsule(ctx, reason=msg)
+                msg += f"; check the gradient with `risdiag bisect --precision {self.capsules[-1]}`"
+            self.writer.event("gradient_spike", "warning", msg, step=ctx.step, **spike.data())
+            if self.live is not None:
+                self.live.update(ctx.step, event=msg)
+            audit = audit or (self.audit_fn is not None and self.cfg.audit_on_spike)
+        if audit:
+            self.audit(self.audit_fn, step=ctx.step)
+
+    def audit(self, fn: Callable[..., torch.Tensor], *args: Any, step: int | None = None, **kwargs: Any):
+        """Precision audit of ``fn(*args, **kwargs)`` (the step's loss, recomputed from the step's RNG
+        state) against float64; writes a ``precision_audit`` event and returns the audit."""
+        from ris_stability.precision import audit_precision  # noqa: PLC0415 (only when auditing)
+        outer = capture_rng()
+        try:
+            if self._rng is not None:
+                restore_rng(self._rng)
+            result = audit_precision(fn, *args, roots=self.probe.roots if self.probe else None, **kwargs)
+        finally:
+            restore_rng(outer)
+        if self.writer is not None:
+            self.writer.event("precision_audit", "info" if result.ok else "warning",
+                              f"precision audit at step {step}: {result.cause}", step=step, culprit=result.culprit,
+                              baseline_error=result.baseline_error, remedies=list(result.remedies),
+                              matrix=result.culprit or None)
+        return result
+
     def _write_capsule(self, ctx: Any, reason: str) -> None:
         # After backward the optimizer has not stepped: parameters and optimizer state are still pre-step.
         meta = {"torch": str(torch.__version__), "threads": torch.get_num_threads(), "replayer": self.replayer, "lr": float(getattr(ctx, "lr", math.nan)),
@@ -282,7 +339,8 @@ class StabilityMonitor:
     def _write_row(self, ctx: Any, loss: float, skipped: bool) -> None:
         row: dict[str, Any] = {"step": ctx.step, "time_s": time.perf_counter() - self._t0,
                                "lr": float(getattr(ctx, "lr", math.nan)), "skipped": skipped,
-                               "nonfinite": ctx.step in self.nonfinite_steps, "loss": loss}
+                               "nonfinite": ctx.step in self.nonfinite_steps, "loss": loss,
+                               "spike": ctx.step in self.spike_steps}
         if self._amp_scale is not None:
             row.update(amp_scale=self._amp_scale, amp_overflow=self.overflow)
         if getattr(ctx, "micro_batches", 1) > 1:
@@ -292,6 +350,9 @@ class StabilityMonitor:
         for name, site in self._sites.items():
             row.update({f"mat/{name}/{k}": v for k, v in site["stats"].items()})
             row[f"mat/{name}/vec_grad"] = 1.0 if site["vec_grad"] else 0.0
+            if site.get("grad_norm") is not None:
+                row[f"mat/{name}/grad_in"] = site["grad_norm"]
+            row.update({f"mat/{name}/{k}": v for k, v in (site.get("backward") or {}).items() if math.isfinite(v)})
             self._flag(ctx.step, name, site)
         self._sites = {}
         self.writer.step(row)
@@ -300,24 +361,10 @@ class StabilityMonitor:
             self.live.update(ctx.step + 1, row=row)
 
     def _flag(self, step: int, name: str, site: dict[str, Any]) -> None:
-        st = site["stats"]
-        cluster = st.get("max_cluster", 0.0)
-        if site["vec_grad"] and cluster > 1 and (name, "tied") not in self._flagged:
-            self._flagged.add((name, "tied"))
-            self.writer.event("tied_eigenvalues", "warning",
-                              f"{name} ({site['location']}): {int(cluster)} eigenvalues tie at "
-                              f"{st.get('cluster_value', math.nan):.3e} and its eigenvectors receive gradient: "
-                              "eigh backward divides by their zero gaps (0/0)", step=step, matrix=name,
-                              max_cluster=cluster, cluster_value=st.get("cluster_value"), vec_grad=True,
-                              location=site["location"], module=site["module"])
-        lc = st.get("log10_cond", math.nan)
-        limit = ill_conditioned_log10(self._dtype)
-        if lc > limit and (name, "cond") not in self._flagged:  # NaN compares False; inf = singular
-            self._flagged.add((name, "cond"))
-            what = (f"singular (numerical rank {int(st.get('rank', 0))} of {int(st.get('n', 0))})" if math.isinf(lc)
-                    else f"log10 condition number {lc:.1f} > {limit:.1f}")
-            self.writer.event("ill_conditioned", "warning", f"{name}: {what}", step=step, matrix=name,
-                              log10_cond=lc, rank=st.get("rank"))
+        for hazard in site_hazards(name, site, self._dtype):  # the right hazard for the site's op
+            if (name, hazard.kind) not in self._flagged:
+                self._flagged.add((name, hazard.kind))
+                self.writer.event(hazard.kind, hazard.severity, hazard.message, step=step, **hazard.data)
 
     def _report_dead(self, step: int) -> None:
         params, terms = self.grads.dead_parameters(), self.grads.dead_terms()
@@ -356,6 +403,8 @@ class LoopContext:
     skip_reason: str = ""
     skip_requested: str = ""
     stop_requested: str = ""
+    roots: dict[str, torch.nn.Module] | None = None  # names of the module paths (default {"model": model})
+    locating: bool = False  # the step runs under the locator (armed after a fault): no matrix sampling
 
     def request_skip(self, reason: str = "monitor") -> None:
         self.skip_requested = reason
@@ -387,8 +436,12 @@ class MonitorSession:
     """
 
     def __init__(self, monitor: StabilityMonitor, model: torch.nn.Module, optimizer: Any = None,
-                 loss_fn: torch.nn.Module | None = None, scaler: Any = None):
+                 loss_fn: torch.nn.Module | None = None, scaler: Any = None,
+                 audit_fn: Callable[[], torch.Tensor] | None = None):
+        """``audit_fn()``: recomputes the current step's loss (e.g. ``lambda: loss_fn(model(x), y)``); given,
+        the monitor audits the gradient's precision on spikes and every ``cfg.audit_every`` steps."""
         self.monitor = monitor
+        monitor.audit_fn = audit_fn
         self.ctx = LoopContext(model=model, optimizer=optimizer, loss_fn=loss_fn, scaler=scaler)
 
     def __enter__(self) -> "MonitorSession":

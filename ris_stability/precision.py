@@ -113,6 +113,8 @@ def audit_precision(fn: Callable, /, *args: Any, roots: Mapping[str, nn.Module] 
                                   f"{sorted(roots) or '(none found)'}; pass roots={{'model': model}}")
     names, params = [n for n, _ in named], [p for _, p in named]
     rng = capture_rng()
+    # Forward passes update buffers (BatchNorm running statistics): the audit must leave them as found.
+    buffers = [(b, b.detach().clone()) for root in roots.values() for b in root.buffers()]
     try:
         base_mode, ref_mode = SitePromotion(roots), Float64Everything(roots)
         base = _gradients(fn, args, kwargs, params, base_mode, rng)
@@ -132,6 +134,9 @@ def audit_precision(fn: Callable, /, *args: Any, roots: Mapping[str, nn.Module] 
             site_audits.append(_site_audit(rec, ref_sites.get((rec.module, rec.op)), only))
     finally:
         restore_rng(rng)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
     audit = PrecisionAudit(tolerance=tolerance, baseline_error=relative_error(g, g_ref),
                            all_sites_error=relative_error(promoted, g_ref), grad_norm=float(g.norm()),
                            reference_norm=float(g_ref.norm()), parameters=per_param, sites=tuple(site_audits))

@@ -38,20 +38,25 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ris_stability import intercept
+from ris_stability import intercept, linalg_ops
 from ris_stability.frames import caller_location, user_stack
-from ris_stability.linalg_stats import STAT_KEYS, matrix_stats, worst_rows
+from ris_stability.grads import float64_norms
+from ris_stability.linalg_stats import STAT_KEYS, eig_backward_terms, matrix_stats, worst_rows
 from ris_stability.records.schema import SettingError
-from ris_stability.site_stats import KINDS, nan_rows, stat_rows
+from ris_stability.site_stats import KINDS, NOT_BATCHABLE, batch_parts, batched_rows, nan_rows, stat_rows
 from ris_stability.tracker import ModuleTracker
 
 log = logging.getLogger(__name__)
 
 # The torch callables observed, as (name, kind): for instruments that see calls through a TorchFunctionMode.
+# Norms are spectral only for some orders (linalg_ops.refine): not an allow-listed matrix consumer.
 OPS: dict[Callable, tuple[str, str]] = {func: (entry.name, entry.kind)
-                                        for func, entry in intercept.entry_by_function().items()}
+                                        for func, entry in intercept.entry_by_function().items()
+                                        if entry.kind != "norm"}
 
-_COMPACT_AFTER = 16  # per-site batches kept before they are reduced to one worst case on the device
+EIG_TERM_KEYS = ("phase_noise", "gap_terms")
+_COMPACT_AFTER = 16
+_KEEP_NUMEL = 1 << 16  # gradients up to this size are kept until the step's calls are measured together  # per-site batches kept before they are reduced to one worst case on the device
 _WATCH_KIND = "herm"
 
 
@@ -70,29 +75,111 @@ class _Site:
     requires_grad: bool = False
     chunks: list[Tensor] = field(default_factory=list)
     vec: Tensor | None = None  # device bool: some eigenvector output received a non-zero gradient
+    # device float64: sum over calls of (||dL/dA|| * ||A||)^2, the gradient each call passed back to its
+    # matrix in units of that matrix (unchanged when the matrix is rescaled): the site's contribution.
+    back: Tensor | None = None
+    # device float64 maxima over the calls of an eig site's backward parts (linalg_stats.eig_backward_terms)
+    eig_terms: dict[str, Tensor] = field(default_factory=dict)
+
+    deferred: list[tuple[str, Tensor, Any, Any]] = field(default_factory=list)  # calls not measured yet
+    _vec_grads: list[Tensor] = field(default_factory=list)
+    _back: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    _eig: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
 
     def add(self, rows: Tensor, requires_grad: bool) -> None:
         self.calls += 1
         self.requires_grad = self.requires_grad or requires_grad
+        self._append(rows)
+
+    def _append(self, rows: Tensor) -> None:
         self.chunks.append(rows)
         if len(self.chunks) >= _COMPACT_AFTER:
             self.chunks = [self.reduced().unsqueeze(0)]
 
+    def defer(self, call: tuple[str, Tensor, Any, Any], requires_grad: bool) -> None:
+        """Keep a call to be measured together with the site's other calls (:meth:`flush`)."""
+        self.calls += 1
+        self.requires_grad = self.requires_grad or requires_grad
+        self.deferred.append(call)
+
+    def flush(self, measure: Callable[[Callable[[], Tensor], Tensor, str], Tensor]) -> None:
+        """Measure the deferred calls, one batched computation per group of alike calls."""
+        calls, self.deferred = self.deferred, []
+        for kind, flat, parts, k in batched_rows(calls):
+            self._append(measure(lambda: stat_rows(kind, flat, parts, k), flat, self.name))
+
     def reduced(self) -> Tensor:
         return worst_rows(self.chunks[0] if len(self.chunks) == 1 else torch.cat(self.chunks))
 
+    # Hooks only keep what backward hands them (detached references, no kernels); settle() measures
+    # the step's calls together: in a per-sample loop a handful of batched kernels instead of a few
+    # per call. Gradients larger than _KEEP_NUMEL are measured at once instead of kept.
     def vector_hook(self) -> Callable[[Tensor | None], None]:
         def hook(grad: Tensor | None) -> None:
             # Called with None when the loss does not use this output; must never alter the gradient.
             if grad is not None:
-                with torch.no_grad():
-                    received = grad.ne(0).any()
-                    self.vec = received if self.vec is None else self.vec | received.to(self.vec.device)
+                self._vec_grads.append(grad.detach() if grad.numel() <= _KEEP_NUMEL else _norm64(grad))
             return None
         return hook
 
+    def backward_hook(self, scale: Tensor) -> Callable:
+        def hook(grad_inputs, grad_outputs) -> None:
+            g = grad_inputs[0] if grad_inputs else None
+            if g is not None:
+                self._back.append((g.detach() if g.numel() <= _KEEP_NUMEL else _norm64(g), scale))
+        return hook
+
+    def eig_hook(self, w: Tensor, V: Tensor) -> Callable[[Tensor], None]:
+        def hook(gV: Tensor) -> None:
+            self._eig.append((w, V, gV.detach().reshape(-1, *gV.shape[-2:])[: w.shape[0]]))
+        return hook
+
+    def settle(self) -> None:
+        """Measure what the hooks kept: vec (any non-zero eigenvector gradient), back, eig_terms."""
+        with torch.no_grad():
+            if self._vec_grads:
+                norms = torch.stack([n.to(self._vec_grads[0].device) for n in _norms64(self._vec_grads)])
+                received = (norms > 0).any() | torch.isnan(norms).any()
+                self.vec = received if self.vec is None else self.vec | received.to(self.vec.device)
+            if self._back:
+                grads, scales = zip(*self._back)
+                dev = grads[0].device
+                sq = (torch.stack([n.to(dev) for n in _norms64(list(grads))]) * torch.stack(
+                    [x.to(dev) for x in scales])).square().sum()
+                self.back = sq if self.back is None else self.back + sq.to(self.back.device)
+            for w, V, gV in _same_shapes(self._eig):
+                noise, terms = eig_backward_terms(w, V, gV)
+                for key, value in (("phase_noise", noise.amax()), ("gap_terms", terms.amax())):
+                    old = self.eig_terms.get(key)
+                    self.eig_terms[key] = value if old is None else torch.maximum(old, value.to(old.device))
+        self._vec_grads, self._back, self._eig = [], [], []
+
     def reset(self) -> None:
-        self.calls, self.requires_grad, self.chunks, self.vec = 0, False, [], None
+        self.calls, self.requires_grad, self.chunks, self.vec, self.back = 0, False, [], None, None
+        self.eig_terms, self.deferred, self._vec_grads, self._back, self._eig = {}, [], [], [], []
+
+
+def _norm64(t: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(torch.view_as_real(t) if t.is_complex() else t, dtype=torch.float64)
+
+
+def _norms64(tensors: list[Tensor]) -> tuple[Tensor, ...]:
+    """float64 L2 norms of many tensors in one fused kernel (0-d tensors: already norms)."""
+    return float64_norms(tensors)
+
+
+def _same_shapes(calls: list[tuple[Tensor, ...]]) -> list[tuple[Tensor, ...]]:
+    """Calls grouped by shapes and device, each group's tensors concatenated along dim 0."""
+    groups: dict[tuple, list[tuple[Tensor, ...]]] = {}
+    for call in calls:
+        groups.setdefault(tuple((t.shape[1:], t.device) for t in call), []).append(call)
+    return [tuple(torch.cat(parts) for parts in zip(*members)) for members in groups.values()]
+
+
+def _grad_node(out: Any):
+    """The autograd node of the op's first output (None when it does not require grad)."""
+    first = out[0] if isinstance(out, (tuple, list)) and out else out
+    return first.grad_fn if isinstance(first, Tensor) else None
 
 
 def _matrix_arg(args: tuple, kwargs: Mapping[str, Any]) -> Tensor | None:
@@ -109,16 +196,20 @@ class SpectralProbe:
     ``roots``: named modules whose dotted submodule paths name the call sites (``{"model": m}`` gives
     ``model.encoder.layers.0``); other modules are named by the tracker's rule (ris_stability.tracker).
     ``every``: record only on steps with ``step % every == 0`` (see :meth:`step`).
-    ``max_matrices``: record only the first k matrices of a batch.
+    ``max_matrices``: record only the first k matrices of a batch. ``batch_calls``: measure the calls of
+    one site together (at collect, or every 16 calls) instead of one by one: a per-sample Python loop then
+    costs one batched computation per step, not a dozen small kernels per sample.
     """
 
     def __init__(self, roots: Mapping[str, nn.Module] | None = None, every: int = 1,
-                 max_matrices: int | None = None):
+                 max_matrices: int | None = None, batch_calls: bool = True):
         if every < 1 or (max_matrices is not None and max_matrices < 1):
             raise SettingError(f"SpectralProbe: every={every} and max_matrices={max_matrices} must be >= 1 "
                                "(max_matrices=None records whole batches)")
         self.roots = dict(roots or {})
         self.every, self.max_matrices = every, max_matrices
+        # Many small calls of one site (a per-sample loop) are measured together at collect time.
+        self.batch_calls = batch_calls
         self._step, self.sampling, self._active = 0, True, False
         self.thread = threading.get_ident()
         self._signal_dim: Tensor | int | None = None
@@ -152,16 +243,37 @@ class SpectralProbe:
 
     def on_call(self, name: str, kind: str, args: tuple, kwargs: dict, out: Any, frame: FrameType | None) -> None:
         self.before_backward()
+        refined = linalg_ops.refine(name, kind, args, kwargs)
+        if refined is None:
+            return
+        name, kind = refined
         matrices = _matrix_arg(args, kwargs)
         if matrices is None or kind not in KINDS:
             return
         module = self._tracker.current(frame) if self._tracker is not None else ""
         stack = user_stack(frame, limit=1)
         location = stack[0] if stack else "<unknown>"
-        site = self._site((module, name, location), f"{module}:{name}" if module else name, name, location, module)
-        flat = self._flatten(matrices)
+        shape = tuple(matrices.shape[-2:])
+        site = self._site((module, name, location, shape), f"{module}:{name}" if module else name, name, location,
+                          module)
+        # Ops that return their spectrum are measured on the whole batch (O(b n) from the values they
+        # computed), so the worst sample is found wherever it sits; max_matrices bounds the others.
+        flat = self._flatten(matrices, whole=out is not None and kind in linalg_ops.SPECTRUM_KINDS)
         k = self._k_for(matrices.shape[:-2], flat.shape[0])
-        site.add(self._measure(lambda: stat_rows(kind, flat, out, k), flat, site.name), matrices.requires_grad)
+        parts = batch_parts(kind, out, matrices.dim() - 2, flat.shape[0]) if self.batch_calls else NOT_BATCHABLE
+        if parts is NOT_BATCHABLE or isinstance(k, Tensor):
+            site.add(self._measure(lambda: stat_rows(kind, flat, out, k), flat, site.name), matrices.requires_grad)
+        else:
+            # A copy: the caller may overwrite its matrix in place before the deferred measurement.
+            site.defer((kind, flat.clone(), parts, k), matrices.requires_grad)
+            if len(site.deferred) >= _COMPACT_AFTER:  # bounded memory: at most this many inputs kept
+                site.flush(self._measure)
+        node = _grad_node(out)
+        if node is not None:
+            node.register_hook(site.backward_hook(_norm64(matrices.detach())))
+        if kind == "eig" and out is not None and out[1].requires_grad:
+            n, b = matrices.shape[-1], flat.shape[0]
+            out[1].register_hook(site.eig_hook(out[0].detach().reshape(-1, n)[:b], out[1].detach().reshape(-1, n, n)[:b]))
         for index in KINDS[kind].vector_outputs if out is not None else ():
             vectors = out[index]
             if vectors.requires_grad:
@@ -203,18 +315,24 @@ class SpectralProbe:
         return tracker.current()
 
     # -- recording -------------------------------------------------------------------------------
-    def _site(self, key: tuple[str, str, str], name: str, op: str, location: str, module: str) -> _Site:
+    def _site(self, key: tuple, name: str, op: str, location: str, module: str) -> _Site:
         site = self._sites.get(key)
         if site is None:
-            taken = {other.name for other in self._sites.values()}
-            # A second call site of the same op in the same module keeps its own record.
-            site = _Site(name if name not in taken else f"{name}@{location}", op, location, module)
+            taken = {other.name: k for k, other in self._sites.items()}
+            if name in taken:
+                # A second call site of the same op in the same module keeps its own record, and so does a
+                # second matrix shape at one call site ((144, k) and (k, k) statistics do not mix).
+                shape = "x".join(str(d) for d in key[-1]) if len(key) > 3 else ""
+                same_line = len(key) > 3 and taken[name][:3] == key[:3]
+                name = f"{name}[{shape}]" if same_line else f"{name}@{location}"
+                name = name if name not in taken else f"{name}@{location}[{shape}]"
+            site = _Site(name, op, location, module)
             self._sites[key] = site
         return site
 
-    def _flatten(self, matrices: Tensor) -> Tensor:
+    def _flatten(self, matrices: Tensor, whole: bool = False) -> Tensor:
         flat = matrices.detach().reshape(-1, *matrices.shape[-2:])
-        return flat if self.max_matrices is None else flat[: self.max_matrices]
+        return flat if self.max_matrices is None or whole else flat[: self.max_matrices]
 
     def _measure(self, compute: Callable[[], Tensor], flat: Tensor, what: str) -> Tensor:
         try:
@@ -242,17 +360,24 @@ class SpectralProbe:
         site.add(self._measure(lambda: stat_rows(_WATCH_KIND, flat, None, kk), flat, name), tensor.requires_grad)
 
     def _reduce(self) -> tuple[list[_Site], Tensor | None]:
-        """The sites recorded since the last collect and their worst statistics (S, K+1) on the device,
-        the last column being vec_grad (0/1); the records are reset."""
+        """The sites recorded since the last collect and their worst statistics (S, K+4) on the device,
+        then vec_grad (0/1), the norm of the gradient the calls passed back (NaN if none) and the eig
+        backward's phase noise and gap terms (NaN if not an eig site); the records are reset."""
         active = [site for site in self._sites.values() if site.calls]
         if not active:
             return [], None
+        for site in active:
+            site.flush(self._measure)
+            site.settle()
         rows = []
         for site in active:
             reduced = site.reduced()
             vec = (site.vec.to(reduced.device, torch.float64) if site.vec is not None
                    else torch.zeros((), dtype=torch.float64, device=reduced.device))
-            rows.append(torch.cat([reduced, vec.reshape(1)]))
+            back = (site.back.to(reduced.device) if site.back is not None
+                    else torch.full((), float("nan"), dtype=torch.float64, device=reduced.device))
+            eig = [site.eig_terms.get(key, back.new_full((), float("nan"))).reshape(1) for key in EIG_TERM_KEYS]
+            rows.append(torch.cat([reduced, vec.reshape(1), back.reshape(1).sqrt(), *eig]))
         table = torch.stack(rows)
         infos = [_Site(site.name, site.op, site.location, site.module, site.calls, site.requires_grad)
                  for site in active]
@@ -294,7 +419,8 @@ class SpectralProbe:
 def _records(sites: list[_Site], values: list[list[float]]) -> dict[str, dict[str, Any]]:
     return {
         site.name: {"site": site.name, "op": site.op, "location": site.location, "module": site.module,
-                    "requires_grad": site.requires_grad, "vec_grad": bool(row[-1]),
-                    "stats": dict(zip(STAT_KEYS, row[:-1])), "calls": site.calls}
+                    "requires_grad": site.requires_grad, "vec_grad": bool(row[len(STAT_KEYS)]),
+                    "stats": dict(zip(STAT_KEYS, row)), "calls": site.calls, "grad_norm": row[len(STAT_KEYS) + 1],
+                    "backward": dict(zip(EIG_TERM_KEYS, row[len(STAT_KEYS) + 2:]))}
         for site, row in zip(sites, values)
     }

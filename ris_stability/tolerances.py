@@ -89,3 +89,23 @@ def hermitian_input_tol(dtype: torch.dtype | str) -> float:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."))
     return HERMITIAN_INPUT_EPS * eps_of(dtype)
+
+
+# pinv drops singular values below its cut-off and inverts the rest: one within this many decades of
+# the cut-off is dropped or kept by rounding.
+PINV_CUTOFF_DECADES = 1.0
+
+
+def cluster_leak_tol(dtype: torch.dtype) -> float:
+    """Share of an eigh/svd vector gradient inside tied clusters at or below which the loss counts as invariant
+    there (the gap-aware backward is then exact): sqrt(eps). Rounding puts ~n eps there for an invariant loss
+    (far below for the sizes the toolkit meets); a loss that tells the cluster's vectors apart puts O(1)."""
+    return math.sqrt(eps_of(dtype))
+
+
+def zero_level(n: int, dtype: torch.dtype, scale):
+    """Typical magnitude ``sqrt(n) * eps * scale`` of a computed eigenvalue (singular value) that is exactly 0:
+    rounding errors of the n-term sums add like a random walk, so it sits well below the worst-case bound
+    ``rank_tol``. A diagonal loading lifts the smallest eigenvalue above it (alpha tr/N is ~100 eps * scale at
+    alpha = 1e-3, n = 144 in float32), a rank deficiency leaves it at or below it."""
+    return math.sqrt(max(n, 1)) * eps_of(dtype) * scale

@@ -6,6 +6,7 @@ own clearly separated section below.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -34,6 +35,8 @@ from ris_stability.alignment import (
 )
 from ris_stability.capsule import Capsule, CapsuleError, restore_rng
 from ris_stability.live import LiveView
+from ris_stability.locate.finding import Finding
+from ris_stability.loopstack import portable
 from ris_stability.monitor import MonitorConfig, StabilityMonitor
 from ris_stability.records import UsageError
 
@@ -208,6 +211,10 @@ def _summary_table(cfg: RunConfig, run_dir: Path, mon: StabilityMonitor, result:
     return t
 
 
+# The pipeline's own switches for the generic report's remedies (ris_stability.report.look reads them).
+RUN_REMEDIES = {"eigenvector": '`loss.eigh_backward = "gap_aware"`'}
+
+
 def run_trace(config_path: str, overrides: list[str], steps: int | None, out: str | None, live: bool,
               every: int, max_matrices: int, report: bool, console: Console) -> int:
     """`risdiag trace`: train ``config_path`` with the monitor attached. Returns the exit code."""
@@ -220,9 +227,10 @@ def run_trace(config_path: str, overrides: list[str], steps: int | None, out: st
     run_dir = _resolve_out(out, config_path)
     text = dumps_toml(cfg)
     (run_dir / "config.resolved.toml").write_text(text)
-    meta = {"command": "risdiag trace " + " ".join([f"--config {config_path}", *(f"--set {o}" for o in overrides)]),
-            "config_path": str(config_path), "config_hash": config_hash(cfg), "torch": str(torch.__version__),
-            "device": cfg.train.device, "dtype": cfg.data.dtype}
+    config_name = portable(str(config_path))  # no absolute path in a run folder
+    meta = {"command": "risdiag trace " + " ".join([f"--config {config_name}", *(f"--set {o}" for o in overrides)]),
+            "config_path": config_name, "config_hash": config_hash(cfg), "torch": str(torch.__version__),
+            "device": cfg.train.device, "dtype": cfg.data.dtype, "remedies": RUN_REMEDIES}
     view = LiveView(total_steps=cfg.train.steps, enabled=live)
     mon = StabilityMonitor(run_dir, mon_cfg, meta=meta,
                            config_text=text, replayer=REPLAYER, batch_state=batch_state, live=view)
@@ -260,6 +268,14 @@ class ReplayedStep:
             outputs = self.model(self.batch)
         total, _ = self.loss_fn(outputs, self.batch)
         return total
+
+    def annotate_finding(self, finding: Finding) -> Finding:
+        """ris_model's words for the generic eigh remedy: the config key that applies the gap-aware backward."""
+        if "eigh" not in finding.node.lower() or self.cfg.loss.eigh_backward == "gap_aware":
+            return finding
+        key = ('ris_model: set loss.eigh_backward = "gap_aware" in the config (--set loss.eigh_backward=gap_aware), '
+               "the config form of the same fix for every eigenvector term")
+        return dataclasses.replace(finding, remedies=finding.remedies[:1] + (key,) + finding.remedies[1:])
 
 
 def replay_capsule(capsule: Capsule, dtype: str | None = None) -> ReplayedStep:

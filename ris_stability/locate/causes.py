@@ -16,6 +16,7 @@ from typing import Callable, Mapping
 import torch
 
 from ris_stability.locate.finding import TensorSummary
+from ris_stability.locate.spectral_causes import spectral_cause
 
 Value = float | complex | bool | None
 
@@ -50,13 +51,7 @@ class Observation:
 # --- remedies -------------------------------------------------------------------------------------
 EIGVAL_ONLY = ("use an eigenvalue-only loss (torch.linalg.eigvalsh) where eigenvectors are not needed: "
                "its gradient is finite for any spectrum")
-GAP_AWARE = ('use a gap-aware eigh backward that drops pairs inside a degenerate cluster '
-             '(ris_model: loss.eigh_backward = "gap_aware")')
 FLOAT64_SPECTRAL = "compute the spectral part in float64 / complex128 (cast before the decomposition, back after)"
-NO_LOADING = ("remove the diagonal loading (alpha * tr/N * I) in front of the decomposition: it makes the "
-              "null-space eigenvalues exactly equal")
-SUBSPACE_ONLY = ("make the loss depend only on a subspace separated by a real gap (a projector onto the top-K), "
-                 "never on individual vectors inside a cluster")
 CLAMP_LOG = ("clamp the log argument away from 0 (x.clamp_min(torch.finfo(x.dtype).tiny)) or parametrise the "
              "quantity so it is positive by construction (softplus, exp of a log-parameter)")
 MASK_BEFORE = ("mask before the op, not after: torch.where(ok, x, safe_value) as the op's input (a where applied "
@@ -90,7 +85,11 @@ ZERO_MASKED_ROWS = ("or zero the fully masked rows' scores before softmax with t
                     "softmax still sends NaN into the gradient)")
 MASK_REMEDIES = (KEEP_ONE_KEY, FINITE_MASK, ZERO_MASKED_ROWS)
 
-EIGH_REMEDIES = (SUBSPACE_ONLY, GAP_AWARE, EIGVAL_ONLY, FLOAT64_SPECTRAL, NO_LOADING)
+EIGH_FOR_HERMITIAN = ("if the matrix is Hermitian (e.g. a covariance), use torch.linalg.eigh: real sorted eigenvalues, "
+                      "orthonormal eigenvectors, no V^{-H} in its backward")
+SUBSPACE_ONLY = ("make the loss depend only on a subspace separated by a real gap (a projector onto the top-K), "
+                 "never on individual vectors inside a cluster")
+EIG_REMEDIES = (EIGH_FOR_HERMITIAN, SUBSPACE_ONLY, FLOAT64_SPECTRAL, EIGVAL_ONLY)
 
 
 def op_base(op: str) -> str:
@@ -163,23 +162,7 @@ def _input_cause(obs: Observation) -> Cause:
 
 # --- backward nodes ---------------------------------------------------------------------------------
 def _eigh_cause(obs: Observation, what: str) -> Cause:
-    st = _spectral(obs)
-    if st is None:
-        return Cause(f"{what}_backward", f"non-finite eigenvector gradient in {what} backward (gaps unknown)",
-                     EIGH_REMEDIES)
-    cluster, value, gap = st.get("max_cluster", math.nan), st.get("cluster_value", math.nan), st.get("min_gap", math.nan)
-    amp = st.get("amplification", math.nan)
-    if cluster >= 2 and gap == 0:
-        return Cause(f"{what}_exact_tie",
-                     f"eigenvector gradient through exactly tied eigenvalues (cluster of {int(cluster)} at "
-                     f"{value:.1e}): 0/0 in {what} backward", EIGH_REMEDIES)
-    if cluster >= 2:
-        return Cause(f"{what}_near_tie",
-                     f"eigenvector gradient through eigenvalues tied within rounding (cluster of {int(cluster)} at "
-                     f"{value:.1e}, smallest gap {gap:.1e}): 1/gap overflow in {what} backward", EIGH_REMEDIES)
-    return Cause(f"{what}_small_gap",
-                 f"eigenvector gradient amplified by 1/gap (smallest gap {gap:.1e}, amplification {amp:.1e}): "
-                 f"{_out_kind(obs)} in {what} backward", EIGH_REMEDIES)
+    return Cause(*spectral_cause(what, obs.inputs, obs.function, obs.location, _out_kind(obs)))
 
 
 _SIMPLE_NODES: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -204,10 +187,30 @@ _SIMPLE_NODES: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 
 
+def _eig_cause(obs: Observation) -> Cause:
+    """LinalgEigBackward0: the general eig backward divides the eigenvector terms by w_j - w_i of every
+    pair and applies V^{-H}, so ties and ill-conditioned (non-orthogonal) eigenvectors both blow it up."""
+    st = _spectral(obs) or {}
+    cluster, gap = st.get("max_cluster", math.nan), st.get("min_gap", math.nan)
+    if cluster >= 2:
+        kind = "exact_tie" if gap == 0 else "near_tie"
+        return Cause(f"eig_{kind}",
+                     f"eigenvector gradient of a general eig through {'exactly' if gap == 0 else 'nearly'} tied "
+                     f"eigenvalues (cluster of {int(cluster)} at |lambda| {st.get('cluster_value', math.nan):.1e}, "
+                     f"smallest |gap| {gap:.1e}): the eig backward divides by w_j - w_i", EIG_REMEDIES)
+    gaps = f" (smallest |gap| {gap:.1e})" if math.isfinite(gap) else ""
+    return Cause("eig_backward",
+                 f"non-finite eigenvector gradient in eig backward{gaps}: it divides by every eigenvalue "
+                 "difference and applies the inverse of the eigenvector matrix, which is ill-conditioned for "
+                 "a non-normal (non-Hermitian) input", EIG_REMEDIES)
+
+
 def _backward_cause(obs: Observation) -> Cause | None:
     base = node_base(obs.node)
     if "eigh" in base:
         return _eigh_cause(obs, "eigh")
+    if base == "linalgeig":
+        return _eig_cause(obs)
     if "svd" in base:
         return _eigh_cause(obs, "svd")
     if "norm" in base:

@@ -200,7 +200,7 @@ def _fmt_num(value: float | None) -> str:
 
 
 _SPECTRAL_SHOWN = ("n", "rank", "log10_cond", "lambda_min", "lambda_max", "min_gap", "max_cluster",
-                   "cluster_value", "amplification")
+                   "cluster_value", "amplification", "cluster_leak")
 
 
 def format_summary(s: TensorSummary) -> str:

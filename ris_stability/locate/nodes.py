@@ -14,6 +14,7 @@ from torch.overrides import TorchFunctionMode, resolve_name
 
 from ris_stability.frames import user_stack
 from ris_stability.locate.ops import _tensors
+from ris_stability.locate.clusters import CLUSTER_HOOKS
 from ris_stability.locate.phase import _PHASE_CHECKS
 from ris_stability.locate.stack import _Context
 
@@ -42,6 +43,7 @@ class _NodeRecorder:
         self.function = ""
         self.nodes: dict[Any, _Context | None] = {}
         self.hook_handles: list = []
+        self.cluster_leaks: dict[Any, float] = {}  # eigh/svd node -> share of its gradient inside tied clusters
 
     def _context(self):
         """(phase, node name, forward context) of the op running now."""
@@ -68,12 +70,14 @@ class _NodeRecorder:
         for node in new:
             if node.name() in _PHASE_CHECKS:
                 self.hook_handles.append(_PHASE_CHECKS[node.name()](node))
+            if node.name() in CLUSTER_HOOKS:
+                self.hook_handles.append(CLUSTER_HOOKS[node.name()](node, self.cluster_leaks))
             node_ctx = ctx
             forward_cls = getattr(node, "_forward_cls", None)
             if forward_cls is not None:  # a custom autograd.Function: apply() bypasses function modes
                 node_ctx = dataclasses.replace(ctx, function=f"{forward_cls.__qualname__}.apply")
             name = node.name().lower()
-            if self.pending_spectrum is not None and ("eigh" in name or "svd" in name):
+            if self.pending_spectrum is not None and ("eig" in name or "svd" in name):
                 # The decomposition's own call site: for a custom autograd.Function the node is only
                 # found when a later op consumes its output, possibly on another line.
                 kind, values, stack, module = self.pending_spectrum

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ris_stability import linalg_stats
 from ris_stability.locate.causes import is_linalg_op
+from ris_stability.site_stats import complex_gap_stats
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ _FRESH = frozenset({_aten.empty, _aten.empty_like, _aten.empty_strided, _aten.ne
 # In-place ops that overwrite ``self`` completely: its previous content is not an input.
 _OVERWRITE = frozenset({_aten.copy_, _aten.fill_, _aten.zero_, _aten.normal_, _aten.uniform_, _aten.random_,
                         _aten.bernoulli_, _aten.exponential_, _aten.geometric_, _aten.log_normal_, _aten.cauchy_})
-_SPECTRAL_OPS = {_aten._linalg_eigh: ("eigh", 0), _aten._linalg_svd: ("svd", 1)}
+_SPECTRAL_OPS = {_aten._linalg_eigh: ("eigh", 0), _aten._linalg_svd: ("svd", 1), _aten.linalg_eig: ("eig", 0)}
 _CHECK_ERRORS = _aten._linalg_check_errors
 # Bookkeeping ops that never name what the user computed.
 _TRIVIAL = frozenset({_aten.detach, _aten.alias, _aten.lift_fresh, _aten.view, _aten._unsafe_view})
@@ -125,6 +126,11 @@ def culprit_values(func, inputs: list[tuple[str, Any]], bad: Tensor) -> tuple[tu
 
 
 def _spectral_stats(kind: str, values: Tensor, dtype=None) -> dict[str, float]:
+    if kind == "eig":  # complex, unordered eigenvalues: pairwise gaps (the eig backward divides by them)
+        stats = complex_gap_stats(values.detach(), dtype or values.dtype)
+        mags = values.detach().abs().to(torch.float64)
+        stats.update(lambda_max=mags.amax(-1), n=torch.full_like(mags[..., 0], float(values.shape[-1])))
+        return linalg_stats.to_floats(linalg_stats.worst(stats))
     fn = linalg_stats.eigen_stats if kind == "eigh" else linalg_stats.singular_stats
     return linalg_stats.to_floats(linalg_stats.worst(fn(values.detach(), dtype=dtype)))
 

@@ -1,4 +1,4 @@
-"""Complex-phase checks of the eigh/svd backward, restored as autograd node pre-hooks."""
+"""Complex-phase checks of the eigh/eig/svd backward, restored as autograd node pre-hooks."""
 from __future__ import annotations
 
 import torch
@@ -11,6 +11,8 @@ from torch import Tensor
 _PHASE_RTOL = _PHASE_ATOL = 1e-2
 EIGH_PHASE_MESSAGE = ("linalg_eigh_backward: The eigenvectors in the complex case are specified up to multiplication "
                       "by e^{i phi}. The specified loss function depends on this quantity, so it is ill-defined.")
+EIG_PHASE_MESSAGE = ("linalg_eig_backward: The eigenvectors in the complex case are specified up to multiplication "
+                     "by e^{i phi}. The specified loss function depends on this quantity, so it is ill-defined.")
 SVD_PHASE_MESSAGE = ("svd_backward: The singular vectors in the complex case are specified up to multiplication "
                      "by e^{i phi}. The specified loss function depends on this phase term, making it ill-defined.")
 
@@ -33,13 +35,28 @@ def _hook_eigh_phase(node):
     return node.register_prehook(check)
 
 
+def _hook_eig_phase(node):
+    # eig's eigenvectors are complex even for a real input: the check applies whenever V receives gradient.
+    V = node._saved_eigenvectors
+    if V is None:
+        return None
+
+    def check(grad_outputs):
+        gV = grad_outputs[1] if len(grad_outputs) > 1 else None
+        if gV is not None:
+            d = _imag_diag(V.mH @ gV)
+            if not torch.allclose(d, torch.zeros_like(d), rtol=_PHASE_RTOL, atol=_PHASE_ATOL):
+                raise RuntimeError(EIG_PHASE_MESSAGE)
+    return node.register_prehook(check)
+
+
 def _hook_svd_phase(node):
     U, Vh = node._saved_U, node._saved_Vh
     if U is None or not U.is_complex():
         return None
 
     def check(grad_outputs):
-        _, gU, gVh = (tuple(grad_outputs) + (None, None, None))[:3]
+        gU, _, gVh = (tuple(grad_outputs) + (None, None, None))[:3]  # outputs (U, S, Vh)
         if gU is None and gVh is None:
             return
         # skew(X) = X - X^H doubles the imaginary part of the diagonal, as in torch's svd_backward.
@@ -50,5 +67,6 @@ def _hook_svd_phase(node):
     return node.register_prehook(check)
 
 
-_PHASE_CHECKS = {"LinalgEighBackward0": _hook_eigh_phase, "LinalgSvdBackward0": _hook_svd_phase}
+_PHASE_CHECKS = {"LinalgEighBackward0": _hook_eigh_phase, "LinalgEigBackward0": _hook_eig_phase,
+                 "LinalgSvdBackward0": _hook_svd_phase}
 

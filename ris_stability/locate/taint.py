@@ -19,6 +19,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from ris_stability.frames import user_stack
 from ris_stability.locate import masks
 from ris_stability.locate.causes import is_linalg_op
+from ris_stability.locate.clusters import LEAK_KEY
 from ris_stability.locate.finding import TensorSummary
 from ris_stability.locate.ops import (_CHECK_ERRORS, _FRESH, _NO_VALUES, _OVERWRITE, _SPECTRAL_OPS, _TRIVIAL,
                                       _finite, _is_float, _is_view, _matrix_spectral, _mutated_positions,
@@ -175,8 +176,11 @@ class _DispatchChecks:
         summaries = [TensorSummary.of(n, v, _matrix_spectral(op, v)) for n, v in tensors[:MAX_INPUT_SUMMARIES]]
         if node and ctx.spectrum is not None:
             kind, values = ctx.spectrum
-            summaries.append(TensorSummary.of(f"{kind} values of the forward {ctx.function or kind}", values,
-                                              _spectral_stats(kind, values)))
+            stats = _spectral_stats(kind, values)
+            leak = self.cluster_leaks.get(torch._C._current_autograd_node())
+            if leak is not None:
+                stats[LEAK_KEY] = leak
+            summaries.append(TensorSummary.of(f"{kind} values of the forward {ctx.function or kind}", values, stats))
         culprit, text = (None, "")
         if bad_out is not None and func.overloadpacket not in _FRESH:
             culprit, text = culprit_values(func, inputs, bad_out)

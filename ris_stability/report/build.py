@@ -16,7 +16,7 @@ import pandas as pd
 from ris_stability.records import UsageError, Trace, read_trace
 from ris_stability.report import markdown as md
 from ris_stability.report import plots
-from ris_stability.report.derive import (
+from ris_stability.report.derive import (spike_marks, 
     MIN_STEPS_FOR_DEAD, MatrixSummary, SeriesSummary, condense_events, event_names, final_and_best_loss, grad_summaries,
     loss_summaries, precision, summarize_matrix,
 )
@@ -48,7 +48,9 @@ def figure_set(trace_or_steps: Trace | dict[str, pd.DataFrame], meta: dict,
                            lambda: plots.plot_log10_cond(steps, colors, eps, real))
         figures["gaps"] = ("eigenvalue gaps per matrix", lambda: plots.plot_gaps(steps, colors))
     if any(c.startswith("grad/") for c in cols):
-        figures["grad_heatmap"] = ("gradient norm per module and step", lambda: plots.plot_grad_heatmap(steps))
+        spikes = spike_marks(trace_or_steps.events) if isinstance(trace_or_steps, Trace) else None
+        figures["grad_heatmap"] = ("gradient norm per module and step (rings: gradient spikes)",
+                                   lambda: plots.plot_grad_heatmap(steps, spikes))
     if "loss" in cols or any(c.startswith("loss/") for c in cols):
         figures["loss"] = ("loss terms over steps", lambda: plots.plot_loss_terms(steps))
     return figures
@@ -112,7 +114,8 @@ def render_report(trace: Trace, figures: dict[str, tuple[str, str]]) -> str:
                md.heading("Loss terms"), series_table(loss_summaries(trace), "term"), image("loss"),
                md.heading("Events"), events_table(trace.events)]
     if trace.finding:
-        blocks += [md.heading("Bisector finding"), finding_block(trace.finding)]
+        title = "Finding (in-process locator)" if trace.finding.get("source") else "Bisector finding"
+        blocks += [md.heading(title), finding_block(trace.finding)]
     return md.document(blocks)
 
 

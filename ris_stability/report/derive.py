@@ -15,14 +15,14 @@ import pandas as pd
 import torch
 
 from ris_stability.records import GRAD_NONFINITE_PREFIX, Trace, matrix_stats
-from ris_stability.tolerances import eps_of, ill_conditioned_log10, real_dtype, tie_tol
+from ris_stability.hazards import CONDITION_OPS, EIG_OPS, site_op
+from ris_stability.tolerances import (PRECISION_GRAD_RTOL, TIE_MIN_N, eps_of, ill_conditioned_log10, real_dtype,
+                                      tie_tol)
 
 # A cluster of at least this many equal eigenvalues makes eigh backward divide 0 by 0.
 TIED_CLUSTER_MIN = 2
 # Fewer logged values than this cannot show that a term or module is "always" zero/constant.
 MIN_STEPS_FOR_DEAD = 3
-# Ops whose result goes through an inverse, so an ill-conditioned input loses its digits there.
-INVERSE_OPS = ("inv", "solve", "cholesky", "lstsq", "pinv")
 DEFAULT_DTYPE = torch.float32
 
 
@@ -40,9 +40,11 @@ def precision(meta: dict) -> tuple[str, float]:
     return str(real_dtype(dtype)).removeprefix("torch."), eps_of(dtype)
 
 
-def near_tie_relative(eps: float) -> float:
-    """A gap below sqrt(eps) * lambda_max leaves the eigenvector gradient at most half its digits."""
-    return math.sqrt(eps)
+def near_tie_relative(eps: float, n: float = math.nan) -> float:
+    """Relative gap (gap / lambda_max) below which the eigenvector gradient's rounding error, up to
+    n * eps * lambda_max / gap, exceeds PRECISION_GRAD_RTOL of it (n unknown: TIE_MIN_N)."""
+    n = n if math.isfinite(n) and n > 0 else TIE_MIN_N
+    return n * eps / PRECISION_GRAD_RTOL
 
 
 def log10_cond_filled(stats: pd.DataFrame) -> pd.Series:
@@ -93,8 +95,14 @@ class MatrixSummary:
     nan_steps: tuple[int, ...] = ()           # recorded with NaN statistics (the matrix held NaN/Inf)
 
     @property
+    def op(self) -> str:
+        """The site's op ('eig', 'solve', ...); '' for a watched matrix."""
+        return site_op(self.name)
+
+    @property
     def inverse_op(self) -> bool:
-        return any(op in self.name.lower() for op in INVERSE_OPS)
+        """The op inverts the matrix, so its condition number is the hazard (ris_stability.hazards)."""
+        return self.op in CONDITION_OPS
 
 
 def _percentiles(values: pd.Series, qs=(5, 50, 95)) -> tuple[float, ...]:
@@ -163,13 +171,14 @@ def _first_flag(s: MatrixSummary, stats: pd.DataFrame, cond: pd.Series, events: 
     for event in events:
         if (event.get("data") or {}).get("matrix") == s.name and event.get("step") is not None:
             candidates.append((int(event["step"]), f"{event.get('kind')} event"))
-    tie = _first(stats.index[(_col(stats, "max_cluster") >= TIED_CLUSTER_MIN) & vec_used])
-    if tie is not None:
-        candidates.append((tie, "tie, vectors used"))
-    rel = _col(stats, "min_gap") / _col(stats, "lambda_max").abs()
-    near = _first(stats.index[(rel > 0) & (rel < near_tie_relative(eps)) & vec_used])
-    if near is not None:
-        candidates.append((near, "near tie, vectors used"))
+    if s.op not in EIG_OPS:  # eig's realised backward terms are its measure (ris_stability.hazards)
+        tie = _first(stats.index[(_col(stats, "max_cluster") >= TIED_CLUSTER_MIN) & vec_used])
+        if tie is not None:
+            candidates.append((tie, "tie, vectors used"))
+        rel = _col(stats, "min_gap") / _col(stats, "lambda_max").abs()
+        near = _first(stats.index[(rel > 0) & (rel < near_tie_relative(eps, s.n)) & vec_used])
+        if near is not None:
+            candidates.append((near, "near tie, vectors used"))
     if s.inverse_op:
         ill = _first(stats.index[cond > ill_conditioned_log10(dtype)])
         if ill is not None:
@@ -284,3 +293,13 @@ def final_and_best_loss(trace: Trace) -> tuple[float, float, int | None]:
 
 def _float_or_nan(value: Any) -> float:
     return math.nan if value is None else float(value)
+
+
+def spike_marks(events: list[dict]) -> dict[int, list[str]]:
+    """step -> names of the modules that jumped, from the monitor's gradient_spike events."""
+    marks: dict[int, list[str]] = {}
+    for event in events:
+        if event.get("kind") == "gradient_spike" and event.get("step") is not None:
+            modules = (event.get("data") or {}).get("modules") or []
+            marks[int(event["step"])] = [str(m.get("name")) for m in modules if isinstance(m, dict)]
+    return marks

@@ -11,12 +11,17 @@ from ris_stability.report.derive import (
     near_tie_relative, precision, run_dtype, summarize_matrix,
 )
 from ris_stability.report.markdown import MISSING, code, fmt, span, steps_list
-from ris_stability.tolerances import ill_conditioned_log10
+from ris_stability.hazards import EIG_OPS
+from ris_stability.report.incidents import incident_items, op_hazard_items
+from ris_stability.tolerances import PRECISION_GRAD_RTOL, ill_conditioned_log10
 
-def eigvec_remedy(real: str) -> str:
-    """What to try against eigenvector-gradient blow-ups (float64 only when the run is not float64)."""
+def eigvec_remedy(real: str, meta: dict | None = None) -> str:
+    """What to try against eigenvector-gradient blow-ups (float64 only when the run is not float64);
+    the run's own switch when its integration wrote one in meta["remedies"]["eigenvector"]."""
     tail = "" if real == "float64" else ", or float64 for the spectral part"
-    return f'try `loss.eigh_backward = "gap_aware"`, an eigenvalue-only loss{tail}'
+    own = ((meta or {}).get("remedies") or {}).get("eigenvector")
+    return f"try {own or 'a gap-aware eigh backward (drops the pairs inside a degenerate cluster)'}, " \
+           f"an eigenvalue-only loss{tail}"
 
 # Tied-cluster values spanning more than this factor are reported as a range ("4.5e-09 to 1.0e-03").
 CLUSTER_VALUE_SPREAD = 10.0
@@ -29,9 +34,10 @@ def what_to_look_at(trace: Trace, matrices: list[MatrixSummary] | None = None) -
     real, eps = precision(trace.meta)
     if matrices is None:
         matrices = [summarize_matrix(trace, name) for name in trace.matrices]
-    items = _nonfinite_items(trace) + _finding_items(trace)
+    items = _nonfinite_items(trace) + _finding_items(trace) + incident_items(trace)
     for m in matrices:
-        items += _matrix_items(m, eps, real, len(trace.steps), run_dtype(trace.meta))
+        items += _matrix_items(m, eps, real, len(trace.steps), run_dtype(trace.meta), trace.meta)
+        items += op_hazard_items(trace, m, run_dtype(trace.meta))
     items += _dead_term_items(trace) + _dead_module_items(trace) + _run_state_items(trace)
     items += _lr_items(trace)
     return items or ["Nothing stands out: every logged step is finite, no tied or nearly tied eigenvalues "
@@ -63,7 +69,9 @@ def _nonfinite_items(trace: Trace) -> list[str]:
     capsule = next((p for p in trace.capsules if p.name == f"step_{first:06d}.pt"), None)
     if capsule is not None:
         rel = capsule.relative_to(trace.run_dir).as_posix()
-        text += f". Capsule {code(rel)}: replay it with {code(f'risdiag bisect {capsule.as_posix()}')} to name the op"
+        # from the folder holding the run: an absolute path would not survive moving the run folder
+        cmd = f"risdiag bisect {trace.run_dir.name}/{rel}"
+        text += f". Capsule {code(rel)}: replay it with {code(cmd)} (from the folder holding the run) to name the op"
     return [text + "."]
 
 
@@ -106,12 +114,16 @@ def _finding_items(trace: Trace) -> list[str]:
     where = ", ".join(f"{k} {code(f[k])}" for k in ("phase", "op", "node", "module", "location") if f.get(k))
     step = f" at step {f['step']}" if f.get("step") is not None else ""
     cause = f": {f['cause']}" if f.get("cause") else ""
-    return [f"**Bisector finding{step}** — {where or 'see the finding section'}{cause}."]
+    title = "Finding" if f.get("source") else "Bisector finding"
+    return [f"**{title}{step}** — {where or 'see the finding section'}{cause}."]
 
 
-def _matrix_items(m: MatrixSummary, eps: float, real: str, n_steps: int, dtype: torch.dtype) -> list[str]:
+def _matrix_items(m: MatrixSummary, eps: float, real: str, n_steps: int, dtype: torch.dtype,
+                  meta: dict | None = None) -> list[str]:
     items = []
     name = code(m.name)
+    if m.op in EIG_OPS:  # eig's hazards are its own (op_hazard_items): nothing is inverted, ties are not spectral
+        return items
     if m.tie_steps and m.vec_grad is not False:
         part = f"{m.tie_where} eigenvalues" if m.tie_where else "eigenvalues"
         lo, hi = m.tie_values
@@ -121,18 +133,18 @@ def _matrix_items(m: MatrixSummary, eps: float, real: str, n_steps: int, dtype: 
                 f"{n_steps} logged steps)")
         if m.vec_grad:
             text += (" while its eigenvectors receive gradient: eigenvector gradients through it are 0/0 — "
-                     + eigvec_remedy(real) + ".")
+                     + eigvec_remedy(real, meta) + ".")
         else:
             text += (". Whether its eigenvectors receive gradient was not recorded; if they do, the "
                      "eigenvector gradients through it are 0/0.")
         items.append(text)
-    elif m.vec_grad and 0 < m.rel_gap_min < near_tie_relative(eps):
+    elif m.vec_grad and 0 < m.rel_gap_min < near_tie_relative(eps, m.n):
         items.append(
             f"{name}: eigenvalues nearly tie (smallest gap {m.min_gap:.1e} at step {m.min_gap_step}, "
-            f"{m.rel_gap_min:.1e} relative to lambda_max, below sqrt(eps) = {near_tie_relative(eps):.1e} for {real}) "
-            f"while its eigenvectors receive gradient: eigenvector gradients are amplified by up to "
-            f"1/gap = {1 / m.min_gap:.1e}, and an exact tie makes them 0/0 — if it goes non-finite, "
-            f"{eigvec_remedy(real)}.")
+            f"{m.rel_gap_min:.1e} relative to lambda_max, below n eps / {PRECISION_GRAD_RTOL:g} = "
+            f"{near_tie_relative(eps, m.n):.1e} for {real}) while its eigenvectors receive gradient: their "
+            f"gradient's rounding error, up to n eps lambda_max / gap, exceeds {PRECISION_GRAD_RTOL:.0%} of it, "
+            f"and an exact tie makes it 0/0 — if it goes non-finite, {eigvec_remedy(real, meta)}.")
     p95 = m.log10_cond[2]
     limit = ill_conditioned_log10(dtype)
     if m.inverse_op and p95 > limit:

@@ -201,9 +201,11 @@ def _edges(steps: np.ndarray) -> np.ndarray:
     return np.concatenate([[steps[0] - (mid[0] - steps[0])], mid, [steps[-1] + (steps[-1] - mid[-1])]])
 
 
-def plot_grad_heatmap(steps: StepTables) -> Figure:
+def plot_grad_heatmap(steps: StepTables, spikes: Mapping[int, list[str]] | None = None) -> Figure:
     """Per-module gradient L2 norm, module x step, log colour scale; one panel per run when overlaying.
-    Black: exactly 0 (no gradient); red: non-finite; light grey: not logged."""
+    Black: exactly 0 (no gradient); red: non-finite; light grey: not logged. ``spikes`` (one run only):
+    step -> names of the modules that jumped at a gradient spike, ringed on their cells (the total row
+    is ringed at every spike)."""
     runs = _runs(steps)
     data = [(label, *_grad_matrix(frame), frame.index.to_numpy(dtype=float)) for label, frame in runs]
     positive = np.concatenate([z[np.isfinite(z) & (z > 0)] for _, _, z, _, _ in data] + [np.zeros(0)])
@@ -227,6 +229,8 @@ def plot_grad_heatmap(steps: StepTables) -> Figure:
         mesh = ax.pcolormesh(_edges(x), y, np.ma.masked_invalid(shown), cmap=cmap, norm=norm)
         red = np.ma.masked_where(~nonfinite, np.ones_like(z))
         ax.pcolormesh(_edges(x), y, red, cmap=ListedColormap([NONFINITE_COLOR]), vmin=0, vmax=1)
+        if spikes and len(runs) == 1:
+            _ring_spikes(ax, labels, spikes)
         ax.set_yticks(range(len(labels)), labels, fontsize=LEGEND_FONT)
         ax.set_ylim(len(labels) - 0.5, -0.5)
         _style_axes(ax, "module", f"Gradient L2 norm per module{' — run: ' + label if label else ''}")
@@ -235,8 +239,23 @@ def plot_grad_heatmap(steps: StepTables) -> Figure:
         fig.colorbar(mesh, ax=list(axes), extend="min", label="grad L2 norm (log scale)", shrink=0.9)
     keys = [Patch(color="black", label="0 (no gradient)"), Patch(color=NONFINITE_COLOR, label="non-finite"),
             Patch(color="#d9d9d9", label="not logged")]
-    fig.legend(handles=keys, loc="outside lower center", ncol=3, fontsize=LEGEND_FONT, frameon=False)
+    if spikes and len(runs) == 1:
+        keys.append(Line2D([], [], marker="o", linestyle="none", markerfacecolor="none",
+                           markeredgecolor=SPIKE_COLOR, markeredgewidth=1.5, label="gradient spike"))
+    fig.legend(handles=keys, loc="outside lower center", ncol=len(keys), fontsize=LEGEND_FONT, frameon=False)
     return fig
+
+
+SPIKE_COLOR = "#ff7f0e"
+
+
+def _ring_spikes(ax, labels: list[str], spikes: Mapping[int, list[str]]) -> None:
+    rows = {label: i for i, label in enumerate(labels)}
+    points = [(step, rows[name]) for step, names in spikes.items()
+              for name in list(names) + ["(total)"] if name in rows]
+    if points:
+        x, y = zip(*points)
+        ax.scatter(x, y, s=90, facecolors="none", edgecolors=SPIKE_COLOR, linewidths=1.5, zorder=5)
 
 
 def _zero_suffix(label: str, zero_runs: list[str], n_runs: int) -> str:

@@ -84,13 +84,22 @@ class CompanionRoots(nn.Module):
 
     def __init__(self, degree: int = 14) -> None:
         super().__init__()
-        self.coef = nn.Parameter(torch.randn(degree - 1) * 0.1)
+        # Roots in conjugate pairs at radii 0.03..30 (|prod| = 1): well separated, but coefficients up to
+        # ~1e6, so the companion matrix's condition number (~1e12) is far beyond float32's 1e6. Nothing
+        # inverts it: eigvals of it is harmless.
+        radii = torch.logspace(-1.5, 1.5, degree // 2, dtype=torch.float64)
+        radii = radii / radii.prod() ** (1 / len(radii))
+        angles = torch.linspace(0.3, 2.8, degree // 2, dtype=torch.float64)
+        roots = torch.polar(radii, angles)
+        poly = torch.ones(1, dtype=torch.complex128)
+        for r in torch.cat([roots, roots.conj()]):
+            poly = torch.cat([poly, torch.zeros(1, dtype=poly.dtype)]) - r * torch.cat([torch.zeros(1, dtype=poly.dtype), poly])
+        self.coef = nn.Parameter(poly.real[1:].to(torch.float32))  # z^n + c_{n-1} z^{n-1} + ... + c_0
         self.degree = degree
 
     def forward(self) -> torch.Tensor:
         n = self.degree
-        c = torch.cat([self.coef, torch.ones(1)])  # c_0 = 1: nonsingular whatever the rest
-        top = -torch.flip(c, (0,)).unsqueeze(0)
+        top = -self.coef.unsqueeze(0)
         comp = torch.cat([top, torch.eye(n - 1, n)], dim=0)
         roots = torch.linalg.eigvals(comp)
         return (roots.abs() - 1).square().sum()

@@ -74,6 +74,9 @@ def test_bisect_names_op_module_line_and_cause(nan_run, tmp_path, capsys):
     assert f["module"] == "loss.subspace"
     assert any(frame.startswith("ris_model/loss.py:") or "/ris_model/loss.py:" in frame for frame in f["stack"])
     assert "tied eigenvalues" in f["cause"] and "cluster of" in f["cause"]
+    assert "with ris_stability.gap_aware():" in f["remedies"][0]  # the generic one-line fix first ...
+    assert 'loss.eigh_backward = "gap_aware"' in f["remedies"][1]  # ... then ris_model's config key
+    assert any("diagonal loading" in r and "lifted above the rounding floor" in r for r in f["remedies"])
     assert out["float64"]["verdict"] == "precision"  # finite in float64: the ties are a float32 artefact
     assert (nan_run / "finding.json").is_file()
     run = subprocess.run([sys.executable, str(tmp_path / "repro" / "reproduce.py")], capture_output=True, text=True,
@@ -102,6 +105,14 @@ def test_gap_aware_backward_runs_the_nan_config_clean(tmp_path):
     t = read_trace(out)
     assert t.nonfinite_steps == []
     assert "mat/loss.subspace:eigh_gap_aware/max_cluster" in t.steps.columns
+
+
+def test_gap_aware_option_runs_the_nan_config_clean_and_restores_torch(tmp_path):
+    eigh, svd = torch.linalg.eigh, torch.linalg.svd
+    code, out = trace(tmp_path, "seed-nan.toml", 2, "--gap-aware", small=False)  # loss.eigh_backward = "torch"
+    assert code == 0
+    assert read_trace(out).nonfinite_steps == []
+    assert (torch.linalg.eigh, torch.linalg.svd) == (eigh, svd)
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from ris_stability.linalg_stats import HAZARD_KEYS
 from ris_stability.probes import ProbeError, SpectralProbe
 
 
@@ -151,6 +152,7 @@ def test_watch_reports_the_worst_case_of_known_spectra_and_uses_the_given_k():
     want = {"n": 5, "rank": 5, "lambda_min": 0.1, "lambda_max": 6.0, "cond": 50.0, "min_gap": 0.05,
             "gap_split": 0.6, "max_cluster": 1}
     assert {key: rec["stats"][key] for key in want} == pytest.approx(want, rel=1e-9)
+    assert all(math.isnan(rec["stats"][key]) for key in HAZARD_KEYS)  # op hazards: not a watched matrix's
     with pytest.raises(ProbeError, match="square"):
         probe.watch("bad", torch.zeros(3, 4))
 
@@ -171,12 +173,36 @@ def test_sampling_every_and_max_matrices():
     good_then_singular = torch.stack([torch.eye(3), torch.diag(torch.tensor([1.0, 1.0, 0.0]))])
     with SpectralProbe(every=2, max_matrices=1) as probe:
         probe.step(1)
-        torch.linalg.eigvalsh(good_then_singular)
+        torch.linalg.qr(good_then_singular)
         assert probe.collect() == {}
         probe.step(2)
-        torch.linalg.eigvalsh(good_then_singular)
-    rec = probe.collect()["linalg.eigvalsh"]
+        torch.linalg.qr(good_then_singular)  # qr gives no spectrum: the probe factorises max_matrices itself
+    rec = probe.collect()["linalg.qr"]
     assert rec["calls"] == 1 and rec["stats"]["cond"] == 1.0  # the singular second matrix was not sampled
+
+
+@pytest.mark.parametrize("op", ["eigh", "eigvalsh", "svd", "svdvals"])
+def test_worst_sample_of_the_whole_batch_is_found(op):
+    """An exact tie in sample 5 of 8 is found with max_matrices=4: ops that return their spectrum are
+    measured on the whole batch."""
+    torch.manual_seed(0)
+    ev = torch.rand(8, 6, dtype=torch.float64).sort(-1).values + torch.arange(6) * 0.5
+    ev[5, 2] = ev[5, 3] = ev[5, 4] = 1.7
+    q, _ = torch.linalg.qr(torch.randn(8, 6, 6, dtype=torch.float64))
+    a = q @ torch.diag_embed(ev) @ q.mT
+    with SpectralProbe(max_matrices=4) as probe:
+        getattr(torch.linalg, op)(a)  # looked up inside: the probe swaps the entry point in
+    (rec,) = probe.collect().values()
+    assert rec["stats"]["max_cluster"] == 3 and rec["stats"]["cluster_value"] == pytest.approx(1.7, rel=1e-9)
+
+
+def test_a_site_called_with_two_shapes_reports_both():
+    with SpectralProbe() as probe:
+        for n in (6, 3):
+            torch.linalg.svdvals(torch.randn(4, n, n, dtype=torch.float64) + 5 * torch.eye(n))
+    recs = probe.collect()
+    assert sorted(r["stats"]["n"] for r in recs.values()) == [3, 6]
+    assert len({r["location"] for r in recs.values()}) == 1 and any(name.endswith("[3x3]") for name in recs)
 
 
 def test_failed_cholesky_records_its_indefinite_input_and_reraises():

@@ -17,6 +17,7 @@ DEFAULT_META = {
     "torch": "2.13.0",
     "device": "cpu",
     "dtype": "complex64",
+    "remedies": {"eigenvector": '`loss.eigh_backward = "gap_aware"`'},  # as integrations/ris.py writes it
 }
 LOSS_TERMS = ("cov_nmse", "subspace", "orth", "k_ce")
 MODULES = ("encoder", "heads.angle", "heads.range", "heads.k")

@@ -1,0 +1,183 @@
+"""AutoAttach: find a training loop's model, steps and loss from outside, with global hooks only.
+
+Installed while attached, all removed on exit:
+
+* global optimizer step pre/post hooks (``torch.optim.optimizer.register_optimizer_step_*_hook``): the
+  first optimizer that steps is followed; its steps delimit the training steps, its pre-hook is where
+  gradients are checked (and hidden from the update to skip a non-finite step);
+* ``torch.autograd.backward`` (which ``Tensor.backward`` calls) wrapped: the tensor it is called on is the
+  loss (the sum over the backward calls of a step, e.g. under gradient accumulation);
+* until the first optimizer step, global module forward hooks that note the modules called at top level
+  (not from inside another module) and the variable name they are bound to in the calling frame. At the
+  first step the *roots* are those of them owning the optimizer's parameters; from then on only a
+  forward pre-hook on each root remains (the step starts at a root's first forward; its inputs are
+  kept by reference for the capsule).
+
+Per step this costs one Python call per root forward, per backward call and per optimizer step: no
+per-op interception and no device sync beyond the monitor's own finiteness check.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from types import FrameType
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from ris_stability.autoattach.driver import StepDriver, optimizer_params
+from ris_stability.frames import _is_user
+
+log = logging.getLogger(__name__)
+
+
+def variable_name(module: nn.Module, frame: FrameType | None, depth: int = 12) -> str | None:
+    """The name a user frame binds ``module`` to (locals first, then globals), walking outwards."""
+    f = frame
+    while f is not None and depth > 0:
+        if _is_user(f.f_code.co_filename):
+            for scope in (f.f_locals, f.f_globals):
+                for name, value in list(scope.items()):
+                    if value is module and name.isidentifier() and not name.startswith("_") and name != "self":
+                        return name
+        f, depth = f.f_back, depth - 1
+    return None
+
+
+class _Discovery:
+    """Top-level module calls before the first optimizer step: candidates for the roots."""
+
+    def __init__(self, driver: StepDriver):
+        self.driver = driver
+        self.depth = 0
+        self.seen: dict[int, tuple[nn.Module, str]] = {}
+        self._handles = [register_module_forward_pre_hook(self._pre),
+                         register_module_forward_hook(self._post, always_call=True)]
+
+    def _pre(self, module: nn.Module, args: tuple) -> None:
+        if self.depth == 0 and id(module) not in self.seen:
+            name = variable_name(module, sys._getframe(1)) or type(module).__name__.lower()
+            self.seen[id(module)] = (module, name)
+            self.driver.record_inputs(name, args, {})  # global pre-hooks do not see keyword arguments
+        self.depth += 1
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.depth = max(0, self.depth - 1)
+
+    def roots(self, params: list[Tensor]) -> dict[str, nn.Module]:
+        ids = {id(p) for p in params}
+        roots: dict[str, nn.Module] = {}
+        for module, name in self.seen.values():
+            if any(id(p) in ids for p in module.parameters()):
+                unique, i = name, 1
+                while unique in roots:
+                    i += 1
+                    unique = f"{name}{i}"
+                roots[unique] = module
+        return roots
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class AutoAttach:
+    """Drive ``driver`` from global hooks. ``roots``/``optimizer`` given (``watch``) skip discovery."""
+
+    def __init__(self, driver: StepDriver, roots: Mapping[str, nn.Module] | None = None,
+                 optimizer: torch.optim.Optimizer | None = None):
+        self.driver = driver
+        self.optimizer = optimizer
+        self._given_roots = dict(roots) if roots is not None else None
+        self._handles: list[Any] = []
+        self._root_handles: list[Any] = []
+        self._discovery: _Discovery | None = None
+        self._backward = None
+        self.steps_seen = 0
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def install(self) -> "AutoAttach":
+        try:
+            return self._install()
+        except BaseException:
+            self.remove()
+            raise
+
+    def _install(self) -> "AutoAttach":
+        self._handles = [register_optimizer_step_pre_hook(self._pre_step),
+                         register_optimizer_step_post_hook(self._post_step)]
+        original = torch.autograd.backward
+        self._backward = original
+        driver = self.driver
+
+        def backward(tensors: Any, *args: Any, **kwargs: Any) -> None:
+            loss = tensors if isinstance(tensors, Tensor) else None
+            driver.before_backward(loss)
+            try:
+                original(tensors, *args, **kwargs)
+            except Exception as exc:
+                driver.after_backward(loss, exc)
+                raise
+            driver.after_backward(loss)
+
+        backward.__wrapped__ = original  # type: ignore[attr-defined]
+        torch.autograd.backward = backward
+        if self._given_roots is not None and self.optimizer is not None:
+            self._attach(self._given_roots, self.optimizer)
+        else:
+            self._discovery = _Discovery(driver)
+        return self
+
+    def remove(self) -> None:
+        if self._backward is not None:
+            torch.autograd.backward = self._backward
+            self._backward = None
+        for h in self._handles + self._root_handles:
+            h.remove()
+        self._handles, self._root_handles = [], []
+        if self._discovery is not None:
+            self._discovery.remove()
+            self._discovery = None
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def _attach(self, roots: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.driver.attach(roots, optimizer)
+        for name, root in roots.items():
+            self._root_handles.append(root.register_forward_pre_hook(self._root_hook(name), with_kwargs=True))
+
+    def _root_hook(self, name: str):
+        driver = self.driver
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            driver.record_inputs(name, args, kwargs)
+            driver.start_step()
+        return hook
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self.optimizer is None:
+            params = optimizer_params(optimizer)
+            roots = (self._given_roots if self._given_roots is not None
+                     else self._discovery.roots(params) if self._discovery is not None else {})
+            if self._discovery is not None:
+                self._discovery.remove()
+                self._discovery = None
+            log.info("following optimizer %s; model roots: %s", type(optimizer).__name__,
+                     ", ".join(f"{n} ({type(m).__name__})" for n, m in roots.items()) or "none (parameters only)")
+            self._attach(roots, optimizer)
+        if optimizer is not self.optimizer:
+            return None
+        self.steps_seen += 1
+        self.driver.before_optimizer_step()
+        return None
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if optimizer is self.optimizer:
+            self.driver.after_optimizer_step()
+
+
+__all__ = ["AutoAttach", "variable_name"]

@@ -1,0 +1,145 @@
+"""``watch``: the monitor attached to a training loop in one line, by hooks (see ``hooks.py``)::
+
+    with ris_stability.watch(model, optimizer, out="runs/mine") as w:
+        for x, y in loader:                      # the loop is unchanged
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()                     # a non-finite step is skipped (on_nonfinite="skip")
+            optimizer.zero_grad()
+    print(w.nonfinite_steps, w.findings)         # run folder: steps, events, capsules, report.md
+
+:class:`Watcher` is the same attachment with an explicit start / finish, used by ``risdiag trace --
+python script.py`` (where model and optimizer are discovered) and by the Lightning callback.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ris_stability.autoattach.driver import NonFiniteError, StepDriver, batch_state
+from ris_stability.autoattach.hooks import AutoAttach
+from ris_stability.locate.finding import Finding
+from ris_stability.monitor import MonitorConfig, StabilityMonitor
+from ris_stability.records import TraceWriter
+
+log = logging.getLogger(__name__)
+
+
+def _roots(model: nn.Module | Mapping[str, nn.Module] | None) -> dict[str, nn.Module] | None:
+    if model is None:
+        return None
+    if isinstance(model, nn.Module):
+        return {"model": model}
+    return dict(model)
+
+
+class Watcher:
+    """One monitored run of a loop we do not drive. ``hooks=False`` leaves the events to the caller
+    (the Lightning callback calls ``driver``'s methods itself)."""
+
+    def __init__(self, out: str | Path, model: nn.Module | Mapping[str, nn.Module] | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, *, on_nonfinite: str = "skip", every: int = 1,
+                 max_matrices: int = 4, live: Any = None, meta: dict | None = None, config_text: str = "",
+                 replayer: str = "", hooks: bool = True):
+        self.run_dir = Path(out)
+        cfg = MonitorConfig(every=every, max_matrices=max_matrices, policy=on_nonfinite)
+        self.meta = {"torch": str(torch.__version__), **(meta or {})}
+        self.monitor = StabilityMonitor(self.run_dir, cfg, meta=self.meta, config_text=config_text,
+                                        replayer=replayer, batch_state=batch_state, live=live)
+        self.driver = StepDriver(self.monitor, on_nonfinite)
+        self._hooks = AutoAttach(self.driver, _roots(model), optimizer) if hooks else None
+        self.status = "running"
+        self._t0 = time.perf_counter()
+
+    # -- what the run saw ----------------------------------------------------------------------------
+    @property
+    def nonfinite_steps(self) -> list[int]:
+        return list(self.monitor.nonfinite_steps)
+
+    @property
+    def skipped_steps(self) -> list[int]:
+        return list(self.monitor.skipped_steps)
+
+    @property
+    def findings(self) -> list[tuple[int, Finding]]:
+        return list(self.driver.findings)
+
+    @property
+    def steps(self) -> int:
+        return self.driver.step
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> "Watcher":
+        if self._hooks is not None:
+            self._hooks.install()
+        return self
+
+    def finish(self, exc: BaseException | None = None, message: str = "") -> str:
+        """Remove every hook, close the trace; the run's status: clean, nonfinite, stopped, crashed
+        or no_steps (no optimizer step was seen)."""
+        self.driver.close_locator()
+        if self._hooks is not None:
+            self._hooks.remove()
+        d = self.driver
+        if not d.attached:
+            self.status = "crashed" if exc is not None and not isinstance(exc, NonFiniteError) else "no_steps"
+            self._empty_trace(message or (f"{type(exc).__name__}: {exc}" if exc is not None else
+                                          "no optimizer step was seen: nothing was monitored"))
+            return self.status
+        if exc is not None:
+            d.ctx.step = d.step
+            self.monitor.on_exception(d.ctx, exc)
+            self.status = "stopped" if isinstance(exc, NonFiniteError) else "crashed"
+        else:
+            self.monitor.on_train_end(d.ctx)
+            self.status = "nonfinite" if self.monitor.nonfinite_steps else "clean"
+        return self.status
+
+    def _empty_trace(self, message: str) -> None:
+        with TraceWriter(self.run_dir, self.meta) as w:
+            w.event("run_start", "info", "monitor waiting for the first optimizer step")
+            w.event("run_stopped", "error", message)
+            w.summary({"steps": 0, "wall_s": time.perf_counter() - self._t0, "nonfinite_steps": [],
+                       "skipped_steps": [], "final_loss": None, "best_loss": None, "status": self.status})
+            w.event("run_end", "info", f"run ended: {self.status}")
+
+
+@contextlib.contextmanager
+def watch(model: nn.Module | Mapping[str, nn.Module] | None = None, optimizer: torch.optim.Optimizer | None = None,
+          out: str | Path | None = None, *, on_nonfinite: str = "skip", every: int = 1, max_matrices: int = 4,
+          report: bool = True, replayer: str = "") -> Iterator[Watcher]:
+    """Attach the stability monitor to the loop inside the ``with`` block (see the module docstring).
+
+    ``model``: the module (or name -> module) whose paths name findings; None discovers the modules
+    that own the optimizer's parameters. ``optimizer``: the optimizer whose steps are the training
+    steps; None follows the first one that steps. ``on_nonfinite``: "skip" (default: a non-finite step
+    changes neither parameters nor optimizer state), "stop" (end the block after locating it) or
+    "observe". ``report``: write report.md at the end. The block's exceptions propagate, except the
+    stop of the "stop" policy.
+    """
+    run_dir = Path(out) if out is not None else Path("runs") / f"watch-{time.strftime('%Y%m%d-%H%M%S')}"
+    w = Watcher(run_dir, model, optimizer, on_nonfinite=on_nonfinite, every=every, max_matrices=max_matrices,
+                meta={"command": "ris_stability.watch"}, replayer=replayer).start()
+    try:
+        yield w
+    except NonFiniteError as exc:
+        w.finish(exc)
+        log.warning("run stopped: %s", exc)
+    except BaseException as exc:
+        w.finish(exc)
+        raise
+    else:
+        w.finish()
+    if report and w.driver.attached:
+        from ris_stability.report.build import build_report
+
+        build_report(run_dir)
+
+
+__all__ = ["Watcher", "watch"]
