@@ -154,8 +154,9 @@ class AutoAttach:
         driver = self.driver
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            driver.record_inputs(name, args, kwargs)
-            driver.start_step()
+            if driver.in_step or torch.is_grad_enabled():  # an evaluation forward starts no step
+                driver.record_inputs(name, args, kwargs)
+                driver.start_step()
         return hook
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:

@@ -231,11 +231,22 @@ def _log_cause(obs: Observation, name: str) -> Cause:
     return Cause("log_negative", f"{name} of a number below {edge:g} (NaN)", (CLAMP_LOG, MASK_BEFORE))
 
 
+_LOW_PRECISION = ("float16", "bfloat16")
+LOW_PRECISION_NORM = ("compute norms and reductions in float32 (x.float()), or keep this op outside autocast; "
+                      "torch.linalg.vector_norm accumulates in higher precision")
+
+
 def _div_cause(obs: Observation) -> Cause:
     a, b = (obs.culprit + (None, None))[:2] if obs.culprit else (None, None)
     if _is(a, lambda v: v == 0) and _is(b, lambda v: v == 0):
         return Cause("div_zero_zero", "0/0 in division", (GUARD_ZERO_ZERO, MASK_BEFORE))
     if _is(b, lambda v: v == 0):
+        low = next((s.dtype for s in obs.inputs if s.dtype in _LOW_PRECISION), None)
+        if low is not None:  # a half-precision denominator is most often a value that underflowed to 0
+            tiny = torch.finfo(getattr(torch, low)).smallest_normal
+            return Cause("div_by_zero", f"division by 0 in {low}: the denominator is 0, most likely underflowed "
+                         f"({low} flushes magnitudes below ~{tiny:.1e} toward 0; squares of values below "
+                         f"~{math.sqrt(tiny):.1e} vanish)", (LOW_PRECISION_NORM, GUARD_DIV, MASK_BEFORE))
         return Cause("div_by_zero", "division by 0", (GUARD_DIV, MASK_BEFORE))
     if a is None and b is None and _out_kind(obs) == "NaN":
         return Cause("div_zero_zero", "0/0 in division", (GUARD_ZERO_ZERO, MASK_BEFORE))

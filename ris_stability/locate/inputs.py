@@ -48,8 +48,9 @@ def _graph_leaves(loss: Tensor) -> list[Tensor]:
 
 def bind_arguments(fn: Callable, args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
     """(parameter name, value) of a call; positional fallbacks 'args[i]' when fn has no signature."""
+    target = fn.forward if isinstance(fn, nn.Module) else fn  # a module's call signature is (*args, **kwargs)
     try:
-        return list(inspect.signature(fn).bind(*args, **kwargs).arguments.items())
+        return list(inspect.signature(target).bind(*args, **kwargs).arguments.items())
     except (TypeError, ValueError):
         return [(f"args[{i}]", a) for i, a in enumerate(args)] + list(kwargs.items())
 
