@@ -76,12 +76,15 @@ class StabilityMonitor:
 
     ``batch_state(batch) -> dict`` turns a batch into capsule content; ``config_text`` is stored in
     capsules; ``replayer`` ("module:function") tells ``risdiag bisect`` how to rebuild the step.
+    ``listeners``: callables ``(kind, record)`` that receive every step row ("step") and event ("event")
+    as it is written (see TraceWriter).
     """
 
     def __init__(self, run_dir: str | Path, cfg: MonitorConfig = MonitorConfig(), *, meta: dict | None = None,
                  config_text: str = "", replayer: str = "", batch_state: Callable[[Any], dict] | None = None,
-                 live: Any = None):
+                 live: Any = None, listeners: tuple[Callable[[str, dict], None], ...] = ()):
         self.run_dir = Path(run_dir)
+        self.listeners = tuple(listeners)
         self.cfg, self.meta, self.config_text, self.replayer = cfg, dict(meta or {}), config_text, replayer
         self.batch_state = batch_state or (lambda b: {"batch": b})
         self.live = live
@@ -117,7 +120,7 @@ class StabilityMonitor:
             roots = {"model": model} if loss_fn is None else {"model": model, "loss": loss_fn}
         self._dtype = next((p.dtype for p in model.parameters()), torch.float32)
         self.meta = {**run_meta(model), **self.meta}
-        self.writer = TraceWriter(self.run_dir, self.meta)
+        self.writer = TraceWriter(self.run_dir, self.meta, listeners=self.listeners)
         # The probe's mode is entered only on sampled steps, from step start to after backward: between
         # them every torch call would otherwise pay a Python round trip through the mode.
         self.probe = SpectralProbe(roots=roots, every=1, max_matrices=self.cfg.max_matrices)

@@ -304,3 +304,72 @@ def replay_capsule(capsule: Capsule, dtype: str | None = None) -> ReplayedStep:
     model, loss_fn, batch = model.to(device), loss_fn.to(device), batch.to(device)
     restore_rng(capsule.rng)
     return ReplayedStep(model=model, loss_fn=loss_fn, batch=batch, cfg=cfg, roots={"model": model, "loss": loss_fn})
+
+
+# =============================================================================================
+# Sweep (issue 16): ris_model as the target of `risdiag sweep` (config keys, loading, the traced run)
+# =============================================================================================
+
+
+class _ValidationReporter:
+    """Hands each intermediate validation to the sweep: the loop sets ctx.val after a step's callbacks,
+    so it is seen at the next step's start (the final validation is the trial's result, not reported)."""
+
+    def __init__(self, hooks: Any):
+        self.hooks, self._seen = hooks, None
+
+    def on_step_start(self, ctx: Any) -> None:
+        if ctx.val is not None and ctx.val is not self._seen:
+            self._seen = ctx.val
+            self.hooks.report(ctx.step - 1, ctx.val, ctx)
+
+
+class RisSweepTarget:
+    """A RunConfig file plus fixed overrides; each trial adds its parameters as ``--set`` overrides."""
+
+    def __init__(self, config_path: str, overrides: list[str], steps: int | None):
+        from ris_stability.sweep.space import override_text
+
+        self._text = override_text
+        self.config_path = config_path
+        self.overrides = [*overrides, *([f"train.steps={steps}"] if steps is not None else [])]
+        cfg = self._load({})
+        if not (cfg.train.val_every and cfg.data.n_val):
+            raise UsageError(f"config {config_path!r}: the sweep's objective is a validation metric, but validation is "
+                             f"off (train.val_every = {cfg.train.val_every}, data.n_val = {cfg.data.n_val}); set both > 0")
+        self.name = cfg.name
+
+    def _load(self, params: dict[str, Any]) -> RunConfig:
+        return load_config(self.config_path, [*self.overrides, *(self._text(k, v) for k, v in params.items())])
+
+    def check(self, key: str, value: Any) -> None:
+        try:
+            self._load({key: value})
+        except ConfigError as err:
+            raise UsageError(str(err)) from None
+
+    def resolved_toml(self, params: dict[str, Any]) -> str:
+        return dumps_toml(self._load(params))
+
+    def run(self, params: dict[str, Any], run_dir: Path, hooks: Any) -> dict[str, float]:
+        cfg = self._load(params)
+        _check_buildable(cfg)
+        text = dumps_toml(cfg)
+        sets = [*self.overrides, *(self._text(k, v) for k, v in params.items())]
+        meta = {"command": "risdiag trace " + " ".join([f"--config {self.config_path}", *(f"--set {o}" for o in sets)]),
+                "config_path": str(self.config_path), "config_hash": config_hash(cfg), "torch": str(torch.__version__),
+                "device": cfg.train.device, "dtype": cfg.data.dtype}
+        policy = "stop" if cfg.train.nonfinite == "stop" else "skip"
+        mon = StabilityMonitor(run_dir, MonitorConfig(policy=policy), meta=meta, config_text=text, replayer=REPLAYER,
+                               batch_state=batch_state, listeners=(hooks.observe,))
+        try:
+            result = train(cfg, callbacks=[mon, hooks, _ValidationReporter(hooks)], out_dir=run_dir)
+        except NonFiniteError as err:
+            log.info("trial run %s stopped: %s", run_dir, err)
+            return {}
+        return dict(result.val_history[-1][1]) if result.val_history else {}
+
+
+def sweep_target(config: str, overrides: list[str], steps: int | None) -> RisSweepTarget:
+    """The factory `risdiag sweep` uses by default (``--target ris_stability.integrations.ris:sweep_target``)."""
+    return RisSweepTarget(config, overrides, steps)

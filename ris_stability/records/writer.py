@@ -16,7 +16,7 @@ import numbers
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from ris_stability.records.schema import (EVENT_KINDS, EVENTS_FILE, FINDING_FILE, META_FILE, SCHEMA_NAME,
                                           SCHEMA_VERSION, SEVERITIES, STEPS_FILE, SUMMARY_FILE, TraceError)
@@ -82,7 +82,11 @@ class TraceWriter:
     flushing alone already survives the process being killed.
     """
 
-    def __init__(self, run_dir: Path, meta: Mapping[str, Any], *, fsync: bool = False) -> None:
+    def __init__(self, run_dir: Path, meta: Mapping[str, Any], *, fsync: bool = False,
+                 listeners: Iterable[Callable[[str, Mapping[str, Any]], None]] = ()) -> None:
+        # Called with ("step", row) / ("event", record) after each line is written: how other instruments
+        # (e.g. a sweep's pruner) follow a run as it happens without reading the files back.
+        self.listeners = tuple(listeners)
         self.run_dir = Path(run_dir)
         self.fsync = fsync
         self._t0 = time.monotonic()
@@ -123,6 +127,8 @@ class TraceWriter:
         full = dict(row)
         full.setdefault("time_s", self.elapsed())
         self._append(self._steps, _dumps(full, "step row", keep_nonfinite=True))
+        for listener in self.listeners:
+            listener("step", full)
 
     def event(self, kind: str, severity: str, message: str, step: int | None = None, **data: Any) -> None:
         """Append one event; `data` holds the kind-specific fields (matrix, names, path, ...)."""
@@ -135,6 +141,8 @@ class TraceWriter:
         record = {"step": step, "time_s": self.elapsed(), "kind": kind, "severity": severity,
                   "message": str(message), "data": data}
         self._append(self._events, _dumps(record, f"event {kind}"))
+        for listener in self.listeners:
+            listener("event", record)
 
     def summary(self, summary: Mapping[str, Any]) -> Path:
         """Write summary.json (steps, wall_s, nonfinite_steps, skipped_steps, final/best loss, status)."""

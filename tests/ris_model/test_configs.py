@@ -10,7 +10,8 @@ from ris_model.config import dumps_toml, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.toml"))
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.toml")
+                 if not p.name.startswith("space-"))  # space-*.toml are sweep search spaces
 SHIPPED = {"quickstart", "default", "seed-misaligned", "seed-nan"}
 
 

@@ -21,7 +21,8 @@ from ris_stability.integrations.ris import (
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
-CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.toml"))
+CONFIGS = sorted(p for p in Path(__file__).resolve().parents[2].joinpath("configs").glob("*.toml")
+                 if not p.name.startswith("space-"))  # space-*.toml are sweep search spaces
 MISALIGNED = {"seed-misaligned.toml"}
 SHIPPED = {"quickstart.toml", "default.toml", "seed-misaligned.toml", "seed-nan.toml"}
 SPEED = ["music.phi_step_deg=6.0", "music.theta_step_deg=6.0", "music.n_range=3", "music.refine_iters=2"]
