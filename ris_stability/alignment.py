@@ -231,14 +231,34 @@ def default_rtol(n: int, dtype: torch.dtype) -> float:
     return float(eig_abs_err(n, dtype, 1.0))
 
 
-def relative_difference(a: Tensor, b: Tensor) -> float:
-    """max over the batch of ||a - b||_F / ||b||_F, computed in complex128/float64."""
+def _per_sample(a: Tensor, b: Tensor) -> Tensor:
+    """||a - b||_F / ||b||_F per (broadcast) sample, computed in complex128/float64."""
     wide = torch.complex128 if (a.is_complex() or b.is_complex()) else torch.float64
     with torch.no_grad():
         x, y = a.detach().to(wide), b.detach().to(wide)
         num = torch.linalg.vector_norm(x - y, dim=(-2, -1))
         den = torch.linalg.vector_norm(y, dim=(-2, -1)).clamp_min(torch.finfo(torch.float64).tiny)
-        return float((num / den).max())
+        return num / den
+
+
+def relative_difference(a: Tensor, b: Tensor) -> float:
+    """max over the batch of ||a - b||_F / ||b||_F, computed in complex128/float64."""
+    return float(_per_sample(a, b).max())
+
+
+def sample_difference(t: Tensor, ref: Tensor) -> float | None:
+    """Per-sample relative difference with the batch dims flattened: equal sample counts pair up (a
+    (1, N, N) training batch against an (N, N) inference matrix), the worst pair counts; a single matrix on
+    one side is matched with the closest sample of the other (inference run on one sample of a training
+    batch). None when the matrix shapes differ or the sample counts cannot be paired."""
+    if t.shape[-2:] != ref.shape[-2:]:
+        return None
+    a, b = t.reshape(-1, *t.shape[-2:]), ref.reshape(-1, *ref.shape[-2:])
+    if a.shape[0] == b.shape[0]:
+        return float(_per_sample(a, b).max())
+    if 1 in (a.shape[0], b.shape[0]):
+        return float(_per_sample(a, b).min())
+    return None
 
 
 def numerical_rank(a: Tensor, dtype: torch.dtype | None = None) -> int:
@@ -295,8 +315,26 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _closest(t: Tensor, candidates: list[Captured], transforms: Mapping[str, Callable[[Tensor], Tensor]]):
+    """(difference, transform label, inference record) of the inference matrix closest to ``t`` or to a
+    declared inference-side transform of it; None when no candidate can be paired sample by sample."""
+    options = [("", t)]
+    with torch.no_grad():
+        options += [(label, fn(t.detach())) for label, fn in transforms.items()]
+    scored = []
+    for c in candidates:
+        if c.tensor is t:
+            scored.append((0.0, "", c))
+            continue
+        for label, value in options:
+            diff = sample_difference(value, c.tensor)
+            if diff is not None:
+                scored.append((diff, label, c))
+    return min(scored, key=lambda x: (x[2].tensor is not t, x[0])) if scored else None
+
+
 def _compare(phase: str, train: list[Captured], infer: list[Captured], data: list[Tensor], namer: _Namer,
-             rtol: float | None) -> AlignmentResult:
+             rtol: float | None, transforms: Mapping[str, Callable[[Tensor], Tensor]] = {}) -> AlignmentResult:
     rows, notes = [], []
     ranks: dict[tuple[int, torch.dtype], int] = {}
 
@@ -310,18 +348,19 @@ def _compare(phase: str, train: list[Captured], infer: list[Captured], data: lis
         t = rec.tensor
         if _is_data(t, data):
             continue
-        candidates = [c for c in infer if c.tensor.shape == t.shape]
-        if not candidates and _square(t):
+        candidates = [c for c in infer if c.tensor.shape[-2:] == t.shape[-2:]]
+        closest = _closest(t, candidates, transforms) if candidates else None
+        if closest is None and _square(t):
             notes.append(f"{phase}: {rec.consumer} reads {namer(t)} of shape {tuple(t.shape)}, but inference feeds "
-                         "no matrix of that shape to linear algebra; not compared")
-        if not candidates:
+                         "no matrix of that matrix shape (per sample) to linear algebra; not compared")
+        if closest is None:
             continue
-        scored = [(0.0 if c.tensor is t else relative_difference(t, c.tensor), c) for c in candidates]
-        diff, best = min(scored, key=lambda pair: (pair[1].tensor is not t, pair[0]))
+        diff, label, best = closest
         coarse = _coarse_dtype(t, best.tensor)
         tol = rtol if rtol is not None else default_rtol(t.shape[-1], coarse)
         rows.append(AlignmentRow(
-            phase=phase, consumer=rec.consumer, via=rec.via, location=rec.location, consumes=namer(t),
+            phase=phase, consumer=rec.consumer, via=rec.via, location=rec.location,
+            consumes=f"{namer(t)} {label}" if label else namer(t),
             inference_consumer=best.consumer, inference_consumes=namer(best.tensor), rel_diff=diff, rtol=tol,
             same_object=best.tensor is t, rank=rank(t, coarse), inference_rank=rank(best.tensor, coarse),
             shape=tuple(t.shape)))
@@ -333,6 +372,7 @@ def check_alignment(train_fn: Callable[[Any], Any] | Mapping[str, Callable[[Any]
                     roots: Mapping[str, nn.Module] | None = None,
                     consumers: Mapping[str, nn.Module] | None = None,
                     names: Names | Callable[[], Names] | None = None,
+                    transforms: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
                     ) -> AlignmentResult:
     """Compare the matrices the training path(s) consume with those inference feeds to linear algebra.
 
@@ -342,6 +382,9 @@ def check_alignment(train_fn: Callable[[Any], Any] | Mapping[str, Callable[[Any]
     ``rtol``: None for ``n * eps`` of the coarser dtype. ``roots``/``consumers``: see :class:`MatrixCapture`.
     ``names``: ``{name: tensor or tensors}`` of known matrices (or a function returning it, called after
     the runs) used to label captured ones, by identity first, then by equality within the tolerance.
+    ``transforms``: declared inference-side transforms ``{label: fn}`` (e.g. ``{"+ 1e-3 I": lambda R: R +
+    1e-3 * torch.eye(R.shape[-1])}``): a training matrix that matches inference only after one of them is
+    aligned, and its label says which. Matrices are compared per sample: (1, N, N) against (N, N) pairs up.
     """
     paths = dict(train_fn) if isinstance(train_fn, Mapping) else {"train": train_fn}
     captured: dict[str, list[Captured]] = {}
@@ -359,12 +402,12 @@ def check_alignment(train_fn: Callable[[Any], Any] | Mapping[str, Callable[[Any]
     result = AlignmentResult(())
     with one_thread():
         for phase, records in captured.items():
-            result = result.merge(_compare(phase, records, infer, data, namer, rtol))
+            result = result.merge(_compare(phase, records, infer, data, namer, rtol, dict(transforms or {})))
     if not result.rows:
         raise AlignmentError("check_alignment: no matrix the training path consumes has the shape of a matrix "
                              "inference feeds to linear algebra; nothing was compared.\n" + "\n".join(result.notes))
     return result
 
 
-__all__ = ["AlignmentError", "AlignmentResult", "AlignmentRow", "Captured", "MatrixCapture", "check_alignment",
+__all__ = ["AlignmentError", "AlignmentResult", "AlignmentRow", "Captured", "MatrixCapture", "check_alignment", "sample_difference",
            "default_rtol", "numerical_rank", "one_thread", "relative_difference"]

@@ -188,6 +188,28 @@ def locate_capsule(capsule: Capsule, dtype: str | None = None) -> Finding | None
     return annotate(finding) if annotate is not None and finding is not None else finding
 
 
+def float64_verdict(capsule: Capsule) -> dict[str, Any]:
+    """Replay the step in float64: finite there means precision, non-finite means structure. A replay that
+    fails (e.g. the model casts to float32 internally and a matmul meets a float64 tensor) is a verdict of its
+    own; it never hides the float32 finding."""
+    try:
+        o64 = replay(capsule, dtype="float64")
+    except Exception as exc:  # the user's code, in a dtype it may not support: any error is the answer
+        line = (str(exc).strip().splitlines() or [""])[0]
+        log.warning("float64 replay of step %d failed: %s: %s", capsule.step, type(exc).__name__, line)
+        return {"loss": None, "grads_finite": None, "verdict": "float64 replay failed", "explanation": (
+            f"float64 replay failed: {type(exc).__name__}: {line}. The float32 finding stands; likely cause: "
+            "the model or loss casts to float32 itself (or the replayer cannot rebuild the step in float64). "
+            "Next step: let the replayer cast those parts too, or judge precision with `risdiag bisect --precision`")}
+    verdict = "structural" if o64.nonfinite else "precision"
+    return {"loss": o64.loss if math.isfinite(o64.loss) else None, "grads_finite": o64.grads_finite,
+            "verdict": verdict, "explanation": (
+                "finite in float64: the failure is a precision problem (float32 rounding turns a "
+                "near-degenerate spectrum into exact ties or overflow)" if verdict == "precision" else
+                "non-finite in float64 too: the failure is structural (exact ties, log(0), 0/0 ...); "
+                "more precision will not fix it")}
+
+
 def bisect_capsule(path: Path, float64: bool = False, export: Path | None = None,
                    replayer: str | None = None) -> BisectResult:
     """``replayer`` ("module:function" or "FILE.py:function") overrides the one the capsule names."""
@@ -204,14 +226,7 @@ def bisect_capsule(path: Path, float64: bool = False, export: Path | None = None
     finding = locate_capsule(capsule)
     result = BisectResult(capsule=path, outcome=outcome, finding=finding)
     if float64:
-        o64 = replay(capsule, dtype="float64")
-        verdict = "structural" if o64.nonfinite else "precision"
-        result.float64 = {"loss": o64.loss if math.isfinite(o64.loss) else None, "grads_finite": o64.grads_finite,
-                          "verdict": verdict, "explanation": (
-                              "finite in float64: the failure is a precision problem (float32 rounding turns a "
-                              "near-degenerate spectrum into exact ties or overflow)" if verdict == "precision" else
-                              "non-finite in float64 too: the failure is structural (exact ties, log(0), 0/0 ...); "
-                              "more precision will not fix it")}
+        result.float64 = float64_verdict(capsule)
     if export is not None and finding is not None:
         with _capsule_threads(capsule):
             rep = _rebuild(capsule, None)
@@ -219,9 +234,12 @@ def bisect_capsule(path: Path, float64: bool = False, export: Path | None = None
     return result
 
 
-def audit_capsule(path: Path) -> PrecisionAudit:
-    """Precision audit of a capsule's step (finite or not): its gradient against float64."""
+def audit_capsule(path: Path, replayer: str | None = None) -> PrecisionAudit:
+    """Precision audit of a capsule's step (finite or not): its gradient against float64. ``replayer``
+    overrides the one the capsule names (script runs)."""
     capsule = Capsule.load(path)
+    if replayer:
+        capsule.meta["replayer"] = replayer
     with _capsule_threads(capsule):
         rep = _rebuild(capsule, None)
         rep.model.zero_grad(set_to_none=True)
@@ -237,12 +255,12 @@ def _latest_capsule(run_dir: Path) -> Path:
     return found[0]
 
 
-def run_precision(target: str, as_json: bool, console: Console) -> int:
+def run_precision(target: str, as_json: bool, console: Console, replayer: str | None = None) -> int:
     """`risdiag bisect --precision`: audit the capsule (or a run folder's first capsule) against float64."""
     path = Path(target)
     if path.is_dir():
         path = _latest_capsule(path)
-    audit = audit_capsule(path)
+    audit = audit_capsule(path, replayer)
     if as_json:
         console.print_json(json.dumps({"capsule": str(path), **audit.to_dict()}, default=str))
     else:

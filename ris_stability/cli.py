@@ -203,7 +203,7 @@ def _cmd_bisect(args: argparse.Namespace, console: Console) -> int:
     from ris_stability.bisect import run_bisect, run_precision
 
     if args.precision:
-        return run_precision(args.target, as_json=args.json, console=console)
+        return run_precision(args.target, as_json=args.json, console=console, replayer=args.replayer)
     return run_bisect(args.target, as_json=args.json, float64=args.float64, export=args.export, console=console,
                       replayer=args.replayer)
 

@@ -9,6 +9,7 @@ Typical loop::
     loss, terms = loss_fn(...); loss.backward()
     gm.observe_grads(optimizer); gm.observe_terms(terms)
     gm.before_step(optimizer); optimizer.step(); gm.after_step(optimizer)   # sampled steps only
+    gm.settle(ok)   # optional: ok=False drops this step's liveness (a skipped or non-finite step)
     row.update(gm.collect()); warn(gm.dead_parameters(), gm.dead_terms())
 """
 from __future__ import annotations
