@@ -32,9 +32,21 @@ class CapsuleError(ValueError):
 
 def capture_rng() -> dict[str, Any]:
     """RNG states of torch (CPU and, when present, CUDA) and Python's ``random`` (as a picklable tuple)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _py_state_to_tensor(random.getstate())}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    return rng_state(rng_snapshot())
+
+
+def rng_snapshot() -> tuple[Any, ...]:
+    """The RNG states as they are (cheap enough for every step); :func:`rng_state` makes them storable."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), random.getstate(), cuda
+
+
+def rng_state(snapshot: tuple[Any, ...]) -> dict[str, Any]:
+    """The :func:`capture_rng` form of a :func:`rng_snapshot`."""
+    cpu, python, cuda = snapshot
+    state: dict[str, Any] = {"torch": cpu, "python": _py_state_to_tensor(python)}
+    if cuda is not None:
+        state["cuda"] = cuda
     return state
 
 

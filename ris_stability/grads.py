@@ -148,6 +148,7 @@ class GradMonitor:
         self._alive = torch.zeros(len(self.params), dtype=torch.bool, device=self.device)
         self._had_grad = [False] * len(self.params)
         self._liveness: tuple[Tensor, list[bool]] | None = None
+        self.last_norms: Tensor | None = None  # float64 grad norms of the last observe_grads
         self._observed = 0
         self._pending: dict[str, Tensor] = {}
         self._snapshot: list[list[Tensor]] | None = None
@@ -165,6 +166,7 @@ class GradMonitor:
         The liveness of this observation counts once the next observation is taken, unless
         :meth:`settle` (False) drops it first: a skipped or non-finite step says nothing about liveness."""
         self._commit()
+        self.last_norms = None
         norms = grad_norms(self.params, self.device, self._present_indices)
         if scale != 1.0:
             norms = norms / scale
@@ -181,6 +183,7 @@ class GradMonitor:
                 self._pending[f"grad_group/{_group_key(k, g, group, len(opts))}"] = picked.square().sum().sqrt()
         # A NaN or inf norm is not a usable gradient; a zero norm means no gradient reached the parameter.
         self._liveness = (torch.isfinite(norms) & (norms > 0), [p.grad is not None for p in self.params])
+        self.last_norms = norms  # float64, so finite exactly when every gradient element is finite
 
     def _commit(self) -> None:
         if self._liveness is not None:

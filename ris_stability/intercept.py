@@ -23,8 +23,8 @@ import logging
 import sys
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
-from types import FrameType
+from dataclasses import dataclass, field
+from types import FrameType, MethodType
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
@@ -40,6 +40,9 @@ class EntryPoint:
     attr: str
     name: str
     kind: str
+    # Cheap test of (args, kwargs): False passes the call straight through (e.g. Tensor.norm is observed only
+    # for matrix orders; vector norms are frequent and have no spectral hazard).
+    when: Callable[[tuple, dict], bool] | None = field(default=None, compare=False)
 
     @property
     def original(self) -> Callable:
@@ -74,9 +77,11 @@ ENTRY_POINTS: list[EntryPoint] = [
 ]
 
 
-def add_entry_point(owner: Any, attr: str, name: str, kind: str) -> EntryPoint:
-    """Observe ``owner.attr`` as op ``name`` of statistics ``kind`` from the next time a listener starts."""
-    entry = EntryPoint(owner, attr, name, kind)
+def add_entry_point(owner: Any, attr: str, name: str, kind: str,
+                    when: Callable[[tuple, dict], bool] | None = None) -> EntryPoint:
+    """Observe ``owner.attr`` as op ``name`` of statistics ``kind`` from the next time a listener starts
+    (only the calls for which ``when(args, kwargs)`` holds, when given)."""
+    entry = EntryPoint(owner, attr, name, kind, when)
     if entry not in ENTRY_POINTS:
         ENTRY_POINTS.append(entry)
     return entry
@@ -138,17 +143,50 @@ def _marked_caller(frame: FrameType | None, limit: int = 8) -> tuple[str, str, F
     return None
 
 
+class StandIn:
+    """What sits in place of a torch function while observed: it calls ``call`` and compares (and
+    hashes) equal to the original, so code that checks ``func in (torch.linalg.eig, ...)`` or looks
+    functions up in tables built meanwhile (torch.overrides caches them) still finds the original; set on
+    ``torch.Tensor`` it binds like a method."""
+
+    def __init__(self, call: Callable, original: Callable):
+        functools.update_wrapper(self, original)
+        self._call, self._original = call, original
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(*args, **kwargs)
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return self if obj is None else MethodType(self, obj)
+
+    def __eq__(self, other: object) -> bool:
+        return other is self or other is self._original or (
+            isinstance(other, StandIn) and other._original is self._original)
+
+    def __hash__(self) -> int:
+        return hash(self._original)
+
+    def __repr__(self) -> str:
+        return f"<observed {self._original!r}>"
+
+
+def original_of(func: Any) -> Any:
+    """The torch function behind a stand-in (``func`` itself otherwise)."""
+    return func._original if isinstance(func, StandIn) else func
+
+
 def _wrap(entry: EntryPoint, original: Callable) -> Callable:
-    @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         state = _STATE
         if state.depth or not _LISTENERS or torch.compiler.is_compiling():
+            return original(*args, **kwargs)
+        if entry.when is not None and not entry.when(args, kwargs):
             return original(*args, **kwargs)
         ident = threading.get_ident()
         listeners = [lst for lst in _LISTENERS if lst.thread == ident and lst.accepts()]
         if not listeners:
             return original(*args, **kwargs)
-        frame = sys._getframe(1)
+        frame = sys._getframe(2)  # the caller of StandIn.__call__
         name, kind = entry.name, entry.kind
         marked = _marked_caller(frame)
         if marked is not None:  # the call site is where the marked function was called
@@ -165,12 +203,10 @@ def _wrap(entry: EntryPoint, original: Callable) -> Callable:
         _notify(listeners, name, kind, args, kwargs, out, frame)
         return out
 
-    wrapper.__ris_wrapped__ = original
-    return wrapper
+    return StandIn(wrapper, original)
 
 
 def _wrap_backward(original: Callable) -> Callable:
-    @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if _LISTENERS and not _STATE.depth and not torch.compiler.is_compiling():
             ident = threading.get_ident()
@@ -179,8 +215,7 @@ def _wrap_backward(original: Callable) -> Callable:
                     listener.before_backward()
         return original(*args, **kwargs)
 
-    wrapper.__ris_wrapped__ = original
-    return wrapper
+    return StandIn(wrapper, original)
 
 
 def _notify(listeners: list[Listener], name: str, kind: str, args: tuple, kwargs: dict, out: Any,

@@ -244,6 +244,34 @@ def worst(stats: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def worst_segments(rows: Tensor, segment: Tensor, count: int, keys: tuple[str, ...] = STAT_KEYS) -> Tensor:
+    """:func:`worst` of the rows (R, K) of ``count`` groups at once (``segment`` (R,) gives each row's group,
+    every group non-empty): a (count, K) tensor, same rules as :func:`worst`, a fixed number of kernels."""
+    rows = rows.detach().to(_STATS_DTYPE)
+    is_min, keep = _column_masks(keys, rows.device)
+    nan = torch.isnan(rows)
+    filled = torch.where(nan, torch.where(is_min, math.inf, -math.inf).to(rows.dtype), rows)
+    index = segment.unsqueeze(1).expand_as(rows)
+    shape = (count, rows.shape[1])
+    hi = torch.full(shape, -math.inf, dtype=rows.dtype, device=rows.device).scatter_reduce(0, index, filled, "amax")
+    lo = torch.full(shape, math.inf, dtype=rows.dtype, device=rows.device).scatter_reduce(0, index, filled, "amin")
+    finite_count = torch.zeros(shape, dtype=rows.dtype, device=rows.device).index_add_(0, segment, (~nan).to(rows.dtype))
+    red = torch.where(finite_count == 0, math.nan, torch.where(is_min, lo, hi))
+    if "cluster_value" in keys and "max_cluster" in keys:
+        mc, cv = keys.index("max_cluster"), keys.index("cluster_value")
+        # The first row of its group holding the group's largest cluster, as argmax would pick.
+        at_max = filled[:, mc] == hi[segment, mc]
+        order = torch.arange(rows.shape[0], device=rows.device)
+        first = torch.full((count,), rows.shape[0], dtype=torch.long, device=rows.device).scatter_reduce(
+            0, segment, torch.where(at_max, order, rows.shape[0]), "amin")
+        red[:, cv] = rows[:, cv].gather(0, first.clamp(max=rows.shape[0] - 1))
+    if "lambda_max" in keys:
+        broken = torch.zeros(count, dtype=rows.dtype, device=rows.device).index_add_(
+            0, segment, nan[:, keys.index("lambda_max")].to(rows.dtype)) > 0
+        red = torch.where(broken.unsqueeze(1) & ~keep, math.nan, red)
+    return red
+
+
 def worst_rows(rows: Tensor, keys: tuple[str, ...] = STAT_KEYS) -> Tensor:
     """:func:`worst` of statistics stacked as rows (R, K) with columns ``keys``: a (K,) tensor, computed
     for all columns at once (a dozen kernels whatever K), same rules as :func:`worst`."""

@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from ris_stability.capsule import Capsule, capsule_path, capture_rng, clone_state, restore_rng
+from ris_stability.capsule import Capsule, capsule_path, capture_rng, clone_state, restore_rng, rng_snapshot, rng_state
 from ris_stability import amp
 from ris_stability.grads import TOTAL_KEY, GradMonitor, float64_norms
 from ris_stability.loopstack import COMPILE_LIMITATION, compiled_parts, optimizers_of, run_meta, unwrap
@@ -97,7 +97,7 @@ class StabilityMonitor:
         self.spikes = SpikeDetector(cfg.spike_factor, cfg.spike_window, SPIKE_WARMUP)
         self.skipped_steps: list[int] = []
         self.capsules: list[Path] = []
-        self._rng: dict[str, Any] | None = None
+        self._rng: tuple[Any, ...] | None = None  # rng_snapshot() at step start
         self._sites: dict[str, dict[str, Any]] = {}
         self._flagged: set[tuple[str, str]] = set()
         self._t0 = time.perf_counter()
@@ -121,9 +121,11 @@ class StabilityMonitor:
         self._dtype = next((p.dtype for p in model.parameters()), torch.float32)
         self.meta = {**run_meta(model), **self.meta}
         self.writer = TraceWriter(self.run_dir, self.meta, listeners=self.listeners)
-        # The probe's mode is entered only on sampled steps, from step start to after backward: between
-        # them every torch call would otherwise pay a Python round trip through the mode.
+        # The probe stays installed for the whole run (installing swaps torch attributes, which flushes
+        # Python's type caches) and records only from the start of a sampled step to after its backward.
         self.probe = SpectralProbe(roots=roots, every=1, max_matrices=self.cfg.max_matrices)
+        self.probe.sampling = False
+        self.probe.__enter__()
         self.grads = GradMonitor(model, depth=self.cfg.grad_depth, dead_after=self.cfg.dead_after)
         self.writer.event("run_start", "info", f"monitor attached (every={self.cfg.every}, policy={self.cfg.policy})")
         if compiled:
@@ -151,12 +153,12 @@ class StabilityMonitor:
         self.attach(ctx.model, getattr(ctx, "loss_fn", None), getattr(ctx, "roots", None))
 
     def on_step_start(self, ctx: Any) -> None:
-        self._rng = capture_rng()
+        self._rng = rng_snapshot()
         self.overflow, self._amp_scale = False, None
         # a step run under the locator is not sampled: the probe's own statistics would pass its modes
         if ctx.step % self.cfg.every == 0 and not getattr(ctx, "locating", False):
             self.probe.set_signal_dim(getattr(ctx, "signal_dims", None))
-            self.probe.__enter__()
+            self.probe.sampling = True
 
     def on_after_forward(self, ctx: Any) -> None:
         """Loss terms are recorded at step end, and only for steps that stepped with finite values."""
@@ -164,18 +166,20 @@ class StabilityMonitor:
     def on_after_backward(self, ctx: Any) -> None:
         """The gradients of this optimizer step are complete (after the last micro-batch's backward)."""
         sampled = ctx.step % self.cfg.every == 0
-        if self.probe.active:  # vec_grad hooks have fired: backward is done
+        if self.probe.sampling:  # vec_grad hooks have fired: backward is done
             self._sites = self.probe.collect()
-            self.probe.__exit__(None, None, None)  # validation and later calls are not training matrices
+            self.probe.sampling = False  # validation and later calls are not training matrices
         scaler = getattr(ctx, "scaler", None)
         scaler = scaler if amp.is_scaler(scaler) else None
         opts = optimizers_of(ctx)
         scale = amp.scale_of(scaler) if scaler is not None else 1.0
+        norms = None
         if sampled:
             still_scaled = scaler is not None and not amp.unscaled(scaler, opts)
             self.grads.observe_grads(opts, count_nonfinite=False, scale=scale if still_scaled else 1.0)
+            norms = self.grads.last_norms
         if ctx.grads_finite is None:
-            ctx.grads_finite = self._grads_finite(ctx)
+            ctx.grads_finite = self._grads_finite(ctx, norms)
         finite = bool(ctx.grads_finite)
         first, self._checked_step = self._checked_step != ctx.step, ctx.step
         if scaler is not None and first:
@@ -223,12 +227,18 @@ class StabilityMonitor:
         """Update ratios are taken on logged steps that are also multiples of update_every."""
         return step % self.cfg.every == 0 and step % self.cfg.update_every == 0
 
-    def _grads_finite(self, ctx: Any) -> bool:
-        grads = [p.grad for p in ctx.model.parameters() if p.grad is not None]
-        # float64 norms: finite iff every element is finite (a float32 norm overflows for grads ~1e19).
-        norms = float64_norms([g.coalesce().values() if g.is_sparse else g for g in grads])
-        ok = torch.stack([n.to(norms[0].device) for n in norms]).isfinite().all() if norms else torch.tensor(True)
-        return bool(ok) and (ctx.loss is None or bool(torch.isfinite(ctx.loss)))
+    def _grads_finite(self, ctx: Any, norms: torch.Tensor | None = None) -> bool:
+        """One device sync for gradients and loss together; ``norms``: this step's float64 grad norms."""
+        if norms is None:
+            grads = [p.grad for p in ctx.model.parameters() if p.grad is not None]
+            # float64 norms: finite iff every element is finite (a float32 norm overflows for grads ~1e19).
+            found = float64_norms([g.coalesce().values() if g.is_sparse else g for g in grads])
+            norms = torch.stack([n.to(found[0].device) for n in found]) if found else None
+        ok = norms.isfinite().all() if norms is not None else None
+        if ctx.loss is not None:
+            loss_ok = torch.isfinite(ctx.loss.detach()).all()
+            ok = loss_ok if ok is None else ok & loss_ok.to(ok.device)
+        return True if ok is None else bool(ok)
 
     def _amp_step(self, ctx: Any, scale: float, finite: bool) -> None:
         """Under a GradScaler: an overflow is the scaler's routine (recorded, no capsule, no skip request:
@@ -313,7 +323,7 @@ class StabilityMonitor:
         outer = capture_rng()
         try:
             if self._rng is not None:
-                restore_rng(self._rng)
+                restore_rng(rng_state(self._rng))
             result = audit_precision(fn, *args, roots=self.probe.roots if self.probe else None, **kwargs)
         finally:
             restore_rng(outer)
@@ -332,7 +342,8 @@ class StabilityMonitor:
         opts = [clone_state(opt.state_dict()) for opt in optimizers_of(ctx)]
         cap = Capsule(step=ctx.step, batch=self.batch_state(ctx.batch), model_state=clone_state(self._model.state_dict()),
                       optimizer_state=(opts[0] if len(opts) == 1 else {"optimizers": opts}) if opts else None,
-                      rng=self._rng or capture_rng(), config_text=self.config_text, reason=reason, meta=meta,
+                      rng=rng_state(self._rng) if self._rng is not None else capture_rng(),
+                      config_text=self.config_text, reason=reason, meta=meta,
                       grads={n: p.grad.detach().clone() for n, p in self._model.named_parameters() if p.grad is not None})
         path = cap.save(capsule_path(self.run_dir, ctx.step))
         self.capsules.append(path)

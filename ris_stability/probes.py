@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from ris_stability import intercept, linalg_ops
 from ris_stability.frames import caller_location, user_stack
 from ris_stability.grads import float64_norms
-from ris_stability.linalg_stats import STAT_KEYS, eig_backward_terms, matrix_stats, worst_rows
+from ris_stability.linalg_stats import STAT_KEYS, eig_backward_terms, matrix_stats, worst_rows, worst_segments
 from ris_stability.records.schema import SettingError
 from ris_stability.site_stats import KINDS, NOT_BATCHABLE, batch_parts, batched_rows, nan_rows, stat_rows
 from ris_stability.tracker import ModuleTracker
@@ -369,16 +369,19 @@ class SpectralProbe:
         for site in active:
             site.flush(self._measure)
             site.settle()
-        rows = []
-        for site in active:
-            reduced = site.reduced()
-            vec = (site.vec.to(reduced.device, torch.float64) if site.vec is not None
-                   else torch.zeros((), dtype=torch.float64, device=reduced.device))
-            back = (site.back.to(reduced.device) if site.back is not None
-                    else torch.full((), float("nan"), dtype=torch.float64, device=reduced.device))
-            eig = [site.eig_terms.get(key, back.new_full((), float("nan"))).reshape(1) for key in EIG_TERM_KEYS]
-            rows.append(torch.cat([reduced, vec.reshape(1), back.reshape(1).sqrt(), *eig]))
-        table = torch.stack(rows)
+        # One segmented reduction over the rows of every site: a fixed number of kernels per collect.
+        rows = torch.cat([chunk.to(torch.float64) for site in active for chunk in site.chunks])
+        device = rows.device
+        segment = torch.cat([torch.full((chunk.shape[0],), i, dtype=torch.long, device=device)
+                             for i, site in enumerate(active) for chunk in site.chunks])
+        worst = worst_segments(rows, segment, len(active))
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
+        extra = torch.stack([torch.stack([
+            zero if site.vec is None else site.vec.to(device, torch.float64),
+            nan if site.back is None else site.back.to(device).sqrt(),
+            *[site.eig_terms.get(key, nan).to(device).reshape(()) for key in EIG_TERM_KEYS]]) for site in active])
+        table = torch.cat([worst, extra], dim=1)
         infos = [_Site(site.name, site.op, site.location, site.module, site.calls, site.requires_grad)
                  for site in active]
         for site in active:

@@ -126,7 +126,7 @@ class _SiteModes(TorchFunctionMode):
         if func in (torch.linalg.eig, torch.linalg.eigh) and isinstance(out, tuple):
             w, V = out
             site.lambda_max = max(site.lambda_max, float(w.detach().abs().max()))
-            if func is torch.linalg.eig and V.requires_grad:
+            if func == torch.linalg.eig and V.requires_grad:  # ==: an observed eig stands in equal
                 V.register_hook(self._eig_hook(site, w.detach(), V.detach()))
 
     @staticmethod

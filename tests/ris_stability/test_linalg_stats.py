@@ -204,3 +204,25 @@ def test_tolerances_follow_finfo():
 def test_bad_inputs_raise_clear_errors(call, match):
     with pytest.raises(SpectrumError, match=match):
         call()
+
+
+def test_segmented_worst_equals_worst_per_group():
+    from ris_stability.linalg_stats import STAT_KEYS, worst_segments
+    torch.manual_seed(3)
+    groups = []
+    for b, tie in ((3, False), (1, False), (4, True)):
+        a = torch.randn(b, 5, 5, dtype=torch.float64)
+        r = a @ a.mT
+        if tie:  # a tied cluster of 3 in the third sample only
+            r[2] = torch.diag(torch.tensor([1.0, 1.0, 1.0, 2.0, 3.0], dtype=torch.float64))
+        stats = matrix_stats(r, k=2)
+        groups.append({key: stats.get(key, torch.full_like(stats["n"], math.nan)) for key in STAT_KEYS})
+    groups[1] = {k: (v.clone().fill_(math.nan) if k == "lambda_max" else v) for k, v in groups[1].items()}
+    rows = torch.cat([torch.stack([g[k] for k in STAT_KEYS], -1) for g in groups])
+    segment = torch.cat([torch.full((g["n"].shape[0],), i) for i, g in enumerate(groups)])
+    table = worst_segments(rows, segment, len(groups))
+    for i, g in enumerate(groups):
+        want = to_floats(worst(g))
+        assert dict(zip(STAT_KEYS, table[i].tolist())) == pytest.approx(want, nan_ok=True)
+    assert table[2, STAT_KEYS.index("max_cluster")] == 3 and table[2, STAT_KEYS.index("cluster_value")] == 1.0
+    assert math.isnan(table[1, STAT_KEYS.index("rank")])  # a broken spectrum poisons its own group only

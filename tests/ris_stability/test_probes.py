@@ -235,7 +235,8 @@ def test_everything_is_removed_on_exit_even_when_an_exception_propagates():
     probe = SpectralProbe()
     with pytest.raises(RuntimeError, match="boom"):
         with probe:
-            assert torch.linalg.eigh is not original_eigh  # observed through a wrapper while active
+            assert torch.linalg.eigh is not original_eigh  # observed through a stand-in while active ...
+            assert torch.linalg.eigh == original_eigh and {original_eigh: 1}.get(torch.linalg.eigh) == 1  # ... equal
             assert torch._C._len_torch_function_stack() == 0  # and no mode sees the other torch calls
             raise RuntimeError("boom")
     assert _entry_point_state() == before and torch.linalg.eigh is original_eigh
@@ -324,3 +325,4 @@ def test_marked_autograd_function_gets_its_name_and_its_vector_gradient_watched(
     assert list(rec) == ["function_eigh"]
     assert rec["function_eigh"]["vec_grad"] is use_vectors
     assert rec["function_eigh"]["location"].endswith(f"test_probes.py:{_line_of('# marked-call-site')}")
+

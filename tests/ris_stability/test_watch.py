@@ -153,3 +153,31 @@ def test_discovers_the_model_without_being_told(tmp_path):
             opt.step()
     (step, finding), = w.findings
     assert step == 3 and finding.module == "net.inner.1" and finding.node == "SqrtBackward0"
+
+
+def test_forward_fault_is_located_in_forward(tmp_path):
+    """A log of a zero inside the model: the loss itself goes non-finite; the finding is the forward op."""
+
+    class LogFeatures(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3, bias=False)
+
+        def forward(self, x):
+            return torch.log(self.lin(x).abs()).sum(-1)  # zero rows from step 2 on: log(0) = -inf
+
+    torch.manual_seed(0)
+    model = LogFeatures()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with ris_stability.watch(model, opt, out=tmp_path / "run", report=False) as w:
+        for step in range(5):
+            x = torch.randn(4, 3)
+            if step >= 2:
+                x[1] = 0.0
+            loss = model(x).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert w.nonfinite_steps == [2, 3, 4]
+    (step, finding), = w.findings
+    assert (step, finding.phase, finding.op, finding.module) == (3, "forward", "aten.log", "model")
