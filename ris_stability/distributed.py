@@ -43,6 +43,17 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op outside a process group); a lost peer is logged, not raised: the run
+    is over and each rank's shard is already flushed."""
+    if not active():
+        return
+    try:
+        dist.barrier()
+    except RuntimeError as err:
+        log.warning("rank %d: end-of-run barrier failed (%s); another rank has already stopped", rank(), err)
+
+
 def shard_dir(run_dir: str | Path, r: int | None = None) -> Path:
     """The folder rank ``r`` writes its trace to (rank 0: the run folder itself)."""
     r = rank() if r is None else r

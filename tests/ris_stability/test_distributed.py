@@ -13,6 +13,7 @@ import torch
 
 from ris_stability import distributed
 from ris_stability.capsule import Capsule
+from ris_stability.report.ranks import ranks_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "scripts" / "ddp_worker.py"
@@ -81,6 +82,24 @@ def test_fault_on_rank1_is_attributed_to_rank1_and_both_ranks_skip(tmp_path):
     assert local[2] == 1.0 and local[0] == 0.0
     rows0 = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert {r["step"]: r["local/nonfinite"] for r in rows0}[2] == 0.0  # rank 0's own data was clean
+    report = "\n".join(ranks_blocks(tmp_path))  # rank 0's report reads every shard
+    assert "| 2 | 1 |" in report and "| 3 | 1 |" in report and "| 1 | 6 | 2 [2, 3] |" in report
+
+
+@pytest.mark.slow
+def test_ris_trace_under_torchrun_seed_nan(tmp_path):
+    """`risdiag trace --config configs/seed-nan.toml` on 2 ranks: exit 1, the same skipped steps on both
+    ranks, the report names the originating rank(s)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "-m", "ris_stability.cli", "trace", "--config", str(ROOT / "configs" / "seed-nan.toml"),
+           "--steps", "2", "--set", "data.n_val=8", "--set", "train.threads=1", "--no-live", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    skipped = [json.loads((d / "summary.json").read_text())["skipped_steps"] for d in (tmp_path, tmp_path / "rank1")]
+    assert skipped[0] == skipped[1] == [0, 1]
+    report = (tmp_path / "report.md").read_text()
+    assert "## Ranks (data-parallel)" in report and "originating rank(s)" in report
 
 
 def test_dead_rank_stops_the_others_with_a_clear_message(tmp_path):
