@@ -90,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--gap-aware", action="store_true",
                    help="run inside ris_stability.gap_aware(): every torch.linalg.eigh / torch.linalg.svd / torch.svd "
                         "call uses the gap-aware backward (forwards unchanged)")
+    t.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write scalars, incidents, findings and the report's figures to TensorBoard under DIR")
+    t.add_argument("--mlflow", action="store_true",
+                   help="also log metrics, params and the report to MLflow (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME)")
     t.add_argument("--no-live", action="store_true", help="plain log lines instead of the live dashboard")
     t.add_argument("--every", type=positive_int, default=1, help="record matrix statistics every N steps (default 1)")
     t.add_argument("--max-matrices", type=positive_int, default=4, help="matrices of each batch the probes analyse")
@@ -183,6 +187,18 @@ def _gap_aware_option(cmd: Callable[[argparse.Namespace, Console], int]) -> Call
     return run
 
 
+def _sinks_option(cmd: Callable[[argparse.Namespace, Console], int]) -> Callable[[argparse.Namespace, Console], int]:
+    """--tensorboard / --mlflow: the runs of the command are also written there; reports published at the end."""
+    @functools.wraps(cmd)
+    def run(args: argparse.Namespace, console: Console) -> int:
+        from ris_stability.sinks import open_sinks
+
+        with open_sinks(tensorboard=args.tensorboard, mlflow=args.mlflow):
+            return cmd(args, console)
+    return run
+
+
+@_sinks_option
 @_gap_aware_option
 def _cmd_trace(args: argparse.Namespace, console: Console) -> int:
     if args.script:

@@ -23,7 +23,7 @@ import logging
 import sys
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType, MethodType
 from typing import Any, Callable, Iterator, Protocol
 
@@ -40,6 +40,9 @@ class EntryPoint:
     attr: str
     name: str
     kind: str
+    # Cheap test of (args, kwargs): False passes the call straight through (e.g. Tensor.norm is observed only
+    # for matrix orders; vector norms are frequent and have no spectral hazard).
+    when: Callable[[tuple, dict], bool] | None = field(default=None, compare=False)
 
     @property
     def original(self) -> Callable:
@@ -74,9 +77,11 @@ ENTRY_POINTS: list[EntryPoint] = [
 ]
 
 
-def add_entry_point(owner: Any, attr: str, name: str, kind: str) -> EntryPoint:
-    """Observe ``owner.attr`` as op ``name`` of statistics ``kind`` from the next time a listener starts."""
-    entry = EntryPoint(owner, attr, name, kind)
+def add_entry_point(owner: Any, attr: str, name: str, kind: str,
+                    when: Callable[[tuple, dict], bool] | None = None) -> EntryPoint:
+    """Observe ``owner.attr`` as op ``name`` of statistics ``kind`` from the next time a listener starts
+    (only the calls for which ``when(args, kwargs)`` holds, when given)."""
+    entry = EntryPoint(owner, attr, name, kind, when)
     if entry not in ENTRY_POINTS:
         ENTRY_POINTS.append(entry)
     return entry
@@ -174,6 +179,8 @@ def _wrap(entry: EntryPoint, original: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         state = _STATE
         if state.depth or not _LISTENERS or torch.compiler.is_compiling():
+            return original(*args, **kwargs)
+        if entry.when is not None and not entry.when(args, kwargs):
             return original(*args, **kwargs)
         ident = threading.get_ident()
         listeners = [lst for lst in _LISTENERS if lst.thread == ident and lst.accepts()]

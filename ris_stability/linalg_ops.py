@@ -93,6 +93,16 @@ def tie_message(name: str, op: str, location: str, cluster: float, value: float)
             f"gradient: {what.hazard}")
 
 
+def split_site(name: str) -> tuple[str, str, str, str]:
+    """(module, op, shape, location) of a probe site name ``module:op[shape]@file:line``; the shape and
+    location parts appear only when needed to tell two records apart, and module is "" outside modules.
+    Step columns ``mat/<site>/<stat>`` split at the first and the last '/' (a location may hold '/')."""
+    head, _, location = name.partition("@")
+    head, _, shape = head.partition("[")
+    module, _, op = head.rpartition(":")
+    return module, op, shape.rstrip("]"), location
+
+
 # --- norms: which calls are spectral -------------------------------------------------------------------
 def _arg(args: tuple, kwargs: dict, index: int, *names: str) -> Any:
     if len(args) > index:
@@ -148,10 +158,16 @@ _NEW = (
 )
 
 
+def _matrix_order(args: tuple, kwargs: dict) -> bool:
+    """The wrapper's pre-test for norms: only orders 2, -2 and 'nuc' can be spectral (refine decides)."""
+    order = args[1] if len(args) > 1 else kwargs.get("ord", kwargs.get("p"))
+    return order in (2, -2, "nuc") and not isinstance(order, bool)
+
+
 def _register() -> None:
     for owner, attr, name, kind in _NEW:
         if hasattr(owner, attr):
-            intercept.add_entry_point(owner, attr, name, kind)
+            intercept.add_entry_point(owner, attr, name, kind, _matrix_order if kind == "norm" else None)
     # "norm" is resolved per call by refine(); its kinds are the orders that have a spectral hazard.
     for order in (2, -2, "nuc"):
         site_stats.register_kind(f"norm_{order}", _norm_stats(order))

@@ -113,7 +113,8 @@ class Watcher:
 @contextlib.contextmanager
 def watch(model: nn.Module | Mapping[str, nn.Module] | None = None, optimizer: torch.optim.Optimizer | None = None,
           out: str | Path | None = None, *, on_nonfinite: str = "skip", every: int = 1, max_matrices: int = 4,
-          report: bool = True, replayer: str = "") -> Iterator[Watcher]:
+          report: bool = True, replayer: str = "", tensorboard: str | Path | None = None,
+          mlflow: bool = False) -> Iterator[Watcher]:
     """Attach the stability monitor to the loop inside the ``with`` block (see the module docstring).
 
     ``model``: the module (or name -> module) whose paths name findings; None discovers the modules
@@ -121,25 +122,29 @@ def watch(model: nn.Module | Mapping[str, nn.Module] | None = None, optimizer: t
     steps; None follows the first one that steps. ``on_nonfinite``: "skip" (default: a non-finite step
     changes neither parameters nor optimizer state), "stop" (end the block after locating it) or
     "observe". ``report``: write report.md at the end. The block's exceptions propagate, except the
-    stop of the "stop" policy.
+    stop of the "stop" policy. ``tensorboard=DIR`` / ``mlflow=True``: also write the run there
+    (see :mod:`ris_stability.sinks`).
     """
     run_dir = Path(out) if out is not None else Path("runs") / f"watch-{time.strftime('%Y%m%d-%H%M%S')}"
-    w = Watcher(run_dir, model, optimizer, on_nonfinite=on_nonfinite, every=every, max_matrices=max_matrices,
-                meta={"command": "ris_stability.watch"}, replayer=replayer).start()
-    try:
-        yield w
-    except NonFiniteError as exc:
-        w.finish(exc)
-        log.warning("run stopped: %s", exc)
-    except BaseException as exc:
-        w.finish(exc)
-        raise
-    else:
-        w.finish()
-    if report and w.driver.attached:
-        from ris_stability.report.build import build_report
+    from ris_stability.sinks import open_sinks
 
-        build_report(run_dir)
+    with open_sinks(tensorboard=tensorboard, mlflow=mlflow):
+        w = Watcher(run_dir, model, optimizer, on_nonfinite=on_nonfinite, every=every, max_matrices=max_matrices,
+                    meta={"command": "ris_stability.watch"}, replayer=replayer).start()
+        try:
+            yield w
+        except NonFiniteError as exc:
+            w.finish(exc)
+            log.warning("run stopped: %s", exc)
+        except BaseException as exc:
+            w.finish(exc)
+            raise
+        else:
+            w.finish()
+        if report and w.driver.attached:
+            from ris_stability.report.build import build_report
+
+            build_report(run_dir)
 
 
 __all__ = ["Watcher", "watch"]

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from ris_stability.sinks.base import current_sinks
 from ris_stability.records.schema import (EVENT_KINDS, EVENTS_FILE, FINDING_FILE, META_FILE, SCHEMA_NAME,
                                           SCHEMA_VERSION, SEVERITIES, STEPS_FILE, SUMMARY_FILE, TraceError)
 
@@ -84,7 +85,7 @@ class TraceWriter:
 
     def __init__(self, run_dir: Path, meta: Mapping[str, Any], *, fsync: bool = False,
                  listeners: Iterable[Callable[[str, Mapping[str, Any]], None]] = ()) -> None:
-        # Called with ("step", row) / ("event", record) after each line is written: how other instruments
+        # Called with ("step", row) / ("event", record) after each line is written, ("summary", summary): how other instruments
         # (e.g. a sweep's pruner) follow a run as it happens without reading the files back.
         self.listeners = tuple(listeners)
         self.run_dir = Path(run_dir)
@@ -108,6 +109,9 @@ class TraceWriter:
             raise TraceError(
                 f"cannot create the run folder {self.run_dir}: {exc}. Pass a writable output folder."
             ) from exc
+        sinks = current_sinks()  # TensorBoard / MLflow copies, when a command installed them
+        if sinks is not None:
+            self.listeners += (sinks.start_run(self.run_dir, full_meta),)
 
     def elapsed(self) -> float:
         return time.monotonic() - self._t0
@@ -146,6 +150,8 @@ class TraceWriter:
 
     def summary(self, summary: Mapping[str, Any]) -> Path:
         """Write summary.json (steps, wall_s, nonfinite_steps, skipped_steps, final/best loss, status)."""
+        for listener in self.listeners:
+            listener("summary", summary)
         return write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
 
     def close(self) -> None:

@@ -45,7 +45,7 @@ def _style_axis(ax, spec: Mapping[str, Any], key: str, which: str) -> None:
         (ax.set_xlim if which == "x" else ax.set_ylim)(-0.5, len(ticks) - 0.5)
     elif spec.get("log"):
         set_scale("log")
-    ax.tick_params(labelsize=7)
+    ax.tick_params(which="both", labelsize=7)
 
 
 def _pairs(keys: Sequence[str]) -> list[tuple[str, str | None]]:

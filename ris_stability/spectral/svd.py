@@ -43,7 +43,7 @@ def _svd_pair_weights(S: torch.Tensor, size: int, eps: float | None):
     return minus, plus, lorentz(sig, tau, width).div_(scale)
 
 
-def _inner(U, S, Vh, gU, gS, gVh, size: int, eps: float | None) -> torch.Tensor:
+def _inner(U, Vh, gU, gS, gVh, minus: torch.Tensor, plus: torch.Tensor) -> torch.Tensor:
     """The k x k middle factor of dA = U inner V^H (pair terms, g_s on the diagonal)."""
     a = U.mH @ gU if gU is not None else None
     b = Vh @ gVh.mH if gVh is not None else None
@@ -52,7 +52,6 @@ def _inner(U, S, Vh, gU, gS, gVh, size: int, eps: float | None) -> torch.Tensor:
     if U.is_complex():
         im = sum(torch.diagonal(x, dim1=-2, dim2=-1).imag for x in (a, b) if x is not None)
         check_phase_invariance(im / 2, "svd_gap_aware", "singular vectors")
-    minus, plus, _ = _svd_pair_weights(S, size, eps)
     if a is not None and b is not None:
         inner = (a + b) * minus + (a - b) * plus
     elif a is not None:
@@ -91,13 +90,13 @@ class SvdGapAware(torch.autograd.Function):
             return (U @ (gS.unsqueeze(-1) * Vh) if m >= n else (U * gS.unsqueeze(-2)) @ Vh), None, None, None
         if k == 0:
             return torch.zeros(ctx.shape, dtype=U.dtype, device=U.device).expand(*U.shape[:-2], m, n), None, None, None
-        size = max(m, n)
-        inner = _inner(U, S, Vh, gU, gS, gVh, size, ctx.eps)
+        minus, plus, inverse = _svd_pair_weights(S, max(m, n), ctx.eps)
+        inner = _inner(U, Vh, gU, gS, gVh, minus, plus)
         if m > n and gU is not None:
-            gus = gU * _svd_pair_weights(S, size, ctx.eps)[2].unsqueeze(-2)
+            gus = gU * inverse.unsqueeze(-2)
             gA = (U @ inner + gus - U @ (U.mH @ gus)) @ Vh
         elif m < n and gVh is not None:
-            sgvh = gVh * _svd_pair_weights(S, size, ctx.eps)[2].unsqueeze(-1)
+            sgvh = gVh * inverse.unsqueeze(-1)
             gA = U @ (inner @ Vh + sgvh - (sgvh @ Vh.mH) @ Vh)
         else:
             gA = U @ (inner @ Vh) if m >= n else (U @ inner) @ Vh

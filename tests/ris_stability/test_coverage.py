@@ -152,3 +152,13 @@ def test_no_absolute_path_in_a_run_folder(tmp_path, monkeypatch):
             assert needle.encode() not in data, f"{needle} in {path.relative_to(run)}"
     steps = (run / "steps.jsonl").read_text()
     assert "whiten.py:" in steps or "whiten.py:" in (run / "events.jsonl").read_text()
+
+
+@pytest.mark.parametrize("name,parts", [
+    ("model.attn:linalg.svd", ("model.attn", "linalg.svd", "", "")),
+    ("model:linalg.svd[3x3]", ("model", "linalg.svd", "3x3", "")),
+    ("loss.sub:linalg.eigh@src/pkg/loss.py:174", ("loss.sub", "linalg.eigh", "", "src/pkg/loss.py:174")),
+    ("linalg.matrix_norm(ord=2)", ("", "linalg.matrix_norm(ord=2)", "", "")),
+], ids=["plain", "shape", "location", "no-module"])
+def test_site_names_split_unambiguously(name, parts):
+    assert linalg_ops.split_site(name) == parts

@@ -18,6 +18,9 @@ def _originals():
     return [getattr(owner, name) for owner, name in SPELLINGS]
 
 
+TORCH_FUNCTIONS = _originals()  # as imported, before any context: what every exit must restore
+
+
 class Whitening(nn.Module):
     """An outside codebase's whitening layer: eigh of a loaded covariance (loading ties the null space)."""
 
@@ -68,7 +71,7 @@ def test_outside_models_nan_without_and_finite_with_the_one_line(model_cls):
     assert torch.equal(loss_off, loss_on)  # forward bit-identical
     assert any(torch.isnan(g).any() for g in grads_off)
     assert all(torch.isfinite(g).all() for g in grads_on)
-    assert _originals() == [torch.linalg.eigh, torch.linalg.svd, torch.svd, torch.Tensor.svd]
+    assert _originals() == TORCH_FUNCTIONS
 
 
 def test_every_spelling_is_swapped_inside_and_restored_after():
@@ -135,8 +138,26 @@ def test_composes_with_the_probe_and_the_locator():
         model(x).backward()
     assert probe.collect()[site.replace("eigh_gap_aware", "linalg.eigh")]["stats"]["max_cluster"] == 4
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
-    assert _originals() == [torch.linalg.eigh, torch.linalg.svd, torch.svd, torch.Tensor.svd]
+    assert _originals() == TORCH_FUNCTIONS
     assert locate_nonfinite(model, x) is not None  # torch's backward: NaN, located
     with gap_aware():
         assert locate_nonfinite(model, x) is None  # gap-aware: clean
     assert ris_stability.gap_aware is gap_aware
+
+
+@pytest.mark.parametrize("script", ["eigh_whiten.py", "svd_polar.py"])
+def test_trace_gap_aware_runs_the_planted_fault_scripts_clean(tmp_path, script):
+    """The same unmodified scripts that go NaN at their fault step under `risdiag trace -- python` (see
+    test_script_trace.py) run clean with --gap-aware: their losses are invariant inside the tied clusters."""
+    from pathlib import Path
+
+    from ris_stability import cli
+    from ris_stability.records import read_trace
+
+    script_path = Path(__file__).parent / "scripts" / script
+    run_dir = tmp_path / "run"
+    code = cli.main(["trace", "--gap-aware", "--out", str(run_dir), "--no-report", "--no-live", "--", "python",
+                     str(script_path), "--steps", "8"])
+    assert code == cli.EXIT_OK
+    assert read_trace(run_dir).nonfinite_steps == []
+    assert _originals() == TORCH_FUNCTIONS

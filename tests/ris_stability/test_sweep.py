@@ -134,3 +134,29 @@ def test_joining_with_another_space_is_refused(fault_study, tmp_path, capsys):
                  "--target", TARGET, "--out", str(tmp_path)])
     assert code == 2
     assert "study 'faults' was created with another space" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--storage", "nonsense://x"], "--storage 'nonsense://x': cannot open it"),
+    (["--storage", "sqlite:////proc/nope/x.db"], "cannot create /proc/nope"),
+    (["--target", "no_such_module:f"], "--target 'no_such_module:f': cannot import"),
+    (["--explode-factor", "0.5"], "must be a finite number > 1"),
+    (["--workers", "0"], "must be >= 1"),
+], ids=["bad-url", "unwritable-sqlite", "bad-target", "explode-factor", "workers"])
+def test_bad_sweep_options_exit_2(tmp_path, capsys, args, needle):
+    space = write(tmp_path / "space.toml", '[params."train.lr"]\ntype = "float"\nlow = 0.001\nhigh = 0.1\n')
+    base = {"--storage": f"sqlite:///{tmp_path / 'db.sqlite'}"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    argv = ["sweep", "--config", QUICKSTART, "--space", space, "--trials", "1", "--study", "s",
+            *[x for kv in base.items() for x in kv]]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse rejects a bad option value before any command runs
+        code = exit_.code
+    captured = capsys.readouterr()
+    assert code == 2 and needle in " ".join((captured.out + captured.err).split())
+
+
+def test_report_needs_a_run_folder_or_a_sweep(capsys):
+    assert main(["report"]) == 2
+    assert "risdiag report --sweep STORAGE --study NAME" in " ".join(capsys.readouterr().err.split())

@@ -1,0 +1,5 @@
+"""Sinks: the monitor's rows and events also written to TensorBoard and MLflow (see ``base``)."""
+
+from ris_stability.sinks.base import SinkSet, current_sinks, open_sinks, scalar_tags
+
+__all__ = ["SinkSet", "current_sinks", "open_sinks", "scalar_tags"]

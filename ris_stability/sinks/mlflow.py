@@ -1,0 +1,111 @@
+"""MLflow sink: one MLflow run per run folder with metrics, params and the report as artifacts.
+
+The tracking server is MLflow's usual choice: ``MLFLOW_TRACKING_URI`` (a server, ``sqlite:///mlflow.db``,
+or a file store), the experiment ``MLFLOW_EXPERIMENT_NAME`` or "risdiag". Params are the run's resolved
+config (config.resolved.toml, flattened to dotted keys) and its metadata (command, torch, device, dtype);
+metrics carry the same slash-grouped names as the TensorBoard sink, with characters MLflow rejects
+replaced by '_'. Metrics are sent in batches (every ``flush_every`` steps and at the end), so a step pays
+no round trip to the server. Needs the ``mlflow`` package (extra ``ris-diag[mlflow]``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+
+from ris_stability.sinks.base import markdown_event, safe_name
+
+_MAX_PARAM = 500  # characters of one param value (MLflow's limit is larger; long values are commands)
+_META_PARAMS = ("command", "torch", "device", "dtype", "config_path", "config_hash")
+
+
+def flat_params(table: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flat_params(value, name + "."))
+        else:
+            out[name] = str(value)[:_MAX_PARAM]
+    return out
+
+
+class MLflowRun:
+    def __init__(self, client: Any, run_id: str, flush_every: int):
+        self.client, self.run_id, self.flush_every = client, run_id, flush_every
+        self._metrics: list[Any] = []
+        self._incidents: list[str] = []
+        self._steps = 0
+
+    def step(self, step: int, scalars: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._metrics.extend(Metric(safe_name(k), v, now, step) for k, v in scalars.items())
+        self._steps += 1
+        if self._steps % self.flush_every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._metrics = self._metrics, []
+        for i in range(0, len(pending), 1000):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, metrics=pending[i:i + 1000])
+
+    def event(self, record: Mapping[str, Any]) -> None:
+        if record.get("severity") in ("warning", "error") or record.get("kind") == "finding":
+            self._incidents.append(markdown_event(record))
+
+    def publish(self, run_dir: Path) -> None:
+        self.flush()
+        if self._incidents:
+            self.client.log_text(self.run_id, "\n\n".join(self._incidents) + "\n", "incidents.md")
+        for name in ("report.md", "summary.json", "events.jsonl", "finding.json"):
+            if (run_dir / name).is_file():
+                self.client.log_artifact(self.run_id, str(run_dir / name))
+        for folder in ("figures", "capsules"):
+            if (run_dir / folder).is_dir() and any((run_dir / folder).iterdir()):
+                self.client.log_artifacts(self.run_id, str(run_dir / folder), artifact_path=folder)
+
+    def close(self, status: str) -> None:
+        self.flush()
+        self.client.set_tag(self.run_id, "risdiag.status", status)
+        self.client.set_terminated(self.run_id, status="FAILED" if status == "crashed" else "FINISHED")
+
+
+class MLflowBackend:
+    name = "mlflow"
+
+    def __init__(self, experiment: str | None = None, flush_every: int = 20):
+        self.experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "risdiag"
+        self.flush_every = flush_every
+        self.client: Any = None
+        self.experiment_id = ""
+
+    def check(self) -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError as exc:
+            raise ImportError("the mlflow package is not installed: pip install 'ris-diag[mlflow]'") from exc
+        self.client = MlflowClient()  # MLFLOW_TRACKING_URI, as every MLflow user has it set
+        found = self.client.get_experiment_by_name(self.experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
+
+    def open_run(self, run_dir: Path, meta: Mapping[str, Any]) -> MLflowRun:
+        from mlflow.entities import Param
+
+        run = self.client.create_run(self.experiment_id, run_name=run_dir.name,
+                                     tags={"risdiag.run_folder": run_dir.name})
+        params = {f"meta.{k}": str(meta[k])[:_MAX_PARAM] for k in _META_PARAMS if meta.get(k) is not None}
+        resolved = run_dir / "config.resolved.toml"
+        if resolved.is_file():
+            params.update(flat_params(tomllib.loads(resolved.read_text(encoding="utf-8"))))
+        items = [Param(safe_name(k), v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's per-batch param limit
+            self.client.log_batch(run.info.run_id, params=items[i:i + 100])
+        return MLflowRun(self.client, run.info.run_id, self.flush_every)
+
+
+__all__ = ["MLflowBackend", "MLflowRun", "flat_params"]
