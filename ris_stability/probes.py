@@ -40,10 +40,10 @@ from torch import Tensor, nn
 
 from ris_stability import intercept, linalg_ops
 from ris_stability.frames import caller_location, user_stack
-from ris_stability.grads import float64_norms
-from ris_stability.linalg_stats import STAT_KEYS, eig_backward_terms, matrix_stats, worst_rows, worst_segments
+from ris_stability.linalg_stats import STAT_KEYS, matrix_stats, worst_rows, worst_segments
 from ris_stability.records.schema import SettingError
 from ris_stability.site_stats import KINDS, NOT_BATCHABLE, batch_parts, batched_rows, nan_rows, stat_rows
+from ris_stability.site_grads import BackwardRecord, norm64
 from ris_stability.tracker import ModuleTracker
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,7 @@ OPS: dict[Callable, tuple[str, str]] = {func: (entry.name, entry.kind)
                                         if entry.kind != "norm"}
 
 EIG_TERM_KEYS = ("phase_noise", "gap_terms")
-_COMPACT_AFTER = 16
-_KEEP_NUMEL = 1 << 16  # gradients up to this size are kept until the step's calls are measured together  # per-site batches kept before they are reduced to one worst case on the device
+_COMPACT_AFTER = 16  # per-site batches kept before they are reduced to one worst case on the device
 _WATCH_KIND = "herm"
 
 
@@ -74,17 +73,9 @@ class _Site:
     calls: int = 0
     requires_grad: bool = False
     chunks: list[Tensor] = field(default_factory=list)
-    vec: Tensor | None = None  # device bool: some eigenvector output received a non-zero gradient
-    # device float64: sum over calls of (||dL/dA|| * ||A||)^2, the gradient each call passed back to its
-    # matrix in units of that matrix (unchanged when the matrix is rescaled): the site's contribution.
-    back: Tensor | None = None
-    # device float64 maxima over the calls of an eig site's backward parts (linalg_stats.eig_backward_terms)
-    eig_terms: dict[str, Tensor] = field(default_factory=dict)
-
+    # What backward handed the site's hooks: vec_grad, the site's contribution, eig backward terms.
+    grads: BackwardRecord = field(default_factory=BackwardRecord)
     deferred: list[tuple[str, Tensor, Any, Any]] = field(default_factory=list)  # calls not measured yet
-    _vec_grads: list[Tensor] = field(default_factory=list)
-    _back: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    _eig: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
 
     def add(self, rows: Tensor, requires_grad: bool) -> None:
         self.calls += 1
@@ -111,69 +102,9 @@ class _Site:
     def reduced(self) -> Tensor:
         return worst_rows(self.chunks[0] if len(self.chunks) == 1 else torch.cat(self.chunks))
 
-    # Hooks only keep what backward hands them (detached references, no kernels); settle() measures
-    # the step's calls together: in a per-sample loop a handful of batched kernels instead of a few
-    # per call. Gradients larger than _KEEP_NUMEL are measured at once instead of kept.
-    def vector_hook(self) -> Callable[[Tensor | None], None]:
-        def hook(grad: Tensor | None) -> None:
-            # Called with None when the loss does not use this output; must never alter the gradient.
-            if grad is not None:
-                self._vec_grads.append(grad.detach() if grad.numel() <= _KEEP_NUMEL else _norm64(grad))
-            return None
-        return hook
-
-    def backward_hook(self, scale: Tensor) -> Callable:
-        def hook(grad_inputs, grad_outputs) -> None:
-            g = grad_inputs[0] if grad_inputs else None
-            if g is not None:
-                self._back.append((g.detach() if g.numel() <= _KEEP_NUMEL else _norm64(g), scale))
-        return hook
-
-    def eig_hook(self, w: Tensor, V: Tensor) -> Callable[[Tensor], None]:
-        def hook(gV: Tensor) -> None:
-            self._eig.append((w, V, gV.detach().reshape(-1, *gV.shape[-2:])[: w.shape[0]]))
-        return hook
-
-    def settle(self) -> None:
-        """Measure what the hooks kept: vec (any non-zero eigenvector gradient), back, eig_terms."""
-        with torch.no_grad():
-            if self._vec_grads:
-                norms = torch.stack([n.to(self._vec_grads[0].device) for n in _norms64(self._vec_grads)])
-                received = (norms > 0).any() | torch.isnan(norms).any()
-                self.vec = received if self.vec is None else self.vec | received.to(self.vec.device)
-            if self._back:
-                grads, scales = zip(*self._back)
-                dev = grads[0].device
-                sq = (torch.stack([n.to(dev) for n in _norms64(list(grads))]) * torch.stack(
-                    [x.to(dev) for x in scales])).square().sum()
-                self.back = sq if self.back is None else self.back + sq.to(self.back.device)
-            for w, V, gV in _same_shapes(self._eig):
-                noise, terms = eig_backward_terms(w, V, gV)
-                for key, value in (("phase_noise", noise.amax()), ("gap_terms", terms.amax())):
-                    old = self.eig_terms.get(key)
-                    self.eig_terms[key] = value if old is None else torch.maximum(old, value.to(old.device))
-        self._vec_grads, self._back, self._eig = [], [], []
-
     def reset(self) -> None:
-        self.calls, self.requires_grad, self.chunks, self.vec, self.back = 0, False, [], None, None
-        self.eig_terms, self.deferred, self._vec_grads, self._back, self._eig = {}, [], [], [], []
-
-
-def _norm64(t: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(torch.view_as_real(t) if t.is_complex() else t, dtype=torch.float64)
-
-
-def _norms64(tensors: list[Tensor]) -> tuple[Tensor, ...]:
-    """float64 L2 norms of many tensors in one fused kernel (0-d tensors: already norms)."""
-    return float64_norms(tensors)
-
-
-def _same_shapes(calls: list[tuple[Tensor, ...]]) -> list[tuple[Tensor, ...]]:
-    """Calls grouped by shapes and device, each group's tensors concatenated along dim 0."""
-    groups: dict[tuple, list[tuple[Tensor, ...]]] = {}
-    for call in calls:
-        groups.setdefault(tuple((t.shape[1:], t.device) for t in call), []).append(call)
-    return [tuple(torch.cat(parts) for parts in zip(*members)) for members in groups.values()]
+        self.calls, self.requires_grad, self.chunks, self.deferred = 0, False, [], []
+        self.grads = BackwardRecord()
 
 
 def _grad_node(out: Any):
@@ -270,14 +201,15 @@ class SpectralProbe:
                 site.flush(self._measure)
         node = _grad_node(out)
         if node is not None:
-            node.register_hook(site.backward_hook(_norm64(matrices.detach())))
+            node.register_hook(site.grads.backward_hook(norm64(matrices.detach())))
         if kind == "eig" and out is not None and out[1].requires_grad:
             n, b = matrices.shape[-1], flat.shape[0]
-            out[1].register_hook(site.eig_hook(out[0].detach().reshape(-1, n)[:b], out[1].detach().reshape(-1, n, n)[:b]))
+            w, V = out[0].detach().reshape(-1, n)[:b], out[1].detach().reshape(-1, n, n)[:b]
+            out[1].register_hook(site.grads.eig_hook(w, V))
         for index in KINDS[kind].vector_outputs if out is not None else ():
             vectors = out[index]
             if vectors.requires_grad:
-                vectors.register_hook(site.vector_hook())
+                vectors.register_hook(site.grads.vector_hook())
             elif matrices.requires_grad:
                 self._pending.append((site, weakref.ref(vectors)))
 
@@ -288,7 +220,7 @@ class SpectralProbe:
         for site, ref in pending:
             vectors = ref()
             if vectors is not None and vectors.requires_grad:
-                vectors.register_hook(site.vector_hook())
+                vectors.register_hook(site.grads.vector_hook())
 
     # -- configuration per step -------------------------------------------------------------------
     def step(self, i: int) -> None:
@@ -368,7 +300,7 @@ class SpectralProbe:
             return [], None
         for site in active:
             site.flush(self._measure)
-            site.settle()
+            site.grads.settle()
         # One segmented reduction over the rows of every site: a fixed number of kernels per collect.
         rows = torch.cat([chunk.to(torch.float64) for site in active for chunk in site.chunks])
         device = rows.device
@@ -378,9 +310,9 @@ class SpectralProbe:
         zero = torch.zeros((), dtype=torch.float64, device=device)
         nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
         extra = torch.stack([torch.stack([
-            zero if site.vec is None else site.vec.to(device, torch.float64),
-            nan if site.back is None else site.back.to(device).sqrt(),
-            *[site.eig_terms.get(key, nan).to(device).reshape(()) for key in EIG_TERM_KEYS]]) for site in active])
+            zero if site.grads.vec is None else site.grads.vec.to(device, torch.float64),
+            nan if site.grads.back is None else site.grads.back.to(device).sqrt(),
+            *[site.grads.eig_terms.get(key, nan).to(device).reshape(()) for key in EIG_TERM_KEYS]]) for site in active])
         table = torch.cat([worst, extra], dim=1)
         infos = [_Site(site.name, site.op, site.location, site.module, site.calls, site.requires_grad)
                  for site in active]

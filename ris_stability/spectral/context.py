@@ -3,8 +3,10 @@
 Inside the context, ``torch.linalg.eigh``, ``torch.linalg.svd``, ``torch.svd`` and ``Tensor.svd``
 are replaced by :func:`eigh_gap_aware`, :func:`svd_gap_aware` and :func:`svd_old_gap_aware`: their
 forward is torch's own call (outputs bit-identical), only the backward changes. It works around a
-loss call, a training step or a whole script, and composes with TorchFunctionModes (probes, the
-locator): the replacements announce themselves through ``__torch_function__`` like torch's ops.
+loss call, a training step or a whole script, and composes with the instruments: the replacements
+announce themselves through ``__torch_function__`` like torch's ops (the locator's modes see them), carry
+the ``__spectral_op__`` marker, and call whatever was installed before them (the probe's entry-point
+wrappers, entered in either order).
 
 Implementation: plain attribute patching while the context is active (no TorchFunctionMode, so nothing
 intercepts the other torch calls and no mode ordering matters). The outermost context saves what it
