@@ -15,4 +15,6 @@ echo "bisect: exit $?"; python -c "import json; d=json.load(open('$OUT/bisect.js
 python -m ris_stability.cli trace --config configs/quickstart.toml --steps 40 --set train.device=cuda \
   --set train.amp=true --set train.val_every=0 --out "$OUT/quick-amp" --no-live --no-report > "$OUT/quick.log" 2>&1
 echo "quickstart cuda+bf16: exit $? (0 expected)"; grep -E "non-finite steps|loss first" "$OUT/quick.log"
-python benchmarks/monitor_overhead.py --steps 15 --rounds 1 --configs quickstart.toml --set train.device=cuda
+# Monitor overhead on CUDA: quickstart (goal <= 1.05x every step) and the outside models on the GPU.
+python benchmarks/monitor_overhead.py --steps 15 --rounds 3 --configs quickstart.toml --set train.device=cuda \
+  --model gpt whiten persample --device cuda

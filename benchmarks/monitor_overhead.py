@@ -28,12 +28,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from outside_models import DESCRIPTIONS, WORKLOADS  # noqa: E402
 
+from ris_stability import watch  # noqa: E402
 from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor  # noqa: E402
 from ris_stability.probes import SpectralProbe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("off", "every=1", "every=10", "anomaly")
+MODES = ("off", "every=1", "every=10", "anomaly", "watch")  # watch: outside models only
+WATCH_GOAL = 1.02  # watch() vs an explicit MonitorSession, every step
 GOALS = {"quickstart.toml": 1.03, "default.toml": 1.03, "gpt": 1.10}  # every=1 ratio goals
+CUDA_GOALS = {"quickstart.toml": 1.05}
 FIXED_GOAL_MS = 0.3
 
 
@@ -70,10 +73,13 @@ def run_workload(name: str, mode: str, steps: int, warmup: int, tmp: Path, devic
     """Mean seconds per timed step of an outside-style workload in one mode."""
     work = WORKLOADS[name](device)
     every = {"every=1": 1, "every=10": 10}.get(mode)
-    session = (MonitorSession(StabilityMonitor(tmp / f"{name}-{time.monotonic_ns()}", MonitorConfig(every=every)),
-                              work.model, work.optimizer) if every else contextlib.nullcontext())
+    run_dir = tmp / f"{name}-{time.monotonic_ns()}"
+    session = (MonitorSession(StabilityMonitor(run_dir, MonitorConfig(every=every)), work.model, work.optimizer)
+               if every else contextlib.nullcontext())
     anomaly = torch.autograd.detect_anomaly(check_nan=True) if mode == "anomaly" else contextlib.nullcontext()
-    with session as s, anomaly:
+    # watch(): attached automatically (optimizer and backward hooks), the loop is the plain one.
+    auto = watch(work.model, work.optimizer, out=run_dir, report=False) if mode == "watch" else contextlib.nullcontext()
+    with session as s, anomaly, auto:
         for step in range(warmup + steps):
             if step == warmup:
                 _sync(device)
@@ -138,22 +144,29 @@ def measure(run, rounds: int, modes: tuple[str, ...]) -> tuple[dict[str, list[fl
     return times, statistics.median(stats) if stats else 0.0
 
 
-def report(label: str, times: dict[str, list[float]], stats_s: float, steps_per_run: int) -> list[str]:
+def report(label: str, times: dict[str, list[float]], stats_s: float, steps_per_run: int,
+           cuda: bool = False) -> list[str]:
     off = times["off"]
     ratios = {m: [t / o for t, o in zip(v, off)] for m, v in times.items() if m != "off"}
     cells = [f"{label:<18}{min(off) * 1e3:>9.2f}{statistics.median(off) * 1e3:>9.2f}"]
-    for mode in ("every=1", "every=10", "anomaly"):
+    for mode in MODES[1:]:
         if mode in ratios:
-            cells.append(f"{min(ratios[mode]):>8.3f}{statistics.median(ratios[mode]):>8.3f}")
+            cells.append(f"{min(ratios[mode]):>9.3f}{statistics.median(ratios[mode]):>9.3f}")
+        elif mode == "watch":
+            cells.append(f"{'-':>9}{'-':>9}")
     added_ms = (statistics.median(times["every=1"]) - statistics.median(off)) * 1e3
     stats_ms = stats_s / steps_per_run * 1e3
     cells.append(f"{added_ms:>9.2f}{stats_ms:>8.2f}{added_ms - stats_ms:>8.2f}")
     print("".join(cells), flush=True)
     verdicts = []
-    goal = GOALS.get(label)
+    goal = CUDA_GOALS.get(label) if cuda else GOALS.get(label)
     if goal is not None:
         med = statistics.median(ratios["every=1"])
         verdicts.append(f"{label}: every=1 {med:.3f}x (median), goal <= {goal:.2f}x: {'met' if med <= goal else 'NOT met'}")
+    if "watch" in times:
+        rel = statistics.median([w / e for w, e in zip(times["watch"], times["every=1"])])
+        verdicts.append(f"{label}: watch() / MonitorSession every step {rel:.3f}x (median of rounds), goal <= "
+                        f"{WATCH_GOAL:.2f}x: {'met' if rel <= WATCH_GOAL else 'NOT met'}")
     if label in ("gpt", "whiten"):
         fixed = added_ms - stats_ms
         verdicts.append(f"{label}: fixed cost {fixed:.2f} ms/step (+ {stats_ms:.2f} ms statistics), goal <= "
@@ -172,24 +185,29 @@ def main() -> None:
     ap.add_argument("--no-anomaly", action="store_true", help="skip the detect_anomaly column")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override, e.g. train.device=cuda")
     ap.add_argument("--device", default="cpu", help="device of the outside models")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for the outside models (0: torch's default)")
     args = ap.parse_args()
     modes = tuple(m for m in MODES if not (args.no_anomaly and m == "anomaly"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds interleaved, "
           f"ratios to 'off' within a round: min and median over rounds; overrides {args.overrides or 'none'}")
-    short = {"every=1": "e1", "every=10": "e10", "anomaly": "anom"}
-    print(f"{'workload':<18}{'off min':>9}{'off med':>9}" + "".join(f"{short[m] + ' min':>8}{short[m] + ' med':>8}"
+    short = {"every=1": "e1", "every=10": "e10", "anomaly": "anom", "watch": "watch"}
+    print(f"{'workload':<18}{'off min':>9}{'off med':>9}" + "".join(f"{short[m] + ' min':>9}{short[m] + ' med':>9}"
                                                                for m in modes[1:])
           + f"{'added ms':>9}{'stats':>8}{'fixed':>8}   (times in ms per step; e1/e10/anom: ratios to off)")
     verdicts: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs:
             times, stats_s = measure(lambda mode: run_config(config, mode, args.steps, args.warmup, Path(tmp),
-                                                             args.overrides), args.rounds, modes)
-            verdicts += report(config, times, stats_s, args.steps + args.warmup)
+                                                             args.overrides), args.rounds,
+                                     tuple(m for m in modes if m != "watch"))
+            verdicts += report(config, times, stats_s, args.steps + args.warmup,
+                               cuda=any("device=cuda" in o for o in args.overrides))
+        if args.threads:
+            torch.set_num_threads(args.threads)
         for name in args.model:
             times, stats_s = measure(lambda mode: run_workload(name, mode, args.model_steps, args.warmup, Path(tmp),
                                                                args.device), args.rounds, modes)
-            verdicts += report(name, times, stats_s, args.model_steps + args.warmup)
+            verdicts += report(name, times, stats_s, args.model_steps + args.warmup, cuda=args.device.startswith("cuda"))
     for name in args.model:
         print(f"  {name}: {DESCRIPTIONS[name]}")
     print("goals (every step, all statistics):")

@@ -17,8 +17,10 @@ _SKIP_DIRS = (os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
 MAX_STACK = 8  # user frames kept per op: enough to reach the model code from a helper
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_user(filename: str) -> bool:
-    # frozen stdlib modules (runpy, which runs a traced script) are never the user's code
+    # frozen stdlib modules (runpy, which runs a traced script) are never the user's code; cached: the
+    # locator asks for every frame of every op, and abspath is the cost
     return not filename.startswith("<frozen ") and not os.path.abspath(filename).startswith(_SKIP_DIRS)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Iterator
 
 import torch
@@ -109,7 +110,7 @@ class _DispatchChecks:
             if packet in _SPECTRAL_OPS:
                 kind, index = _SPECTRAL_OPS[packet]
                 self.pending_spectrum = (kind, out[index], user_stack(), self.modules.current())
-        if is_linalg_op(str(func)):
+        if _linalg_overload(func):
             self.last_linalg_op = (func, args, kwargs)
         if _is_view(func):
             origin = next((o for o in map(self.taint.get, _tensors(args)) if o is not None), None)
@@ -203,3 +204,8 @@ class _DispatchChecks:
             upstream = next((o for o in map(self.taint.get, bad_in) if o is not None), None)
             self.symptom_of = upstream or next(iter(self.origins), None)
 
+
+@functools.lru_cache(maxsize=None)
+def _linalg_overload(func) -> bool:
+    """is_linalg_op per aten overload, cached: str(func) and the name match would cost every op."""
+    return is_linalg_op(str(func))

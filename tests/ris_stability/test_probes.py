@@ -321,3 +321,20 @@ def test_marked_autograd_function_gets_its_name_and_its_vector_gradient_watched(
     assert rec["function_eigh"]["vec_grad"] is use_vectors
     assert rec["function_eigh"]["location"].endswith(f"test_probes.py:{_line_of('# marked-call-site')}")
 
+
+
+def test_collect_async_gives_the_records_collect_would():
+    r = torch.diag(torch.tensor([1.0, 2.0, 2.0, 5.0], dtype=torch.float64))
+    records = []
+    for use_async in (False, True):
+        with SpectralProbe() as probe:
+            torch.linalg.eigvalsh(r)
+            probe.watch("R", r)
+        records.append(probe.collect_async()() if use_async else probe.collect())
+    def plain(recs):
+        return {n: {k: v for k, v in r.items() if k not in ("stats", "backward", "grad_norm")} for n, r in recs.items()}
+    assert plain(records[1]) == plain(records[0]) and set(records[0]) == {"linalg.eigvalsh", "R"}
+    for name in records[0]:
+        assert records[1][name]["stats"] == pytest.approx(records[0][name]["stats"], nan_ok=True)
+    assert records[1]["linalg.eigvalsh"]["stats"]["max_cluster"] == 2 and records[1]["R"]["calls"] == 1
+    assert probe.collect_async()() == {}  # nothing recorded since
