@@ -118,7 +118,9 @@ class SimDataset:
             i = stop
 
 
-def train_batch(cfg: RunConfig, system: System, step: int) -> Batch:
-    """The training batch of ``step``: samples [step*B, (step+1)*B) of the train split (resumable)."""
+def train_batch(cfg: RunConfig, system: System, step: int, part: range | None = None) -> Batch:
+    """The training batch of ``step``: samples [step*B, (step+1)*B) of the train split (resumable);
+    ``part``: only these positions of it (a data-parallel rank's share)."""
     b = cfg.data.batch_size
-    return make_batch(cfg, system, "train", list(range(step * b, (step + 1) * b)))
+    part = range(b) if part is None else part
+    return make_batch(cfg, system, "train", [step * b + i for i in part])

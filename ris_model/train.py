@@ -27,6 +27,7 @@ from ris_model.infer import aux_estimates, k_from_logits
 from ris_model.loss import CompositeLoss
 from ris_model.metrics import localization_errors
 from ris_model.model import build_model
+from ris_model import parallel
 from ris_model.schedule import lr_at
 from ris_model.simulate import System, make_system
 
@@ -141,7 +142,8 @@ def train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, batch: Batch, o
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    ctx.grads_finite = _grads_finite(params) and bool(torch.isfinite(loss))
+    # Collective under DDP: every rank skips or steps together (a rank's NaN loss is its own alone).
+    ctx.grads_finite = parallel.all_true(_grads_finite(params) and bool(torch.isfinite(loss)), loss.device)
     cbs.on_after_backward(ctx)
     # Checked again after the callbacks: the decision rests on the gradients the optimizer would apply.
     ctx.grads_finite = finite = bool(ctx.grads_finite) and _grads_finite(params)
@@ -246,6 +248,7 @@ def configure_threads(cfg: RunConfig) -> None:
 
 def _setup(cfg: RunConfig, out_dir: Path | None, steps: int | None, resume: str | Path | None) -> _Run:
     configure_threads(cfg)
+    parallel.init_from_env(cfg.train.device)
     system = make_system(cfg)
     device = torch.device(cfg.train.device)
     model = build_model(cfg, system).to(device)
@@ -258,9 +261,11 @@ def _setup(cfg: RunConfig, out_dir: Path | None, steps: int | None, resume: str 
         check_compatible(ckpt, cfg)
         restore(ckpt, model, optimizer, scaler)
         start = ckpt.next_step
+    model = parallel.wrap(model)  # after restore: checkpoints hold the bare module's names
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.resolved.toml").write_text(dumps_toml(cfg))
+        if parallel.world()[0] == 0:
+            (out_dir / "config.resolved.toml").write_text(dumps_toml(cfg))
     val = list(SimDataset(cfg, "val", system=system).batches()) if cfg.train.val_every and cfg.data.n_val else []
     val = [b.to(device) for b in val]
     ctx = StepContext(cfg=cfg, system=system, model=model, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler,
@@ -282,28 +287,34 @@ def _periodic(run: _Run, step: int, last: bool) -> None:
     """Validation and checkpoints after step ``step``."""
     t, ctx = run.ctx.cfg.train, run.ctx
     if run.val_batches and ((step + 1) % t.val_every == 0 or last):
-        ctx.val = validate(ctx.model, ctx.loss_fn, run.val_batches)
+        ctx.val = validate(parallel.bare(ctx.model), ctx.loss_fn, run.val_batches)
         run.result.val_history.append((step, ctx.val))
         logger.info("step %d val loss %.4g k_acc %.3f aux_matched %.3f", step, ctx.val["loss"], ctx.val["k_acc"],
                     ctx.val["aux_matched"])
-    if ctx.out_dir is not None and (last or (t.checkpoint_every and (step + 1) % t.checkpoint_every == 0)):
+    if ctx.out_dir is not None and parallel.world()[0] == 0 and (last or (t.checkpoint_every and (step + 1) % t.checkpoint_every == 0)):
         name = "last.pt" if last else f"step_{step + 1:06d}.pt"
-        save_checkpoint(ctx.out_dir / "checkpoints" / name, ctx.cfg, step + 1, ctx.model, ctx.optimizer, ctx.scaler)
+        save_checkpoint(ctx.out_dir / "checkpoints" / name, ctx.cfg, step + 1, parallel.bare(ctx.model), ctx.optimizer,
+                        ctx.scaler)
 
 
 class _Prefetch:
     """Simulates the batch of step s + 1 on a worker thread while step s trains (the second core of a
-    2-core machine). Batches are pure functions of the step, so the stream is the same as without it."""
+    2-core machine). Batches are pure functions of the step, so the stream is the same as without it.
+    Under DDP each rank simulates only its share of every global batch."""
 
     def __init__(self, cfg: RunConfig, system: System, start: int, stop: int):
         self.cfg, self.system, self.stop = cfg, system, stop
+        self.part = parallel.share(cfg.data.batch_size, *parallel.world())
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ris-batch")
-        self.pending = {start: self.pool.submit(train_batch, cfg, system, start)} if start < stop else {}
+        self.pending = {start: self._submit(start)} if start < stop else {}
+
+    def _submit(self, step: int) -> Any:
+        return self.pool.submit(train_batch, self.cfg, self.system, step, self.part)
 
     def get(self, step: int) -> Batch:
-        future = self.pending.pop(step, None) or self.pool.submit(train_batch, self.cfg, self.system, step)
+        future = self.pending.pop(step, None) or self._submit(step)
         if step + 1 < self.stop:
-            self.pending[step + 1] = self.pool.submit(train_batch, self.cfg, self.system, step + 1)
+            self.pending[step + 1] = self._submit(step + 1)
         return future.result()
 
     def close(self) -> None:
@@ -317,7 +328,8 @@ def train(cfg: RunConfig, callbacks: Iterable[Any] = (), out_dir: str | Path | N
     run = _setup(cfg, Path(out_dir) if out_dir is not None else None, steps, resume)
     ctx, cbs, res, times = run.ctx, CallbackList(callbacks), run.result, []
     device = torch.device(cfg.train.device)
-    log_file = open(ctx.out_dir / "train_log.jsonl", "a") if ctx.out_dir is not None else None
+    log_file = (open(ctx.out_dir / "train_log.jsonl", "a")
+                if ctx.out_dir is not None and parallel.world()[0] == 0 else None)
     batches = _Prefetch(cfg, ctx.system, run.start, run.stop)
     try:
         cbs.on_train_start(ctx)

@@ -22,15 +22,22 @@ COMPILE_LIMITATION = ("linear-algebra statistics are not observed inside compile
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module behind a ``torch.compile`` wrapper (itself when not wrapped)."""
-    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        model = model._orig_mod
+    """The user's module behind ``torch.compile`` and DistributedDataParallel wrappers (itself when not
+    wrapped): a wrapper would prefix every name with _orig_mod / module."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            break
     return model
 
 
 def compiled_parts(model: nn.Module) -> list[str]:
     """Dotted names of the compiled modules ("" for the root): torch.compile wrappers and model.compile()."""
-    parts = [] if unwrap(model) is model else [""]
+    roots = (model, getattr(model, "module", None))  # DDP(compile(m)) as well as compile(m)
+    parts = [""] if any(isinstance(getattr(m, "_orig_mod", None), nn.Module) for m in roots if m is not None) else []
     for name, module in unwrap(model).named_modules():
         if getattr(module, "_compiled_call_impl", None) is not None or (name and unwrap(module) is not module):
             parts.append(name)

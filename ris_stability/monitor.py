@@ -19,6 +19,7 @@ import torch
 
 from ris_stability.capsule import Capsule, capsule_path, capture_rng, clone_state, restore_rng, rng_snapshot, rng_state
 from ris_stability import amp
+from ris_stability import distributed
 from ris_stability.grads import TOTAL_KEY, GradMonitor, float64_norms
 from ris_stability.loopstack import COMPILE_LIMITATION, compiled_parts, optimizers_of, run_meta, unwrap
 from ris_stability.spikes import SpikeDetector
@@ -110,6 +111,8 @@ class StabilityMonitor:
         self._scale = amp.ScaleWatch(collapse_steps=cfg.amp_collapse_steps)
         self.overflow = False  # this step's gradients overflowed under a GradScaler (the scaler skips it)
         self.limitations: list[str] = []
+        self.dist: distributed.RankWatch | None = None  # under torch.distributed: local checks + collective decision
+        self._decision: distributed.Decision | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def attach(self, model: torch.nn.Module, loss_fn: torch.nn.Module | None = None,
@@ -120,6 +123,7 @@ class StabilityMonitor:
             roots = {"model": model} if loss_fn is None else {"model": model, "loss": loss_fn}
         self._dtype = next((p.dtype for p in model.parameters()), torch.float32)
         self.meta = {**run_meta(model), **self.meta}
+        self._attach_distributed(model)
         self.writer = TraceWriter(self.run_dir, self.meta, listeners=self.listeners)
         # The probe stays installed for the whole run (installing swaps torch attributes, which flushes
         # Python's type caches) and records only from the start of a sampled step to after its backward.
@@ -132,7 +136,20 @@ class StabilityMonitor:
             self.limitations.append(f"torch.compile ({', '.join(p or 'model' for p in compiled)}): {COMPILE_LIMITATION}")
             self.writer.event("compiled_model", "warning", self.limitations[-1], parts=compiled)
 
+    def _attach_distributed(self, model: torch.nn.Module) -> None:
+        """Under a process group: this rank's shard folder, its local gradient watch; live view on rank 0."""
+        if not distributed.active() or self.dist is not None:
+            return
+        self.dist = distributed.RankWatch()
+        self.dist.attach(model)
+        self.run_dir = distributed.shard_dir(self.run_dir, self.dist.rank)
+        self.meta.update(rank=self.dist.rank, world_size=self.dist.world)
+        if self.dist.rank != 0:
+            self.live = None
+
     def detach(self, status: str | None = None) -> None:
+        if self.dist is not None:
+            self.dist.detach()
         if self.probe is not None and self.probe.active:
             self.probe.__exit__(None, None, None)
         self.probe = None
@@ -155,6 +172,9 @@ class StabilityMonitor:
     def on_step_start(self, ctx: Any) -> None:
         self._rng = rng_snapshot()
         self.overflow, self._amp_scale = False, None
+        if self.dist is not None:
+            self.dist.start_step(ctx.step)
+            self._decision = None
         # a step run under the locator is not sampled: the probe's own statistics would pass its modes
         if ctx.step % self.cfg.every == 0 and not getattr(ctx, "locating", False):
             self.probe.set_signal_dim(getattr(ctx, "signal_dims", None))
@@ -180,8 +200,11 @@ class StabilityMonitor:
             norms = self.grads.last_norms
         if ctx.grads_finite is None:
             ctx.grads_finite = self._grads_finite(ctx, norms)
-        finite = bool(ctx.grads_finite)
         first, self._checked_step = self._checked_step != ctx.step, ctx.step
+        if self.dist is not None and first:  # every rank takes the same decision (one small all-reduce)
+            self._decision = self.dist.decide(ctx.loss)
+            ctx.grads_finite = bool(ctx.grads_finite) and self._decision.ok
+        finite = bool(ctx.grads_finite)
         if scaler is not None and first:
             self._amp_step(ctx, scale, finite)
         elif not finite and first:
@@ -213,8 +236,14 @@ class StabilityMonitor:
 
     def on_exception(self, ctx: Any, exc: BaseException) -> None:
         self._status = "stopped" if type(exc).__name__ == "NonFiniteError" else "crashed"
+        lost = self.dist is not None and distributed.is_collective_failure(exc)
+        if lost:
+            self._status = "rank_lost"
+            msg = str(exc) if isinstance(exc, distributed.RankLostError) else distributed.rank_lost_message(
+                self.dist.rank, getattr(ctx, "step", None), exc)
         if self.writer is not None:
-            self.writer.event("run_stopped", "error", f"{type(exc).__name__}: {exc}", step=getattr(ctx, "step", None))
+            self.writer.event("run_stopped", "error", msg if lost else f"{type(exc).__name__}: {exc}",
+                              step=getattr(ctx, "step", None), **({"rank_lost": True} if lost else {}))
         self.detach()
 
     def on_train_end(self, ctx: Any) -> None:
@@ -283,10 +312,12 @@ class StabilityMonitor:
             msg += f"; gradient non-finite (NaN/Inf entries) in: {', '.join(bad[:8])}" + (
                 f" (+{len(bad) - 8})" if len(bad) > 8 else "")
             data["nonfinite_parameters"] = bad
+        origin = self._origin_note(data)
+        msg += origin
         self.writer.event(kind, "error", msg, step=step, **data)
         if self.live is not None:
             self.live.update(step, event=msg, nonfinite=True)
-        if len(self.capsules) < self.cfg.max_capsules:
+        if len(self.capsules) < self.cfg.max_capsules and self._writes_capsule():
             self._write_capsule(ctx, reason=msg)
         if not request:
             return
@@ -295,6 +326,22 @@ class StabilityMonitor:
         elif self.cfg.policy == "stop" and hasattr(ctx, "request_stop"):
             ctx.request_skip("nonfinite")
             ctx.request_stop(msg)
+
+    def _origin_note(self, data: dict[str, Any]) -> str:
+        """Under DDP: the ranks whose local loss / gradients were non-finite before the all-reduce."""
+        if self.dist is None or self._decision is None:
+            return ""
+        d = self._decision
+        data.update(origin_ranks=d.origins, rank=self.dist.rank, world_size=self.dist.world, local_finite=d.local_ok)
+        return (f"; originating rank(s) {d.origins} of {self.dist.world} (local loss or gradients non-finite "
+                f"before the all-reduce; this is rank {self.dist.rank})")
+
+    def _writes_capsule(self) -> bool:
+        """Under DDP only an originating rank writes a capsule (its local batch reproduces the fault);
+        rank 0 when no rank's local check saw it (e.g. a finite overflow in the reduction)."""
+        if self.dist is None or self._decision is None:
+            return True
+        return self.dist.rank in self._decision.origins or (not self._decision.origins and self.dist.rank == 0)
 
     def _check_spike(self, ctx: Any) -> None:
         norms = self.grads.peek_norms()
@@ -336,15 +383,20 @@ class StabilityMonitor:
 
     def _write_capsule(self, ctx: Any, reason: str) -> None:
         # After backward the optimizer has not stepped: parameters and optimizer state are still pre-step.
+        local = self.dist is not None and self._decision is not None
         meta = {"torch": str(torch.__version__), "threads": torch.get_num_threads(), "replayer": self.replayer, "lr": float(getattr(ctx, "lr", math.nan)),
                 "loss": float(ctx.loss.detach()) if ctx.loss is not None else math.nan,
                 "grads_finite": bool(ctx.grads_finite) if ctx.grads_finite is not None else False}
+        if local:  # the replay runs this rank's batch alone: its reference is the local, not the reduced, result
+            meta.update(grads_finite=self._decision.local_ok, rank=self.dist.rank, world_size=self.dist.world,
+                        origin_ranks=self._decision.origins)
         opts = [clone_state(opt.state_dict()) for opt in optimizers_of(ctx)]
         cap = Capsule(step=ctx.step, batch=self.batch_state(ctx.batch), model_state=clone_state(self._model.state_dict()),
                       optimizer_state=(opts[0] if len(opts) == 1 else {"optimizers": opts}) if opts else None,
                       rng=rng_state(self._rng) if self._rng is not None else capture_rng(),
                       config_text=self.config_text, reason=reason, meta=meta,
-                      grads={n: p.grad.detach().clone() for n, p in self._model.named_parameters() if p.grad is not None})
+                      grads={} if local else {n: p.grad.detach().clone()
+                                              for n, p in self._model.named_parameters() if p.grad is not None})
         path = cap.save(capsule_path(self.run_dir, ctx.step))
         self.capsules.append(path)
         self.writer.event("capsule_written", "info", f"capsule for step {ctx.step} written", step=ctx.step,
@@ -359,6 +411,9 @@ class StabilityMonitor:
             row.update(amp_scale=self._amp_scale, amp_overflow=self.overflow)
         if getattr(ctx, "micro_batches", 1) > 1:
             row["micro_batches"] = ctx.micro_batches
+        if self._decision is not None:  # this rank's view before the all-reduce (report: per-rank columns)
+            row.update({"local/grad_norm": self._decision.local_grad_norm,
+                        "local/nonfinite": 0.0 if self._decision.local_ok else 1.0, "local/origin_ranks": len(self._decision.origins)})
         row.update(self.grads.collect())
         row.update({f"loss/{k}": float(v) for k, v in ctx.terms.items() if f"loss/{k}" not in row})
         for name, site in self._sites.items():

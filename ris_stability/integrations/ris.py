@@ -34,6 +34,7 @@ from ris_stability.alignment import (
     AlignmentError, AlignmentResult, check_alignment, default_rtol, one_thread, relative_difference,
 )
 from ris_stability.capsule import Capsule, CapsuleError, restore_rng
+from ris_stability import distributed
 from ris_stability.live import LiveView
 from ris_stability.locate.finding import Finding
 from ris_stability.loopstack import portable
@@ -240,11 +241,16 @@ def run_trace(config_path: str, overrides: list[str], steps: int | None, out: st
             result = train(cfg, callbacks=[mon], out_dir=run_dir)
         except NonFiniteError as err:
             log.error("run stopped: %s", err)
-    console.print(_summary_table(cfg, run_dir, mon, result, time.perf_counter() - t0))
-    if report:
-        from ris_stability.report.build import build_report
+    if distributed.rank() == 0:  # one table and one report per run: rank 0 reads every rank's shard
+        console.print(_summary_table(cfg, run_dir, mon, result, time.perf_counter() - t0))
+        if report:
+            from ris_stability.report.build import build_report
 
-        console.print(f"report: {build_report(run_dir)}")
+            console.print(f"report: {build_report(run_dir)}")
+    # torchrun ends every rank once one exits non-zero: the others wait here until rank 0's report is written
+    distributed.barrier()
+    if distributed.rank() != 0:  # the verdict is collective: rank 0's exit code speaks for the run
+        return 0
     return 1 if mon.nonfinite_steps else 0
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 
 from ris_stability.records import UsageError, Trace, read_trace
 from ris_stability.report import markdown as md
+from ris_stability.report.ranks import ranks_blocks
 from ris_stability.report import plots
 from ris_stability.report.derive import (spike_marks, 
     MIN_STEPS_FOR_DEAD, MatrixSummary, SeriesSummary, condense_events, event_names, final_and_best_loss, grad_summaries,
@@ -113,6 +114,7 @@ def render_report(trace: Trace, figures: dict[str, tuple[str, str]]) -> str:
                image("grad_heatmap"),
                md.heading("Loss terms"), series_table(loss_summaries(trace), "term"), image("loss"),
                md.heading("Events"), events_table(trace.events)]
+    blocks += ranks_blocks(trace.run_dir)  # data-parallel runs: every rank's shard
     if trace.finding:
         title = "Finding (in-process locator)" if trace.finding.get("source") else "Bisector finding"
         blocks += [md.heading(title), finding_block(trace.finding)]

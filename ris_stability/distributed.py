@@ -1,0 +1,162 @@
+"""Data-parallel runs: per-rank trace shards, the collective non-finite decision, the originating rank.
+
+Under DistributedDataParallel a NaN produced on one rank is all-reduced into every rank's gradients, so
+after backward every rank sees the same poisoned gradient and nobody can tell where it came from. This
+module watches each rank's *local* gradients as autograd produces them (a tensor hook on every
+parameter fires with the local gradient before DDP's reducer, which hangs on the gradient accumulator,
+averages it), and takes the skip / stop decision on all ranks together with one small all-reduce per
+step: a vector with one slot per rank, set by the ranks whose local loss or local gradients were
+non-finite. Every rank gets the same answer (no rank steps alone) and the same list of origins.
+
+Only torch is needed; everything is inert when torch.distributed is not initialised.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+SHARD_PREFIX = "rank"  # rank r > 0 writes its trace shard in <run>/rank<r>/; rank 0 writes <run>/ itself
+
+
+class RankLostError(RuntimeError):
+    """A collective call failed: another rank stopped or died, so this rank cannot continue in step."""
+
+
+def active() -> bool:
+    """True inside an initialised process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op outside a process group); a lost peer is logged, not raised: the run
+    is over and each rank's shard is already flushed."""
+    if not active():
+        return
+    try:
+        dist.barrier()
+    except RuntimeError as err:
+        log.warning("rank %d: end-of-run barrier failed (%s); another rank has already stopped", rank(), err)
+
+
+def shard_dir(run_dir: str | Path, r: int | None = None) -> Path:
+    """The folder rank ``r`` writes its trace to (rank 0: the run folder itself)."""
+    r = rank() if r is None else r
+    return Path(run_dir) if r == 0 else Path(run_dir) / f"{SHARD_PREFIX}{r}"
+
+
+def shard_dirs(run_dir: str | Path) -> dict[int, Path]:
+    """The shards present in a run folder, by rank (rank 0 is the folder itself)."""
+    run_dir = Path(run_dir)
+    found = {0: run_dir}
+    for sub in run_dir.glob(f"{SHARD_PREFIX}[0-9]*"):
+        if sub.is_dir() and sub.name[len(SHARD_PREFIX):].isdigit():
+            found[int(sub.name[len(SHARD_PREFIX):])] = sub
+    return dict(sorted(found.items()))
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _collective_device(device: torch.device) -> torch.device:
+    """gloo reduces CPU tensors; nccl reduces CUDA tensors."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@dataclass
+class Decision:
+    """The collective verdict of one step, the same on every rank."""
+
+    ok: bool  # every rank's local loss and local gradients were finite
+    origins: list[int] = field(default_factory=list)  # ranks whose local loss / gradients were non-finite
+    local_ok: bool = True  # this rank's own verdict
+    local_grad_norm: float = float("nan")  # this rank's gradient norm before the all-reduce
+
+
+class RankWatch:
+    """Local (pre-reduction) checks of one rank and the collective decision of every step.
+
+    ``attach(model)`` hooks every parameter; ``start_step()`` resets the step's accumulators;
+    ``decide(loss)`` reduces the per-rank flag vector (the step's only extra collective) and returns the
+    Decision. ``detach()`` removes every hook.
+    """
+
+    def __init__(self, group: Any = None):
+        self.group = group
+        self.rank, self.world = rank(), world_size()
+        self._handles: list[Any] = []
+        self._sq: torch.Tensor | None = None  # float64 sum of squares of the local gradients (NaN propagates)
+        self.step: int | None = None
+
+    def attach(self, model: torch.nn.Module) -> None:
+        device = _device_of(model)
+        self._sq = torch.zeros((), dtype=torch.float64, device=device)
+        for p in model.parameters():
+            if p.requires_grad:
+                self._handles.append(p.register_hook(self._observe))
+
+    def _observe(self, grad: torch.Tensor) -> None:
+        # float64 sum of squares: finite iff every element is finite (no float32 overflow false alarm);
+        # in place on device, no host sync. Returns None: the gradient is not changed.
+        if self._sq is not None:
+            self._sq.add_(torch.linalg.vector_norm(grad.detach(), dtype=torch.float64).square())
+
+    def start_step(self, step: int) -> None:
+        self.step = step
+        if self._sq is not None:
+            self._sq.zero_()
+
+    def decide(self, loss: torch.Tensor | None) -> Decision:
+        """The step's collective verdict (one all-reduce of a world-sized vector, one host sync)."""
+        sq = self._sq if self._sq is not None else torch.zeros((), dtype=torch.float64)
+        bad = ~torch.isfinite(sq)
+        if loss is not None:
+            bad = bad | ~torch.isfinite(loss.detach()).all().to(bad.device)
+        flags = torch.zeros(self.world, dtype=torch.float64, device=_collective_device(sq.device))
+        flags[self.rank] = bad.to(flags.device, torch.float64)
+        try:
+            dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=self.group)
+        except RuntimeError as err:
+            raise RankLostError(rank_lost_message(self.rank, self.step, err)) from err
+        origins = [r for r, v in enumerate(flags.tolist()) if v != 0]
+        return Decision(ok=not origins, origins=origins, local_ok=not bool(bad),
+                        local_grad_norm=float(sq.sqrt()))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._sq = [], None
+
+
+def rank_lost_message(r: int, step: int | None, err: BaseException) -> str:
+    return (f"rank {r}: the collective call at step {step} failed ({type(err).__name__}: {str(err)[:200]}); "
+            "another rank stopped or died, so this rank stops too (no rank steps alone). Its trace shard is "
+            "flushed; look at the other ranks' shards (rank<r>/events.jsonl) for the first failure.")
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """An exception that means a peer rank is gone (our own wrapper, or torch.distributed's own errors)."""
+    if isinstance(exc, RankLostError):
+        return True
+    backend_error = getattr(dist, "DistBackendError", None)
+    if backend_error is not None and isinstance(exc, backend_error):
+        return True
+    text = str(exc).lower()
+    return active() and isinstance(exc, RuntimeError) and any(
+        w in text for w in ("gloo", "nccl", "connection closed", "connection reset", "timed out"))

@@ -1,0 +1,116 @@
+"""Data-parallel runs (2 ranks, gloo, CPU): collective skip decisions, the originating rank, rank shards,
+a rank that dies. Each rank is a subprocess of tests/ris_stability/scripts/ddp_worker.py."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ris_stability import distributed
+from ris_stability.capsule import Capsule
+from ris_stability.report.ranks import ranks_blocks
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).resolve().parent / "scripts" / "ddp_worker.py"
+TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(run_dir: Path, mode: str, steps: int = 6) -> list[subprocess.CompletedProcess]:
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(run_dir), mode, str(steps)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=TIMEOUT_S)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def read_events(shard: Path) -> list[dict]:
+    return [json.loads(line) for line in (shard / "events.jsonl").read_text().splitlines()]
+
+
+def _result(run_dir: Path, rank: int) -> dict:
+    return json.loads((run_dir / f"result{rank}.json").read_text())
+
+
+def test_shard_dirs_layout(tmp_path):
+    (tmp_path / "rank1").mkdir()
+    (tmp_path / "rank12").mkdir()
+    (tmp_path / "rankx").mkdir()
+    assert distributed.shard_dirs(tmp_path) == {0: tmp_path, 1: tmp_path / "rank1", 12: tmp_path / "rank12"}
+    assert distributed.shard_dir(tmp_path, 0) == tmp_path and distributed.shard_dir(tmp_path, 3) == tmp_path / "rank3"
+
+
+def test_single_process_is_inert():
+    assert not distributed.active() and distributed.rank() == 0 and distributed.world_size() == 1
+
+
+def test_fault_on_rank1_is_attributed_to_rank1_and_both_ranks_skip(tmp_path):
+    procs = _launch(tmp_path, "fault")
+    assert all(p.returncode == 0 for p in procs), [p.stderr[-2000:] for p in procs]
+    r0, r1 = _result(tmp_path, 0), _result(tmp_path, 1)
+    assert r0["skipped"] == r1["skipped"] == [2, 3]
+    assert r0["stepped"] == r1["stepped"] == [0, 1, 4, 5]
+    assert r0["params"] == r1["params"]  # no rank stepped alone: the replicas stay identical
+    for shard in (tmp_path, tmp_path / "rank1"):
+        bad = [e for e in read_events(shard) if e["kind"].startswith("nonfinite")]
+        assert [e["step"] for e in bad] == [2, 3]
+        assert all(e["data"]["origin_ranks"] == [1] for e in bad)
+        assert "originating rank(s) [1]" in bad[0]["message"]
+    assert r0["capsules"] == [] and len(r1["capsules"]) == 2  # written from the originating rank only
+    cap = Capsule.load(r1["capsules"][0])
+    assert cap.meta["rank"] == 1 and cap.meta["origin_ranks"] == [1] and not cap.meta["grads_finite"]
+    assert torch.isnan(cap.batch["batch"]["x"]).any()  # the local batch that produced it
+    rows = [json.loads(line) for line in (tmp_path / "rank1" / "steps.jsonl").read_text().splitlines()]
+    local = {r["step"]: r["local/nonfinite"] for r in rows}
+    assert local[2] == 1.0 and local[0] == 0.0
+    rows0 = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert {r["step"]: r["local/nonfinite"] for r in rows0}[2] == 0.0  # rank 0's own data was clean
+    report = "\n".join(ranks_blocks(tmp_path))  # rank 0's report reads every shard
+    assert "| 2 | 1 |" in report and "| 3 | 1 |" in report and "| 1 | 6 | 2 [2, 3] |" in report
+
+
+@pytest.mark.slow
+def test_ris_trace_under_torchrun_seed_nan(tmp_path):
+    """`risdiag trace --config configs/seed-nan.toml` on 2 ranks: exit 1, the same skipped steps on both
+    ranks, the report names the originating rank(s)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "-m", "ris_stability.cli", "trace", "--config", str(ROOT / "configs" / "seed-nan.toml"),
+           "--steps", "2", "--set", "data.n_val=8", "--set", "train.threads=1", "--no-live", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    skipped = [json.loads((d / "summary.json").read_text())["skipped_steps"] for d in (tmp_path, tmp_path / "rank1")]
+    assert skipped[0] == skipped[1] == [0, 1]
+    report = (tmp_path / "report.md").read_text()
+    assert "## Ranks (data-parallel)" in report and "originating rank(s)" in report
+
+
+def test_dead_rank_stops_the_others_with_a_clear_message(tmp_path):
+    procs = _launch(tmp_path, "die")
+    assert procs[1].returncode == 3 and procs[0].returncode == 1, procs[0].stderr[-2000:]
+    r0 = _result(tmp_path, 0)
+    assert r0["stepped"] == [0, 1, 2] and r0["status"].startswith("stopped")
+    stop = [e for e in read_events(tmp_path) if e["kind"] == "run_stopped"]
+    assert stop and stop[0]["data"].get("rank_lost") and "another rank stopped or died" in stop[0]["message"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "rank_lost"
+    for shard in (tmp_path, tmp_path / "rank1"):  # flushed line by line: rank 1's shard holds steps 0..2
+        steps = [json.loads(line)["step"] for line in (shard / "steps.jsonl").read_text().splitlines()]
+        assert steps == [0, 1, 2]
