@@ -36,7 +36,6 @@ from ris_model.music import Estimates
 from ris_model.simulate import System
 
 COORDS = ("phi", "theta", "r")
-UNITS = {"phi": "deg", "theta": "deg", "r": "m"}
 SNR_BIN_DB = 5.0  # bins [c - 2.5, c + 2.5) dB centred on multiples of 5 dB
 
 
