@@ -23,11 +23,6 @@ def pack(z: Tensor) -> Tensor:
     return torch.view_as_real(z)
 
 
-def unpack(x: Tensor) -> Tensor:
-    """Real (..., 2) -> complex (...,); the inverse of ``pack`` (copies to make it contiguous)."""
-    return torch.view_as_complex(x.contiguous())
-
-
 def hermitise(R: Tensor) -> Tensor:
     """(R + R^H) / 2 over the last two dims."""
     return 0.5 * (R + R.mH)

@@ -1,8 +1,8 @@
-"""THE covariance builder: factors -> R_pred -> R_blend -> R_eff (DOMAIN.md section 3).
+"""THE covariance builder: factors -> R_pred -> R_blend -> R_eff (docs/physics.md section 3).
 
 The loss, validation and inference all call ``build_covariances``; no other module forms R_blend.
 Ranks: rank(R_pred) <= 2 K_MAX, rank(R_samp) <= L, so R_blend is singular for N = 144. Shrinkage makes
-R_eff invertible but makes its noise eigenvalues exactly equal (a tied cluster): see DOMAIN.md section 5.
+R_eff invertible but makes its noise eigenvalues exactly equal (a tied cluster): see docs/physics.md section 5.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Cramer-Rao bound for the actual measurement model (Slepian-Bangs), in degrees and metres.
 
-Model (DOMAIN.md section 2): snapshot l is y_l ~ CN(0, C_l) with
+Model (docs/physics.md section 2): snapshot l is y_l ~ CN(0, C_l) with
     C_l = Phi_l R Phi_l^H + sigma^2 I_M,  Phi_l = H diag(c_l),  R = sum_k p_k a_k a_k^H
 (a_k the unit-norm steering vector, p_k the actual, un-normalised source powers), independent over l.
 Unknowns: (phi_k, theta_k, r_k) per source, plus the nuisance powers p_k and the noise power sigma^2.

@@ -1,6 +1,6 @@
 """Array geometry, THE steering vector, the RIS codebook and the MUSIC search grids.
 
-Conventions (DOMAIN.md section 1): the RIS lies in the z = 0 plane, centred at the origin, positions in
+Conventions (docs/physics.md section 1): the RIS lies in the z = 0 plane, centred at the origin, positions in
 metres, flat index n = j * n_h + i (horizontal fastest). Angles are in RADIANS in every function here;
 configs hold degrees and are converted at the edges. A source at (phi, theta, r) sits at p = r u with
 u = (sin phi cos theta, sin theta, cos phi cos theta).

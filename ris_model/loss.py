@@ -185,7 +185,7 @@ class AuxRegression(nn.Module):
 
 
 class CompositeLoss(nn.Module):
-    """All terms of DOMAIN.md section 3; forward(outputs, batch) -> (total, {term: value})."""
+    """All terms of docs/physics.md section 3; forward(outputs, batch) -> (total, {term: value})."""
 
     def __init__(self, cfg: RunConfig, system: System):
         super().__init__()

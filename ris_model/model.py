@@ -4,7 +4,7 @@ Input processing (fixed, no parameters, no gradient): each snapshot is back-proj
 xhat_l = Phi_l^H (Phi_l Phi_l^H + eps I)^-1 y_l with Phi_l = H diag(c_l) (the map R_samp is made of);
 R_hat = (1/L) sum_l xhat_l xhat_l^H, trace 1, equals the batch's R_samp.
 
-Token l (DOMAIN.md section 3) holds y_l normalised by the sample's RMS (covariances are trace-normalised,
+Token l (docs/physics.md section 3) holds y_l normalised by the sample's RMS (covariances are trace-normalised,
 so the scale carries nothing), the code c_l compressed by a learned linear projection of its real/imag
 parts, the SNR (dB / 10), and the snapshot's energy |a_g^H xhat_l|^2 on a coarse (phi, theta, r) grid in
 log scale (``model.beam_grid``; [0, 0, 0] drops it); a per-sample channel adds a learned projection of H.

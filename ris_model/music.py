@@ -1,6 +1,6 @@
 """2.5-D near-field MUSIC: signal subspace, grid spectrum, 3-D peaks, continuous refinement, K estimate.
 
-Spectrum (DOMAIN.md section 4): P(phi, theta, r) = 1 / q with the null spectrum
+Spectrum (docs/physics.md section 4): P(phi, theta, r) = 1 / q with the null spectrum
 q = 1 - ||E_s^H a||^2 for the unit-norm steering vector a (``geometry.steering`` through
 ``System.steer``) and the K top eigenvectors E_s. q equals ||E_n^H a||^2 but needs only K vectors.
 E_s^H a uses the conjugate transpose; a^T-style forms put the peaks elsewhere (tests plant that bug).

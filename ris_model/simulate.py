@@ -1,4 +1,4 @@
-"""Scenes, the BS-RIS channel, snapshots, R_true and R_samp (DOMAIN.md section 2).
+"""Scenes, the BS-RIS channel, snapshots, R_true and R_samp (docs/physics.md section 2).
 
 Randomness comes only from explicit numpy generators derived from (dataset seed, split, index) through
 ``numpy.random.SeedSequence`` spawn keys: the same (split, index) gives the same sample in every process,

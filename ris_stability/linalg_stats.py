@@ -34,11 +34,10 @@ SPECTRUM_KEYS: tuple[str, ...] = (
 HAZARD_KEYS: tuple[str, ...] = ("rel_sep", "non_normal", "cutoff_margin")
 STAT_KEYS: tuple[str, ...] = SPECTRUM_KEYS + HAZARD_KEYS
 
-# How each statistic is reduced to the worst case over a batch.
+# How each statistic is reduced to the worst case over a batch: these by their minimum, every other one
+# by its maximum (cluster_value follows the largest cluster).
 _WORST_MIN = frozenset({"rank", "lambda_min", "min_gap", "gap_split", "min_gap_signal", "min_gap_noise",
                         "rel_sep", "cutoff_margin"})
-_WORST_MAX = frozenset({"n", "cond", "log10_cond", "lambda_max", "trace", "herm_err", "amplification",
-                        "non_normal"})
 
 _STATS_DTYPE = torch.float64
 

@@ -14,8 +14,9 @@ Parts, one file each:
 * ``finding``    the Finding record and its text form;
 * ``reproducer`` a standalone torch-only script that reproduces a finding.
 
-Private torch internals (dispatch modes, autograd node access) are used in this subpackage only; the
-gradient monitor uses the `torch._foreach_*` kernels.
+Private torch APIs used here: the dispatch mode (``torch.utils._python_dispatch``), autograd-node
+access (``torch._C._current_autograd_node``, a node's ``_forward_cls`` and ``_saved_*`` tensors). The few
+other private uses of ris_stability are listed in docs/architecture.md.
 """
 
 from ris_stability.locate.finding import Finding, format_finding

@@ -26,7 +26,7 @@ submodule ``subspace`` "loss.subspace". ``locate_nonfinite(fn, *args, **kwargs)`
 them itself: ``fn`` when it is a module or a bound method of one (root name ""), module arguments
 (root name = parameter name, e.g. "model"), and modules in ``fn``'s closure (the variable name).
 A module outside every root is named after the nearest named module that calls it, or its class.
-Private dispatch-mode and autograd-node APIs are used in the locate subpackage only.
+The private dispatch-mode and autograd-node APIs it needs are listed in the package docstring.
 
 This file is the run driver (install, forward, backward, the finding); the dispatch mode and taint
 tracking are in ``taint.py``, the function mode and node contexts in ``nodes.py``.

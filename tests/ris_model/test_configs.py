@@ -8,6 +8,8 @@ import pytest
 
 from ris_model.config import dumps_toml, load_config
 
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.toml")
                  if not p.name.startswith("space-"))  # space-*.toml are sweep search spaces
 SHIPPED = {"quickstart", "default", "seed-misaligned", "seed-nan"}
@@ -28,19 +30,19 @@ def test_config_loads_and_starts_with_what_it_shows(path):
 
 
 def test_seed_misaligned_trains_on_r_pred_and_infers_on_the_blend():
-    cfg = load_config("configs/seed-misaligned.toml")
+    cfg = load_config(str(CONFIG_DIR / "seed-misaligned.toml"))
     assert cfg.loss.covariance == "pred" and cfg.covariance.beta > 0 and cfg.loss.w_subspace > 0
 
 
 def test_seed_nan_has_the_ingredients_of_the_fault():
-    cfg = load_config("configs/seed-nan.toml")
+    cfg = load_config(str(CONFIG_DIR / "seed-nan.toml"))
     assert cfg.data.dtype == "float32" and cfg.covariance.shrinkage > 0
     assert cfg.loss.covariance == "blend" and cfg.loss.eigh_backward == "torch" and cfg.loss.w_subspace > 0
-    quick = load_config("configs/quickstart.toml")
+    quick = load_config(str(CONFIG_DIR / "quickstart.toml"))
     assert quick.covariance.shrinkage == 0  # what keeps the quickstart finite
 
 
 def test_quickstart_and_misaligned_differ_only_in_the_seeded_choice():
-    quick, mis = load_config("configs/quickstart.toml"), load_config("configs/seed-misaligned.toml")
+    quick, mis = load_config(str(CONFIG_DIR / "quickstart.toml")), load_config(str(CONFIG_DIR / "seed-misaligned.toml"))
     assert mis.loss.covariance != quick.loss.covariance
     assert (mis.model, mis.train, mis.data) == (quick.model, quick.train, quick.data)

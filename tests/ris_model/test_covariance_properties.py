@@ -1,4 +1,4 @@
-"""Hypothesis properties of THE covariance builder (DOMAIN.md sections 3 and 5).
+"""Hypothesis properties of THE covariance builder (docs/physics.md sections 3 and 5).
 
 Inputs: factor matrices of any rank 0..K_MAX with column scales 1e-6..1e6 and exactly-zero columns,
 sample covariances of rank 0..L (optionally with an anti-Hermitian part the builder must remove),

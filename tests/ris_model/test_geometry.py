@@ -93,7 +93,7 @@ def test_fresnel_matches_exact_to_second_order(phi_deg, theta_deg):
 
 @pytest.mark.parametrize("r", [10.0, 20.0])
 def test_fresnel_keeps_the_u_dot_p_squared_term(r):
-    """The -(u.p)^2 / 2r term (~11 rad at 0.5 m, 60 deg: DOMAIN.md 1) is in the option: its error
+    """The -(u.p)^2 / 2r term (~11 rad at 0.5 m, 60 deg: docs/physics.md section 1) is in the option: its error
     against the exact path is far below what forgetting that term would cost."""
     phi, theta = _t(math.radians(60)), _t(0.0)
     k0 = 2 * math.pi / LAM

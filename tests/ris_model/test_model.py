@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +12,8 @@ from ris_model.data import train_batch
 from ris_model.loss import CompositeLoss
 from ris_model.model import ModelOutputs, build_model, cell_grid, count_parameters
 from ris_model.simulate import make_system
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "model.factor_hidden=32",
         "model.code_dim=8", "model.beam_grid=[4,2,2]", "model.readout_grid=[8,4,2]", "data.batch_size=6"]
@@ -78,7 +82,7 @@ def test_same_seed_same_weights_and_seed_changes_them():
 
 
 def test_default_size_is_one_to_three_million_and_quickstart_small():
-    for path, lo, hi in (("configs/default.toml", 1e6, 3e6), ("configs/quickstart.toml", 5e4, 5e5)):
+    for path, lo, hi in ((str(CONFIG_DIR / "default.toml"), 1e6, 3e6), (str(CONFIG_DIR / "quickstart.toml"), 5e4, 5e5)):
         cfg = load_config(path)
         assert lo <= count_parameters(build_model(cfg, make_system(cfg))) <= hi, path
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,7 +70,9 @@ def test_same_split_and_index_is_bit_identical_across_processes():
     h = hashlib.sha256()
     for name in sorted(d):
         h.update(d[name].contiguous().numpy().tobytes())
-    child = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, check=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # this checkout, from any folder
+    child = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, check=True, timeout=120,
+                           env=env)
     assert child.stdout.strip() == h.hexdigest()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,13 +12,17 @@ import torch
 from ris_model.callbacks import POINTS, Callback, StepContext
 from ris_model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ris_model.config import ConfigError, TrainConfig, load_config
+from ris_model.covariance import build_covariances
 from ris_model.data import BatchError, train_batch
 from ris_model.loss import CompositeLoss
 from ris_model.model import build_model
+from ris_model.numerics import degenerate_tol
 from ris_model.schedule import lr_at
 from ris_model.simulate import make_system
 from ris_model.train import (NonFiniteError, StepSettings, make_optimizer, make_scaler, param_groups, train,
                              train_step)
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64", "model.factor_hidden=32",
         "model.code_dim=8", "model.beam_grid=[4,2,2]", "model.readout_grid=[8,4,2]", "data.batch_size=4",
@@ -211,14 +216,37 @@ def _nonfinite_steps(cfg):
     return [h.step for h in train(cfg).history if not h.grads_finite]
 
 
-def test_seed_nan_is_nonfinite_at_a_deterministic_step_and_quickstart_is_not():
-    """The shipped seed-nan config (as is, only shortened) goes non-finite at step 0 and at the same steps every
-    time; the quickstart does not over the same steps."""
+def _noise_cluster(cfg) -> tuple[int, float]:
+    """(size, smallest value) of the tied cluster (the pipeline's tie rule) at the bottom of the step-0
+    R_eff spectrum, worst sample of the batch."""
+    system, model, _, _ = parts(cfg)
+    batch = train_batch(cfg, system, 0)
+    with torch.no_grad():
+        out = model(batch)
+        eff = build_covariances(out.cov_fact_angle, out.cov_fact_range, batch.R_samp, cfg.covariance).eff
+        lam = torch.linalg.eigvalsh(eff)  # ascending
+    tol = degenerate_tol(eff.dtype, eff.shape[-1]) * lam.abs().amax(-1, keepdim=True)
+    size = (lam - lam[..., :1] <= tol).sum(-1)  # eigenvalues within tol of the smallest one
+    worst = int(size.argmax())
+    return int(size[worst]), float(lam[worst, 0])
+
+
+def test_seed_nan_plants_its_tie_and_fails_deterministically_and_quickstart_does_not():
+    """The mechanism, on any BLAS: shrinkage flattens seed-nan's ~118 null eigenvalues into one tied
+    cluster. Whether float32 eigh then returns some of them bit-equal (0/0 in the eigenvector backward)
+    depends on the LAPACK build, so the non-finite steps are not pinned, only their determinism and
+    what the loop does with the first one."""
     short = ['train.nonfinite="skip"', "train.steps=3", "train.val_every=0"]
-    nan_cfg = load_config("configs/seed-nan.toml", short)
+    nan_cfg = load_config(str(CONFIG_DIR / "seed-nan.toml"), short)
+    quick_cfg = load_config(str(CONFIG_DIR / "quickstart.toml"), short)
+    size, value = _noise_cluster(nan_cfg)
+    lifted = nan_cfg.covariance.shrinkage / nan_cfg.geometry.n_ris  # (tr R = 1) * alpha / N
+    assert size >= 100 and value == pytest.approx(lifted, rel=1e-2)
     steps = _nonfinite_steps(nan_cfg)
-    assert steps[:1] == [0] and steps == _nonfinite_steps(nan_cfg)
-    assert _nonfinite_steps(load_config("configs/quickstart.toml", short)) == []
+    assert steps == _nonfinite_steps(nan_cfg)
+    assert _nonfinite_steps(quick_cfg) == []
+    if not steps:
+        pytest.skip("this LAPACK returned no bit-equal tie in seed-nan's first steps: nothing to stop at")
     first = steps[0]
     stop = dataclasses.replace(nan_cfg, train=dataclasses.replace(nan_cfg.train, nonfinite="stop"))
     with pytest.raises(NonFiniteError, match=f"step {first}: non-finite gradient") as err:
@@ -239,8 +267,8 @@ def test_batch_with_nan_in_y_is_rejected():
 
 
 def test_missing_config_file_is_named():
-    with pytest.raises(ConfigError, match="config file 'configs/nope.toml' does not exist"):
-        load_config("configs/nope.toml")
+    with pytest.raises(ConfigError, match="config file '.*nope.toml' does not exist"):
+        load_config(CONFIG_DIR / "nope.toml")
 
 
 def test_checkpoint_from_another_config_names_the_keys(tmp_path):

@@ -19,6 +19,8 @@ from ris_stability.integrations.ris import (
     ALIGN_EXIT_ALIGNED, ALIGN_EXIT_MISALIGNED, _validation_problems, align_config, run_align,
 )
 
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
 CONFIGS = sorted(p for p in Path(__file__).resolve().parents[2].joinpath("configs").glob("*.toml")
                  if not p.name.startswith("space-"))  # space-*.toml are sweep search spaces
 MISALIGNED = {"seed-misaligned.toml"}
@@ -51,18 +53,18 @@ def test_shipped_config_alignment(path):
 
 
 def test_run_align_exit_codes_and_table():
-    code, text = run_align("configs/seed-misaligned.toml", SPEED, as_json=False)
+    code, text = run_align(str(CONFIG_DIR / "seed-misaligned.toml"), SPEED, as_json=False)
     assert code == ALIGN_EXIT_MISALIGNED == 1
     for word in ("MISALIGNED", "loss.cov_nmse", "loss.subspace", "R_pred", "R_blend", "verdict: MISALIGNED"):
         assert word in text
-    code, text = run_align("configs/quickstart.toml", SPEED, as_json=True)
+    code, text = run_align(str(CONFIG_DIR / "quickstart.toml"), SPEED, as_json=True)
     assert code == ALIGN_EXIT_ALIGNED == 0
     doc = json.loads(text)
-    assert doc["aligned"] is True and doc["config"] == "configs/quickstart.toml" and doc["rows"]
+    assert doc["aligned"] is True and doc["config"] == str(CONFIG_DIR / "quickstart.toml") and doc["rows"]
 
 
 def test_override_can_fix_the_misaligned_config():
-    code, _ = run_align("configs/seed-misaligned.toml", SPEED + ["loss.covariance=blend"], as_json=False)
+    code, _ = run_align(str(CONFIG_DIR / "seed-misaligned.toml"), SPEED + ["loss.covariance=blend"], as_json=False)
     assert code == ALIGN_EXIT_ALIGNED
 
 

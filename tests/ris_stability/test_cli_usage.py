@@ -18,6 +18,7 @@ from tests.ris_stability.trace_factory import make_run
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = str(ROOT / "configs" / "quickstart.toml")
+SWEEP = ["sweep", "--config", QUICK, "--space", "{missing}.toml", "--storage", "sqlite:///{tmp}/s.db", "--study", "s"]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,16 @@ CASES = {
     "compare-same-labels": (["compare", "{clean}", "{clean2}", "--labels", "a", "a", "--out", "{tmp}/cmp4"],
                             "distinct"),
     "compare-out-is-file": (["compare", "{clean}", "{clean2}", "--out", "{file}"], "{file}"),
+    "report-nothing": (["report"], "run folder"),
+    "trace-replayer-with-config": (["trace", "--config", QUICK, "--replayer", "x:y"], "--replayer"),
+    "sweep-trials-0": ([*SWEEP, "--trials", "0"], "--trials"),
+    "sweep-workers-0": ([*SWEEP, "--trials", "2", "--workers", "0"], "--workers"),
+    "sweep-seed-negative": ([*SWEEP, "--trials", "2", "--seed", "-1"], "--seed"),
+    "sweep-explode-factor": ([*SWEEP, "--trials", "2", "--explode-factor", "0.5"], "--explode-factor"),
+    "sweep-direction": ([*SWEEP, "--trials", "2", "--direction", "sideways"], "--direction"),
+    "sweep-missing-space": ([*SWEEP, "--trials", "2"], "does not exist"),
+    "sweep-no-storage": (["sweep", "--config", QUICK, "--space", "x.toml", "--trials", "2", "--study", "s"],
+                         "--storage"),
     "align-no-config": (["align"], "--config"),
     "align-missing-config": (["align", "--config", "{missing}.toml"], "does not exist"),
     "align-set-unknown-key": (["align", "--config", QUICK, "--set", "loss.nope=1"], "loss.nope"),

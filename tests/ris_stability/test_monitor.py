@@ -27,7 +27,8 @@ class Factor(nn.Module):
 
 
 class Toy(nn.Module):
-    """Low-rank covariance from a factor, optional diagonal loading, projector loss via eigenvectors."""
+    """Low-rank covariance from a factor, optional diagonal loading, projector loss via eigenvectors.
+    Loaded, its null space is an exact tie by construction, so torch's eigh backward is 0/0."""
 
     def __init__(self, loading: float) -> None:
         super().__init__()
@@ -36,6 +37,10 @@ class Toy(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.factor(x)
+        if self.loading:
+            # Rows beyond R exactly zero: c is block-diagonal and its loaded null block is exactly
+            # loading / N * I, so the N - R tied eigenvalues are bit-equal on any BLAS/LAPACK.
+            f = f * (torch.arange(N) < R)[:, None]
         c = f @ f.mH
         c = c / torch.diagonal(c, dim1=-2, dim2=-1).real.sum(-1)[..., None, None]
         c = (1 - self.loading) * c + self.loading / N * torch.eye(N, dtype=c.dtype)

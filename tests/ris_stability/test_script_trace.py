@@ -99,7 +99,8 @@ BAD = [  # id, argv after 'trace', words the one-line message must hold
     ("nothing-after-dashes", ["--"], "nothing to run"),
     ("neither-form", [], "--config"),
     ("steps-with-script", ["--steps", "3", "--", "python", "x.py"], "--steps"),
-    ("policy-with-config", ["--config", "configs/quickstart.toml", "--on-nonfinite", "stop"], "--on-nonfinite"),
+    ("policy-with-config", ["--config", str(REPO / "configs" / "quickstart.toml"), "--on-nonfinite", "stop"],
+     "--on-nonfinite"),
 ]
 
 
