@@ -395,7 +395,7 @@ class StabilityMonitor:
                       optimizer_state=(opts[0] if len(opts) == 1 else {"optimizers": opts}) if opts else None,
                       rng=rng_state(self._rng) if self._rng is not None else capture_rng(),
                       config_text=self.config_text, reason=reason, meta=meta,
-                      grads={} if local else {n: p.grad.detach().clone()
+                      grads=None if local else {n: p.grad.detach().clone()
                                               for n, p in self._model.named_parameters() if p.grad is not None})
         path = cap.save(capsule_path(self.run_dir, ctx.step))
         self.capsules.append(path)
