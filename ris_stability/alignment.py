@@ -1,7 +1,7 @@
 """Training/inference alignment: are the matrices the loss consumes the ones inference consumes?
 
-The classic silent bug: the loss is computed on one matrix (say R_pred) while inference runs its
-estimator on another (R_blend). Training then optimises something inference never uses, and nothing
+The classic silent bug: the loss is computed on one matrix (say a predicted covariance) while inference runs its
+estimator on another (a blended one). Training then optimises something inference never uses, and nothing
 crashes. :func:`check_alignment` runs a training path and an inference path on the same batch, each under
 a :class:`MatrixCapture` (a TorchFunctionMode, removed on exit; modules named by ris_stability.tracker)
 that records

@@ -3,7 +3,7 @@
 A capsule is a single ``torch.save`` file holding plain containers and tensors only (loadable with
 ``weights_only=True``): the batch, the model and optimizer state from *before* the step, the RNG states
 at the start of the step, the resolved config text, the step index and the step's gradients (so a
-replay can be checked bit for bit). It knows nothing of ris_model:
+replay can be checked bit for bit). It knows nothing of the model it serves:
 the integration decides what "batch" and "config" are and how to rebuild the step from them.
 """
 

@@ -1,6 +1,6 @@
 """StabilityMonitor: spectral probes + gradient monitor + trace files + crash capsules, attached from outside.
 
-It fits ris_model's callback protocol structurally (methods named ``on_*`` taking the loop's context) and
+It fits a training loop's callback protocol structurally (methods named ``on_*`` taking the loop's context) and
 works around any other loop through the same methods with a small context object, or as a plain context
 manager. It only observes: statistics come from detached tensors, nothing consumes RNG, and the only
 influence it has on the run is the configured non-finite policy (``ctx.request_skip`` / ``request_stop``).
@@ -165,7 +165,7 @@ class StabilityMonitor:
             self.writer.close()
             self.writer = None
 
-    # -- ris_model callback protocol --------------------------------------------------------------
+    # -- loop callback protocol ------------------------------------------------------------------
     def on_train_start(self, ctx: Any) -> None:
         self.attach(ctx.model, getattr(ctx, "loss_fn", None), getattr(ctx, "roots", None))
 
@@ -454,7 +454,7 @@ class StabilityMonitor:
 
 @dataclass
 class LoopContext:
-    """The context the monitor reads, for loops that do not have ris_model's StepContext."""
+    """The context the monitor reads, for loops that do not pass a step context of their own."""
 
     model: torch.nn.Module
     optimizer: Any = None  # one optimizer or a sequence of them (all step together)

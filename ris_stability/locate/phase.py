@@ -21,9 +21,11 @@ def _imag_diag(X: Tensor) -> Tensor:
     return torch.imag(torch.diagonal(X, 0, -2, -1))
 
 
-def _hook_eigh_phase(node):
+def _hook_vector_phase(node, message: str, real_ok: bool):
+    """Pre-hook on an eigh/eig backward node raising ``message`` when the loss depends on the arbitrary
+    phase of the eigenvectors (imaginary diagonal of V^H gV not zero), as torch's own check does."""
     V = node._saved_eigenvectors
-    if V is None or not V.is_complex():
+    if V is None or (real_ok and not V.is_complex()):
         return None
 
     def check(grad_outputs):
@@ -31,23 +33,17 @@ def _hook_eigh_phase(node):
         if gV is not None:
             d = _imag_diag(V.mH @ gV)
             if not torch.allclose(d, torch.zeros_like(d), rtol=_PHASE_RTOL, atol=_PHASE_ATOL):
-                raise RuntimeError(EIGH_PHASE_MESSAGE)
+                raise RuntimeError(message)
     return node.register_prehook(check)
+
+
+def _hook_eigh_phase(node):
+    return _hook_vector_phase(node, EIGH_PHASE_MESSAGE, real_ok=True)
 
 
 def _hook_eig_phase(node):
     # eig's eigenvectors are complex even for a real input: the check applies whenever V receives gradient.
-    V = node._saved_eigenvectors
-    if V is None:
-        return None
-
-    def check(grad_outputs):
-        gV = grad_outputs[1] if len(grad_outputs) > 1 else None
-        if gV is not None:
-            d = _imag_diag(V.mH @ gV)
-            if not torch.allclose(d, torch.zeros_like(d), rtol=_PHASE_RTOL, atol=_PHASE_ATOL):
-                raise RuntimeError(EIG_PHASE_MESSAGE)
-    return node.register_prehook(check)
+    return _hook_vector_phase(node, EIG_PHASE_MESSAGE, real_ok=False)
 
 
 def _hook_svd_phase(node):

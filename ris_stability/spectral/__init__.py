@@ -1,6 +1,6 @@
 """ris_stability.spectral: gap-aware eigh and SVD backwards, and the one-line switch ``gap_aware()``.
 
-A leaf op library (torch only, no instrument state): ris_model imports it like any user would, and
+A leaf op library (torch only, no instrument state): the showcase pipeline imports it like any user would, and
 ris_stability.tolerances takes THE tie rule from here.
 
 * ``eigh_gap_aware`` / ``svd_gap_aware`` / ``svd_old_gap_aware``: drop-ins for ``torch.linalg.eigh`` /

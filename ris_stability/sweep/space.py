@@ -8,9 +8,9 @@ A space file is TOML with one table per parameter, addressed by the config's dot
     high = 1e-2
     log = true              # float / int: sample on a log scale (low > 0)
 
-    [params."loss.eigh_backward"]
+    [params."model.activation"]
     type = "categorical"
-    choices = ["torch", "gap_aware"]
+    choices = ["gelu", "relu"]
 
 ``step`` (float / int) quantises a range. The file is checked on its own (types, bounds, choices) and then
 against the config by the target's ``check(key, value)`` for every bound and choice, so an unknown key or an

@@ -2,7 +2,7 @@
 
 A target turns a trial's parameters (dotted config keys -> values) into one traced run. It is built by a
 factory ``factory(config, overrides, steps) -> SweepTarget`` named ``module:function`` or
-``path/to/file.py:function``; the default is ris_model's (``ris_stability.integrations.ris:sweep_target``).
+``path/to/file.py:function``; the default is the showcase pipeline's (``ris_stability.integrations.ris:sweep_target``).
 The sweep package itself knows nothing of any model, config format or training loop.
 """
 
