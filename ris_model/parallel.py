@@ -80,3 +80,9 @@ def all_true(flag: bool, device: torch.device | str = "cpu") -> bool:
         raise ParallelError(f"rank {world()[0]}: the finite-check all-reduce failed ({err}); another rank stopped "
                             "or died. This rank stops too; see the other ranks' logs for the first failure") from err
     return float(t) == 0.0
+
+
+def local_only(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """This rank's own verdict, no collective: for a loop whose callbacks take the collective decision
+    themselves after backward (one all-reduce per step, theirs)."""
+    return flag

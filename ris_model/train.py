@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -117,8 +117,12 @@ def _decide(ctx: StepContext, finite: bool, settings: StepSettings, scaler: Any)
 
 def train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, batch: Batch, optimizer: torch.optim.Optimizer,
                settings: StepSettings, *, step: int = 0, scaler: Any = None, callbacks: Any = None,
-               ctx: StepContext | None = None) -> StepResult:
+               ctx: StepContext | None = None, agree: Callable[[bool, Any], bool] = parallel.all_true) -> StepResult:
     """One optimizer step: forward (autocast if AMP), fp32 loss, backward, checks, clip, step or skip.
+
+    ``agree(finite, device)``: how the ranks agree on the step's finiteness (default ``parallel.all_true``,
+    one all-reduce under DDP); a callback that takes that collective decision itself in
+    ``on_after_backward`` is given ``parallel.local_only``, so the step has one all-reduce, not two.
 
     Non-finite loss or gradients: skipped and reported (skip_reason "nonfinite") or NonFiniteError under
     settings.nonfinite == "stop". Under fp16 AMP (a GradScaler is passed) they are the scaler's business:
@@ -143,7 +147,7 @@ def train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, batch: Batch, o
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     # Collective under DDP: every rank skips or steps together (a rank's NaN loss is its own alone).
-    ctx.grads_finite = parallel.all_true(_grads_finite(params) and bool(torch.isfinite(loss)), loss.device)
+    ctx.grads_finite = agree(_grads_finite(params) and bool(torch.isfinite(loss)), loss.device)
     cbs.on_after_backward(ctx)
     # Checked again after the callbacks: the decision rests on the gradients the optimizer would apply.
     ctx.grads_finite = finite = bool(ctx.grads_finite) and _grads_finite(params)
@@ -322,9 +326,11 @@ class _Prefetch:
 
 
 def train(cfg: RunConfig, callbacks: Iterable[Any] = (), out_dir: str | Path | None = None,
-          steps: int | None = None, resume: str | Path | None = None) -> TrainResult:
+          steps: int | None = None, resume: str | Path | None = None,
+          agree: Callable[[bool, Any], bool] = parallel.all_true) -> TrainResult:
     """Train ``cfg``. ``steps`` runs only the first ``steps`` steps of the configured schedule (the
-    schedule itself is not rescaled); ``resume`` continues from a checkpoint of the same config."""
+    schedule itself is not rescaled); ``resume`` continues from a checkpoint of the same config;
+    ``agree``: the ranks' finite-check agreement of every step (see ``train_step``)."""
     run = _setup(cfg, Path(out_dir) if out_dir is not None else None, steps, resume)
     ctx, cbs, res, times = run.ctx, CallbackList(callbacks), run.result, []
     device = torch.device(cfg.train.device)
@@ -338,7 +344,7 @@ def train(cfg: RunConfig, callbacks: Iterable[Any] = (), out_dir: str | Path | N
             cbs.on_step_start(ctx)
             t0 = time.perf_counter()
             out = train_step(ctx.model, ctx.loss_fn, ctx.batch, ctx.optimizer, StepSettings.from_config(cfg, step),
-                             step=step, scaler=ctx.scaler, callbacks=cbs, ctx=ctx)
+                             step=step, scaler=ctx.scaler, callbacks=cbs, ctx=ctx, agree=agree)
             times.append(time.perf_counter() - t0)
             ctx.n_skipped += out.skipped
             _log_step(run, out, log_file)

@@ -79,6 +79,12 @@ def _collective_device(device: torch.device) -> torch.device:
     return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def grads_are_bucket_views(model: torch.nn.Module) -> bool:
+    """A DDP wrapper in ``model`` built with gradient_as_bucket_view=True (``.grad`` is averaged in place)."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    return any(isinstance(m, ddp) and getattr(m, "gradient_as_bucket_view", False) for m in model.modules())
+
+
 @dataclass
 class Decision:
     """The collective verdict of one step, the same on every rank."""
@@ -95,30 +101,54 @@ class RankWatch:
     ``attach(model)`` hooks every parameter; ``start_step()`` resets the step's accumulators;
     ``decide(loss)`` reduces the per-rank flag vector (the step's only extra collective) and returns the
     Decision. ``detach()`` removes every hook.
+
+    Local gradients for the capsule: DDP's reducer averages into copies (its buckets) and writes the
+    average back into ``.grad`` only when the backward pass ends (a callback it queues once the last
+    bucket is ready). The first gradient hook of a backward queues a callback of ours ahead of it; there
+    ``.grad`` still holds this rank's own gradients, and they are cloned only when the local sum of
+    squares is non-finite: a clean step costs one scalar check, no copy. With
+    ``gradient_as_bucket_view=True`` ``.grad`` is the bucket itself (averaged in place while backward
+    runs), so nothing is captured (``capture=False``).
     """
 
     def __init__(self, group: Any = None):
         self.group = group
         self.rank, self.world = rank(), world_size()
         self._handles: list[Any] = []
+        self._params: list[tuple[str, torch.Tensor]] = []
         self._sq: torch.Tensor | None = None  # float64 sum of squares of the local gradients (NaN propagates)
+        self._capture = True
+        self._queued = False  # the end-of-backward check is queued for the backward in progress
+        self.local_grads: dict[str, torch.Tensor] | None = None  # this step's local gradients, if non-finite
         self.step: int | None = None
 
-    def attach(self, model: torch.nn.Module) -> None:
+    def attach(self, model: torch.nn.Module, capture: bool = True) -> None:
         device = _device_of(model)
         self._sq = torch.zeros((), dtype=torch.float64, device=device)
-        for p in model.parameters():
+        self._capture = capture
+        for name, p in model.named_parameters():
             if p.requires_grad:
+                self._params.append((name, p))
                 self._handles.append(p.register_hook(self._observe))
 
     def _observe(self, grad: torch.Tensor) -> None:
         # float64 sum of squares: finite iff every element is finite (no float32 overflow false alarm);
         # in place on device, no host sync. Returns None: the gradient is not changed.
-        if self._sq is not None:
-            self._sq.add_(torch.linalg.vector_norm(grad.detach(), dtype=torch.float64).square())
+        if self._sq is None:
+            return
+        self._sq.add_(torch.linalg.vector_norm(grad.detach(), dtype=torch.float64).square())
+        if self._capture and not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self) -> None:
+        """Runs when the backward pass ends, before DDP copies the averaged gradients into ``.grad``."""
+        self._queued = False
+        if self._sq is not None and not bool(torch.isfinite(self._sq)):
+            self.local_grads = {n: p.grad.detach().clone() for n, p in self._params if p.grad is not None}
 
     def start_step(self, step: int) -> None:
-        self.step = step
+        self.step, self._queued, self.local_grads = step, False, None
         if self._sq is not None:
             self._sq.zero_()
 
@@ -141,7 +171,7 @@ class RankWatch:
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
-        self._handles, self._sq = [], None
+        self._handles, self._params, self._sq, self.local_grads = [], [], None, None
 
 
 def rank_lost_message(r: int, step: int | None, err: BaseException) -> str:

@@ -118,12 +118,13 @@ class StabilityMonitor:
     def attach(self, model: torch.nn.Module, loss_fn: torch.nn.Module | None = None,
                roots: dict[str, torch.nn.Module] | None = None) -> None:
         compiled = compiled_parts(model)
+        views = distributed.active() and distributed.grads_are_bucket_views(model)
         model = self._model = unwrap(model)  # a torch.compile wrapper would prefix every name with _orig_mod
         if roots is None:
             roots = {"model": model} if loss_fn is None else {"model": model, "loss": loss_fn}
         self._dtype = next((p.dtype for p in model.parameters()), torch.float32)
         self.meta = {**run_meta(model), **self.meta}
-        self._attach_distributed(model)
+        self._attach_distributed(model, capture=not views)
         self.writer = TraceWriter(self.run_dir, self.meta, listeners=self.listeners)
         # The probe stays installed for the whole run (installing swaps torch attributes, which flushes
         # Python's type caches) and records only from the start of a sampled step to after its backward.
@@ -136,12 +137,12 @@ class StabilityMonitor:
             self.limitations.append(f"torch.compile ({', '.join(p or 'model' for p in compiled)}): {COMPILE_LIMITATION}")
             self.writer.event("compiled_model", "warning", self.limitations[-1], parts=compiled)
 
-    def _attach_distributed(self, model: torch.nn.Module) -> None:
+    def _attach_distributed(self, model: torch.nn.Module, capture: bool) -> None:
         """Under a process group: this rank's shard folder, its local gradient watch; live view on rank 0."""
         if not distributed.active() or self.dist is not None:
             return
         self.dist = distributed.RankWatch()
-        self.dist.attach(model)
+        self.dist.attach(model, capture=capture)
         self.run_dir = distributed.shard_dir(self.run_dir, self.dist.rank)
         self.meta.update(rank=self.dist.rank, world_size=self.dist.world)
         if self.dist.rank != 0:
@@ -389,14 +390,14 @@ class StabilityMonitor:
                 "grads_finite": bool(ctx.grads_finite) if ctx.grads_finite is not None else False}
         if local:  # the replay runs this rank's batch alone: its reference is the local, not the reduced, result
             meta.update(grads_finite=self._decision.local_ok, rank=self.dist.rank, world_size=self.dist.world,
-                        origin_ranks=self._decision.origins)
+                        origin_ranks=self._decision.origins, local_grads=self.dist.local_grads is not None)
         opts = [clone_state(opt.state_dict()) for opt in optimizers_of(ctx)]
         cap = Capsule(step=ctx.step, batch=self.batch_state(ctx.batch), model_state=clone_state(self._model.state_dict()),
                       optimizer_state=(opts[0] if len(opts) == 1 else {"optimizers": opts}) if opts else None,
                       rng=rng_state(self._rng) if self._rng is not None else capture_rng(),
                       config_text=self.config_text, reason=reason, meta=meta,
-                      grads=None if local else {n: p.grad.detach().clone()
-                                              for n, p in self._model.named_parameters() if p.grad is not None})
+                      grads=self.dist.local_grads if local else {n: p.grad.detach().clone()
+                                                                  for n, p in self._model.named_parameters() if p.grad is not None})
         path = cap.save(capsule_path(self.run_dir, ctx.step))
         self.capsules.append(path)
         self.writer.event("capsule_written", "info", f"capsule for step {ctx.step} written", step=ctx.step,

@@ -28,6 +28,7 @@ from ris_model.data import Batch, SimDataset
 from ris_model.infer import Prediction, predict
 from ris_model.loss import TERMS, CompositeLoss, LossInputs
 from ris_model.model import build_model
+from ris_model.parallel import local_only
 from ris_model.simulate import make_system
 from ris_model.train import NonFiniteError, train, validate
 from ris_stability.alignment import (
@@ -238,7 +239,8 @@ def run_trace(config_path: str, overrides: list[str], steps: int | None, out: st
     t0, result = time.perf_counter(), None
     with view:
         try:
-            result = train(cfg, callbacks=[mon], out_dir=run_dir)
+            # the monitor's collective decision is the step's only all-reduce (the loop's own check stays local)
+            result = train(cfg, callbacks=[mon], out_dir=run_dir, agree=local_only)
         except NonFiniteError as err:
             log.error("run stopped: %s", err)
     if distributed.rank() == 0:  # one table and one report per run: rank 0 reads every rank's shard
@@ -369,7 +371,7 @@ class RisSweepTarget:
         mon = StabilityMonitor(run_dir, MonitorConfig(policy=policy), meta=meta, config_text=text, replayer=REPLAYER,
                                batch_state=batch_state, listeners=(hooks.observe,))
         try:
-            result = train(cfg, callbacks=[mon, hooks, _ValidationReporter(hooks)], out_dir=run_dir)
+            result = train(cfg, callbacks=[mon, hooks, _ValidationReporter(hooks)], out_dir=run_dir, agree=local_only)
         except NonFiniteError as err:
             log.info("trial run %s stopped: %s", run_dir, err)
             return {}

@@ -112,6 +112,19 @@ def test_nonfinite_policy(policy):
             train_step(model, loss_fn, batch, opt, settings, step=3, callbacks=PoisonGrad("k_head.0.weight"))
 
 
+def test_agree_is_the_ranks_finite_check():
+    """``agree`` decides (it stands for the ranks' collective check): a finite step the ranks do not agree
+    on is skipped with its parameters untouched; each call sees this rank's own verdict."""
+    cfg = tiny()
+    system, model, loss_fn, opt = parts(cfg)
+    seen: list[bool] = []
+    before = [p.detach().clone() for p in model.parameters()]
+    res = train_step(model, loss_fn, train_batch(cfg, system, 0), opt, StepSettings.from_config(cfg, 0),
+                     agree=lambda ok, device: seen.append(ok) or False)
+    assert seen == [True] and res.skipped and res.skip_reason == "nonfinite"
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_bf16_amp_step_runs_with_fp32_loss():
     cfg = tiny("train.amp=true")
     system, model, loss_fn, opt = parts(cfg)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ris_stability import distributed
+from ris_stability.bisect import bisect_capsule
 from ris_stability.capsule import Capsule
 from ris_stability.report.ranks import ranks_blocks
 
@@ -86,20 +87,64 @@ def test_fault_on_rank1_is_attributed_to_rank1_and_both_ranks_skip(tmp_path):
     assert "| 2 | 1 |" in report and "| 3 | 1 |" in report and "| 1 | 6 | 2 [2, 3] |" in report
 
 
-@pytest.mark.slow
-def test_ris_trace_under_torchrun_seed_nan(tmp_path):
-    """`risdiag trace --config configs/seed-nan.toml` on 2 ranks: exit 1, the same skipped steps on both
-    ranks, the report names the originating rank(s)."""
+def test_origin_capsule_holds_local_gradients_and_bisect_replays_them_bit_exact(tmp_path):
+    """Rank 1's step 2 has a finite loss and a NaN in one bias gradient only; its other local gradients are
+    finite and differ from the all-reduced average. The capsule stores the local ones (captured before DDP
+    writes the average back), so a one-process replay of rank 1's batch matches them bit for bit."""
+    procs = _launch(tmp_path, "gradnan", steps=4)
+    assert all(p.returncode == 0 for p in procs), [p.stderr[-2000:] for p in procs]
+    r0, r1 = _result(tmp_path, 0), _result(tmp_path, 1)
+    assert r0["skipped"] == r1["skipped"] == [2]
+    assert r0["captured"] == [] and r1["captured"] == [2]  # clean steps clone nothing
+    assert r0["capsules"] == [] and len(r1["capsules"]) == 1
+    cap = Capsule.load(r1["capsules"][0])
+    assert cap.meta["local_grads"] and cap.meta["loss"] == cap.meta["loss"]  # finite local loss
+    assert torch.isnan(cap.grads["2.bias"]).all() and torch.isfinite(cap.grads["0.weight"]).all()
+    result = bisect_capsule(Path(r1["capsules"][0]), replayer=f"{WORKER}:replay")
+    assert result.outcome.differences == [] and result.outcome.bit_exact
+    assert result.outcome.bad_parameters == ["2.bias"]
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+            str(_free_port()), *args]
+
+
+def _check_seed_nan_run(run_dir: Path, steps: int) -> None:
+    """Both ranks skipped the same steps, the report names the originating rank(s)."""
+    skipped = [json.loads((d / "summary.json").read_text())["skipped_steps"] for d in (run_dir, run_dir / "rank1")]
+    assert skipped[0] == skipped[1] and skipped[0] and set(skipped[0]) <= set(range(steps))
+    origins = [e["data"]["origin_ranks"] for e in read_events(run_dir) if e["kind"].startswith("nonfinite")]
+    assert len(origins) == len(skipped[0]) and all(o and set(o) <= {0, 1} for o in origins)
+    report = (run_dir / "report.md").read_text()
+    assert "## Ranks (data-parallel)" in report and "originating rank(s)" in report
+
+
+def test_ris_trace_under_torchrun_one_all_reduce_per_step(tmp_path):
+    """`risdiag trace --config configs/seed-nan.toml` on 2 ranks (2 steps): exit 1, the same skipped steps on
+    both ranks, origin ranks in the report, and the monitor's decision is each step's only all-reduce (the
+    loop's own finite check stays local)."""
+    steps = 2
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "ris_stability.cli", "trace", "--config", str(ROOT / "configs" / "seed-nan.toml"),
-           "--steps", "2", "--set", "data.n_val=8", "--set", "train.threads=1", "--no-live", "--out", str(tmp_path)]
+    cmd = _torchrun(str(WORKER.parent / "count_collectives.py"), str(tmp_path / "counts"), "ris_stability.cli", "trace",
+                    "--config", str(ROOT / "configs" / "seed-nan.toml"), "--steps", str(steps), "--set", "data.n_val=8",
+                    "--set", "train.threads=1", "--no-live", "--out", str(tmp_path / "run"))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    skipped = [json.loads((d / "summary.json").read_text())["skipped_steps"] for d in (tmp_path, tmp_path / "rank1")]
-    assert skipped[0] == skipped[1] == [0, 1]
-    report = (tmp_path / "report.md").read_text()
-    assert "## Ranks (data-parallel)" in report and "originating rank(s)" in report
+    _check_seed_nan_run(tmp_path / "run", steps)
+    for r in (0, 1):
+        assert json.loads((tmp_path / "counts" / f"collectives{r}.json").read_text()) == {"all_reduce": steps}
+
+
+@pytest.mark.slow
+def test_acceptance_seed_nan_10_steps_two_ranks(tmp_path):
+    """The acceptance command as documented: torchrun, 2 processes, gloo, seed-nan for 10 steps."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = _torchrun("-m", "ris_stability.cli", "trace", "--config", str(ROOT / "configs" / "seed-nan.toml"),
+                    "--steps", "10", "--no-live", "--out", str(tmp_path))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    _check_seed_nan_run(tmp_path, 10)
 
 
 def test_dead_rank_stops_the_others_with_a_clear_message(tmp_path):
