@@ -14,6 +14,8 @@ Only torch is needed; everything is inert when torch.distributed is not initiali
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 SHARD_PREFIX = "rank"  # rank r > 0 writes its trace shard in <run>/rank<r>/; rank 0 writes <run>/ itself
+SHARD_WAIT_S = 60.0  # how long rank 0 waits for the other ranks' shards to be closed before its report
 
 
 class RankLostError(RuntimeError):
@@ -41,6 +44,35 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def launcher_rank() -> int:
+    """This process's rank as torchrun announces it (``RANK``), readable before any process group exists:
+    a script traced by ``risdiag trace -- python SCRIPT.py`` joins its group itself, later."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def wait_for_shards(run_dir: str | Path, world: int, since: float, timeout_s: float = SHARD_WAIT_S) -> list[int]:
+    """Wait until every rank r > 0 has closed its shard (its summary.json written at or after ``since``,
+    a time.time()); returns the ranks still missing after ``timeout_s``. For runs whose process group may
+    be gone by then (a traced script destroys its own), so no barrier is possible; the run folder must be
+    on a filesystem every rank writes to (one node: always)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = [r for r in range(1, world) if not _closed(shard_dir(run_dir, r) / "summary.json", since)]
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        time.sleep(0.1)
+
+
+def _closed(summary: Path, since: float) -> bool:
+    try:
+        return summary.stat().st_mtime >= since - 1.0  # 1 s: coarse filesystem timestamps
+    except OSError:
+        return False
 
 
 def barrier() -> None:

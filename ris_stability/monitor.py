@@ -334,6 +334,10 @@ class StabilityMonitor:
             return ""
         d = self._decision
         data.update(origin_ranks=d.origins, rank=self.dist.rank, world_size=self.dist.world, local_finite=d.local_ok)
+        if not d.origins:
+            return (f"; no rank's local loss or gradients were non-finite before the all-reduce (this is rank "
+                    f"{self.dist.rank} of {self.dist.world}): the reduction itself overflowed, or the step ran before "
+                    "the local hooks were attached (a traced script's first optimizer step)")
         return (f"; originating rank(s) {d.origins} of {self.dist.world} (local loss or gradients non-finite "
                 f"before the all-reduce; this is rank {self.dist.rank})")
 

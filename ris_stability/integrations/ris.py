@@ -233,7 +233,7 @@ def run_trace(config_path: str, overrides: list[str], steps: int | None, out: st
     meta = {"command": "risdiag trace " + " ".join([f"--config {config_name}", *(f"--set {o}" for o in overrides)]),
             "config_path": config_name, "config_hash": config_hash(cfg), "torch": str(torch.__version__),
             "device": cfg.train.device, "dtype": cfg.data.dtype, "remedies": RUN_REMEDIES}
-    view = LiveView(total_steps=cfg.train.steps, enabled=live)
+    view = LiveView(total_steps=cfg.train.steps, enabled=live and distributed.launcher_rank() == 0)
     mon = StabilityMonitor(run_dir, mon_cfg, meta=meta,
                            config_text=text, replayer=REPLAYER, batch_state=batch_state, live=view)
     t0, result = time.perf_counter(), None

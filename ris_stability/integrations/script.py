@@ -8,6 +8,13 @@ parameters, steps are its ``step()`` calls, the loss is what ``backward`` is cal
 Exit codes: 0 clean, 1 non-finite steps (or stopped by ``--on-nonfinite stop``), 2 usage (bad command,
 missing script, syntax error, no optimizer step), 4 the script raised (its traceback is shown, the run is
 marked ``crashed``), or the script's own ``sys.exit`` status.
+
+Under ``torchrun --nproc-per-node N -m ris_stability.cli trace --out DIR -- python SCRIPT.py``: the script
+joins its process group itself; the monitor attaches at its first optimizer step, when the group exists,
+and from then on works as in ``ris_stability.distributed`` (per-rank shards, one collective decision per
+step, origin ranks). Rank 0 alone shows the live view, prints the summary and writes the report, once the
+other ranks have closed their shards; the non-finite verdict is collective, so rank 0's exit code speaks
+for the run and the other ranks exit 0 on it.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ris_stability import distributed
 from ris_stability.autoattach.driver import POLICIES, NonFiniteError
 from ris_stability.autoattach.watch import Watcher
 from ris_stability.live import LiveView
@@ -154,6 +162,9 @@ class ScriptRun:
     error: BaseException | None = None
     traceback: str = ""
     message: str = ""
+    rank: int = 0  # under torchrun: this process's rank and the group's size (as the monitor saw them)
+    world: int = 1
+    started: float = 0.0  # time.time() at the start (rank 0 waits for shards closed since then)
 
 
 def trace_script(argv: Sequence[str], out: str | None = None, *, live: bool = False, every: int = 1,
@@ -167,10 +178,10 @@ def trace_script(argv: Sequence[str], out: str | None = None, *, live: bool = Fa
     text = _config_text(cmd)
     (run_dir / "config.resolved.toml").write_text(text)
     meta = {"command": f"risdiag trace -- {cmd.text}", "script": cmd.target, "script_kind": cmd.kind}
-    view = LiveView(total_steps=0, enabled=live)
+    view = LiveView(total_steps=0, enabled=live and distributed.launcher_rank() == 0)
     w = Watcher(run_dir, on_nonfinite=on_nonfinite, every=every, max_matrices=max_matrices, live=view, meta=meta,
                 config_text=text, replayer=replayer)
-    run = ScriptRun(EXIT_OK, w)
+    run = ScriptRun(EXIT_OK, w, started=time.time())
     with view:
         w.start()
         try:
@@ -200,6 +211,17 @@ def trace_script(argv: Sequence[str], out: str | None = None, *, live: bool = Fa
                            + ": nothing was monitored. For a hand-written update use ris_stability.MonitorSession")
         elif w.status in ("nonfinite", "stopped"):
             run.code = EXIT_NONFINITE
+    return _ranked(run)
+
+
+def _ranked(run: ScriptRun) -> ScriptRun:
+    """Under a process group: this rank; a rank > 0 leaves the collective non-finite verdict to rank 0 (torchrun
+    ends every rank as soon as one exits non-zero, which would cut rank 0's report short)."""
+    watch = run.watcher.monitor.dist
+    if watch is not None:
+        run.rank, run.world = watch.rank, watch.world
+    if run.rank != 0 and run.code == EXIT_NONFINITE:
+        run.code = EXIT_OK
     return run
 
 
@@ -234,6 +256,15 @@ def report_to(run: ScriptRun, console: Console, err: Console, report: bool) -> N
         err.print(run.traceback.rstrip(), highlight=False, markup=False, soft_wrap=True)
     if run.message:
         err.print(f"[bold]risdiag trace:[/bold] {run.message}", highlight=False, soft_wrap=True)
+    if run.rank != 0:  # one summary and one report per run: rank 0's, from every rank's shard
+        return
+    if run.world > 1:
+        crashed = run.watcher.status == "crashed"  # e.g. a peer died: its shard may never be closed
+        missing = distributed.wait_for_shards(run.watcher.run_dir, run.world, run.started,
+                                              timeout_s=5.0 if crashed else distributed.SHARD_WAIT_S)
+        if missing:
+            err.print(f"[bold]risdiag trace:[/bold] rank(s) {missing} did not close their shard; the report shows "
+                      "what they wrote", highlight=False, soft_wrap=True)
     console.print(summary_table(run))
     if report and run.watcher.driver.attached:
         from ris_stability.report.build import build_report

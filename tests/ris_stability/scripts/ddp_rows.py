@@ -1,0 +1,59 @@
+"""A plain data-parallel training script (no ris_stability import), launched by torchrun: it joins the
+gloo process group itself, wraps its model in DistributedDataParallel and trains on its own share of the
+data. Planted fault on rank 1 only: at step --fault-step one row of its batch is all zero, and the row
+norm's sqrt backward turns that into NaN gradients (the loss stays finite). --params DIR: each rank writes
+its final parameter sums to DIR/params<rank>.json (the replicas must stay identical)."""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class RowNorm(nn.Module):
+    def forward(self, h):
+        norm = torch.sqrt((h * h).sum(-1, keepdim=True))  # FAULT: sqrt of a zero-norm row
+        return h / (norm + 1.0)
+
+
+class Net(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.proj = nn.Linear(d, d, bias=False)
+        self.norm = RowNorm()
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x):
+        return self.head(self.norm(self.proj(x)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--fault-step", type=int, default=2)
+    p.add_argument("--params", default="")
+    args = p.parse_args()
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(Net())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(10 + rank)
+    for step in range(args.steps):
+        x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 1, generator=gen)
+        if rank == 1 and step == args.fault_step:
+            x[3] = 0.0
+        loss = nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    if args.params:
+        sums = [p.detach().double().sum().item() for p in model.parameters()]
+        (Path(args.params) / f"params{rank}.json").write_text(json.dumps(sums))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
