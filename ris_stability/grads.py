@@ -107,12 +107,6 @@ def nonfinite_counts(params: Sequence[nn.Parameter], device: torch.device,
     return _per_param(params, counts, device, torch.long, index_cache)
 
 
-def combine_norms(norms: Tensor, index: Tensor, n_groups: int) -> Tensor:
-    """Norm of the concatenation per group, from per-tensor norms (P,) and group indices (P,)."""
-    squares = torch.zeros(n_groups, dtype=norms.dtype, device=norms.device)
-    return squares.index_add_(0, index, norms.square()).sqrt()
-
-
 @dataclass
 class _Term:
     first: Tensor
@@ -151,6 +145,8 @@ class GradMonitor:
         self.last_norms: Tensor | None = None  # float64 grad norms of the last observe_grads
         self._observed = 0
         self._pending: dict[str, Tensor] = {}
+        self._block: tuple[list[str], Tensor] | None = None  # (keys, values + finite flag) of observe_grads
+        self._block_floats: list[float] | None = None
         self._snapshot: list[list[Tensor]] | None = None
         self._terms: dict[str, _Term] = {}
         self._reported_params: set[str] = set()
@@ -170,20 +166,41 @@ class GradMonitor:
         norms = grad_norms(self.params, self.device, self._present_indices)
         if scale != 1.0:
             norms = norms / scale
-        by_module = combine_norms(norms, self._module_index, len(self.modules))
-        for i, module in enumerate(self.modules):
-            self._pending[f"grad/{module}"] = by_module[i]
-        if count_nonfinite:
-            self.count_nonfinite()
-        self._pending[f"grad/{TOTAL_KEY}"] = norms.square().sum().sqrt()
+        squares = norms.square()
+        by_module = torch.zeros(len(self.modules), dtype=norms.dtype, device=norms.device).index_add_(
+            0, self._module_index, squares).sqrt()
+        keys = [f"grad/{module}" for module in self.modules] + [f"grad/{TOTAL_KEY}"]
+        parts = [by_module, squares.sum().sqrt().reshape(1)]
         opts = _as_list(optimizer)
         for k, opt in enumerate(opts):
             for g, group in enumerate(opt.param_groups):
-                picked = norms[self._group_index(group["params"])]
-                self._pending[f"grad_group/{_group_key(k, g, group, len(opts))}"] = picked.square().sum().sqrt()
+                keys.append(f"grad_group/{_group_key(k, g, group, len(opts))}")
+                parts.append(squares[self._group_index(group["params"])].sum().sqrt().reshape(1))
+        finite = torch.isfinite(norms)
+        # One vector per observation, read back once (peek_norms / collect / grads_finite share it); the
+        # last entry is 1 when every norm is finite (float64 norms: finite iff every element is).
+        self._block = (keys, torch.cat(parts + [finite.all().to(norms.dtype).reshape(1)]))
+        self._block_floats = None
+        if count_nonfinite:
+            self.count_nonfinite()
         # A NaN or inf norm is not a usable gradient; a zero norm means no gradient reached the parameter.
-        self._liveness = (torch.isfinite(norms) & (norms > 0), [p.grad is not None for p in self.params])
+        self._liveness = (finite & (norms > 0), [p.grad is not None for p in self.params])
         self.last_norms = norms  # float64, so finite exactly when every gradient element is finite
+
+    def _block_values(self) -> dict[str, float]:
+        if self._block is None:
+            return {}
+        if self._block_floats is None:
+            self._block_floats = self._block[1].tolist()
+        return dict(zip(self._block[0], self._block_floats))
+
+    def grads_finite(self) -> bool | None:
+        """Whether every gradient of the last observe_grads was finite (None before any); shares the one
+        read-back of that observation with peek_norms and collect."""
+        if self._block is None:
+            return None
+        self._block_values()
+        return self._block_floats[-1] == 1.0
 
     def _commit(self) -> None:
         if self._liveness is not None:
@@ -211,8 +228,7 @@ class GradMonitor:
     def peek_norms(self) -> dict[str, float]:
         """The module and total grad norms measured by the last observe_grads, as floats (one sync),
         keyed by module (``_total`` for the total); they stay pending for collect."""
-        pending = {k[len("grad/"):]: v for k, v in self._pending.items() if k.startswith("grad/")}
-        return to_floats(pending) if pending else {}
+        return {k[len("grad/"):]: v for k, v in self._block_values().items() if k.startswith("grad/")}
 
     def count_nonfinite(self) -> None:
         """Count the non-finite elements of the current grads per module (reported by collect when > 0)."""
@@ -281,8 +297,9 @@ class GradMonitor:
         """Everything measured since the last collect, as Python numbers (one device sync), then cleared.
         Keys: ``grad/<module>``, ``grad/_total``, ``grad_nonfinite/<module>`` (int, only when > 0),
         ``grad_group/<group>``, ``update_ratio/<group>``, ``loss/<term>``."""
-        floats = to_floats(self._pending)
-        self._pending = {}
+        floats = self._block_values()
+        floats.update(to_floats(self._pending) if self._pending else {})
+        self._pending, self._block, self._block_floats = {}, None, None
         out: dict[str, float] = {}
         for key, value in floats.items():
             if key.startswith("grad_nonfinite/"):

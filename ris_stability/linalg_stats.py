@@ -22,17 +22,9 @@ import math
 import torch
 from torch import Tensor
 
-from ris_stability.tolerances import eps_of, rank_tol, tie_tol
-
-SPECTRUM_KEYS: tuple[str, ...] = (
-    "n", "rank", "cond", "log10_cond", "lambda_min", "lambda_max", "trace", "herm_err",
-    "min_gap", "gap_split", "min_gap_signal", "min_gap_noise", "max_cluster", "cluster_value",
-    "amplification",
-)
-# Hazards of particular ops (NaN for the others): eig/eigvals eigenvalue separation relative to scale and
-# non-normality (:func:`eig_stats`); pinv: decades between its cut-off and the nearest singular value.
-HAZARD_KEYS: tuple[str, ...] = ("rel_sep", "non_normal", "cutoff_margin")
-STAT_KEYS: tuple[str, ...] = SPECTRUM_KEYS + HAZARD_KEYS
+from ris_stability.spectrum_table import (HAZARD_KEYS, SPECTRUM_KEYS, STAT_KEYS, columns, eigen_table,
+                                         singular_table)
+from ris_stability.tolerances import eps_of
 
 # How each statistic is reduced to the worst case over a batch: these by their minimum, every other one
 # by its maximum (cluster_value follows the largest cluster).
@@ -59,62 +51,6 @@ def _check_spectrum(vals: Tensor, what: str) -> None:
         )
 
 
-def _signal_split(k, batch_shape: torch.Size, n: int, device) -> Tensor | None:
-    """Index of the first signal eigenvalue in ascending order, n - k, clamped to [0, n]; None if unknown."""
-    if k is None:
-        return None
-    if isinstance(k, Tensor):
-        k_t = torch.broadcast_to(k.to(device=device, dtype=torch.long), batch_shape)
-    else:  # a fill, not a host-to-device copy: statistics must not sync with the device
-        k_t = torch.full(batch_shape, int(k), dtype=torch.long, device=device)
-    return n - k_t.clamp(0, n)
-
-
-def _masked_min(values: Tensor, mask: Tensor) -> Tensor:
-    """Min over the last dim of the entries where mask holds; NaN where no entry holds."""
-    filled = torch.where(mask, values, torch.full_like(values, math.inf))
-    return torch.where(mask.any(-1), filled.amin(-1), torch.full_like(filled[..., 0], math.nan))
-
-
-def _gap_stats(ev: Tensor, split: Tensor | None, tol: Tensor) -> dict[str, Tensor]:
-    """Gaps and tied clusters of ascending ``ev`` (..., n) in float64; ``tol`` (...,) is the tie tolerance."""
-    n = ev.shape[-1]
-    # One sentinel column (never a gap, never tied) keeps every reduction over a non-empty dim for n = 1.
-    diffs = torch.cat([ev[..., 1:] - ev[..., :-1], torch.full_like(ev[..., :1], math.inf)], dim=-1)
-    j = torch.arange(n, device=ev.device)
-    is_pair = j < n - 1
-    out = {"min_gap": _masked_min(diffs, is_pair.expand_as(diffs))}
-    if split is None:
-        nan = torch.full_like(ev[..., 0], math.nan)
-        out.update(gap_split=nan, min_gap_signal=nan, min_gap_noise=nan.clone())
-    else:
-        s = split.unsqueeze(-1)
-        out["gap_split"] = _masked_min(diffs, (j == s - 1) & is_pair)
-        out["min_gap_signal"] = _masked_min(diffs, (j >= s) & is_pair)
-        out["min_gap_noise"] = _masked_min(diffs, j <= s - 2)
-    tied = (diffs <= tol.unsqueeze(-1)) & is_pair
-    # Length of the run of tied pairs ending at each position: count since the last untied pair.
-    count = torch.cumsum(tied.to(torch.long), dim=-1)
-    run = count - torch.cummax(torch.where(tied, torch.zeros_like(count), count), dim=-1).values
-    longest, end = run.amax(dim=-1), run.argmax(dim=-1)  # not max(dim): see site_stats.complex_gap_stats
-    hi = ev.gather(-1, (end + 1).clamp(0, n - 1).unsqueeze(-1)).squeeze(-1)
-    lo = ev.gather(-1, (end + 1 - longest).clamp(0, n - 1).unsqueeze(-1)).squeeze(-1)
-    out["max_cluster"] = (longest + 1).to(ev.dtype)
-    out["cluster_value"] = torch.where(longest > 0, (hi + lo) / 2, torch.full_like(hi, math.nan))
-    out["amplification"] = 1.0 / out["min_gap"]
-    return out
-
-
-def _conditioning(mags: Tensor, n: int, dtype: torch.dtype) -> dict[str, Tensor]:
-    """Rank and 2-norm condition number from magnitudes |lambda| or singular values (..., n), float64."""
-    big = mags.amax(-1)
-    small = mags.amin(-1)
-    tol = rank_tol(n, dtype, big)
-    rank = (mags > tol.unsqueeze(-1)).sum(-1).to(mags.dtype)
-    cond = torch.where(small <= tol, torch.full_like(big, math.inf), big / small)
-    return {"rank": rank, "cond": cond, "log10_cond": torch.log10(cond)}
-
-
 def _poison(stats: dict[str, Tensor], bad: Tensor) -> dict[str, Tensor]:
     """NaN every statistic (except n) of the samples whose spectrum was not finite."""
     return {key: value if key == "n" else torch.where(bad, torch.full_like(value, math.nan), value)
@@ -127,24 +63,14 @@ def eigen_stats(eigvals: Tensor, k: Tensor | int | None = None, dtype=None) -> d
     ``k``: signal dimension (the top-k eigenvalues), an int or a tensor broadcastable to the batch shape;
     None when unknown (the split/signal/noise gaps are then NaN). ``dtype``: the dtype of the matrix the
     eigenvalues came from, which sets the tolerances (default: ``eigvals.dtype``).
-    Returns every key of STAT_KEYS except ``herm_err`` as ``(...,)`` float64. ``cond`` is inf when the
-    smallest |lambda| is within the rank tolerance; gaps undefined for the given n/k are NaN; a sample
-    with a non-finite eigenvalue gets NaN everywhere except ``n``.
+    Returns the keys SORTED_KEYS (SPECTRUM_KEYS but ``herm_err``) as ``(...,)`` float64. ``cond`` is inf
+    when the smallest |lambda| is within the rank tolerance; gaps undefined for the given n/k are NaN; a
+    sample with a non-finite eigenvalue gets NaN everywhere except ``n``. Definitions: spectrum_table.
     """
     _check_spectrum(eigvals, "eigen_stats")
     dtype = eigvals.dtype if dtype is None else dtype
     eps_of(dtype)  # reject integer dtypes up front, with the ToleranceError message
-    with torch.no_grad():
-        ev = eigvals.detach().to(_STATS_DTYPE)
-        n = ev.shape[-1]
-        bad = ~torch.isfinite(ev).all(-1)
-        mags = ev.abs()
-        stats = {"n": torch.full_like(ev[..., 0], float(n))}
-        stats.update(_conditioning(mags, n, dtype))
-        stats.update(lambda_min=ev[..., 0], lambda_max=ev[..., -1], trace=ev.sum(-1))
-        split = _signal_split(k, ev.shape[:-1], n, ev.device)
-        stats.update(_gap_stats(ev, split, tie_tol(n, dtype, mags.amax(-1))))
-        return _poison(stats, bad)
+    return columns(eigen_table(eigvals, k=k, dtype=dtype))
 
 
 def singular_stats(svals: Tensor, k=None, dtype=None) -> dict[str, Tensor]:
@@ -158,15 +84,7 @@ def singular_stats(svals: Tensor, k=None, dtype=None) -> dict[str, Tensor]:
     _check_spectrum(svals, "singular_stats")
     dtype = svals.dtype if dtype is None else dtype
     eps_of(dtype)
-    with torch.no_grad():
-        s = svals.detach().to(_STATS_DTYPE)
-        stats = eigen_stats(torch.flip(s, dims=(-1,)) ** 2, k=k, dtype=dtype)
-        r = s.shape[-1]
-        mags = s.abs()
-        stats.update(_conditioning(mags, r, dtype))
-        stats.update(lambda_min=s[..., -1], lambda_max=s[..., 0], trace=s.sum(-1))
-        stats["cluster_value"] = torch.sqrt(stats["cluster_value"])
-        return _poison(stats, ~torch.isfinite(s).all(-1))
+    return columns(singular_table(svals, k=k, dtype=dtype))
 
 
 def hermitian_error(A: Tensor) -> Tensor:
@@ -249,6 +167,12 @@ def worst_segments(rows: Tensor, segment: Tensor, count: int, keys: tuple[str, .
     every group non-empty): a (count, K) tensor, same rules as :func:`worst`, a fixed number of kernels."""
     rows = rows.detach().to(_STATS_DTYPE)
     is_min, keep = _column_masks(keys, rows.device)
+    if rows.shape[0] == count:  # one row per group (a site called once): its worst case is itself
+        red = torch.empty_like(rows).index_copy_(0, segment, rows)
+        if "lambda_max" in keys:
+            broken = torch.isnan(red[:, keys.index("lambda_max")]).unsqueeze(1)
+            red = torch.where(broken & ~keep, math.nan, red)
+        return red
     nan = torch.isnan(rows)
     filled = torch.where(nan, torch.where(is_min, math.inf, -math.inf).to(rows.dtype), rows)
     index = segment.unsqueeze(1).expand_as(rows)

@@ -259,6 +259,10 @@ class StabilityMonitor:
 
     def _grads_finite(self, ctx: Any, norms: torch.Tensor | None = None) -> bool:
         """One device sync for gradients and loss together; ``norms``: this step's float64 grad norms."""
+        if norms is not None and norms is self.grads.last_norms and ctx.loss is not None and ctx.loss.numel() == 1 \
+                and not ctx.loss.is_complex():
+            # The grad monitor's one read-back already holds the verdict; the loss is one number.
+            return bool(self.grads.grads_finite()) and math.isfinite(float(ctx.loss.detach()))
         if norms is None:
             grads = [p.grad for p in ctx.model.parameters() if p.grad is not None]
             # float64 norms: finite iff every element is finite (a float32 norm overflows for grads ~1e19).

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ris_stability.linalg_stats import (STAT_KEYS, eig_stats, eigen_stats, hermitian_error, matrix_stats,
                                        pinv_cutoff_margin, singular_stats)
+from ris_stability.spectrum_table import eigen_table, singular_table
 from ris_stability.tolerances import tie_tol
 
 StatsFn = Callable[[Tensor, Any, Any], dict[str, Tensor]]
@@ -26,11 +27,14 @@ StatsFn = Callable[[Tensor, Any, Any], dict[str, Tensor]]
 @dataclass(frozen=True)
 class Kind:
     """How a kind of op is measured: its statistics, which outputs hold vectors whose gradient is the
-    tie hazard, and whether its input is Hermitian by contract (a Hermitian error is then a finding)."""
+    tie hazard, and whether its input is Hermitian by contract (a Hermitian error is then a finding).
+    ``table``: the same statistics as one (b, len(STAT_KEYS)) tensor, for the kinds measured from the
+    spectrum they return (fewer kernels than a dict of columns: the probe's per-step cost)."""
 
     stats: StatsFn
     vector_outputs: tuple[int, ...] = ()
     hermitian: bool = False
+    table: Callable[[Tensor, Any, Any], Tensor] | None = None
 
 
 def nan_rows(flat: Tensor) -> Tensor:
@@ -81,6 +85,18 @@ def _eigvalsh(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
     return eigen_stats(_first(out, flat.shape[0]), k=k, dtype=flat.dtype)
 
 
+def _eigh_table(flat: Tensor, out: Any, k) -> Tensor:
+    values = out[0] if isinstance(out, (tuple, list)) else out
+    return eigen_table(_first(values, flat.shape[0]), k=k, dtype=flat.dtype, herm_err=hermitian_error(flat))
+
+
+def _svd_table(index: int | None):
+    def table(flat: Tensor, out: Any, k) -> Tensor:
+        s = out if index is None else out[index]
+        return singular_table(_first(s, flat.shape[0]), k=k, dtype=flat.dtype)
+    return table
+
+
 def _svd_at(index: int | None) -> StatsFn:
     def stats(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
         if out is None:
@@ -118,12 +134,12 @@ def _pinv(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
 
 
 KINDS: dict[str, Kind] = {
-    "eigh": Kind(_eigh, vector_outputs=(1,), hermitian=True),
-    "eigvalsh": Kind(_eigvalsh, hermitian=True),
+    "eigh": Kind(_eigh, vector_outputs=(1,), hermitian=True, table=_eigh_table),
+    "eigvalsh": Kind(_eigvalsh, hermitian=True, table=_eigh_table),
     "herm": Kind(lambda flat, out, k: matrix_stats(flat, k=k), hermitian=True),
-    "svd": Kind(_svd_at(1), vector_outputs=(0, 2)),
-    "svd_old": Kind(_svd_at(1), vector_outputs=(0, 2)),
-    "svdvals": Kind(_svd_at(None)),
+    "svd": Kind(_svd_at(1), vector_outputs=(0, 2), table=_svd_table(1)),
+    "svd_old": Kind(_svd_at(1), vector_outputs=(0, 2), table=_svd_table(1)),
+    "svdvals": Kind(_svd_at(None), table=_svd_table(None)),
     "general": Kind(general_stats),
     "eig": Kind(_eig_at(0), vector_outputs=(1,)),
     "eigvals": Kind(_eig_at(None)),
@@ -139,6 +155,8 @@ def register_kind(name: str, stats: StatsFn, vector_outputs: tuple[int, ...] = (
 def stat_rows(kind: str, flat: Tensor, out: Any, k) -> Tensor:
     """(b, len(STAT_KEYS)) float64 statistics of the call, one row per matrix, columns in STAT_KEYS order."""
     spec = KINDS[kind]
+    if spec.table is not None and out is not None:
+        return spec.table(flat, out, k)
     stats = spec.stats(flat, out, k)
     if spec.hermitian and "herm_err" not in stats:
         stats["herm_err"] = hermitian_error(flat)

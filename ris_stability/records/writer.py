@@ -49,6 +49,19 @@ def _jsonable(value: Any, key: str, keep_nonfinite: bool = False) -> Any:
     )
 
 
+_PLAIN = (int, bool, str, type(None))
+
+
+def _row_value(value: Any, key: str) -> Any:
+    """A step row's value: the common float / int / bool / str without the general walk of _jsonable."""
+    kind = type(value)
+    if kind is float:
+        return value if math.isfinite(value) else _nonfinite_text(value)
+    if kind in _PLAIN:
+        return value
+    return _jsonable(value, key, keep_nonfinite=True)
+
+
 def _nonfinite_text(value: float) -> str:
     return "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
 
@@ -130,7 +143,8 @@ class TraceWriter:
             raise ValueError(f"step row needs an integer 'step' key, got {row.get('step')!r}")
         full = dict(row)
         full.setdefault("time_s", self.elapsed())
-        self._append(self._steps, _dumps(full, "step row", keep_nonfinite=True))
+        flat = {str(key): _row_value(value, key) for key, value in full.items()}
+        self._append(self._steps, json.dumps(flat, allow_nan=False, separators=(",", ":")))
         for listener in self.listeners:
             listener("step", full)
 

@@ -226,3 +226,21 @@ def test_segmented_worst_equals_worst_per_group():
         assert dict(zip(STAT_KEYS, table[i].tolist())) == pytest.approx(want, nan_ok=True)
     assert table[2, STAT_KEYS.index("max_cluster")] == 3 and table[2, STAT_KEYS.index("cluster_value")] == 1.0
     assert math.isnan(table[1, STAT_KEYS.index("rank")])  # a broken spectrum poisons its own group only
+
+
+def test_segmented_worst_one_row_per_group_equals_worst():
+    """The one-row-per-group shortcut (a site called once) keeps worst()'s rules, whatever the order."""
+    from ris_stability.linalg_stats import STAT_KEYS, worst_segments
+    torch.manual_seed(4)
+    a = torch.randn(3, 4, 4, dtype=torch.float64)
+    stats = matrix_stats(a @ a.mT, k=1)
+    stats = {key: stats.get(key, torch.full_like(stats["n"], math.nan)) for key in STAT_KEYS}
+    stats["lambda_max"][1] = math.nan  # a broken spectrum in the second row only
+    rows = torch.stack([stats[k] for k in STAT_KEYS], -1)
+    segment = torch.tensor([2, 0, 1])
+    table = worst_segments(rows, segment, 3)
+    for r, g in enumerate(segment.tolist()):
+        want = to_floats(worst({k: v[r:r + 1] for k, v in stats.items()}))
+        assert dict(zip(STAT_KEYS, table[g].tolist())) == pytest.approx(want, nan_ok=True)
+    assert math.isnan(table[0, STAT_KEYS.index("rank")]) and table[0, STAT_KEYS.index("n")] == 4
+    assert not math.isnan(table[2, STAT_KEYS.index("rank")])
