@@ -15,6 +15,7 @@ from ris_stability import distributed
 from ris_stability.bisect import bisect_capsule
 from ris_stability.capsule import Capsule
 from ris_stability.report.ranks import ranks_blocks
+from ris_stability.tolerances import eps_of
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "scripts" / "ddp_worker.py"
@@ -184,3 +185,19 @@ def test_dead_rank_stops_the_others_with_a_clear_message(tmp_path):
     for shard in (tmp_path, tmp_path / "rank1"):  # flushed line by line: rank 1's shard holds steps 0..2
         steps = [json.loads(line)["step"] for line in (shard / "steps.jsonl").read_text().splitlines()]
         assert steps == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_two_ranks_train_like_one_process_at_the_same_global_batch():
+    """benchmarks/ddp_loss_match.py on quickstart: at step 0 the 2-rank loss (mean of the ranks' equal-share
+    losses) and the averaged gradient's norm equal the 1-process ones to float32 reduction-order tolerance (a
+    wrong share, a sum instead of an average, or other samples would be off by percents); over the steps the
+    curves stay within the run-to-run noise of another train.seed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ddp_loss_match.py"), "--steps", "5", "--seeds",
+                           "0", "1", "--json"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    tol = 64 * eps_of(torch.float32)
+    assert r["first_rel_diff"] <= tol and r["first_grad_norm_rel_diff"] <= tol, r
+    assert r["max_rel_diff"] < r["seed_max_rel_diff"][0], r
