@@ -153,8 +153,12 @@ class RankWatch:
         self._queued = False  # the end-of-backward check is queued for the backward in progress
         self.local_grads: dict[str, torch.Tensor] | None = None  # this step's local gradients, if non-finite
         self.step: int | None = None
+        self._early = False  # attached during a step that has not started yet (a traced script's first step)
 
-    def attach(self, model: torch.nn.Module, capture: bool = True) -> None:
+    def attach(self, model: torch.nn.Module, capture: bool = True, early: bool = False) -> None:
+        """``early``: the step in progress starts (``start_step``) only after its backward; what this
+        backward shows is kept for it instead of being reset."""
+        self._early = early
         device = _device_of(model)
         self._sq = torch.zeros((), dtype=torch.float64, device=device)
         self._capture = capture
@@ -179,8 +183,21 @@ class RankWatch:
         if self._sq is not None and not bool(torch.isfinite(self._sq)):
             self.local_grads = {n: p.grad.detach().clone() for n, p in self._params if p.grad is not None}
 
+    def rename(self, model: torch.nn.Module) -> None:
+        """Name the watched parameters (and any captured local gradient) by their names in ``model``,
+        matched by identity; parameters outside ``model`` stay watched under their old names."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        old = {n: names.get(id(p), n) for n, p in self._params}
+        self._params = [(old[n], p) for n, p in self._params]
+        if self.local_grads is not None:
+            self.local_grads = {old.get(n, n): g for n, g in self.local_grads.items()}
+
     def start_step(self, step: int) -> None:
-        self.step, self._queued, self.local_grads = step, False, None
+        self.step, self._queued = step, False
+        if self._early:  # this step's backward has already been watched: keep what it showed
+            self._early = False
+            return
+        self.local_grads = None
         if self._sq is not None:
             self._sq.zero_()
 

@@ -112,6 +112,7 @@ class StabilityMonitor:
         self.overflow = False  # this step's gradients overflowed under a GradScaler (the scaler skips it)
         self.limitations: list[str] = []
         self.dist: distributed.RankWatch | None = None  # under torch.distributed: local checks + collective decision
+        self.early_watch: distributed.RankWatch | None = None  # attached before the monitor (see _attach_distributed)
         self._decision: distributed.Decision | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -141,8 +142,12 @@ class StabilityMonitor:
         """Under a process group: this rank's shard folder, its local gradient watch; live view on rank 0."""
         if not distributed.active() or self.dist is not None:
             return
-        self.dist = distributed.RankWatch()
-        self.dist.attach(model, capture=capture)
+        if self.early_watch is not None:  # watched the step in progress since its backward (a traced script)
+            self.dist, self.early_watch = self.early_watch, None
+            self.dist.rename(model)
+        else:
+            self.dist = distributed.RankWatch()
+            self.dist.attach(model, capture=capture)
         self.run_dir = distributed.shard_dir(self.run_dir, self.dist.rank)
         self.meta.update(rank=self.dist.rank, world_size=self.dist.world)
         if self.dist.rank != 0:
@@ -340,8 +345,8 @@ class StabilityMonitor:
         data.update(origin_ranks=d.origins, rank=self.dist.rank, world_size=self.dist.world, local_finite=d.local_ok)
         if not d.origins:
             return (f"; no rank's local loss or gradients were non-finite before the all-reduce (this is rank "
-                    f"{self.dist.rank} of {self.dist.world}): the reduction itself overflowed, or the step ran before "
-                    "the local hooks were attached (a traced script's first optimizer step)")
+                    f"{self.dist.rank} of {self.dist.world}): the all-reduced gradient itself overflowed, or a "
+                    "gradient outside the watched parameters went non-finite")
         return (f"; originating rank(s) {d.origins} of {self.dist.world} (local loss or gradients non-finite "
                 f"before the all-reduce; this is rank {self.dist.rank})")
 

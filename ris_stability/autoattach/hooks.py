@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from ris_stability import distributed
 from ris_stability.autoattach.driver import StepDriver, optimizer_params
 from ris_stability.frames import _is_user
 
@@ -97,6 +98,7 @@ class AutoAttach:
         self._root_handles: list[Any] = []
         self._discovery: _Discovery | None = None
         self._backward = None
+        self._early: distributed.RankWatch | None = None
         self.steps_seen = 0
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -116,6 +118,7 @@ class AutoAttach:
 
         def backward(tensors: Any, *args: Any, **kwargs: Any) -> None:
             loss = tensors if isinstance(tensors, Tensor) else None
+            self._watch_early()
             driver.before_backward(loss)
             try:
                 original(tensors, *args, **kwargs)
@@ -132,7 +135,24 @@ class AutoAttach:
             self._discovery = _Discovery(driver)
         return self
 
+    def _watch_early(self) -> None:
+        """Under torch.distributed, at the first backward before any optimizer step: watch the local
+        gradients of the modules seen so far, so that the first step's originating rank is known too (the
+        monitor attaches only at the first optimizer step, after DDP has averaged that step's gradients)."""
+        if self.optimizer is not None or self._discovery is None or self._early is not None:
+            return
+        if not distributed.active() or not self._discovery.seen:
+            return
+        holder = nn.ModuleList([m for m, _ in self._discovery.seen.values()])  # references, nothing changed
+        self._early = distributed.RankWatch()
+        self._early.attach(holder, capture=not distributed.grads_are_bucket_views(holder), early=True)
+        self.driver.monitor.early_watch = self._early
+
     def remove(self) -> None:
+        if self._early is not None and self.driver.monitor.early_watch is self._early:  # never adopted
+            self._early.detach()
+            self.driver.monitor.early_watch = None
+        self._early = None
         if self._backward is not None:
             torch.autograd.backward = self._backward
             self._backward = None

@@ -140,20 +140,26 @@ def test_ris_trace_under_torchrun_one_all_reduce_per_step(tmp_path):
 def test_traced_script_under_torchrun(tmp_path):
     """`torchrun --nproc-per-node 2 -m ris_stability.cli trace --out DIR -- python ddp_rows.py`: an outside-style
     script that joins its gloo group and wraps its model in DDP itself, a gradient-only fault on rank 1 at
-    step 2. Both ranks skip step 2 (replicas stay identical), rank 1 is named as the origin and writes the
-    capsule, rank 0 writes the report from both shards, one all-reduce per step, exit 1."""
+    steps 0 and 2 (step 0 runs before the monitor attaches at the first optimizer step). Both ranks skip
+    those steps (replicas stay identical), rank 1 is named as the origin of both and writes the capsules with
+    its local gradients, rank 0 writes the report from both shards, one all-reduce per step, exit 1."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "run"
     cmd = _torchrun(str(WORKER.parent / "count_collectives.py"), str(tmp_path), "ris_stability.cli", "trace",
                     "--no-live", "--out", str(run_dir), "--", "python", str(WORKER.parent / "ddp_rows.py"),
-                    "--steps", "6", "--params", str(tmp_path))
+                    "--steps", "6", "--fault-steps", "0", "2", "--params", str(tmp_path))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
     for shard in (run_dir, run_dir / "rank1"):
-        assert json.loads((shard / "summary.json").read_text())["skipped_steps"] == [2]
+        assert json.loads((shard / "summary.json").read_text())["skipped_steps"] == [0, 2]
         bad = [e for e in read_events(shard) if e["kind"].startswith("nonfinite")]
-        assert [(e["step"], e["data"]["origin_ranks"]) for e in bad] == [(2, [1])]
-    assert not (run_dir / "capsules").exists() and len(list((run_dir / "rank1" / "capsules").glob("*.pt"))) == 1
+        assert [(e["step"], e["data"]["origin_ranks"]) for e in bad] == [(0, [1]), (2, [1])]
+    assert not (run_dir / "capsules").exists()
+    caps = [Capsule.load(p) for p in sorted((run_dir / "rank1" / "capsules").glob("*.pt"))]
+    assert [c.step for c in caps] == [0, 2]
+    for cap in caps:  # the local gradients, under the model's own names; NaN where the zero row's sqrt was
+        assert cap.meta["local_grads"] and sorted(cap.grads) == ["head.bias", "head.weight", "proj.weight"]
+        assert torch.isnan(cap.grads["proj.weight"]).any() and torch.isfinite(cap.grads["head.bias"]).all()
     params = [json.loads((tmp_path / f"params{r}.json").read_text()) for r in (0, 1)]
     assert params[0] == params[1]
     report = (run_dir / "report.md").read_text()

@@ -1,6 +1,6 @@
 """A plain data-parallel training script (no ris_stability import), launched by torchrun: it joins the
 gloo process group itself, wraps its model in DistributedDataParallel and trains on its own share of the
-data. Planted fault on rank 1 only: at step --fault-step one row of its batch is all zero, and the row
+data. Planted fault on rank 1 only: at each of --fault-steps one row of its batch is all zero, and the row
 norm's sqrt backward turns that into NaN gradients (the loss stays finite). --params DIR: each rank writes
 its final parameter sums to DIR/params<rank>.json (the replicas must stay identical)."""
 import argparse
@@ -32,7 +32,7 @@ class Net(nn.Module):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--fault-step", type=int, default=2)
+    p.add_argument("--fault-steps", type=int, nargs="*", default=[2])
     p.add_argument("--params", default="")
     args = p.parse_args()
     dist.init_process_group("gloo")
@@ -43,7 +43,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(10 + rank)
     for step in range(args.steps):
         x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 1, generator=gen)
-        if rank == 1 and step == args.fault_step:
+        if rank == 1 and step in args.fault_steps:
             x[3] = 0.0
         loss = nn.functional.mse_loss(model(x), y)
         optimizer.zero_grad()
