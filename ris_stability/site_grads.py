@@ -58,7 +58,7 @@ class BackwardRecord:
         with torch.no_grad():
             if self._vec_grads:
                 norms = torch.stack([n.to(self._vec_grads[0].device) for n in float64_norms(self._vec_grads)])
-                received = (norms > 0).any() | torch.isnan(norms).any()
+                received = (norms != 0).any()  # a positive norm or a NaN one (norms are never negative)
                 self.vec = received if self.vec is None else self.vec | received.to(self.vec.device)
             if self._back:
                 grads, scales = zip(*self._back)

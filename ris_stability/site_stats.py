@@ -206,8 +206,11 @@ def batched_rows(calls: list[tuple[str, Tensor, Any, Any]]) -> list[tuple[str, T
         groups.setdefault(_group_key(*call), []).append(call)
     merged = []
     for members in groups.values():
-        kind, _, parts, k = members[0]
-        flat = torch.cat([m[1] for m in members]) if len(members) > 1 else members[0][1]
+        kind, flat, parts, k = members[0]
+        if len(members) == 1:
+            merged.append((kind, flat, parts, k))
+            continue
+        flat = torch.cat([m[1] for m in members])
         if isinstance(parts, tuple):
             parts = tuple(torch.cat([m[2][i] for m in members]) for i in range(len(parts)))
         elif parts is not None:
