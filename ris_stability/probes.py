@@ -43,7 +43,7 @@ from ris_stability.frames import caller_location, user_stack
 from ris_stability.linalg_stats import STAT_KEYS, matrix_stats, worst_rows, worst_segments
 from ris_stability.records.schema import SettingError
 from ris_stability.site_stats import KINDS, NOT_BATCHABLE, batch_parts, batched_rows, nan_rows, stat_rows
-from ris_stability.site_grads import BackwardRecord, norm64
+from ris_stability.site_grads import BackwardRecord
 from ris_stability.tracker import ModuleTracker
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class SpectralProbe:
                 site.flush(self._measure)
         node = _grad_node(out)
         if node is not None:
-            node.register_hook(site.grads.backward_hook(norm64(matrices.detach())))
+            node.register_hook(site.grads.backward_hook(matrices.detach()))
         if kind == "eig" and out is not None and out[1].requires_grad:
             n, b = matrices.shape[-1], flat.shape[0]
             w, V = out[0].detach().reshape(-1, n)[:b], out[1].detach().reshape(-1, n, n)[:b]

@@ -41,7 +41,11 @@ class BackwardRecord:
             return None
         return hook
 
-    def backward_hook(self, scale: Tensor) -> Callable:
+    def backward_hook(self, matrix: Tensor) -> Callable:
+        """Hook for the op's autograd node; ``matrix``: the op's (detached) input, whose norm scales the
+        gradient it receives (kept by reference when small and measured in :meth:`settle` with the others)."""
+        scale = matrix if matrix.numel() <= _KEEP_NUMEL else norm64(matrix)
+
         def hook(grad_inputs, grad_outputs) -> None:
             g = grad_inputs[0] if grad_inputs else None
             if g is not None:
@@ -64,7 +68,7 @@ class BackwardRecord:
                 grads, scales = zip(*self._back)
                 dev = grads[0].device
                 sq = (torch.stack([n.to(dev) for n in float64_norms(list(grads))]) * torch.stack(
-                    [x.to(dev) for x in scales])).square().sum()
+                    [x.to(dev) for x in float64_norms(list(scales))])).square().sum()
                 self.back = sq if self.back is None else self.back + sq.to(self.back.device)
             for w, V, gV in _same_shapes(self._eig):
                 noise, terms = eig_backward_terms(w, V, gV)
