@@ -1,7 +1,7 @@
 """Replay time of one quickstart training step under the NaN locator vs a plain forward + backward.
 
 The locator is only used on replay (``risdiag bisect``); this prints what that replay costs relative to
-the step itself, measured in one process (median of repeats). Usage: python benchmarks/bisect_bench.py
+the step itself, measured in one process (plain and located runs alternate; medians). Usage: python benchmarks/bisect_bench.py
 """
 
 from __future__ import annotations
@@ -33,13 +33,16 @@ def make_capsule(config: str) -> Capsule:
                    optimizer_state=None, rng=capture_rng(), config_text=dumps_toml(cfg), meta={"replayer": REPLAYER})
 
 
-def timed(fn, repeats: int) -> float:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+def timed_pairs(a, b, repeats: int) -> tuple[float, float, float]:
+    """Median times of ``a`` and ``b`` run alternately (a, b, b, a, ...: neither always runs first), and
+    the median of the per-pair ratios b / a."""
+    ta, tb = [], []
+    for i in range(repeats):
+        for fn, out in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb), statistics.median([y / x for x, y in zip(ta, tb)])
 
 
 def main() -> None:
@@ -60,12 +63,14 @@ def main() -> None:
         assert Locator(roots=rep.roots).run(rep.loss) is None
 
     plain()  # warm up
-    t_plain, t_loc = timed(plain, args.repeats), timed(located, args.repeats)
+    located()
+    t_plain, t_loc, ratio = timed_pairs(plain, located, args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, config {args.config}, "
-          f"batch {rep.batch.size}, median of {args.repeats}")
+          f"batch {rep.batch.size}, median of {args.repeats} interleaved pairs")
     print(f"plain step (forward+backward): {t_plain * 1e3:8.1f} ms")
     print(f"under the locator:             {t_loc * 1e3:8.1f} ms")
-    print(f"ratio locator / plain:         {t_loc / t_plain:8.2f}x")
+    print(f"ratio locator / plain:         {ratio:8.2f}x (median of the per-pair ratios; goal <= 1.5x: "
+          f"{'met' if ratio <= 1.5 else 'NOT met'})")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Step time with the StabilityMonitor off, on every step, on every 10 steps, and under detect_anomaly.
 
-One process; rounds interleaved (off, every=1, every=10, anomaly, off, ...) so that machine load hits
-every mode alike. The step time of a run is the mean over all its timed steps (monitored steps included;
+One process; rounds interleaved (off, every=1, every=10, anomaly, watch, then the same rotated by one,
+...) so that machine load hits every mode alike. The step time of a run is the mean over all its timed steps (monitored steps included;
 the first ``--warmup`` steps of each run are not timed); each ratio is taken within a round and the min
 and median over rounds are printed. ``stats`` is the time spent computing the spectral statistics
 (``SpectralProbe._reduce``, every step); ``fixed`` = added time per step - stats.
@@ -10,8 +10,13 @@ Workloads: the ris_model configs (``--configs``, default quickstart and default)
 outside-style models (benchmarks/outside_models.py): ``gpt`` (tiny transformer, ~5 ms/step), ``whiten``
 (whitening via eigh, ~1 ms/step), ``persample`` (a per-sample loop of small eigh + solve calls).
 
+``--clock cpu`` times with the process's CPU time instead of the wall clock: on a machine shared with
+other jobs the wall clock charges their time slices to whichever mode was running; CPU time does not
+(it still sees cache and memory-bandwidth contention). With a GPU use the wall clock.
+
 Usage: python benchmarks/monitor_overhead.py [--steps 20] [--rounds 3] [--model gpt whiten persample]
        [--configs quickstart.toml default.toml | --configs] [--set train.device=cuda] [--device cuda]
+       [--clock wall|cpu]
 """
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ WATCH_GOAL = 1.02  # watch() vs an explicit MonitorSession, every step
 GOALS = {"quickstart.toml": 1.03, "default.toml": 1.03, "gpt": 1.10}  # every=1 ratio goals
 CUDA_GOALS = {"quickstart.toml": 1.05}
 FIXED_GOAL_MS = 0.3
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter  # set from --clock
 
 
 class StatsClock:
@@ -49,14 +56,14 @@ class StatsClock:
 
     @contextlib.contextmanager
     def installed(self):
-        clock = self
+        stats = self
 
         def timed(probe):
-            t0 = time.perf_counter()
+            t0 = clock()
             try:
-                return clock._real(probe)
+                return stats._real(probe)
             finally:
-                clock.seconds += time.perf_counter() - t0
+                stats.seconds += clock() - t0
         SpectralProbe._reduce = timed
         try:
             yield self
@@ -83,7 +90,7 @@ def run_workload(name: str, mode: str, steps: int, warmup: int, tmp: Path, devic
         for step in range(warmup + steps):
             if step == warmup:
                 _sync(device)
-                t0 = time.perf_counter()
+                t0 = clock()
             if s is not None:
                 s.start_step(step)
             work.optimizer.zero_grad(set_to_none=True)
@@ -96,7 +103,7 @@ def run_workload(name: str, mode: str, steps: int, warmup: int, tmp: Path, devic
             if s is not None:
                 s.end_step()
         _sync(device)
-        return (time.perf_counter() - t0) / steps
+        return (clock() - t0) / steps
 
 
 class StepClock:
@@ -106,10 +113,10 @@ class StepClock:
         self.warmup, self.starts = warmup, []
 
     def on_step_start(self, ctx) -> None:
-        self.starts.append(time.perf_counter())
+        self.starts.append(clock())
 
     def on_train_end(self, ctx) -> None:
-        self.starts.append(time.perf_counter())
+        self.starts.append(clock())
 
     def mean_step(self) -> float:
         timed = self.starts[self.warmup:]
@@ -135,8 +142,9 @@ def measure(run, rounds: int, modes: tuple[str, ...]) -> tuple[dict[str, list[fl
     """Seconds per step per mode and round (interleaved), and the statistics seconds per every=1 step."""
     times: dict[str, list[float]] = {m: [] for m in modes}
     stats: list[float] = []
-    for _ in range(rounds):
-        for mode in modes:
+    for r in range(rounds):
+        # The order rotates every round, so no mode always runs first (cold caches) or after the same mode.
+        for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
             with StatsClock().installed() as clock:
                 times[mode].append(run(mode))
             if mode == "every=1":
@@ -186,10 +194,15 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override, e.g. train.device=cuda")
     ap.add_argument("--device", default="cpu", help="device of the outside models")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for the outside models (0: torch's default)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall: elapsed time; cpu: this process's CPU time (robust to other jobs on the machine)")
     args = ap.parse_args()
+    global clock
+    clock = CLOCKS[args.clock]
     modes = tuple(m for m in MODES if not (args.no_anomaly and m == "anomaly"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds interleaved, "
-          f"ratios to 'off' within a round: min and median over rounds; overrides {args.overrides or 'none'}")
+          f"ratios to 'off' within a round: min and median over rounds; {args.clock} clock; overrides "
+          f"{args.overrides or 'none'}")
     short = {"every=1": "e1", "every=10": "e10", "anomaly": "anom", "watch": "watch"}
     print(f"{'workload':<18}{'off min':>9}{'off med':>9}" + "".join(f"{short[m] + ' min':>9}{short[m] + ' med':>9}"
                                                                for m in modes[1:])

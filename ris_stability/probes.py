@@ -43,7 +43,7 @@ from ris_stability.frames import caller_location, user_stack
 from ris_stability.linalg_stats import STAT_KEYS, matrix_stats, worst_rows, worst_segments
 from ris_stability.records.schema import SettingError
 from ris_stability.site_stats import KINDS, NOT_BATCHABLE, batch_parts, batched_rows, nan_rows, stat_rows
-from ris_stability.site_grads import BackwardRecord, norm64
+from ris_stability.site_grads import BackwardRecord
 from ris_stability.tracker import ModuleTracker
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class SpectralProbe:
                 site.flush(self._measure)
         node = _grad_node(out)
         if node is not None:
-            node.register_hook(site.grads.backward_hook(norm64(matrices.detach())))
+            node.register_hook(site.grads.backward_hook(matrices.detach()))
         if kind == "eig" and out is not None and out[1].requires_grad:
             n, b = matrices.shape[-1], flat.shape[0]
             w, V = out[0].detach().reshape(-1, n)[:b], out[1].detach().reshape(-1, n, n)[:b]
@@ -302,18 +302,22 @@ class SpectralProbe:
             site.flush(self._measure)
             site.grads.settle()
         # One segmented reduction over the rows of every site: a fixed number of kernels per collect.
-        rows = torch.cat([chunk.to(torch.float64) for site in active for chunk in site.chunks])
+        chunks = [chunk for site in active for chunk in site.chunks]
+        rows = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         device = rows.device
-        segment = torch.cat([torch.full((chunk.shape[0],), i, dtype=torch.long, device=device)
-                             for i, site in enumerate(active) for chunk in site.chunks])
+        if rows.shape[0] == len(active):  # one row per site, in site order: no segment ids to build
+            segment = None
+        else:
+            segment = torch.cat([torch.full((chunk.shape[0],), i, dtype=torch.long, device=device)
+                                 for i, site in enumerate(active) for chunk in site.chunks])
         worst = worst_segments(rows, segment, len(active))
         zero = torch.zeros((), dtype=torch.float64, device=device)
         nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
-        extra = torch.stack([torch.stack([
+        extra = torch.stack([value for site in active for value in (
             zero if site.grads.vec is None else site.grads.vec.to(device, torch.float64),
             nan if site.grads.back is None else site.grads.back.to(device).sqrt(),
-            *[site.grads.eig_terms.get(key, nan).to(device).reshape(()) for key in EIG_TERM_KEYS]]) for site in active])
-        table = torch.cat([worst, extra], dim=1)
+            *[site.grads.eig_terms.get(key, nan).to(device).reshape(()) for key in EIG_TERM_KEYS])])
+        table = torch.cat([worst, extra.view(len(active), 2 + len(EIG_TERM_KEYS))], dim=1)
         infos = [_Site(site.name, site.op, site.location, site.module, site.calls, site.requires_grad)
                  for site in active]
         for site in active:

@@ -41,7 +41,11 @@ class BackwardRecord:
             return None
         return hook
 
-    def backward_hook(self, scale: Tensor) -> Callable:
+    def backward_hook(self, matrix: Tensor) -> Callable:
+        """Hook for the op's autograd node; ``matrix``: the op's (detached) input, whose norm scales the
+        gradient it receives (kept by reference when small and measured in :meth:`settle` with the others)."""
+        scale = matrix if matrix.numel() <= _KEEP_NUMEL else norm64(matrix)
+
         def hook(grad_inputs, grad_outputs) -> None:
             g = grad_inputs[0] if grad_inputs else None
             if g is not None:
@@ -58,13 +62,13 @@ class BackwardRecord:
         with torch.no_grad():
             if self._vec_grads:
                 norms = torch.stack([n.to(self._vec_grads[0].device) for n in float64_norms(self._vec_grads)])
-                received = (norms > 0).any() | torch.isnan(norms).any()
+                received = (norms != 0).any()  # a positive norm or a NaN one (norms are never negative)
                 self.vec = received if self.vec is None else self.vec | received.to(self.vec.device)
             if self._back:
                 grads, scales = zip(*self._back)
                 dev = grads[0].device
                 sq = (torch.stack([n.to(dev) for n in float64_norms(list(grads))]) * torch.stack(
-                    [x.to(dev) for x in scales])).square().sum()
+                    [x.to(dev) for x in float64_norms(list(scales))])).square().sum()
                 self.back = sq if self.back is None else self.back + sq.to(self.back.device)
             for w, V, gV in _same_shapes(self._eig):
                 noise, terms = eig_backward_terms(w, V, gV)

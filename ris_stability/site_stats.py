@@ -177,6 +177,8 @@ def stat_rows(kind: str, flat: Tensor, out: Any, k) -> Tensor:
 _OUTPUT_KINDS = frozenset({"eigh", "eigvalsh", "svd", "svd_old", "svdvals", "eig", "eigvals"})
 _INPUT_KINDS = frozenset({"herm", "general", "pinv"})
 NOT_BATCHABLE = object()
+# The output each tuple-returning kind's statistics read: eigenvalues of eigh/eig, S of svd.
+_SPECTRUM_OUTPUT = {"eigh": (0,), "eig": (0,), "svd": (1,), "svd_old": (1,)}
 
 
 def batch_parts(kind: str, out: Any, batch_dims: int, b: int) -> Any:
@@ -189,7 +191,10 @@ def batch_parts(kind: str, out: Any, batch_dims: int, b: int) -> Any:
     items = out if isinstance(out, (tuple, list)) else (out,)
     if not all(isinstance(t, Tensor) and t.dim() >= batch_dims for t in items):
         return NOT_BATCHABLE
-    flat = tuple(t.detach().reshape(-1, *t.shape[batch_dims:])[:b] for t in items)
+    # Only the output the statistics read (the spectrum); the vectors would be copied for nothing.
+    used = _SPECTRUM_OUTPUT.get(kind, range(len(items)))
+    flat = tuple(t.detach().reshape(-1, *t.shape[batch_dims:])[:b] if i in used else None
+                 for i, t in enumerate(items))
     return flat if isinstance(out, (tuple, list)) else flat[0]
 
 
@@ -206,10 +211,14 @@ def batched_rows(calls: list[tuple[str, Tensor, Any, Any]]) -> list[tuple[str, T
         groups.setdefault(_group_key(*call), []).append(call)
     merged = []
     for members in groups.values():
-        kind, _, parts, k = members[0]
-        flat = torch.cat([m[1] for m in members]) if len(members) > 1 else members[0][1]
+        kind, flat, parts, k = members[0]
+        if len(members) == 1:
+            merged.append((kind, flat, parts, k))
+            continue
+        flat = torch.cat([m[1] for m in members])
         if isinstance(parts, tuple):
-            parts = tuple(torch.cat([m[2][i] for m in members]) for i in range(len(parts)))
+            parts = tuple(None if parts[i] is None else torch.cat([m[2][i] for m in members])
+                          for i in range(len(parts)))
         elif parts is not None:
             parts = torch.cat([m[2] for m in members])
         merged.append((kind, flat, parts, k))

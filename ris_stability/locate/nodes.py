@@ -19,6 +19,21 @@ from ris_stability.locate.phase import _PHASE_CHECKS
 from ris_stability.locate.stack import _Context
 
 
+_NAMES: dict[Any, str] = {}
+
+
+def _name_of(func) -> str:
+    """torch.overrides.resolve_name, cached: it enters a warnings filter on every call, which costs more
+    than many of the ops it names."""
+    try:
+        return _NAMES[func]
+    except KeyError:
+        name = _NAMES[func] = resolve_name(func) or getattr(func, "__name__", "")
+        return name
+    except TypeError:  # an unhashable callable
+        return resolve_name(func) or getattr(func, "__name__", "")
+
+
 class _ForwardRecorder(TorchFunctionMode):
     def __init__(self, recorder: "_NodeRecorder"):
         super().__init__()
@@ -26,7 +41,7 @@ class _ForwardRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         s = self.recorder
-        outer, s.function = s.function, resolve_name(func) or getattr(func, "__name__", "")
+        outer, s.function = s.function, _name_of(func)
         try:
             out = func(*args, **(kwargs or {}))
             s.register_nodes(out)

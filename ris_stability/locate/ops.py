@@ -40,13 +40,14 @@ def op_name(func) -> str:
 def _finite(t: Tensor) -> bool:
     # A sum is finite only if every entry is (one NaN/Inf poisons it) and costs a fraction of an
     # elementwise isfinite; an overflowing sum of finite entries falls through to the exact test.
-    with torch.no_grad():
-        if t.numel() == 0:
-            return True
-        total = t.detach().sum().item()
-        if cmath.isfinite(total) if isinstance(total, complex) else math.isfinite(total):
-            return True
-        return bool(torch.isfinite(t).all())
+    # Both run on the detached tensor: no graph is recorded, so no grad-mode switch is needed.
+    if t.numel() == 0:
+        return True
+    t = t.detach()
+    total = t.sum().item()
+    if cmath.isfinite(total) if isinstance(total, complex) else math.isfinite(total):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def _is_float(t: Any) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 from typing import Iterator
 
 import torch
@@ -96,35 +95,36 @@ class _DispatchChecks:
         node = torch._C._current_autograd_node()
         if node is not None:
             self.last_node = node
-        copies, pre_finite = self._before_inplace(func, args)
+        info = _info(func)
+        copies, pre_finite = self._before_inplace(info, args)
         try:
             out = func(*args, **kwargs)
         except Exception as exc:
             self._record_error(func, args, kwargs, copies, exc)
             raise
-        packet = func.overloadpacket
-        if packet in _NO_VALUES:
+        if info.no_values:
             return out
-        if self.phase == "forward" and packet not in _TRIVIAL:
-            self.last_forward_op = op_name(func)
-            if packet in _SPECTRAL_OPS:
-                kind, index = _SPECTRAL_OPS[packet]
+        if self.phase == "forward" and not info.trivial:
+            self.last_forward_op = info.name
+            if info.spectral is not None:
+                kind, index = info.spectral
                 self.pending_spectrum = (kind, out[index], user_stack(), self.modules.current())
-        if _linalg_overload(func):
+        if info.linalg:
             self.last_linalg_op = (func, args, kwargs)
-        if _is_view(func):
+        if info.view:
             origin = next((o for o in map(self.taint.get, _tensors(args)) if o is not None), None)
             if origin is not None:
                 for t in _tensors(out):
                     self.taint[t] = origin
             return out
-        self._check(func, args, kwargs, out, copies, pre_finite)
+        if not info.fresh:  # uninitialised memory holds anything; it becomes a value once an op writes it
+            self._check(func, args, kwargs, out, copies, pre_finite)
         return out
 
     @staticmethod
-    def _before_inplace(func, args) -> tuple[dict[int, Tensor], dict[int, bool]]:
-        positions = _mutated_positions(func)
-        if not positions or func.overloadpacket in _OVERWRITE:
+    def _before_inplace(info: "_OpInfo", args) -> tuple[dict[int, Tensor], dict[int, bool]]:
+        positions = info.mutated
+        if not positions or info.overwrite:
             return {}, {}
         copies, finite = {}, {}
         for i in positions:
@@ -135,8 +135,6 @@ class _DispatchChecks:
         return copies, finite
 
     def _check(self, func, args, kwargs, out, copies, pre_finite) -> None:
-        if func.overloadpacket in _FRESH:
-            return  # uninitialised memory holds anything; it becomes a value only once an op writes it
         bad = [t for t in _tensors(out) if _is_float(t) and not _finite(t)]
         if not bad:
             return
@@ -205,7 +203,31 @@ class _DispatchChecks:
             self.symptom_of = upstream or next(iter(self.origins), None)
 
 
-@functools.lru_cache(maxsize=None)
-def _linalg_overload(func) -> bool:
-    """is_linalg_op per aten overload, cached: str(func) and the name match would cost every op."""
-    return is_linalg_op(str(func))
+@dataclasses.dataclass(frozen=True)
+class _OpInfo:
+    """What the checks need to know of an aten overload, computed once: an OpOverload hashes in Python,
+    so the half-dozen set lookups per op it replaces cost more than many of the ops themselves."""
+
+    name: str
+    no_values: bool
+    trivial: bool
+    spectral: tuple[str, int] | None
+    linalg: bool
+    view: bool
+    mutated: tuple[int, ...]
+    overwrite: bool
+    fresh: bool
+
+
+_INFOS: dict[int, tuple[object, _OpInfo]] = {}  # id(func) -> (func, info): the reference pins the id
+
+
+def _info(func) -> _OpInfo:
+    entry = _INFOS.get(id(func))
+    if entry is None:
+        packet = func.overloadpacket
+        info = _OpInfo(name=op_name(func), no_values=packet in _NO_VALUES, trivial=packet in _TRIVIAL,
+                       spectral=_SPECTRAL_OPS.get(packet), linalg=is_linalg_op(str(func)), view=_is_view(func),
+                       mutated=_mutated_positions(func), overwrite=packet in _OVERWRITE, fresh=packet in _FRESH)
+        entry = _INFOS[id(func)] = (func, info)
+    return entry[1]
