@@ -122,14 +122,15 @@ def _check_seed_nan_run(run_dir: Path, steps: int) -> None:
 
 
 def test_ris_trace_under_torchrun_one_all_reduce_per_step(tmp_path):
-    """`risdiag trace --config configs/seed-nan.toml` on 2 ranks (2 steps): exit 1, the same skipped steps on
-    both ranks, origin ranks in the report, and the monitor's decision is each step's only all-reduce (the
-    loop's own finite check stays local)."""
-    steps = 2
+    """The acceptance run (`risdiag trace --config configs/seed-nan.toml --steps 10` on 2 ranks, gloo) through a
+    wrapper that counts each rank's dist.all_reduce calls: exit 1, the same skipped steps on both ranks,
+    origin ranks in the report, and the monitor's decision is each step's only all-reduce (the loop's own
+    finite check stays local)."""
+    steps = 10
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = _torchrun(str(WORKER.parent / "count_collectives.py"), str(tmp_path / "counts"), "ris_stability.cli", "trace",
                     "--config", str(ROOT / "configs" / "seed-nan.toml"), "--steps", str(steps), "--set", "data.n_val=8",
-                    "--set", "train.threads=1", "--no-live", "--out", str(tmp_path / "run"))
+                    "--no-live", "--out", str(tmp_path / "run"))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
     _check_seed_nan_run(tmp_path / "run", steps)
@@ -177,6 +178,32 @@ def test_acceptance_seed_nan_10_steps_two_ranks(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     _check_seed_nan_run(tmp_path, 10)
+    capsule = sorted((tmp_path / "rank1" / "capsules").glob("step_*.pt"))[0]  # rank 1 is an origin of every step
+    outcome = bisect_capsule(capsule).outcome  # one process, rank 1's batch, its local gradients as reference
+    assert outcome.nonfinite and outcome.bit_exact, outcome.differences
+
+
+@pytest.mark.slow
+def test_monitor_changes_nothing_under_ddp_and_each_form_reduces_once_per_step(tmp_path):
+    """2 ranks, quickstart, 3 steps: `python -m ris_model train` (its own finite check, one all-reduce per step)
+    and `risdiag trace --config` (the monitor's decision instead, one all-reduce per step) end with the same
+    weights bit for bit."""
+    from ris_model.checkpoint import load_checkpoint
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    common = ["--config", str(ROOT / "configs" / "quickstart.toml"), "--steps", "3", "--set", "data.n_val=8",
+              "--set", "train.val_every=0"]
+    runs = {"off": ["ris_model", "train", *common], "on": ["ris_stability.cli", "trace", *common, "--no-live",
+                                                           "--no-report"]}
+    for name, argv in runs.items():
+        cmd = _torchrun(str(WORKER.parent / "count_collectives.py"), str(tmp_path / name / "counts"), *argv,
+                        "--out", str(tmp_path / name / "run"))
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for r in (0, 1):
+            assert json.loads((tmp_path / name / "counts" / f"collectives{r}.json").read_text()) == {"all_reduce": 3}
+    off, on = (load_checkpoint(tmp_path / n / "run" / "checkpoints" / "last.pt").model for n in ("off", "on"))
+    assert off.keys() == on.keys() and all(torch.equal(off[k], on[k]) for k in off)
 
 
 def test_dead_rank_stops_the_others_with_a_clear_message(tmp_path):
