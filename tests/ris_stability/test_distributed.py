@@ -59,6 +59,22 @@ def test_shard_dirs_layout(tmp_path):
     assert distributed.shard_dir(tmp_path, 0) == tmp_path and distributed.shard_dir(tmp_path, 3) == tmp_path / "rank3"
 
 
+def test_bucket_view_gradients_are_not_captured_as_local():
+    """With gradient_as_bucket_view=True DDP averages .grad in place while backward runs: the monitor must
+    not store those as the rank's local gradients (a one-rank group is enough to build the wrapper)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        plain = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        views = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2), gradient_as_bucket_view=True)
+        assert not distributed.grads_are_bucket_views(plain) and distributed.grads_are_bucket_views(views)
+        assert distributed.grads_are_bucket_views(torch.nn.ModuleList([plain, views]))
+    finally:
+        dist.destroy_process_group()
+    assert not distributed.active()
+
+
 def test_single_process_is_inert():
     assert not distributed.active() and distributed.rank() == 0 and distributed.world_size() == 1
 
