@@ -117,8 +117,7 @@ class _DispatchChecks:
                 for t in _tensors(out):
                     self.taint[t] = origin
             return out
-        if not info.fresh:  # uninitialised memory holds anything; it becomes a value once an op writes it
-            self._check(func, args, kwargs, out, copies, pre_finite)
+        self._check(func, args, kwargs, out, copies, pre_finite)
         return out
 
     @staticmethod
@@ -135,6 +134,8 @@ class _DispatchChecks:
         return copies, finite
 
     def _check(self, func, args, kwargs, out, copies, pre_finite) -> None:
+        if _info(func).fresh:
+            return  # uninitialised memory holds anything; it becomes a value only once an op writes it
         bad = [t for t in _tensors(out) if _is_float(t) and not _finite(t)]
         if not bad:
             return
