@@ -91,11 +91,25 @@ def float64_norms(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
     return tuple(torch._foreach_norm(real, 2, dtype=torch.float64))
 
 
-def grad_norms(params: Sequence[nn.Parameter], device: torch.device, index_cache: dict | None = None) -> Tensor:
-    """L2 norm of each parameter's grad as a float64 (P,) tensor on ``device`` (accumulated in float64,
-    so finite gradients always have finite norms); 0 for a None grad."""
+def fast_norms(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """L2 norm of each tensor accumulated in float32 (in float64 when one of them is float64), about 3x
+    cheaper than :func:`float64_norms`. A finite result means every element is finite; an infinite one
+    is a non-finite element or a float32 overflow of the sum of squares (elements beyond ~1e19), which
+    only :func:`float64_norms` tells apart."""
+    if not tensors:
+        return ()
+    real = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+    wide = any(t.dtype == torch.float64 for t in real)
+    return tuple(torch._foreach_norm(real, 2, dtype=torch.float64 if wide else torch.float32))
+
+
+def grad_norms(params: Sequence[nn.Parameter], device: torch.device, index_cache: dict | None = None,
+               exact: bool = True) -> Tensor:
+    """L2 norm of each parameter's grad as a float64 (P,) tensor on ``device``; 0 for a None grad.
+    ``exact``: accumulated in float64, so finite gradients always have finite norms; else
+    :func:`fast_norms` (an infinite norm must then be confirmed with ``exact``)."""
     grads = _present_grads(params)
-    return _per_param(params, float64_norms(grads), device, torch.float64, index_cache)
+    return _per_param(params, (float64_norms if exact else fast_norms)(grads), device, torch.float64, index_cache)
 
 
 def nonfinite_counts(params: Sequence[nn.Parameter], device: torch.device,
@@ -147,6 +161,8 @@ class GradMonitor:
         self._pending: dict[str, Tensor] = {}
         self._block: tuple[list[str], Tensor] | None = None  # (keys, values + finite flag) of observe_grads
         self._block_floats: list[float] | None = None
+        self._exact = False
+        self._observed_with: tuple[Any, float] = (None, 1.0)
         self._snapshot: list[list[Tensor]] | None = None
         self._terms: dict[str, _Term] = {}
         self._reported_params: set[str] = set()
@@ -162,8 +178,15 @@ class GradMonitor:
         The liveness of this observation counts once the next observation is taken, unless
         :meth:`settle` (False) drops it first: a skipped or non-finite step says nothing about liveness."""
         self._commit()
-        self.last_norms = None
-        norms = grad_norms(self.params, self.device, self._present_indices)
+        self._observed_with = (optimizer, scale)
+        self._measure(exact=False)
+        if count_nonfinite:
+            self.count_nonfinite()
+
+    def _measure(self, exact: bool) -> None:
+        """The block of norms (float32 accumulation unless ``exact``: float64) and the liveness."""
+        optimizer, scale = self._observed_with
+        norms = grad_norms(self.params, self.device, self._present_indices, exact=exact)
         if scale != 1.0:
             norms = norms / scale
         squares = norms.square()
@@ -178,20 +201,23 @@ class GradMonitor:
                 parts.append(squares[self._group_index(group["params"])].sum().sqrt().reshape(1))
         finite = torch.isfinite(norms)
         # One vector per observation, read back once (peek_norms / collect / grads_finite share it); the
-        # last entry is 1 when every norm is finite (float64 norms: finite iff every element is).
+        # last entry is 1 when every norm is finite.
         self._block = (keys, torch.cat(parts + [finite.all().to(norms.dtype).reshape(1)]))
-        self._block_floats = None
-        if count_nonfinite:
-            self.count_nonfinite()
+        self._block_floats, self._exact = None, exact
         # A NaN or inf norm is not a usable gradient; a zero norm means no gradient reached the parameter.
         self._liveness = (finite & (norms > 0), [p.grad is not None for p in self.params])
-        self.last_norms = norms  # float64, so finite exactly when every gradient element is finite
+        self.last_norms = norms
 
     def _block_values(self) -> dict[str, float]:
         if self._block is None:
             return {}
         if self._block_floats is None:
             self._block_floats = self._block[1].tolist()
+            if self._block_floats[-1] != 1.0 and not self._exact:
+                # A float32 norm is inf for a NaN/Inf element but also for finite elements beyond ~1e19:
+                # only float64 norms tell them apart (the rare bad step pays a second pass).
+                self._measure(exact=True)
+                self._block_floats = self._block[1].tolist()
         return dict(zip(self._block[0], self._block_floats))
 
     def grads_finite(self) -> bool | None:

@@ -263,11 +263,17 @@ class StabilityMonitor:
         return step % self.cfg.every == 0 and step % self.cfg.update_every == 0
 
     def _grads_finite(self, ctx: Any, norms: torch.Tensor | None = None) -> bool:
-        """One device sync for gradients and loss together; ``norms``: this step's float64 grad norms."""
-        if norms is not None and norms is self.grads.last_norms and ctx.loss is not None and ctx.loss.numel() == 1 \
-                and not ctx.loss.is_complex():
-            # The grad monitor's one read-back already holds the verdict; the loss is one number.
-            return bool(self.grads.grads_finite()) and math.isfinite(float(ctx.loss.detach()))
+        """One device sync for gradients and loss together; ``norms``: this step's grad norms from the grad
+        monitor (None: measured here, in float64)."""
+        if norms is not None and norms is self.grads.last_norms:
+            # The grad monitor's one read-back already holds the verdict on the gradients.
+            grads_ok = bool(self.grads.grads_finite())
+            if ctx.loss is None or not grads_ok:
+                return grads_ok
+            loss = ctx.loss.detach()
+            if loss.numel() == 1 and not loss.is_complex():
+                return math.isfinite(float(loss))
+            return bool(torch.isfinite(loss).all())
         if norms is None:
             grads = [p.grad for p in ctx.model.parameters() if p.grad is not None]
             # float64 norms: finite iff every element is finite (a float32 norm overflows for grads ~1e19).

@@ -171,3 +171,22 @@ def test_model_without_trainable_parameters_is_an_error():
     frozen = nn.Linear(2, 1).requires_grad_(False)
     with pytest.raises(GradMonitorError, match="no trainable parameters"):
         GradMonitor(frozen)
+
+
+def test_huge_finite_gradient_is_finite_and_measured_exactly():
+    """Norms are accumulated in float32 first; a float32 overflow of finite elements (~1e30 here, whose
+    squares exceed float32's range) is re-measured in float64, so it is neither non-finite nor inf."""
+    model = nn.Linear(3, 2)
+    gm = GradMonitor(model)
+    model.weight.grad = torch.full((2, 3), 1e30)
+    model.bias.grad = torch.zeros(2)
+    gm.observe_grads()
+    assert gm.grads_finite() is True
+    assert gm.collect()["grad/_total"] == pytest.approx(1e30 * math.sqrt(6), rel=1e-6)
+    model.weight.grad[0, 0] = math.inf
+    gm.observe_grads()
+    assert gm.grads_finite() is False and gm.collect()["grad/_total"] == math.inf
+    model.weight.grad = torch.full((2, 3), 2.0)
+    gm.observe_grads()
+    assert gm.grads_finite() is True and not gm._exact  # no overflow: the float32 pass is the answer
+    assert gm.collect()["grad/_total"] == pytest.approx(2 * math.sqrt(6), rel=1e-7)

@@ -1,0 +1,98 @@
+"""Where the monitor's time goes per step: cProfile of a workload under an explicit MonitorSession, every
+step, grouped by the monitor's parts.
+
+Each part is the cumulative time of the functions listed for it (their callees included), divided by the
+number of profiled steps; ``training`` is the workload's own forward, backward and optimizer step with
+the monitor's parts taken out. cProfile adds its own cost to every Python call, so read the shares, not
+the absolute times (a quiet 2-core CPU runs the unprofiled whitening step in about half the time).
+
+Usage: python benchmarks/monitor_profile.py [--model whiten|gpt|persample] [--steps 200] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from outside_models import DESCRIPTIONS, WORKLOADS  # noqa: E402
+
+from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor  # noqa: E402
+
+# part -> (file suffix, function name) pairs whose cumulative times are summed (none nested in another).
+PARTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "spectral statistics (probe collect)": (("probes.py", "collect"),),
+    "linalg call interception (per call)": (("probes.py", "on_call"),),
+    "backward hooks of linalg sites": (("site_grads.py", "hook"),),
+    "gradient norms (one read-back)": (("grads.py", "observe_grads"), ("grads.py", "_block_values")),
+    "finiteness verdict": (("monitor.py", "_grads_finite"),),
+    "spike baseline": (("spikes.py", "observe"),),
+    "step row (JSON line, flush)": (("monitor.py", "_write_row"),),
+    "step start (RNG snapshot, sampling)": (("monitor.py", "on_step_start"),),
+    "update ratio (every update_every steps)": (("grads.py", "before_step"), ("grads.py", "after_step")),
+}
+MONITOR_ENTRIES = (("monitor.py", "start_step"), ("monitor.py", "after_forward"), ("monitor.py", "after_backward"),
+                   ("monitor.py", "end_step"))
+
+
+def profile(name: str, steps: int, warmup: int) -> tuple[pstats.Stats, int]:
+    work = WORKLOADS[name]("cpu")
+    prof = cProfile.Profile()
+    with tempfile.TemporaryDirectory() as tmp:
+        with MonitorSession(StabilityMonitor(Path(tmp) / "run", MonitorConfig(every=1)), work.model,
+                            work.optimizer) as s:
+            for step in range(warmup + steps):
+                if step == warmup:
+                    prof.enable()
+                s.start_step(step)
+                work.optimizer.zero_grad(set_to_none=True)
+                loss = work.loss(step)
+                s.after_forward(loss)
+                loss.backward()
+                if s.after_backward():
+                    work.optimizer.step()
+                s.end_step()
+            prof.disable()
+    return pstats.Stats(prof), steps
+
+
+def cumulative(stats: pstats.Stats, wanted: tuple[tuple[str, str], ...]) -> float:
+    total = 0.0
+    for (filename, _, func), (_, _, _, cum, _) in stats.stats.items():  # type: ignore[attr-defined]
+        if any(filename.endswith(f) and func == fn for f, fn in wanted):
+            total += cum
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="whiten", choices=sorted(WORKLOADS))
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    stats, steps = profile(args.model, args.steps, args.warmup)
+    total = stats.total_tt / steps  # type: ignore[attr-defined]
+    parts = {part: cumulative(stats, fns) / steps for part, fns in PARTS.items()}
+    # The interception wrapper runs the op itself; its own share is on_call (listed above).
+    monitor = cumulative(stats, MONITOR_ENTRIES) / steps + parts["linalg call interception (per call)"] \
+        + parts["backward hooks of linalg sites"]
+    print(f"{args.model}: {DESCRIPTIONS[args.model]}; {steps} profiled steps, every step monitored, "
+          f"{torch.get_num_threads()} thread(s), under cProfile")
+    print(f"{'part':<42}{'ms/step':>9}{'share':>8}")
+    for part, ms in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"{part:<42}{ms * 1e3:>9.3f}{ms / total:>8.1%}")
+    rest = monitor - sum(parts.values())
+    print(f"{'other monitor bookkeeping':<42}{rest * 1e3:>9.3f}{rest / total:>8.1%}")
+    print(f"{'monitor in all':<42}{monitor * 1e3:>9.3f}{monitor / total:>8.1%}")
+    print(f"{'training (forward, backward, optimizer)':<42}{(total - monitor) * 1e3:>9.3f}{(total - monitor) / total:>8.1%}")
+
+
+if __name__ == "__main__":
+    main()
