@@ -11,9 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 
@@ -24,52 +23,12 @@ from ris_stability.grads import TOTAL_KEY, GradMonitor, float64_norms
 from ris_stability.loopstack import COMPILE_LIMITATION, compiled_parts, optimizers_of, run_meta, unwrap
 from ris_stability.spikes import SpikeDetector
 from ris_stability.probes import SpectralProbe
-from ris_stability.records import SettingError, TraceWriter
+from ris_stability.records import TraceWriter
 from ris_stability.hazards import site_hazards
+from ris_stability.monitor_config import SPIKE_WARMUP, MonitorConfig, suspect_site
+from ris_stability.session import LoopContext, MonitorSession  # noqa: F401  (public names, re-exported)
 
 log = logging.getLogger(__name__)
-
-SPIKE_WARMUP = 5  # logged steps before a gradient norm has a baseline
-
-
-@dataclass(frozen=True)
-class MonitorConfig:
-    every: int = 1  # matrix and gradient statistics every n steps (non-finite checks run every step)
-    max_matrices: int | None = 4  # matrices of each batch the probes analyse
-    grad_depth: int = 2  # module-tree depth of the per-module gradient norms
-    dead_after: int = 50  # steps after which a parameter / loss term that never moved is reported
-    policy: Literal["skip", "stop", "observe"] = "skip"  # what to ask of the loop on a non-finite step
-    max_capsules: int = 5  # capsules written per run (the first bad steps are the informative ones)
-    update_every: int = 10  # update ratios (a parameter snapshot per step) every n steps: they move slowly
-    spike_factor: float = 10.0  # a logged grad norm above factor x its running median (and factor robust sigmas)
-    spike_window: int = 50  # logged steps in the running median / MAD baseline of each gradient norm
-    audit_every: int = 0  # precision audit every n steps when the loop gives an audit_fn (0: only on spikes)
-    audit_on_spike: bool = True  # precision audit on a gradient spike when the loop gives an audit_fn
-    amp_collapse_steps: int = amp.COLLAPSE_STEPS  # GradScaler scale below 1 this many steps in a row: incident
-
-    def __post_init__(self) -> None:
-        if (self.every < 1 or self.dead_after < 1 or self.update_every < 1 or self.grad_depth < 1
-                or self.max_capsules < 0 or (self.max_matrices is not None and self.max_matrices < 1)):
-            raise SettingError(f"MonitorConfig: every={self.every}, dead_after={self.dead_after}, update_every="
-                               f"{self.update_every}, grad_depth={self.grad_depth} and max_matrices="
-                               f"{self.max_matrices} must be >= 1 (max_matrices=None: whole batches) and "
-                               f"max_capsules={self.max_capsules} >= 0")
-        if not self.spike_factor > 1 or self.spike_window < SPIKE_WARMUP or self.audit_every < 0:
-            raise SettingError(f"MonitorConfig: spike_factor={self.spike_factor} must be > 1, spike_window="
-                               f"{self.spike_window} >= {SPIKE_WARMUP} and audit_every={self.audit_every} >= 0 "
-                               "(0: no sampled audits)")
-        if self.policy not in ("skip", "stop", "observe"):
-            raise SettingError(f"MonitorConfig.policy={self.policy!r}: valid choices 'skip', 'stop', 'observe'")
-
-
-def suspect_site(sites: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """The call site most likely behind a non-finite backward: eigenvectors used, smallest gap."""
-    def key(s: dict[str, Any]) -> tuple[int, float, float]:
-        st = s["stats"]
-        gap = st.get("min_gap", math.nan)
-        return (0 if s["vec_grad"] else 1, gap if math.isfinite(gap) else math.inf, -st.get("max_cluster", 0.0))
-    ranked = sorted(sites.values(), key=key)
-    return ranked[0] if ranked else None
 
 
 class StabilityMonitor:
@@ -472,110 +431,3 @@ class StabilityMonitor:
             self.writer.event("dead_loss_term", "warning", f"loss term(s) constant over {n}+ finite steps: "
                               f"{', '.join(terms)}", step=step, names=terms)
 
-
-@dataclass
-class LoopContext:
-    """The context the monitor reads, for loops that do not pass a step context of their own."""
-
-    model: torch.nn.Module
-    optimizer: Any = None  # one optimizer or a sequence of them (all step together)
-    loss_fn: torch.nn.Module | None = None
-    scaler: Any = None  # a GradScaler under fp16 AMP: its overflow steps are routine, not faults
-    micro_batches: int = 0  # after_forward calls this step (gradient accumulation)
-    step: int = 0
-    lr: float = math.nan
-    batch: Any = None
-    signal_dims: Any = None
-    loss: torch.Tensor | None = None
-    terms: dict[str, torch.Tensor] = field(default_factory=dict)
-    grads_finite: bool | None = None
-    skipped: bool = False
-    skip_reason: str = ""
-    skip_requested: str = ""
-    stop_requested: str = ""
-    roots: dict[str, torch.nn.Module] | None = None  # names of the module paths (default {"model": model})
-    locating: bool = False  # the step runs under the locator (armed after a fault): no matrix sampling
-
-    def request_skip(self, reason: str = "monitor") -> None:
-        self.skip_requested = reason
-
-    def request_stop(self, reason: str = "monitor") -> None:
-        self.stop_requested = reason
-
-
-class MonitorSession:
-    """Drive a StabilityMonitor from any hand-written loop::
-
-        with MonitorSession(StabilityMonitor("runs/x"), model, optimizer, loss_fn) as s:
-            for step, batch in enumerate(loader):
-                s.start_step(step, batch)
-                loss = loss_fn(model(batch), batch)
-                s.after_forward(loss, terms={"mse": loss})
-                loss.backward()
-                if s.after_backward():      # False: non-finite and the policy says skip
-                    optimizer.step()
-                s.end_step()
-                if s.stop_requested:
-                    break
-
-    Gradient accumulation: call ``after_forward`` for every micro-batch (the step's loss and terms are
-    their sums) and ``after_backward`` once, after the last micro-batch's backward. Several optimizers:
-    pass them as a list. fp16 AMP: pass the GradScaler (``scaler=``) and call ``scaler.step`` /
-    ``scaler.update`` whenever ``after_backward`` returns True (it does on an overflow: the scaler skips
-    that step itself).
-    """
-
-    def __init__(self, monitor: StabilityMonitor, model: torch.nn.Module, optimizer: Any = None,
-                 loss_fn: torch.nn.Module | None = None, scaler: Any = None,
-                 audit_fn: Callable[[], torch.Tensor] | None = None):
-        """``audit_fn()``: recomputes the current step's loss (e.g. ``lambda: loss_fn(model(x), y)``); given,
-        the monitor audits the gradient's precision on spikes and every ``cfg.audit_every`` steps."""
-        self.monitor = monitor
-        monitor.audit_fn = audit_fn
-        self.ctx = LoopContext(model=model, optimizer=optimizer, loss_fn=loss_fn, scaler=scaler)
-
-    def __enter__(self) -> "MonitorSession":
-        self.monitor.on_train_start(self.ctx)
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is not None:
-            self.monitor.on_exception(self.ctx, exc)
-        else:
-            self.monitor.on_train_end(self.ctx)
-
-    @property
-    def stop_requested(self) -> str:
-        return self.ctx.stop_requested
-
-    def start_step(self, step: int, batch: Any = None, lr: float = math.nan, signal_dims: Any = None) -> None:
-        c = self.ctx
-        c.step, c.batch, c.lr, c.signal_dims = step, batch, lr, signal_dims
-        c.loss, c.terms, c.grads_finite, c.skipped, c.skip_reason, c.skip_requested = None, {}, None, False, "", ""
-        c.micro_batches = 0
-        self.monitor.on_step_start(c)
-
-    def after_forward(self, loss: torch.Tensor, terms: dict[str, torch.Tensor] | None = None) -> None:
-        c = self.ctx
-        terms = {k: v.detach() for k, v in (terms or {}).items()}
-        if c.micro_batches == 0:
-            c.loss, c.terms = loss, terms
-        else:  # gradient accumulation: the step's gradient is that of the sum of the micro-batch losses
-            c.loss = c.loss.detach() + loss.detach()
-            c.terms = {k: c.terms[k] + v if k in c.terms else v for k, v in terms.items()}
-        c.micro_batches += 1
-        self.monitor.on_after_forward(c)
-
-    def after_backward(self) -> bool:
-        """Check the step's gradients; True when the optimizer (or the GradScaler) should step: finite,
-        a GradScaler overflow (the scaler skips it itself), or policy 'observe'."""
-        self.monitor.on_after_backward(self.ctx)
-        overflow = self.monitor.overflow
-        self.ctx.skipped = bool(self.ctx.skip_requested) or overflow
-        self.ctx.skip_reason = self.ctx.skip_requested or ("amp_overflow" if overflow else "")
-        if not self.ctx.skipped:
-            self.monitor.on_before_optimizer_step(self.ctx)
-        return not self.ctx.skip_requested
-
-    def end_step(self) -> None:
-        self.monitor.on_step_end(self.ctx)

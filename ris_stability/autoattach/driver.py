@@ -130,7 +130,7 @@ class StepDriver:
         self.start_step()
         self.backward_calls += 1
         if isinstance(loss, Tensor) and loss.numel() == 1:
-            self._losses.append(loss.detach())
+            self._losses.append(loss)  # by reference (the loop holds it anyway); read detached by the monitor
         if self._armed is not None:
             self._armed.backward_started()
 
@@ -155,7 +155,8 @@ class StepDriver:
         c = self.ctx
         self.close_locator()
         losses = self._losses
-        c.loss = None if not losses else losses[0] if len(losses) == 1 else torch.stack([x.reshape(()) for x in losses]).sum()
+        c.loss = None if not losses else losses[0] if len(losses) == 1 else torch.stack(
+            [x.detach().reshape(()) for x in losses]).sum()
         self.monitor.on_after_forward(c)
         self.monitor.on_after_backward(c)
         c.skipped = bool(c.skip_requested)
