@@ -7,7 +7,7 @@ and median over rounds are printed. ``added`` is the difference of the median st
 off). ``own`` is the time spent inside the monitor's own code per every=1 step (its callbacks and the
 per-call interception, timed directly: far less noisy than a difference of two step times, but blind to
 what the monitor costs the training's own kernels, e.g. through the caches); ``stats`` is the part of it
-spent computing the spectral statistics (``SpectralProbe._reduce``); ``fixed`` = own - stats.
+spent computing the spectral statistics (``SpectralProbe._reduce`` and ``_measure``); ``fixed`` = own - stats.
 
 Workloads: the ris_model configs (``--configs``, default quickstart and default) and, with ``--model``,
 outside-style models (benchmarks/outside_models.py): ``gpt`` (tiny transformer, ~5 ms/step), ``whiten``
@@ -85,7 +85,7 @@ class PartClock:
                 setattr(owner, name, real)
 
 
-STATS = ((SpectralProbe, "_reduce"),)
+STATS = ((SpectralProbe, "_reduce"), (SpectralProbe, "_measure"))  # collect-time and per-call statistics
 # The monitor's own code: its callbacks (which include the statistics) and the per-call interception.
 OWN = tuple((StabilityMonitor, f"on_{event}") for event in (
     "step_start", "after_forward", "after_backward", "before_optimizer_step", "step_end")) + (

@@ -27,7 +27,8 @@ from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonito
 # part -> (file suffix, function name) pairs whose cumulative times are summed (none nested in another).
 PARTS: dict[str, tuple[tuple[str, str], ...]] = {
     "spectral statistics (probe collect)": (("probes.py", "collect"),),
-    "linalg call interception (per call)": (("probes.py", "on_call"),),
+    "linalg call interception (per call)": (("probes.py", "on_call"),),  # includes the next line
+    "  of which statistics measured per call": (("probes.py", "_measure", "on_call"),),
     "backward hooks of linalg sites": (("site_grads.py", "hook"),),
     "gradient norms (one read-back)": (("grads.py", "observe_grads"), ("grads.py", "_block_values")),
     "finiteness verdict": (("monitor.py", "_grads_finite"),),
@@ -61,11 +62,18 @@ def profile(name: str, steps: int, warmup: int) -> tuple[pstats.Stats, int]:
     return pstats.Stats(prof), steps
 
 
-def cumulative(stats: pstats.Stats, wanted: tuple[tuple[str, str], ...]) -> float:
+def cumulative(stats: pstats.Stats, wanted: tuple[tuple[str, ...], ...]) -> float:
+    """Summed cumulative time of the (file, function) entries; (file, function, caller): only the calls
+    made from that caller."""
     total = 0.0
-    for (filename, _, func), (_, _, _, cum, _) in stats.stats.items():  # type: ignore[attr-defined]
-        if any(filename.endswith(f) and func == fn for f, fn in wanted):
-            total += cum
+    for (filename, _, func), (_, _, _, cum, callers) in stats.stats.items():  # type: ignore[attr-defined]
+        for want in wanted:
+            if not (filename.endswith(want[0]) and func == want[1]):
+                continue
+            if len(want) == 2:
+                total += cum
+            else:
+                total += sum(c[3] for (_, _, caller), c in callers.items() if caller == want[2])
     return total
 
 
@@ -86,9 +94,9 @@ def main() -> None:
     print(f"{args.model}: {DESCRIPTIONS[args.model]}; {steps} profiled steps, every step monitored, "
           f"{torch.get_num_threads()} thread(s), under cProfile")
     print(f"{'part':<42}{'ms/step':>9}{'share':>8}")
-    for part, ms in sorted(parts.items(), key=lambda kv: -kv[1]):
+    for part, ms in parts.items():
         print(f"{part:<42}{ms * 1e3:>9.3f}{ms / total:>8.1%}")
-    rest = monitor - sum(parts.values())
+    rest = monitor - sum(ms for part, ms in parts.items() if not part.startswith(" "))
     print(f"{'other monitor bookkeeping':<42}{rest * 1e3:>9.3f}{rest / total:>8.1%}")
     print(f"{'monitor in all':<42}{monitor * 1e3:>9.3f}{monitor / total:>8.1%}")
     print(f"{'training (forward, backward, optimizer)':<42}{(total - monitor) * 1e3:>9.3f}{(total - monitor) / total:>8.1%}")

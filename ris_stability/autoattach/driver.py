@@ -127,7 +127,8 @@ class StepDriver:
             self._armed = ArmedLocator(self.roots).__enter__()
 
     def before_backward(self, loss: Tensor | None) -> None:
-        self.start_step()
+        if not self.in_step:
+            self.start_step()
         self.backward_calls += 1
         if isinstance(loss, Tensor) and loss.numel() == 1:
             self._losses.append(loss)  # by reference (the loop holds it anyway); read detached by the monitor
@@ -151,7 +152,8 @@ class StepDriver:
 
     def before_optimizer_step(self) -> bool:
         """Check the step; True when it must be skipped (its gradients are then hidden)."""
-        self.start_step()
+        if not self.in_step:
+            self.start_step()
         c = self.ctx
         self.close_locator()
         losses = self._losses
