@@ -37,8 +37,8 @@ PARTS: dict[str, tuple[tuple[str, str], ...]] = {
     "step start (RNG snapshot, sampling)": (("monitor.py", "on_step_start"),),
     "update ratio (every update_every steps)": (("grads.py", "before_step"), ("grads.py", "after_step")),
 }
-MONITOR_ENTRIES = (("monitor.py", "start_step"), ("monitor.py", "after_forward"), ("monitor.py", "after_backward"),
-                   ("monitor.py", "end_step"))
+MONITOR_ENTRIES = (("session.py", "start_step"), ("session.py", "after_forward"), ("session.py", "after_backward"),
+                   ("session.py", "end_step"))
 
 
 def profile(name: str, steps: int, warmup: int) -> tuple[pstats.Stats, int]:
