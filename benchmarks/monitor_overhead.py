@@ -209,10 +209,10 @@ def report(label: str, times: dict[str, list[float]], stats_s: float, own: dict[
         rel = statistics.median([w / e for w, e in zip(times["watch"], times["every=1"])])
         extra_ms = (own["watch"] - own["every=1"]) / steps_per_run * 1e3
         own_rel = 1 + extra_ms / (statistics.median(times["every=1"]) * 1e3)
-        verdicts.append(f"{label}: watch() / MonitorSession every step {rel:.3f}x (median of rounds), own time "
-                        f"{extra_ms:+.3f} ms/step = {own_rel:.3f}x, goal <= {WATCH_GOAL:.2f}x: "
-                        f"{'met' if rel <= WATCH_GOAL else 'NOT met'} (median), "
-                        f"{'met' if own_rel <= WATCH_GOAL else 'NOT met'} (own time)")
+        # The own-time difference of two ~equal amounts carries the noise of both: shown, not judged.
+        verdicts.append(f"{label}: watch() / MonitorSession every step {rel:.3f}x (median of rounds), goal <= "
+                        f"{WATCH_GOAL:.2f}x: {'met' if rel <= WATCH_GOAL else 'NOT met'} (own-time difference "
+                        f"{extra_ms:+.3f} ms/step = {own_rel:.3f}x)")
     if label in ("gpt", "whiten"):
         fixed = own_ms - stats_ms
         verdicts.append(f"{label}: fixed cost {fixed:.2f} ms/step (monitor's own time {own_ms:.2f} ms - "
