@@ -9,10 +9,16 @@ from torch import Tensor
 # (they count as "tensor subclass like"), so the locator would silently let an ill-defined loss
 # through. These node pre-hooks restore the same checks, with the same tolerances and messages.
 _PHASE_RTOL = _PHASE_ATOL = 1e-2
-EIGH_PHASE_MESSAGE = ("linalg_eigh_backward: The eigenvectors in the complex case are specified up to multiplication "
-                      "by e^{i phi}. The specified loss function depends on this quantity, so it is ill-defined.")
-EIG_PHASE_MESSAGE = ("linalg_eig_backward: The eigenvectors in the complex case are specified up to multiplication "
-                     "by e^{i phi}. The specified loss function depends on this quantity, so it is ill-defined.")
+
+
+def _vector_phase_message(op: str) -> str:
+    """torch's message for an eigenvector phase dependence, prefixed by the name of the op's backward."""
+    return (f"{op}_backward: The eigenvectors in the complex case are specified up to multiplication by "
+            "e^{i phi}. The specified loss function depends on this quantity, so it is ill-defined.")
+
+
+EIGH_PHASE_MESSAGE = _vector_phase_message("linalg_eigh")
+EIG_PHASE_MESSAGE = _vector_phase_message("linalg_eig")
 SVD_PHASE_MESSAGE = ("svd_backward: The singular vectors in the complex case are specified up to multiplication "
                      "by e^{i phi}. The specified loss function depends on this phase term, making it ill-defined.")
 

@@ -12,7 +12,7 @@ Rule (per matrix, eigenvalues ascending, scale s = max|lambda|, e_ij = (lambda_j
 
     dA = V (diag(g_lambda) + F o skew(V^H g_V)) V^H,   skew(X) = (X - X^H) / 2
 
-which is PyTorch's linalg_eigh_backward with 1/E replaced by F (the imaginary diagonal of V^H g_V, the
+which is PyTorch's own eigh backward formula with 1/E replaced by F (the imaginary diagonal of V^H g_V, the
 gauge direction of complex eigenvectors, is removed by giving F a zero diagonal).
 
 Error of the rule:
