@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from ris_stability.spectrum_table import (HAZARD_KEYS, SPECTRUM_KEYS, STAT_KEYS, columns, eigen_table,
+from ris_stability.spectrum_table import (HAZARD_KEYS, SPECTRUM_KEYS, STAT_KEYS, columns, eigen_table,  # noqa: F401
                                          singular_table)
 from ris_stability.tolerances import eps_of
 

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ris_stability import intercept, linalg_ops
 from ris_stability.frames import caller_location, user_stack
-from ris_stability.linalg_stats import STAT_KEYS, matrix_stats, worst_rows, worst_segments
+from ris_stability.linalg_stats import STAT_KEYS, worst_rows, worst_segments
 from ris_stability.records.schema import SettingError
 from ris_stability.site_stats import KINDS, NOT_BATCHABLE, batch_parts, batched_rows, nan_rows, stat_rows
 from ris_stability.site_grads import BackwardRecord

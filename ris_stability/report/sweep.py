@@ -4,7 +4,6 @@ the best configuration as TOML (ready for ``risdiag trace --config``)."""
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any

@@ -207,7 +207,7 @@ def test_bad_inputs_raise_clear_errors(call, match):
 
 
 def test_segmented_worst_equals_worst_per_group():
-    from ris_stability.linalg_stats import STAT_KEYS, worst_segments
+    from ris_stability.linalg_stats import worst_segments
     torch.manual_seed(3)
     groups = []
     for b, tie in ((3, False), (1, False), (4, True)):
@@ -230,7 +230,7 @@ def test_segmented_worst_equals_worst_per_group():
 
 def test_segmented_worst_one_row_per_group_equals_worst():
     """The one-row-per-group shortcut (a site called once) keeps worst()'s rules, whatever the order."""
-    from ris_stability.linalg_stats import STAT_KEYS, worst_segments
+    from ris_stability.linalg_stats import worst_segments
     torch.manual_seed(4)
     a = torch.randn(3, 4, 4, dtype=torch.float64)
     stats = matrix_stats(a @ a.mT, k=1)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ris_stability.records import read_trace
-from ris_stability.sinks import open_sinks, scalar_tags
+from ris_stability.sinks import scalar_tags
 from ris_stability.sinks.base import safe_name
 
 
