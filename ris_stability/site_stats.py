@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ris_stability.linalg_stats import (STAT_KEYS, eig_stats, eigen_stats, hermitian_error, matrix_stats,
+from ris_stability.linalg_stats import (STAT_KEYS, eig_stats, hermitian_error, matrix_stats,
                                        pinv_cutoff_margin, singular_stats)
 from ris_stability.spectrum_table import eigen_table, singular_table
 from ris_stability.tolerances import tie_tol
@@ -28,8 +28,9 @@ StatsFn = Callable[[Tensor, Any, Any], dict[str, Tensor]]
 class Kind:
     """How a kind of op is measured: its statistics, which outputs hold vectors whose gradient is the
     tie hazard, and whether its input is Hermitian by contract (a Hermitian error is then a finding).
-    ``table``: the same statistics as one (b, len(STAT_KEYS)) tensor, for the kinds measured from the
-    spectrum they return (fewer kernels than a dict of columns: the probe's per-step cost)."""
+    ``table``: for the kinds that return their spectrum, the statistics of that spectrum as one
+    (b, len(STAT_KEYS)) tensor (fewer kernels than a dict of columns: the probe's per-step cost); their
+    ``stats`` then only serve a call that raised (no output), from the input alone."""
 
     stats: StatsFn
     vector_outputs: tuple[int, ...] = ()
@@ -73,16 +74,9 @@ def complex_gap_stats(w: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
             "cluster_value": torch.where(size > 1, value, torch.full_like(value, math.nan))}
 
 
-def _eigh(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
-    if out is None:
-        return matrix_stats(flat, k=k)
-    return eigen_stats(_first(out[0], flat.shape[0]), k=k, dtype=flat.dtype)
-
-
-def _eigvalsh(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
-    if out is None:
-        return matrix_stats(flat, k=k)
-    return eigen_stats(_first(out, flat.shape[0]), k=k, dtype=flat.dtype)
+def _from_input(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
+    """Hermitian kinds whose call raised: eigenvalues of the input's Hermitian part."""
+    return matrix_stats(flat, k=k)
 
 
 HERM_SAMPLE = 4  # matrices of a batch whose Hermitian error is measured (an O(n^2) pass per matrix)
@@ -104,15 +98,6 @@ def _svd_table(index: int | None):
         s = out if index is None else out[index]
         return singular_table(_first(s, flat.shape[0]), k=k, dtype=flat.dtype)
     return table
-
-
-def _svd_at(index: int | None) -> StatsFn:
-    def stats(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
-        if out is None:
-            return general_stats(flat, None, k)
-        s = out if index is None else out[index]
-        return singular_stats(_first(s, flat.shape[0]), k=k, dtype=flat.dtype)
-    return stats
 
 
 def _eig_at(index: int | None) -> StatsFn:
@@ -143,12 +128,12 @@ def _pinv(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
 
 
 KINDS: dict[str, Kind] = {
-    "eigh": Kind(_eigh, vector_outputs=(1,), hermitian=True, table=_eigh_table),
-    "eigvalsh": Kind(_eigvalsh, hermitian=True, table=_eigh_table),
-    "herm": Kind(lambda flat, out, k: matrix_stats(flat, k=k), hermitian=True),
-    "svd": Kind(_svd_at(1), vector_outputs=(0, 2), table=_svd_table(1)),
-    "svd_old": Kind(_svd_at(1), vector_outputs=(0, 2), table=_svd_table(1)),
-    "svdvals": Kind(_svd_at(None), table=_svd_table(None)),
+    "eigh": Kind(_from_input, vector_outputs=(1,), hermitian=True, table=_eigh_table),
+    "eigvalsh": Kind(_from_input, hermitian=True, table=_eigh_table),
+    "herm": Kind(_from_input, hermitian=True),
+    "svd": Kind(general_stats, vector_outputs=(0, 2), table=_svd_table(1)),
+    "svd_old": Kind(general_stats, vector_outputs=(0, 2), table=_svd_table(1)),
+    "svdvals": Kind(general_stats, table=_svd_table(None)),
     "general": Kind(general_stats),
     "eig": Kind(_eig_at(0), vector_outputs=(1,)),
     "eigvals": Kind(_eig_at(None)),
