@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 SHARD_PREFIX = "rank"  # rank r > 0 writes its trace shard in <run>/rank<r>/; rank 0 writes <run>/ itself
 SHARD_WAIT_S = 60.0  # how long rank 0 waits for the other ranks' shards to be closed before its report
+# Rank 0 of a traced script touches this file in the run folder once its summary and report are written;
+# the other ranks wait for it before they exit (torchrun stops every rank as soon as one exits with an
+# error, which would cut rank 0's report short).
+RANK0_DONE = ".rank0-done"
 
 
 class RankLostError(RuntimeError):
@@ -66,6 +70,25 @@ def wait_for_shards(run_dir: str | Path, world: int, since: float, timeout_s: fl
         if not missing or time.monotonic() >= deadline:
             return missing
         time.sleep(0.1)
+
+
+def mark_rank0_done(run_dir: str | Path) -> None:
+    """Rank 0: the run folder is complete (summary and report written)."""
+    try:
+        (Path(run_dir) / RANK0_DONE).touch()
+    except OSError as err:
+        log.warning("cannot mark %s as complete (%s); the other ranks wait for it until their timeout", run_dir, err)
+
+
+def wait_for_rank0(run_dir: str | Path, since: float, timeout_s: float = SHARD_WAIT_S) -> bool:
+    """Ranks > 0: wait until rank 0 has marked the run folder complete (at or after ``since``, a
+    time.time()); False after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not _closed(Path(run_dir) / RANK0_DONE, since):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _closed(summary: Path, since: float) -> bool:

@@ -292,7 +292,7 @@ class StabilityMonitor:
         self.writer.event(kind, "error", msg, step=step, **data)
         if self.live is not None:
             self.live.update(step, event=msg, nonfinite=True)
-        if len(self.capsules) < self.cfg.max_capsules and self._writes_capsule():
+        if len(self.capsules) < self.cfg.max_capsules and self.originates_fault():
             self._write_capsule(ctx, reason=msg)
         if not request:
             return
@@ -315,9 +315,15 @@ class StabilityMonitor:
         return (f"; originating rank(s) {d.origins} of {self.dist.world} (local loss or gradients non-finite "
                 f"before the all-reduce; this is rank {self.dist.rank})")
 
-    def _writes_capsule(self) -> bool:
-        """Under DDP only an originating rank writes a capsule (its local batch reproduces the fault);
-        rank 0 when no rank's local check saw it (e.g. a finite overflow in the reduction)."""
+    @property
+    def last_decision(self) -> distributed.Decision | None:
+        """Under DDP: the collective verdict of the step being checked (origin ranks, local finiteness)."""
+        return self._decision
+
+    def originates_fault(self) -> bool:
+        """Whether this rank's own step reproduces this step's fault: always in one process; under DDP an
+        originating rank, or rank 0 when no rank's local check saw it (e.g. a finite overflow in the
+        reduction). Only such a rank writes a capsule or keeps a locator finding."""
         if self.dist is None or self._decision is None:
             return True
         return self.dist.rank in self._decision.origins or (not self._decision.origins and self.dist.rank == 0)

@@ -94,6 +94,7 @@ class StepDriver:
         self._attempts_left = 0
         self._armed: ArmedLocator | None = None
         self._located = False
+        self._pending: Finding | None = None
         self._stop = ""
 
     @property
@@ -141,7 +142,11 @@ class StepDriver:
             return
         self._located = True  # one forward + backward per arming
         finding = armed.error(exc) if exc is not None else armed.finish(loss, optimizer_params(self.ctx.optimizer))
-        if finding is not None:
+        if finding is None:
+            return
+        if exc is None and self.monitor.dist is not None:
+            self._pending = finding  # kept once the step's collective decision says this rank originated it
+        else:
             self._record_finding(finding)
 
     def close_locator(self) -> None:
@@ -161,6 +166,7 @@ class StepDriver:
             [x.detach().reshape(()) for x in losses]).sum()
         self.monitor.on_after_forward(c)
         self.monitor.on_after_backward(c)
+        self._settle_finding()
         c.skipped = bool(c.skip_requested)
         c.skip_reason = c.skip_requested
         if not bool(c.grads_finite):
@@ -189,6 +195,25 @@ class StepDriver:
             self._stop = c.stop_requested
         if len(self.findings) < self.max_findings and not c.locating and self._attempts_left == 0:
             self._attempts_left = 1 if self._stop else LOCATE_ATTEMPTS
+
+    def _settle_finding(self) -> None:
+        """Under DDP a rank whose local gradients were finite received the NaN through the all-reduce: its
+        locator can only name the collective, so the originating rank's finding (in its shard) stands."""
+        finding, self._pending = self._pending, None
+        if finding is None:
+            return
+        if self.monitor.originates_fault():
+            self._record_finding(finding)
+            return
+        self._attempts_left = 0
+        mon = self.monitor
+        if mon.writer is not None:
+            decision = mon.last_decision
+            origins = decision.origins if decision is not None else []
+            mon.writer.event("finding_elsewhere", "info",
+                             f"step {self.ctx.step}: the non-finite gradients reached this rank through the gradient "
+                             f"all-reduce; the finding is in the shard of originating rank(s) {origins}",
+                             step=self.ctx.step, origin_ranks=origins)
 
     def _hide_grads(self) -> None:
         self._hidden = [(p, p.grad) for p in optimizer_params(self.ctx.optimizer)]

@@ -38,7 +38,7 @@ from ris_stability import distributed
 from ris_stability.autoattach.driver import POLICIES, NonFiniteError
 from ris_stability.autoattach.watch import Watcher
 from ris_stability.live import LiveView
-from ris_stability.records import UsageError
+from ris_stability.records import UsageError, read_finding
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +235,15 @@ def summary_table(run: ScriptRun) -> Table:
     style = "red bold" if w.nonfinite_steps else "green"
     t.add_row("non-finite steps", Text(f"{len(w.nonfinite_steps)} {w.nonfinite_steps[:10]}", style=style))
     t.add_row("skipped steps", str(len(w.skipped_steps)))
-    for step, f in w.findings[:1]:
-        t.add_row("finding", Text(f"step {step}: phase {f.phase}, {f.node or f.op or '-'} in {f.module or '-'} "
-                                  f"at {f.location or '-'}", style="red"))
-        t.add_row("cause", f.cause)
-        if f.remedies:
-            t.add_row("remedy", f.remedies[0])
-    if w.nonfinite_steps and not w.findings:
+    f = _shown_finding(run)
+    if f is not None:
+        rank = f" (rank {f['rank']})" if "rank" in f else ""
+        t.add_row("finding" + rank, Text(f"step {f['step']}: phase {f.get('phase')}, {f.get('node') or f.get('op') or '-'} "
+                                         f"in {f.get('module') or '-'} at {f.get('location') or '-'}", style="red"))
+        t.add_row("cause", str(f.get("cause", "")))
+        if f.get("remedies"):
+            t.add_row("remedy", str(f["remedies"][0]))
+    if w.nonfinite_steps and f is None:
         t.add_row("finding", "none: the fault did not recur in the armed steps; replay a capsule with "
                              "`risdiag bisect CAPSULE --replayer module:function`")
     if w.monitor.capsules:
@@ -256,20 +258,40 @@ def report_to(run: ScriptRun, console: Console, err: Console, report: bool) -> N
         err.print(run.traceback.rstrip(), highlight=False, markup=False, soft_wrap=True)
     if run.message:
         err.print(f"[bold]risdiag trace:[/bold] {run.message}", highlight=False, soft_wrap=True)
+    crashed = run.watcher.status == "crashed"  # e.g. a peer died: it may never close its shard
+    wait_s = 5.0 if crashed else distributed.SHARD_WAIT_S
     if run.rank != 0:  # one summary and one report per run: rank 0's, from every rank's shard
+        if run.world > 1 and not distributed.wait_for_rank0(run.watcher.run_dir, run.started, wait_s):
+            log.warning("rank %d: rank 0 did not mark the run folder complete within %.0f s", run.rank, wait_s)
         return
-    if run.world > 1:
-        crashed = run.watcher.status == "crashed"  # e.g. a peer died: its shard may never be closed
-        missing = distributed.wait_for_shards(run.watcher.run_dir, run.world, run.started,
-                                              timeout_s=5.0 if crashed else distributed.SHARD_WAIT_S)
-        if missing:
-            err.print(f"[bold]risdiag trace:[/bold] rank(s) {missing} did not close their shard; the report shows "
-                      "what they wrote", highlight=False, soft_wrap=True)
-    console.print(summary_table(run))
-    if report and run.watcher.driver.attached:
-        from ris_stability.report.build import build_report
+    try:
+        if run.world > 1:
+            missing = distributed.wait_for_shards(run.watcher.run_dir, run.world, run.started, timeout_s=wait_s)
+            if missing:
+                err.print(f"[bold]risdiag trace:[/bold] rank(s) {missing} did not close their shard; the report "
+                          "shows what they wrote", highlight=False, soft_wrap=True)
+        console.print(summary_table(run))
+        if report and run.watcher.driver.attached:
+            from ris_stability.report.build import build_report
 
-        console.print(f"report: {build_report(run.watcher.run_dir)}")
+            console.print(f"report: {build_report(run.watcher.run_dir)}")
+    finally:
+        if run.world > 1:
+            distributed.mark_rank0_done(run.watcher.run_dir)
+
+
+def _shown_finding(run: ScriptRun) -> dict | None:
+    """This rank's first finding, else (rank 0 of a data-parallel run) the lowest other rank's, from its shard."""
+    w = run.watcher
+    if w.findings:
+        step, finding = w.findings[0]
+        return {**finding.to_dict(), "step": step}
+    if run.world > 1 and run.rank == 0:
+        for r, shard in sorted(distributed.shard_dirs(w.run_dir).items()):
+            found = read_finding(shard) if r else None
+            if found:
+                return {**found, "rank": r}
+    return None
 
 
 __all__ = ["EXIT_SCRIPT_ERROR", "ScriptCommand", "ScriptError", "ScriptRun", "check_runnable", "parse_command",

@@ -119,7 +119,7 @@ class _Session(_DispatchChecks, _NodeRecorder):
             return self._finding(self._origin_of(bad), f"{len(bad)} of {len(leaves)} gradients are non-finite")
 
     def _origin_of(self, tensors: list[Tensor]) -> _Origin:
-        origin = next((o for o in (self.taint.get(t) for t in tensors) if o is not None), None)
+        origin = next((o for o in map(self.origin_of, tensors) if o is not None), None)
         if origin is None:  # masks are the last resort: an origin that made NaN comes first
             ranked = sorted(self.origins, key=lambda o: o.intentional)
             origin = next((o for o in ranked if o.phase == self.phase), None)

@@ -3,7 +3,10 @@
 An op with a non-finite output and only finite inputs is an *origin*; an op that merely consumes a
 non-finite input passes the origin on ("taint", per tensor), so the finding is the origin of a
 non-finite loss or gradient, not the last op that propagated it. Views inherit their base's origin.
-An op that raises is recorded too (for linalg ops: the op whose result the checker op rejected).
+A value written in place through a view taints the view's base too, and a view without an origin of its
+own reads its base's: buffers filled slice by slice (a DDP gradient bucket, a preallocated output) keep
+the origin of what was written into them. An op that raises is recorded too (for linalg ops: the op
+whose result the checker op rejected).
 """
 from __future__ import annotations
 
@@ -112,7 +115,9 @@ class _DispatchChecks:
         if info.linalg:
             self.last_linalg_op = (func, args, kwargs)
         if info.view:
-            origin = next((o for o in map(self.taint.get, _tensors(args)) if o is not None), None)
+            if not self.origins:  # nothing non-finite yet: nothing to inherit
+                return out
+            origin = next((o for o in map(self.origin_of, _tensors(args)) if o is not None), None)
             if origin is not None:
                 for t in _tensors(out):
                     self.taint[t] = origin
@@ -140,7 +145,7 @@ class _DispatchChecks:
         if not bad:
             return
         bad_in = _nonfinite_inputs(func, args, kwargs, pre_finite)
-        origin = next((o for o in (self.taint.get(t) for t in bad_in) if o is not None), None)
+        origin = next((o for o in map(self.origin_of, bad_in) if o is not None), None)
         inputs = None
         if origin is None:
             inputs = _named_inputs(func, args, kwargs, copies)
@@ -159,7 +164,16 @@ class _DispatchChecks:
             self._keep(origin)
         for t in bad:
             self.taint[t] = origin
+            if t._is_view() and self.taint.get(t._base) is None:
+                self.taint[t._base] = origin  # written through a view: the base holds the value now
         self.last_bad = origin
+
+    def origin_of(self, t: Tensor) -> _Origin | None:
+        """The origin a tensor carries: its own, else (a view) its base's."""
+        origin = self.taint.get(t)
+        if origin is None and t._is_view():
+            origin = self.taint.get(t._base)
+        return origin
 
     def _keep(self, origin: _Origin) -> None:
         if len(self.origins) < MAX_ORIGINS:
@@ -200,7 +214,7 @@ class _DispatchChecks:
         if bad_in:
             # The op raised because its input was already non-finite (eig/cholesky/svd refuse NaN/Inf):
             # that is a symptom; the finding is where the value first went non-finite.
-            upstream = next((o for o in map(self.taint.get, bad_in) if o is not None), None)
+            upstream = next((o for o in map(self.origin_of, bad_in) if o is not None), None)
             self.symptom_of = upstream or next(iter(self.origins), None)
 
 

@@ -213,15 +213,24 @@ def read_trace(run_dir: Path) -> Trace:
     events: list[dict] = []
     if (run_dir / EVENTS_FILE).exists():
         events, _ = _read_jsonl(run_dir / EVENTS_FILE)
-    finding = _read_json(run_dir / FINDING_FILE)
+    finding = read_finding(run_dir)
     if finding is None:
         finding_events = [e for e in events if e.get("kind") == "finding"]
         finding = dict(finding_events[-1].get("data") or {}) if finding_events else None
-    capsule_dir = run_dir / CAPSULE_DIR
-    capsules = sorted(capsule_dir.glob("step_*.pt")) if capsule_dir.is_dir() else []
     return Trace(run_dir=run_dir, meta=meta, steps=steps, events=events,
                  summary=_read_json(run_dir / SUMMARY_FILE), finding=finding,
-                 capsules=capsules, truncated=truncated)
+                 capsules=list_capsules(run_dir), truncated=truncated)
+
+
+def read_finding(run_dir: Path) -> dict | None:
+    """The run folder's finding.json (None when it has none)."""
+    return _read_json(Path(run_dir) / FINDING_FILE)
+
+
+def list_capsules(run_dir: Path) -> list[Path]:
+    """The run folder's capsules, in step order."""
+    capsule_dir = Path(run_dir) / CAPSULE_DIR
+    return sorted(capsule_dir.glob("step_*.pt")) if capsule_dir.is_dir() else []
 
 
 def to_parquet(run_dir: Path) -> Path:

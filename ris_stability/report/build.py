@@ -15,7 +15,7 @@ import pandas as pd
 
 from ris_stability.records import UsageError, Trace, read_trace
 from ris_stability.report import markdown as md
-from ris_stability.report.ranks import ranks_blocks
+from ris_stability.report.ranks import ranks_blocks, with_shards
 from ris_stability.report import plots
 from ris_stability.report.derive import (spike_marks, 
     MIN_STEPS_FOR_DEAD, MatrixSummary, SeriesSummary, condense_events, event_names, final_and_best_loss, grad_summaries,
@@ -84,7 +84,7 @@ def _resolve_out(run_dir: Path, out: Path | None) -> Path:
 def build_report(run_dir: Path, out: Path | None = None) -> Path:
     """Write report.md (default run_dir/report.md; a folder means folder/report.md) and figures/*.png
     next to it. Returns the report path. Raises TraceError / ReportError (both UsageError)."""
-    trace = read_trace(Path(run_dir))
+    trace = with_shards(read_trace(Path(run_dir)))
     out = _resolve_out(Path(run_dir), out)
     figures = figure_set(trace, trace.meta, plots.palette(trace.matrices))
     links = write_figures(figures, out.parent / FIGURE_DIR)
@@ -117,6 +117,7 @@ def render_report(trace: Trace, figures: dict[str, tuple[str, str]]) -> str:
     blocks += ranks_blocks(trace.run_dir)  # data-parallel runs: every rank's shard
     if trace.finding:
         title = "Finding (in-process locator)" if trace.finding.get("source") else "Bisector finding"
+        title += f", rank {trace.finding['rank']}" if "rank" in trace.finding else ""
         blocks += [md.heading(title), finding_block(trace.finding)]
     return md.document(blocks)
 

@@ -114,7 +114,7 @@ def _finding_items(trace: Trace) -> list[str]:
     where = ", ".join(f"{k} {code(f[k])}" for k in ("phase", "op", "node", "module", "location") if f.get(k))
     step = f" at step {f['step']}" if f.get("step") is not None else ""
     cause = f": {f['cause']}" if f.get("cause") else ""
-    title = "Finding" if f.get("source") else "Bisector finding"
+    title = ("Finding" if f.get("source") else "Bisector finding") + (f" (rank {f['rank']})" if "rank" in f else "")
     return [f"**{title}{step}** — {where or 'see the finding section'}{cause}."]
 
 

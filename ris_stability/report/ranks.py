@@ -1,14 +1,16 @@
 """The report's per-rank section for a data-parallel run: one row per rank (from its trace shard) and,
 for the steps where the ranks differ (a rank's local loss or gradients non-finite before the all-reduce),
-one column per rank."""
+one column per rank. ``with_shards`` gives rank 0's trace the other shards' capsules and, when rank 0 has
+none, the originating rank's finding: under DDP only that rank's locator saw the fault happen."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 from ris_stability import distributed
-from ris_stability.records import read_trace
+from ris_stability.records import list_capsules, read_finding, read_trace
 from ris_stability.records.reader import Trace
 from ris_stability.report import markdown as md
 
@@ -60,3 +62,17 @@ def ranks_blocks(run_dir: Path) -> list[str]:
         blocks += ["Steps where the ranks differ (loss / local gradient norm before the all-reduce):\n",
                    md.table(["step", "originating rank(s)", *(f"rank {r}" for r in traces)], rows)]
     return blocks
+
+
+def with_shards(trace: Trace) -> Trace:
+    """Rank 0's trace with every shard's capsules, and the finding of the lowest rank that has one when
+    rank 0 has none (tagged with its ``rank``); a one-process trace is returned as it is."""
+    shards = distributed.shard_dirs(trace.run_dir)
+    if len(shards) < 2:
+        return trace
+    capsules = [p for r, d in sorted(shards.items()) for p in (trace.capsules if r == 0 else list_capsules(d))]
+    finding = trace.finding
+    if not finding:
+        found = next(((r, f) for r, f in ((r, read_finding(d)) for r, d in sorted(shards.items()) if r) if f), None)
+        finding = {**found[1], "rank": found[0]} if found else finding
+    return dataclasses.replace(trace, capsules=capsules, finding=finding)

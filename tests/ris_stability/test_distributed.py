@@ -75,6 +75,42 @@ def test_bucket_view_gradients_are_not_captured_as_local():
     assert not distributed.active()
 
 
+@pytest.mark.parametrize("bucket_view", [False, True], ids=["grad-copied-to-bucket", "grad-is-bucket-view"])
+def test_locator_follows_a_nan_through_the_ddp_gradient_bucket(bucket_view):
+    """DDP copies each gradient into a slice of a flat bucket, all-reduces the bucket and copies it back: the
+    armed locator must name the op that made the NaN (the sqrt backward at a zero row), not the all-reduce
+    that found it already in the bucket (a one-rank group runs the same reducer)."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from ris_stability.locate.armed import ArmedLocator
+
+    class RowNorm(nn.Module):
+        def forward(self, h):
+            return h / (torch.sqrt((h * h).sum(-1, keepdim=True)) + 1.0)
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 8, bias=False), RowNorm(),
+                                                                  nn.Linear(8, 1)), gradient_as_bucket_view=bucket_view)
+        x = torch.randn(16, 8)
+        x[3] = 0.0
+        armed = ArmedLocator({"model": model}).__enter__()
+        try:
+            loss = model(x).square().mean()
+            armed.backward_started()
+            loss.backward()
+            finding = armed.finish(loss, model.parameters())
+        finally:
+            armed.close()
+    finally:
+        dist.destroy_process_group()
+    assert torch.isnan(model.module[0].weight.grad).any()
+    assert (finding.phase, finding.node, finding.module) == ("backward", "SqrtBackward0", "model.module.1")
+    assert "sqrt" in finding.cause
+
+
 def test_single_process_is_inert():
     assert not distributed.active() and distributed.rank() == 0 and distributed.world_size() == 1
 
@@ -179,8 +215,20 @@ def test_traced_script_under_torchrun(tmp_path):
         assert torch.isnan(cap.grads["proj.weight"]).any() and torch.isfinite(cap.grads["head.bias"]).all()
     params = [json.loads((tmp_path / f"params{r}.json").read_text()) for r in (0, 1)]
     assert params[0] == params[1]
+    assert (run_dir / "report.md").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (run_dir / "report.md").read_text()
     assert "## Ranks (data-parallel)" in report and "originating rank(s) [1]" in report
+    # The finding is rank 1's, where the sqrt backward made the NaN (not the all-reduce that carried it);
+    # rank 0 only received it and says where the finding is.
+    assert not (run_dir / "finding.json").exists()
+    finding = json.loads((run_dir / "rank1" / "finding.json").read_text())
+    assert (finding["node"], finding["module"]) == ("SqrtBackward0", "model.module.norm")
+    assert finding["location"] == "tests/ris_stability/scripts/ddp_rows.py:17"
+    assert [e["data"]["origin_ranks"] for e in read_events(run_dir) if e["kind"] == "finding_elsewhere"] == [[1]]
+    assert "## Finding (in-process locator), rank 1" in report and "`SqrtBackward0`" in report
+    assert "`rank1/capsules/step_000000.pt`" in report
+    assert "finding (rank 1)" in proc.stdout and "SqrtBackward0 in" in proc.stdout
+    assert (run_dir / distributed.RANK0_DONE).exists()
     for r in (0, 1):
         assert json.loads((tmp_path / f"collectives{r}.json").read_text()) == {"all_reduce": 6}
 
