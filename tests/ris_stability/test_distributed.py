@@ -233,6 +233,19 @@ def test_traced_script_under_torchrun(tmp_path):
         assert json.loads((tmp_path / f"collectives{r}.json").read_text()) == {"all_reduce": 6}
 
 
+def test_a_rank_aborting_at_exit_does_not_cost_the_report(tmp_path):
+    """torchrun stops every rank as soon as one exits with an error. Rank 1 aborts when its interpreter exits
+    (as gloo's teardown sometimes does): it first waits for rank 0's done mark, so the report is complete."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = _torchrun("-m", "ris_stability.cli", "trace", "--no-live", "--out", str(tmp_path), "--", "python",
+                    str(WORKER.parent / "ddp_rows.py"), "--steps", "3", "--fault-steps", "1", "--abort-at-exit")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert (tmp_path / "report.md").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "## Ranks (data-parallel)" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / distributed.RANK0_DONE).exists()
+
+
 @pytest.mark.slow
 def test_acceptance_seed_nan_10_steps_two_ranks(tmp_path):
     """The acceptance command as documented: torchrun, 2 processes, gloo, seed-nan for 10 steps."""

@@ -2,9 +2,12 @@
 gloo process group itself, wraps its model in DistributedDataParallel and trains on its own share of the
 data. Planted fault on rank 1 only: at each of --fault-steps one row of its batch is all zero, and the row
 norm's sqrt backward turns that into NaN gradients (the loss stays finite). --params DIR: each rank writes
-its final parameter sums to DIR/params<rank>.json (the replicas must stay identical)."""
+its final parameter sums to DIR/params<rank>.json (the replicas must stay identical). --abort-at-exit: rank
+1 aborts when its interpreter exits, as torch 2.13's gloo teardown sometimes does by itself."""
 import argparse
+import atexit
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -34,9 +37,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--fault-steps", type=int, nargs="*", default=[2])
     p.add_argument("--params", default="")
+    p.add_argument("--abort-at-exit", action="store_true")
     args = p.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    if args.abort_at_exit and rank == 1:
+        atexit.register(os.abort)
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(Net())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
