@@ -223,7 +223,9 @@ def test_traced_script_under_torchrun(tmp_path):
     assert not (run_dir / "finding.json").exists()
     finding = json.loads((run_dir / "rank1" / "finding.json").read_text())
     assert (finding["node"], finding["module"]) == ("SqrtBackward0", "model.module.norm")
-    assert finding["location"] == "tests/ris_stability/scripts/ddp_rows.py:17"
+    lines = (WORKER.parent / "ddp_rows.py").read_text().splitlines()
+    fault_line = next(i for i, line in enumerate(lines, 1) if "FAULT: sqrt" in line)
+    assert finding["location"] == f"tests/ris_stability/scripts/ddp_rows.py:{fault_line}"
     assert [e["data"]["origin_ranks"] for e in read_events(run_dir) if e["kind"] == "finding_elsewhere"] == [[1]]
     assert "## Finding (in-process locator), rank 1" in report and "`SqrtBackward0`" in report
     assert "`rank1/capsules/step_000000.pt`" in report
