@@ -17,11 +17,12 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from ris_stability import distributed
 from ris_stability.autoattach.driver import NonFiniteError, StepDriver, batch_state
 from ris_stability.autoattach.hooks import AutoAttach
 from ris_stability.locate.finding import Finding
@@ -128,6 +129,7 @@ def watch(model: nn.Module | Mapping[str, nn.Module] | None = None, optimizer: t
     run_dir = Path(out) if out is not None else Path("runs") / f"watch-{time.strftime('%Y%m%d-%H%M%S')}"
     from ris_stability.sinks import open_sinks
 
+    started = time.time()
     with open_sinks(tensorboard=tensorboard, mlflow=mlflow):
         w = Watcher(run_dir, model, optimizer, on_nonfinite=on_nonfinite, every=every, max_matrices=max_matrices,
                     meta={"command": "ris_stability.watch"}, replayer=replayer).start()
@@ -142,9 +144,39 @@ def watch(model: nn.Module | Mapping[str, nn.Module] | None = None, optimizer: t
         else:
             w.finish()
         if report and w.driver.attached:
-            from ris_stability.report.build import build_report
-
-            build_report(run_dir)
+            _report(w, started)
 
 
-__all__ = ["Watcher", "watch"]
+def _report(w: Watcher, started: float) -> None:
+    from ris_stability.report.build import build_report
+
+    def write(missing: list[int]) -> None:
+        if missing:
+            log.warning("rank(s) %s did not close their shard; the report shows what they wrote", missing)
+        build_report(w.run_dir)
+
+    close_run(w, started, write)
+
+
+def close_run(w: Watcher, started: float, write: Callable[[list[int]], None]) -> None:
+    """End a finished run's output: ``write(missing)`` writes the summary / report. In one process it is
+    called at once. Under DDP rank 0 first waits for the other ranks' shards (``missing``: those still open
+    after the timeout), then calls it and marks the run folder done; a rank > 0 writes nothing and waits
+    for that mark, so that its own exit (torchrun stops every rank when one exits with an error) cannot
+    cut rank 0's report short. ``started``: time.time() at the run's start."""
+    group = w.monitor.dist
+    if group is None:
+        write([])
+        return
+    wait_s = 5.0 if w.status == "crashed" else distributed.SHARD_WAIT_S  # a peer died: it may never close
+    if group.rank != 0:
+        if not distributed.wait_for_rank0(w.run_dir, started, wait_s):
+            log.warning("rank %d: rank 0 did not mark the run folder complete within %.0f s", group.rank, wait_s)
+        return
+    try:
+        write(distributed.wait_for_shards(w.run_dir, group.world, started, timeout_s=wait_s))
+    finally:
+        distributed.mark_rank0_done(w.run_dir)
+
+
+__all__ = ["Watcher", "close_run", "watch"]

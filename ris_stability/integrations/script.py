@@ -36,7 +36,7 @@ from rich.text import Text
 
 from ris_stability import distributed
 from ris_stability.autoattach.driver import POLICIES, NonFiniteError
-from ris_stability.autoattach.watch import Watcher
+from ris_stability.autoattach.watch import Watcher, close_run
 from ris_stability.live import LiveView
 from ris_stability.records import UsageError, read_finding
 
@@ -258,26 +258,18 @@ def report_to(run: ScriptRun, console: Console, err: Console, report: bool) -> N
         err.print(run.traceback.rstrip(), highlight=False, markup=False, soft_wrap=True)
     if run.message:
         err.print(f"[bold]risdiag trace:[/bold] {run.message}", highlight=False, soft_wrap=True)
-    crashed = run.watcher.status == "crashed"  # e.g. a peer died: it may never close its shard
-    wait_s = 5.0 if crashed else distributed.SHARD_WAIT_S
-    if run.rank != 0:  # one summary and one report per run: rank 0's, from every rank's shard
-        if run.world > 1 and not distributed.wait_for_rank0(run.watcher.run_dir, run.started, wait_s):
-            log.warning("rank %d: rank 0 did not mark the run folder complete within %.0f s", run.rank, wait_s)
-        return
-    try:
-        if run.world > 1:
-            missing = distributed.wait_for_shards(run.watcher.run_dir, run.world, run.started, timeout_s=wait_s)
-            if missing:
-                err.print(f"[bold]risdiag trace:[/bold] rank(s) {missing} did not close their shard; the report "
-                          "shows what they wrote", highlight=False, soft_wrap=True)
+
+    def write(missing: list[int]) -> None:
+        if missing:
+            err.print(f"[bold]risdiag trace:[/bold] rank(s) {missing} did not close their shard; the report "
+                      "shows what they wrote", highlight=False, soft_wrap=True)
         console.print(summary_table(run))
         if report and run.watcher.driver.attached:
             from ris_stability.report.build import build_report
 
             console.print(f"report: {build_report(run.watcher.run_dir)}")
-    finally:
-        if run.world > 1:
-            distributed.mark_rank0_done(run.watcher.run_dir)
+
+    close_run(run.watcher, run.started, write)
 
 
 def _shown_finding(run: ScriptRun) -> dict | None:

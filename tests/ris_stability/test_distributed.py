@@ -248,6 +248,24 @@ def test_a_rank_aborting_at_exit_does_not_cost_the_report(tmp_path):
     assert (tmp_path / distributed.RANK0_DONE).exists()
 
 
+def test_watch_in_ones_own_ddp_script(tmp_path):
+    """`with ris_stability.watch(model, optimizer, out=DIR):` around a DDP loop launched by torchrun: per-rank
+    shards, both ranks skip the faulty steps, rank 0 alone writes the report once rank 1's shard is closed,
+    and it names rank 1's finding. Rank 1 aborts at exit: the report is complete all the same."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "run"
+    cmd = _torchrun(str(WORKER.parent / "ddp_rows.py"), "--steps", "4", "--fault-steps", "1", "2", "--watch",
+                    str(run_dir), "--abort-at-exit")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # rank 1's abort
+    for shard in (run_dir, run_dir / "rank1"):
+        assert json.loads((shard / "summary.json").read_text())["skipped_steps"] == [1, 2]
+    assert not (run_dir / "rank1" / "report.md").exists()
+    report = (run_dir / "report.md").read_text()
+    assert "## Ranks (data-parallel)" in report and "## Finding (in-process locator), rank 1" in report
+    assert "`SqrtBackward0`" in report and "`rank1/capsules/step_000001.pt`" in report
+
+
 @pytest.mark.slow
 def test_acceptance_seed_nan_10_steps_two_ranks(tmp_path):
     """The acceptance command as documented: torchrun, 2 processes, gloo, seed-nan for 10 steps."""

@@ -1,11 +1,13 @@
-"""A plain data-parallel training script (no ris_stability import), launched by torchrun: it joins the
+"""A plain data-parallel training script (no ris_stability import unless --watch), launched by torchrun: it joins the
 gloo process group itself, wraps its model in DistributedDataParallel and trains on its own share of the
 data. Planted fault on rank 1 only: at each of --fault-steps one row of its batch is all zero, and the row
 norm's sqrt backward turns that into NaN gradients (the loss stays finite). --params DIR: each rank writes
 its final parameter sums to DIR/params<rank>.json (the replicas must stay identical). --abort-at-exit: rank
-1 aborts when its interpreter exits, as torch 2.13's gloo teardown sometimes does by itself."""
+1 aborts when its interpreter exits, as torch 2.13's gloo teardown sometimes does by itself. --watch DIR: the
+loop runs inside ``ris_stability.watch(model, optimizer, out=DIR)`` (the one-line form in one's own script)."""
 import argparse
 import atexit
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -38,6 +40,7 @@ def main() -> None:
     p.add_argument("--fault-steps", type=int, nargs="*", default=[2])
     p.add_argument("--params", default="")
     p.add_argument("--abort-at-exit", action="store_true")
+    p.add_argument("--watch", default="")
     args = p.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -47,14 +50,21 @@ def main() -> None:
     model = nn.parallel.DistributedDataParallel(Net())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(10 + rank)
-    for step in range(args.steps):
-        x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 1, generator=gen)
-        if rank == 1 and step in args.fault_steps:
-            x[3] = 0.0
-        loss = nn.functional.mse_loss(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    if args.watch:
+        import ris_stability
+
+        watched = ris_stability.watch(model, optimizer, out=args.watch)
+    else:
+        watched = contextlib.nullcontext()
+    with watched:
+        for step in range(args.steps):
+            x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 1, generator=gen)
+            if rank == 1 and step in args.fault_steps:
+                x[3] = 0.0
+            loss = nn.functional.mse_loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
     if args.params:
         sums = [p.detach().double().sum().item() for p in model.parameters()]
         (Path(args.params) / f"params{rank}.json").write_text(json.dumps(sums))
