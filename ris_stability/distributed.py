@@ -50,6 +50,30 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def launcher_world() -> int:
+    """How many processes the launcher started (``WORLD_SIZE``; 1 when unset)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def no_group_message(r: int, world: int) -> str:
+    return (f"started as rank {r} of {world} (WORLD_SIZE), but no torch.distributed process group was joined: "
+            "every rank trains alone, with its own non-finite verdicts (no collective skip); this rank's trace is "
+            f"{'the run folder itself' if r == 0 else f'in {SHARD_PREFIX}{r}/'}. Call init_process_group (and wrap "
+            "the model in DDP) for data-parallel training")
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: its process group's, else the launcher's (torchrun sets RANK and
+    WORLD_SIZE even for a script that never joins a group), else (0, 1)."""
+    if active():
+        return rank(), world_size()
+    world = launcher_world()
+    return (launcher_rank(), world) if world > 1 else (0, 1)
+
+
 def launcher_rank() -> int:
     """This process's rank as torchrun announces it (``RANK``), readable before any process group exists:
     a script traced by ``risdiag trace -- python SCRIPT.py`` joins its group itself, later."""

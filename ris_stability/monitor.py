@@ -93,13 +93,23 @@ class StabilityMonitor:
         self.probe.__enter__()
         self.grads = GradMonitor(model, depth=self.cfg.grad_depth, dead_after=self.cfg.dead_after)
         self.writer.event("run_start", "info", f"monitor attached (every={self.cfg.every}, policy={self.cfg.policy})")
+        if self.meta.get("process_group") is False:
+            self.writer.event("no_process_group", "warning", distributed.no_group_message(self.meta["rank"],
+                                                                                         self.meta["world_size"]))
         if compiled:
             self.limitations.append(f"torch.compile ({', '.join(p or 'model' for p in compiled)}): {COMPILE_LIMITATION}")
             self.writer.event("compiled_model", "warning", self.limitations[-1], parts=compiled)
 
     def _attach_distributed(self, model: torch.nn.Module, capture: bool) -> None:
         """Under a process group: this rank's shard folder, its local gradient watch; live view on rank 0."""
-        if not distributed.active() or self.dist is not None:
+        if self.dist is not None:
+            return
+        if not distributed.active():
+            r, world = distributed.launcher_rank(), distributed.launcher_world()
+            if world > 1:  # started as one of several ranks, but no group joined: this rank trains alone
+                self.run_dir = distributed.shard_dir(self.run_dir, r)
+                self.meta.update(rank=r, world_size=world, process_group=False)
+                self.live = self.live if r == 0 else None
             return
         if self.early_watch is not None:  # watched the step in progress since its backward (a traced script)
             self.dist, self.early_watch = self.early_watch, None

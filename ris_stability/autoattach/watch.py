@@ -103,7 +103,7 @@ class Watcher:
         return self.status
 
     def _empty_trace(self, message: str) -> None:
-        with TraceWriter(self.run_dir, self.meta) as w:
+        with TraceWriter(distributed.shard_dir(self.run_dir, distributed.process_rank()[0]), self.meta) as w:
             w.event("run_start", "info", "monitor waiting for the first optimizer step")
             w.event("run_stopped", "error", message)
             w.summary({"steps": 0, "wall_s": time.perf_counter() - self._t0, "nonfinite_steps": [],
@@ -164,17 +164,18 @@ def close_run(w: Watcher, started: float, write: Callable[[list[int]], None]) ->
     after the timeout), then calls it and marks the run folder done; a rank > 0 writes nothing and waits
     for that mark, so that its own exit (torchrun stops every rank when one exits with an error) cannot
     cut rank 0's report short. ``started``: time.time() at the run's start."""
-    group = w.monitor.dist
-    if group is None:
+    group = w.monitor.dist  # the group may be gone by now (a script destroys its own): the monitor kept it
+    rank, world = (group.rank, group.world) if group is not None else distributed.process_rank()
+    if world == 1:
         write([])
         return
     wait_s = 5.0 if w.status == "crashed" else distributed.SHARD_WAIT_S  # a peer died: it may never close
-    if group.rank != 0:
+    if rank != 0:
         if not distributed.wait_for_rank0(w.run_dir, started, wait_s):
-            log.warning("rank %d: rank 0 did not mark the run folder complete within %.0f s", group.rank, wait_s)
+            log.warning("rank %d: rank 0 did not mark the run folder complete within %.0f s", rank, wait_s)
         return
     try:
-        write(distributed.wait_for_shards(w.run_dir, group.world, started, timeout_s=wait_s))
+        write(distributed.wait_for_shards(w.run_dir, world, started, timeout_s=wait_s))
     finally:
         distributed.mark_rank0_done(w.run_dir)
 

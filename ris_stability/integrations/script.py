@@ -38,7 +38,7 @@ from ris_stability import distributed
 from ris_stability.autoattach.driver import POLICIES, NonFiniteError
 from ris_stability.autoattach.watch import Watcher, close_run
 from ris_stability.live import LiveView
-from ris_stability.records import UsageError, read_finding
+from ris_stability.records import UsageError, read_finding, read_summary
 
 log = logging.getLogger(__name__)
 
@@ -215,11 +215,13 @@ def trace_script(argv: Sequence[str], out: str | None = None, *, live: bool = Fa
 
 
 def _ranked(run: ScriptRun) -> ScriptRun:
-    """Under a process group: this rank; a rank > 0 leaves the collective non-finite verdict to rank 0 (torchrun
-    ends every rank as soon as one exits non-zero, which would cut rank 0's report short)."""
+    """This process's rank: under a process group a rank > 0 leaves the collective non-finite verdict to rank
+    0; ranks a launcher started without a group have verdicts of their own, and keep their exit codes."""
     watch = run.watcher.monitor.dist
-    if watch is not None:
-        run.rank, run.world = watch.rank, watch.world
+    if watch is None:
+        run.rank, run.world = distributed.process_rank()
+        return run
+    run.rank, run.world = watch.rank, watch.world
     if run.rank != 0 and run.code == EXIT_NONFINITE:
         run.code = EXIT_OK
     return run
@@ -246,6 +248,13 @@ def summary_table(run: ScriptRun) -> Table:
     if w.nonfinite_steps and f is None:
         t.add_row("finding", "none: the fault did not recur in the armed steps; replay a capsule with "
                              "`risdiag bisect CAPSULE --replayer module:function`")
+    if run.world > 1 and run.rank == 0:
+        for r, shard in sorted(distributed.shard_dirs(w.run_dir).items()):
+            summary = read_summary(shard) if r else None
+            if summary is not None:
+                bad = summary.get("nonfinite_steps") or []
+                t.add_row(f"rank {r}", f"{summary.get('status', '?')}, {summary.get('steps', '?')} steps, "
+                                       f"non-finite {len(bad)} {bad[:10]}")
     if w.monitor.capsules:
         t.add_row("capsules", ", ".join(str(p) for p in w.monitor.capsules[:3]))
     t.add_row("run folder", str(w.run_dir))

@@ -4,7 +4,8 @@ Parts: ``schema`` (file names, column families, errors), ``writer`` (TraceWriter
 ``reader`` (read_trace, Trace, to_parquet). Everything is importable from ``ris_stability.records``.
 """
 
-from ris_stability.records.reader import Trace, list_capsules, read_finding, read_meta, read_trace, to_parquet
+from ris_stability.records.reader import (Trace, list_capsules, read_finding, read_meta, read_summary, read_trace,
+                                          to_parquet)
 from ris_stability.records.schema import (BOOL_COLUMNS, CAPSULE_DIR, EVENT_KINDS, EVENTS_FILE, FINDING_FILE,
                                           GRAD_GROUP_PREFIX, GRAD_NONFINITE_PREFIX, GRAD_PREFIX, GRAD_TOTAL,
                                           LOSS_PREFIX, MAT_PREFIX, META_FILE, SCHEMA_NAME, SCHEMA_VERSION,
@@ -17,5 +18,5 @@ __all__ = ["BOOL_COLUMNS", "CAPSULE_DIR", "EVENT_KINDS", "EVENTS_FILE", "FINDING
            "GRAD_NONFINITE_PREFIX", "GRAD_PREFIX", "GRAD_TOTAL", "LOSS_PREFIX", "MAT_PREFIX", "META_FILE",
            "SCHEMA_NAME", "SCHEMA_VERSION", "SEVERITIES", "STEPS_FILE", "SettingError", "STEPS_PARQUET", "SUMMARY_FILE",
            "Trace", "TraceError", "TraceWriter", "UPDATE_RATIO_PREFIX", "UsageError", "grad_modules",
-           "list_capsules", "loss_terms", "matrix_names", "matrix_stats", "read_finding", "read_meta", "read_trace", "to_parquet",
+           "list_capsules", "loss_terms", "matrix_names", "matrix_stats", "read_finding", "read_meta", "read_summary", "read_trace", "to_parquet",
            "write_finding", "write_json_atomic"]

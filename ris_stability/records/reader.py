@@ -218,13 +218,18 @@ def read_trace(run_dir: Path) -> Trace:
         finding_events = [e for e in events if e.get("kind") == "finding"]
         finding = dict(finding_events[-1].get("data") or {}) if finding_events else None
     return Trace(run_dir=run_dir, meta=meta, steps=steps, events=events,
-                 summary=_read_json(run_dir / SUMMARY_FILE), finding=finding,
+                 summary=read_summary(run_dir), finding=finding,
                  capsules=list_capsules(run_dir), truncated=truncated)
 
 
 def read_finding(run_dir: Path) -> dict | None:
     """The run folder's finding.json (None when it has none)."""
     return _read_json(Path(run_dir) / FINDING_FILE)
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    """The run folder's summary.json (None while the run has not ended)."""
+    return _read_json(Path(run_dir) / SUMMARY_FILE)
 
 
 def list_capsules(run_dir: Path) -> list[Path]:

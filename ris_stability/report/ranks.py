@@ -51,10 +51,14 @@ def ranks_blocks(run_dir: Path) -> list[str]:
     if len(shards) < 2:
         return []
     traces = {r: read_trace(d) for r, d in shards.items()}
-    blocks = [md.heading("Ranks (data-parallel)"),
-              "Each rank's own view before the gradient all-reduce: `local non-finite` counts the steps whose "
-              "local loss or local gradients were non-finite on that rank (it originated the fault); the skip "
-              "decision itself is collective, so every rank skipped the same steps.\n",
+    if traces[0].meta.get("process_group") is False:
+        intro = ("The launcher started these ranks, but they joined no process group: each trained alone, so each "
+                 "row is a run of its own, with its own non-finite steps and skip decisions (see `status`).\n")
+    else:
+        intro = ("Each rank's own view before the gradient all-reduce: `local non-finite` counts the steps whose "
+                 "local loss or local gradients were non-finite on that rank (it originated the fault); the skip "
+                 "decision itself is collective, so every rank skipped the same steps.\n")
+    blocks = [md.heading("Ranks (data-parallel)"), intro,
               md.table(["rank", "steps", "local non-finite steps", "last finite loss", "median local grad norm",
                         "status"], [_rank_row(r, t) for r, t in traces.items()], "rrlrrl")]
     rows = _step_rows(traces)

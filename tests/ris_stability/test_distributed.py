@@ -266,6 +266,26 @@ def test_watch_in_ones_own_ddp_script(tmp_path):
     assert "`SqrtBackward0`" in report and "`rank1/capsules/step_000001.pt`" in report
 
 
+def test_traced_script_under_torchrun_without_a_process_group(tmp_path):
+    """torchrun starts 2 processes of a script that joins no group (no DDP): each rank trains alone. Each
+    writes its own shard (rank 1: rank1/), says so in a `no_process_group` event, keeps its own verdict
+    (rank 1 skipped its faulty steps and exits 1, rank 0 is clean) and rank 0's report covers both."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "run"
+    cmd = _torchrun("-m", "ris_stability.cli", "trace", "--no-live", "--out", str(run_dir), "--", "python",
+                    str(WORKER.parent / "ddp_rows.py"), "--steps", "4", "--fault-steps", "1", "2", "--no-group")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # rank 1's own non-finite verdict
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (run_dir, run_dir / "rank1")]
+    assert [(s["status"], s["skipped_steps"]) for s in summaries] == [("clean", []), ("nonfinite", [1, 2])]
+    for r, shard in ((0, run_dir), (1, run_dir / "rank1")):
+        [event] = [e for e in read_events(shard) if e["kind"] == "no_process_group"]
+        assert f"rank {r} of 2" in event["message"] and "trains alone" in event["message"]
+    report = (run_dir / "report.md").read_text()
+    assert "joined no process group" in report and "## Finding (in-process locator), rank 1" in report
+    assert "rank 1" in proc.stdout and "nonfinite, 4 steps, non-finite 2 [1, 2]" in proc.stdout
+
+
 @pytest.mark.slow
 def test_acceptance_seed_nan_10_steps_two_ranks(tmp_path):
     """The acceptance command as documented: torchrun, 2 processes, gloo, seed-nan for 10 steps."""

@@ -4,7 +4,8 @@ data. Planted fault on rank 1 only: at each of --fault-steps one row of its batc
 norm's sqrt backward turns that into NaN gradients (the loss stays finite). --params DIR: each rank writes
 its final parameter sums to DIR/params<rank>.json (the replicas must stay identical). --abort-at-exit: rank
 1 aborts when its interpreter exits, as torch 2.13's gloo teardown sometimes does by itself. --watch DIR: the
-loop runs inside ``ris_stability.watch(model, optimizer, out=DIR)`` (the one-line form in one's own script)."""
+loop runs inside ``ris_stability.watch(model, optimizer, out=DIR)`` (the one-line form in one's own script).
+--no-group: no process group and no DDP (each rank trains alone; its rank comes from torchrun's RANK)."""
 import argparse
 import atexit
 import contextlib
@@ -41,13 +42,17 @@ def main() -> None:
     p.add_argument("--params", default="")
     p.add_argument("--abort-at-exit", action="store_true")
     p.add_argument("--watch", default="")
+    p.add_argument("--no-group", action="store_true")
     args = p.parse_args()
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    if args.no_group:
+        rank = int(os.environ["RANK"])
+    else:
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
     if args.abort_at_exit and rank == 1:
         atexit.register(os.abort)
     torch.manual_seed(0)
-    model = nn.parallel.DistributedDataParallel(Net())
+    model = Net() if args.no_group else nn.parallel.DistributedDataParallel(Net())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(10 + rank)
     if args.watch:
@@ -68,7 +73,8 @@ def main() -> None:
     if args.params:
         sums = [p.detach().double().sum().item() for p in model.parameters()]
         (Path(args.params) / f"params{rank}.json").write_text(json.dumps(sums))
-    dist.destroy_process_group()
+    if not args.no_group:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
