@@ -196,6 +196,13 @@ class StepDriver:
         if len(self.findings) < self.max_findings and not c.locating and self._attempts_left == 0:
             self._attempts_left = 1 if self._stop else LOCATE_ATTEMPTS
 
+    def keep_pending_finding(self) -> None:
+        """At the end of the run: a finding whose step never reached optimizer.step() (no collective
+        decision came) is kept as this rank's."""
+        finding, self._pending = self._pending, None
+        if finding is not None:
+            self._record_finding(finding)
+
     def _settle_finding(self) -> None:
         """Under DDP a rank whose local gradients were finite received the NaN through the all-reduce: its
         locator can only name the collective, so the originating rank's finding (in its shard) stands."""

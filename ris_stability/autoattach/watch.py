@@ -85,6 +85,7 @@ class Watcher:
         """Remove every hook, close the trace; the run's status: clean, nonfinite, stopped, crashed
         or no_steps (no optimizer step was seen)."""
         self.driver.close_locator()
+        self.driver.keep_pending_finding()
         if self._hooks is not None:
             self._hooks.remove()
         d = self.driver

@@ -38,7 +38,7 @@ from ris_stability import distributed
 from ris_stability.autoattach.driver import POLICIES, NonFiniteError
 from ris_stability.autoattach.watch import Watcher, close_run
 from ris_stability.live import LiveView
-from ris_stability.records import UsageError, read_finding, read_summary
+from ris_stability.records import UsageError, read_summary
 
 log = logging.getLogger(__name__)
 
@@ -288,10 +288,9 @@ def _shown_finding(run: ScriptRun) -> dict | None:
         step, finding = w.findings[0]
         return {**finding.to_dict(), "step": step}
     if run.world > 1 and run.rank == 0:
-        for r, shard in sorted(distributed.shard_dirs(w.run_dir).items()):
-            found = read_finding(shard) if r else None
-            if found:
-                return {**found, "rank": r}
+        from ris_stability.report.ranks import shard_finding
+
+        return shard_finding(w.run_dir)
     return None
 
 

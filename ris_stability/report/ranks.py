@@ -75,8 +75,14 @@ def with_shards(trace: Trace) -> Trace:
     if len(shards) < 2:
         return trace
     capsules = [p for r, d in sorted(shards.items()) for p in (trace.capsules if r == 0 else list_capsules(d))]
-    finding = trace.finding
-    if not finding:
-        found = next(((r, f) for r, f in ((r, read_finding(d)) for r, d in sorted(shards.items()) if r) if f), None)
-        finding = {**found[1], "rank": found[0]} if found else finding
-    return dataclasses.replace(trace, capsules=capsules, finding=finding)
+    return dataclasses.replace(trace, capsules=capsules, finding=trace.finding or shard_finding(trace.run_dir))
+
+
+def shard_finding(run_dir: Path) -> dict | None:
+    """The finding.json of the lowest rank > 0 that has one, tagged with its ``rank`` (under DDP only an
+    originating rank keeps a finding); None when no other rank has one."""
+    for r, shard in distributed.shard_dirs(run_dir).items():
+        found = read_finding(shard) if r else None
+        if found:
+            return {**found, "rank": r}
+    return None
