@@ -249,7 +249,7 @@ def summary_table(run: ScriptRun) -> Table:
         t.add_row("finding", "none: the fault did not recur in the armed steps; replay a capsule with "
                              "`risdiag bisect CAPSULE --replayer module:function`")
     if run.world > 1 and run.rank == 0:
-        for r, shard in sorted(distributed.shard_dirs(w.run_dir).items()):
+        for r, shard in distributed.shard_dirs(w.run_dir).items():
             summary = read_summary(shard) if r else None
             if summary is not None:
                 bad = summary.get("nonfinite_steps") or []

@@ -74,7 +74,7 @@ def with_shards(trace: Trace) -> Trace:
     shards = distributed.shard_dirs(trace.run_dir)
     if len(shards) < 2:
         return trace
-    capsules = [p for r, d in sorted(shards.items()) for p in (trace.capsules if r == 0 else list_capsules(d))]
+    capsules = [p for r, d in shards.items() for p in (trace.capsules if r == 0 else list_capsules(d))]
     return dataclasses.replace(trace, capsules=capsules, finding=trace.finding or shard_finding(trace.run_dir))
 
 
