@@ -18,7 +18,7 @@ from ris_model.data import train_batch
 from ris_model.model import build_model
 from ris_model.simulate import make_system
 from ris_model.train import configure_threads
-from ris_stability.capsule import Capsule, capture_rng
+from ris_stability.records.capsule import Capsule, capture_rng
 from ris_stability.integrations.ris import REPLAYER, batch_state, replay_capsule
 from ris_stability.locate import Locator
 

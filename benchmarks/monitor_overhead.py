@@ -38,8 +38,8 @@ from outside_models import DESCRIPTIONS, WORKLOADS  # noqa: E402
 
 from ris_stability import watch  # noqa: E402
 from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor  # noqa: E402
-from ris_stability.autoattach.driver import StepDriver  # noqa: E402
-from ris_stability.probes import SpectralProbe  # noqa: E402
+from ris_stability.attach.driver import StepDriver  # noqa: E402
+from ris_stability.instruments.probe import SpectralProbe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("off", "every=1", "every=10", "anomaly", "watch")  # watch: outside models only

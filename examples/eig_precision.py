@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ris_stability import audit_precision
-from ris_stability.precision import format_audit
+from ris_stability.instruments.precision import format_audit
 
 N, R, K, D = 8, 3, 2, 6
 

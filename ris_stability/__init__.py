@@ -4,13 +4,13 @@ The core (probes, gradient monitor, monitor, locator, alignment) needs only torc
 matplotlib are imported by the live view, the trace reader and the reports only.
 """
 
-from ris_stability.alignment import check_alignment
-from ris_stability.autoattach import watch
-from ris_stability.grads import GradMonitor
+from ris_stability.instruments.alignment import check_alignment
+from ris_stability.attach import watch
+from ris_stability.instruments.grads import GradMonitor
 from ris_stability.locate import Finding, Locator, format_finding, locate_nonfinite
-from ris_stability.precision import PrecisionAudit, audit_precision
+from ris_stability.instruments.precision import PrecisionAudit, audit_precision
 from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor
-from ris_stability.probes import SpectralProbe
+from ris_stability.instruments.probe import SpectralProbe
 from ris_stability.spectral import gap_aware
 
 __all__ = ["audit_precision", "PrecisionAudit", "check_alignment", "Finding", "format_finding", "gap_aware", "GradMonitor",

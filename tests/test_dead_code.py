@@ -10,9 +10,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Public helpers kept on purpose although nothing in the repository calls them yet.
-KEPT = {"ris_stability/amp.py": {"found_inf"},
+KEPT = {"ris_stability/monitor/amp.py": {"found_inf"},
         "ris_stability/sweep/target.py": {"TargetFactory"},  # the type a --target factory must have
-        "ris_stability/intercept.py": {"original_of"}}  # public: the torch function behind a stand-in
+        "ris_stability/observe/intercept.py": {"original_of"}}  # public: the torch function behind a stand-in
 
 
 def _top_level_names(tree: ast.Module) -> list[tuple[str, int]]:

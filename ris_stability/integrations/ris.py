@@ -31,14 +31,14 @@ from ris_model.model import build_model
 from ris_model.parallel import local_only
 from ris_model.simulate import make_system
 from ris_model.train import NonFiniteError, train, validate
-from ris_stability.alignment import (
+from ris_stability.instruments.alignment import (
     AlignmentError, AlignmentResult, check_alignment, default_rtol, one_thread, relative_difference,
 )
-from ris_stability.capsule import Capsule, CapsuleError, restore_rng
-from ris_stability import distributed
-from ris_stability.live import LiveView
+from ris_stability.records.capsule import Capsule, CapsuleError, restore_rng
+from ris_stability.monitor import distributed
+from ris_stability.cli.live import LiveView
 from ris_stability.locate.finding import Finding
-from ris_stability.loopstack import portable
+from ris_stability.observe.loopstack import portable
 from ris_stability.monitor import MonitorConfig, StabilityMonitor
 from ris_stability.records import UsageError
 

@@ -22,7 +22,7 @@ from ris_stability.locate.finding import Finding
 from ris_stability.locate.locator import _Session
 from ris_stability.locate.nodes import _ForwardRecorder
 from ris_stability.locate.ops import _finite
-from ris_stability.tracker import ModuleTracker
+from ris_stability.observe.tracker import ModuleTracker
 
 
 class ArmedLocator:

@@ -4,7 +4,7 @@ A :class:`Finding` is plain data (strings, numbers, tuples) so that it can be wr
 (``to_dict`` / ``from_dict``), embedded in a trace event, and rendered without rich
 (:func:`format_finding`). :class:`TensorSummary` describes one tensor (an op's input or output, or a
 bad argument) by its shape, dtype, value range, non-finite counts and, for linear-algebra inputs, the
-spectral statistics of :mod:`ris_stability.linalg_stats`.
+spectral statistics of :mod:`ris_stability.numerics.stats`.
 
 JSON convention (as in the trace format): a non-finite float is written as ``null``. ``from_dict``
 reads ``null`` back as ``None`` for the summary's value range and as NaN for spectral statistics

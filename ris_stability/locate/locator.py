@@ -7,7 +7,7 @@ included) with ``torch.autograd.grad``, so ``.grad`` attributes are left as they
 * a TorchDispatchMode checks every aten op's outputs. An op with a non-finite output and only finite
   inputs is an *origin*; an op that merely consumes a non-finite input passes the origin on ("taint",
   per tensor). The finding is the origin of the non-finite loss or gradient, not the last propagator;
-* the module tracker (ris_stability.tracker) names the innermost running nn.Module of each op;
+* the module tracker (ris_stability.observe.tracker) names the innermost running nn.Module of each op;
 * a TorchFunctionMode maps every autograd node created in forward to the module, source line and
   torch function that created it, and to the eigenvalues of an eigh/svd forward, so a backward op
   (running inside ``torch._C._current_autograd_node()``) is reported with its forward context;
@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from ris_stability.frames import MAX_STACK, traceback_stack as _traceback_stack, user_stack
+from ris_stability.observe.frames import MAX_STACK, traceback_stack as _traceback_stack, user_stack
 from ris_stability.locate.causes import Observation, explain
 from ris_stability.locate.finding import Finding, TensorSummary
 from ris_stability.locate.inputs import (LocatorUsageError, _check_loss, _graph_leaves, _input_finding,
@@ -51,7 +51,7 @@ from ris_stability.locate.nodes import _ForwardRecorder, _NodeRecorder
 from ris_stability.locate.ops import _finite, _spectral_stats, culprit_values, op_name
 from ris_stability.locate.phase import EIGH_PHASE_MESSAGE, SVD_PHASE_MESSAGE
 from ris_stability.locate.stack import _Context
-from ris_stability.tracker import ModuleTracker
+from ris_stability.observe.tracker import ModuleTracker
 from ris_stability.locate.taint import _DispatchChecks, _NonFiniteMode, _Origin
 
 __all__ = ["EIGH_PHASE_MESSAGE", "Locator", "LocatorUsageError", "MAX_STACK", "SVD_PHASE_MESSAGE",

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode, resolve_name
 
-from ris_stability.frames import user_stack
+from ris_stability.observe.frames import user_stack
 from ris_stability.locate.ops import _tensors
 from ris_stability.locate.clusters import CLUSTER_HOOKS
 from ris_stability.locate.phase import _PHASE_CHECKS

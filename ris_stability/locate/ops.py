@@ -10,9 +10,9 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from ris_stability import linalg_stats
+from ris_stability.numerics import stats as linalg_stats
 from ris_stability.locate.causes import is_linalg_op
-from ris_stability.site_stats import complex_gap_stats
+from ris_stability.linalg.site_stats import complex_gap_stats
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 from torch.overrides import TorchFunctionMode, resolve_name
 
 from ris_stability.locate.finding import Finding
-from ris_stability.frames import user_stack
+from ris_stability.observe.frames import user_stack
 from ris_stability.records import UsageError
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from typing import Mapping
 import torch
 
 from ris_stability.locate.finding import TensorSummary
-from ris_stability.tolerances import cluster_leak_tol, rank_tol, zero_level
+from ris_stability.numerics.tolerances import cluster_leak_tol, rank_tol, zero_level
 
 ONE_LINE = "with ris_stability.gap_aware():"
 FLOOR_PHRASE = "rank-deficient: loading will not help"

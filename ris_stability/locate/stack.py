@@ -1,4 +1,4 @@
-"""Where an op runs: its forward context (modules: ris_stability.tracker; user frames: frames.py)."""
+"""Where an op runs: its forward context (modules: ris_stability.observe.tracker; user frames: frames.py)."""
 from __future__ import annotations
 
 import dataclasses

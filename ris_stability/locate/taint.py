@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from ris_stability.frames import user_stack
+from ris_stability.observe.frames import user_stack
 from ris_stability.locate import masks
 from ris_stability.locate.causes import is_linalg_op
 from ris_stability.locate.clusters import LEAK_KEY
@@ -29,7 +29,7 @@ from ris_stability.locate.ops import (_CHECK_ERRORS, _FRESH, _NO_VALUES, _OVERWR
                                       _named_inputs, _nonfinite_inputs, _spectral_stats, _tensors,
                                       culprit_values, op_name)
 from ris_stability.locate.stack import _Context
-from ris_stability.tracker import ModuleTracker
+from ris_stability.observe.tracker import ModuleTracker
 
 MAX_INPUT_SUMMARIES = 8  # an op such as cat can take hundreds of tensors; the first few say enough
 MAX_ORIGINS = 64  # masked non-finite values (e.g. -inf attention masks) need not be kept beyond this

@@ -1,7 +1,7 @@
 """What a trace says: per-matrix / per-module / per-term summaries and the hazards worth a look.
 
 Pure functions of a `Trace` (no I/O, no plotting). Thresholds derive from the run's dtype eps through
-ris_stability.tolerances.
+ris_stability.numerics.tolerances.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 
 from ris_stability.records import GRAD_NONFINITE_PREFIX, Trace, matrix_stats
-from ris_stability.hazards import CONDITION_OPS, EIG_OPS, site_op
-from ris_stability.tolerances import (PRECISION_GRAD_RTOL, TIE_MIN_N, eps_of, ill_conditioned_log10, real_dtype,
+from ris_stability.linalg.hazards import CONDITION_OPS, EIG_OPS, site_op
+from ris_stability.numerics.tolerances import (PRECISION_GRAD_RTOL, TIE_MIN_N, eps_of, ill_conditioned_log10, real_dtype,
                                       tie_tol)
 
 # A cluster of at least this many equal eigenvalues makes eigh backward divide 0 by 0.
@@ -101,7 +101,7 @@ class MatrixSummary:
 
     @property
     def inverse_op(self) -> bool:
-        """The op inverts the matrix, so its condition number is the hazard (ris_stability.hazards)."""
+        """The op inverts the matrix, so its condition number is the hazard (ris_stability.linalg.hazards)."""
         return self.op in CONDITION_OPS
 
 
@@ -171,7 +171,7 @@ def _first_flag(s: MatrixSummary, stats: pd.DataFrame, cond: pd.Series, events: 
     for event in events:
         if (event.get("data") or {}).get("matrix") == s.name and event.get("step") is not None:
             candidates.append((int(event["step"]), f"{event.get('kind')} event"))
-    if s.op not in EIG_OPS:  # eig's realised backward terms are its measure (ris_stability.hazards)
+    if s.op not in EIG_OPS:  # eig's realised backward terms are its measure (ris_stability.linalg.hazards)
         tie = _first(stats.index[(_col(stats, "max_cluster") >= TIED_CLUSTER_MIN) & vec_used])
         if tie is not None:
             candidates.append((tie, "tie, vectors used"))

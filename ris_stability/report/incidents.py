@@ -11,11 +11,11 @@ import math
 import numpy as np
 import torch
 
-from ris_stability.hazards import EIG_OPS, PINV_OPS, eig_rounding_ratio
+from ris_stability.linalg.hazards import EIG_OPS, PINV_OPS, eig_rounding_ratio
 from ris_stability.records import Trace, matrix_stats
 from ris_stability.report.derive import MatrixSummary
 from ris_stability.report.markdown import code, steps_list
-from ris_stability.tolerances import PINV_CUTOFF_DECADES, PRECISION_GRAD_RTOL, hermitian_input_tol
+from ris_stability.numerics.tolerances import PINV_CUTOFF_DECADES, PRECISION_GRAD_RTOL, hermitian_input_tol
 
 
 def _events(trace: Trace, kind: str) -> list[dict]:

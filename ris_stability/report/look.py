@@ -11,9 +11,9 @@ from ris_stability.report.derive import (
     near_tie_relative, precision, run_dtype, summarize_matrix,
 )
 from ris_stability.report.markdown import MISSING, code, fmt, span, steps_list
-from ris_stability.hazards import EIG_OPS
+from ris_stability.linalg.hazards import EIG_OPS
 from ris_stability.report.incidents import incident_items, op_hazard_items
-from ris_stability.tolerances import PRECISION_GRAD_RTOL, ill_conditioned_log10
+from ris_stability.numerics.tolerances import PRECISION_GRAD_RTOL, ill_conditioned_log10
 
 def eigvec_remedy(real: str, meta: dict | None = None) -> str:
     """What to try against eigenvector-gradient blow-ups (float64 only when the run is not float64);

@@ -9,7 +9,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-from ris_stability import distributed
+from ris_stability.monitor import distributed
 from ris_stability.records import list_capsules, read_finding, read_trace
 from ris_stability.records.reader import Trace
 from ris_stability.report import markdown as md

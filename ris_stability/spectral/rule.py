@@ -10,7 +10,7 @@ apart whatever n, measured for n = 3..144 in complex64 and complex128). So two v
 
     |x_i - x_j| <= tie_rtol(n, dtype) * scale,   tie_rtol = TIE_SPREAD * max(n, TIE_MIN_N) * eps(dtype)
 
-This module is the only definition; ris_stability.tolerances and the showcase pipeline re-use it.
+This module is the only definition; ris_stability.numerics.tolerances and the showcase pipeline re-use it.
 
 Pair weights. The eigh backward weighs pair (i, j) by 1 / (x_j - x_i), the SVD backward by
 1 / (s_j - s_i) and 1 / (s_j + s_i). :func:`lorentz` replaces such a 1/e (e relative to the scale) by

@@ -279,7 +279,7 @@ def test_shrinkage_at_project_defaults_ties_118_noise_eigenvalues(record_propert
             cond = (lam["eff"][..., -1] / lam["eff"][..., 0]).max().item()
             assert cond <= (1 - alpha + alpha / N_PROJECT) / (alpha / N_PROJECT) * (1 + 1e-3)
             # The tie as the eigh backward sees it: closer than THE tie rule (ris_stability.spectral.tie_rtol,
-            # used by ris_model/numerics.py and ris_stability/tolerances.py alike).
+            # used by ris_model/numerics.py and ris_stability/numerics/tolerances.py alike).
             rel_gap = (lam["eff"].diff(dim=-1) / lam["eff"][..., -1:]).amin(-1).max().item()
             assert rel_gap <= tie_rtol(N_PROJECT, dtype)
             record_property(f"cluster_{dtype}_{alpha}", cluster)

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from ris_stability import Finding
-
 HERE = Path(__file__).resolve().parent
 LOCATE_FILES = ("locate_toys.py", "test_locate.py", "test_locate_forward.py", "test_locate_backward.py")
 

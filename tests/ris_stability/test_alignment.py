@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ris_stability.alignment import (
+from ris_stability.instruments.alignment import (
     AlignmentError, MatrixCapture, check_alignment, default_rtol, numerical_rank, relative_difference,
 )
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from ris_stability.bisect import bisect_capsule, replay, same_bits
-from ris_stability.capsule import Capsule, capture_rng
+from ris_stability.replay.bisect import bisect_capsule, replay, same_bits
+from ris_stability.records.capsule import Capsule, capture_rng
 
 REPLAYER = f"{__name__}:replayer"
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from ris_stability.capsule import CAPSULE_VERSION, Capsule, CapsuleError, capture_rng, clone_state, restore_rng
-from ris_stability.live import DashboardState, LiveView, build_dashboard, plain_line, worst_matrices
+from ris_stability.records.capsule import CAPSULE_VERSION, Capsule, CapsuleError, capture_rng, clone_state, restore_rng
+from ris_stability.cli.live import DashboardState, LiveView, build_dashboard, plain_line, worst_matrices
 
 
 def _capsule(step: int = 3) -> Capsule:
@@ -88,6 +88,6 @@ def test_dashboard_renders_rows():
 def test_live_view_is_off_without_tty(caplog):
     view = LiveView(total_steps=5, enabled=True, console=Console(force_terminal=False))
     assert view.enabled is False
-    with caplog.at_level("INFO", logger="ris_stability.live"), view:
+    with caplog.at_level("INFO", logger="ris_stability.cli.live"), view:
         view.update(1, row=ROW)
     assert any("step 1/5" in r.getMessage() for r in caplog.records)

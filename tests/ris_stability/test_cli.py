@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ris_stability.capsule import Capsule
+from ris_stability.records.capsule import Capsule
 from ris_stability.cli import main
 from ris_stability.records import read_trace
-from ris_stability.tolerances import tie_tol
+from ris_stability.numerics.tolerances import tie_tol
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ris_stability import cli
+from ris_stability.cli import app as cli
 from ris_stability.monitor import MonitorConfig
-from ris_stability.probes import SpectralProbe
+from ris_stability.instruments.probe import SpectralProbe
 from ris_stability.records import SettingError, UsageError
 from tests.ris_stability.trace_factory import make_run
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ris_stability import linalg_ops
+from ris_stability.linalg import registry as linalg_ops
 from ris_stability.monitor import MonitorSession, StabilityMonitor
-from ris_stability.probes import SpectralProbe
+from ris_stability.instruments.probe import SpectralProbe
 from ris_stability.report.build import build_report
 
 torch.manual_seed(0)

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ris_stability import distributed
-from ris_stability.bisect import bisect_capsule
-from ris_stability.capsule import Capsule
+from ris_stability.monitor import distributed
+from ris_stability.replay.bisect import bisect_capsule
+from ris_stability.records.capsule import Capsule
 from ris_stability.report.ranks import ranks_blocks
-from ris_stability.tolerances import eps_of
+from ris_stability.numerics.tolerances import eps_of
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "scripts" / "ddp_worker.py"

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from ris_stability.grads import float64_norms, grad_norms
+from ris_stability.instruments.grads import float64_norms, grad_norms
 from ris_stability.locate import Locator
 from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor
 from ris_stability.records import read_trace
@@ -87,7 +87,7 @@ def test_eig_raising_on_healthy_input_is_still_the_finding():
 
 def test_uninitialised_memory_is_not_an_origin():
     from ris_stability.locate.locator import _Session
-    from ris_stability.tracker import ModuleTracker
+    from ris_stability.observe.tracker import ModuleTracker
     session = _Session(ModuleTracker({}))
     garbage = torch.tensor([math.nan, 1.0])  # what empty_like may hand out
     session._check(torch.ops.aten.empty_like.default, (torch.ones(2),), {}, garbage, {}, {})

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from ris_stability.grads import GradMonitor, GradMonitorError, module_key
+from ris_stability.instruments.grads import GradMonitor, GradMonitorError, module_key
 
 
 class Heads(nn.Module):

@@ -42,7 +42,7 @@ def _trainer(tmp_path: Path, callback, planted: bool):
 def test_trainer_with_a_planted_fault_names_it_in_report_and_tensorboard(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from ris_stability.integrations.hf_trainer import StabilityTrainerCallback
+    from ris_stability.attach.hf_trainer import StabilityTrainerCallback
 
     cb = StabilityTrainerCallback(out=tmp_path / "run", tensorboard=tmp_path / "tb")
     model, trainer = _trainer(tmp_path, cb, planted=True)
@@ -62,7 +62,7 @@ def test_trainer_with_a_planted_fault_names_it_in_report_and_tensorboard(tmp_pat
 
 
 def test_clean_trainer_run_is_clean_and_leaves_no_hook(tmp_path: Path) -> None:
-    from ris_stability.integrations.hf_trainer import StabilityTrainerCallback
+    from ris_stability.attach.hf_trainer import StabilityTrainerCallback
 
     backward = torch.Tensor.backward
     cb = StabilityTrainerCallback(out=tmp_path / "run")

@@ -9,7 +9,7 @@ from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch", reason="the Lightning integration needs the optional extra "
                          "ris-diag[lightning]")
-from ris_stability.integrations.lightning import StabilityCallback  # noqa: E402
+from ris_stability.attach.lightning import StabilityCallback  # noqa: E402
 
 FAULT_STEP = 3
 

@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ris_stability.linalg_stats import (
+from ris_stability.numerics.stats import (
     SPECTRUM_KEYS, STAT_KEYS, SpectrumError, eigen_stats, hermitian_error, matrix_stats, singular_stats, to_floats, worst,
 )
-from ris_stability.tolerances import ToleranceError, eig_abs_err, eps_of, rank_tol, tie_tol
+from ris_stability.numerics.tolerances import ToleranceError, eig_abs_err, eps_of, rank_tol, tie_tol
 
 DTYPES = [torch.complex64, torch.complex128]
 SETTINGS = settings(deadline=None, max_examples=30)
@@ -207,7 +207,7 @@ def test_bad_inputs_raise_clear_errors(call, match):
 
 
 def test_segmented_worst_equals_worst_per_group():
-    from ris_stability.linalg_stats import worst_segments
+    from ris_stability.numerics.stats import worst_segments
     torch.manual_seed(3)
     groups = []
     for b, tie in ((3, False), (1, False), (4, True)):
@@ -230,7 +230,7 @@ def test_segmented_worst_equals_worst_per_group():
 
 def test_segmented_worst_one_row_per_group_equals_worst():
     """The one-row-per-group shortcut (a site called once) keeps worst()'s rules, whatever the order."""
-    from ris_stability.linalg_stats import worst_segments
+    from ris_stability.numerics.stats import worst_segments
     torch.manual_seed(4)
     a = torch.randn(3, 4, 4, dtype=torch.float64)
     stats = matrix_stats(a @ a.mT, k=1)

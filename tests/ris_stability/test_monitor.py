@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ris_stability.capsule import Capsule
+from ris_stability.records.capsule import Capsule
 from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor
 from ris_stability.records import read_trace
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from ris_stability import audit_precision
-from ris_stability.capsule import Capsule, capture_rng
+from ris_stability.records.capsule import Capsule, capture_rng
 from ris_stability.cli import main
-from ris_stability.precision import PrecisionAudit
-from ris_stability.tolerances import PRECISION_GRAD_RTOL
+from ris_stability.instruments.precision import PrecisionAudit
+from ris_stability.numerics.tolerances import PRECISION_GRAD_RTOL
 
 from tests.ris_stability.eig_models import FactorNet, ProjectorLoss, eig_loss, eig_setup, make_batch
 

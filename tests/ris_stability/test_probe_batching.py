@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ris_stability.probes import SpectralProbe
+from ris_stability.instruments.probe import SpectralProbe
 
 
 def per_sample_loop(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from ris_stability.linalg_stats import HAZARD_KEYS
-from ris_stability.probes import ProbeError, SpectralProbe
+from ris_stability.numerics.stats import HAZARD_KEYS
+from ris_stability.instruments.probe import ProbeError, SpectralProbe
 
 
 def _line_of(marker: str) -> int:
@@ -223,7 +223,7 @@ def test_general_ops_use_singular_values():
 
 
 def _entry_point_state():
-    from ris_stability.intercept import ENTRY_POINTS
+    from ris_stability.observe.intercept import ENTRY_POINTS
     return {(id(e.owner), e.attr): (getattr(e.owner, e.attr), e.attr in vars(e.owner)) for e in ENTRY_POINTS}
 
 

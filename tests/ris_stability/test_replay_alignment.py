@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from ris_stability.alignment import check_alignment, sample_difference
-from ris_stability.bisect import bisect_capsule
-from ris_stability.capsule import Capsule, capture_rng
+from ris_stability.instruments.alignment import check_alignment, sample_difference
+from ris_stability.replay.bisect import bisect_capsule
+from ris_stability.records.capsule import Capsule, capture_rng
 
 REPLAYER = f"{__name__}:replayer"
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from ris_model.numerics import degenerate_tol
 from ris_stability.spectral import (PhaseDependenceError, SpectralArgumentError, eigh_gap_aware, eps_of, pair_weights,
                                     tie_rtol)
-from ris_stability.tolerances import tie_tol
+from ris_stability.numerics.tolerances import tie_tol
 
 ALL_DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]
 EXACT_DTYPES = [torch.float64, torch.complex128]

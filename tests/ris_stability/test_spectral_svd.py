@@ -192,7 +192,6 @@ def top_k_projection_loss(svd, r: torch.Tensor, target: torch.Tensor, k: int = 5
 
 def test_rank25_top_k_left_singular_vectors_gap_aware_context_vs_complex128():
     from ris_stability import gap_aware
-
     r = rank25_covariance(torch.complex64)
     target = torch.randn(144, 144, dtype=torch.complex64, generator=_gen(16))
     torch_grad = grad_of(lambda x: top_k_projection_loss(torch.linalg.svd, x, target), r)

@@ -9,7 +9,7 @@ import torch
 from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor
 from ris_stability.records import read_trace
 from ris_stability.report.look import what_to_look_at
-from ris_stability.spikes import SpikeConfigError, SpikeDetector
+from ris_stability.instruments.spikes import SpikeConfigError, SpikeDetector
 
 from tests.ris_stability.eig_models import (CompanionRoots, HermitianEig, PinvHead, eig_loss, eig_setup,
                                             make_batch)

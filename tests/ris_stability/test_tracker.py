@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 import torch.nn.modules.module as module_mod
-from ris_stability.alignment import MatrixCapture
+from ris_stability.instruments.alignment import MatrixCapture
 from ris_stability.locate import Locator
-from ris_stability.probes import SpectralProbe
-from ris_stability.tracker import ModuleTracker
+from ris_stability.instruments.probe import SpectralProbe
+from ris_stability.observe.tracker import ModuleTracker
 
 
 class Leaf(nn.Module):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import ris_stability
-from ris_stability.capsule import clone_state
+from ris_stability.records.capsule import clone_state
 
 
 class RowNorm(nn.Module):

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ris_stability.autoattach.driver import NonFiniteError
-from ris_stability.autoattach.watch import Watcher
+from ris_stability.attach.driver import NonFiniteError
+from ris_stability.attach.watch import Watcher
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - the older package name
     try:
         from pytorch_lightning.callbacks import Callback
     except ImportError as err:
-        raise ImportError("ris_stability.integrations.lightning needs PyTorch Lightning 2.x: "
+        raise ImportError("ris_stability.attach.lightning needs PyTorch Lightning 2.x: "
                           "pip install 'ris-diag[lightning]'") from err
 
 log = logging.getLogger(__name__)

@@ -16,17 +16,17 @@ from typing import Any, Callable
 
 import torch
 
-from ris_stability.capsule import Capsule, capsule_path, capture_rng, clone_state, restore_rng, rng_snapshot, rng_state
-from ris_stability import amp
-from ris_stability import distributed
-from ris_stability.grads import TOTAL_KEY, GradMonitor, float64_norms
-from ris_stability.loopstack import COMPILE_LIMITATION, compiled_parts, optimizers_of, run_meta, unwrap
-from ris_stability.spikes import SpikeDetector
-from ris_stability.probes import SpectralProbe
+from ris_stability.records.capsule import Capsule, capsule_path, capture_rng, clone_state, restore_rng, rng_snapshot, rng_state
+from ris_stability.monitor import amp
+from ris_stability.monitor import distributed
+from ris_stability.instruments.grads import TOTAL_KEY, GradMonitor, float64_norms
+from ris_stability.observe.loopstack import COMPILE_LIMITATION, compiled_parts, optimizers_of, run_meta, unwrap
+from ris_stability.instruments.spikes import SpikeDetector
+from ris_stability.instruments.probe import SpectralProbe
 from ris_stability.records import TraceWriter
-from ris_stability.hazards import site_hazards
-from ris_stability.monitor_config import SPIKE_WARMUP, MonitorConfig, suspect_site
-from ris_stability.session import LoopContext, MonitorSession  # noqa: F401  (public names, re-exported)
+from ris_stability.linalg.hazards import site_hazards
+from ris_stability.monitor.config import SPIKE_WARMUP, MonitorConfig, suspect_site
+from ris_stability.monitor.session import LoopContext, MonitorSession  # noqa: F401  (public names, re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ class StabilityMonitor:
     def audit(self, fn: Callable[..., torch.Tensor], *args: Any, step: int | None = None, **kwargs: Any):
         """Precision audit of ``fn(*args, **kwargs)`` (the step's loss, recomputed from the step's RNG
         state) against float64; writes a ``precision_audit`` event and returns the audit."""
-        from ris_stability.precision import audit_precision  # noqa: PLC0415 (only when auditing)
+        from ris_stability.instruments.precision import audit_precision  # noqa: PLC0415 (only when auditing)
         outer = capture_rng()
         try:
             if self._rng is not None:

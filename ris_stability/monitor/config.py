@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ris_stability import amp
+from ris_stability.monitor import amp
 from ris_stability.records import SettingError
 
 SPIKE_WARMUP = 5  # logged steps before a gradient norm has a baseline

@@ -2,7 +2,7 @@
 
 The script runs unmodified in this process, as ``python`` would run it (``runpy``: ``__name__ ==
 "__main__"``, ``sys.argv``, ``sys.path[0]``), with the monitor attached by hooks (see
-``ris_stability.autoattach``): the model roots are the modules that own the first stepping optimizer's
+``ris_stability.attach``): the model roots are the modules that own the first stepping optimizer's
 parameters, steps are its ``step()`` calls, the loss is what ``backward`` is called on.
 
 Exit codes: 0 clean, 1 non-finite steps (or stopped by ``--on-nonfinite stop``), 2 usage (bad command,
@@ -11,7 +11,7 @@ marked ``crashed``), or the script's own ``sys.exit`` status.
 
 Under ``torchrun --nproc-per-node N -m ris_stability.cli trace --out DIR -- python SCRIPT.py``: the script
 joins its process group itself; the monitor attaches at its first optimizer step, when the group exists,
-and from then on works as in ``ris_stability.distributed`` (per-rank shards, one collective decision per
+and from then on works as in ``ris_stability.monitor.distributed`` (per-rank shards, one collective decision per
 step, origin ranks). Rank 0 alone shows the live view, prints the summary and writes the report, once the
 other ranks have closed their shards; the non-finite verdict is collective, so rank 0's exit code speaks
 for the run and the other ranks exit 0 on it.
@@ -34,10 +34,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ris_stability import distributed
-from ris_stability.autoattach.driver import POLICIES, NonFiniteError
-from ris_stability.autoattach.watch import Watcher, close_run
-from ris_stability.live import LiveView
+from ris_stability.monitor import distributed
+from ris_stability.attach.driver import POLICIES, NonFiniteError
+from ris_stability.attach.watch import Watcher, close_run
+from ris_stability.cli.live import LiveView
 from ris_stability.records import UsageError, read_summary
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Run a loss with chosen linear-algebra call sites (or everything) in float64 / complex128.
 
-Two TorchFunctionModes for the precision audit (:mod:`ris_stability.precision`):
+Two TorchFunctionModes for the precision audit (:mod:`ris_stability.instruments.precision`):
 
 * :class:`SitePromotion` runs the linalg calls of the chosen sites on float64 / complex128 copies of
   their inputs and casts the results back to the dtype the call would have returned, so only that
@@ -26,10 +26,10 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ris_stability.frames import caller_location
-from ris_stability.linalg_stats import hermitian_error
-from ris_stability.intercept import entry_by_function
-from ris_stability.tracker import ModuleTracker
+from ris_stability.observe.frames import caller_location
+from ris_stability.numerics.stats import hermitian_error
+from ris_stability.observe.intercept import entry_by_function
+from ris_stability.observe.tracker import ModuleTracker
 
 HIGH = {torch.float16: torch.float64, torch.bfloat16: torch.float64, torch.float32: torch.float64,
         torch.complex32: torch.complex128, torch.complex64: torch.complex128}

@@ -13,7 +13,7 @@ from types import FrameType
 import torch
 
 _SKIP_DIRS = (os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
-              os.path.dirname(os.path.abspath(__file__)) + os.sep)
+              os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep)
 MAX_STACK = 8  # user frames kept per op: enough to reach the model code from a helper
 
 

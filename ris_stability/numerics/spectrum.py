@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from ris_stability.tolerances import rank_tol, tie_tol
+from ris_stability.numerics.tolerances import rank_tol, tie_tol
 
 SPECTRUM_KEYS: tuple[str, ...] = (
     "n", "rank", "cond", "log10_cond", "lambda_min", "lambda_max", "trace", "herm_err",

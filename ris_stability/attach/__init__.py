@@ -5,8 +5,8 @@
 * ``watch``   ``watch(model, optimizer, out=...)`` context manager and the Watcher behind it.
 """
 
-from ris_stability.autoattach.driver import NonFiniteError, StepDriver
-from ris_stability.autoattach.hooks import AutoAttach
-from ris_stability.autoattach.watch import Watcher, watch
+from ris_stability.attach.driver import NonFiniteError, StepDriver
+from ris_stability.attach.hooks import AutoAttach
+from ris_stability.attach.watch import Watcher, watch
 
 __all__ = ["AutoAttach", "NonFiniteError", "StepDriver", "Watcher", "watch"]

@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ris_stability.grads import float64_norms
-from ris_stability.linalg_stats import eig_backward_terms
+from ris_stability.instruments.grads import float64_norms
+from ris_stability.numerics.stats import eig_backward_terms
 
 _KEEP_NUMEL = 1 << 16  # larger gradients are reduced to their norm at once instead of kept
 

@@ -22,9 +22,9 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from ris_stability import distributed
-from ris_stability.autoattach.driver import NonFiniteError, StepDriver, batch_state
-from ris_stability.autoattach.hooks import AutoAttach
+from ris_stability.monitor import distributed
+from ris_stability.attach.driver import NonFiniteError, StepDriver, batch_state
+from ris_stability.attach.hooks import AutoAttach
 from ris_stability.locate.finding import Finding
 from ris_stability.monitor import MonitorConfig, StabilityMonitor
 from ris_stability.records import TraceWriter

@@ -3,7 +3,7 @@
 The classic silent bug: the loss is computed on one matrix (say a predicted covariance) while inference runs its
 estimator on another (a blended one). Training then optimises something inference never uses, and nothing
 crashes. :func:`check_alignment` runs a training path and an inference path on the same batch, each under
-a :class:`MatrixCapture` (a TorchFunctionMode, removed on exit; modules named by ris_stability.tracker)
+a :class:`MatrixCapture` (a TorchFunctionMode, removed on exit; modules named by ris_stability.observe.tracker)
 that records
 
 - every input matrix of an allow-listed linear-algebra call (``probes.OPS``: eigh, svd, solve, ..., and
@@ -34,9 +34,9 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ris_stability.probes import OPS, caller_location
-from ris_stability.tolerances import eig_abs_err, eps_of, rank_tol
-from ris_stability.tracker import ModuleTracker
+from ris_stability.instruments.probe import OPS, caller_location
+from ris_stability.numerics.tolerances import eig_abs_err, eps_of, rank_tol
+from ris_stability.observe.tracker import ModuleTracker
 
 SCHEMA = "risdiag.alignment/1"
 

@@ -22,9 +22,9 @@ import math
 import torch
 from torch import Tensor
 
-from ris_stability.spectrum_table import (HAZARD_KEYS, SPECTRUM_KEYS, STAT_KEYS, columns, eigen_table,  # noqa: F401
+from ris_stability.numerics.spectrum import (HAZARD_KEYS, SPECTRUM_KEYS, STAT_KEYS, columns, eigen_table,  # noqa: F401
                                          singular_table)
-from ris_stability.tolerances import eps_of
+from ris_stability.numerics.tolerances import eps_of
 
 # How each statistic is reduced to the worst case over a batch: these by their minimum, every other one
 # by its maximum (cluster_value follows the largest cluster).

@@ -26,8 +26,8 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from ris_stability.capsule import Capsule, CapsuleError, restore_rng
-from ris_stability.precision import PrecisionAudit, audit_precision, format_audit
+from ris_stability.records.capsule import Capsule, CapsuleError, restore_rng
+from ris_stability.instruments.precision import PrecisionAudit, audit_precision, format_audit
 from ris_stability.locate.finding import Finding
 from ris_stability.locate import Locator
 from ris_stability.records import FINDING_FILE, META_FILE, UsageError, read_trace

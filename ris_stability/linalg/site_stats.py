@@ -16,10 +16,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ris_stability.linalg_stats import (STAT_KEYS, eig_stats, hermitian_error, matrix_stats,
+from ris_stability.numerics.stats import (STAT_KEYS, eig_stats, hermitian_error, matrix_stats,
                                        pinv_cutoff_margin, singular_stats)
-from ris_stability.spectrum_table import eigen_table, singular_table
-from ris_stability.tolerances import tie_tol
+from ris_stability.numerics.spectrum import eigen_table, singular_table
+from ris_stability.numerics.tolerances import tie_tol
 
 StatsFn = Callable[[Tensor, Any, Any], dict[str, Tensor]]
 

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ris_stability.linalg_stats import to_floats
+from ris_stability.numerics.stats import to_floats
 
 log = logging.getLogger(__name__)
 

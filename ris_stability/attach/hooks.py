@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from ris_stability import distributed
-from ris_stability.autoattach.driver import StepDriver, optimizer_params
-from ris_stability.frames import _is_user
+from ris_stability.monitor import distributed
+from ris_stability.attach.driver import StepDriver, optimizer_params
+from ris_stability.observe.frames import _is_user
 
 log = logging.getLogger(__name__)
 

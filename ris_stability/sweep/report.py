@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ris_stability.records import UsageError
 from ris_stability.report import markdown as md
 from ris_stability.report.canvas import save_figure
-from ris_stability.report.sweep_map import plot_stability_map
+from ris_stability.sweep.map import plot_stability_map
 from ris_stability.sweep.command import stored_settings
 from ris_stability.sweep.storage import fail_stale, load_study, open_storage
 from ris_stability.sweep.target import load_target

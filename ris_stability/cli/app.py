@@ -20,9 +20,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from ris_stability.live import terminal_console
+from ris_stability.cli.live import terminal_console
 
-from ris_stability.capsule import CapsuleError
+from ris_stability.records.capsule import CapsuleError
 from ris_stability.records import UsageError
 
 EXIT_OK, EXIT_NONFINITE, EXIT_USAGE, EXIT_NOT_REPRODUCED = 0, 1, 2, 3
@@ -162,7 +162,7 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_trace_script(args: argparse.Namespace, console: Console) -> int:
-    from ris_stability.integrations.script import report_to, trace_script
+    from ris_stability.attach.script import report_to, trace_script
 
     given = [flag for flag, value in (("--config", args.config), ("--steps", args.steps), ("--set", args.overrides))
              if value]
@@ -216,7 +216,7 @@ def _cmd_trace(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_bisect(args: argparse.Namespace, console: Console) -> int:
-    from ris_stability.bisect import run_bisect, run_precision
+    from ris_stability.replay.bisect import run_bisect, run_precision
 
     if args.precision:
         return run_precision(args.target, as_json=args.json, console=console, replayer=args.replayer)
@@ -272,7 +272,7 @@ def _cmd_sweep_report(args: argparse.Namespace, console: Console) -> int:
     if args.sweep is None or args.study is None or args.run_dir is not None:
         raise UsageError("a sweep report takes --sweep STORAGE and --study NAME, and no run folder")
     _optuna()
-    from ris_stability.report.sweep import build_sweep_report
+    from ris_stability.sweep.report import build_sweep_report
 
     out = Path(args.out) if args.out else Path("reports") / f"sweep-{args.study}" / "report.md"
     path = build_sweep_report(args.sweep, args.study, out)

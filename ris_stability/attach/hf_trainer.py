@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ris_stability.autoattach.driver import NonFiniteError
-from ris_stability.autoattach.watch import Watcher
+from ris_stability.attach.driver import NonFiniteError
+from ris_stability.attach.watch import Watcher
 from ris_stability.sinks import open_sinks
 
 try:
     from transformers import TrainerCallback
 except ImportError as err:  # pragma: no cover - exercised only without the extra
-    raise ImportError("ris_stability.integrations.hf_trainer needs transformers: pip install 'ris-diag[hf]'") from err
+    raise ImportError("ris_stability.attach.hf_trainer needs transformers: pip install 'ris-diag[hf]'") from err
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ backward) is observed under its own name: the entry point it calls is attributed
 Python stack), and its outputs are the ones whose gradient is watched.
 
 Other helpers extend the table with :func:`add_entry_point` (a kind names the statistics the listener
-computes, see ``ris_stability.site_stats``).
+computes, see ``ris_stability.linalg.site_stats``).
 """
 from __future__ import annotations
 

@@ -24,10 +24,10 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ris_stability.capsule import capture_rng, restore_rng
+from ris_stability.records.capsule import capture_rng, restore_rng
 from ris_stability.locate.inputs import _check_loss, bind_arguments, discover_roots
-from ris_stability.promote import Float64Everything, SitePromotion, SiteRecord, relative_error
-from ris_stability.tolerances import PRECISION_GRAD_RTOL, hermitian_input_tol
+from ris_stability.instruments.promote import Float64Everything, SitePromotion, SiteRecord, relative_error
+from ris_stability.numerics.tolerances import PRECISION_GRAD_RTOL, hermitian_input_tol
 
 MAX_SITES = 8  # sites promoted one at a time; beyond that only "all sites" is tried
 

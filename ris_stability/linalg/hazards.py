@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from ris_stability.linalg_ops import tie_message
-from ris_stability.tolerances import (PINV_CUTOFF_DECADES, PRECISION_GRAD_RTOL, hermitian_input_tol,
+from ris_stability.linalg.registry import tie_message
+from ris_stability.numerics.tolerances import (PINV_CUTOFF_DECADES, PRECISION_GRAD_RTOL, hermitian_input_tol,
                                       ill_conditioned_log10)
 
 CONDITION_OPS = frozenset({"inv", "inv_ex", "inverse", "solve", "solve_ex", "lstsq", "cholesky", "cholesky_ex",

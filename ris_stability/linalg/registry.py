@@ -1,6 +1,6 @@
 """Every linear-algebra entry point with a spectral hazard, and that hazard in its own words and units.
 
-The probe observes the entry points of ``ris_stability.intercept``; this module adds the ones whose
+The probe observes the entry points of ``ris_stability.observe.intercept``; this module adds the ones whose
 hazard is spectral but that are not decompositions (matrix norms of order 2, -2 and 'nuc', cond, det,
 slogdet / logdet, lu / lu_factor, matrix_rank, the ``torch.*`` and Tensor-method spellings), chooses
 per call what a norm call is (``refine``: a Frobenius or vector norm has no spectral hazard and is not
@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ris_stability import intercept, site_stats
+from ris_stability.observe import intercept
+
+from ris_stability.linalg import site_stats
 
 
 # Kinds whose statistics come from the spectrum the op returned: cheap enough for the whole batch.

@@ -1,14 +1,14 @@
 """SpectralProbe: zero-touch spectral statistics of every linear-algebra call a model makes.
 
 While active, the probe observes the linear-algebra entry points only (eigh, eigvalsh, svd, svdvals,
-cholesky, inv, solve, lstsq, qr, eig, pinv and their old aliases; see ``ris_stability.intercept``, which
+cholesky, inv, solve, lstsq, qr, eig, pinv and their old aliases; see ``ris_stability.observe.intercept``, which
 swaps thin wrappers in for them and puts the originals back on exit): every other torch call runs
 untouched. For each call site it records the statistics of the input matrix (reusing the eigenvalues /
-singular values the op returned when it computes them; ``ris_stability.site_stats``), whether the input
+singular values the op returned when it computes them; ``ris_stability.linalg.site_stats``), whether the input
 requires grad, and whether the op's eigenvectors (U/V for svd) actually RECEIVE gradient in backward: a
 hook on those outputs sets a device flag when the incoming gradient is non-zero, so eigenvector hazards
 (tied gaps) are flagged only where the loss really uses the vectors. The call site is named by the module
-running it (``ris_stability.tracker``, read from the Python stack when a call is recorded) and the
+running it (``ris_stability.observe.tracker``, read from the Python stack when a call is recorded) and the
 user's source line.
 
 The probe never changes results: the intercepted op runs exactly as called, statistics are computed on
@@ -38,13 +38,15 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ris_stability import intercept, linalg_ops
-from ris_stability.frames import caller_location, user_stack
-from ris_stability.linalg_stats import STAT_KEYS, worst_rows, worst_segments
+from ris_stability.observe import intercept
+
+from ris_stability.linalg import registry as linalg_ops
+from ris_stability.observe.frames import caller_location, user_stack
+from ris_stability.numerics.stats import STAT_KEYS, worst_rows, worst_segments
 from ris_stability.records.schema import SettingError
-from ris_stability.site_stats import KINDS, NOT_BATCHABLE, batch_parts, batched_rows, nan_rows, stat_rows
-from ris_stability.site_grads import BackwardRecord
-from ris_stability.tracker import ModuleTracker
+from ris_stability.linalg.site_stats import KINDS, NOT_BATCHABLE, batch_parts, batched_rows, nan_rows, stat_rows
+from ris_stability.linalg.site_grads import BackwardRecord
+from ris_stability.observe.tracker import ModuleTracker
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +127,7 @@ class SpectralProbe:
     """Context manager recording spectral statistics of linalg call sites and watched matrices.
 
     ``roots``: named modules whose dotted submodule paths name the call sites (``{"model": m}`` gives
-    ``model.encoder.layers.0``); other modules are named by the tracker's rule (ris_stability.tracker).
+    ``model.encoder.layers.0``); other modules are named by the tracker's rule (ris_stability.observe.tracker).
     ``every``: record only on steps with ``step % every == 0`` (see :meth:`step`).
     ``max_matrices``: record only the first k matrices of a batch. ``batch_calls``: measure the calls of
     one site together (at collect, or every 16 calls) instead of one by one: a per-sample Python loop then

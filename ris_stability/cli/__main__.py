@@ -1,0 +1,5 @@
+import sys
+
+from ris_stability.cli.app import main
+
+sys.exit(main())
