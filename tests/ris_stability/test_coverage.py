@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ris_stability.linalg import registry as linalg_ops
-from ris_stability.monitor import MonitorSession, StabilityMonitor
+from ris_stability import MonitorSession, StabilityMonitor
 from ris_stability.instruments.probe import SpectralProbe
 from ris_stability.report.build import build_report
 
