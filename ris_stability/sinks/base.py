@@ -13,11 +13,12 @@ set opens and that sink is left out; an error while writing is one warning and t
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
+
+from ris_stability.records.listeners import current_observer, observing_runs
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +142,11 @@ class SinkSet:
             del self._runs[run_dir]
 
 
-_CURRENT: contextvars.ContextVar[SinkSet | None] = contextvars.ContextVar("ris_stability_sinks", default=None)
-
-
 def current_sinks() -> SinkSet | None:
-    """The sink set installed by the innermost ``open_sinks`` (None: the run folder alone)."""
-    return _CURRENT.get()
+    """The sink set installed by the innermost ``open_sinks`` (None: the run folder alone, or another
+    kind of run observer)."""
+    observer = current_observer()
+    return observer if isinstance(observer, SinkSet) else None
 
 
 @contextlib.contextmanager
@@ -166,11 +166,10 @@ def open_sinks(tensorboard: str | Path | None = None, mlflow: bool = False,
         yield None
         return
     sinks = SinkSet(backends)
-    token = _CURRENT.set(sinks)
     try:
-        yield sinks
+        with observing_runs(sinks):  # every TraceWriter opened in the block adds the set as a listener
+            yield sinks
     finally:
-        _CURRENT.reset(token)
         sinks.publish()
 
 
