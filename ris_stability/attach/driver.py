@@ -182,6 +182,11 @@ class StepDriver:
         else:
             self._record_finding(finding)
 
+    def arm_locator(self, attempts: int = 1) -> None:
+        """Run the locator in the next ``attempts`` steps without a fault first (a re-run aiming at a recorded
+        bad step: ``risdiag locate``)."""
+        self._attempts_left = max(self._attempts_left, attempts)
+
     def close_locator(self) -> None:
         """Leave the armed locator's modes (from an optimizer hook or step end: outside torch functions)."""
         armed, self._armed = self._armed, None

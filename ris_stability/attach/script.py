@@ -125,6 +125,13 @@ def _run(cmd: ScriptCommand) -> None:
             sys.path[0] = saved_path0
 
 
+def run_command(cmd: ScriptCommand) -> None:
+    """Run ``cmd`` in this process as ``python`` would (``__main__``, ``sys.argv``, ``sys.path[0]``), with
+    whatever hooks the caller installed: what ``trace_script`` runs under the monitor, and what ``risdiag
+    locate`` re-runs up to a recorded bad step."""
+    _run(cmd)
+
+
 def user_traceback(exc: BaseException) -> str:
     """The exception's traceback from the script's first frame on (the runner's frames dropped)."""
     tb = exc.__traceback__
@@ -226,4 +233,4 @@ def _ranked(run: ScriptRun) -> ScriptRun:
 
 
 __all__ = ["EXIT_SCRIPT_ERROR", "ScriptCommand", "ScriptError", "ScriptRun", "check_runnable", "parse_command",
-           "trace_script", "user_traceback"]
+           "run_command", "trace_script", "user_traceback"]

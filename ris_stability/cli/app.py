@@ -1,4 +1,4 @@
-"""`risdiag`: trace | bisect | report | align | compare | sweep.
+"""`risdiag`: trace | locate | bisect | report | align | compare | sweep.
 
 Exit codes: 0 success (a clean run, an aligned config, a located finding); 1 the run had non-finite
 steps / the config is misaligned; 2 usage errors (bad config, bad path, corrupted files); 3 a capsule
@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from ris_stability.cli import locate_cmd
 from ris_stability.cli.live import terminal_console
 
 from ris_stability.records.capsule import CapsuleError
@@ -136,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     a.add_argument("--json", action="store_true")
     _add_sweep_parser(sub)
+    locate_cmd.add_parser(sub)
     return p
 
 
@@ -321,7 +323,7 @@ def _cmd_sweep(args: argparse.Namespace, console: Console) -> int:
 
 
 COMMANDS = {"trace": _cmd_trace, "bisect": _cmd_bisect, "report": _cmd_report, "compare": _cmd_compare,
-            "align": _cmd_align, "sweep": _cmd_sweep}
+            "align": _cmd_align, "sweep": _cmd_sweep, "locate": locate_cmd.run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

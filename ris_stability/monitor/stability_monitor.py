@@ -56,7 +56,8 @@ class StabilityMonitor(MonitorWriting):
         self.audit_fn: Callable[[], torch.Tensor] | None = None  # recomputes the step's loss (precision audit)
         self.spikes = SpikeDetector(cfg.spike_factor, cfg.spike_window, SPIKE_WARMUP)
         self.skipped_steps: list[int] = []
-        self.capsules: list[Path] = []
+        self.capsules: list[Path] = []  # kept capsules (the budget deletes the middle ones: writing.py)
+        self._capsule_store = None
         self._rng: tuple[Any, ...] | None = None  # rng_snapshot() at step start
         self._sites: dict[str, dict[str, Any]] = {}
         self._flagged: set[tuple[str, str]] = set()
@@ -135,7 +136,8 @@ class StabilityMonitor(MonitorWriting):
                 "nonfinite_steps": self.nonfinite_steps, "skipped_steps": self.skipped_steps,
                 "final_loss": self._losses[-1] if self._losses else None,
                 "best_loss": min(finite) if finite else None, "status": status or self._status,
-                "amp_overflow_steps": self._scale.overflow_steps, "limitations": self.limitations})
+                "amp_overflow_steps": self._scale.overflow_steps, "limitations": self.limitations,
+                "capsules_dropped": len(self._capsule_store.dropped) if self._capsule_store is not None else 0})
             self.writer.event("run_end", "info", f"run ended: {status or self._status}")
             self.writer.close()
             self.writer = None
@@ -267,8 +269,7 @@ class StabilityMonitor(MonitorWriting):
             self._status = "nonfinite"
             self.writer.event("amp_scale_collapse", "error", msg, step=ctx.step, scale=scale,
                               overflow_steps=self._scale.overflow_steps)
-            if len(self.capsules) < self.cfg.max_capsules:
-                self._write_capsule(ctx, reason=msg)
+            self._write_capsule(ctx, reason=msg)
 
     def _on_nonfinite(self, ctx: LoopContext, request: bool = True) -> None:
         step = ctx.step
@@ -299,7 +300,7 @@ class StabilityMonitor(MonitorWriting):
         self.writer.event(kind, "error", msg, step=step, **data)
         if self.live is not None:
             self.live.update(step, event=msg, nonfinite=True)
-        if len(self.capsules) < self.cfg.max_capsules and self.originates_fault():
+        if self.originates_fault():
             self._write_capsule(ctx, reason=msg)
         if not request:
             return
@@ -345,8 +346,9 @@ class StabilityMonitor(MonitorWriting):
         if spike is not None:
             self.spike_steps.append(ctx.step)
             msg = spike.message()
-            if len(self.capsules) < self.cfg.max_capsules:
-                self._write_capsule(ctx, reason=msg)
+            self._write_capsule(ctx, reason=msg)
+            if self.replayer and self.capsules and self.capsules[-1].stem.endswith(f"{ctx.step:06d}"):
+                # only with a replayer: --precision rebuilds the step from it
                 msg += f"; check the gradient with `risdiag bisect --precision {self.capsules[-1]}`"
             self.writer.event("gradient_spike", "warning", msg, step=ctx.step, **spike.data())
             if self.live is not None:

@@ -13,7 +13,8 @@ import torch
 from ris_stability.linalg.hazards import site_hazards
 from ris_stability.monitor.context import LoopContext
 from ris_stability.observe.loopstack import optimizers_of
-from ris_stability.records.capsule import Capsule, capsule_path, capture_rng, clone_state, rng_state
+from ris_stability.records.capsule import Capsule, capture_rng, clone_state, rng_state
+from ris_stability.records.capsule_store import CapsuleStore
 
 
 class MonitorWriting:
@@ -43,10 +44,27 @@ class MonitorWriting:
                       rng=rng_state(self._rng) if self._rng is not None else capture_rng(),
                       config_text=self.config_text, reason=reason, meta=meta,
                       grads=grads)
-        path = cap.save(capsule_path(self.run_dir, ctx.step))
-        self.capsules.append(path)
+        path, dropped = self.capsule_store.write(cap)
+        self.capsules[:] = self.capsule_store.kept
+        if path is None:
+            return
         self.writer.event("capsule_written", "info", f"capsule for step {ctx.step} written", step=ctx.step,
-                          path=str(path.relative_to(self.run_dir)))
+                          path=str(path.relative_to(self.run_dir)), replayer=self.replayer,
+                          params_digest=cap.meta["params_digest"])
+        for old in dropped:
+            self.writer.event("capsule_dropped", "info", f"capsule {old.name} deleted: over the run's capsule budget "
+                              f"({self.cfg.max_capsules} capsules, {self.cfg.max_capsule_mb} MB; the first and the "
+                              "most recent are kept)", step=int(old.stem.rpartition("_")[2]),
+                              path=str(old.relative_to(self.run_dir)))
+
+    @property
+    def capsule_store(self) -> CapsuleStore:
+        """The run's capsules under its budget (made at the first capsule: under DDP the run folder is the
+        rank's shard by then)."""
+        if self._capsule_store is None:
+            self._capsule_store = CapsuleStore(self.run_dir, self.cfg.max_capsules,
+                                               int(self.cfg.max_capsule_mb * 2 ** 20))
+        return self._capsule_store
 
     def _write_row(self, ctx: LoopContext, loss: float, skipped: bool) -> None:
         row: dict[str, Any] = {"step": ctx.step, "time_s": time.perf_counter() - self._t0,

@@ -88,6 +88,17 @@ def write_finding(run_dir: Path, finding: Mapping[str, Any]) -> Path:
     return write_json_atomic(Path(run_dir) / FINDING_FILE, finding)
 
 
+def append_event(run_dir: Path, kind: str, severity: str, message: str, step: int | None = None,
+                 **data: Any) -> None:
+    """One event added to a finished run's events.jsonl (e.g. ``risdiag locate``'s finding), in the format
+    TraceWriter writes; ``time_s`` is None: it happened after the run."""
+    if severity not in SEVERITIES:
+        raise ValueError(f"event severity must be one of {SEVERITIES}, got {severity!r}")
+    record = {"step": step, "time_s": None, "kind": kind, "severity": severity, "message": str(message),
+              "data": data}
+    with open(Path(run_dir) / EVENTS_FILE, "a", encoding="utf-8") as handle:
+        handle.write(_dumps(record, f"event {kind}") + "\n")
+
 
 class TraceWriter:
     """Append-only writer of one run folder.
