@@ -24,14 +24,13 @@ import json
 import logging
 import os
 import runpy
+import shlex
 import sys
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
-
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from ris_stability.attach.watch import Watcher
 from ris_stability.monitor import MonitorConfig, NonFiniteError, distributed
@@ -151,10 +150,25 @@ def _resolve_out(out: str | None, cmd: ScriptCommand) -> Path:
     return run_dir
 
 
-def _config_text(cmd: ScriptCommand) -> str:
-    q = json.dumps  # a JSON string is a valid TOML basic string
-    return (f"[script]\ncommand = {q(cmd.text)}\nkind = {q(cmd.kind)}\ntarget = {q(cmd.target)}\n"
+def _config_text(cmd: ScriptCommand, options: Mapping[str, Any]) -> str:
+    q = json.dumps  # a JSON string (and a JSON number or true) is a valid TOML value
+    text = (f"[script]\ncommand = {q(cmd.text)}\nkind = {q(cmd.kind)}\ntarget = {q(cmd.target)}\n"
             f"args = [{', '.join(q(a) for a in cmd.args)}]\ncwd = {q(os.getcwd())}\n")
+    if options:
+        text += "\n[options]\n" + "".join(f"{k} = {q(v)}\n" for k, v in option_meta(options).items())
+    return text
+
+
+def option_meta(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"--gap-aware": True, "--every": 5}`` -> ``{"gap_aware": True, "every": 5}`` (meta.json, config)."""
+    return {k.lstrip("-").replace("-", "_"): v for k, v in options.items()}
+
+
+def recorded_command(head: str, options: Mapping[str, Any], tail: str = "") -> str:
+    """The command that reproduces a run: ``head`` (e.g. ``risdiag trace``), every option that changes its
+    numerics or control flow (``--gap-aware``, ``--on-nonfinite``, sinks ...; True: a bare flag), ``tail``."""
+    flags = [k if v is True else f"{k} {shlex.quote(str(v))}" for k, v in options.items() if v not in (None, False)]
+    return " ".join([head, *flags, *([tail] if tail else [])])
 
 
 @dataclass
@@ -171,19 +185,23 @@ class ScriptRun:
 
 
 def trace_script(argv: Sequence[str], out: str | None = None, *, live: Any = None, config: MonitorConfig | None = None,
-                 replayer: str = "", **settings: Any) -> ScriptRun:
+                 replayer: str = "", options: Mapping[str, Any] | None = None, **settings: Any) -> ScriptRun:
     """Run the command under the monitor; never raises for the script's own errors (see ScriptRun). ``live``: a
     live view (a context manager with ``update``), ``config`` / ``settings``: what the monitor measures (see
-    ``Watcher``). Bad settings are a usage error before any run folder is made."""
+    ``Watcher``); ``options``: the command-line options of the run (``{"--gap-aware": True, ...}``), recorded in
+    meta.json, config.resolved.toml and the run's command. Bad settings are a usage error before any run
+    folder is made."""
     from ris_stability.monitor import monitor_config
 
     config = monitor_config(config, **settings)
     cmd = parse_command(argv)
     check_runnable(cmd)
     run_dir = _resolve_out(out, cmd)
-    text = _config_text(cmd)
+    options = dict(options or {})
+    text = _config_text(cmd, options)
     (run_dir / "config.resolved.toml").write_text(text)
-    meta = {"command": f"risdiag trace -- {cmd.text}", "script": cmd.target, "script_kind": cmd.kind}
+    meta = {"command": recorded_command("risdiag trace", options, f"-- {cmd.text}"), "script": cmd.target,
+            "script_kind": cmd.kind, "options": option_meta(options)}
     view = live if live is not None else contextlib.nullcontext()
     w = Watcher(run_dir, config=config, live=live, meta=meta, config_text=text, replayer=replayer)
     run = ScriptRun(EXIT_OK, w)
@@ -233,4 +251,4 @@ def _ranked(run: ScriptRun) -> ScriptRun:
 
 
 __all__ = ["EXIT_SCRIPT_ERROR", "ScriptCommand", "ScriptError", "ScriptRun", "check_runnable", "parse_command",
-           "run_command", "trace_script", "user_traceback"]
+           "option_meta", "recorded_command", "run_command", "trace_script", "user_traceback"]

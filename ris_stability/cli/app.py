@@ -178,7 +178,8 @@ def _cmd_trace_script(args: argparse.Namespace, console: Console) -> int:
         raise UsageError(f"{', '.join(given)} apply to configs of the built-in pipeline, not to a script; pass the script's own "
                          "arguments after '--'")
     view = LiveView(total_steps=0, enabled=not args.no_live and distributed.launcher_rank() == 0)
-    run = trace_script(args.script, args.out, live=view, replayer=args.replayer, **_monitor_settings(args))
+    run = trace_script(args.script, args.out, live=view, replayer=args.replayer, options=_recorded_options(args),
+                       **_monitor_settings(args))
     report_to(run, console, terminal_console(), report=not args.no_report)
     return run.code
 
@@ -187,6 +188,15 @@ def _monitor_settings(args: argparse.Namespace) -> dict:
     """The monitor settings given on the command line (the others keep MonitorConfig's defaults)."""
     given = {"every": args.every, "max_matrices": args.max_matrices, "on_nonfinite": args.on_nonfinite}
     return {k: v for k, v in given.items() if v is not None}
+
+
+def _recorded_options(args: argparse.Namespace) -> dict:
+    """The given `trace` options that change the run's numerics or control flow, or where it is copied: written
+    into meta.json and the run's command, so that re-running the recorded command reproduces the run."""
+    given = {"--gap-aware": args.gap_aware, "--on-nonfinite": args.on_nonfinite, "--every": args.every,
+             "--max-matrices": args.max_matrices, "--replayer": args.replayer, "--tensorboard": args.tensorboard,
+             "--mlflow": args.mlflow}
+    return {k: v for k, v in given.items() if v not in (None, False, "")}
 
 
 def _gap_aware_option(cmd: Callable[[argparse.Namespace, Console], int]) -> Callable[[argparse.Namespace, Console], int]:
@@ -233,7 +243,8 @@ def _cmd_trace(args: argparse.Namespace, console: Console) -> int:
         console.print(rows_table(title, rows))
 
     return run_trace(config_path=args.config, overrides=args.overrides, steps=args.steps, out=args.out,
-                     live=view, report=not args.no_report, announce=announce, **_monitor_settings(args))
+                     live=view, report=not args.no_report, announce=announce, options=_recorded_options(args),
+                     **_monitor_settings(args))
 
 
 def _cmd_bisect(args: argparse.Namespace, console: Console) -> int:

@@ -41,8 +41,8 @@ def summary_table(run: ScriptRun) -> Table:
         if f.get("remedies"):
             t.add_row("remedy", str(f["remedies"][0]))
     if w.nonfinite_steps and f is None:
-        t.add_row("finding", "none: the fault did not recur in the armed steps; replay a capsule with "
-                             "`risdiag bisect CAPSULE --replayer module:function`")
+        t.add_row("finding", "none: the fault did not recur in the armed steps; name its op with "
+                             f"`risdiag locate {w.run_dir}` (re-runs the script up to step {w.nonfinite_steps[0]})")
     if run.world > 1 and run.rank == 0:
         for r, shard in distributed.shard_dirs(w.run_dir).items():
             summary = read_summary(shard) if r else None

@@ -31,6 +31,7 @@ from ris_stability.locate.finding import Finding
 from ris_stability.observe.loopstack import portable
 from ris_stability.attach.callbacks import LoopCallbacks
 from ris_stability.attach.finish import finish_run
+from ris_stability.attach.script import option_meta, recorded_command
 from ris_stability.attach.watch import Watcher
 from ris_stability.monitor import MonitorConfig, monitor_config
 from ris_stability.records import UsageError
@@ -126,7 +127,8 @@ def _watcher(cfg: RunConfig, run_dir: Path, meta: dict, text: str, mon_cfg: Moni
 
 @config_errors_are_usage_errors
 def run_trace(config_path: str, overrides: list[str], steps: int | None, out: str | None, live: Any, report: bool,
-              announce: Callable[[list[tuple[str, str, str]]], None], **settings: Any) -> int:
+              announce: Callable[[list[tuple[str, str, str]]], None], options: dict[str, Any] | None = None,
+              **settings: Any) -> int:
     """`risdiag trace --config`: train ``config_path`` with the monitor attached. Returns the exit code.
     ``live``: the live view (or None); ``announce(rows)``: shows the summary (rank 0, once per run);
     ``settings``: MonitorConfig fields (the policy comes from the config's ``train.nonfinite``)."""
@@ -139,9 +141,14 @@ def run_trace(config_path: str, overrides: list[str], steps: int | None, out: st
     text = dumps_toml(cfg)
     (run_dir / "config.resolved.toml").write_text(text)
     config_name = portable(str(config_path))  # no absolute path in a run folder
-    meta = {"command": "risdiag trace " + " ".join([f"--config {config_name}", *(f"--set {o}" for o in overrides)]),
+    options = dict(options or {})
+    meta = {"command": recorded_command("risdiag trace", options, " ".join([f"--config {config_name}",
+                                                                           *(f"--set {o}" for o in overrides)])),
             "config_path": config_name, "config_hash": config_hash(cfg), "torch": str(torch.__version__),
-            "device": cfg.train.device, "dtype": cfg.data.dtype, "remedies": RUN_REMEDIES}
+            "device": cfg.train.device, "dtype": cfg.data.dtype, "remedies": RUN_REMEDIES,
+            "options": option_meta(options)}
+    if cfg.loss.eigh_backward == "gap_aware":  # the config applies the fix itself: never recommend it again
+        meta["options"]["gap_aware"] = True
     if live is not None:
         live.total_steps = cfg.train.steps
     w, callbacks = _watcher(cfg, run_dir, meta, text, mon_cfg, live=live)

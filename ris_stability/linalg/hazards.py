@@ -58,29 +58,30 @@ def eig_rounding_ratio(phase_noise: float, gap_terms: float) -> float:
     return phase_noise / gap_terms if gap_terms > 0 else (math.inf if phase_noise > 0 else 0.0)
 
 
-def site_hazards(name: str, site: dict[str, Any], dtype: torch.dtype) -> list[Hazard]:
-    """Hazards of one site's record at one step (each kind reported once per site by the caller)."""
+def site_hazards(name: str, site: dict[str, Any], dtype: torch.dtype, nonfinite: bool = False) -> list[Hazard]:
+    """Hazards of one site's record at one step (each kind reported once per site by the caller);
+    ``nonfinite``: the step's gradients went non-finite (a tie is then a fault, else a risk)."""
     op = op_base(site.get("op", ""))
     st = site.get("stats", {})
     if op in EIG_OPS:
         return _eig(name, op, st, site.get("backward") or {}, dtype)
     if op in PINV_OPS:
         return _pinv(name, st)
-    out = _tie(name, site, st)
+    out = _tie(name, site, st, nonfinite)
     if op in CONDITION_OPS:
         out += _condition(name, st, dtype)
     return out
 
 
-def _tie(name: str, site: dict[str, Any], st: dict[str, float]) -> list[Hazard]:
+def _tie(name: str, site: dict[str, Any], st: dict[str, float], nonfinite: bool) -> list[Hazard]:
     cluster = st.get("max_cluster", 0.0)
     if not (site.get("vec_grad") and cluster > 1):
         return []
     return [Hazard("tied_eigenvalues", "warning",  # in the op's own words: singular values for an svd
                    tie_message(name, site.get("op", ""), site.get("location", ""), cluster,
-                               st.get("cluster_value", math.nan)),
+                               st.get("cluster_value", math.nan), nonfinite),
                    {"matrix": name, "max_cluster": cluster, "cluster_value": st.get("cluster_value"),
-                    "vec_grad": True, "location": site.get("location"), "module": site.get("module")})]
+                    "vec_grad": True, "nonfinite": nonfinite, "location": site.get("location"), "module": site.get("module")})]
 
 
 def _condition(name: str, st: dict[str, float], dtype: torch.dtype) -> list[Hazard]:

@@ -32,12 +32,15 @@ class OpInfo:
     values: str
     hazard: str
     units: str
+    divisor: str = ""  # what the vector backward divides by (eigh, svd): the words of a tie that is only a risk
 
 
 _EIG = OpInfo("eigenvalues", "the eigenvector gradient divides by eigenvalue gaps lambda_j - lambda_i: a tie "
-              "(gap 0) gives 0/0, a small gap amplifies by 1/gap", "gaps in eigenvalue units")
+              "(gap 0) gives 0/0, a small gap amplifies by 1/gap", "gaps in eigenvalue units",
+              "eigenvalue gaps lambda_j - lambda_i")
 _SVD = OpInfo("singular values", "the singular-vector gradient divides by s_j^2 - s_i^2: tied singular values "
-              "(including repeated zeros of a rank-deficient input) give 0/0", "gaps in squared singular values (s^2)")
+              "(including repeated zeros of a rank-deficient input) give 0/0", "gaps in squared singular values (s^2)",
+              "s_j^2 - s_i^2")
 _INVERT = OpInfo("singular values", "the op inverts the matrix: its output and gradient scale with 1/s_min, "
                  "so digits are lost in proportion to the condition number s_max/s_min", "log10 condition number")
 OPS: dict[str, OpInfo] = {
@@ -87,12 +90,24 @@ def info(op: str) -> OpInfo | None:
     return OPS.get(key)
 
 
-def tie_message(name: str, op: str, location: str, cluster: float, value: float) -> str:
-    """The tied-cluster warning of a site, in the words of its op (eigenvalues or singular values)."""
+def tie_message(name: str, op: str, location: str, cluster: float, value: float, nonfinite: bool = False) -> str:
+    """The tied-cluster warning of a site, in the words of its op (eigenvalues or singular values). "0/0" only
+    when the step's gradients did go non-finite (``nonfinite``); otherwise the tie is a risk: the backward
+    divides by the zero gaps only where the loss's gradient has a share inside the cluster."""
     what = info(op) or _EIG
-    vectors = "singular vectors" if what.values == "singular values" else "eigenvectors"
-    return (f"{name} ({location}): {int(cluster)} {what.values} tie at {value:.3e} and its {vectors} receive "
-            f"gradient: {what.hazard}")
+    vectors = vector_words(op)
+    head = f"{name} ({location}): {int(cluster)} {what.values} tie at {value:.3e} and its {vectors} receive gradient"
+    if nonfinite:
+        return f"{head}, and this step's gradients are non-finite: {what.hazard}"
+    divisor = what.divisor or "the gaps"
+    return (f"{head}: a risk, not a fault: the {vectors}' backward divides by {divisor}, which is 0/0 at a tie "
+            "only where the loss's gradient has a share inside the cluster; this step's gradients are finite")
+
+
+def vector_words(op: str) -> str:
+    """'singular vectors' for an op of singular values, else 'eigenvectors'."""
+    what = info(op)
+    return "singular vectors" if what is not None and what.values == "singular values" else "eigenvectors"
 
 
 def split_site(name: str) -> tuple[str, str, str, str]:

@@ -10,7 +10,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+
+from ris_stability.linalg.hazards import CONDITION_OPS, op_base
+from ris_stability.linalg.registry import info
 from ris_stability.monitor import amp
+from ris_stability.numerics.tolerances import PRECISION_GRAD_RTOL, eps_of, ill_conditioned_log10
 from ris_stability.records import SettingError
 
 SPIKE_WARMUP = 5  # logged steps before a gradient norm has a baseline
@@ -70,11 +75,43 @@ def monitor_config(config: MonitorConfig | None = None, **settings: Any) -> Moni
     return dataclasses.replace(base, **settings) if settings else base
 
 
-def suspect_site(sites: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """The call site most likely behind a non-finite backward: eigenvectors used, smallest gap."""
-    def key(s: dict[str, Any]) -> tuple[int, float, float]:
-        st = s["stats"]
-        gap = st.get("min_gap", math.nan)
-        return (0 if s["vec_grad"] else 1, gap if math.isfinite(gap) else math.inf, -st.get("max_cluster", 0.0))
-    ranked = sorted(sites.values(), key=key)
-    return ranked[0] if ranked else None
+def suspect_site(sites: dict[str, dict[str, Any]], dtype: torch.dtype = torch.float32) -> dict[str, Any] | None:
+    """The call site most likely behind a non-finite backward, only with evidence at this step (its record
+    plus ``evidence``, in words): a tie, or a gap near the rounding floor, while the eigen/singular vectors
+    receive gradient; a non-finite input; or, for an op that inverts its matrix, a condition number past the
+    dtype's digits. Among those: vectors used first, then the smallest relative gap. None without evidence: a
+    healthy decomposition next to the fault is never blamed."""
+    found = [(site, why) for site in sites.values() if (why := _evidence(site, dtype))]
+
+    def key(item: tuple[dict[str, Any], str]) -> tuple[int, float, float]:
+        s = item[0]
+        rel = _relative_gap(s["stats"], s.get("op", ""))
+        return (0 if s["vec_grad"] else 1, rel if math.isfinite(rel) else math.inf, -s["stats"].get("max_cluster", 0.0))
+    found.sort(key=key)
+    return {**found[0][0], "evidence": found[0][1]} if found else None
+
+
+def _relative_gap(st: dict[str, Any], op: str) -> float:
+    """The smallest gap over the spectrum's scale (gaps of an svd are in s^2 units)."""
+    gap, scale = st.get("min_gap", math.nan), abs(st.get("lambda_max", math.nan))
+    if "svd" in op or (info(op) is not None and info(op).values == "singular values"):
+        scale = scale * scale
+    return gap / scale if scale > 0 else math.nan
+
+
+def _evidence(site: dict[str, Any], dtype: torch.dtype) -> str:
+    st, op = site["stats"], site.get("op", "")
+    values = (info(op).values if info(op) is not None else "eigenvalues")
+    if any(isinstance(v, float) and math.isnan(v) for k, v in st.items() if k in ("trace", "lambda_max", "lambda_min")):
+        return "its input held NaN/Inf"
+    if site.get("vec_grad"):
+        cluster = st.get("max_cluster", 0.0)
+        if cluster > 1:
+            return f"{int(cluster)} {values} tie at {st.get('cluster_value', math.nan):.2e}"
+        rel, n = _relative_gap(st, op), st.get("n", math.nan)
+        floor = (n if math.isfinite(n) and n > 0 else 2.0) * eps_of(dtype) / PRECISION_GRAD_RTOL
+        if rel < floor:
+            return f"smallest gap {st.get('min_gap', math.nan):.2e} ({rel:.1e} relative, below the rounding floor {floor:.1e})"
+    if op_base(op) in CONDITION_OPS and st.get("log10_cond", math.nan) > ill_conditioned_log10(dtype):
+        return f"log10 condition number {st['log10_cond']:.1f}"
+    return ""

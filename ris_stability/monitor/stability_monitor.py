@@ -24,6 +24,7 @@ from ris_stability.observe.loopstack import COMPILE_LIMITATION, compiled_parts, 
 from ris_stability.instruments.spikes import SpikeDetector
 from ris_stability.instruments.probe import SpectralProbe
 from ris_stability.records import TraceWriter
+from ris_stability.linalg.registry import vector_words
 from ris_stability.monitor.config import SPIKE_WARMUP, MonitorConfig, suspect_site
 from ris_stability.monitor.context import LoopContext, NonFiniteError
 from ris_stability.monitor.writing import MonitorWriting
@@ -278,18 +279,17 @@ class StabilityMonitor(MonitorWriting):
             self.grads.count_nonfinite()
         loss_finite = ctx.loss is not None and bool(torch.isfinite(ctx.loss))
         kind = "nonfinite_grad" if loss_finite else "nonfinite_loss"
-        suspect = suspect_site(self._sites)
+        suspect = suspect_site(self._sites, self._dtype)
         data: dict[str, Any] = {}
         msg = f"non-finite {'gradient' if loss_finite else 'loss'} at step {step}"
-        if suspect is not None:
+        if suspect is not None:  # only with evidence at this step (monitor/config.py)
             st = suspect["stats"]
             data = {"matrix": suspect["site"], "op": suspect["op"], "location": suspect["location"],
-                    "module": suspect["module"], "vec_grad": suspect["vec_grad"],
+                    "module": suspect["module"], "vec_grad": suspect["vec_grad"], "evidence": suspect["evidence"],
                     "max_cluster": st.get("max_cluster"), "cluster_value": st.get("cluster_value"),
                     "min_gap": st.get("min_gap")}
-            msg += (f"; suspect {suspect['site']} at {suspect['location']} (min gap {st.get('min_gap', math.nan):.2e}, "
-                    f"largest tied cluster {int(st.get('max_cluster', 0))}, eigenvectors "
-                    f"{'receive' if suspect['vec_grad'] else 'do not receive'} gradient)")
+            msg += (f"; suspect {suspect['site']} at {suspect['location']} ({suspect['evidence']}; its "
+                    f"{vector_words(suspect['op'])} {'receive' if suspect['vec_grad'] else 'do not receive'} gradient)")
         bad = self.grads.nonfinite_parameters() if loss_finite else []
         if bad:  # "non-finite" is not "no gradient": name them in these words (see _report_dead)
             msg += f"; gradient non-finite (NaN/Inf entries) in: {', '.join(bad[:8])}" + (

@@ -94,7 +94,8 @@ class MonitorWriting:
             self.live.update(ctx.step + 1, row=row)
 
     def _flag(self, step: int, name: str, site: dict[str, Any]) -> None:
-        for hazard in site_hazards(name, site, self._dtype):  # the right hazard for the site's op
+        bad = step in self.nonfinite_steps  # a tie is a fault only where the gradients went non-finite
+        for hazard in site_hazards(name, site, self._dtype, nonfinite=bad):  # the right hazard for the site's op
             if (name, hazard.kind) not in self._flagged:
                 self._flagged.add((name, hazard.kind))
                 self.writer.event(hazard.kind, hazard.severity, hazard.message, step=step, **hazard.data)

@@ -171,9 +171,9 @@ def _load(path: Path, what: str) -> Any:
                 return storable(torch.load(path, map_location="cpu", weights_only=True))
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
         first = str(err).splitlines()[0] if str(err) else ""
-        raise CapsuleError(f"{what} {str(path)!r} cannot be loaded ({type(err).__name__}: {first}); likely cause: "
-                           "a cut or overwritten file, or an object that weights_only loading refuses. Next step: "
-                           "trace again with this risdiag (it stores plain numbers and tensors only)") from None
+        raise CapsuleError(f"{what} {str(path)!r} is corrupted or not a capsule ({type(err).__name__}: {first}); "
+                           "likely cause: a cut or overwritten file, or an object that weights_only loading refuses. "
+                           "Next step: trace again with this risdiag (it stores plain numbers and tensors only)") from None
 
 
 _PLAIN = (str, int, float, bool, complex, bytes, type(None), torch.dtype, torch.device, torch.Size)

@@ -12,13 +12,17 @@ from ris_stability.report.derive import (
 )
 from ris_stability.report.markdown import MISSING, code, fmt, span, steps_list
 from ris_stability.linalg.hazards import EIG_OPS
+from ris_stability.linalg.registry import info, split_site, vector_words
 from ris_stability.report.incidents import incident_items, op_hazard_items
 from ris_stability.numerics.tolerances import PRECISION_GRAD_RTOL, ill_conditioned_log10
 
 def eigvec_remedy(real: str, meta: dict | None = None) -> str:
     """What to try against eigenvector-gradient blow-ups (float64 only when the run is not float64);
-    the run's own switch when its integration wrote one in meta["remedies"]["eigenvector"]."""
+    the run's own switch when its integration wrote one in meta["remedies"]["eigenvector"]; never the
+    gap-aware backward when the run already used it (meta["options"]["gap_aware"])."""
     tail = "" if real == "float64" else ", or float64 for the spectral part"
+    if ((meta or {}).get("options") or {}).get("gap_aware"):
+        return f"the gap-aware backward is already applied (--gap-aware): try an eigenvalue-only loss{tail}"
     own = ((meta or {}).get("remedies") or {}).get("eigenvector")
     return f"try {own or 'a gap-aware eigh backward (drops the pairs inside a degenerate cluster)'}, " \
            f"an eigenvalue-only loss{tail}"
@@ -36,7 +40,8 @@ def what_to_look_at(trace: Trace, matrices: list[MatrixSummary] | None = None) -
         matrices = [summarize_matrix(trace, name) for name in trace.matrices]
     items = _nonfinite_items(trace) + _finding_items(trace) + incident_items(trace)
     for m in matrices:
-        items += _matrix_items(m, eps, real, len(trace.steps), run_dtype(trace.meta), trace.meta)
+        items += _matrix_items(m, eps, real, len(trace.steps), run_dtype(trace.meta), trace.meta,
+                               trace.nonfinite_steps)
         items += op_hazard_items(trace, m, run_dtype(trace.meta))
     items += _dead_term_items(trace) + _dead_module_items(trace) + _run_state_items(trace)
     items += _lr_items(trace)
@@ -66,13 +71,31 @@ def _nonfinite_items(trace: Trace) -> list[str]:
             text += "; non-finite gradient elements in " + ", ".join(
                 f"{code(m)} ({fmt(n)})" for m, n in counts)
         text += _suspect(trace, first, row)
+    text += _next_command(trace, first)
+    return [text + "."]
+
+
+def _next_command(trace: Trace, first: int) -> str:
+    """The command that names the op of the first bad step, only one that will run: ``risdiag bisect`` needs
+    a replayer (written into the capsule), ``risdiag locate`` re-runs a traced script's recorded command."""
+    if trace.finding and trace.finding.get("step") == first:
+        return ""  # the finding below names it
+    run = trace.run_dir.name  # from the folder holding the run: an absolute path would not survive a move
     capsule = next((p for p in trace.capsules if p.name == f"step_{first:06d}.pt"), None)
+    written = [e.get("data") or {} for e in trace.events if e.get("kind") == "capsule_written" and e.get("step") == first]
+    replayer = next((d["replayer"] for d in written if d.get("replayer")), "")
+    if capsule is not None and (replayer or not written):  # older traces did not record the replayer
+        rel = capsule.relative_to(trace.run_dir).as_posix()
+        return (f". Capsule {code(rel)}: replay it with {code(f'risdiag bisect {run}/{rel}')} (from the folder "
+                "holding the run) to name the op")
+    if trace.meta.get("script"):
+        return (f". Name the op with {code(f'risdiag locate {run}')} (from the folder holding the run): it re-runs "
+                f"the recorded command up to step {first} with the locator armed there")
     if capsule is not None:
         rel = capsule.relative_to(trace.run_dir).as_posix()
-        # from the folder holding the run: an absolute path would not survive moving the run folder
-        cmd = f"risdiag bisect {trace.run_dir.name}/{rel}"
-        text += f". Capsule {code(rel)}: replay it with {code(cmd)} (from the folder holding the run) to name the op"
-    return [text + "."]
+        return (f". Capsule {code(rel)} names no replayer: write one (docs/script.md, 'Replaying later') and run "
+                f"{code(f'risdiag bisect {run}/{rel} --replayer module:function')}")
+    return ""
 
 
 def _suspect(trace: Trace, step: int, row) -> str:
@@ -81,21 +104,32 @@ def _suspect(trace: Trace, step: int, row) -> str:
     named = [(e.get("data") or {}).get("matrix") for e in trace.events
              if e.get("step") == step and e.get("kind") in ("nonfinite_loss", "nonfinite_grad")]
     candidates = [n for n in named if n in trace.matrices]
-    if not candidates:
-        used = [n for n in trace.matrices if row.get(f"mat/{n}/vec_grad", 0) > 0]
+    eps = precision(trace.meta)[1]
+    if not candidates:  # only with evidence at that step: a tie, a gap near rounding, or NaN in the matrix
+        used = [n for n in trace.matrices if row.get(f"mat/{n}/vec_grad", 0) > 0 and _evidence(row, n, eps)]
         candidates = sorted(used, key=lambda n: _nan_last(row.get(f"mat/{n}/min_gap", np.nan)))
     if not candidates:
         return ""
     name = candidates[0]
     stat = lambda key: row.get(f"mat/{name}/{key}", np.nan)  # noqa: E731
+    values = (info(split_site(name)[1]) or info("eigh")).values
     parts = []
     if stat("max_cluster") >= TIED_CLUSTER_MIN:
-        parts.append(f"tied cluster of {fmt(stat('max_cluster'))} at {sci(stat('cluster_value'))}")
+        parts.append(f"tied cluster of {fmt(stat('max_cluster'))} {values} at {sci(stat('cluster_value'))}")
     if np.isfinite(stat("min_gap")):
         parts.append(f"smallest gap {sci(stat('min_gap'))}")
     if stat("vec_grad") > 0:
-        parts.append("eigenvectors receive gradient")
+        parts.append(f"{vector_words(split_site(name)[1])} receive gradient")
     return f". Suspect matrix there: {code(name)}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _evidence(row, name: str, eps: float) -> bool:
+    stat = lambda key: row.get(f"mat/{name}/{key}", np.nan)  # noqa: E731
+    if np.isnan(stat("lambda_max")) and not np.isnan(stat("n")):
+        return True  # the matrix held NaN/Inf
+    scale = abs(stat("lambda_max")) ** (2 if "svd" in split_site(name)[1] else 1)
+    rel = stat("min_gap") / scale if scale > 0 else np.nan
+    return bool(stat("max_cluster") >= TIED_CLUSTER_MIN or rel < near_tie_relative(eps, stat("n")))
 
 
 def _nan_last(value: float) -> float:
@@ -119,30 +153,37 @@ def _finding_items(trace: Trace) -> list[str]:
 
 
 def _matrix_items(m: MatrixSummary, eps: float, real: str, n_steps: int, dtype: torch.dtype,
-                  meta: dict | None = None) -> list[str]:
+                  meta: dict | None = None, nonfinite: list[int] = ()) -> list[str]:
     items = []
     name = code(m.name)
     if m.op in EIG_OPS:  # eig's hazards are its own (op_hazard_items): nothing is inverted, ties are not spectral
         return items
+    values, vectors = (info(m.op) or info("eigh")).values, vector_words(m.op)
     if m.tie_steps and m.vec_grad is not False:
-        part = f"{m.tie_where} eigenvalues" if m.tie_where else "eigenvalues"
+        part = f"{m.tie_where} {values}" if m.tie_where else values
         lo, hi = m.tie_values
         value = sci(lo) if not hi > max(lo, 0) * CLUSTER_VALUE_SPREAD else f"{sci(lo)} to {sci(hi)}"
         cluster = f"cluster of {fmt(m.max_cluster)} at {value}"
         text = (f"{name}: {part} tie from step {m.tie_steps[0]} ({cluster}; {len(m.tie_steps)} of "
                 f"{n_steps} logged steps)")
-        if m.vec_grad:
-            text += (" while its eigenvectors receive gradient: eigenvector gradients through it are 0/0 — "
+        bad = sorted(set(m.tie_steps) & set(nonfinite))
+        if m.vec_grad and bad:
+            text += (f" while its {vectors} receive gradient, and the gradients went non-finite at step(s) "
+                     f"{steps_list(bad)}: its {vectors}' gradients through the tie are 0/0 — "
                      + eigvec_remedy(real, meta) + ".")
+        elif m.vec_grad:
+            text += (f" while its {vectors} receive gradient: a risk, not a fault — every one of these steps stayed "
+                     f"finite (the backward divides by the gaps only where the loss's gradient has a share inside "
+                     f"the cluster); if it goes non-finite, {eigvec_remedy(real, meta)}.")
         else:
-            text += (". Whether its eigenvectors receive gradient was not recorded; if they do, the "
-                     "eigenvector gradients through it are 0/0.")
+            text += (f". Whether its {vectors} receive gradient was not recorded; if they do, their gradients "
+                     "through an exact tie are 0/0 where the loss's gradient has a share inside the cluster.")
         items.append(text)
     elif m.vec_grad and 0 < m.rel_gap_min < near_tie_relative(eps, m.n):
         items.append(
-            f"{name}: eigenvalues nearly tie (smallest gap {m.min_gap:.1e} at step {m.min_gap_step}, "
-            f"{m.rel_gap_min:.1e} relative to lambda_max, below n eps / {PRECISION_GRAD_RTOL:g} = "
-            f"{near_tie_relative(eps, m.n):.1e} for {real}) while its eigenvectors receive gradient: their "
+            f"{name}: {values} nearly tie (smallest gap {m.min_gap:.1e} at step {m.min_gap_step}, "
+            f"{m.rel_gap_min:.1e} relative to the largest, below n eps / {PRECISION_GRAD_RTOL:g} = "
+            f"{near_tie_relative(eps, m.n):.1e} for {real}) while its {vectors} receive gradient: their "
             f"gradient's rounding error, up to n eps lambda_max / gap, exceeds {PRECISION_GRAD_RTOL:.0%} of it, "
             f"and an exact tie makes it 0/0 — if it goes non-finite, {eigvec_remedy(real, meta)}.")
     p95 = m.log10_cond[2]
