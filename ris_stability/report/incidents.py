@@ -39,7 +39,7 @@ def incident_items(trace: Trace) -> list[str]:
         text += f"; jumped: {', '.join(jumped)}" if jumped else ""
         capsule = next((p for p in trace.capsules if p.name == f"step_{int(worst['step']):06d}.pt"), None)
         written = [e.get("data") or {} for e in _events(trace, "capsule_written") if e["step"] == worst["step"]]
-        if capsule is not None and (not written or any(d.get("replayer") for d in written)):
+        if capsule is not None and (not any("replayer" in d for d in written) or any(d.get("replayer") for d in written)):
             text += (f". Is it right? {code('risdiag bisect --precision ' + capsule.as_posix())} compares it "
                      "with float64")
         elif capsule is not None:  # --precision rebuilds the step from a replayer, which this capsule lacks

@@ -78,16 +78,17 @@ def _nonfinite_items(trace: Trace) -> list[str]:
 def _next_command(trace: Trace, first: int) -> str:
     """The command that names the op of the first bad step, only one that will run: ``risdiag bisect`` needs
     a replayer (written into the capsule), ``risdiag locate`` re-runs a traced script's recorded command."""
-    if trace.finding and trace.finding.get("step") == first:
-        return ""  # the finding below names it
     run = trace.run_dir.name  # from the folder holding the run: an absolute path would not survive a move
     capsule = next((p for p in trace.capsules if p.name == f"step_{first:06d}.pt"), None)
     written = [e.get("data") or {} for e in trace.events if e.get("kind") == "capsule_written" and e.get("step") == first]
-    replayer = next((d["replayer"] for d in written if d.get("replayer")), "")
-    if capsule is not None and (replayer or not written):  # older traces did not record the replayer
+    # None: not recorded (traces before the capsule_written event named its replayer)
+    replayer = next((d["replayer"] for d in written if "replayer" in d), None)
+    if capsule is not None and (replayer or replayer is None):
         rel = capsule.relative_to(trace.run_dir).as_posix()
         return (f". Capsule {code(rel)}: replay it with {code(f'risdiag bisect {run}/{rel}')} (from the folder "
                 "holding the run) to name the op")
+    if trace.finding and trace.finding.get("step") == first:
+        return ""  # the finding below names the op
     if trace.meta.get("script"):
         return (f". Name the op with {code(f'risdiag locate {run}')} (from the folder holding the run): it re-runs "
                 f"the recorded command up to step {first} with the locator armed there")

@@ -1,6 +1,7 @@
 """Every linear-algebra entry point with a spectral hazard is observed and explained in its own words;
 run folders hold no absolute path."""
 import importlib.util
+import json
 import math
 import os
 import textwrap
@@ -150,8 +151,9 @@ def test_no_absolute_path_in_a_run_folder(tmp_path, monkeypatch):
         data = path.read_bytes()
         for needle in needles:
             assert needle.encode() not in data, f"{needle} in {path.relative_to(run)}"
-    steps = (run / "steps.jsonl").read_text()
-    assert "whiten.py:" in steps or "whiten.py:" in (run / "events.jsonl").read_text()
+    # the NaN comes from the loss, not the healthy whitening: no site is blamed without evidence
+    bad = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if '"nonfinite_' in line]
+    assert bad and all("suspect" not in e["message"] and "matrix" not in e["data"] for e in bad)
 
 
 @pytest.mark.parametrize("name,parts", [

@@ -63,7 +63,7 @@ def test_seed_nan_report_names_nonfinite_step_and_tied_cluster(seed_nan_report):
     items = [line for line in look.splitlines() if re.match(r"\d+\. ", line)]
     assert items[0].startswith("1. **Non-finite at step 3**")
     assert "`subspace`" in items[0] and "capsules/step_000003.pt" in items[0]
-    assert ("Suspect matrix there: `R_blend` (tied cluster of 118 at 1.0e-03, smallest gap 0, eigenvectors "
+    assert ("Suspect matrix there: `R_blend` (tied cluster of 118 eigenvalues at 1.0e-03, smallest gap 0, eigenvectors "
             "receive gradient)") in items[0]
     tie = next(i for i in items if re.match(r"\d+\. `R_blend`: ", i))
     assert "noise eigenvalues tie from step 0 (cluster of 118 at 1.0e-03" in tie
