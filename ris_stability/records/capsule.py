@@ -182,6 +182,14 @@ _PLAIN = (str, int, float, bool, complex, bytes, type(None), torch.dtype, torch.
 def storable(value: Any, depth: int = 0) -> Any:
     """``value`` with numpy scalars as Python numbers and numpy arrays as tensors, containers kept (what a
     ``weights_only`` load accepts); any other object by its repr (it cannot be replayed from a capsule)."""
+    if type(value).__module__.split(".", 1)[0] == "numpy":  # before the plain types: numpy.float64 is a float
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray) and value.dtype != object:
+            return torch.from_numpy(np.array(value))
+        return value.tolist() if isinstance(value, np.ndarray) else repr(value)
     if isinstance(value, torch.Tensor) or isinstance(value, _PLAIN):
         return value
     if isinstance(value, dict):
@@ -190,14 +198,6 @@ def storable(value: Any, depth: int = 0) -> Any:
     if isinstance(value, (list, tuple, set)) and depth < 64:
         items = [storable(v, depth + 1) for v in value]
         return items if isinstance(value, list) else tuple(items) if isinstance(value, tuple) else set(items)
-    kind = type(value).__module__.split(".", 1)[0]
-    if kind == "numpy":
-        import numpy as np
-
-        if isinstance(value, np.generic):
-            return value.item()
-        if isinstance(value, np.ndarray) and value.dtype != object:
-            return torch.from_numpy(np.array(value))
     log.debug("capsule: %s stored by its repr (weights_only loading accepts plain values only)", type(value).__name__)
     return repr(value)
 
