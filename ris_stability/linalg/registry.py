@@ -56,6 +56,11 @@ def register(op: LinalgOp) -> LinalgOp:
         if other is not None and other.name != op.name:
             raise RegistryError(f"op {op.name!r} records {base!r}, which op {other.name!r} already records: a "
                                 "site name must resolve to one op")
+    for packet in op.aten:
+        claimed = next((o.name for o in _OPS.values() if packet in o.aten and o.name != op.name), None)
+        if claimed is not None or not hasattr(torch.ops.aten, packet):
+            raise RegistryError(f"op {op.name!r}: aten op {packet!r} " + (
+                f"is already read by op {claimed!r}" if claimed else "does not exist in this torch"))
     _OPS[op.name] = op
     _BY_BASE.update(dict.fromkeys((op.name, *op.aliases), op))
     for s in op.spellings:
