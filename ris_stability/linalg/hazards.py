@@ -24,7 +24,7 @@ import torch
 
 from ris_stability.linalg import registry
 from ris_stability.linalg.registry import base_name
-from ris_stability.linalg.spec import CONDITION, EIG, PINV
+from ris_stability.linalg.op_spec import CONDITION, EIG, PINV
 from ris_stability.numerics.tolerances import (PINV_CUTOFF_DECADES, PRECISION_GRAD_RTOL, hermitian_input_tol,
                                                ill_conditioned_log10)
 

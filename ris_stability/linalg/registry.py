@@ -1,8 +1,8 @@
 """THE op registry: every linear-algebra entry point the toolkit observes, declared once.
 
-Each op (:class:`~ris_stability.linalg.spec.LinalgOp`) is registered once with its spellings (the torch
+Each op (:class:`~ris_stability.linalg.op_spec.LinalgOp`) is registered once with its spellings (the torch
 functions and Tensor methods it is called through, each recorded under its own name), its kind (how a call
-is measured and what its output already gives: :class:`~ris_stability.linalg.spec.Kind`), its hazard in its
+is measured and what its output already gives: :class:`~ris_stability.linalg.op_spec.Kind`), its hazard in its
 own words and units, the hazards rule that judges it and the aten ops the locator reads its spectrum from,
 in the spirit of the op registry of torch.utils.flop_counter. Every other table is derived from it:
 
@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ris_stability.linalg.norms import SPECTRAL_ORDERS, matrix_order, norm_kind
-from ris_stability.linalg.spec import (CONDITION, EIG, PINV, RULES, TIE, HazardWords, Kind, LinalgOp, Output,
-                                       RegistryError, Spelling)
+from ris_stability.linalg.op_spec import (CONDITION, EIG, PINV, RULES, TIE, HazardWords, Kind, LinalgOp, Output,
+                                          RegistryError, Spelling)
 from ris_stability.observe import intercept
 
 _KINDS: dict[str, Kind] = {}

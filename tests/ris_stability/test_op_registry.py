@@ -11,7 +11,7 @@ import torch
 from ris_stability.instruments.probe import SpectralProbe
 from ris_stability.linalg import hazards, registry, site_stats
 from ris_stability.linalg.site_names import site_op
-from ris_stability.linalg.spec import CONDITION, EIG, PINV, TIE, HazardWords, LinalgOp, RegistryError, Spelling
+from ris_stability.linalg.op_spec import CONDITION, EIG, PINV, TIE, HazardWords, LinalgOp, RegistryError, Spelling
 from ris_stability.locate import ops as locate_ops
 from ris_stability.observe import intercept
 
