@@ -9,6 +9,7 @@ Nothing here synchronises with the device.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -18,10 +19,13 @@ from torch import Tensor
 
 from ris_stability.linalg import registry
 from ris_stability.linalg.norms import SPECTRAL_ORDERS, norm_kind
+from ris_stability.linalg.op_spec import Kind, Output
 from ris_stability.numerics.stats import (STAT_KEYS, eig_stats, hermitian_error, matrix_stats,
                                        pinv_cutoff_margin, singular_stats)
 from ris_stability.numerics.spectrum import eigen_table, singular_table
 from ris_stability.numerics.tolerances import tie_tol
+
+log = logging.getLogger(__name__)
 
 StatsFn = Callable[[Tensor, Any, Any], dict[str, Tensor]]
 
@@ -141,7 +145,7 @@ def _norm_stats(order: Any) -> StatsFn:
 
 
 # The statistics families a registry Kind names (``Kind.statistics``); register_kind adds its own.
-_FAMILIES: dict[str, Callable[[registry.Kind], StatsFn]] = {
+_FAMILIES: dict[str, Callable[[Kind], StatsFn]] = {
     "hermitian": lambda kind: _from_input,
     "singular": lambda kind: general_stats,
     "eig": lambda kind: _eig_at(kind.output.at),
@@ -151,29 +155,38 @@ _FAMILIES: dict[str, Callable[[registry.Kind], StatsFn]] = {
 _CUSTOM: dict[str, StatsFn] = {}
 
 
-def _table_of(kind: registry.Kind) -> Callable[[Tensor, Any, Any], Tensor] | None:
+def _table_of(kind: Kind) -> Callable[[Tensor, Any, Any], Tensor] | None:
     output = kind.output
     if not output.sorted:
         return None
     return _eigh_table(output.at) if output.spectrum == "eigenvalues" else _svd_table(output.at)
 
 
-def _measurement(kind: registry.Kind) -> Measurement:
-    stats = _CUSTOM.get(kind.name) or _FAMILIES[kind.statistics](kind)
-    return Measurement(stats, kind.output.vectors, kind.hermitian, _table_of(kind))
+def _measurements() -> dict[str, Measurement]:
+    found = {}
+    for name, kind in registry.KINDS.items():
+        if not kind.statistics:  # resolved per call into another kind (a norm into its order)
+            continue
+        stats = _CUSTOM.get(name)
+        if stats is None and kind.statistics not in _FAMILIES:
+            log.warning("kind %r names statistics %r, which linalg.site_stats does not compute (known: %s; "
+                        "register_kind adds a kind with its own): its calls are not measured", name,
+                        kind.statistics, ", ".join(sorted(_FAMILIES)))
+            continue
+        found[name] = Measurement(stats or _FAMILIES[kind.statistics](kind), kind.output.vectors, kind.hermitian,
+                                  _table_of(kind))
+    return found
 
 
 # kind -> how its calls are measured, for every kind of the registry with statistics of its own.
-KINDS: Mapping[str, Measurement] = registry.derived_table(
-    lambda: {name: _measurement(kind) for name, kind in registry.KINDS.items() if kind.statistics})
+KINDS: Mapping[str, Measurement] = registry.derived_table(_measurements)
 
 
 def register_kind(name: str, stats: StatsFn, vector_outputs: tuple[int, ...] = (), hermitian: bool = False) -> None:
     """Add (or replace) a kind of op with its own statistics, for ops registered with
     ris_stability.linalg.registry.register (measured call by call)."""
     _CUSTOM[name] = stats
-    registry.register_kind(registry.Kind(name, name, registry.Output(vectors=tuple(vector_outputs)), hermitian,
-                                         batched=False))
+    registry.register_kind(Kind(name, name, Output(vectors=tuple(vector_outputs)), hermitian, batched=False))
 
 
 def stat_rows(kind: str, flat: Tensor, out: Any, k) -> Tensor:

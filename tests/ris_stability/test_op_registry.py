@@ -58,12 +58,14 @@ def test_derived_tables_hold_nothing_the_registry_does_not_declare():
 @pytest.fixture
 def scratch_registry():
     """Registrations made by the test are undone afterwards."""
-    saved = dict(registry._OPS), dict(registry._BY_BASE), dict(registry._KINDS), list(intercept.ENTRY_POINTS)
+    saved = (dict(registry._OPS), dict(registry._BY_BASE), dict(registry._KINDS), list(intercept.ENTRY_POINTS),
+             dict(site_stats._CUSTOM))
     yield
-    for table, old in zip((registry._OPS, registry._BY_BASE, registry._KINDS), saved):
+    intercept.ENTRY_POINTS[:] = saved[3]
+    tables = (registry._OPS, registry._BY_BASE, registry._KINDS, site_stats._CUSTOM)
+    for table, old in zip(tables, saved[:3] + saved[4:]):
         table.clear()
         table.update(old)
-    intercept.ENTRY_POINTS[:] = saved[3]
     registry._version += 1
 
 
@@ -118,3 +120,21 @@ def test_the_registry_layers_import_nothing_above_them(package):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ris_stability."):
                 assert node.module.split(".")[1] in _LOWER[package], f"{path.name} imports {node.module}"
+
+
+def test_a_kind_with_its_own_statistics_is_measured(scratch_registry):
+    calls = []
+
+    def trace_stats(flat, out, k):
+        calls.append(flat.shape)
+        return {"n": torch.full(flat.shape[:-2], float(flat.shape[-1]), dtype=torch.float64)}
+
+    site_stats.register_kind("trace_only", trace_stats)
+    lib = types.ModuleType("mylib")
+    lib.trace_of = lambda a: a.diagonal(dim1=-2, dim2=-1).sum(-1)
+    registry.register(LinalgOp("trace_of", "trace_only", _WORDS, TIE, (Spelling(lib, "trace_of", "mylib.trace_of"),)))
+    assert "trace_only" in site_stats.KINDS and "trace_only" not in site_stats._INPUT_KINDS | site_stats._OUTPUT_KINDS
+    with SpectralProbe() as probe:
+        lib.trace_of(torch.eye(3, dtype=torch.float64))
+    (rec,) = probe.collect().values()
+    assert rec["op"] == "mylib.trace_of" and rec["stats"]["n"] == 3.0 and calls
