@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 
 from ris_stability.cli import locate_cmd
 from ris_stability.cli.live import terminal_console
+from ris_stability.cli.logs import CLI_LOGGING, TOOLKIT
+from ris_stability.integrations import PIPELINE_LOGGERS
 
 from ris_stability.records.capsule import CapsuleError
 from ris_stability.monitor.config import POLICIES, MonitorConfig
@@ -296,8 +297,7 @@ def _optuna() -> None:
     except ImportError:
         raise UsageError("sweeps need optuna: pip install 'ris-diag[sweep]'") from None
     optuna.logging.disable_default_handler()  # its records go through this CLI's logging, like ours
-    optuna.logging.enable_propagation()
-    logging.getLogger("optuna").setLevel(logging.WARNING)
+    CLI_LOGGING.route("optuna", logging.WARNING)
 
 
 def _cmd_sweep_report(args: argparse.Namespace, console: Console) -> int:
@@ -317,8 +317,10 @@ def _cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     from ris_stability.sweep.command import SweepOptions, run_sweep, study_counts
     from ris_stability.sweep.pruning import StabilityRules
 
-    logging.getLogger().setLevel(logging.WARNING)  # one line per trial, not every training step
-    logging.getLogger("ris_stability.sweep").setLevel(logging.INFO)
+    logging.getLogger(TOOLKIT).setLevel(logging.WARNING)  # one line per trial, not every training step
+    logging.getLogger(f"{TOOLKIT}.sweep").setLevel(logging.INFO)
+    for name in PIPELINE_LOGGERS:
+        CLI_LOGGING.route(name, logging.WARNING)
     rules = StabilityRules(nonfinite_budget=args.nonfinite_budget, explode_factor=args.explode_factor,
                            prune_on_tie=not args.no_tie_prune)
     opts = SweepOptions(config=args.config, space=args.space, trials=args.trials, storage=args.storage,
@@ -342,11 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(stderr=False, soft_wrap=True)
     err = terminal_console()
     level = logging.DEBUG if args.verbose else logging.INFO
-    if err.is_terminal:  # log records go through rich, so they print above the live dashboard, not through it
-        logging.basicConfig(level=level, format="%(name)s: %(message)s", datefmt="[%X]",
-                            handlers=[RichHandler(console=err, show_path=False)])
-    else:
-        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    CLI_LOGGING.install(level, err)
+    if args.command != "trace" or getattr(args, "config", None):  # a config run logs the pipeline's records too
+        for name in PIPELINE_LOGGERS:
+            CLI_LOGGING.route(name, level)
     try:
         return COMMANDS[args.command](args, console)
     except (UsageError, CapsuleError, FileNotFoundError, PermissionError) as exc:
@@ -358,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]; the run folder keeps every step logged so far")
         return 130
+    finally:
+        CLI_LOGGING.remove()
 
 
 if __name__ == "__main__":

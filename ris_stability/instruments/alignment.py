@@ -6,7 +6,7 @@ crashes. :func:`check_alignment` runs a training path and an inference path on t
 a :class:`MatrixCapture` (a TorchFunctionMode, removed on exit; modules named by ris_stability.observe.tracker)
 that records
 
-- every input matrix of an allow-listed linear-algebra call (``probes.OPS``: eigh, svd, solve, ..., and
+- every input matrix of an allow-listed linear-algebra call (``instruments.probe.OPS``, from the op registry: eigh, svd, solve, ..., and
   functions marked ``__spectral_op__``, such as a custom eigh), and
 - every square matrix a named *consumer* module (e.g. one loss term) reads without having produced it,
   so a term without linear algebra (a Frobenius-norm loss) is covered too,

@@ -22,14 +22,16 @@ from typing import Any
 
 import torch
 
-from ris_stability.linalg.registry import tie_message
+from ris_stability.linalg import registry
+from ris_stability.linalg.registry import base_name
+from ris_stability.linalg.op_spec import CONDITION, EIG, PINV
 from ris_stability.numerics.tolerances import (PINV_CUTOFF_DECADES, PRECISION_GRAD_RTOL, hermitian_input_tol,
-                                      ill_conditioned_log10)
+                                               ill_conditioned_log10)
 
-CONDITION_OPS = frozenset({"inv", "inv_ex", "inverse", "solve", "solve_ex", "lstsq", "cholesky", "cholesky_ex",
-                           "det", "slogdet", "logdet"})
-EIG_OPS = frozenset({"eig", "eigvals"})
-PINV_OPS = frozenset({"pinv", "pinverse"})
+# The base names each rule judges, every spelling and alias included (derived from the op registry).
+CONDITION_OPS = registry.rule_names(CONDITION)
+EIG_OPS = registry.rule_names(EIG)
+PINV_OPS = registry.rule_names(PINV)
 
 
 @dataclass(frozen=True)
@@ -40,15 +42,24 @@ class Hazard:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-def op_base(op: str) -> str:
-    """'linalg.eig' -> 'eig', 'inverse' -> 'inverse'."""
-    return op.rsplit(".", 1)[-1]
+def tie_message(name: str, op: str, location: str, cluster: float, value: float, nonfinite: bool = False) -> str:
+    """The tied-cluster warning of a site, in the words of its op (eigenvalues or singular values). "0/0" only
+    when the step's gradients did go non-finite (``nonfinite``); otherwise the tie is a risk: the backward
+    divides by the zero gaps only where the loss's gradient has a share inside the cluster."""
+    what = registry.info(op) or registry.OPS["eigh"].words
+    vectors = vector_words(op)
+    head = f"{name} ({location}): {int(cluster)} {what.values} tie at {value:.3e} and its {vectors} receive gradient"
+    if nonfinite:
+        return f"{head}, and this step's gradients are non-finite: {what.hazard}"
+    divisor = "s_j^2 - s_i^2" if what.values == "singular values" else "eigenvalue gaps lambda_j - lambda_i"
+    return (f"{head}: a risk, not a fault: the {vectors}' backward divides by {divisor}, which is 0/0 at a tie "
+            "only where the loss's gradient has a share inside the cluster; this step's gradients are finite")
 
 
-def site_op(name: str) -> str:
-    """The op of a probe site name ('loss:linalg.eig@f.py:3' -> 'eig'); '' for a watched matrix."""
-    op = name.split("@", 1)[0].split("[", 1)[0].rsplit(":", 1)[-1]
-    return op_base(op) if "." in op or op in CONDITION_OPS | EIG_OPS | PINV_OPS else ""
+def vector_words(op: str) -> str:
+    """'singular vectors' for an op of singular values, else 'eigenvectors'."""
+    what = registry.info(op)
+    return "singular vectors" if what is not None and what.values == "singular values" else "eigenvectors"
 
 
 def eig_rounding_ratio(phase_noise: float, gap_terms: float) -> float:
@@ -61,7 +72,7 @@ def eig_rounding_ratio(phase_noise: float, gap_terms: float) -> float:
 def site_hazards(name: str, site: dict[str, Any], dtype: torch.dtype, nonfinite: bool = False) -> list[Hazard]:
     """Hazards of one site's record at one step (each kind reported once per site by the caller);
     ``nonfinite``: the step's gradients went non-finite (a tie is then a fault, else a risk)."""
-    op = op_base(site.get("op", ""))
+    op = base_name(site.get("op", ""))
     st = site.get("stats", {})
     if op in EIG_OPS:
         return _eig(name, op, st, site.get("backward") or {}, dtype)

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 import torch
 
-from ris_stability.linalg.hazards import CONDITION_OPS, op_base
-from ris_stability.linalg.registry import info
+from ris_stability.linalg.hazards import CONDITION_OPS
+from ris_stability.linalg.registry import base_name, info
 from ris_stability.monitor import amp
 from ris_stability.numerics.tolerances import PRECISION_GRAD_RTOL, eps_of, ill_conditioned_log10
 from ris_stability.records import SettingError
@@ -112,6 +112,6 @@ def _evidence(site: dict[str, Any], dtype: torch.dtype) -> str:
         floor = (n if math.isfinite(n) and n > 0 else 2.0) * eps_of(dtype) / PRECISION_GRAD_RTOL
         if rel < floor:
             return f"smallest gap {st.get('min_gap', math.nan):.2e} ({rel:.1e} relative, below the rounding floor {floor:.1e})"
-    if op_base(op) in CONDITION_OPS and st.get("log10_cond", math.nan) > ill_conditioned_log10(dtype):
+    if base_name(op) in CONDITION_OPS and st.get("log10_cond", math.nan) > ill_conditioned_log10(dtype):
         return f"log10 condition number {st['log10_cond']:.1f}"
     return ""

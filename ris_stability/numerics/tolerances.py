@@ -12,30 +12,12 @@ import math
 
 import torch
 
-# THE tie rule is defined once, in the leaf op library (the gap-aware backwards drop exactly the pairs
-# it calls tied); re-exported here with the toolkit's other tolerances.
-from ris_stability.spectral.rule import TIE_MIN_N, TIE_SPREAD, tie_rtol
-
-
-class ToleranceError(TypeError):
-    """A tolerance was requested for a dtype that has no floating-point epsilon."""
-
-
-def real_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The real floating dtype matching ``dtype`` (complex64 -> float32, complex128 -> float64)."""
-    if dtype.is_complex:
-        return dtype.to_real()
-    if dtype.is_floating_point:
-        return dtype
-    raise ToleranceError(
-        f"no floating-point tolerance for dtype {dtype}: spectral statistics need a float or complex "
-        "tensor; cast the matrix (e.g. .to(torch.float64)) before asking for its statistics"
-    )
-
-
-def eps_of(dtype: torch.dtype) -> float:
-    """Machine epsilon of the real dtype matching ``dtype`` (complex64 -> float32's eps)."""
-    return float(torch.finfo(real_dtype(dtype)).eps)
+# THE tie rule and machine epsilon live in the leaf op library (spectral/rule.py: the gap-aware backwards and
+# the showcase pipeline use them, and spectral may import nothing of the toolkit); re-exported here with the
+# toolkit's other tolerances.
+from ris_stability.spectral.rule import (  # noqa: F401
+    TIE_MIN_N, TIE_SPREAD, ToleranceError, eps_of, real_dtype, tie_rtol,
+)
 
 
 def eig_abs_err(n: int, dtype: torch.dtype, scale):
@@ -53,7 +35,7 @@ def rank_tol(n: int, dtype: torch.dtype, lam_max):
 def tie_tol(n: int, dtype: torch.dtype, scale):
     """Distance at or below which two computed eigenvalues count as an exact tie.
 
-    Rule (``ris_stability.spectral.tie_rtol``): ``TIE_SPREAD * max(n, TIE_MIN_N) * eps * scale`` with
+    Rule (:func:`tie_rtol`): ``TIE_SPREAD * max(n, TIE_MIN_N) * eps * scale`` with
     ``scale`` the spectral norm (largest eigenvalue magnitude). Each computed eigenvalue of an exact tie
     lies within ``n * eps * scale`` of the true value, so the two can be up to twice that apart; a pair
     closer than this is, for the eigh backward (which divides by the computed difference),

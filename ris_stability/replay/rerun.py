@@ -150,6 +150,9 @@ class _Observer:
     def on_train_start(self, ctx: LoopContext) -> None:
         pass
 
+    def pause_sampling(self) -> None:
+        pass
+
     def on_step_start(self, ctx: LoopContext) -> None:
         if ctx.step != self.rec.step:
             return
@@ -165,7 +168,9 @@ class _Observer:
         self.result.steps_run = ctx.step + 1
         cap = self.rec.capsule
         if cap is not None and cap.grads is not None:
-            grads = {n: p.grad for n, p in unwrap(ctx.model).named_parameters() if p.grad is not None}
+            # what the capsule kept: the gradients as backward made them when the script replaced them since
+            grads = ctx.born_grads if ctx.born_grads is not None else {
+                n: p.grad for n, p in unwrap(ctx.model).named_parameters() if p.grad is not None}
             diffs = [f"gradient of {n} {'missing in the re-run' if n not in grads else 'differs'}"
                      for n, g in cap.grads.items() if n not in grads or not same_bits(grads[n], g)]
             diffs += [f"gradient of {n} not in the capsule" for n in grads if n not in cap.grads]
@@ -206,11 +211,13 @@ class _AimedDriver(StepDriver):
         super().__init__(observer, max_findings=1)  # type: ignore[arg-type]  (a monitor stand-in)
         self.target = step
         self.first_bad = step
+        self._aimed = False
 
-    def start_step(self, *args: Any, **kwargs: Any) -> None:
-        if not self.in_step and self.attached and self.step == self.target:
+    def arm_pending(self) -> None:
+        if not self._aimed and self.attached and self.step == self.target:  # the bad step's forward is next
+            self._aimed = True
             self.arm_locator()
-        super().start_step(*args, **kwargs)
+        super().arm_pending()
 
 
 def rerun(rec: Recorded) -> RerunResult:

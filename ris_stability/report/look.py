@@ -11,8 +11,9 @@ from ris_stability.report.derive import (
     near_tie_relative, precision, run_dtype, summarize_matrix,
 )
 from ris_stability.report.markdown import MISSING, code, fmt, span, steps_list
-from ris_stability.linalg.hazards import EIG_OPS
-from ris_stability.linalg.registry import info, split_site, vector_words
+from ris_stability.linalg.hazards import EIG_OPS, vector_words
+from ris_stability.linalg.registry import info
+from ris_stability.linalg.site_names import split_site
 from ris_stability.report.incidents import incident_items, op_hazard_items
 from ris_stability.numerics.tolerances import PRECISION_GRAD_RTOL, ill_conditioned_log10
 
