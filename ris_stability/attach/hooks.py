@@ -48,6 +48,18 @@ def variable_name(module: nn.Module, frame: FrameType | None, depth: int = 12) -
     return None
 
 
+def _call_kwargs(frame: FrameType | None, depth: int = 3) -> dict[str, Any]:
+    """The keyword arguments of the module call a global forward pre-hook fires in (torch hands such hooks
+    the positional ones only): the ``kwargs`` local of ``Module._call_impl`` (or its inner function), so that
+    a model called as ``model(x=x)`` has its inputs in step 0's capsule too. Read by reference, never changed."""
+    while frame is not None and depth > 0:
+        if frame.f_code.co_filename.endswith(("torch/nn/modules/module.py", "torch\\nn\\modules\\module.py")):
+            kwargs = frame.f_locals.get("kwargs")
+            return dict(kwargs) if isinstance(kwargs, dict) else {}
+        frame, depth = frame.f_back, depth - 1
+    return {}
+
+
 class _Discovery:
     """Top-level module calls before the first optimizer step: candidates for the roots."""
 
@@ -62,7 +74,7 @@ class _Discovery:
         if self.depth == 0 and id(module) not in self.seen:
             name = variable_name(module, sys._getframe(1)) or type(module).__name__.lower()
             self.seen[id(module)] = (module, name)
-            self.driver.record_inputs(name, args, {})  # global pre-hooks do not see keyword arguments
+            self.driver.record_inputs(name, args, _call_kwargs(sys._getframe(1)))
         self.depth += 1
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:

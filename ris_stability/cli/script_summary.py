@@ -38,8 +38,10 @@ def summary_table(run: ScriptRun) -> Table:
         t.add_row("finding" + rank, Text(f"step {f['step']}: phase {f.get('phase')}, {f.get('node') or f.get('op') or '-'} "
                                          f"in {f.get('module') or '-'} at {f.get('location') or '-'}", style="red"))
         t.add_row("cause", str(f.get("cause", "")))
-        if f.get("remedies"):
-            t.add_row("remedy", str(f["remedies"][0]))
+        applied = (w.meta.get("options") or {}).get("gap_aware")  # a fix already applied is never recommended
+        remedies = [r for r in f.get("remedies") or [] if not (applied and ("gap_aware" in r or "gap-aware" in r))]
+        if remedies:
+            t.add_row("remedy", str(remedies[0]))
     if w.nonfinite_steps and f is None:
         t.add_row("finding", "none: the fault did not recur in the armed steps; name its op with "
                              f"`risdiag locate {w.run_dir}` (re-runs the script up to step {w.nonfinite_steps[0]})")
@@ -51,7 +53,11 @@ def summary_table(run: ScriptRun) -> Table:
                 t.add_row(f"rank {r}", f"{summary.get('status', '?')}, {summary.get('steps', '?')} steps, "
                                        f"non-finite {len(bad)} {bad[:10]}")
     if w.monitor.capsules:
-        t.add_row("capsules", ", ".join(str(p) for p in w.monitor.capsules[:3]))
+        store = w.monitor.capsule_store
+        dropped = (f"; {len(store.dropped)} more deleted by the budget ({store.max_count} capsules, "
+                   f"{store.max_bytes // 2 ** 20} MB: the first and the most recent are kept)" if store.dropped else "")
+        t.add_row("capsules", ", ".join(str(p) for p in w.monitor.capsules[:3])
+                  + (f" (+{len(w.monitor.capsules) - 3})" if len(w.monitor.capsules) > 3 else "") + dropped)
     t.add_row("run folder", str(w.run_dir))
     return t
 

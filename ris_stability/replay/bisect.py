@@ -313,7 +313,8 @@ def _panel(result: BisectResult) -> Panel:
         for i, r in enumerate(f.remedies):
             t.add_row("remedy" if i == 0 else "", f"- {r}")
     if result.float64:
-        t.add_row("float64", f"{result.float64['verdict']}: {result.float64['explanation']}")
+        verdict, why = result.float64["verdict"], result.float64["explanation"]
+        t.add_row("float64", why if why.startswith(verdict) else f"{verdict}: {why}")  # said once
     for p in result.exported:
         t.add_row("exported", p)
     return Panel(t, title="risdiag bisect", border_style="red" if f else "yellow")

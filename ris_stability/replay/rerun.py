@@ -39,6 +39,7 @@ from ris_stability.observe.loopstack import unwrap
 from ris_stability.records import UsageError, append_event, read_trace, write_finding
 from ris_stability.records.capsule import Capsule, CapsuleError, capsule_path, state_digest
 from ris_stability.replay.bisect import same_bits
+from ris_stability.replay.first_step import FirstStep
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,8 @@ def rerun(rec: Recorded) -> RerunResult:
     saved_cwd, saved_threads = os.getcwd(), torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="risdiag-locate-") as scratch:
         driver = _AimedDriver(_Observer(rec, result, Path(scratch)), rec.step)
-        hooks = AutoAttach(driver)
+        # step 0 comes before the first optimizer step, where the driver learns the model: armed by its own hooks
+        hooks = AutoAttach(driver) if rec.step > 0 else FirstStep(rec, result, _Stop)
         try:
             os.chdir(rec.cwd)
             check_runnable(rec.command)

@@ -156,7 +156,9 @@ def run_summary(trace: Trace) -> list[tuple[str, str]]:
         ("dead loss terms", _names_or_none(dead_terms)),
         ("modules without gradient", _names_or_none(dead_modules)),
         ("dead parameters (events)", _names_or_none(event_names(trace, "dead_parameter"))),
-        ("capsules", _names_or_none(capsules)),
+        ("capsules", _names_or_none(capsules) + (f"; {summary['capsules_dropped']} more deleted by the capsule budget "
+                                                  "(the first and the most recent are kept)"
+                                                  if summary.get("capsules_dropped") else "")),
         ("AMP overflow steps (GradScaler)", md.steps_list(summary.get("amp_overflow_steps") or [])),
         ("not observed", "; ".join(summary.get("limitations") or []) or "–"),
     ]

@@ -90,7 +90,7 @@ def _next_command(trace: Trace, first: int) -> str:
                 "holding the run) to name the op")
     if trace.finding and trace.finding.get("step") == first:
         return ""  # the finding below names the op
-    if trace.meta.get("script"):
+    if trace.meta.get("script") and not trace.meta.get("world_size", 1) > 1:  # locate re-runs one process
         return (f". Name the op with {code(f'risdiag locate {run}')} (from the folder holding the run): it re-runs "
                 f"the recorded command up to step {first} with the locator armed there")
     if capsule is not None:

@@ -139,3 +139,19 @@ def test_healthy_eigh_next_to_a_sqrt_nan_is_never_suspect(tmp_path):
     assert f["location"].endswith(f"scripts/eigh_and_sqrt.py:{fault_line('eigh_and_sqrt.py')}")
     report = (run / "report.md").read_text()
     assert "Suspect matrix" not in report and "linalg.eigh`:" not in report.split("## What to look at")[1].split("## ")[0]
+
+
+def test_step_zero_one_off_with_keyword_inputs(tmp_path, capsys):
+    """The fault in the first batch, before the first optimizer step: step 0's capsule holds the kwargs-only
+    model's inputs, and locate arms the locator there although the driver does not know the model yet."""
+    run = tmp_path / "run"
+    first = int(torch.randperm(STEPS * BATCH, generator=torch.Generator().manual_seed(0))[2])
+    assert trace(run, ONCE, "--corrupt-index", str(first), "--shuffle-seed", "0") == cli.EXIT_NONFINITE
+    assert read_trace(run).nonfinite_steps == [0]
+    cap = Capsule.load(run / "capsules" / "step_000000.pt")
+    assert cap.batch["inputs"]["model"]["kwargs"]["x"].shape == (BATCH, 8)
+    assert cli.main(["locate", str(run), "--no-report"]) == cli.EXIT_OK
+    f = json.loads((run / "finding.json").read_text())
+    assert (f["phase"], f["node"], f["module"]) == ("backward", "SqrtBackward0", "model.scale")
+    assert f["location"].endswith(f"scripts/once_nan.py:{fault_line('once_nan.py')}")
+    assert f["rerun"]["params_match"] is True and f["rerun"]["grads_bit_exact"] is True
