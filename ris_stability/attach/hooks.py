@@ -190,20 +190,15 @@ class AutoAttach:
 
     def flush(self) -> None:
         """At the end of the run: an iteration that ran backward but never stepped is recorded (attaching to
-        the optimizer zero_grad was called on, or to the seen modules alone, when none ever stepped)."""
+        the optimizer zero_grad was called on, when none ever stepped). A loop with no torch.optim optimizer at
+        all (a hand-written update) stays unattached: nothing says which parameters it trains."""
         d = self.driver
         if not d.step_backwards:
             return
         if self.optimizer is None and self._candidate is not None:
             self._follow(self._candidate)
-        elif not d.attached and self._discovery is not None and self._discovery.roots():
-            roots = self._discovery.roots()
-            self._discovery.remove()
-            self._discovery = None
-            log.info("no optimizer step was seen; model roots: %s", ", ".join(roots))
-            d.attach(roots, None)
         if d.attached:
-            d.end_unstepped("the script never called optimizer.step() for it", raise_stop=False)
+            d.end_unstepped("the script skipped optimizer.step() (the last iteration of the run)", raise_stop=False)
 
     def _watch_early(self) -> None:
         """Under torch.distributed, at the first backward before any optimizer step: watch the local

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import torch
+
 from ris_stability.attach.watch import Watcher
 from ris_stability.monitor import MonitorConfig, NonFiniteError, distributed
 from ris_stability.records import UsageError
@@ -108,7 +110,10 @@ def check_runnable(cmd: ScriptCommand) -> None:
 
 
 def _run(cmd: ScriptCommand) -> None:
+    """Run the script as ``python`` would; the process-wide state it may set for itself (argv, sys.path[0],
+    torch's anomaly mode) is put back afterwards, for callers that go on in the same process."""
     saved_argv, saved_path0 = sys.argv, sys.path[0] if sys.path else None
+    anomaly = (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled())
     try:
         if cmd.kind == "path":
             sys.argv = [cmd.target, *cmd.args]
@@ -122,6 +127,7 @@ def _run(cmd: ScriptCommand) -> None:
         sys.argv = saved_argv
         if saved_path0 is not None:
             sys.path[0] = saved_path0
+        torch.autograd.set_detect_anomaly(*anomaly)
 
 
 def run_command(cmd: ScriptCommand) -> None:
