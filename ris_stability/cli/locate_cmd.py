@@ -59,7 +59,7 @@ def _panel(rec, result) -> Panel:
     t.add_column(style="bold")
     t.add_column()
     check = {None: "no capsule to compare with", True: "equal to the capsule's", False: "DIFFERENT from the capsule's"}
-    t.add_row("step", f"{rec.step} (reached after {result.steps_run - 1} plain steps)")
+    t.add_row("step", f"{rec.step} (reached after {rec.step} plain steps)")
     t.add_row("parameters", check[result.params_match])
     t.add_row("gradients", {None: "no capsule gradients to compare with", True: "bit-exact with the capsule's",
                             False: "NOT bit-exact: " + "; ".join(result.grad_differences[:3])}[result.grads_bit_exact])
