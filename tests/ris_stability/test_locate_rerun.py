@@ -155,3 +155,15 @@ def test_step_zero_one_off_with_keyword_inputs(tmp_path, capsys):
     assert (f["phase"], f["node"], f["module"]) == ("backward", "SqrtBackward0", "model.scale")
     assert f["location"].endswith(f"scripts/once_nan.py:{fault_line('once_nan.py')}")
     assert f["rerun"]["params_match"] is True and f["rerun"]["grads_bit_exact"] is True
+
+
+def test_numpy_lambdalr_capsule_replays_bit_exact_under_bisect(one_off, capsys):
+    """The same capsule through `risdiag bisect` with a replayer: loaded weights_only, replayed bit for bit
+    against the gradients as backward made them (before the script's clip_grad_norm_ spread the NaN)."""
+    _, run = one_off
+    replayer = str(Path(__file__).parent / "once_nan_replayer.py") + ":replay"
+    capsys.readouterr()
+    assert cli.main(["bisect", str(run), "--replayer", replayer, "--json"]) == cli.EXIT_OK
+    out = json.loads(capsys.readouterr().out)
+    assert out["bit_exact"] is True and out["replay"]["differences"] == []
+    assert (out["finding"]["node"], out["finding"]["module"]) == ("SqrtBackward0", "model.scale")
