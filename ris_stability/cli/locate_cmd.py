@@ -70,7 +70,9 @@ def _panel(rec, result) -> Panel:
     for s in f.inputs[:3]:
         t.add_row("input", f"{s.name} {list(s.shape)} {s.dtype}, |max| {s.absmax}, nan {s.nan}, inf {s.inf}"
                   + (f", min gap {s.spectral.get('min_gap', math.nan):.2e}" if s.spectral else ""))
-    for i, r in enumerate(f.remedies):
+    # a fix the run already applied (--gap-aware) is never recommended again
+    remedies = [r for r in f.remedies if not (rec.gap_aware and ("gap_aware" in r or "gap-aware" in r))]
+    for i, r in enumerate(remedies):
         t.add_row("remedy" if i == 0 else "", f"- {r}")
     t.add_row("written", f"{rec.run_dir}/finding.json, events.jsonl")
     return Panel(t, title=f"risdiag locate {rec.run_dir.name}", border_style="red")

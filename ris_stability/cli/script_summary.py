@@ -43,8 +43,10 @@ def summary_table(run: ScriptRun) -> Table:
         if remedies:
             t.add_row("remedy", str(remedies[0]))
     if w.nonfinite_steps and f is None:
-        t.add_row("finding", "none: the fault did not recur in the armed steps; name its op with "
-                             f"`risdiag locate {w.run_dir}` (re-runs the script up to step {w.nonfinite_steps[0]})")
+        t.add_row("finding", "none: the fault did not recur in the armed steps; " + (
+            f"name its op with `risdiag locate {w.run_dir}` (re-runs the script up to step {w.nonfinite_steps[0]})"
+            if run.world == 1 else "replay the originating rank's capsule with `risdiag bisect CAPSULE --replayer "
+            "module:function` (a replayer you write: docs/script.md)"))
     if run.world > 1 and run.rank == 0:
         for r, shard in distributed.shard_dirs(w.run_dir).items():
             summary = read_summary(shard) if r else None
