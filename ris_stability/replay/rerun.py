@@ -125,9 +125,13 @@ def recorded(run_dir: Path) -> Recorded:
         except CapsuleError as err:
             log.warning("%s; the re-run is checked by its losses only", err)
     cmd = ScriptCommand(script["kind"], script["target"], tuple(script.get("args", ())))
+    cwd = Path(script.get("cwd") or run_dir.parent)
+    if not cwd.is_dir():
+        raise UsageError(f"the run's working directory {str(cwd)!r} ({CONFIG_FILE}, [script] cwd) no longer exists: "
+                         "`risdiag locate` re-runs the command from there; restore it, or edit cwd in that file")
     options = trace.meta.get("options") or {}
     threads = (capsule.meta.get("threads") if capsule is not None else None) or trace.meta.get("threads")
-    return Recorded(run_dir=run_dir, command=cmd, cwd=Path(script.get("cwd") or run_dir.parent), step=step,
+    return Recorded(run_dir=run_dir, command=cmd, cwd=cwd, step=step,
                     losses=losses, capsule=capsule, capsule_file=cap_file if capsule is not None else None,
                     gap_aware=bool(options.get("gap_aware")), threads=int(threads) if threads else None)
 
