@@ -116,7 +116,9 @@ def render_report(trace: Trace, figures: dict[str, tuple[str, str]]) -> str:
                md.heading("Events"), events_table(trace.events)]
     blocks += ranks_blocks(trace.run_dir)  # data-parallel runs: every rank's shard
     if trace.finding:
-        title = "Finding (in-process locator)" if trace.finding.get("source") else "Bisector finding"
+        source = str(trace.finding.get("source") or "")
+        title = ("Finding (risdiag locate: re-run of the recorded command)" if source.startswith("risdiag locate")
+                 else "Finding (in-process locator)" if source else "Bisector finding")
         title += f", rank {trace.finding['rank']}" if "rank" in trace.finding else ""
         blocks += [md.heading(title), finding_block(trace.finding)]
     return md.document(blocks)
