@@ -25,7 +25,6 @@ from torch import nn
 from ris_stability.monitor import distributed
 from ris_stability.attach.driver import StepDriver, batch_state as inputs_state
 from ris_stability.attach.hooks import AutoAttach
-from ris_stability.locate.finding import Finding
 from ris_stability.monitor import MonitorConfig, NonFiniteError, StabilityMonitor, monitor_config
 from ris_stability.records import TraceWriter
 
@@ -66,22 +65,11 @@ class Watcher:
         self._t0 = time.perf_counter()
         self.started = time.time()  # under DDP rank 0 waits for the shards closed since then
 
-    # -- what the run saw ----------------------------------------------------------------------------
-    @property
-    def nonfinite_steps(self) -> list[int]:
-        return list(self.monitor.nonfinite_steps)
-
-    @property
-    def skipped_steps(self) -> list[int]:
-        return list(self.monitor.skipped_steps)
-
-    @property
-    def findings(self) -> list[tuple[int, Finding]]:
-        return list(self.driver.findings)
-
-    @property
-    def steps(self) -> int:
-        return self.driver.step
+    # -- what the run saw (copies: the monitor and the driver keep their own) ---------------------------------
+    nonfinite_steps = property(lambda self: list(self.monitor.nonfinite_steps), doc="steps with non-finite values")
+    skipped_steps = property(lambda self: list(self.monitor.skipped_steps), doc="steps whose update was skipped")
+    findings = property(lambda self: list(self.driver.findings), doc="(step, Finding) of the located faults")
+    steps = property(lambda self: self.driver.step, doc="steps ended so far")
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> "Watcher":
