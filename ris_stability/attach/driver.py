@@ -206,6 +206,8 @@ class StepDriver:
         c.skip_reason = c.skip_requested or ("amp_overflow" if self.monitor.overflow else "")
         if not bool(c.grads_finite):
             self._on_nonfinite()
+        elif self.monitor.exploded:  # a catastrophic finite gradient (on_explosion): stop, or locate its crash
+            self._on_explosion()
         return bool(c.skip_requested)
 
     def before_update(self) -> None:
@@ -251,6 +253,24 @@ class StepDriver:
             self._stop = c.stop_requested
         if len(self.findings) < self.max_findings and not c.locating and self._attempts_left == 0:
             self._attempts_left = 1 if self._stop else LOCATE_ATTEMPTS
+
+    def _on_explosion(self) -> None:
+        """Under stop: stop at the step's end. Under observe the update is applied: the next steps run under
+        the locator, so that a crash they cause (an op refusing an inf input) gets its forward origin."""
+        c = self.ctx
+        if c.stop_requested and not self._stop:
+            self._stop = c.stop_requested
+        elif (self.monitor.cfg.on_explosion == "observe" and len(self.findings) < self.max_findings
+              and not c.locating and self._attempts_left == 0):
+            self._attempts_left = LOCATE_ATTEMPTS
+
+    def crashed(self, exc: BaseException) -> None:
+        """The loop raised ``exc`` inside a step run under the locator: the finding of the forward (or
+        backward) that raised, e.g. where the value an op refused first went non-finite."""
+        armed = self._armed
+        if armed is not None and not self._located and isinstance(exc, Exception) and self.in_step:
+            self._located = True
+            self._record_finding(armed.error(exc))
 
     def keep_pending_finding(self) -> None:
         """At the end of the run: a finding whose step never reached optimizer.step() (no collective
@@ -298,13 +318,16 @@ class StepDriver:
         self._attempts_left = 0
         where = " ".join(x for x in (finding.node or finding.op, finding.module and f"in {finding.module}",
                                      finding.location and f"at {finding.location}") if x)
-        msg = f"finding (step {step}, first non-finite step {self.first_bad}): phase {finding.phase}, {where}: {finding.cause}"
         mon = self.monitor
+        first = f"first non-finite step {self.first_bad}" if self.first_bad is not None else "after a gradient explosion"
+        origin = mon.trace_back_note(step)  # the earlier update that put the parameters out of range, if one did
+        msg = f"finding (step {step}, {first}): phase {finding.phase}, {where}: {finding.cause}{origin}"
+        extra = {"update_origin": origin[2:]} if origin else {}
         mon.event("finding", "error", msg, nonfinite=True, step=step, first_nonfinite_step=self.first_bad,
-                  source="in-process locator", finding=finding.to_dict())
+                  source="in-process locator", finding=finding.to_dict(), **extra)
         if len(self.findings) == 1:
             write_finding(mon.run_dir, {**finding.to_dict(), "step": step, "first_nonfinite_step": self.first_bad,
-                                        "source": "in-process locator (armed step of the traced script)"})
+                                        "source": "in-process locator (armed step of the traced script)", **extra})
         log.warning("%s", format_finding(finding))
 
 

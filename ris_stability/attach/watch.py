@@ -102,6 +102,8 @@ class Watcher:
             return self.status
         self._finished = True
         stopped = isinstance(exc, NonFiniteError) if stopped is None else stopped
+        if exc is not None and not stopped:
+            self.driver.crashed(exc)  # a step run under the locator raised: where its bad value was born
         self.driver.close()
         self.driver.keep_pending_finding()
         if self._hooks is not None:

@@ -22,16 +22,18 @@ from ris_stability.monitor import distributed
 from ris_stability.instruments.grads import TOTAL_KEY, GradMonitor, float64_norms
 from ris_stability.observe.loopstack import COMPILE_LIMITATION, compiled_parts, optimizers_of, run_meta, unwrap
 from ris_stability.instruments.spikes import SpikeDetector
+from ris_stability.instruments.explosion import ExplosionDetector
 from ris_stability.instruments.probe import SpectralProbe
 from ris_stability.records import TraceWriter
 from ris_stability.monitor.config import SPIKE_WARMUP, MonitorConfig, suspect_site
 from ris_stability.monitor.context import LoopContext, NonFiniteError
+from ris_stability.monitor.explosions import ExplosionChecks, explosion_state
 from ris_stability.monitor.writing import MonitorWriting
 
 log = logging.getLogger(__name__)
 
 
-class StabilityMonitor(MonitorWriting):
+class StabilityMonitor(MonitorWriting, ExplosionChecks):
     """Observe a training run and write a trace folder.
 
     ``batch_state(batch) -> dict`` turns a batch into capsule content; ``config_text`` is stored in
@@ -55,6 +57,8 @@ class StabilityMonitor(MonitorWriting):
         self.spike_steps: list[int] = []
         self.audit_fn: Callable[[], torch.Tensor] | None = None  # recomputes the step's loss (precision audit)
         self.spikes = SpikeDetector(cfg.spike_factor, cfg.spike_window, SPIKE_WARMUP)
+        self.explosions = ExplosionDetector()  # judged from step 0 (monitor/explosions.py)
+        self.__dict__.update(explosion_state())
         self.skipped_steps: list[int] = []
         self.capsules: list[Path] = []
         self._rng: tuple[Any, ...] | None = None  # rng_snapshot() at step start
@@ -82,7 +86,7 @@ class StabilityMonitor(MonitorWriting):
         model = self._model = unwrap(model)  # a torch.compile wrapper would prefix every name with _orig_mod
         if roots is None:
             roots = {"model": model} if loss_fn is None else {"model": model, "loss": loss_fn}
-        self._dtype = next((p.dtype for p in model.parameters()), torch.float32)
+        self._dtype = self.explosions.dtype = next((p.dtype for p in model.parameters()), torch.float32)
         self.meta = {**run_meta(model), **self.meta}
         self._attach_distributed(model, capture=not views)
         self.writer = TraceWriter(self.run_dir, self.meta, listeners=self.listeners)
@@ -92,7 +96,8 @@ class StabilityMonitor(MonitorWriting):
         self.probe.sampling = False
         self.probe.__enter__()
         self.grads = GradMonitor(model, depth=self.cfg.grad_depth, dead_after=self.cfg.dead_after)
-        self.writer.event("run_start", "info", f"monitor attached (every={self.cfg.every}, policy={self.cfg.policy})")
+        self.writer.event("run_start", "info", f"monitor attached (every={self.cfg.every}, policy={self.cfg.policy}, "
+                          f"on_explosion={self.cfg.on_explosion})")
         if self.meta.get("process_group") is False:
             self.writer.event("no_process_group", "warning", distributed.no_group_message(self.meta["rank"],
                                                                                          self.meta["world_size"]))
@@ -146,7 +151,7 @@ class StabilityMonitor(MonitorWriting):
 
     def on_step_start(self, ctx: LoopContext) -> None:
         self._rng = rng_snapshot()
-        self.overflow, self._amp_scale = False, None
+        self.overflow, self._amp_scale, self.exploded = False, None, False
         if self.dist is not None:
             self.dist.start_step(ctx.step)
             self._decision = None
@@ -180,7 +185,7 @@ class StabilityMonitor(MonitorWriting):
             self._amp_step(ctx, scale, finite)
         elif not finite and first:
             self._on_nonfinite(ctx)
-        if finite and sampled and first:
+        if finite and sampled and first and not self._check_explosion(ctx):
             self._check_spike(ctx)
 
     def on_before_optimizer_step(self, ctx: LoopContext) -> None:
@@ -209,12 +214,15 @@ class StabilityMonitor(MonitorWriting):
         """The run ended on ``exc``: ``stopped`` (default: exc is a NonFiniteError) by the stop policy, else crashed."""
         self._status = "stopped" if (isinstance(exc, NonFiniteError) if stopped is None else stopped) else "crashed"
         lost = self.dist is not None and distributed.is_collective_failure(exc)
+        msg = f"{type(exc).__name__}: {exc}"
         if lost:
             self._status = "rank_lost"
             msg = str(exc) if isinstance(exc, distributed.RankLostError) else distributed.rank_lost_message(
                 self.dist.rank, ctx.step if ctx is not None else None, exc)
+        elif self._status == "crashed" and isinstance(exc, Exception):  # e.g. an op refusing an inf input
+            msg += self.trace_back_note(ctx.step if ctx is not None else None)
         if self.writer is not None:
-            self.writer.event("run_stopped", "error", msg if lost else f"{type(exc).__name__}: {exc}",
+            self.writer.event("run_stopped", "error", msg,
                               step=ctx.step if ctx is not None else None, **({"rank_lost": True} if lost else {}))
         self.detach()
 
@@ -294,8 +302,7 @@ class StabilityMonitor(MonitorWriting):
             msg += f"; gradient non-finite (NaN/Inf entries) in: {', '.join(bad[:8])}" + (
                 f" (+{len(bad) - 8})" if len(bad) > 8 else "")
             data["nonfinite_parameters"] = bad
-        origin = self._origin_note(data)
-        msg += origin
+        msg += self._origin_note(data) + (self.trace_back_note(step) if step == self.nonfinite_steps[0] else "")
         self.writer.event(kind, "error", msg, step=step, **data)
         if self.live is not None:
             self.live.update(step, event=msg, nonfinite=True)
