@@ -189,7 +189,9 @@ class ExplosionDetector:
         """The series that grew more than NAMED_GROWTH (at a first step: the largest), most grown first."""
         growths = [Growth(n, v, self._previous.get(prefix + n)) for n, v in values.items() if math.isfinite(v)]
         jumped = [g for g in growths if g.ratio > NAMED_GROWTH or (g.previous is None and g.value > 0)]
-        key = (lambda g: -g.ratio) if all(g.previous is not None for g in jumped) else (lambda g: -g.value)
+        # by growth (to 3 digits: equal growths then by size), or by size where a series has no previous value
+        key = ((lambda g: (-float(f"{g.ratio:.3g}"), -g.value)) if all(g.previous is not None for g in jumped)
+               else (lambda g: -g.value))
         return tuple(sorted(jumped or [g for g in growths if g.value > self.limit], key=key))
 
     def first_grad(self) -> float | None:

@@ -3,7 +3,7 @@ subspace model (two convolutions, a per-sample covariance, its eigenvalues by to
 with SGD. The loss is quartic in the weights, so each too-large update makes the next gradient larger: the
 gradient norm goes 31 -> 5.9e2 -> 5.4e10 (all finite) over steps 0-2 (the SGD update of step 0 is 0.92x the
 weights' norm, of step 1 11x, of step 2 1e8x), the update of step 2 sends the weights to ~1e9, and at step 3
-the covariance overflows and eigvals raises "input tensor should not contain infs or NaNs". With --lr 0.01
+the covariance overflows and eigvals raises "input tensor should not contain infs or NaNs". With --lr 0.002
 it trains quietly (a clean run)."""
 import argparse
 import logging
