@@ -127,7 +127,7 @@ class UpdateOrigin:
 
     def data(self) -> dict:
         return {"module": self.module, "update_step": self.step, "before": self.before, "after": self.after,
-                "grad_norm": self.grad, "first_grad_norm": self.grad_first, "message": self.message()}
+                "grad_norm": self.grad, "first_grad_norm": self.grad_first, "origin": self.message()}
 
 
 @dataclass

@@ -79,9 +79,8 @@ class ExplosionChecks:
             return ""
         if not self._origin_written and self.writer is not None:
             self._origin_written = True
-            data = origin.data()
             self.event("explosion_origin", "error", f"step {step} went non-finite after an explosion: "
-                       f"{data.pop('message')}", step=origin.step, failed_step=step, **data)
+                       f"{origin.message()}", step=origin.step, failed_step=step, **origin.data())
         return "; " + origin.message()
 
 
