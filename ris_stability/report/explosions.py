@@ -36,7 +36,6 @@ def explosion_items(trace: Trace) -> list[str]:
     explosions = _events(trace, "gradient_explosion")
     bad = [e for e in explosions if (e.get("data") or {}).get("catastrophic")]
     if bad:
-        first = bad[0]
         worst = max(bad, key=lambda e: (e.get("data") or {}).get("total") or 0.0)
         data = worst.get("data") or {}
         names = ", ".join(code(n) for n in (data.get("names") or [])[:4])
@@ -46,7 +45,7 @@ def explosion_items(trace: Trace) -> list[str]:
         policies = {(e.get("data") or {}).get("policy") for e in bad}
         if policies == {"observe"}:
             text += f". The optimizer applied {'them' if len(bad) > 1 else 'it'}: rerun with {rerun_command(trace)}"
-        capsule = next((p for p in trace.capsules if p.name == f"step_{int(first['step']):06d}.pt"), None)
+        capsule = next((p for p in trace.capsules if p.name == f"step_{int(worst['step']):06d}.pt"), None)
         if capsule is not None:
             text += (f"; is the gradient right? {code('risdiag bisect --precision ' + capsule.as_posix())} compares "
                      "it with float64")
