@@ -32,7 +32,7 @@ class ExplosionChecks:
 
     def _check_explosion(self, ctx: LoopContext) -> bool:
         """Judge this logged step with finite gradients; True when catastrophic (the policy has then been
-        applied, and the spike rule does not judge the step: one event per incident)."""
+        applied; the spike rule still judges the step, for its precision audit, but writes no second capsule)."""
         norms = self.grads.peek_norms()
         params = self.grads.peek_block("param/")
         sites = {name: site["grad_norm"] for name, site in self._sites.items()

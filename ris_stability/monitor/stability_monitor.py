@@ -185,7 +185,8 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
             self._amp_step(ctx, scale, finite)
         elif not finite and first:
             self._on_nonfinite(ctx)
-        if finite and sampled and first and not self._check_explosion(ctx):
+        if finite and sampled and first:
+            self._check_explosion(ctx)  # before the spike rule: an explosion's capsule serves both
             self._check_spike(ctx)
 
     def on_before_optimizer_step(self, ctx: LoopContext) -> None:
@@ -352,7 +353,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
         if spike is not None:
             self.spike_steps.append(ctx.step)
             msg = spike.message()
-            if len(self.capsules) < self.cfg.max_capsules:
+            if len(self.capsules) < self.cfg.max_capsules and not self.exploded:
                 self._write_capsule(ctx, reason=msg)
                 msg += f"; check the gradient with `risdiag bisect --precision {self.capsules[-1]}`"
             self.writer.event("gradient_spike", "warning", msg, step=ctx.step, **spike.data())
