@@ -214,3 +214,33 @@ def test_nonfinite_loss_is_traced_back_to_the_update_that_grew_the_parameters(tm
     assert monitor.nonfinite_steps[0] == 3 and _explosions(t)[0]["step"] <= 2
     event = next(e for e in t.events if e["kind"] == "nonfinite_loss")
     assert "at the update of step 2" in event["message"] and "parameters of 0 grew" in event["message"]
+
+
+def test_explosion_checks_read_nothing_on_unlogged_steps(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = StabilityMonitor(tmp_path / "run", MonitorConfig(every=3))
+    reads: dict[int, int] = {}
+    step = 0
+    original = torch.Tensor.tolist
+
+    def counting(self):  # tolist is how the grad monitor reads its one block back
+        reads[step] = reads.get(step, 0) + 1
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    with MonitorSession(monitor, model, opt) as s:
+        for step in range(7):
+            x = torch.randn(16, 4)
+            s.start_step(step, batch={"x": x})
+            loss = model(x=x).square().mean()
+            s.after_forward(loss)
+            opt.zero_grad()
+            loss.backward()
+            if s.after_backward():
+                opt.step()
+            s.end_step()
+    monkeypatch.setattr(torch.Tensor, "tolist", original)
+    assert [r.step for r in monitor.explosions._records] == [0, 3, 6]
+    assert not any(reads.get(k) for k in (1, 2, 4, 5)) and reads.get(3)  # unlogged steps: no read-back at all
