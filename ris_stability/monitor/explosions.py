@@ -10,11 +10,9 @@ trace-back reads the parameters once, when the run has already gone wrong.
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import torch
 
-from ris_stability.instruments.explosion import TOTAL, UpdateOrigin
+from ris_stability.instruments.explosion import TOTAL, ExplosionDetector, UpdateOrigin
 from ris_stability.instruments.grads import TOTAL_KEY, _group_key
 from ris_stability.instruments.spikes import TOTAL as SPIKE_TOTAL
 from ris_stability.monitor.context import LoopContext
@@ -29,6 +27,14 @@ POLICY_NOTE = {
 
 class ExplosionChecks:
     """The explosion half of StabilityMonitor (see StabilityMonitor for the state it uses)."""
+
+    def init_explosions(self) -> None:
+        """The per-run state (called by StabilityMonitor.__init__; the dtype is set at attach)."""
+        self.explosions = ExplosionDetector()
+        self.explosion_steps: list[int] = []  # logged steps judged exploding (warnings included)
+        self.exploded = False  # this step's gradient is catastrophic (reset at every step start)
+        self._origin: UpdateOrigin | None = None
+        self._origin_checked = self._origin_written = False
 
     def _check_explosion(self, ctx: LoopContext) -> bool:
         """Judge this logged step with finite gradients; True when catastrophic (the policy has then been
@@ -102,10 +108,4 @@ def _sgd_update_ratio(ctx: LoopContext, group_norms: dict[str, float], weight: f
     return math.sqrt(total) / weight
 
 
-def explosion_state() -> dict[str, Any]:
-    """The mixin's per-run state, set by StabilityMonitor.__init__."""
-    return {"explosion_steps": [], "exploded": False, "_origin": None, "_origin_checked": False,
-            "_origin_written": False}
-
-
-__all__ = ["ExplosionChecks", "POLICY_NOTE", "explosion_state"]
+__all__ = ["ExplosionChecks", "POLICY_NOTE"]

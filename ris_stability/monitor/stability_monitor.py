@@ -22,12 +22,11 @@ from ris_stability.monitor import distributed
 from ris_stability.instruments.grads import TOTAL_KEY, GradMonitor, float64_norms
 from ris_stability.observe.loopstack import COMPILE_LIMITATION, compiled_parts, optimizers_of, run_meta, unwrap
 from ris_stability.instruments.spikes import SpikeDetector
-from ris_stability.instruments.explosion import ExplosionDetector
 from ris_stability.instruments.probe import SpectralProbe
 from ris_stability.records import TraceWriter
 from ris_stability.monitor.config import SPIKE_WARMUP, MonitorConfig, suspect_site
 from ris_stability.monitor.context import LoopContext, NonFiniteError
-from ris_stability.monitor.explosions import ExplosionChecks, explosion_state
+from ris_stability.monitor.explosions import ExplosionChecks
 from ris_stability.monitor.writing import MonitorWriting
 
 log = logging.getLogger(__name__)
@@ -57,8 +56,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
         self.spike_steps: list[int] = []
         self.audit_fn: Callable[[], torch.Tensor] | None = None  # recomputes the step's loss (precision audit)
         self.spikes = SpikeDetector(cfg.spike_factor, cfg.spike_window, SPIKE_WARMUP)
-        self.explosions = ExplosionDetector()  # judged from step 0 (monitor/explosions.py)
-        self.__dict__.update(explosion_state())
+        self.init_explosions()  # judged from step 0 (monitor/explosions.py)
         self.skipped_steps: list[int] = []
         self.capsules: list[Path] = []
         self._rng: tuple[Any, ...] | None = None  # rng_snapshot() at step start
