@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from ris_stability.monitor import distributed
-from ris_stability.attach.driver import StepDriver, batch_state as inputs_state
+from ris_stability.attach.driver import StepDriver
+from ris_stability.attach.loop_parts import batch_state as inputs_state
 from ris_stability.attach.hooks import AutoAttach
 from ris_stability.monitor import MonitorConfig, NonFiniteError, StabilityMonitor, monitor_config
 from ris_stability.records import TraceWriter
@@ -90,6 +91,8 @@ class Watcher:
             return self.status
         self._finished = True
         stopped = isinstance(exc, NonFiniteError) if stopped is None else stopped
+        if exc is not None and not stopped:
+            self.driver.crashed(exc)  # a step run under the locator raised: where its bad value was born
         if self._hooks is not None:
             self._hooks.flush()
         self.driver.close()

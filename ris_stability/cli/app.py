@@ -105,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--on-nonfinite", choices=POLICIES, default=None,
                    help="script runs: what to do with a non-finite step: skip it (default; parameters and optimizer "
                         "state unchanged), stop after locating it, or observe (let the optimizer step)")
+    t.add_argument("--on-explosion", choices=POLICIES, default=None,
+                   help="what to do with a catastrophic finite gradient (one-step growth beyond 1e6x, a norm whose "
+                        "square overflows, an SGD update larger than the parameters; docs/explosions.md): observe "
+                        "(default: an event and a capsule), skip it (parameters and optimizer state unchanged) or stop")
     t.add_argument("--replayer", default="", metavar="MODULE:FUNCTION",
                    help="script runs: replayer stored in the capsules for `risdiag bisect` (see README)")
     t.add_argument("script", nargs=argparse.REMAINDER, help="-- python SCRIPT.py [ARGS] (or -- python -m MODULE)")
@@ -184,7 +188,8 @@ def _cmd_trace_script(args: argparse.Namespace, console: Console) -> int:
 
 def _monitor_settings(args: argparse.Namespace) -> dict:
     """The monitor settings given on the command line (the others keep MonitorConfig's defaults)."""
-    given = {"every": args.every, "max_matrices": args.max_matrices, "on_nonfinite": args.on_nonfinite}
+    given = {"every": args.every, "max_matrices": args.max_matrices, "on_nonfinite": args.on_nonfinite,
+             "on_explosion": args.on_explosion}
     return {k: v for k, v in given.items() if v is not None}
 
 
