@@ -174,5 +174,33 @@ def open_sinks(tensorboard: str | Path | None = None, mlflow: bool = False,
         sinks.publish()
 
 
-__all__ = ["Backend", "RunSink", "SinkSet", "current_sinks", "markdown_event", "open_sinks", "safe_name",
+class _AlsoListen:
+    """The installed sinks (or none) plus one more listener for every trace writer opened in the block."""
+
+    def __init__(self, inner: SinkSet | None, make: Callable[[Path, Mapping[str, Any]], Callable[[str, Mapping[str, Any]], None]]):
+        self.inner, self.make = inner, make
+
+    def start_run(self, run_dir: Path, meta: Mapping[str, Any]) -> Callable[[str, Mapping[str, Any]], None]:
+        inner = self.inner.start_run(run_dir, meta) if self.inner is not None else None
+        mine = self.make(Path(run_dir), meta)
+
+        def listen(kind: str, record: Mapping[str, Any]) -> None:
+            if inner is not None:  # the sinks first: the extra listener may end the run (a sweep's pruner)
+                inner(kind, record)
+            mine(kind, record)
+        return listen
+
+
+@contextlib.contextmanager
+def also_listen(make: Callable[[Path, Mapping[str, Any]], Callable[[str, Mapping[str, Any]], None]]) -> Iterator[None]:
+    """Inside the block every TraceWriter also calls ``make(run_dir, meta)``'s listener with its step rows,
+    events and summary, after the installed sinks: how a sweep's trial process follows the traced script."""
+    token = _CURRENT.set(_AlsoListen(_CURRENT.get(), make))  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+__all__ = ["Backend", "RunSink", "SinkSet", "also_listen", "current_sinks", "markdown_event", "open_sinks", "safe_name",
            "scalar_tags"]
