@@ -97,6 +97,7 @@ class SinkSet:
                 self.backends.append(b)
         self._runs: dict[Path, dict[str, RunSink]] = {}
         self._status: dict[Path, str] = {}
+        self._last_step: dict[Path, int] = {}
 
     def _guard(self, name: str, what: str, fn: Callable[[], Any]) -> bool:
         try:
@@ -125,12 +126,21 @@ class SinkSet:
 
     def _listen(self, run_dir: Path, kind: str, record: Mapping[str, Any]) -> None:
         if kind == "step":
+            self._last_step[run_dir] = int(record["step"])
             scalars = scalar_tags(record)
             self._each(run_dir, "writing a step", lambda s: s.step(int(record["step"]), scalars))
         elif kind == "event":
             self._each(run_dir, "writing an event", lambda s: s.event(record))
         elif kind == "summary":
             self._status[run_dir] = str(record.get("status", "clean"))
+
+    def metric(self, name: str, value: float, step: int | None = None) -> None:
+        """A metric the training reports itself (``report_metric``: e.g. a validation loss), as ``val/NAME`` of
+        every open run, at ``step`` (default: the run's last logged step)."""
+        for run_dir in list(self._runs):
+            at = self._last_step.get(run_dir, 0) if step is None else step
+            tag = {safe_name(f"val/{name}"): float(value)}
+            self._each(run_dir, "writing a metric", lambda s, at=at, tag=tag: s.step(at, tag))
 
     # -- called once the command is over -------------------------------------------------------------------
     def publish(self) -> None:
@@ -189,6 +199,10 @@ class _AlsoListen:
                 inner(kind, record)
             mine(kind, record)
         return listen
+
+    def metric(self, name: str, value: float, step: int | None = None) -> None:
+        if self.inner is not None:
+            self.inner.metric(name, value, step)
 
 
 @contextlib.contextmanager

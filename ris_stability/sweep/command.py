@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import optuna
+from optuna.storages import RDBStorage
 
 from ris_stability.records import UsageError
 from ris_stability.sweep.claims import batch_trials
 from ris_stability.sweep.metrics import is_trace_metric, named_in_source
 from ris_stability.sweep.pruning import StabilityRules
 from ris_stability.sweep.space import SearchSpace, load_space
-from ris_stability.sweep.storage import SWEEP_ATTR, check_settings, check_url, fail_stale, open_storage
+from ris_stability.sweep.storage import SWEEP_ATTR, check_settings, fail_stale, open_storage
 from ris_stability.sweep.target import DEFAULT_TARGET, load_target
 from ris_stability.sweep.template import CommandTemplate
 from ris_stability.sweep.trial import TrialSettings, make_objective, run_and_tell
@@ -102,7 +104,7 @@ class SweepOptions:
         return {"target": "script" if self.command else self.target, "config": self.config,
                 "config_sha256": _sha256(self.config), "overrides": list(self.overrides), "steps": self.steps,
                 "command": list(self.command) or None, "space": space, "metric": self.metric,
-                "direction": self.direction, "out": str(self.out_root), "heartbeat_s": self.heartbeat_s,
+                "direction": self.direction, "out": str(self.out_root), "cwd": os.getcwd(), "heartbeat_s": self.heartbeat_s,
                 "startup_trials": self.startup_trials,
                 "rules": {k: v for k, v in asdict(self.rules).items() if isinstance(v, (int, float, str, bool))}}
 
@@ -117,8 +119,8 @@ def make_sampler(seed: int | None) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed)
 
 
-def open_study(opts: SweepOptions, space: dict[str, Any]) -> optuna.Study:
-    storage = open_storage(opts.storage, opts.heartbeat_s)
+def open_study(opts: SweepOptions, space: dict[str, Any], storage: RDBStorage | None = None) -> optuna.Study:
+    storage = storage or open_storage(opts.storage, opts.heartbeat_s)
     study = optuna.create_study(
         storage=storage, study_name=opts.study, direction=opts.direction, load_if_exists=True,
         sampler=make_sampler(opts.seed), pruner=optuna.pruners.MedianPruner(n_startup_trials=opts.startup_trials))
@@ -164,17 +166,18 @@ def _check_target(opts: SweepOptions, space: SearchSpace) -> Callable[[optuna.St
     return lambda study: make_objective(target, space, settings)
 
 
-def prepare(opts: SweepOptions) -> tuple[SearchSpace, Callable[[optuna.Study], Callable]]:
-    """Every check that needs no trial; returns the space and the objective factory."""
+def prepare(opts: SweepOptions) -> tuple[SearchSpace, Callable[[optuna.Study], Callable], RDBStorage]:
+    """Every check that needs no trial, in this order: space, command template or target, metric, storage,
+    output folder. Returns the space, the objective factory and the opened storage."""
     space = load_space(opts.space)
     objective = _check_script(opts, space)[1] if opts.command else _check_target(opts, space)
-    check_url(opts.storage)
+    storage = open_storage(opts.storage, opts.heartbeat_s)
     try:
         opts.out_root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"--out {str(opts.out_root)!r}: cannot create it ({err.strerror or err}); choose a writable "
                          "folder") from None
-    return space, objective
+    return space, objective, storage
 
 
 def run_sweep(opts: SweepOptions) -> tuple[int, optuna.Study]:
@@ -182,8 +185,8 @@ def run_sweep(opts: SweepOptions) -> tuple[int, optuna.Study]:
     own = not opts.batch  # this command's batch (a launched worker runs part of its parent's)
     if own:
         opts = SweepOptions(**{**opts.__dict__, "batch": uuid.uuid4().hex[:12]})
-    space, objective = prepare(opts)
-    study = open_study(opts, space.to_dict())
+    space, objective, storage = prepare(opts)
+    study = open_study(opts, space.to_dict(), storage)
     code = 0
     if opts.workers == 1:
         ran = run_worker(study, run_and_tell(study, objective(study)), opts.batch, opts.trials, opts.out_root,

@@ -9,8 +9,9 @@
 3. the trace itself: ``loss`` (the loss the trace saw at the last logged step) or ``loss/TERM`` (a loss
    term), reported to the median pruner at each logged step.
 
-Outside a sweep ``report_metric`` does nothing but log at debug level: a script keeps working unchanged
-when it runs on its own or under ``risdiag trace``.
+Outside a sweep ``report_metric`` only reaches the sinks a command installed (``risdiag trace --tensorboard
+DIR --mlflow``: the value is written as ``val/NAME``); with none it does nothing but log at debug level, so a
+script keeps working unchanged on its own.
 """
 
 from __future__ import annotations
@@ -36,9 +37,14 @@ def report_metric(name: str, value: float, step: int | None = None) -> None:
     trial's value."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"report_metric: name must be a non-empty string, got {name!r}")
+    from ris_stability.sinks.base import current_sinks
+
     number = float(value.item() if hasattr(value, "item") else value)
-    if not _HANDLERS:
-        log.debug("report_metric(%r, %g): no sweep is listening", name, number)
+    sinks = current_sinks()
+    if not _HANDLERS and sinks is None:
+        log.debug("report_metric(%r, %g): no sweep or sink is listening", name, number)
+    if sinks is not None:
+        sinks.metric(name, number, step)
     for handler in list(_HANDLERS):
         handler(name, number, step)
 

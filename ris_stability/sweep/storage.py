@@ -36,12 +36,12 @@ def check_url(url: str, create: bool = True) -> None:
     try:
         parsed = make_url(url)
         parsed.get_dialect()
+    except (NoSuchModuleError, ImportError) as err:  # NoSuchModuleError is an ArgumentError: first
+        raise UsageError(f"--storage {url!r}: no SQLAlchemy dialect or driver for it ({err}); install the driver "
+                         "(e.g. psycopg2-binary, pymysql) or use sqlite:///PATH") from None
     except (ArgumentError, ValueError) as err:
         raise UsageError(f"--storage {url!r}: not a database URL ({err}); expected e.g. sqlite:///runs/sweep.db or "
                          "postgresql://user:pass@host/db") from None
-    except (NoSuchModuleError, ImportError) as err:
-        raise UsageError(f"--storage {url!r}: no SQLAlchemy dialect or driver for it ({err}); install the driver "
-                         "(e.g. psycopg2-binary, pymysql) or use sqlite:///PATH") from None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") and not create:
         if not Path(parsed.database).is_file():
             raise UsageError(f"--storage {url!r}: no such SQLite file {parsed.database!r} (working directory "

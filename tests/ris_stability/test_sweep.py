@@ -131,18 +131,21 @@ def test_joining_with_another_space_is_refused(fault_study, tmp_path, capsys):
     _, storage, _ = fault_study
     space = write(tmp_path / "other.toml", '[params."train.lr"]\ntype = "float"\nlow = 0.01\nhigh = 0.1\n')
     code = main(["sweep", "--config", "", "--space", space, "--trials", "1", "--storage", storage, "--study", "faults",
-                 "--target", TARGET, "--out", str(tmp_path)])
+                 "--target", TARGET, "--out", str(tmp_path), "--steps", "8"])
     assert code == 2
-    assert "study 'faults' was created with another space" in " ".join(capsys.readouterr().err.split())
+    err = " ".join(capsys.readouterr().err.split())
+    assert "study 'faults' was created with other settings (space: study {'model.fault'" in err
+    assert ";" not in err.split("(space:")[1].split(")")[0]  # the one line names only what differs: the space
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--storage", "nonsense://x"], "--storage 'nonsense://x': cannot open it"),
+    (["--storage", "nonsense://x"], "--storage 'nonsense://x': no SQLAlchemy dialect or driver for it"),
+    (["--storage", "not a url"], "--storage 'not a url': not a database URL"),
     (["--storage", "sqlite:////proc/nope/x.db"], "cannot create /proc/nope"),
     (["--target", "no_such_module:f"], "--target 'no_such_module:f': cannot import"),
     (["--explode-factor", "0.5"], "must be a finite number > 1"),
     (["--workers", "0"], "must be >= 1"),
-], ids=["bad-url", "unwritable-sqlite", "bad-target", "explode-factor", "workers"])
+], ids=["bad-url", "not-a-url", "unwritable-sqlite", "bad-target", "explode-factor", "workers"])
 def test_bad_sweep_options_exit_2(tmp_path, capsys, args, needle):
     space = write(tmp_path / "space.toml", '[params."train.lr"]\ntype = "float"\nlow = 0.001\nhigh = 0.1\n')
     base = {"--storage": f"sqlite:///{tmp_path / 'db.sqlite'}"}
