@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ris_stability.locate.armed import ArmedLocator
 from ris_stability.locate.finding import Finding, format_finding
 from ris_stability.monitor import LoopContext, StabilityMonitor
+from ris_stability.observe.loopstack import unwrap
 from ris_stability.records import write_finding
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,8 @@ class StepDriver:
         if c.locating:
             self._attempts_left -= 1
             self._located = False
-            self._armed = ArmedLocator(self.roots).__enter__()
+            # unwrapped roots: a finding names model.linear, as events do, not DDP's model.module.linear
+            self._armed = ArmedLocator({k: unwrap(m) for k, m in self.roots.items()}).__enter__()
 
     def before_backward(self, loss: Tensor | None) -> None:
         if not self.in_step:

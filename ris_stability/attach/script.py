@@ -38,11 +38,12 @@ from ris_stability.monitor import distributed
 from ris_stability.attach.driver import POLICIES, NonFiniteError
 from ris_stability.attach.watch import Watcher, close_run
 from ris_stability.cli.live import LiveView
-from ris_stability.records import UsageError, read_summary
+from ris_stability.records import CAPSULE_DIR, UsageError, read_summary
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_NONFINITE, EXIT_USAGE, EXIT_SCRIPT_ERROR = 0, 1, 2, 4
+SHOWN_CAPSULES = 3  # capsule paths in the summary table; the rest as "+N more"
 _PYTHONS = ("python", "python3", f"python3.{sys.version_info.minor}")
 _OWN_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
              os.path.dirname(os.path.abspath(runpy.__file__)) + os.sep + "runpy")
@@ -255,10 +256,21 @@ def summary_table(run: ScriptRun) -> Table:
                 bad = summary.get("nonfinite_steps") or []
                 t.add_row(f"rank {r}", f"{summary.get('status', '?')}, {summary.get('steps', '?')} steps, "
                                        f"non-finite {len(bad)} {bad[:10]}")
-    if w.monitor.capsules:
-        t.add_row("capsules", ", ".join(str(p) for p in w.monitor.capsules[:3]))
+    capsules = _capsules(run)
+    if capsules:
+        more = f" (+{len(capsules) - SHOWN_CAPSULES} more)" if len(capsules) > SHOWN_CAPSULES else ""
+        t.add_row("capsules", ", ".join(str(p) for p in capsules[:SHOWN_CAPSULES]) + more)
     t.add_row("run folder", str(w.run_dir))
     return t
+
+
+def _capsules(run: ScriptRun) -> list[Path]:
+    """This rank's capsules, then (rank 0 of a data-parallel run) every other rank's, from its shard."""
+    found = list(run.watcher.monitor.capsules)
+    if run.world > 1 and run.rank == 0:
+        for r, shard in distributed.shard_dirs(run.watcher.run_dir).items():
+            found += sorted((shard / CAPSULE_DIR).glob("*.pt")) if r else []
+    return found
 
 
 def report_to(run: ScriptRun, console: Console, err: Console, report: bool) -> None:
