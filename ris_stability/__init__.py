@@ -12,6 +12,7 @@ from ris_stability.instruments.precision import PrecisionAudit, audit_precision
 from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor
 from ris_stability.instruments.probe import SpectralProbe
 from ris_stability.spectral import gap_aware
+from ris_stability.sweep.metrics import report_metric  # the one optional line of a swept script
 
 __all__ = ["audit_precision", "PrecisionAudit", "check_alignment", "Finding", "format_finding", "gap_aware", "GradMonitor",
-           "Locator", "locate_nonfinite", "MonitorConfig", "MonitorSession", "StabilityMonitor", "SpectralProbe", "watch"]
+           "Locator", "locate_nonfinite", "MonitorConfig", "MonitorSession", "report_metric", "StabilityMonitor", "SpectralProbe", "watch"]
