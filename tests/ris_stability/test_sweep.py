@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,20 @@ def test_sweep_report_table_map_and_best_config(fault_study, capsys):
     best = (out.parent / "best.toml").read_text()
     assert f"# Best trial {trials['none'].number}" in best and 'fault = "none"' in best
     assert "Not computed: 1 completed trial" in text
+
+
+def test_best_command_of_a_custom_target_reruns_the_best_trial(fault_study, tmp_path, monkeypatch, capsys):
+    tmp, storage, trials = fault_study
+    out = tmp / "report-best" / "report.md"
+    assert main(["report", "--sweep", storage, "--study", "faults", "--out", str(out)]) == 0
+    run_it = next(line for line in (out.parent / "best.toml").read_text().splitlines() if line.startswith("# run it: "))
+    argv = shlex.split(run_it[len("# run it: "):])
+    assert argv[:2] == ["risdiag", "sweep"] and "best-space.toml" in run_it  # not trace --config: exit 2 here
+    monkeypatch.chdir(tmp_path)
+    assert main(argv[1:]) == 0
+    (rerun,) = optuna.load_study(study_name=argv[argv.index("--study") + 1],
+                                 storage=argv[argv.index("--storage") + 1]).get_trials()
+    assert rerun.params == trials["none"].params and rerun.value == pytest.approx(trials["none"].value)
 
 
 def test_report_of_unknown_study_is_a_usage_error(fault_study, capsys):
