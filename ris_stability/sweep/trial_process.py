@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ris_stability.records import UsageError
 from ris_stability.sweep.metrics import add_handler, is_trace_metric, trace_value
 from ris_stability.sweep.pruning import StabilityRules, StabilityWatch, Verdict
 
@@ -160,6 +161,7 @@ def run(spec: Mapping[str, Any], argv: list[str]) -> int:
     remove = add_handler(ear.on_metric)
     err = Console(file=sys.stderr, soft_wrap=True)
     out: dict[str, Any] = {}
+    code = 0
     try:
         with open_sinks(tensorboard=spec.get("tensorboard"), mlflow=spec.get("mlflow", False)), \
                 also_listen(lambda run_dir, meta: ear):
@@ -168,11 +170,14 @@ def run(spec: Mapping[str, Any], argv: list[str]) -> int:
         w = traced.watcher
         out = {"code": traced.code, "status": w.status, "steps": w.steps, "message": traced.message,
                "error": f"{type(traced.error).__name__}: {traced.error}" if traced.error is not None else ""}
+    except UsageError as exc:  # the rendered command cannot run (e.g. a placeholder made a missing path)
+        log.error("the trial's command cannot run: %s", exc)
+        out, code = {"code": 2, "status": "usage", "error": f"{type(exc).__name__}: {exc}"}, 2
     finally:
         remove()
         out.update(ear.result())
         Path(spec["result"]).write_text(json.dumps(out, allow_nan=True, indent=1))
-    return 0
+    return code
 
 
 def main(args: list[str] | None = None) -> int:

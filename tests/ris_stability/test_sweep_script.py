@@ -54,7 +54,7 @@ UP_FRONT = [
     ("placeholder-missing", [], ["python", TOY, "--lr", "{lr}", "--eps", "{epsilon}"],
      "placeholder {epsilon} is not a parameter of the space file"),
     ("script-missing", [], ["python", "no_such_train.py", "--lr", "{lr}"], "script 'no_such_train.py' not found"),
-    ("module-missing", [], ["python", "-m", "no_such_pkg.train", "--lr", "{lr}"], "no module named 'no_such_pkg.train'"),
+    ("module-missing", [], ["python", "-m", "no_such_pkg.train", "--lr", "{lr}"], "module 'no_such_pkg.train' cannot be found"),
     ("config-with-command", ["--config", "c.toml"], ["python", TOY, "--lr", "{lr}"],
      "--config apply to config sweeps, not to a command"),
     ("bad-storage-url", ["--storage", "nonsense://x"], ["python", TOY, "--lr", "{lr}"],
