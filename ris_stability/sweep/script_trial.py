@@ -61,7 +61,7 @@ def _spec(trial: optuna.Trial, s: ScriptSettings, run_dir: Path) -> dict[str, An
     return {"storage": s.storage, "study": s.study, "trial_id": trial._trial_id, "heartbeat_s": s.heartbeat_s,
             "startup_trials": s.startup_trials, "metric": s.metric, "rules": rules, "run_dir": str(run_dir),
             "result": str(run_dir / RESULT_FILE), "parent_pid": os.getpid(), "reports": s.trial_reports,
-            "tensorboard": str(Path(s.tensorboard) / run_dir.name) if s.tensorboard else None, "mlflow": s.mlflow}
+            "tensorboard": s.tensorboard, "mlflow": s.mlflow}  # TensorBoard: DIR/trial-NNNN (the run folder name)
 
 
 def _tail(path: Path, lines: int = 1) -> str:

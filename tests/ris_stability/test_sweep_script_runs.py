@@ -57,7 +57,7 @@ def test_each_broken_region_is_pruned_inside_the_script(tmp_path, monkeypatch):
     study.enqueue_trial({"lr": 2.5, "eps": 0.1})  # gradient descent diverges
     opts = SweepOptions(space=str(tmp_path / "space.toml"), trials=2, storage=storage, study="toy",
                         command=("python", TOY, "--lr", "{lr}", "--eps", "{eps}"), metric="val_loss",
-                        out=str(tmp_path / "runs"), trial_reports=False)
+                        out=str(tmp_path / "runs"), trial_reports=False, tensorboard=str(tmp_path / "tb"))
     code, study = run_sweep(opts)
     assert code == 0
     nan, boom = sorted(study.get_trials(), key=lambda t: t.number)
@@ -68,6 +68,8 @@ def test_each_broken_region_is_pruned_inside_the_script(tmp_path, monkeypatch):
     assert boom.user_attrs["prune_rule"] == "grad_explosion"
     assert boom.user_attrs["steps_run"] == boom.user_attrs["prune_step"] + 1 < 30
     assert "trained" not in (Path(boom.user_attrs["run_dir"]) / "stdout.txt").read_text()  # the script never ended
+    for trial in ("trial-0000", "trial-0001"):  # --tensorboard: one TensorBoard run per trial
+        assert list((tmp_path / "tb" / trial).glob("events.out.tfevents.*")), trial
 
 
 @pytest.fixture(scope="module")
