@@ -49,6 +49,9 @@ def add_sweep_parser(sub: argparse._SubParsersAction, positive_int: Callable[[st
                         "draws new parameters)")
     s.add_argument("--heartbeat", type=positive_int, default=10, help="seconds between trial heartbeats (stale after 3)")
     s.add_argument("--startup-trials", type=nonnegative_int, default=3, help="trials before the median pruner prunes")
+    s.add_argument("--report-every", type=positive_int, default=10,
+                   help="script sweeps with --metric loss / loss/TERM: report it to the median pruner every N steps "
+                        "(each report is a write to the storage; default 10)")
     s.add_argument("--nonfinite-budget", type=nonnegative_int, default=0, help="non-finite steps a trial may have (default 0)")
     s.add_argument("--explode-factor", type=above_one, default=1e4, help="prune when |g| > FACTOR x its early median")
     s.add_argument("--no-tie-prune", action="store_true", help="do not prune on tied eigenvalues")
@@ -91,7 +94,8 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
                         storage=args.storage, study=args.study, steps=args.steps, workers=args.workers,
                         overrides=tuple(args.overrides), target=args.target, metric=args.metric,
                         direction=args.direction, out=args.out, seed=args.seed, heartbeat_s=args.heartbeat,
-                        startup_trials=args.startup_trials, trial_reports=not args.no_trial_reports, rules=rules,
+                        startup_trials=args.startup_trials, report_every=args.report_every,
+                        trial_reports=not args.no_trial_reports, rules=rules,
                         batch=args.batch, tensorboard=args.tensorboard, mlflow=args.mlflow,
                         metric_check=not args.no_metric_check)
     code, study = run_sweep(opts)

@@ -52,6 +52,7 @@ class SweepOptions:
     seed: int | None = None  # sampler seed (each trial: seed and the study's trial count)
     heartbeat_s: int = 10
     startup_trials: int = 3  # trials the median pruner waits for before it prunes
+    report_every: int = 10  # script sweeps: the trace's loss goes to the median pruner every N steps
     trial_reports: bool = True
     rules: StabilityRules = field(default_factory=StabilityRules)
     batch: str = ""  # the id of this command's trials ("" for a new one); workers of one command share it
@@ -61,7 +62,8 @@ class SweepOptions:
 
     def __post_init__(self) -> None:
         for name, value, low in (("--trials", self.trials, 1), ("--workers", self.workers, 1),
-                                 ("--steps", self.steps, 1), ("--startup-trials", self.startup_trials, 0)):
+                                 ("--steps", self.steps, 1), ("--startup-trials", self.startup_trials, 0),
+                                 ("--report-every", self.report_every, 1)):
             if value is not None and value < low:
                 raise UsageError(f"{name} {value}: must be >= {low}")
         if self.direction not in ("minimize", "maximize"):
@@ -85,7 +87,8 @@ class SweepOptions:
         argv = ["sweep", "--space", self.space, "--trials", str(self.trials), "--storage", self.storage, "--study",
                 self.study, "--workers", "1", "--batch", self.batch, "--metric", self.metric, "--direction",
                 self.direction, "--out", str(self.out_root), "--heartbeat", str(self.heartbeat_s),
-                "--startup-trials", str(self.startup_trials), "--nonfinite-budget", str(r.nonfinite_budget),
+                "--startup-trials", str(self.startup_trials), "--report-every", str(self.report_every),
+                "--nonfinite-budget", str(r.nonfinite_budget),
                 "--explode-factor", repr(r.explode_factor)]
         argv += [] if self.config is None else ["--config", self.config, "--target", self.target]
         argv += [] if self.steps is None else ["--steps", str(self.steps)]
@@ -104,8 +107,9 @@ class SweepOptions:
         return {"target": "script" if self.command else self.target, "config": self.config,
                 "config_sha256": _sha256(self.config), "overrides": list(self.overrides), "steps": self.steps,
                 "command": list(self.command) or None, "space": space, "metric": self.metric,
-                "direction": self.direction, "out": str(self.out_root), "cwd": os.getcwd(), "heartbeat_s": self.heartbeat_s,
-                "startup_trials": self.startup_trials,
+                "direction": self.direction, "out": str(self.out_root), "cwd": os.getcwd(),
+                "heartbeat_s": self.heartbeat_s,
+                "startup_trials": self.startup_trials, "report_every": self.report_every,
                 "rules": {k: v for k, v in asdict(self.rules).items() if isinstance(v, (int, float, str, bool))}}
 
 
@@ -145,13 +149,15 @@ def _check_script(opts: SweepOptions, space: SearchSpace) -> tuple[CommandTempla
     cmd = parse_command(template.argv)
     if not placeholders(cmd.target):
         check_runnable(cmd)
-    if opts.metric_check and not is_trace_metric(opts.metric) and not named_in_source(opts.metric, template.script_path()):
+    script = template.script_path()
+    if opts.metric_check and not is_trace_metric(opts.metric) and not named_in_source(opts.metric, script):
         raise UsageError(f"--metric {opts.metric!r}: not a metric of the trace (loss, loss/TERM) and not named in "
-                         f"{template.script_path()}; report it from the script with ris_stability.report_metric("
+                         f"{script}; report it from the script with ris_stability.report_metric("
                          f"{opts.metric!r}, value) or a final JSON line such as {{\"{opts.metric}\": 0.5}} on stdout "
                          "(--no-metric-check when the script builds the name elsewhere)")
     settings = ScriptSettings(opts.out_root, opts.rules, opts.metric, opts.storage, opts.study, opts.heartbeat_s,
-                              opts.startup_trials, opts.trial_reports, opts.tensorboard, opts.mlflow)
+                              opts.startup_trials, opts.report_every, opts.trial_reports, opts.tensorboard,
+                              opts.mlflow)
     return template, lambda study: make_script_objective(template, space, settings)
 
 
@@ -193,8 +199,10 @@ def run_sweep(opts: SweepOptions) -> tuple[int, optuna.Study]:
                          opts.seed, make_sampler)
         log.info("%d trial(s) run by this worker", ran)
     else:
-        code = launch([worker_command(opts.worker_argv(i)) for i in range(opts.workers)],
-                      lambda: optuna.load_study(study_name=opts.study, storage=open_storage(opts.storage, opts.heartbeat_s)))
+        def reload() -> optuna.Study:  # the launcher's own view of the study, to fail a dead worker's trial
+            return optuna.load_study(study_name=opts.study, storage=open_storage(opts.storage, opts.heartbeat_s))
+
+        code = launch([worker_command(opts.worker_argv(i)) for i in range(opts.workers)], reload)
         fail_stale(study)
     mine = batch_trials(study, opts.batch)
     done = [t for t in mine if t.state.is_finished()]

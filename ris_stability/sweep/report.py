@@ -93,7 +93,9 @@ def _best_script(best: FrozenTrial, settings: dict[str, Any], out_dir: Path, hea
     argv = template.render(best.params)
     env = template.env(best.params)
     run = shell_text(["risdiag", "trace", "--out", f"runs/best-{best.number:04d}", "--", *argv])
-    text = (head + f"# run it from {settings.get('cwd', 'the folder the sweep ran in')}: {run}\n# (the parameters also reach the script as environment variables, below)\n"
+    where = settings.get("cwd", "the folder the sweep ran in")
+    text = (head + f"# run it from {where}: {run}\n"
+            + "# (the parameters also reach the script as environment variables, below)\n"
             + "[params]\n" + "".join(f"{json.dumps(k)} = {_toml(v)}\n" for k, v in best.params.items())
             + "\n[script]\ncommand = [" + ", ".join(json.dumps(a) for a in argv) + "]\n"
             + "\n[script.env]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in env.items()))

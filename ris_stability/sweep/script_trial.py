@@ -49,6 +49,7 @@ class ScriptSettings:
     study: str
     heartbeat_s: int
     startup_trials: int
+    report_every: int = 10
     trial_reports: bool = True
     tensorboard: str | None = None
     mlflow: bool = False
@@ -59,7 +60,8 @@ def _spec(trial: optuna.Trial, s: ScriptSettings, run_dir: Path) -> dict[str, An
     rules = {k: getattr(s.rules, k) for k in ("nonfinite_budget", "prune_on_tie", "explode_factor", "baseline_steps",
                                               "grad_norm_max", "tie_safe_mark")}
     return {"storage": s.storage, "study": s.study, "trial_id": trial._trial_id, "heartbeat_s": s.heartbeat_s,
-            "startup_trials": s.startup_trials, "metric": s.metric, "rules": rules, "run_dir": str(run_dir),
+            "startup_trials": s.startup_trials, "report_every": s.report_every, "metric": s.metric, "rules": rules,
+            "run_dir": str(run_dir),
             "result": str(run_dir / RESULT_FILE), "parent_pid": os.getpid(), "reports": s.trial_reports,
             "tensorboard": s.tensorboard, "mlflow": s.mlflow}  # TensorBoard: DIR/trial-NNNN (the run folder name)
 

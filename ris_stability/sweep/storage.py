@@ -85,7 +85,8 @@ def load_study(storage: RDBStorage, name: str, **kwargs: Any) -> optuna.Study:
 
 
 # The settings that change what a trial computes: a worker joining with any other value is refused.
-RESULT_KEYS = ("target", "config_sha256", "overrides", "steps", "command", "space", "metric", "direction", "rules")
+RESULT_KEYS = ("target", "config_sha256", "overrides", "steps", "command", "space", "metric", "direction", "rules",
+               "startup_trials", "report_every")
 
 
 def _shown(value: Any) -> str:
