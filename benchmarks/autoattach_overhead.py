@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import ris_stability
-from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor
+from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor
 
 
 class Whiten(nn.Module):

@@ -51,7 +51,7 @@ def _round(model, opt, x, y, steps: int, session) -> float:
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
-    from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor
+    from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from outside_models import DESCRIPTIONS, WORKLOADS  # noqa: E402
 
 from ris_stability import watch  # noqa: E402
-from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor  # noqa: E402
+from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor  # noqa: E402
 from ris_stability.attach.driver import StepDriver  # noqa: E402
 from ris_stability.instruments.probe import SpectralProbe  # noqa: E402
 

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from outside_models import DESCRIPTIONS, WORKLOADS  # noqa: E402
 
-from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor  # noqa: E402
+from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor  # noqa: E402
 
 # part -> (file suffix, function name) pairs whose cumulative times are summed (none nested in another).
 PARTS: dict[str, tuple[tuple[str, str], ...]] = {

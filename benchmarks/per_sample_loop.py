@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor
+from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor
 
 N, R, K, D = 8, 3, 2, 6
 

@@ -1,10 +1,15 @@
-"""StepDriver: training events of a loop we do not own -> StabilityMonitor callbacks, the non-finite
-policy, and the locator armed for the steps after a fault.
+"""StepDriver: the one driver every front door feeds. It owns the run's typed LoopContext, turns a loop's
+events into StabilityMonitor calls, takes the step's decision (skip / stop) in one place and arms the
+locator for the steps after a fault.
 
-Events (from global hooks, a Lightning callback, or ``watch``): a root module's forward starts
-(:meth:`start_step`), backward starts / ends (:meth:`before_backward` / :meth:`after_backward`), the
-optimizer is about to step (:meth:`before_optimizer_step`, which says whether to skip) and has stepped
-(:meth:`after_optimizer_step`, the end of the step).
+Front doors and how they feed it:
+
+* global hooks (``risdiag trace -- python ...``, ``watch``, the HF Trainer callback; ``hooks.py``): a root
+  module's forward starts the step, ``backward`` gives the loss, the optimizer's pre-step hook checks it
+  (:meth:`before_optimizer_step`, which hides the gradients of a skipped step) and its post-step hook ends it;
+* explicit calls (``MonitorSession``): :meth:`start_step`, :meth:`add_loss`, :meth:`check_step`,
+  :meth:`before_update`, :meth:`end_step`;
+* a loop's callback protocol (Lightning, a pipeline's ``callbacks=``): the same calls from its named points.
 
 Skipping a step we do not drive: the gradients of the optimizer's parameters are hidden (``.grad =
 None``) for the duration of ``optimizer.step()`` and put back afterwards. torch.optim optimizers update
@@ -25,18 +30,15 @@ from torch import Tensor, nn
 
 from ris_stability.locate.armed import ArmedLocator
 from ris_stability.locate.finding import Finding, format_finding
-from ris_stability.monitor import LoopContext, StabilityMonitor
+from ris_stability.monitor import StabilityMonitor
+from ris_stability.monitor.context import LoopContext, NonFiniteError
 from ris_stability.observe.loopstack import unwrap
+from ris_stability.observe.scaler import ScalerSpy
 from ris_stability.records import write_finding
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("skip", "stop", "observe")
 LOCATE_ATTEMPTS = 3  # armed steps tried after a non-finite step before giving up
-
-
-class NonFiniteError(RuntimeError):
-    """The run was ended by the ``stop`` policy after a non-finite step (raised from optimizer.step)."""
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -78,10 +80,10 @@ def batch_state(batch: Any) -> dict[str, Any]:
 
 
 class StepDriver:
-    def __init__(self, monitor: StabilityMonitor, policy: str = "skip", max_findings: int = 1):
-        if policy not in POLICIES:
-            raise ValueError(f"on_nonfinite={policy!r}: valid choices {', '.join(POLICIES)}")
-        self.monitor, self.policy, self.max_findings = monitor, policy, max_findings
+    """One run's steps, whatever drives them. ``max_findings``: located faults kept (each costs armed steps)."""
+
+    def __init__(self, monitor: StabilityMonitor, max_findings: int = 1):
+        self.monitor, self.max_findings = monitor, max_findings
         self.ctx: LoopContext | None = None
         self.roots: dict[str, nn.Module] = {}
         self.step = 0
@@ -89,24 +91,38 @@ class StepDriver:
         self.backward_calls = 0
         self.findings: list[tuple[int, Finding]] = []
         self.first_bad: int | None = None
-        self._losses: list[Tensor] = []
         self._inputs: dict[str, Any] = {}
+        self._early_losses: list[Tensor] = []  # backward calls before the run is attached (the first step)
         self._hidden: list[tuple[Tensor, Tensor | None]] = []
         self._attempts_left = 0
         self._armed: ArmedLocator | None = None
         self._located = False
         self._pending: Finding | None = None
         self._stop = ""
+        self.scalers = ScalerSpy()  # a GradScaler the loop uses, found without being told (open() .. close())
 
     @property
     def attached(self) -> bool:
         return self.ctx is not None
 
-    def attach(self, roots: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer) -> None:
+    def open(self) -> "StepDriver":
+        """Start watching for a GradScaler (its loss is logged in true units, its overflows as routine)."""
+        self.scalers.install()
+        return self
+
+    def close(self) -> None:
+        self.close_locator()
+        self.scalers.remove()
+
+    def attach(self, roots: Mapping[str, nn.Module], optimizer: Any, *, loss_fn: nn.Module | None = None,
+               scaler: Any = None, model: nn.Module | None = None) -> None:
+        """Start the run: ``roots`` name the module paths; ``model`` (default: one module holding the roots
+        and every optimizer parameter) is what the monitor measures."""
         self.roots = dict(roots)
-        model = model_of(self.roots, optimizer_params(optimizer))
-        self.ctx = LoopContext(model=model, optimizer=optimizer)
-        self.ctx.roots = self.roots
+        opts = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer] if optimizer is not None else []
+        if model is None:
+            model = model_of(self.roots, [p for opt in opts for p in optimizer_params(opt)])
+        self.ctx = LoopContext(model=model, optimizer=optimizer, loss_fn=loss_fn, scaler=scaler, roots=self.roots)
         self.monitor.on_train_start(self.ctx)
 
     # -- events ----------------------------------------------------------------------------------
@@ -114,14 +130,21 @@ class StepDriver:
         if name not in self._inputs:  # references only: copied when a capsule is written
             self._inputs[name] = {"args": list(args), "kwargs": dict(kwargs)}
 
-    def start_step(self) -> None:
+    def start_step(self, step: int | None = None, batch: Any = None, lr: float | None = None,
+                   signal_dims: Any = None) -> None:
+        """The step begins (a no-op inside a step). ``step``/``lr`` default to the driver's count and the
+        first optimizer's learning rate; ``batch`` to the recorded root inputs."""
         if self.in_step or self.ctx is None:
             return
         self.in_step = True
         c = self.ctx
-        c.step, c.batch, c.lr = self.step, self._inputs, _lr(c.optimizer)
-        c.loss, c.terms, c.grads_finite, c.skipped, c.skip_reason, c.skip_requested = None, {}, None, False, "", ""
-        c.locating = self._attempts_left > 0
+        if step is not None:
+            self.step = step
+        c.begin(self.step, batch if batch is not None else self._inputs,
+                lr if lr is not None else _lr(c.optimizer), signal_dims, locating=self._attempts_left > 0)
+        for loss in self._early_losses:
+            c.add_loss(loss)
+        self._early_losses = []
         self.monitor.on_step_start(c)
         if c.locating:
             self._attempts_left -= 1
@@ -129,12 +152,22 @@ class StepDriver:
             # unwrapped roots: a finding names model.linear, as events do, not DDP's model.module.linear
             self._armed = ArmedLocator({k: unwrap(m) for k, m in self.roots.items()}).__enter__()
 
+    def add_loss(self, loss: Tensor | None, terms: Mapping[str, Tensor] | None = None) -> None:
+        """A micro-batch's loss (by reference: the loop holds it anyway) and its named terms."""
+        if not self.in_step:
+            self.start_step()
+        self.ctx.add_loss(loss, dict(terms) if terms else None)
+
     def before_backward(self, loss: Tensor | None) -> None:
         if not self.in_step:
             self.start_step()
         self.backward_calls += 1
+        loss = self.scalers.true_loss(loss)  # `scaler.scale(loss).backward()`: the loss, not the scaled one
         if isinstance(loss, Tensor) and loss.numel() == 1:
-            self._losses.append(loss)  # by reference (the loop holds it anyway); read detached by the monitor
+            if self.ctx is None:
+                self._early_losses.append(loss)
+            else:
+                self.ctx.add_loss(loss)
         if self._armed is not None:
             self._armed.backward_started()
 
@@ -143,7 +176,7 @@ class StepDriver:
         if armed is None or self._located:
             return
         self._located = True  # one forward + backward per arming
-        finding = armed.error(exc) if exc is not None else armed.finish(loss, optimizer_params(self.ctx.optimizer))
+        finding = armed.error(exc) if exc is not None else armed.finish(loss, self._params())
         if finding is None:
             return
         if exc is None and self.monitor.dist is not None:
@@ -157,36 +190,59 @@ class StepDriver:
         if armed is not None:
             armed.close()
 
-    def before_optimizer_step(self) -> bool:
-        """Check the step; True when it must be skipped (its gradients are then hidden)."""
+    def check_step(self, grads_finite: bool | None = None) -> bool:
+        """The step's gradients are complete: check them (``grads_finite``: the loop's own verdict, if it
+        took one). Returns True when the step must be skipped; ``ctx.stop_requested`` says whether to stop.
+        A GradScaler overflow is not a skip request (the scaler skips by itself) but marks the step skipped."""
         if not self.in_step:
             self.start_step()
         c = self.ctx
         self.close_locator()
-        losses = self._losses
-        c.loss = None if not losses else losses[0] if len(losses) == 1 else torch.stack(
-            [x.detach().reshape(()) for x in losses]).sum()
-        self.monitor.on_after_forward(c)
+        if grads_finite is not None:
+            c.grads_finite = grads_finite
+        if c.scaler is None:
+            c.scaler = self.scalers.scaler
         self.monitor.on_after_backward(c)
         self._settle_finding()
-        c.skipped = bool(c.skip_requested)
-        c.skip_reason = c.skip_requested
+        c.skipped = bool(c.skip_requested) or self.monitor.overflow
+        c.skip_reason = c.skip_requested or ("amp_overflow" if self.monitor.overflow else "")
         if not bool(c.grads_finite):
             self._on_nonfinite()
-        if c.skipped:
-            self._hide_grads()
-        else:
-            self.monitor.on_before_optimizer_step(c)
-        return c.skipped
+        return bool(c.skip_requested)
 
-    def after_optimizer_step(self) -> None:
-        self._restore_grads()
+    def before_update(self) -> None:
+        """The optimizer is about to apply this (checked, not skipped) step's gradients."""
+        if not self.ctx.skipped:
+            self.monitor.on_before_optimizer_step(self.ctx)
+
+    def end_step(self, skipped: bool | None = None, reason: str = "", raise_stop: bool = True) -> None:
+        """The step is over (``skipped``/``reason``: what the loop itself did, when it decides). Under the stop
+        policy raises NonFiniteError once no armed step is left (``raise_stop=False``: the caller stops)."""
+        if not self.in_step:
+            return
+        if skipped is not None:
+            self.ctx.skipped, self.ctx.skip_reason = skipped, reason or self.ctx.skip_reason
+        self.close_locator()
         self.monitor.on_step_end(self.ctx)
         self.step += 1
         self.in_step = False
-        self._losses, self._inputs = [], {}
-        if self._stop and self._attempts_left == 0:
+        self._inputs = {}
+        if raise_stop and self._stop and self._attempts_left == 0:
             raise NonFiniteError(self._stop)
+
+    # -- the hook form: one optimizer's pre / post step --------------------------------------------
+    def before_optimizer_step(self) -> bool:
+        """Check the step; True when it must be skipped (its gradients are then hidden from the update)."""
+        skip = self.check_step()
+        if skip:
+            self._hide_grads()
+        else:
+            self.before_update()
+        return skip
+
+    def after_optimizer_step(self) -> None:
+        self._restore_grads()
+        self.end_step()
 
     # -- internals --------------------------------------------------------------------------------
     def _on_nonfinite(self) -> None:
@@ -216,16 +272,20 @@ class StepDriver:
             return
         self._attempts_left = 0
         mon = self.monitor
-        if mon.writer is not None:
-            decision = mon.last_decision
-            origins = decision.origins if decision is not None else []
-            mon.writer.event("finding_elsewhere", "info",
-                             f"step {self.ctx.step}: the non-finite gradients reached this rank through the gradient "
-                             f"all-reduce; the finding is in the shard of originating rank(s) {origins}",
-                             step=self.ctx.step, origin_ranks=origins)
+        decision = mon.last_decision
+        origins = decision.origins if decision is not None else []
+        mon.event("finding_elsewhere", "info",
+                  f"step {self.ctx.step}: the non-finite gradients reached this rank through the gradient all-reduce; "
+                  f"the finding is in the shard of originating rank(s) {origins}", step=self.ctx.step,
+                  origin_ranks=origins)
+
+    def _params(self) -> list[Tensor]:
+        opt = self.ctx.optimizer
+        opts = opt if isinstance(opt, (list, tuple)) else [opt] if opt is not None else []
+        return [p for o in opts for p in optimizer_params(o)] or list(self.ctx.model.parameters())
 
     def _hide_grads(self) -> None:
-        self._hidden = [(p, p.grad) for p in optimizer_params(self.ctx.optimizer)]
+        self._hidden = [(p, p.grad) for p in self._params()]
         for p, _ in self._hidden:
             p.grad = None
 
@@ -242,23 +302,22 @@ class StepDriver:
                                      finding.location and f"at {finding.location}") if x)
         msg = f"finding (step {step}, first non-finite step {self.first_bad}): phase {finding.phase}, {where}: {finding.cause}"
         mon = self.monitor
-        if mon.writer is not None:
-            mon.writer.event("finding", "error", msg, step=step, first_nonfinite_step=self.first_bad,
-                             source="in-process locator", finding=finding.to_dict())
-            if len(self.findings) == 1:
-                write_finding(mon.run_dir, {**finding.to_dict(), "step": step, "first_nonfinite_step": self.first_bad,
-                                            "source": "in-process locator (armed step of the traced script)"})
+        mon.event("finding", "error", msg, nonfinite=True, step=step, first_nonfinite_step=self.first_bad,
+                  source="in-process locator", finding=finding.to_dict())
+        if len(self.findings) == 1:
+            write_finding(mon.run_dir, {**finding.to_dict(), "step": step, "first_nonfinite_step": self.first_bad,
+                                        "source": "in-process locator (armed step of the traced script)"})
         log.warning("%s", format_finding(finding))
-        if mon.live is not None:
-            mon.live.update(step, event=msg, nonfinite=True)
 
 
-def _lr(optimizer: torch.optim.Optimizer | None) -> float:
+def _lr(optimizer: Any) -> float:
+    if isinstance(optimizer, (list, tuple)):
+        optimizer = optimizer[0] if optimizer else None
     if optimizer is None or not optimizer.param_groups:
         return math.nan
     lr = optimizer.param_groups[0].get("lr", math.nan)
     return float(lr) if isinstance(lr, (int, float)) else math.nan
 
 
-__all__ = ["LOCATE_ATTEMPTS", "NonFiniteError", "POLICIES", "StepDriver", "batch_state", "model_of",
+__all__ = ["LOCATE_ATTEMPTS", "NonFiniteError", "StepDriver", "batch_state", "model_of",
            "optimizer_params"]

@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ris_stability.attach.driver import NonFiniteError
+from ris_stability.attach.finish import finish_run
 from ris_stability.attach.watch import Watcher
+from ris_stability.monitor import MonitorConfig, NonFiniteError
 from ris_stability.sinks import open_sinks
 
 try:
@@ -36,11 +37,12 @@ log = logging.getLogger(__name__)
 class StabilityTrainerCallback(TrainerCallback):
     """Monitor a ``Trainer.train()``: trace files, capsules, findings and report.md in ``out``."""
 
-    def __init__(self, out: str | Path | None = None, *, on_nonfinite: str = "skip", every: int = 1,
-                 max_matrices: int = 4, report: bool = True, tensorboard: str | Path | None = None,
-                 mlflow: bool = False):
+    def __init__(self, out: str | Path | None = None, *, config: MonitorConfig | None = None, report: bool = True,
+                 tensorboard: str | Path | None = None, mlflow: bool = False, **settings: Any):
+        """``config`` / ``settings``: what the monitor measures (MonitorConfig and fields to change in it,
+        e.g. ``on_nonfinite="stop"``, ``every=10``)."""
         self.out = Path(out) if out is not None else Path("runs") / f"trainer-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.options = {"on_nonfinite": on_nonfinite, "every": every, "max_matrices": max_matrices}
+        self.options = {"config": config, **settings}
         self.report = report
         self.sink_options = {"tensorboard": tensorboard, "mlflow": mlflow}
         self.watcher: Watcher | None = None
@@ -63,11 +65,7 @@ class StabilityTrainerCallback(TrainerCallback):
         w, self.watcher = self.watcher, None
         stack, self._stack = self._stack, None
         if w is not None:
-            w.finish(exc)
-            if self.report and w.driver.attached:
-                from ris_stability.report.build import build_report
-
-                build_report(w.run_dir)
+            finish_run(w, exc, report=self.report)
             self.result = w
         if stack is not None:
             stack.close()

@@ -100,6 +100,7 @@ class AutoAttach:
         self._backward = None
         self._early: distributed.RankWatch | None = None
         self.steps_seen = 0
+        self._stepped = False
 
     # -- lifecycle --------------------------------------------------------------------------------
     def install(self) -> "AutoAttach":
@@ -112,6 +113,7 @@ class AutoAttach:
     def _install(self) -> "AutoAttach":
         self._handles = [register_optimizer_step_pre_hook(self._pre_step),
                          register_optimizer_step_post_hook(self._post_step)]
+        self.driver.scalers.on_step = self._scaler_step
         original = torch.autograd.backward
         self._backward = original
         driver = self.driver
@@ -149,6 +151,8 @@ class AutoAttach:
         self.driver.monitor.early_watch = self._early
 
     def remove(self) -> None:
+        if self.driver.scalers.on_step == self._scaler_step:
+            self.driver.scalers.on_step = None
         if self._early is not None and self.driver.monitor.early_watch is self._early:  # never adopted
             self._early.detach()
             self.driver.monitor.early_watch = None
@@ -179,7 +183,30 @@ class AutoAttach:
                 driver.start_step()
         return hook
 
+    def _scaler_step(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+        """After ``GradScaler.step``: an iteration whose gradients overflowed never called ``optimizer.step()``
+        (the scaler skipped it), so its step is checked and ended here, as the scaler's routine skip."""
+        if self.optimizer is None:
+            self._follow(optimizer)
+        if optimizer is not self.optimizer:
+            return
+        if not self._stepped:
+            self.driver.before_optimizer_step()
+            self.driver.after_optimizer_step()
+        self._stepped = False
+
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self.optimizer is None:
+            self._follow(optimizer)
+        if optimizer is not self.optimizer:
+            return None
+        self.steps_seen += 1
+        self._stepped = True  # GradScaler.step let this iteration's optimizer step run
+        self.driver.before_optimizer_step()
+        return None
+
+    def _follow(self, optimizer: torch.optim.Optimizer) -> None:
+        """The first optimizer that steps is the one whose steps are the training steps."""
         if self.optimizer is None:
             params = optimizer_params(optimizer)
             roots = (self._given_roots if self._given_roots is not None
@@ -190,11 +217,6 @@ class AutoAttach:
             log.info("following optimizer %s; model roots: %s", type(optimizer).__name__,
                      ", ".join(f"{n} ({type(m).__name__})" for n, m in roots.items()) or "none (parameters only)")
             self._attach(roots, optimizer)
-        if optimizer is not self.optimizer:
-            return None
-        self.steps_seen += 1
-        self.driver.before_optimizer_step()
-        return None
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if optimizer is self.optimizer:

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ris_stability.attach.driver import NonFiniteError
+from ris_stability.attach.finish import finish_run
 from ris_stability.attach.watch import Watcher
+from ris_stability.monitor import MonitorConfig, NonFiniteError
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -36,11 +37,13 @@ log = logging.getLogger(__name__)
 class StabilityCallback(Callback):
     """Monitor a Lightning fit: trace files, capsules, finding and report.md in ``out``."""
 
-    def __init__(self, out: str | Path | None = None, *, on_nonfinite: str = "skip", every: int = 1,
-                 max_matrices: int = 4, report: bool = True):
+    def __init__(self, out: str | Path | None = None, *, config: MonitorConfig | None = None, report: bool = True,
+                 **settings: Any):
+        """``config`` / ``settings``: what the monitor measures (MonitorConfig and fields to change in it,
+        e.g. ``on_nonfinite="stop"``, ``every=10``)."""
         super().__init__()
         self.out = Path(out) if out is not None else Path("runs") / f"lightning-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.options = {"on_nonfinite": on_nonfinite, "every": every, "max_matrices": max_matrices}
+        self.options = {"config": config, **settings}
         self.report = report
         self.watcher: Watcher | None = None
         self.result: Watcher | None = None  # the finished run (status, findings, run_dir) after fit
@@ -50,7 +53,7 @@ class StabilityCallback(Callback):
     # -- fit lifecycle -------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         meta = {"command": f"lightning fit ({type(pl_module).__name__})"}
-        self.watcher = Watcher(self.out, hooks=False, meta=meta, **self.options)
+        self.watcher = Watcher(self.out, hooks=False, meta=meta, **self.options).start()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._finish(None)
@@ -93,11 +96,7 @@ class StabilityCallback(Callback):
         w, self.watcher = self.watcher, None
         if w is None:
             return
-        w.finish(exc if exc is not None else self._stopped)
-        if self.report and w.driver.attached:
-            from ris_stability.report.build import build_report
-
-            build_report(w.run_dir)
+        finish_run(w, exc if exc is not None else self._stopped, report=self.report)
         self.result = w
 
 

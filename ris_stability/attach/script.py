@@ -18,6 +18,7 @@ for the run and the other ranks exit 0 on it.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -30,20 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typing import Any
 
-from ris_stability.monitor import distributed
-from ris_stability.attach.driver import POLICIES, NonFiniteError
-from ris_stability.attach.watch import Watcher, close_run
-from ris_stability.cli.live import LiveView
-from ris_stability.records import CAPSULE_DIR, UsageError, read_summary
+from ris_stability.attach.watch import Watcher
+from ris_stability.monitor import MonitorConfig, NonFiniteError, distributed
+from ris_stability.records import UsageError
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_NONFINITE, EXIT_USAGE, EXIT_SCRIPT_ERROR = 0, 1, 2, 4
-SHOWN_CAPSULES = 3  # capsule paths in the summary table; the rest as "+N more"
 _PYTHONS = ("python", "python3", f"python3.{sys.version_info.minor}")
 _OWN_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
              os.path.dirname(os.path.abspath(runpy.__file__)) + os.sep + "runpy")
@@ -165,24 +161,25 @@ class ScriptRun:
     message: str = ""
     rank: int = 0  # under torchrun: this process's rank and the group's size (as the monitor saw them)
     world: int = 1
-    started: float = 0.0  # time.time() at the start (rank 0 waits for shards closed since then)
 
 
-def trace_script(argv: Sequence[str], out: str | None = None, *, live: bool = False, every: int = 1,
-                 max_matrices: int = 4, on_nonfinite: str = "skip", replayer: str = "") -> ScriptRun:
-    """Run the command under the monitor; never raises for the script's own errors (see ScriptRun)."""
-    if on_nonfinite not in POLICIES:
-        raise UsageError(f"--on-nonfinite {on_nonfinite!r}: valid choices {', '.join(POLICIES)}")
+def trace_script(argv: Sequence[str], out: str | None = None, *, live: Any = None, config: MonitorConfig | None = None,
+                 replayer: str = "", **settings: Any) -> ScriptRun:
+    """Run the command under the monitor; never raises for the script's own errors (see ScriptRun). ``live``: a
+    live view (a context manager with ``update``), ``config`` / ``settings``: what the monitor measures (see
+    ``Watcher``). Bad settings are a usage error before any run folder is made."""
+    from ris_stability.monitor import monitor_config
+
+    config = monitor_config(config, **settings)
     cmd = parse_command(argv)
     check_runnable(cmd)
     run_dir = _resolve_out(out, cmd)
     text = _config_text(cmd)
     (run_dir / "config.resolved.toml").write_text(text)
     meta = {"command": f"risdiag trace -- {cmd.text}", "script": cmd.target, "script_kind": cmd.kind}
-    view = LiveView(total_steps=0, enabled=live and distributed.launcher_rank() == 0)
-    w = Watcher(run_dir, on_nonfinite=on_nonfinite, every=every, max_matrices=max_matrices, live=view, meta=meta,
-                config_text=text, replayer=replayer)
-    run = ScriptRun(EXIT_OK, w, started=time.time())
+    view = live if live is not None else contextlib.nullcontext()
+    w = Watcher(run_dir, config=config, live=live, meta=meta, config_text=text, replayer=replayer)
+    run = ScriptRun(EXIT_OK, w)
     with view:
         w.start()
         try:
@@ -228,83 +225,5 @@ def _ranked(run: ScriptRun) -> ScriptRun:
     return run
 
 
-def summary_table(run: ScriptRun) -> Table:
-    w = run.watcher
-    t = Table(title=f"risdiag trace: {w.meta.get('command', '')}", show_header=False)
-    t.add_column("what", style="bold")
-    t.add_column("value")
-    t.add_row("status", w.status)
-    t.add_row("optimizer steps", str(w.steps))
-    style = "red bold" if w.nonfinite_steps else "green"
-    t.add_row("non-finite steps", Text(f"{len(w.nonfinite_steps)} {w.nonfinite_steps[:10]}", style=style))
-    t.add_row("skipped steps", str(len(w.skipped_steps)))
-    f = _shown_finding(run)
-    if f is not None:
-        rank = f" (rank {f['rank']})" if "rank" in f else ""
-        t.add_row("finding" + rank, Text(f"step {f['step']}: phase {f.get('phase')}, {f.get('node') or f.get('op') or '-'} "
-                                         f"in {f.get('module') or '-'} at {f.get('location') or '-'}", style="red"))
-        t.add_row("cause", str(f.get("cause", "")))
-        if f.get("remedies"):
-            t.add_row("remedy", str(f["remedies"][0]))
-    if w.nonfinite_steps and f is None:
-        t.add_row("finding", "none: the fault did not recur in the armed steps; replay a capsule with "
-                             "`risdiag bisect CAPSULE --replayer module:function`")
-    if run.world > 1 and run.rank == 0:
-        for r, shard in distributed.shard_dirs(w.run_dir).items():
-            summary = read_summary(shard) if r else None
-            if summary is not None:
-                bad = summary.get("nonfinite_steps") or []
-                t.add_row(f"rank {r}", f"{summary.get('status', '?')}, {summary.get('steps', '?')} steps, "
-                                       f"non-finite {len(bad)} {bad[:10]}")
-    capsules = _capsules(run)
-    if capsules:
-        more = f" (+{len(capsules) - SHOWN_CAPSULES} more)" if len(capsules) > SHOWN_CAPSULES else ""
-        t.add_row("capsules", ", ".join(str(p) for p in capsules[:SHOWN_CAPSULES]) + more)
-    t.add_row("run folder", str(w.run_dir))
-    return t
-
-
-def _capsules(run: ScriptRun) -> list[Path]:
-    """This rank's capsules, then (rank 0 of a data-parallel run) every other rank's, from its shard."""
-    found = list(run.watcher.monitor.capsules)
-    if run.world > 1 and run.rank == 0:
-        for r, shard in distributed.shard_dirs(run.watcher.run_dir).items():
-            found += sorted((shard / CAPSULE_DIR).glob("*.pt")) if r else []
-    return found
-
-
-def report_to(run: ScriptRun, console: Console, err: Console, report: bool) -> None:
-    """Print what happened (traceback, message, summary) and write report.md when the run was attached."""
-    if run.traceback:
-        err.print(run.traceback.rstrip(), highlight=False, markup=False, soft_wrap=True)
-    if run.message:
-        err.print(f"[bold]risdiag trace:[/bold] {run.message}", highlight=False, soft_wrap=True)
-
-    def write(missing: list[int]) -> None:
-        if missing:
-            err.print(f"[bold]risdiag trace:[/bold] rank(s) {missing} did not close their shard; the report "
-                      "shows what they wrote", highlight=False, soft_wrap=True)
-        console.print(summary_table(run))
-        if report and run.watcher.driver.attached:
-            from ris_stability.report.build import build_report
-
-            console.print(f"report: {build_report(run.watcher.run_dir)}")
-
-    close_run(run.watcher, run.started, write)
-
-
-def _shown_finding(run: ScriptRun) -> dict | None:
-    """This rank's first finding, else (rank 0 of a data-parallel run) the lowest other rank's, from its shard."""
-    w = run.watcher
-    if w.findings:
-        step, finding = w.findings[0]
-        return {**finding.to_dict(), "step": step}
-    if run.world > 1 and run.rank == 0:
-        from ris_stability.report.ranks import shard_finding
-
-        return shard_finding(w.run_dir)
-    return None
-
-
 __all__ = ["EXIT_SCRIPT_ERROR", "ScriptCommand", "ScriptError", "ScriptRun", "check_runnable", "parse_command",
-           "report_to", "summary_table", "trace_script", "user_traceback"]
+           "trace_script", "user_traceback"]

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from ris_stability.monitor import distributed
-from ris_stability.attach.driver import NonFiniteError, StepDriver, batch_state
+from ris_stability.attach.driver import StepDriver, batch_state as inputs_state
 from ris_stability.attach.hooks import AutoAttach
 from ris_stability.locate.finding import Finding
-from ris_stability.monitor import MonitorConfig, StabilityMonitor
+from ris_stability.monitor import MonitorConfig, NonFiniteError, StabilityMonitor, monitor_config
 from ris_stability.records import TraceWriter
 
 log = logging.getLogger(__name__)
@@ -41,22 +41,30 @@ def _roots(model: nn.Module | Mapping[str, nn.Module] | None) -> dict[str, nn.Mo
 
 
 class Watcher:
-    """One monitored run of a loop we do not drive. ``hooks=False`` leaves the events to the caller
-    (the Lightning callback calls ``driver``'s methods itself)."""
+    """One monitored run: the monitor, the step driver every front door feeds, and (``hooks=True``) the global
+    hooks that feed it for a loop we do not drive. ``hooks=False`` leaves the events to the caller (the
+    Lightning callback, MonitorSession, a loop's callback protocol). ``config`` and ``settings`` (MonitorConfig
+    fields; ``on_nonfinite`` is ``policy``) say what to measure; ``batch_state(batch) -> dict`` is a capsule's
+    batch (default: the roots' recorded forward inputs); ``locate``: arm the in-process locator after a fault."""
 
     def __init__(self, out: str | Path, model: nn.Module | Mapping[str, nn.Module] | None = None,
-                 optimizer: torch.optim.Optimizer | None = None, *, on_nonfinite: str = "skip", every: int = 1,
-                 max_matrices: int = 4, live: Any = None, meta: dict | None = None, config_text: str = "",
-                 replayer: str = "", hooks: bool = True):
+                 optimizer: torch.optim.Optimizer | None = None, *, config: MonitorConfig | None = None,
+                 live: Any = None, meta: dict | None = None, config_text: str = "", replayer: str = "",
+                 batch_state: Callable[[Any], dict] | None = None, listeners: tuple = (), hooks: bool = True,
+                 locate: bool = True, **settings: Any):
         self.run_dir = Path(out)
-        cfg = MonitorConfig(every=every, max_matrices=max_matrices, policy=on_nonfinite)
+        cfg = monitor_config(config, **settings)
         self.meta = {"torch": str(torch.__version__), **(meta or {})}
         self.monitor = StabilityMonitor(self.run_dir, cfg, meta=self.meta, config_text=config_text,
-                                        replayer=replayer, batch_state=batch_state, live=live)
-        self.driver = StepDriver(self.monitor, on_nonfinite)
+                                        replayer=replayer, batch_state=batch_state or inputs_state, live=live,
+                                        listeners=listeners)
+        self.driver = StepDriver(self.monitor, max_findings=1 if locate else 0)
         self._hooks = AutoAttach(self.driver, _roots(model), optimizer) if hooks else None
         self.status = "running"
+        self.report_path: Path | None = None
+        self._finished = False
         self._t0 = time.perf_counter()
+        self.started = time.time()  # under DDP rank 0 waits for the shards closed since then
 
     # -- what the run saw ----------------------------------------------------------------------------
     @property
@@ -77,27 +85,37 @@ class Watcher:
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> "Watcher":
+        self.driver.open()
         if self._hooks is not None:
-            self._hooks.install()
+            try:
+                self._hooks.install()
+            except BaseException:
+                self.driver.close()
+                raise
         return self
 
-    def finish(self, exc: BaseException | None = None, message: str = "") -> str:
+    def finish(self, exc: BaseException | None = None, message: str = "", stopped: bool | None = None) -> str:
         """Remove every hook, close the trace; the run's status: clean, nonfinite, stopped, crashed
-        or no_steps (no optimizer step was seen)."""
-        self.driver.close_locator()
+        or no_steps (no optimizer step was seen). ``stopped``: ``exc`` ended the run under the stop policy
+        (default: it is a NonFiniteError). Called again, it returns the status it already took."""
+        if self._finished:
+            return self.status
+        self._finished = True
+        stopped = isinstance(exc, NonFiniteError) if stopped is None else stopped
+        self.driver.close()
         self.driver.keep_pending_finding()
         if self._hooks is not None:
             self._hooks.remove()
         d = self.driver
         if not d.attached:
-            self.status = "crashed" if exc is not None and not isinstance(exc, NonFiniteError) else "no_steps"
+            self.status = "crashed" if exc is not None and not stopped else "no_steps"
             self._empty_trace(message or (f"{type(exc).__name__}: {exc}" if exc is not None else
                                           "no optimizer step was seen: nothing was monitored"))
             return self.status
         if exc is not None:
             d.ctx.step = d.step
-            self.monitor.on_exception(d.ctx, exc)
-            self.status = "stopped" if isinstance(exc, NonFiniteError) else "crashed"
+            self.monitor.on_exception(d.ctx, exc, stopped=stopped)
+            self.status = "stopped" if stopped else "crashed"
         else:
             self.monitor.on_train_end(d.ctx)
             self.status = "nonfinite" if self.monitor.nonfinite_steps else "clean"
@@ -114,71 +132,36 @@ class Watcher:
 
 @contextlib.contextmanager
 def watch(model: nn.Module | Mapping[str, nn.Module] | None = None, optimizer: torch.optim.Optimizer | None = None,
-          out: str | Path | None = None, *, on_nonfinite: str = "skip", every: int = 1, max_matrices: int = 4,
-          report: bool = True, replayer: str = "", tensorboard: str | Path | None = None,
-          mlflow: bool = False) -> Iterator[Watcher]:
+          out: str | Path | None = None, *, config: MonitorConfig | None = None, report: bool = True,
+          replayer: str = "", tensorboard: str | Path | None = None, mlflow: bool = False,
+          **settings: Any) -> Iterator[Watcher]:
     """Attach the stability monitor to the loop inside the ``with`` block (see the module docstring).
 
     ``model``: the module (or name -> module) whose paths name findings; None discovers the modules
     that own the optimizer's parameters. ``optimizer``: the optimizer whose steps are the training
-    steps; None follows the first one that steps. ``on_nonfinite``: "skip" (default: a non-finite step
-    changes neither parameters nor optimizer state), "stop" (end the block after locating it) or
-    "observe". ``report``: write report.md at the end. The block's exceptions propagate, except the
-    stop of the "stop" policy. ``tensorboard=DIR`` / ``mlflow=True``: also write the run there
-    (see :mod:`ris_stability.sinks`).
+    steps; None follows the first one that steps. ``config`` / ``settings``: a MonitorConfig and fields to
+    change in it, e.g. ``on_nonfinite="skip"`` (the default: a non-finite step changes neither parameters nor
+    optimizer state), "stop" (end the block after locating it) or "observe"; ``every=10``. ``report``: write
+    report.md at the end. The block's exceptions propagate, except the stop of the "stop" policy.
+    ``tensorboard=DIR`` / ``mlflow=True``: also write the run there (see :mod:`ris_stability.sinks`).
     """
-    run_dir = Path(out) if out is not None else Path("runs") / f"watch-{time.strftime('%Y%m%d-%H%M%S')}"
+    from ris_stability.attach.finish import finish_run
     from ris_stability.sinks import open_sinks
 
-    started = time.time()
+    run_dir = Path(out) if out is not None else Path("runs") / f"watch-{time.strftime('%Y%m%d-%H%M%S')}"
     with open_sinks(tensorboard=tensorboard, mlflow=mlflow):
-        w = Watcher(run_dir, model, optimizer, on_nonfinite=on_nonfinite, every=every, max_matrices=max_matrices,
-                    meta={"command": "ris_stability.watch"}, replayer=replayer).start()
+        w = Watcher(run_dir, model, optimizer, config=config, meta={"command": "ris_stability.watch"},
+                    replayer=replayer, **settings).start()
         try:
             yield w
         except NonFiniteError as exc:
-            w.finish(exc)
+            finish_run(w, exc, report=report)
             log.warning("run stopped: %s", exc)
         except BaseException as exc:
-            w.finish(exc)
+            finish_run(w, exc, report=report)
             raise
         else:
-            w.finish()
-        if report and w.driver.attached:
-            _report(w, started)
+            finish_run(w, report=report)
 
 
-def _report(w: Watcher, started: float) -> None:
-    from ris_stability.report.build import build_report
-
-    def write(missing: list[int]) -> None:
-        if missing:
-            log.warning("rank(s) %s did not close their shard; the report shows what they wrote", missing)
-        build_report(w.run_dir)
-
-    close_run(w, started, write)
-
-
-def close_run(w: Watcher, started: float, write: Callable[[list[int]], None]) -> None:
-    """End a finished run's output: ``write(missing)`` writes the summary / report. In one process it is
-    called at once. Under DDP rank 0 first waits for the other ranks' shards (``missing``: those still open
-    after the timeout), then calls it and marks the run folder done; a rank > 0 writes nothing and waits
-    for that mark, so that its own exit (torchrun stops every rank when one exits with an error) cannot
-    cut rank 0's report short. ``started``: time.time() at the run's start."""
-    group = w.monitor.dist  # the group may be gone by now (a script destroys its own): the monitor kept it
-    rank, world = (group.rank, group.world) if group is not None else distributed.process_rank()
-    if world == 1:
-        write([])
-        return
-    wait_s = 5.0 if w.status == "crashed" else distributed.SHARD_WAIT_S  # a peer died: it may never close
-    if rank != 0:
-        if not distributed.wait_for_rank0(w.run_dir, started, wait_s):
-            log.warning("rank %d: rank 0 did not mark the run folder complete within %.0f s", rank, wait_s)
-        return
-    try:
-        write(distributed.wait_for_shards(w.run_dir, world, started, timeout_s=wait_s))
-    finally:
-        distributed.mark_rank0_done(w.run_dir)
-
-
-__all__ = ["Watcher", "close_run", "watch"]
+__all__ = ["Watcher", "watch"]

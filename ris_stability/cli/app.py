@@ -23,6 +23,7 @@ from rich.markup import escape
 from ris_stability.cli.live import terminal_console
 
 from ris_stability.records.capsule import CapsuleError
+from ris_stability.monitor.config import POLICIES, MonitorConfig
 from ris_stability.records import UsageError
 
 EXIT_OK, EXIT_NONFINITE, EXIT_USAGE, EXIT_NOT_REPRODUCED = 0, 1, 2, 3
@@ -78,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("trace", help="train with the stability monitor attached: a ris_model config (--config) "
+    t = sub.add_parser("trace", help="train with the stability monitor attached: a config of the built-in pipeline (--config) "
                        "or any PyTorch script (-- python SCRIPT.py [ARGS])",
                        usage="risdiag trace [options] (--config CONFIG | -- python SCRIPT.py [ARGS] | "
                              "-- python -m MODULE [ARGS])")
@@ -95,10 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--mlflow", action="store_true",
                    help="also log metrics, params and the report to MLflow (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME)")
     t.add_argument("--no-live", action="store_true", help="plain log lines instead of the live dashboard")
-    t.add_argument("--every", type=positive_int, default=1, help="record matrix statistics every N steps (default 1)")
-    t.add_argument("--max-matrices", type=positive_int, default=4, help="matrices of each batch the probes analyse")
+    t.add_argument("--every", type=positive_int, default=None,
+                   help=f"record matrix statistics every N steps (default {MonitorConfig.every})")
+    t.add_argument("--max-matrices", type=positive_int, default=None,
+                   help=f"matrices of each batch the probes analyse (default {MonitorConfig.max_matrices})")
     t.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
-    t.add_argument("--on-nonfinite", choices=("skip", "stop", "observe"), default=None,
+    t.add_argument("--on-nonfinite", choices=POLICIES, default=None,
                    help="script runs: what to do with a non-finite step: skip it (default; parameters and optimizer "
                         "state unchanged), stop after locating it, or observe (let the optimizer step)")
     t.add_argument("--replayer", default="", metavar="MODULE:FUNCTION",
@@ -139,18 +142,26 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_trace_script(args: argparse.Namespace, console: Console) -> int:
-    from ris_stability.attach.script import report_to, trace_script
+    from ris_stability.attach.script import trace_script
+    from ris_stability.cli.live import LiveView
+    from ris_stability.cli.script_summary import report_to
+    from ris_stability.monitor import distributed
 
     given = [flag for flag, value in (("--config", args.config), ("--steps", args.steps), ("--set", args.overrides))
              if value]
     if given:
-        raise UsageError(f"{', '.join(given)} apply to ris_model configs, not to a script; pass the script's own "
+        raise UsageError(f"{', '.join(given)} apply to configs of the built-in pipeline, not to a script; pass the script's own "
                          "arguments after '--'")
-    run = trace_script(args.script, args.out, live=not args.no_live, every=args.every,
-                       max_matrices=args.max_matrices, on_nonfinite=args.on_nonfinite or "skip",
-                       replayer=args.replayer)
+    view = LiveView(total_steps=0, enabled=not args.no_live and distributed.launcher_rank() == 0)
+    run = trace_script(args.script, args.out, live=view, replayer=args.replayer, **_monitor_settings(args))
     report_to(run, console, terminal_console(), report=not args.no_report)
     return run.code
+
+
+def _monitor_settings(args: argparse.Namespace) -> dict:
+    """The monitor settings given on the command line (the others keep MonitorConfig's defaults)."""
+    given = {"every": args.every, "max_matrices": args.max_matrices, "on_nonfinite": args.on_nonfinite}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _gap_aware_option(cmd: Callable[[argparse.Namespace, Console], int]) -> Callable[[argparse.Namespace, Console], int]:
@@ -181,15 +192,23 @@ def _cmd_trace(args: argparse.Namespace, console: Console) -> int:
     if args.script:
         return _cmd_trace_script(args, console)
     if not args.config:
-        raise UsageError("trace needs --config CONFIG (a ris_model run) or '-- python SCRIPT.py [ARGS]' (any script)")
+        raise UsageError("trace needs --config CONFIG (a run of the built-in pipeline) or '-- python SCRIPT.py [ARGS]' (any script)")
     if args.on_nonfinite or args.replayer:
         raise UsageError("--on-nonfinite and --replayer apply to script runs ('-- python SCRIPT.py'); for a config "
                          "set train.nonfinite instead")
+    from ris_stability.cli.live import LiveView
+    from ris_stability.cli.script_summary import rows_table
     from ris_stability.integrations.ris import run_trace
+    from ris_stability.monitor import distributed
+
+    view = LiveView(total_steps=0, enabled=not args.no_live and distributed.launcher_rank() == 0)
+    title = "risdiag trace " + args.config
+
+    def announce(rows: list[tuple[str, str, str]]) -> None:
+        console.print(rows_table(title, rows))
 
     return run_trace(config_path=args.config, overrides=args.overrides, steps=args.steps, out=args.out,
-                     live=not args.no_live, every=args.every, max_matrices=args.max_matrices,
-                     report=not args.no_report, console=console)
+                     live=view, report=not args.no_report, announce=announce, **_monitor_settings(args))
 
 
 def _cmd_bisect(args: argparse.Namespace, console: Console) -> int:
@@ -225,7 +244,7 @@ def _cmd_compare(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_align(args: argparse.Namespace, console: Console) -> int:
-    from ris_stability.integrations.ris import run_align
+    from ris_stability.integrations.ris_align import run_align
 
     code, text = run_align(args.config, args.overrides, args.json)
     if args.json:
@@ -261,11 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             handlers=[RichHandler(console=err, show_path=False)])
     else:
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from ris_model.config import ConfigError
-
     try:
         return COMMANDS[args.command](args, console)
-    except (ConfigError, UsageError, CapsuleError, FileNotFoundError, PermissionError) as exc:
+    except (UsageError, CapsuleError, FileNotFoundError, PermissionError) as exc:
         # UsageError covers the settings of config objects too (SettingError): options added later inherit it.
         # Escaped: messages quote TOML tables such as [params."train.lr"], which rich would take for markup.
         err.print(f"[red bold]risdiag {args.command}: error:[/red bold] {escape(_one_line(exc))}", highlight=False,

@@ -133,7 +133,15 @@ class LiveView:
         self.enabled = enabled and self.console.is_terminal and sys.stderr.isatty()
         self.state = DashboardState(total_steps=total_steps)
         self._live: Live | None = None
-        self._plain_every = max(1, total_steps // 40)  # about 40 plain lines per run, plus every incident
+
+    @property
+    def total_steps(self) -> int:
+        return self.state.total_steps
+
+    @total_steps.setter
+    def total_steps(self, total: int) -> None:
+        """Known once the run's config is read (before the view is entered)."""
+        self.state.total_steps = total
 
     def __enter__(self) -> "LiveView":
         if self.enabled:
@@ -164,4 +172,4 @@ class LiveView:
         total = self.state.total_steps
         if total <= 0:  # length unknown (a traced script): steps 1-10, then each power of ten's multiples
             return step <= 10 or step % (10 ** (len(str(step)) - 1)) == 0
-        return step % self._plain_every == 0 or step >= total
+        return step % max(1, total // 40) == 0 or step >= total  # about 40 plain lines per run, plus incidents

@@ -84,8 +84,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     from ris_stability.sweep.command import SweepOptions, run_sweep, study_counts
     from ris_stability.sweep.pruning import StabilityRules
 
-    for name in ("ris_model", "ris_stability"):  # one line per trial, not every training step
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)  # one line per trial, not every training step
     logging.getLogger("ris_stability.sweep").setLevel(logging.INFO)
     command = args.template[1:] if args.template[:1] == ["--"] else args.template
     rules = StabilityRules(nonfinite_budget=args.nonfinite_budget, explode_factor=args.explode_factor,

@@ -6,7 +6,7 @@ crashes. :func:`check_alignment` runs a training path and an inference path on t
 a :class:`MatrixCapture` (a TorchFunctionMode, removed on exit; modules named by ris_stability.observe.tracker)
 that records
 
-- every input matrix of an allow-listed linear-algebra call (``probes.OPS``: eigh, svd, solve, ..., and
+- every input matrix of an allow-listed linear-algebra call (``instruments.probe.OPS``, from the op registry: eigh, svd, solve, ..., and
   functions marked ``__spectral_op__``, such as a custom eigh), and
 - every square matrix a named *consumer* module (e.g. one loss term) reads without having produced it,
   so a term without linear algebra (a Frobenius-norm loss) is covered too,
@@ -22,21 +22,23 @@ has one of the same shape); if nothing at all is comparable the check raises :cl
 Tolerance: ``||T - I||_F <= rtol ||I||_F`` per matrix, with default ``rtol = n * eps`` of the coarser of
 the two dtypes (``tolerances.eig_abs_err(n, dtype, 1)``): two matrices closer than the backward error of
 an eigensolver cannot be told apart by any linear-algebra consumer. Ranks use ``tolerances.rank_tol``.
+
+Parts: ``alignment_capture`` (MatrixCapture: what is recorded), ``alignment_measure`` (differences, ranks,
+tolerances), this module (pairing, naming, the result and its table).
 """
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
-from ris_stability.instruments.probe import OPS, caller_location
-from ris_stability.numerics.tolerances import eig_abs_err, eps_of, rank_tol
-from ris_stability.observe.tracker import ModuleTracker
+from ris_stability.instruments.alignment_capture import Captured, MatrixCapture, is_square_matrix, tensors_in
+from ris_stability.instruments.alignment_measure import (coarse_dtype, default_rtol, numerical_rank, one_thread,
+                                                         relative_difference, sample_difference)
+from ris_stability.instruments.probe import OPS
 
 SCHEMA = "risdiag.alignment/1"
 
@@ -45,124 +47,6 @@ class AlignmentError(RuntimeError):
     """The alignment check could not compare anything (no comparable matrices, a path failed)."""
 
 
-@dataclass
-class Captured:
-    """One matrix that entered linear algebra or a consumer module, and who consumed it."""
-
-    consumer: str  # consumer name, or the module path / source line of a linalg call
-    via: str  # the op that read it first (e.g. "linalg.eigh", "__sub__")
-    location: str  # file:line of that op
-    tensor: Tensor = field(repr=False)  # the object itself (identity matters), not a copy
-
-
-def _square(t: Any) -> bool:
-    return (isinstance(t, Tensor) and t.dim() >= 2 and t.shape[-1] == t.shape[-2] and t.shape[-1] >= 2
-            and (t.is_floating_point() or t.is_complex()))
-
-
-def _tensors(obj: Any) -> Iterator[Tensor]:
-    """Tensors inside (nested) lists, tuples, dicts and dataclass instances."""
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            yield from _tensors(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from _tensors(item)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            yield from _tensors(getattr(obj, f.name))
-
-
-def _is_linalg(func: Any) -> bool:
-    """An allow-listed torch op, or a function marked ``__spectral_op__`` (probes' convention for custom
-    linear algebra such as an eigh with its own backward)."""
-    return func in OPS or getattr(func, "__spectral_op__", None) is not None
-
-
-def _op_name(func: Any) -> str:
-    entry = OPS.get(func)
-    return entry[0] if entry is not None else getattr(func, "__name__", repr(func))
-
-
-class _Mode(TorchFunctionMode):
-    def __init__(self, capture: MatrixCapture):
-        super().__init__()
-        self._capture = capture
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = {} if kwargs is None else kwargs
-        self._capture._before(func, args, kwargs)
-        out = func(*args, **kwargs)
-        self._capture._after(out)
-        return out
-
-
-class MatrixCapture:
-    """Records the matrices entering linalg calls and consumer modules while active (a context manager).
-
-    ``roots`` name modules for the consumer labels of linalg calls (``{"loss": loss_fn}`` labels an eigh
-    inside ``loss_fn.subspace`` as ``loss.subspace``); ``consumers`` maps a label to a module whose square
-    matrix inputs (all torch calls, not only linalg) are recorded under that label.
-    """
-
-    def __init__(self, roots: Mapping[str, nn.Module] | None = None,
-                 consumers: Mapping[str, nn.Module] | None = None):
-        self.records: list[Captured] = []
-        self._roots = dict(roots or {})
-        self._consumers = {id(module): name for name, module in (consumers or {}).items()}
-        self._tracker = ModuleTracker(self._roots)
-        self._produced: dict[str, set[int]] = {}  # per consumer: ids of the tensors it made ...
-        self._alive: list[Tensor] = []  # ... kept alive while capturing, so an id cannot be reused
-        self._seen: set[tuple[str, int]] = set()
-        self._mode: _Mode | None = None
-
-    def __enter__(self) -> MatrixCapture:
-        self._mode = _Mode(self)
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            if self._mode is not None:
-                self._mode.__exit__(*exc)
-        finally:
-            self._mode = None
-            self._produced, self._alive = {}, []
-
-    def _consumer(self, running: list[nn.Module]) -> str | None:
-        return next((self._consumers[id(m)] for m in running if id(m) in self._consumers), None)
-
-    def _add(self, consumer: str, via: str, tensor: Tensor) -> None:
-        key = (consumer, id(tensor))
-        if key not in self._seen:
-            self._seen.add(key)
-            self.records.append(Captured(consumer, via, caller_location(), tensor))
-
-    def _before(self, func: Any, args: tuple, kwargs: dict) -> None:
-        running = ModuleTracker.running()
-        consumer = self._consumer(running)
-        if _is_linalg(func):
-            matrix = args[0] if args else kwargs.get("A", kwargs.get("input"))
-            if isinstance(matrix, Tensor) and matrix.dim() >= 2:
-                label = consumer or self._tracker.name(running) or caller_location()
-                self._add(label, _op_name(func), matrix)
-        if consumer is not None:
-            made = self._produced.get(consumer, set())
-            for t in _tensors((args, kwargs)):
-                if _square(t) and id(t) not in made:
-                    self._add(consumer, _op_name(func), t)
-
-    def _after(self, out: Any) -> None:
-        consumer = self._consumer(ModuleTracker.running())
-        if consumer is not None:
-            outputs = list(_tensors(out))
-            self._alive.extend(outputs)
-            self._produced.setdefault(consumer, set()).update(id(t) for t in outputs)
-
-
-# --------------------------------------------------------------------------------------- comparison
 @dataclass(frozen=True)
 class AlignmentRow:
     """One training-side matrix against its closest inference-side linear-algebra input."""
@@ -222,54 +106,6 @@ class AlignmentResult:
         return "\n".join(lines)
 
 
-def _coarse_dtype(a: Tensor, b: Tensor) -> torch.dtype:
-    return a.dtype if eps_of(a.dtype) >= eps_of(b.dtype) else b.dtype
-
-
-def default_rtol(n: int, dtype: torch.dtype) -> float:
-    """n * eps(dtype): differences below an eigensolver's backward error are invisible to linalg."""
-    return float(eig_abs_err(n, dtype, 1.0))
-
-
-def _per_sample(a: Tensor, b: Tensor) -> Tensor:
-    """||a - b||_F / ||b||_F per (broadcast) sample, computed in complex128/float64."""
-    wide = torch.complex128 if (a.is_complex() or b.is_complex()) else torch.float64
-    with torch.no_grad():
-        x, y = a.detach().to(wide), b.detach().to(wide)
-        num = torch.linalg.vector_norm(x - y, dim=(-2, -1))
-        den = torch.linalg.vector_norm(y, dim=(-2, -1)).clamp_min(torch.finfo(torch.float64).tiny)
-        return num / den
-
-
-def relative_difference(a: Tensor, b: Tensor) -> float:
-    """max over the batch of ||a - b||_F / ||b||_F, computed in complex128/float64."""
-    return float(_per_sample(a, b).max())
-
-
-def sample_difference(t: Tensor, ref: Tensor) -> float | None:
-    """Per-sample relative difference with the batch dims flattened: equal sample counts pair up (a
-    (1, N, N) training batch against an (N, N) inference matrix), the worst pair counts; a single matrix on
-    one side is matched with the closest sample of the other (inference run on one sample of a training
-    batch). None when the matrix shapes differ or the sample counts cannot be paired."""
-    if t.shape[-2:] != ref.shape[-2:]:
-        return None
-    a, b = t.reshape(-1, *t.shape[-2:]), ref.reshape(-1, *ref.shape[-2:])
-    if a.shape[0] == b.shape[0]:
-        return float(_per_sample(a, b).max())
-    if 1 in (a.shape[0], b.shape[0]):
-        return float(_per_sample(a, b).min())
-    return None
-
-
-def numerical_rank(a: Tensor, dtype: torch.dtype | None = None) -> int:
-    """Max over the batch of #singular values > rank_tol(n, dtype, s_max); ``dtype`` (default a's) is the
-    precision the matrix was formed in (a complex64 matrix copied to complex128 still has float32 noise)."""
-    with torch.no_grad():
-        s = torch.linalg.svdvals(a.detach().to(torch.complex128 if a.is_complex() else torch.float64))
-        tol = rank_tol(max(a.shape[-2:]), dtype or a.dtype, s[..., :1])
-        return int((s > tol).sum(-1).max()) if s.numel() else 0
-
-
 def _is_data(t: Tensor, data: list[Tensor]) -> bool:
     with torch.no_grad():
         return any(t is d or (d.shape == t.shape and bool(torch.equal(d.detach().to(t.dtype), t.detach())))
@@ -288,7 +124,7 @@ class _Namer:
         self._cache: dict[int, str] = {}  # the captured tensors stay alive during the check: ids are stable
 
     def _equal(self, t: Tensor, ref: Tensor) -> bool:
-        tol = self._rtol if self._rtol is not None else default_rtol(t.shape[-1], _coarse_dtype(t, ref))
+        tol = self._rtol if self._rtol is not None else default_rtol(t.shape[-1], coarse_dtype(t, ref))
         return ref.shape == t.shape and relative_difference(t, ref) <= tol
 
     def __call__(self, t: Tensor) -> str:
@@ -301,18 +137,6 @@ class _Namer:
         if not hits:
             hits = [name for name, refs in self._names.items() if any(self._equal(t, ref) for ref in refs)]
         return " = ".join(hits) if hits else f"unnamed {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Small (n <= a few hundred) factorisations: a threaded LAPACK gains nothing at these sizes and, on
-    shared cores, its spinning threads make each call 10-100x slower. The thread count is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _closest(t: Tensor, candidates: list[Captured], transforms: Mapping[str, Callable[[Tensor], Tensor]]):
@@ -350,13 +174,13 @@ def _compare(phase: str, train: list[Captured], infer: list[Captured], data: lis
             continue
         candidates = [c for c in infer if c.tensor.shape[-2:] == t.shape[-2:]]
         closest = _closest(t, candidates, transforms) if candidates else None
-        if closest is None and _square(t):
+        if closest is None and is_square_matrix(t):
             notes.append(f"{phase}: {rec.consumer} reads {namer(t)} of shape {tuple(t.shape)}, but inference feeds "
                          "no matrix of that matrix shape (per sample) to linear algebra; not compared")
         if closest is None:
             continue
         diff, label, best = closest
-        coarse = _coarse_dtype(t, best.tensor)
+        coarse = coarse_dtype(t, best.tensor)
         tol = rtol if rtol is not None else default_rtol(t.shape[-1], coarse)
         rows.append(AlignmentRow(
             phase=phase, consumer=rec.consumer, via=rec.via, location=rec.location,
@@ -392,13 +216,13 @@ def check_alignment(train_fn: Callable[[Any], Any] | Mapping[str, Callable[[Any]
         with MatrixCapture(roots, consumers if phase != "<inference>" else None) as cap:
             fn(batch)
         captured[phase] = cap.records
-    infer = [rec for rec in captured.pop("<inference>") if _square(rec.tensor)]
+    infer = [rec for rec in captured.pop("<inference>") if is_square_matrix(rec.tensor)]
     if not infer:
         raise AlignmentError("check_alignment: the inference path fed no square matrix to linear algebra "
                              f"(allow-list: {', '.join(sorted({v[0] for v in OPS.values()}))}); there is nothing "
                              "to compare the loss matrices with. Check that infer_fn runs the estimator.")
     known = names() if callable(names) else dict(names or {})
-    namer, data = _Namer(known, rtol), list(_tensors(batch))
+    namer, data = _Namer(known, rtol), list(tensors_in(batch))
     result = AlignmentResult(())
     with one_thread():
         for phase, records in captured.items():
@@ -409,5 +233,6 @@ def check_alignment(train_fn: Callable[[Any], Any] | Mapping[str, Callable[[Any]
     return result
 
 
-__all__ = ["AlignmentError", "AlignmentResult", "AlignmentRow", "Captured", "MatrixCapture", "check_alignment", "sample_difference",
-           "default_rtol", "numerical_rank", "one_thread", "relative_difference"]
+# Captured, MatrixCapture and the measurements are re-exported: ``alignment`` is the module users import.
+__all__ = ["AlignmentError", "AlignmentResult", "AlignmentRow", "Captured", "MatrixCapture", "check_alignment",
+           "default_rtol", "numerical_rank", "one_thread", "relative_difference", "sample_difference"]

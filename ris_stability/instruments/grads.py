@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ris_stability.numerics.norms import fast_norms, float64_norms
 from ris_stability.numerics.stats import to_floats
 
 log = logging.getLogger(__name__)
@@ -79,28 +80,6 @@ def _per_param(params: Sequence[nn.Parameter], values: Sequence[Tensor], device:
 
 def _present_grads(params: Sequence[nn.Parameter]) -> list[Tensor]:
     return [_dense(p.grad) for p in params if p.grad is not None]
-
-
-def float64_norms(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    """L2 norm of each tensor, accumulated and returned in float64: a float32 norm of finite values up
-    to ~1e19 overflows to inf (its sum of squares exceeds float32's max), which would pass a huge but
-    finite gradient for a non-finite one. Complex tensors are measured through their real view."""
-    if not tensors:
-        return ()
-    real = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
-    return tuple(torch._foreach_norm(real, 2, dtype=torch.float64))
-
-
-def fast_norms(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    """L2 norm of each tensor accumulated in float32 (in float64 when one of them is float64), about 3x
-    cheaper than :func:`float64_norms`. A finite result means every element is finite; an infinite one
-    is a non-finite element or a float32 overflow of the sum of squares (elements beyond ~1e19), which
-    only :func:`float64_norms` tells apart."""
-    if not tensors:
-        return ()
-    real = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
-    wide = any(t.dtype == torch.float64 for t in real)
-    return tuple(torch._foreach_norm(real, 2, dtype=torch.float64 if wide else torch.float32))
 
 
 def grad_norms(params: Sequence[nn.Parameter], device: torch.device, index_cache: dict | None = None,

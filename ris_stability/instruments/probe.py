@@ -40,7 +40,8 @@ from torch import Tensor, nn
 
 from ris_stability.observe import intercept
 
-from ris_stability.linalg import registry as linalg_ops
+from ris_stability.linalg import registry
+from ris_stability.linalg.norms import refine
 from ris_stability.observe.frames import caller_location, user_stack
 from ris_stability.numerics.stats import STAT_KEYS, worst_rows, worst_segments
 from ris_stability.records.schema import SettingError
@@ -51,9 +52,9 @@ from ris_stability.observe.tracker import ModuleTracker
 log = logging.getLogger(__name__)
 
 # The torch callables observed, as (name, kind): for instruments that see calls through a TorchFunctionMode.
-# Norms are spectral only for some orders (linalg_ops.refine): not an allow-listed matrix consumer.
+# Norms are spectral only for some orders (linalg.norms.refine): not an allow-listed matrix consumer.
 OPS: dict[Callable, tuple[str, str]] = {func: (entry.name, entry.kind)
-                                        for func, entry in intercept.entry_by_function().items()
+                                        for func, entry in registry.entry_by_function().items()
                                         if entry.kind != "norm"}
 
 EIG_TERM_KEYS = ("phase_noise", "gap_terms")
@@ -176,7 +177,7 @@ class SpectralProbe:
 
     def on_call(self, name: str, kind: str, args: tuple, kwargs: dict, out: Any, frame: FrameType | None) -> None:
         self.before_backward()
-        refined = linalg_ops.refine(name, kind, args, kwargs)
+        refined = refine(name, kind, args, kwargs)
         if refined is None:
             return
         name, kind = refined
@@ -191,7 +192,7 @@ class SpectralProbe:
                           module)
         # Ops that return their spectrum are measured on the whole batch (O(b n) from the values they
         # computed), so the worst sample is found wherever it sits; max_matrices bounds the others.
-        flat = self._flatten(matrices, whole=out is not None and kind in linalg_ops.SPECTRUM_KINDS)
+        flat = self._flatten(matrices, whole=out is not None and kind in registry.SPECTRUM_KINDS)
         k = self._k_for(matrices.shape[:-2], flat.shape[0])
         parts = batch_parts(kind, out, matrices.dim() - 2, flat.shape[0]) if self.batch_calls else NOT_BATCHABLE
         if parts is NOT_BATCHABLE or isinstance(k, Tensor):

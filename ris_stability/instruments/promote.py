@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from ris_stability.observe.frames import caller_location
 from ris_stability.numerics.stats import hermitian_error
-from ris_stability.observe.intercept import entry_by_function
+from ris_stability.linalg.registry import entry_by_function
 from ris_stability.observe.tracker import ModuleTracker
 
 HIGH = {torch.float16: torch.float64, torch.bfloat16: torch.float64, torch.float32: torch.float64,

@@ -1,157 +1,52 @@
 """The bridge between ris_stability's generic instruments and the ris_model pipeline.
 
-This is one of the two modules that import ris_model (with cli.py). Each instrument keeps its glue in its
-own clearly separated section below.
+With ris_align.py (the alignment check) these are the only modules of ris_stability that import ris_model.
+Each instrument keeps its glue in its own clearly separated section below.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import functools
 import logging
 import math
 import time
 import tomllib
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import torch
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from ris_model.complex_ops import complex_dtype
 from ris_model.config import ConfigError, RunConfig, config_hash, dumps_toml, from_dict, load_config, replace
-from ris_model.data import Batch, SimDataset
-from ris_model.infer import Prediction, predict
-from ris_model.loss import TERMS, CompositeLoss, LossInputs
+from ris_model.data import Batch
+from ris_model.loss import CompositeLoss
 from ris_model.model import build_model
 from ris_model.parallel import local_only
 from ris_model.simulate import make_system
-from ris_model.train import NonFiniteError, train, validate
-from ris_stability.instruments.alignment import (
-    AlignmentError, AlignmentResult, check_alignment, default_rtol, one_thread, relative_difference,
-)
+from ris_model.train import NonFiniteError, train
 from ris_stability.records.capsule import Capsule, CapsuleError, restore_rng
-from ris_stability.monitor import distributed
-from ris_stability.cli.live import LiveView
 from ris_stability.locate.finding import Finding
 from ris_stability.observe.loopstack import portable
-from ris_stability.monitor import MonitorConfig, StabilityMonitor
+from ris_stability.attach.callbacks import LoopCallbacks
+from ris_stability.attach.finish import finish_run
+from ris_stability.attach.watch import Watcher
+from ris_stability.monitor import MonitorConfig, monitor_config
 from ris_stability.records import UsageError
 
 log = logging.getLogger(__name__)
 
-# =============================================================================================
-# Alignment (issue 7): the matrices each loss term consumes vs the matrix inference feeds to MUSIC
-# =============================================================================================
 
-ALIGN_EXIT_ALIGNED, ALIGN_EXIT_MISALIGNED, ALIGN_EXIT_UNCHECKED = 0, 1, 2
-_COV_NAMES = {"pred": "R_pred", "blend": "R_blend", "eff": "R_eff"}
-
-
-@dataclass
-class _LossSpy:
-    """Records the LossInputs (hence THE builder's outputs) of every CompositeLoss call, per phase."""
-
-    phase: str = ""
-    seen: dict[str, LossInputs] = field(default_factory=dict)
-
-    @contextmanager
-    def attached(self, loss_fn: CompositeLoss) -> Iterator[None]:
-        original = loss_fn.inputs  # CompositeLoss.forward calls self.inputs: shadow it on this instance only
-
-        def inputs(outputs: Any, batch: Any) -> LossInputs:
-            inp = original(outputs, batch)
-            self.seen[self.phase] = inp
-            return inp
-
-        loss_fn.inputs = inputs
+def config_errors_are_usage_errors(fn):
+    """The pipeline's config errors reach the CLI as usage errors (one line, exit 2)."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
         try:
-            yield
-        finally:
-            del loss_fn.inputs
-
-
-def _term_consumers(loss_fn: CompositeLoss) -> dict[str, torch.nn.Module]:
-    return {f"loss.{name}" + (" (w=0)" if loss_fn.weights[name] == 0 else ""): getattr(loss_fn, name)
-            for name in TERMS}
-
-
-def _validation_problems(val: LossInputs | None, pred: Prediction, cfg: RunConfig) -> tuple[list[str], list[str]]:
-    """Validation must build R_pred / R_blend / R_eff exactly as inference does on the same batch."""
-    if val is None:
-        return [f"validation ran no CompositeLoss, so its builder settings are unknown ({cfg.name})"], []
-    problems = []
-    for attr, name in _COV_NAMES.items():
-        v, i = getattr(val.cov, attr), getattr(pred.cov, attr)
-        diff = relative_difference(v, i)
-        tol = default_rtol(i.shape[-1], i.dtype)
-        if diff > tol:
-            problems.append(f"validation builds {name} differently from inference: relative difference {diff:.3g} > "
-                            f"{tol:.2g}; compare covariance settings of the loss and of predict()")
-    note = f"validation and inference both build with {cfg.covariance}" if not problems else None
-    return problems, [note] if note else []
-
-
-def align_config(cfg: RunConfig, batch_size: int = 4) -> AlignmentResult:
-    """Run the training loss, validation and inference of ``cfg`` on one validation batch (model in eval
-    mode, untrained weights of ``cfg.train.seed``) and compare the matrices each loss term consumes with
-    the one inference feeds to MUSIC; also check validation builds its covariances like inference.
-
-    Matrices are named R_pred / R_blend / R_eff by identity with the builder's outputs of each path (by
-    equality for MUSIC's complex128 copy).
-    """
-    system = make_system(cfg)
-    device = torch.device(cfg.train.device)
-    model = build_model(cfg, system).to(device).eval()
-    loss_fn = CompositeLoss(cfg, system).to(device)
-    batch: Batch = SimDataset(cfg, "val", size=batch_size, system=system).batch(list(range(batch_size))).to(device)
-    spy, predictions = _LossSpy(), []
-
-    def phase(name: str, fn):
-        def run(b: Batch) -> Any:
-            spy.phase = name
-            return fn(b)
-        return run
-
-    def infer(b: Batch) -> Prediction:
-        predictions.append(predict(cfg, model, b, system))
-        return predictions[-1]
-
-    def names() -> dict[str, list[torch.Tensor]]:
-        covs = [inp.cov for inp in spy.seen.values()] + [p.cov for p in predictions]
-        known: dict[str, Any] = {name: [getattr(c, attr) for c in covs] for attr, name in _COV_NAMES.items()}
-        return {**known, "R_true": batch.R_true, "R_samp": batch.R_samp}
-
-    # One batch of 144 x 144 factorisations: threads gain nothing and, on shared cores, cost 10-100x.
-    with spy.attached(loss_fn), one_thread():
-        result = check_alignment(
-            {"train": phase("train", lambda b: loss_fn(model(b), b)),
-             "val": phase("val", lambda b: validate(model, loss_fn, [b]))},
-            infer, batch, roots={"model": model, "loss": loss_fn}, consumers=_term_consumers(loss_fn), names=names)
-    problems, notes = _validation_problems(spy.seen.get("val"), predictions[0], cfg)
-    if not result.aligned and cfg.loss.covariance == "pred":
-        notes.append("likely cause: loss.covariance = \"pred\" makes the covariance terms consume R_pred while MUSIC "
-                     "runs on R_eff (R_blend, shrunk if configured); next step: --set loss.covariance=blend")
-    return result.merge(AlignmentResult((), tuple(notes), tuple(problems)))
-
-
-def run_align(config_path: str, overrides: list[str], as_json: bool) -> tuple[int, str]:
-    """`risdiag align`: (exit code, text to print). 0 aligned, 1 misaligned, 2 nothing could be compared.
-    Config errors (ris_model.config.ConfigError) propagate to the CLI, which reports them as usage errors."""
-    cfg = load_config(config_path, overrides)
-    try:
-        result = align_config(cfg)
-    except AlignmentError as err:
-        return ALIGN_EXIT_UNCHECKED, f"risdiag align {config_path}: cannot check: {err}"
-    code = ALIGN_EXIT_ALIGNED if result.aligned else ALIGN_EXIT_MISALIGNED
-    if as_json:
-        return code, json.dumps({"config": config_path, "name": cfg.name, **result.to_dict()}, indent=2)
-    head = f"risdiag align {config_path} (loss.covariance = {cfg.loss.covariance!r}, {cfg.covariance})"
-    return code, head + "\n" + result.format_table()
+            return fn(*args, **kwargs)
+        except ConfigError as err:
+            raise UsageError(str(err)) from None
+    return run
 
 
 # =============================================================================================
@@ -192,40 +87,54 @@ def batch_state(batch: Batch) -> dict[str, Any]:
     return {"split": batch.split, "tensors": batch.tensors()}
 
 
-def _summary_table(cfg: RunConfig, run_dir: Path, mon: StabilityMonitor, result: Any, wall_s: float) -> Table:
-    t = Table(title=f"risdiag trace: {cfg.name}", show_header=False)
-    t.add_column("what", style="bold")
-    t.add_column("value")
-    losses = [h.loss for h in result.history] if result is not None else []
-    t.add_row("steps", f"{len(losses)} of {cfg.train.steps}")
-    t.add_row("wall time", f"{wall_s:.1f} s" + (f" ({result.step_time_s * 1e3:.0f} ms/step)" if result else ""))
+def _summary_rows(cfg: RunConfig, w: Watcher, result: Any, wall_s: float) -> list[tuple[str, str, str]]:
+    """The end-of-run summary as (what, value, style) rows; the CLI draws them."""
+    mon = w.monitor
+    losses = mon._losses
+    rows = [("steps", f"{len(losses)} of {cfg.train.steps}", ""),
+            ("wall time", f"{wall_s:.1f} s" + (f" ({result.step_time_s * 1e3:.0f} ms/step)" if result else ""), "")]
     if losses:
-        t.add_row("loss first / last", f"{losses[0]:.4g} / {losses[-1]:.4g}")
+        rows.append(("loss first / last", f"{losses[0]:.4g} / {losses[-1]:.4g}", ""))
     if result is not None and result.val_history:
         step, val = result.val_history[-1]
-        t.add_row("validation", f"loss {val['loss']:.4g}, K accuracy {val.get('k_acc', math.nan):.3f} (step {step})")
-    style = "red bold" if mon.nonfinite_steps else "green"
-    t.add_row("non-finite steps", Text(f"{len(mon.nonfinite_steps)} {mon.nonfinite_steps[:10]}", style=style))
-    t.add_row("skipped steps", str(len(mon.skipped_steps)))
+        rows.append(("validation", f"loss {val['loss']:.4g}, K accuracy {val.get('k_acc', math.nan):.3f} (step {step})", ""))
+    rows.append(("non-finite steps", f"{len(mon.nonfinite_steps)} {mon.nonfinite_steps[:10]}",
+                 "red bold" if mon.nonfinite_steps else "green"))
+    rows.append(("skipped steps", str(len(mon.skipped_steps)), ""))
     if mon.capsules:
-        t.add_row("capsules", ", ".join(str(p) for p in mon.capsules[:3]))
-    t.add_row("run folder", str(run_dir))
-    return t
+        rows.append(("capsules", ", ".join(str(p) for p in mon.capsules[:3]), ""))
+    rows.append(("run folder", str(w.run_dir), ""))
+    return rows
 
 
 # The pipeline's own switches for the generic report's remedies (ris_stability.report.look reads them).
 RUN_REMEDIES = {"eigenvector": '`loss.eigh_backward = "gap_aware"`'}
 
 
-def run_trace(config_path: str, overrides: list[str], steps: int | None, out: str | None, live: bool,
-              every: int, max_matrices: int, report: bool, console: Console) -> int:
-    """`risdiag trace`: train ``config_path`` with the monitor attached. Returns the exit code."""
+def _policy(cfg: RunConfig) -> str:
+    """The monitor's non-finite policy from the pipeline's own ``train.nonfinite`` setting."""
+    return "stop" if cfg.train.nonfinite == "stop" else "skip"
+
+
+def _watcher(cfg: RunConfig, run_dir: Path, meta: dict, text: str, mon_cfg: MonitorConfig, **kwargs: Any
+             ) -> tuple[Watcher, LoopCallbacks]:
+    """The run's watcher (no global hooks: the pipeline's callbacks feed its driver) and those callbacks."""
+    w = Watcher(run_dir, config=mon_cfg, meta=meta, config_text=text, replayer=REPLAYER, batch_state=batch_state,
+                hooks=False, locate=False, **kwargs).start()
+    return w, LoopCallbacks(w.driver, stop_errors=(NonFiniteError,))
+
+
+@config_errors_are_usage_errors
+def run_trace(config_path: str, overrides: list[str], steps: int | None, out: str | None, live: Any, report: bool,
+              announce: Callable[[list[tuple[str, str, str]]], None], **settings: Any) -> int:
+    """`risdiag trace --config`: train ``config_path`` with the monitor attached. Returns the exit code.
+    ``live``: the live view (or None); ``announce(rows)``: shows the summary (rank 0, once per run);
+    ``settings``: MonitorConfig fields (the policy comes from the config's ``train.nonfinite``)."""
     if steps is not None:
         overrides = [*overrides, f"train.steps={steps}"]
     cfg = load_config(config_path, overrides)
     _check_buildable(cfg)
-    policy = "stop" if cfg.train.nonfinite == "stop" else "skip"
-    mon_cfg = MonitorConfig(every=every, max_matrices=max_matrices, policy=policy)  # bad settings: no run folder
+    mon_cfg = monitor_config(None, **settings, policy=_policy(cfg))  # bad settings: no run folder
     run_dir = _resolve_out(out, config_path)
     text = dumps_toml(cfg)
     (run_dir / "config.resolved.toml").write_text(text)
@@ -233,29 +142,25 @@ def run_trace(config_path: str, overrides: list[str], steps: int | None, out: st
     meta = {"command": "risdiag trace " + " ".join([f"--config {config_name}", *(f"--set {o}" for o in overrides)]),
             "config_path": config_name, "config_hash": config_hash(cfg), "torch": str(torch.__version__),
             "device": cfg.train.device, "dtype": cfg.data.dtype, "remedies": RUN_REMEDIES}
-    view = LiveView(total_steps=cfg.train.steps, enabled=live and distributed.launcher_rank() == 0)
-    mon = StabilityMonitor(run_dir, mon_cfg, meta=meta,
-                           config_text=text, replayer=REPLAYER, batch_state=batch_state, live=view)
-    t0, result = time.perf_counter(), None
-    with view:
+    if live is not None:
+        live.total_steps = cfg.train.steps
+    w, callbacks = _watcher(cfg, run_dir, meta, text, mon_cfg, live=live)
+    t0, result, error = time.perf_counter(), None, None
+    with live if live is not None else contextlib.nullcontext():
         try:
             # the monitor's collective decision is the step's only all-reduce (the loop's own check stays local)
-            result = train(cfg, callbacks=[mon, _ValidationToSinks()], out_dir=run_dir, agree=local_only)
+            result = train(cfg, callbacks=[callbacks, _ValidationToSinks()], out_dir=run_dir, agree=local_only)
         except NonFiniteError as err:
+            error = err
             log.error("run stopped: %s", err)
-    if distributed.rank() == 0:  # one table and one report per run: rank 0 reads every rank's shard
-        console.print(_summary_table(cfg, run_dir, mon, result, time.perf_counter() - t0))
-        if report:
-            from ris_stability.report.build import build_report
-
-            console.print(f"report: {build_report(run_dir)}")
-    # torchrun ends every rank once one exits non-zero: the others wait here until rank 0's report is written
-    distributed.barrier()
-    if distributed.rank() != 0:  # the verdict is collective: rank 0's exit code speaks for the run
+        except BaseException as err:
+            finish_run(w, err, report=report)
+            raise
+    finish_run(w, error, report=report, stopped=callbacks.stopped(error),
+               announce=lambda missing: announce(_summary_rows(cfg, w, result, time.perf_counter() - t0)))
+    if w.monitor.dist is not None and w.monitor.dist.rank != 0:  # the verdict is collective: rank 0's speaks
         return 0
-    return 1 if mon.nonfinite_steps else 0
-
-
+    return 1 if w.monitor.nonfinite_steps else 0
 
 
 @dataclass
@@ -388,17 +293,24 @@ class RisSweepTarget:
         meta = {"command": "risdiag trace " + " ".join([f"--config {self.config_path}", *(f"--set {o}" for o in sets)]),
                 "config_path": str(self.config_path), "config_hash": config_hash(cfg), "torch": str(torch.__version__),
                 "device": cfg.train.device, "dtype": cfg.data.dtype}
-        policy = "stop" if cfg.train.nonfinite == "stop" else "skip"
-        mon = StabilityMonitor(run_dir, MonitorConfig(policy=policy), meta=meta, config_text=text, replayer=REPLAYER,
-                               batch_state=batch_state, listeners=(hooks.observe,))
+        w, callbacks = _watcher(cfg, run_dir, meta, text, MonitorConfig(policy=_policy(cfg)), listeners=(hooks.observe,))
+        error: BaseException | None = None
         try:
-            result = train(cfg, callbacks=[mon, hooks, _ValidationReporter(hooks)], out_dir=run_dir, agree=local_only)
+            result = train(cfg, callbacks=[callbacks, hooks, _ValidationReporter(hooks)], out_dir=run_dir,
+                           agree=local_only)
         except NonFiniteError as err:
+            error = err
             log.info("trial run %s stopped: %s", run_dir, err)
             return {}
+        except BaseException as err:
+            error = err
+            raise
+        finally:
+            finish_run(w, error, report=False, stopped=callbacks.stopped(error))
         return dict(result.val_history[-1][1]) if result.val_history else {}
 
 
+@config_errors_are_usage_errors
 def sweep_target(config: str, overrides: list[str], steps: int | None) -> RisSweepTarget:
     """The factory `risdiag sweep` uses by default (``--target ris_stability.integrations.ris:sweep_target``)."""
     return RisSweepTarget(config, overrides, steps)

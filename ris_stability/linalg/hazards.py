@@ -22,14 +22,16 @@ from typing import Any
 
 import torch
 
-from ris_stability.linalg.registry import tie_message
+from ris_stability.linalg import registry
+from ris_stability.linalg.registry import base_name
+from ris_stability.linalg.op_spec import CONDITION, EIG, PINV
 from ris_stability.numerics.tolerances import (PINV_CUTOFF_DECADES, PRECISION_GRAD_RTOL, hermitian_input_tol,
-                                      ill_conditioned_log10)
+                                               ill_conditioned_log10)
 
-CONDITION_OPS = frozenset({"inv", "inv_ex", "inverse", "solve", "solve_ex", "lstsq", "cholesky", "cholesky_ex",
-                           "det", "slogdet", "logdet"})
-EIG_OPS = frozenset({"eig", "eigvals"})
-PINV_OPS = frozenset({"pinv", "pinverse"})
+# The base names each rule judges, every spelling and alias included (derived from the op registry).
+CONDITION_OPS = registry.rule_names(CONDITION)
+EIG_OPS = registry.rule_names(EIG)
+PINV_OPS = registry.rule_names(PINV)
 
 
 @dataclass(frozen=True)
@@ -40,15 +42,12 @@ class Hazard:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-def op_base(op: str) -> str:
-    """'linalg.eig' -> 'eig', 'inverse' -> 'inverse'."""
-    return op.rsplit(".", 1)[-1]
-
-
-def site_op(name: str) -> str:
-    """The op of a probe site name ('loss:linalg.eig@f.py:3' -> 'eig'); '' for a watched matrix."""
-    op = name.split("@", 1)[0].split("[", 1)[0].rsplit(":", 1)[-1]
-    return op_base(op) if "." in op or op in CONDITION_OPS | EIG_OPS | PINV_OPS else ""
+def tie_message(name: str, op: str, location: str, cluster: float, value: float) -> str:
+    """The tied-cluster warning of a site, in the words of its op (eigenvalues or singular values)."""
+    what = registry.info(op) or registry.OPS["eigh"].words
+    vectors = "singular vectors" if what.values == "singular values" else "eigenvectors"
+    return (f"{name} ({location}): {int(cluster)} {what.values} tie at {value:.3e} and its {vectors} receive "
+            f"gradient: {what.hazard}")
 
 
 def eig_rounding_ratio(phase_noise: float, gap_terms: float) -> float:
@@ -60,7 +59,7 @@ def eig_rounding_ratio(phase_noise: float, gap_terms: float) -> float:
 
 def site_hazards(name: str, site: dict[str, Any], dtype: torch.dtype) -> list[Hazard]:
     """Hazards of one site's record at one step (each kind reported once per site by the caller)."""
-    op = op_base(site.get("op", ""))
+    op = base_name(site.get("op", ""))
     st = site.get("stats", {})
     if op in EIG_OPS:
         return _eig(name, op, st, site.get("backward") or {}, dtype)

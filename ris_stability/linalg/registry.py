@@ -1,178 +1,270 @@
-"""Every linear-algebra entry point with a spectral hazard, and that hazard in its own words and units.
+"""THE op registry: every linear-algebra entry point the toolkit observes, declared once.
 
-The probe observes the entry points of ``ris_stability.observe.intercept``; this module adds the ones whose
-hazard is spectral but that are not decompositions (matrix norms of order 2, -2 and 'nuc', cond, det,
-slogdet / logdet, lu / lu_factor, matrix_rank, the ``torch.*`` and Tensor-method spellings), chooses
-per call what a norm call is (``refine``: a Frobenius or vector norm has no spectral hazard and is not
-recorded), and holds the words of each op's hazard (:data:`OPS`): what the backward divides by, in which
-units the statistic is reported. Pure data and pure functions; no torch call is made here at import
-except looking the entry points up.
+Each op (:class:`~ris_stability.linalg.op_spec.LinalgOp`) is registered once with its spellings (the torch
+functions and Tensor methods it is called through, each recorded under its own name), its kind (how a call
+is measured and what its output already gives: :class:`~ris_stability.linalg.op_spec.Kind`), its hazard in its
+own words and units, the hazards rule that judges it and the aten ops the locator reads its spectrum from,
+in the spirit of the op registry of torch.utils.flop_counter. Every other table is derived from it:
+
+* the entry points ``observe.intercept`` swaps wrappers in for (filled by :func:`register`);
+* the statistics per kind and which calls are measured together (``linalg.site_stats``);
+* the names each hazard rule judges (``linalg.hazards``: CONDITION_OPS, EIG_OPS, PINV_OPS);
+* the aten ops whose spectrum the locator summarises (``locate.ops``).
+
+Derived tables are live (:func:`derived_names`, :func:`derived_table`): an op registered later, e.g. by a
+user with :func:`register`, appears in all of them. Pure data and pure functions; no torch call is made at
+import except looking the entry points up.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping, Set
+from typing import Any, Callable, Iterator
 
 import torch
-from torch import Tensor
 
+from ris_stability.linalg.norms import SPECTRAL_ORDERS, matrix_order, norm_kind
+from ris_stability.linalg.op_spec import (CONDITION, EIG, PINV, RULES, TIE, HazardWords, Kind, LinalgOp, Output,
+                                          RegistryError, Spelling)
 from ris_stability.observe import intercept
 
-from ris_stability.linalg import site_stats
+_KINDS: dict[str, Kind] = {}
+_OPS: dict[str, LinalgOp] = {}
+_BY_BASE: dict[str, LinalgOp] = {}  # every base name an op records (its name, its aliases) -> the op
+_version = 0  # bumped by every registration: derived tables recompute on their next read
 
 
-# Kinds whose statistics come from the spectrum the op returned: cheap enough for the whole batch.
-SPECTRUM_KINDS = frozenset({"eigh", "eigvalsh", "svd", "svd_old", "svdvals"})
+def register_kind(kind: Kind) -> Kind:
+    """Declare (or replace) a kind of op: how its calls are measured, what their output gives."""
+    global _version
+    _KINDS[kind.name] = kind
+    _version += 1
+    return kind
 
 
-@dataclass(frozen=True)
-class OpInfo:
-    """``values``: "eigenvalues" or "singular values"; ``hazard``: the sentence; ``units``: of the gaps."""
-
-    values: str
-    hazard: str
-    units: str
-
-
-_EIG = OpInfo("eigenvalues", "the eigenvector gradient divides by eigenvalue gaps lambda_j - lambda_i: a tie "
-              "(gap 0) gives 0/0, a small gap amplifies by 1/gap", "gaps in eigenvalue units")
-_SVD = OpInfo("singular values", "the singular-vector gradient divides by s_j^2 - s_i^2: tied singular values "
-              "(including repeated zeros of a rank-deficient input) give 0/0", "gaps in squared singular values (s^2)")
-_INVERT = OpInfo("singular values", "the op inverts the matrix: its output and gradient scale with 1/s_min, "
-                 "so digits are lost in proportion to the condition number s_max/s_min", "log10 condition number")
-OPS: dict[str, OpInfo] = {
-    "eigh": _EIG, "eig": _EIG,
-    "eigvalsh": OpInfo("eigenvalues", "eigenvalue-only: the gradient V diag(g) V^H is finite for any spectrum; "
-                       "ties only make V non-unique", "eigenvalue units"),
-    "eigvals": OpInfo("eigenvalues", "eigenvalue-only, but a non-normal input makes eigenvalues sensitive "
-                      "(condition of the eigenvector matrix)", "eigenvalue units"),
-    "svd": _SVD,
-    "svdvals": OpInfo("singular values", "singular-value-only: the gradient U diag(g) V^H is finite for any "
-                      "spectrum", "singular value units"),
-    "matrix_norm_2": OpInfo("singular values", "the spectral norm s_1: its gradient u_1 v_1^H is undefined when "
-                            "s_1 is tied (top gap s_1^2 - s_2^2 = 0)", "top gap in squared singular values (s^2)"),
-    "matrix_norm_-2": OpInfo("singular values", "the smallest singular value s_n: its gradient u_n v_n^H is "
-                             "undefined when s_n is tied (bottom gap s_(n-1)^2 - s_n^2 = 0)",
-                             "bottom gap in squared singular values (s^2)"),
-    "matrix_norm_nuc": OpInfo("singular values", "the nuclear norm sum(s): its gradient U V^H is undefined "
-                              "where a singular value is 0 (rank-deficient input)", "s_min in singular value units"),
-    "cond": OpInfo("singular values", "cond = s_max / s_min: its gradient scales as cond / s_min and needs s_1 "
-                   "and s_n untied", "log10 condition number"),
-    "det": OpInfo("singular values", "the determinant's gradient det(A) A^-H is 0 * inf at a singular matrix and "
-                  "loses digits with the condition number", "log10 condition number"),
-    "slogdet": OpInfo("singular values", "log|det|'s gradient A^-H scales with 1/s_min: infinite at a singular "
-                      "matrix", "log10 condition number"),
-    "lu": OpInfo("singular values", "LU pivots shrink with s_min: a singular matrix has a zero pivot and the "
-                 "solve / backward divides by it", "log10 condition number"),
-    "matrix_rank": OpInfo("singular values", "the rank counts singular values above a tolerance: values near it "
-                          "flip the rank by rounding (no gradient)", "s_min in singular value units"),
-    "qr": OpInfo("singular values", "R's diagonal vanishes for a rank-deficient input and the QR backward "
-                 "divides by it", "log10 condition number"),
-    "cholesky": OpInfo("eigenvalues", "needs lambda_min > 0: fails or loses digits as lambda_min / lambda_max "
-                       "approaches rounding", "eigenvalue units and log10 condition number"),
-    "inv": _INVERT, "solve": _INVERT, "lstsq": _INVERT,
-    "pinv": OpInfo("singular values", "pinv inverts the singular values above its cut-off and drops the rest: "
-                   "one near the cut-off is dropped or inverted by rounding", "decades from the cut-off"),
-}
-_ALIASES = {"eigvalsh": "eigvalsh", "svd_old": "svd", "cholesky_ex": "cholesky", "inv_ex": "inv",
-            "inverse": "inv", "solve_ex": "solve", "pinverse": "pinv", "logdet": "slogdet", "lu_factor": "lu",
-            "lu_factor_ex": "lu"}
+def register(op: LinalgOp) -> LinalgOp:
+    """Declare an op once: from the next time a listener starts its spellings are observed, and every
+    derived table (statistics, hazard rules, locator) knows it."""
+    global _version
+    kinds = {op.kind, *(s.kind for s in op.spellings if s.kind)}
+    if not kinds <= _KINDS.keys():
+        raise RegistryError(f"op {op.name!r}: kind(s) {sorted(kinds - _KINDS.keys())} not declared; declare them "
+                            f"with register_kind first (known: {sorted(_KINDS)})")
+    if op.rule not in RULES:
+        raise RegistryError(f"op {op.name!r}: rule {op.rule!r} is not one of {RULES}")
+    for base in (op.name, *op.aliases):
+        other = _BY_BASE.get(base)
+        if other is not None and other.name != op.name:
+            raise RegistryError(f"op {op.name!r} records {base!r}, which op {other.name!r} already records: a "
+                                "site name must resolve to one op")
+    for packet in op.aten:
+        claimed = next((o.name for o in _OPS.values() if packet in o.aten and o.name != op.name), None)
+        if claimed is not None or not hasattr(torch.ops.aten, packet):
+            raise RegistryError(f"op {op.name!r}: aten op {packet!r} " + (
+                f"is already read by op {claimed!r}" if claimed else "does not exist in this torch"))
+    _OPS[op.name] = op
+    _BY_BASE.update(dict.fromkeys((op.name, *op.aliases), op))
+    for s in op.spellings:
+        if hasattr(s.owner, s.attr):  # a spelling missing from this torch version is skipped
+            intercept.add_entry_point(s.owner, s.attr, s.name, s.kind or op.kind, s.when)
+    _version += 1
+    return op
 
 
-def info(op: str) -> OpInfo | None:
-    """The hazard of a probe op name ('linalg.svd', 'svd', 'linalg.matrix_norm(ord=2)')."""
-    base = op.split("(")[0].rsplit(".", 1)[-1]
-    key = {"ord=2": "matrix_norm_2", "ord=-2": "matrix_norm_-2", "ord=nuc": "matrix_norm_nuc"}.get(
-        op[op.find("(") + 1:-1] if "(" in op else "", _ALIASES.get(base, base))
-    return OPS.get(key)
+# --- lookups ----------------------------------------------------------------------------------------
+def base_name(op: str) -> str:
+    """The base name of a recorded op name: 'linalg.eig' -> 'eig', 'linalg.matrix_norm(ord=2)' ->
+    'matrix_norm', 'inverse' -> 'inverse'."""
+    return op.split("(", 1)[0].rsplit(".", 1)[-1]
 
 
-def tie_message(name: str, op: str, location: str, cluster: float, value: float) -> str:
-    """The tied-cluster warning of a site, in the words of its op (eigenvalues or singular values)."""
-    what = info(op) or _EIG
-    vectors = "singular vectors" if what.values == "singular values" else "eigenvectors"
-    return (f"{name} ({location}): {int(cluster)} {what.values} tie at {value:.3e} and its {vectors} receive "
-            f"gradient: {what.hazard}")
+def ordered_name(order: Any) -> str:
+    """The op a matrix norm of ``order`` is filed under ('matrix_norm_2', 'matrix_norm_nuc')."""
+    return f"matrix_norm_{order}"
 
 
-def split_site(name: str) -> tuple[str, str, str, str]:
-    """(module, op, shape, location) of a probe site name ``module:op[shape]@file:line``; the shape and
-    location parts appear only when needed to tell two records apart, and module is "" outside modules.
-    Step columns ``mat/<site>/<stat>`` split at the first and the last '/' (a location may hold '/')."""
-    head, _, location = name.partition("@")
-    head, _, shape = head.partition("[")
-    module, _, op = head.rpartition(":")
-    return module, op, shape.rstrip("]"), location
+def lookup(op: str) -> LinalgOp | None:
+    """The registered op of a recorded op name ('linalg.svd', 'svd', 'inverse', 'norm(ord=nuc)'); None for
+    a name no spelling records (a watched matrix, a function marked ``__spectral_op__``)."""
+    if "(ord=" in op:
+        ordered = _OPS.get(ordered_name(op[op.find("(ord=") + 5:].rstrip(")")))
+        if ordered is not None:
+            return ordered
+    return _BY_BASE.get(base_name(op))
 
 
-# --- norms: which calls are spectral -------------------------------------------------------------------
-def _arg(args: tuple, kwargs: dict, index: int, *names: str) -> Any:
-    if len(args) > index:
-        return args[index]
-    return next((kwargs[n] for n in names if n in kwargs), None)
+def info(op: str) -> HazardWords | None:
+    """The hazard words of a recorded op name ('linalg.svd', 'svd', 'linalg.matrix_norm(ord=2)')."""
+    found = lookup(op)
+    return found.words if found is not None else None
 
 
-def refine(name: str, kind: str, args: tuple, kwargs: dict) -> tuple[str, str] | None:
-    """(name, kind) to record for this call, or None when it has no spectral hazard (a Frobenius or vector
-    norm). Ops other than norms pass unchanged."""
-    if kind != "norm":
-        return name, kind
-    A = _arg(args, kwargs, 0, "A", "input")
-    order = _arg(args, kwargs, 1, "ord", "p")
-    dim = _arg(args, kwargs, 2, "dim")
-    if not isinstance(A, Tensor) or A.dim() < 2 or isinstance(order, bool) or order not in (2, -2, "nuc"):
-        return None
-    matrix = (isinstance(dim, (tuple, list)) and len(dim) == 2) or (
-        dim is None and (name == "linalg.matrix_norm" or A.dim() == 2))
-    if not matrix or (name == "norm" and order != "nuc"):  # torch.norm(A, p=2): 2-norm of all entries
-        return None
-    return f"{name}(ord={order})", f"norm_{order}"
+def entry_by_function() -> dict[Callable, Any]:
+    """The original torch callables of every registered spelling -> its intercept entry point (for
+    instruments that see calls through a TorchFunctionMode)."""
+    return intercept.entry_by_function()
 
 
-def _norm_stats(order: Any):
-    def stats(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
-        r = min(flat.shape[-2:])
-        split = 1 if order == 2 else (r - 1 if order == -2 else None)
-        return site_stats.general_stats(flat, None, split)
-    return stats
+# --- derived tables -------------------------------------------------------------------------------
+class _Live:
+    def __init__(self, compute: Callable[[], Any]):
+        self._compute, self._seen, self._value = compute, -1, None
+
+    def _current(self) -> Any:
+        if self._seen != _version:
+            self._value, self._seen = self._compute(), _version
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._current()!r})"
 
 
-_NEW = (
-    (torch.linalg, "matrix_norm", "linalg.matrix_norm", "norm"),
-    (torch.linalg, "norm", "linalg.norm", "norm"),
-    (torch, "norm", "norm", "norm"),
-    (torch.Tensor, "norm", "norm", "norm"),
-    (torch.linalg, "cond", "linalg.cond", "general"),
-    (torch.linalg, "det", "linalg.det", "general"),
-    (torch, "det", "det", "general"),
-    (torch.Tensor, "det", "det", "general"),
-    (torch.linalg, "slogdet", "linalg.slogdet", "general"),
-    (torch, "slogdet", "slogdet", "general"),
-    (torch.Tensor, "slogdet", "slogdet", "general"),
-    (torch, "logdet", "logdet", "general"),
-    (torch.Tensor, "logdet", "logdet", "general"),
-    (torch.linalg, "lu", "linalg.lu", "general"),
-    (torch.linalg, "lu_factor", "linalg.lu_factor", "general"),
-    (torch.linalg, "lu_factor_ex", "linalg.lu_factor_ex", "general"),
-    (torch.linalg, "matrix_rank", "linalg.matrix_rank", "general"),
-    (torch.Tensor, "qr", "qr", "general"),
-    (torch, "qr", "qr", "general"),
-)
+class _Names(_Live, Set):
+    """A read-only set of names derived from the registry."""
+
+    @classmethod
+    def _from_iterable(cls, it) -> frozenset:  # `a | b` of two derived sets is a plain frozenset
+        return frozenset(it)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._current()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
 
 
-def _matrix_order(args: tuple, kwargs: dict) -> bool:
-    """The wrapper's pre-test for norms: only orders 2, -2 and 'nuc' can be spectral (refine decides)."""
-    order = args[1] if len(args) > 1 else kwargs.get("ord", kwargs.get("p"))
-    return order in (2, -2, "nuc") and not isinstance(order, bool)
+class _Table(_Live, Mapping):
+    """A read-only mapping derived from the registry."""
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._current()[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
 
 
-def _register() -> None:
-    for owner, attr, name, kind in _NEW:
-        if hasattr(owner, attr):
-            intercept.add_entry_point(owner, attr, name, kind, _matrix_order if kind == "norm" else None)
-    # "norm" is resolved per call by refine(); its kinds are the orders that have a spectral hazard.
-    for order in (2, -2, "nuc"):
-        site_stats.register_kind(f"norm_{order}", _norm_stats(order))
+def derived_names(compute: Callable[[], Any]) -> Set:
+    """A set computed from the registry by ``compute()``, recomputed after each registration."""
+    return _Names(lambda: frozenset(compute()))
 
 
-_register()
+def derived_table(compute: Callable[[], Mapping]) -> Mapping:
+    """A mapping computed from the registry by ``compute()``, recomputed after each registration."""
+    return _Table(lambda: dict(compute()))
+
+
+def rule_names(rule: str) -> Set:
+    """Every base name recorded by the ops that ``rule`` judges (names and aliases)."""
+    if rule not in RULES:
+        raise RegistryError(f"rule {rule!r} is not one of {RULES}")
+    return derived_names(lambda: (base for op in _OPS.values() if op.rule == rule for base in (op.name, *op.aliases)))
+
+
+def spectrum_at(op: LinalgOp) -> int | None:
+    """Where the op's output holds its spectrum (None: the output is the spectrum)."""
+    return _KINDS[op.kind].output.at
+
+
+KINDS: Mapping[str, Kind] = derived_table(lambda: _KINDS)
+OPS: Mapping[str, LinalgOp] = derived_table(lambda: _OPS)
+# Kinds whose statistics come from the sorted spectrum the op returned: cheap enough for the whole batch.
+SPECTRUM_KINDS = derived_names(lambda: (k.name for k in _KINDS.values() if k.output.sorted))
+
+# --- the declarations -------------------------------------------------------------------------------
+_EIGEN, _SINGULAR = "eigenvalues", "singular values"
+for _kind in (
+    Kind("eigh", "hermitian", Output(_EIGEN, at=0, vectors=(1,), sorted=True), hermitian=True),
+    Kind("eigvalsh", "hermitian", Output(_EIGEN, sorted=True), hermitian=True),
+    Kind("herm", "hermitian", hermitian=True),  # cholesky, and matrices watched by name
+    Kind("svd", "singular", Output(_SINGULAR, at=1, vectors=(0, 2), sorted=True)),
+    Kind("svd_old", "singular", Output(_SINGULAR, at=1, vectors=(0, 2), sorted=True)),  # torch.svd: U, S, V
+    Kind("svdvals", "singular", Output(_SINGULAR, sorted=True)),
+    Kind("general", "singular"),
+    Kind("eig", "eig", Output(_EIGEN, at=0, vectors=(1,))),  # complex, unordered: measured per call's batch
+    Kind("eigvals", "eig", Output(_EIGEN)),
+    Kind("pinv", "pinv"),
+    Kind("norm", ""),  # resolved per call by linalg.norms.refine into the kind of its order
+    # Norm orders are measured call by call (their statistics take a per-order split of the spectrum).
+    *(Kind(norm_kind(order), norm_kind(order), batched=False) for order in SPECTRAL_ORDERS),
+):
+    register_kind(_kind)
+
+_L, _T, _TENSOR = torch.linalg, torch, torch.Tensor
+
+
+def _spell(*spellings: tuple) -> tuple[Spelling, ...]:
+    return tuple(Spelling(*s) for s in spellings)
+
+
+_EIG_WORDS = HazardWords(_EIGEN, "the eigenvector gradient divides by eigenvalue gaps lambda_j - lambda_i: a tie "
+                         "(gap 0) gives 0/0, a small gap amplifies by 1/gap", "gaps in eigenvalue units")
+_INVERTS = HazardWords(_SINGULAR, "the op inverts the matrix: its output and gradient scale with 1/s_min, so "
+                       "digits are lost in proportion to the condition number s_max/s_min", "log10 condition number")
+_NORM_SPELLINGS = _spell((_L, "matrix_norm", "linalg.matrix_norm", "", matrix_order),
+                         (_L, "norm", "linalg.norm", "", matrix_order),
+                         (_T, "norm", "norm", "", matrix_order), (_TENSOR, "norm", "norm", "", matrix_order))
+for _op in (
+    LinalgOp("eigh", "eigh", _EIG_WORDS, TIE, _spell((_L, "eigh", "linalg.eigh")), aten=("_linalg_eigh",)),
+    LinalgOp("eigvalsh", "eigvalsh", HazardWords(_EIGEN, "eigenvalue-only: the gradient V diag(g) V^H is finite "
+             "for any spectrum; ties only make V non-unique", "eigenvalue units"),
+             TIE, _spell((_L, "eigvalsh", "linalg.eigvalsh"))),
+    LinalgOp("svd", "svd", HazardWords(_SINGULAR, "the singular-vector gradient divides by s_j^2 - s_i^2: tied "
+             "singular values (including repeated zeros of a rank-deficient input) give 0/0",
+             "gaps in squared singular values (s^2)"),
+             TIE, _spell((_L, "svd", "linalg.svd"), (_T, "svd", "svd", "svd_old"), (_TENSOR, "svd", "svd", "svd_old")),
+             aten=("_linalg_svd",)),
+    LinalgOp("svdvals", "svdvals", HazardWords(_SINGULAR, "singular-value-only: the gradient U diag(g) V^H is "
+             "finite for any spectrum", "singular value units"), TIE, _spell((_L, "svdvals", "linalg.svdvals"))),
+    LinalgOp("cholesky", "herm", HazardWords(_EIGEN, "needs lambda_min > 0: fails or loses digits as lambda_min / "
+             "lambda_max approaches rounding", "eigenvalue units and log10 condition number"),
+             CONDITION, _spell((_L, "cholesky", "linalg.cholesky"), (_L, "cholesky_ex", "linalg.cholesky_ex"),
+                               (_T, "cholesky", "cholesky"), (_TENSOR, "cholesky", "cholesky"))),
+    LinalgOp("inv", "general", _INVERTS, CONDITION,
+             _spell((_L, "inv", "linalg.inv"), (_L, "inv_ex", "linalg.inv_ex"), (_T, "inverse", "inverse"),
+                    (_TENSOR, "inverse", "inverse"))),
+    LinalgOp("solve", "general", _INVERTS, CONDITION,
+             _spell((_L, "solve", "linalg.solve"), (_L, "solve_ex", "linalg.solve_ex"))),
+    LinalgOp("lstsq", "general", _INVERTS, CONDITION, _spell((_L, "lstsq", "linalg.lstsq"))),
+    LinalgOp("qr", "general", HazardWords(_SINGULAR, "R's diagonal vanishes for a rank-deficient input and the QR "
+             "backward divides by it", "log10 condition number"),
+             TIE, _spell((_L, "qr", "linalg.qr"), (_TENSOR, "qr", "qr"), (_T, "qr", "qr"))),
+    LinalgOp("pinv", "pinv", HazardWords(_SINGULAR, "pinv inverts the singular values above its cut-off and drops "
+             "the rest: one near the cut-off is dropped or inverted by rounding", "decades from the cut-off"),
+             PINV, _spell((_L, "pinv", "linalg.pinv"), (_T, "pinverse", "pinverse"),
+                          (_TENSOR, "pinverse", "pinverse"))),
+    LinalgOp("eig", "eig", _EIG_WORDS, EIG, _spell((_L, "eig", "linalg.eig")), aten=("linalg_eig",)),
+    LinalgOp("eigvals", "eigvals", HazardWords(_EIGEN, "eigenvalue-only, but a non-normal input makes eigenvalues "
+             "sensitive (condition of the eigenvector matrix)", "eigenvalue units"),
+             EIG, _spell((_L, "eigvals", "linalg.eigvals"))),
+    LinalgOp("matrix_norm", "norm", None, TIE, _NORM_SPELLINGS),
+    LinalgOp(ordered_name(2), norm_kind(2), HazardWords(_SINGULAR, "the spectral norm s_1: its gradient u_1 v_1^H "
+             "is undefined when s_1 is tied (top gap s_1^2 - s_2^2 = 0)", "top gap in squared singular values (s^2)")),
+    LinalgOp(ordered_name(-2), norm_kind(-2), HazardWords(_SINGULAR, "the smallest singular value s_n: its "
+             "gradient u_n v_n^H is undefined when s_n is tied (bottom gap s_(n-1)^2 - s_n^2 = 0)",
+             "bottom gap in squared singular values (s^2)")),
+    LinalgOp(ordered_name("nuc"), norm_kind("nuc"), HazardWords(_SINGULAR, "the nuclear norm sum(s): its gradient "
+             "U V^H is undefined where a singular value is 0 (rank-deficient input)", "s_min in singular value units")),
+    LinalgOp("cond", "general", HazardWords(_SINGULAR, "cond = s_max / s_min: its gradient scales as cond / s_min "
+             "and needs s_1 and s_n untied", "log10 condition number"), TIE, _spell((_L, "cond", "linalg.cond"))),
+    LinalgOp("det", "general", HazardWords(_SINGULAR, "the determinant's gradient det(A) A^-H is 0 * inf at a "
+             "singular matrix and loses digits with the condition number", "log10 condition number"),
+             CONDITION, _spell((_L, "det", "linalg.det"), (_T, "det", "det"), (_TENSOR, "det", "det"))),
+    LinalgOp("slogdet", "general", HazardWords(_SINGULAR, "log|det|'s gradient A^-H scales with 1/s_min: infinite "
+             "at a singular matrix", "log10 condition number"),
+             CONDITION, _spell((_L, "slogdet", "linalg.slogdet"), (_T, "slogdet", "slogdet"),
+                               (_TENSOR, "slogdet", "slogdet"), (_T, "logdet", "logdet"),
+                               (_TENSOR, "logdet", "logdet"))),
+    LinalgOp("lu", "general", HazardWords(_SINGULAR, "LU pivots shrink with s_min: a singular matrix has a zero "
+             "pivot and the solve / backward divides by it", "log10 condition number"),
+             TIE, _spell((_L, "lu", "linalg.lu"), (_L, "lu_factor", "linalg.lu_factor"),
+                         (_L, "lu_factor_ex", "linalg.lu_factor_ex"))),
+    LinalgOp("matrix_rank", "general", HazardWords(_SINGULAR, "the rank counts singular values above a tolerance: "
+             "values near it flip the rank by rounding (no gradient)", "s_min in singular value units"),
+             TIE, _spell((_L, "matrix_rank", "linalg.matrix_rank"))),
+):
+    register(_op)

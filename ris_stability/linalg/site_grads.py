@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ris_stability.instruments.grads import float64_norms
+from ris_stability.numerics.norms import float64_norms, norm64
 from ris_stability.numerics.stats import eig_backward_terms
 
 _KEEP_NUMEL = 1 << 16  # larger gradients are reduced to their norm at once instead of kept
@@ -27,7 +27,7 @@ class BackwardRecord:
     # device float64: sum over calls of (||dL/dA|| * ||A||)^2, the gradient each call passed back to its
     # matrix in units of that matrix (unchanged when the matrix is rescaled): the site's contribution.
     back: Tensor | None = None
-    # device float64 maxima over the calls of an eig site's backward parts (linalg_stats.eig_backward_terms)
+    # device float64 maxima over the calls of an eig site's backward parts (numerics.stats.eig_backward_terms)
     eig_terms: dict[str, Tensor] = field(default_factory=dict)
     _vec_grads: list[Tensor] = field(default_factory=list)
     _back: list[tuple[Tensor, Tensor]] = field(default_factory=list)
@@ -76,12 +76,6 @@ class BackwardRecord:
                     old = self.eig_terms.get(key)
                     self.eig_terms[key] = value if old is None else torch.maximum(old, value.to(old.device))
         self._vec_grads, self._back, self._eig = [], [], []
-
-
-def norm64(t: Tensor) -> Tensor:
-    """The L2 norm as a float64 0-d tensor, accumulated in the tensor's own precision (accumulating a large
-    float32 tensor in float64 is ~10x slower on CPU; these norms only attribute a gradient to a site)."""
-    return torch.linalg.vector_norm(torch.view_as_real(t) if t.is_complex() else t).to(torch.float64)
 
 
 def _same_shapes(calls: list[tuple[Tensor, ...]]) -> list[tuple[Tensor, ...]]:

@@ -9,23 +9,29 @@ Nothing here synchronises with the device.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
+from ris_stability.linalg import registry
+from ris_stability.linalg.norms import SPECTRAL_ORDERS, norm_kind
+from ris_stability.linalg.op_spec import Kind, Output
 from ris_stability.numerics.stats import (STAT_KEYS, eig_stats, hermitian_error, matrix_stats,
                                        pinv_cutoff_margin, singular_stats)
 from ris_stability.numerics.spectrum import eigen_table, singular_table
 from ris_stability.numerics.tolerances import tie_tol
 
+log = logging.getLogger(__name__)
+
 StatsFn = Callable[[Tensor, Any, Any], dict[str, Tensor]]
 
 
 @dataclass(frozen=True)
-class Kind:
+class Measurement:
     """How a kind of op is measured: its statistics, which outputs hold vectors whose gradient is the
     tie hazard, and whether its input is Hermitian by contract (a Hermitian error is then a finding).
     ``table``: for the kinds that return their spectrum, the statistics of that spectrum as one
@@ -82,15 +88,17 @@ def _from_input(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
 HERM_SAMPLE = 4  # matrices of a batch whose Hermitian error is measured (an O(n^2) pass per matrix)
 
 
-def _eigh_table(flat: Tensor, out: Any, k) -> Tensor:
-    """The spectrum statistics of every matrix of the batch (O(n) each, from the op's eigenvalues) and the
-    Hermitian error of the first HERM_SAMPLE (NaN for the others: the worst case ignores them)."""
-    values = out[0] if isinstance(out, (tuple, list)) else out
-    b = flat.shape[0]
-    herm = hermitian_error(flat[:HERM_SAMPLE])
-    if b > HERM_SAMPLE:
-        herm = torch.cat([herm, torch.full((b - HERM_SAMPLE,), math.nan, dtype=herm.dtype, device=herm.device)])
-    return eigen_table(_first(values, b), k=k, dtype=flat.dtype, herm_err=herm)
+def _eigh_table(index: int | None):
+    def table(flat: Tensor, out: Any, k) -> Tensor:
+        """The spectrum statistics of every matrix of the batch (O(n) each, from the op's eigenvalues) and
+        the Hermitian error of the first HERM_SAMPLE (NaN for the others: the worst case ignores them)."""
+        values = out if index is None else out[index]
+        b = flat.shape[0]
+        herm = hermitian_error(flat[:HERM_SAMPLE])
+        if b > HERM_SAMPLE:
+            herm = torch.cat([herm, torch.full((b - HERM_SAMPLE,), math.nan, dtype=herm.dtype, device=herm.device)])
+        return eigen_table(_first(values, b), k=k, dtype=flat.dtype, herm_err=herm)
+    return table
 
 
 def _svd_table(index: int | None):
@@ -127,23 +135,58 @@ def _pinv(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
     return result
 
 
-KINDS: dict[str, Kind] = {
-    "eigh": Kind(_from_input, vector_outputs=(1,), hermitian=True, table=_eigh_table),
-    "eigvalsh": Kind(_from_input, hermitian=True, table=_eigh_table),
-    "herm": Kind(_from_input, hermitian=True),
-    "svd": Kind(general_stats, vector_outputs=(0, 2), table=_svd_table(1)),
-    "svd_old": Kind(general_stats, vector_outputs=(0, 2), table=_svd_table(1)),
-    "svdvals": Kind(general_stats, table=_svd_table(None)),
-    "general": Kind(general_stats),
-    "eig": Kind(_eig_at(0), vector_outputs=(1,)),
-    "eigvals": Kind(_eig_at(None)),
-    "pinv": Kind(_pinv),
+def _norm_stats(order: Any) -> StatsFn:
+    """A matrix norm's statistics: the gap its order depends on (top for 2, bottom for -2, none for 'nuc')."""
+    def stats(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
+        r = min(flat.shape[-2:])
+        split = 1 if order == 2 else (r - 1 if order == -2 else None)
+        return general_stats(flat, None, split)
+    return stats
+
+
+# The statistics families a registry Kind names (``Kind.statistics``); register_kind adds its own.
+_FAMILIES: dict[str, Callable[[Kind], StatsFn]] = {
+    "hermitian": lambda kind: _from_input,
+    "singular": lambda kind: general_stats,
+    "eig": lambda kind: _eig_at(kind.output.at),
+    "pinv": lambda kind: _pinv,
+    **{norm_kind(order): (lambda kind, order=order: _norm_stats(order)) for order in SPECTRAL_ORDERS},
 }
+_CUSTOM: dict[str, StatsFn] = {}
+
+
+def _table_of(kind: Kind) -> Callable[[Tensor, Any, Any], Tensor] | None:
+    output = kind.output
+    if not output.sorted:
+        return None
+    return _eigh_table(output.at) if output.spectrum == "eigenvalues" else _svd_table(output.at)
+
+
+def _measurements() -> dict[str, Measurement]:
+    found = {}
+    for name, kind in registry.KINDS.items():
+        if not kind.statistics:  # resolved per call into another kind (a norm into its order)
+            continue
+        stats = _CUSTOM.get(name)
+        if stats is None and kind.statistics not in _FAMILIES:
+            log.warning("kind %r names statistics %r, which linalg.site_stats does not compute (known: %s; "
+                        "register_kind adds a kind with its own): its calls are not measured", name,
+                        kind.statistics, ", ".join(sorted(_FAMILIES)))
+            continue
+        found[name] = Measurement(stats or _FAMILIES[kind.statistics](kind), kind.output.vectors, kind.hermitian,
+                                  _table_of(kind))
+    return found
+
+
+# kind -> how its calls are measured, for every kind of the registry with statistics of its own.
+KINDS: Mapping[str, Measurement] = registry.derived_table(_measurements)
 
 
 def register_kind(name: str, stats: StatsFn, vector_outputs: tuple[int, ...] = (), hermitian: bool = False) -> None:
-    """Add (or replace) the statistics of a kind of op, for entry points added with intercept.add_entry_point."""
-    KINDS[name] = Kind(stats, tuple(vector_outputs), hermitian)
+    """Add (or replace) a kind of op with its own statistics, for ops registered with
+    ris_stability.linalg.registry.register (measured call by call)."""
+    _CUSTOM[name] = stats
+    registry.register_kind(Kind(name, name, Output(vectors=tuple(vector_outputs)), hermitian, batched=False))
 
 
 def stat_rows(kind: str, flat: Tensor, out: Any, k) -> Tensor:
@@ -165,14 +208,17 @@ def stat_rows(kind: str, flat: Tensor, out: Any, k) -> Tensor:
     return torch.stack(columns, dim=-1)
 
 
-# Kinds measured from (input, output) that can be measured for many calls at once: the statistics of a
-# site called once per sample in a Python loop are computed per step on the concatenated calls, not per
-# call (a dozen small kernels each). Kinds not listed (added by register_kind) are measured per call.
-_OUTPUT_KINDS = frozenset({"eigh", "eigvalsh", "svd", "svd_old", "svdvals", "eig", "eigvals"})
-_INPUT_KINDS = frozenset({"herm", "general", "pinv"})
+# Kinds whose calls can be measured together: the statistics of a site called once per sample in a Python
+# loop are computed per step on the concatenated calls, not per call (a dozen small kernels each). From the
+# spectrum the output gives, or from the input alone; other kinds (norm orders, register_kind) call by call.
+_OUTPUT_KINDS = registry.derived_names(
+    lambda: (k.name for k in registry.KINDS.values() if k.batched and k.statistics and k.output.spectrum))
+_INPUT_KINDS = registry.derived_names(
+    lambda: (k.name for k in registry.KINDS.values() if k.batched and k.statistics and not k.output.spectrum))
 NOT_BATCHABLE = object()
 # The output each tuple-returning kind's statistics read: eigenvalues of eigh/eig, S of svd.
-_SPECTRUM_OUTPUT = {"eigh": (0,), "eig": (0,), "svd": (1,), "svd_old": (1,)}
+_SPECTRUM_OUTPUT = registry.derived_table(
+    lambda: {k.name: (k.output.at,) for k in registry.KINDS.values() if k.output.spectrum and k.output.at is not None})
 
 
 def batch_parts(kind: str, out: Any, batch_dims: int, b: int) -> Any:

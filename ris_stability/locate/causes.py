@@ -33,19 +33,23 @@ class Cause:
 @dataclass(frozen=True)
 class Observation:
     """Everything the table may look at. ``culprit``: the op's inputs at the first non-finite output
-    element, in argument order (None for an input that is not elementwise), or None when unknown."""
+    element, in argument order (None for an input that is not elementwise), or None when unknown.
+
+    Unlike a :class:`Finding` (the verdict, stored on disk), an observation holds the raw evidence: the
+    culprit as values, not words, and no cause yet. Fields: what ran, what it saw, then where it was
+    called from (which no rule decides on: the cause's words only name the place)."""
 
     phase: str
     op: str = ""
     node: str = ""
-    function: str = ""
-    location: str = ""
-    inputs: tuple[TensorSummary, ...] = ()
-    output: TensorSummary | None = None
     culprit: tuple[Value, ...] | None = None
+    output: TensorSummary | None = None
+    inputs: tuple[TensorSummary, ...] = ()
     message: str = ""
     context: str = ""  # set when the op turned a mask's intentional infinities into NaN
     intentional: bool = False  # the origin itself is a mask's -inf that reached the loss or gradients
+    function: str = ""  # the torch-level call, e.g. "torch.linalg.eigh"
+    location: str = ""  # file:line of that call; for phase input the path of the bad argument
 
 
 # --- remedies -------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def _check_keys(data: Mapping[str, Any], cls: type, what: str, extra: tuple[str,
 class TensorSummary:
     """What one tensor looked like. ``min``/``max`` are over the finite entries (of ``|z|`` for
     complex tensors, where ``min``/``max`` describe magnitudes); None when there is no finite entry.
-    ``spectral`` holds worst-over-batch statistics (keys of ``linalg_stats.STAT_KEYS``) or is empty."""
+    ``spectral`` holds worst-over-batch statistics (keys of ``numerics.stats.STAT_KEYS``) or is empty."""
 
     name: str
     shape: tuple[int, ...]

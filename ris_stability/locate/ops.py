@@ -10,9 +10,10 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from ris_stability.numerics import stats as linalg_stats
-from ris_stability.locate.causes import is_linalg_op
+from ris_stability.linalg import registry
 from ris_stability.linalg.site_stats import complex_gap_stats
+from ris_stability.locate.causes import is_linalg_op
+from ris_stability.numerics import stats as spectrum_stats
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,10 @@ _FRESH = frozenset({_aten.empty, _aten.empty_like, _aten.empty_strided, _aten.ne
 # In-place ops that overwrite ``self`` completely: its previous content is not an input.
 _OVERWRITE = frozenset({_aten.copy_, _aten.fill_, _aten.zero_, _aten.normal_, _aten.uniform_, _aten.random_,
                         _aten.bernoulli_, _aten.exponential_, _aten.geometric_, _aten.log_normal_, _aten.cauchy_})
-_SPECTRAL_OPS = {_aten._linalg_eigh: ("eigh", 0), _aten._linalg_svd: ("svd", 1), _aten.linalg_eig: ("eig", 0)}
+# aten op -> (kind, index of its spectrum in the output): the registry's ops that name aten ops whose
+# spectrum the locator summarises when a non-finite value is born downstream ("eigh", "svd" or "eig").
+_SPECTRAL_OPS = registry.derived_table(lambda: {getattr(_aten, packet): (op.kind, registry.spectrum_at(op))
+                                                for op in registry.OPS.values() for packet in op.aten})
 _CHECK_ERRORS = _aten._linalg_check_errors
 # Bookkeeping ops that never name what the user computed.
 _TRIVIAL = frozenset({_aten.detach, _aten.alias, _aten.lift_fresh, _aten.view, _aten._unsafe_view})
@@ -127,13 +131,17 @@ def culprit_values(func, inputs: list[tuple[str, Any]], bad: Tensor) -> tuple[tu
 
 
 def _spectral_stats(kind: str, values: Tensor, dtype=None) -> dict[str, float]:
-    if kind == "eig":  # complex, unordered eigenvalues: pairwise gaps (the eig backward divides by them)
+    """Worst-case statistics of the spectrum ``values`` an op of registry ``kind`` returned."""
+    spec = registry.KINDS.get(kind)
+    if spec is not None and spec.statistics == "eig":
+        # complex, unordered eigenvalues: pairwise gaps (the eig backward divides by them)
         stats = complex_gap_stats(values.detach(), dtype or values.dtype)
         mags = values.detach().abs().to(torch.float64)
         stats.update(lambda_max=mags.amax(-1), n=torch.full_like(mags[..., 0], float(values.shape[-1])))
-        return linalg_stats.to_floats(linalg_stats.worst(stats))
-    fn = linalg_stats.eigen_stats if kind == "eigh" else linalg_stats.singular_stats
-    return linalg_stats.to_floats(linalg_stats.worst(fn(values.detach(), dtype=dtype)))
+        return spectrum_stats.to_floats(spectrum_stats.worst(stats))
+    sorted_eigen = spec is not None and spec.output.spectrum == "eigenvalues"
+    fn = spectrum_stats.eigen_stats if sorted_eigen else spectrum_stats.singular_stats
+    return spectrum_stats.to_floats(spectrum_stats.worst(fn(values.detach(), dtype=dtype)))
 
 
 def _matrix_spectral(op: str, t: Any) -> dict[str, float]:
@@ -142,7 +150,7 @@ def _matrix_spectral(op: str, t: Any) -> dict[str, float]:
             or not is_linalg_op(op) or not _finite(t)):
         return {}
     try:
-        return linalg_stats.to_floats(linalg_stats.worst(linalg_stats.matrix_stats(t)))
+        return spectrum_stats.to_floats(spectrum_stats.worst(spectrum_stats.matrix_stats(t)))
     except torch.linalg.LinAlgError as exc:
         # The statistics' own eigvalsh failed on this input: report the op without them rather
         # than let the instrument's error pass for the user's.

@@ -1,8 +1,11 @@
-"""MonitorConfig: what the StabilityMonitor measures and how often, validated on construction; and the
-rule that names the linear-algebra site most likely behind a non-finite backward."""
+"""MonitorConfig: what the StabilityMonitor measures, how often (``sampled``) and what it asks of the loop on a
+non-finite step (``policy``), validated once, on construction; ``monitor_config`` builds one from a front
+door's keyword settings; and the rule that names the linear-algebra site most likely behind a non-finite
+backward."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -11,6 +14,8 @@ from ris_stability.monitor import amp
 from ris_stability.records import SettingError
 
 SPIKE_WARMUP = 5  # logged steps before a gradient norm has a baseline
+Policy = Literal["skip", "stop", "observe"]
+POLICIES: tuple[str, ...] = ("skip", "stop", "observe")  # the choices of Policy, in the order shown to users
 
 
 @dataclass(frozen=True)
@@ -19,7 +24,7 @@ class MonitorConfig:
     max_matrices: int | None = 4  # matrices of each batch the probes analyse
     grad_depth: int = 2  # module-tree depth of the per-module gradient norms
     dead_after: int = 50  # steps after which a parameter / loss term that never moved is reported
-    policy: Literal["skip", "stop", "observe"] = "skip"  # what to ask of the loop on a non-finite step
+    policy: Policy = "skip"  # what to ask of the loop on a non-finite step
     max_capsules: int = 5  # capsules written per run (the first bad steps are the informative ones)
     update_every: int = 10  # update ratios (a parameter snapshot per step) every n steps: they move slowly
     spike_factor: float = 10.0  # a logged grad norm above factor x its running median (and factor robust sigmas)
@@ -39,8 +44,29 @@ class MonitorConfig:
             raise SettingError(f"MonitorConfig: spike_factor={self.spike_factor} must be > 1, spike_window="
                                f"{self.spike_window} >= {SPIKE_WARMUP} and audit_every={self.audit_every} >= 0 "
                                "(0: no sampled audits)")
-        if self.policy not in ("skip", "stop", "observe"):
-            raise SettingError(f"MonitorConfig.policy={self.policy!r}: valid choices 'skip', 'stop', 'observe'")
+        if self.policy not in POLICIES:
+            raise SettingError(f"on_nonfinite / MonitorConfig.policy = {self.policy!r}: valid choices "
+                               f"{', '.join(repr(p) for p in POLICIES)}")
+
+    def sampled(self, step: int) -> bool:
+        """Whether matrix and gradient statistics are taken at ``step`` (non-finite checks run every step)."""
+        return step % self.every == 0
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(MonitorConfig))
+
+
+def monitor_config(config: MonitorConfig | None = None, **settings: Any) -> MonitorConfig:
+    """The front doors' settings: ``config`` (default MonitorConfig()) with ``settings`` replaced; a front door's
+    ``on_nonfinite=`` is the config's ``policy``. An unknown name is a SettingError listing the valid ones."""
+    if "on_nonfinite" in settings:
+        settings["policy"] = settings.pop("on_nonfinite")
+    unknown = sorted(set(settings) - set(_FIELDS))
+    if unknown:
+        raise SettingError(f"unknown monitor setting(s) {', '.join(unknown)}; valid: on_nonfinite, "
+                           f"{', '.join(_FIELDS)}")
+    base = config if config is not None else MonitorConfig()
+    return dataclasses.replace(base, **settings) if settings else base
 
 
 def suspect_site(sites: dict[str, dict[str, Any]]) -> dict[str, Any] | None:

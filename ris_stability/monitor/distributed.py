@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
+# The run folder's shard layout and the waits on its files live with the other on-disk formats; re-exported
+# here for the callers that still reach them through this module.
+from ris_stability.records.shards import (RANK0_DONE, SHARD_PREFIX, SHARD_WAIT_S, mark_rank0_done, shard_dir,
+                                          shard_dirs, wait_for_rank0, wait_for_shards)
 
-SHARD_PREFIX = "rank"  # rank r > 0 writes its trace shard in <run>/rank<r>/; rank 0 writes <run>/ itself
-SHARD_WAIT_S = 60.0  # how long rank 0 waits for the other ranks' shards to be closed before its report
-# Rank 0 of a traced script touches this file in the run folder once its summary and report are written;
-# the other ranks wait for it before they exit (torchrun stops every rank as soon as one exits with an
-# error, which would cut rank 0's report short).
-RANK0_DONE = ".rank0-done"
+log = logging.getLogger(__name__)
 
 
 class RankLostError(RuntimeError):
@@ -83,45 +79,6 @@ def launcher_rank() -> int:
         return 0
 
 
-def wait_for_shards(run_dir: str | Path, world: int, since: float, timeout_s: float = SHARD_WAIT_S) -> list[int]:
-    """Wait until every rank r > 0 has closed its shard (its summary.json written at or after ``since``,
-    a time.time()); returns the ranks still missing after ``timeout_s``. For runs whose process group may
-    be gone by then (a traced script destroys its own), so no barrier is possible; the run folder must be
-    on a filesystem every rank writes to (one node: always)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        missing = [r for r in range(1, world) if not _closed(shard_dir(run_dir, r) / "summary.json", since)]
-        if not missing or time.monotonic() >= deadline:
-            return missing
-        time.sleep(0.1)
-
-
-def mark_rank0_done(run_dir: str | Path) -> None:
-    """Rank 0: the run folder is complete (summary and report written)."""
-    try:
-        (Path(run_dir) / RANK0_DONE).touch()
-    except OSError as err:
-        log.warning("cannot mark %s as complete (%s); the other ranks wait for it until their timeout", run_dir, err)
-
-
-def wait_for_rank0(run_dir: str | Path, since: float, timeout_s: float = SHARD_WAIT_S) -> bool:
-    """Ranks > 0: wait until rank 0 has marked the run folder complete (at or after ``since``, a
-    time.time()); False after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not _closed(Path(run_dir) / RANK0_DONE, since):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
-def _closed(summary: Path, since: float) -> bool:
-    try:
-        return summary.stat().st_mtime >= since - 1.0  # 1 s: coarse filesystem timestamps
-    except OSError:
-        return False
-
-
 def barrier() -> None:
     """Wait for every rank (no-op outside a process group); a lost peer is logged, not raised: the run
     is over and each rank's shard is already flushed."""
@@ -131,22 +88,6 @@ def barrier() -> None:
         dist.barrier()
     except RuntimeError as err:
         log.warning("rank %d: end-of-run barrier failed (%s); another rank has already stopped", rank(), err)
-
-
-def shard_dir(run_dir: str | Path, r: int | None = None) -> Path:
-    """The folder rank ``r`` writes its trace to (rank 0: the run folder itself)."""
-    r = rank() if r is None else r
-    return Path(run_dir) if r == 0 else Path(run_dir) / f"{SHARD_PREFIX}{r}"
-
-
-def shard_dirs(run_dir: str | Path) -> dict[int, Path]:
-    """The shards present in a run folder, by rank (rank 0 is the folder itself)."""
-    run_dir = Path(run_dir)
-    found = {0: run_dir}
-    for sub in run_dir.glob(f"{SHARD_PREFIX}[0-9]*"):
-        if sub.is_dir() and sub.name[len(SHARD_PREFIX):].isdigit():
-            found[int(sub.name[len(SHARD_PREFIX):])] = sub
-    return dict(sorted(found.items()))
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

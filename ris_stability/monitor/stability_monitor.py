@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from ris_stability.records.capsule import Capsule, capsule_path, capture_rng, clone_state, restore_rng, rng_snapshot, rng_state
+from ris_stability.records.capsule import capture_rng, restore_rng, rng_snapshot, rng_state
 from ris_stability.monitor import amp
 from ris_stability.monitor import distributed
 from ris_stability.instruments.grads import TOTAL_KEY, GradMonitor, float64_norms
@@ -24,14 +24,14 @@ from ris_stability.observe.loopstack import COMPILE_LIMITATION, compiled_parts, 
 from ris_stability.instruments.spikes import SpikeDetector
 from ris_stability.instruments.probe import SpectralProbe
 from ris_stability.records import TraceWriter
-from ris_stability.linalg.hazards import site_hazards
 from ris_stability.monitor.config import SPIKE_WARMUP, MonitorConfig, suspect_site
-from ris_stability.monitor.session import LoopContext, MonitorSession  # noqa: F401  (public names, re-exported)
+from ris_stability.monitor.context import LoopContext, NonFiniteError
+from ris_stability.monitor.writing import MonitorWriting
 
 log = logging.getLogger(__name__)
 
 
-class StabilityMonitor:
+class StabilityMonitor(MonitorWriting):
     """Observe a training run and write a trace folder.
 
     ``batch_state(batch) -> dict`` turns a batch into capsule content; ``config_text`` is stored in
@@ -141,31 +141,27 @@ class StabilityMonitor:
             self.writer = None
 
     # -- loop callback protocol ------------------------------------------------------------------
-    def on_train_start(self, ctx: Any) -> None:
-        self.attach(ctx.model, getattr(ctx, "loss_fn", None), getattr(ctx, "roots", None))
+    def on_train_start(self, ctx: LoopContext) -> None:
+        self.attach(ctx.model, ctx.loss_fn, ctx.roots)
 
-    def on_step_start(self, ctx: Any) -> None:
+    def on_step_start(self, ctx: LoopContext) -> None:
         self._rng = rng_snapshot()
         self.overflow, self._amp_scale = False, None
         if self.dist is not None:
             self.dist.start_step(ctx.step)
             self._decision = None
         # a step run under the locator is not sampled: the probe's own statistics would pass its modes
-        if ctx.step % self.cfg.every == 0 and not getattr(ctx, "locating", False):
-            self.probe.set_signal_dim(getattr(ctx, "signal_dims", None))
+        if self.cfg.sampled(ctx.step) and not ctx.locating:
+            self.probe.set_signal_dim(ctx.signal_dims)
             self.probe.sampling = True
 
-    def on_after_forward(self, ctx: Any) -> None:
-        """Loss terms are recorded at step end, and only for steps that stepped with finite values."""
-
-    def on_after_backward(self, ctx: Any) -> None:
+    def on_after_backward(self, ctx: LoopContext) -> None:
         """The gradients of this optimizer step are complete (after the last micro-batch's backward)."""
-        sampled = ctx.step % self.cfg.every == 0
+        sampled = self.cfg.sampled(ctx.step)
         if self.probe.sampling:  # vec_grad hooks have fired: backward is done
             self._sites = self.probe.collect()
             self.probe.sampling = False  # validation and later calls are not training matrices
-        scaler = getattr(ctx, "scaler", None)
-        scaler = scaler if amp.is_scaler(scaler) else None
+        scaler = ctx.scaler if amp.is_scaler(ctx.scaler) else None
         opts = optimizers_of(ctx)
         scale = amp.scale_of(scaler) if scaler is not None else 1.0
         norms = None
@@ -187,12 +183,12 @@ class StabilityMonitor:
         if finite and sampled and first:
             self._check_spike(ctx)
 
-    def on_before_optimizer_step(self, ctx: Any) -> None:
+    def on_before_optimizer_step(self, ctx: LoopContext) -> None:
         if self._measures_update(ctx.step) and not ctx.skip_requested:
             self.grads.before_step(optimizers_of(ctx))
 
-    def on_step_end(self, ctx: Any) -> None:
-        skipped = bool(getattr(ctx, "skipped", False))
+    def on_step_end(self, ctx: LoopContext) -> None:
+        skipped = ctx.skipped
         if skipped:
             self.skipped_steps.append(ctx.step)
             self.writer.event("step_skipped", "warning", f"step {ctx.step} skipped ({ctx.skip_reason})",
@@ -200,28 +196,29 @@ class StabilityMonitor:
         if self._measures_update(ctx.step) and not skipped and optimizers_of(ctx):
             self.grads.after_step(optimizers_of(ctx))
         ok = not skipped and ctx.step not in self.nonfinite_steps and not self.overflow
-        if ctx.step % self.cfg.every == 0:
+        if self.cfg.sampled(ctx.step):
             self.grads.settle(ok)  # liveness counts only steps that stepped with finite gradients
             if ok:
                 self.grads.observe_terms(ctx.terms)
         loss = float(ctx.loss.detach()) if ctx.loss is not None else math.nan
         self._losses.append(loss)
-        if ctx.step % self.cfg.every == 0 or ctx.step in self.nonfinite_steps:
+        if self.cfg.sampled(ctx.step) or ctx.step in self.nonfinite_steps:
             self._write_row(ctx, loss, skipped)
 
-    def on_exception(self, ctx: Any, exc: BaseException) -> None:
-        self._status = "stopped" if type(exc).__name__ == "NonFiniteError" else "crashed"
+    def on_exception(self, ctx: LoopContext | None, exc: BaseException, stopped: bool | None = None) -> None:
+        """The run ended on ``exc``: ``stopped`` (default: exc is a NonFiniteError) by the stop policy, else crashed."""
+        self._status = "stopped" if (isinstance(exc, NonFiniteError) if stopped is None else stopped) else "crashed"
         lost = self.dist is not None and distributed.is_collective_failure(exc)
         if lost:
             self._status = "rank_lost"
             msg = str(exc) if isinstance(exc, distributed.RankLostError) else distributed.rank_lost_message(
-                self.dist.rank, getattr(ctx, "step", None), exc)
+                self.dist.rank, ctx.step if ctx is not None else None, exc)
         if self.writer is not None:
             self.writer.event("run_stopped", "error", msg if lost else f"{type(exc).__name__}: {exc}",
-                              step=getattr(ctx, "step", None), **({"rank_lost": True} if lost else {}))
+                              step=ctx.step if ctx is not None else None, **({"rank_lost": True} if lost else {}))
         self.detach()
 
-    def on_train_end(self, ctx: Any) -> None:
+    def on_train_end(self, ctx: LoopContext | None) -> None:
         if self.nonfinite_steps and self._status == "clean":
             self._status = "nonfinite"
         self.detach()
@@ -229,9 +226,9 @@ class StabilityMonitor:
     # -- internals ----------------------------------------------------------------------------------
     def _measures_update(self, step: int) -> bool:
         """Update ratios are taken on logged steps that are also multiples of update_every."""
-        return step % self.cfg.every == 0 and step % self.cfg.update_every == 0
+        return self.cfg.sampled(step) and step % self.cfg.update_every == 0
 
-    def _grads_finite(self, ctx: Any, norms: torch.Tensor | None = None) -> bool:
+    def _grads_finite(self, ctx: LoopContext, norms: torch.Tensor | None = None) -> bool:
         """One device sync for gradients and loss together; ``norms``: this step's grad norms from the grad
         monitor (None: measured here, in float64)."""
         if norms is not None and norms is self.grads.last_norms:
@@ -254,7 +251,7 @@ class StabilityMonitor:
             ok = loss_ok if ok is None else ok & loss_ok.to(ok.device)
         return True if ok is None else bool(ok)
 
-    def _amp_step(self, ctx: Any, scale: float, finite: bool) -> None:
+    def _amp_step(self, ctx: LoopContext, scale: float, finite: bool) -> None:
         """Under a GradScaler: an overflow is the scaler's routine (recorded, no capsule, no skip request:
         the scaler skips by itself); a scale that stays below 1 is an incident; a non-finite loss is a fault."""
         loss_finite = ctx.loss is None or bool(torch.isfinite(ctx.loss))
@@ -273,10 +270,10 @@ class StabilityMonitor:
             if len(self.capsules) < self.cfg.max_capsules:
                 self._write_capsule(ctx, reason=msg)
 
-    def _on_nonfinite(self, ctx: Any, request: bool = True) -> None:
+    def _on_nonfinite(self, ctx: LoopContext, request: bool = True) -> None:
         step = ctx.step
         self.nonfinite_steps.append(step)
-        if step % self.cfg.every == 0:
+        if self.cfg.sampled(step):
             self.grads.count_nonfinite()
         loss_finite = ctx.loss is not None and bool(torch.isfinite(ctx.loss))
         kind = "nonfinite_grad" if loss_finite else "nonfinite_loss"
@@ -306,9 +303,9 @@ class StabilityMonitor:
             self._write_capsule(ctx, reason=msg)
         if not request:
             return
-        if self.cfg.policy == "skip" and hasattr(ctx, "request_skip"):
+        if self.cfg.policy == "skip":
             ctx.request_skip("nonfinite")
-        elif self.cfg.policy == "stop" and hasattr(ctx, "request_stop"):
+        elif self.cfg.policy == "stop":
             ctx.request_skip("nonfinite")
             ctx.request_stop(msg)
 
@@ -338,7 +335,7 @@ class StabilityMonitor:
             return True
         return self.dist.rank in self._decision.origins or (not self._decision.origins and self.dist.rank == 0)
 
-    def _check_spike(self, ctx: Any) -> None:
+    def _check_spike(self, ctx: LoopContext) -> None:
         norms = self.grads.peek_norms()
         sites = {name: site["grad_norm"] for name, site in self._sites.items()
                  if isinstance(site.get("grad_norm"), float)}
@@ -375,75 +372,3 @@ class StabilityMonitor:
                               baseline_error=result.baseline_error, remedies=list(result.remedies),
                               matrix=result.culprit or None)
         return result
-
-    def _write_capsule(self, ctx: Any, reason: str) -> None:
-        # After backward the optimizer has not stepped: parameters and optimizer state are still pre-step.
-        local = self.dist is not None and self._decision is not None
-        meta = {"torch": str(torch.__version__), "threads": torch.get_num_threads(), "replayer": self.replayer, "lr": float(getattr(ctx, "lr", math.nan)),
-                "loss": float(ctx.loss.detach()) if ctx.loss is not None else math.nan,
-                "grads_finite": bool(ctx.grads_finite) if ctx.grads_finite is not None else False}
-        if local:  # the replay runs this rank's batch alone: its reference is the local, not the reduced, result
-            meta.update(grads_finite=self._decision.local_ok, rank=self.dist.rank, world_size=self.dist.world,
-                        origin_ranks=self._decision.origins, local_grads=self.dist.local_grads is not None)
-        opts = [clone_state(opt.state_dict()) for opt in optimizers_of(ctx)]
-        grads = self.dist.local_grads if local else {n: p.grad.detach().clone()
-                                                     for n, p in self._model.named_parameters() if p.grad is not None}
-        cap = Capsule(step=ctx.step, batch=self.batch_state(ctx.batch), model_state=clone_state(self._model.state_dict()),
-                      optimizer_state=(opts[0] if len(opts) == 1 else {"optimizers": opts}) if opts else None,
-                      rng=rng_state(self._rng) if self._rng is not None else capture_rng(),
-                      config_text=self.config_text, reason=reason, meta=meta,
-                      grads=grads)
-        path = cap.save(capsule_path(self.run_dir, ctx.step))
-        self.capsules.append(path)
-        self.writer.event("capsule_written", "info", f"capsule for step {ctx.step} written", step=ctx.step,
-                          path=str(path.relative_to(self.run_dir)))
-
-    def _write_row(self, ctx: Any, loss: float, skipped: bool) -> None:
-        row: dict[str, Any] = {"step": ctx.step, "time_s": time.perf_counter() - self._t0,
-                               "lr": float(getattr(ctx, "lr", math.nan)), "skipped": skipped,
-                               "nonfinite": ctx.step in self.nonfinite_steps, "loss": loss,
-                               "spike": ctx.step in self.spike_steps}
-        if self._amp_scale is not None:
-            row.update(amp_scale=self._amp_scale, amp_overflow=self.overflow)
-        if getattr(ctx, "micro_batches", 1) > 1:
-            row["micro_batches"] = ctx.micro_batches
-        if self._decision is not None:  # this rank's view before the all-reduce (report: per-rank columns)
-            row.update({"local/grad_norm": self._decision.local_grad_norm,
-                        "local/nonfinite": 0.0 if self._decision.local_ok else 1.0, "local/origin_rank_count": len(self._decision.origins)})
-        row.update(self.grads.collect())
-        row.update({f"loss/{k}": float(v) for k, v in ctx.terms.items() if f"loss/{k}" not in row})
-        for name, site in self._sites.items():
-            row.update({f"mat/{name}/{k}": v for k, v in site["stats"].items()})
-            row[f"mat/{name}/vec_grad"] = 1.0 if site["vec_grad"] else 0.0
-            if site.get("grad_norm") is not None:
-                row[f"mat/{name}/grad_in"] = site["grad_norm"]
-            row.update({f"mat/{name}/{k}": v for k, v in (site.get("backward") or {}).items() if math.isfinite(v)})
-            self._flag(ctx.step, name, site)
-        self._sites = {}
-        self.writer.step(row)
-        self._report_dead(ctx.step)
-        if self.live is not None:
-            self.live.update(ctx.step + 1, row=row)
-
-    def _flag(self, step: int, name: str, site: dict[str, Any]) -> None:
-        for hazard in site_hazards(name, site, self._dtype):  # the right hazard for the site's op
-            if (name, hazard.kind) not in self._flagged:
-                self._flagged.add((name, hazard.kind))
-                self.writer.event(hazard.kind, hazard.severity, hazard.message, step=step, **hazard.data)
-
-    def _report_dead(self, step: int) -> None:
-        params, terms = self.grads.dead_parameters(), self.grads.dead_terms()
-        missing = [p for p in params if self.grads.never_had_grad(p)]
-        zero = [p for p in params if p not in missing]
-        n = self.grads.dead_after
-        for names, what in ((missing, f"received no gradient in {n}+ finite steps (grad is None: the loss does not "
-                                      "depend on them)"),
-                            (zero, f"gradient exactly zero in every one of {n}+ finite steps")):
-            if names:
-                self.writer.event("dead_parameter", "warning", f"{what}: {', '.join(names[:8])}"
-                                  + (f" (+{len(names) - 8})" if len(names) > 8 else ""), step=step, names=names,
-                                  gradient="none" if names is missing else "zero")
-        if terms:
-            self.writer.event("dead_loss_term", "warning", f"loss term(s) constant over {n}+ finite steps: "
-                              f"{', '.join(terms)}", step=step, names=terms)
-

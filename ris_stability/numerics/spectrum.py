@@ -1,7 +1,7 @@
 """The statistics of sorted spectra as one table ``(..., len(STAT_KEYS))``, in a few dozen kernels.
 
 :func:`eigen_table` (ascending eigenvalues, eigh order) and :func:`singular_table` (descending singular
-values, svd order) compute what ``linalg_stats.eigen_stats`` / ``singular_stats`` return as a dict, as the
+values, svd order) compute what ``numerics.stats.eigen_stats`` / ``singular_stats`` return as a dict, as the
 columns of one float64 tensor (columns in STAT_KEYS order; ``herm_err`` and the op hazards NaN unless
 given). The probe measures every sampled call with them, so their cost is the monitor's cost per linear-
 algebra site: on a CPU a small kernel costs a few microseconds whatever its size, so the statistics are
@@ -9,7 +9,7 @@ built from as few kernels as the definitions allow (three masked minima in one r
 ends in one gather, one stack, one poison), with no host synchronisation.
 
 Definitions (identical for both; on singular values the gaps and clusters are taken on s^2, see
-linalg_stats):
+numerics.stats):
 
 * ``rank``: entries above ``rank_tol(n, dtype, max)``; ``cond``: max/min, inf when min is within it;
 * ``min_gap``: smallest adjacent difference (NaN for n = 1); ``gap_split``: the difference between the

@@ -65,7 +65,7 @@ def eigen_stats(eigvals: Tensor, k: Tensor | int | None = None, dtype=None) -> d
     eigenvalues came from, which sets the tolerances (default: ``eigvals.dtype``).
     Returns the keys SORTED_KEYS (SPECTRUM_KEYS but ``herm_err``) as ``(...,)`` float64. ``cond`` is inf
     when the smallest |lambda| is within the rank tolerance; gaps undefined for the given n/k are NaN; a
-    sample with a non-finite eigenvalue gets NaN everywhere except ``n``. Definitions: spectrum_table.
+    sample with a non-finite eigenvalue gets NaN everywhere except ``n``. Definitions: numerics.spectrum.
     """
     _check_spectrum(eigvals, "eigen_stats")
     dtype = eigvals.dtype if dtype is None else dtype

@@ -12,13 +12,11 @@ import math
 
 import torch
 
-# THE tie rule is defined once, in the leaf op library (the gap-aware backwards drop exactly the pairs
-# it calls tied); re-exported here with the toolkit's other tolerances.
-from ris_stability.spectral.rule import TIE_MIN_N, TIE_SPREAD, tie_rtol
 
 
-class ToleranceError(TypeError):
-    """A tolerance was requested for a dtype that has no floating-point epsilon."""
+class ToleranceError(TypeError, ValueError):
+    """A tolerance was requested for what has none: a dtype without a floating-point epsilon (a TypeError),
+    a negative matrix size (a ValueError)."""
 
 
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,6 +36,26 @@ def eps_of(dtype: torch.dtype) -> float:
     return float(torch.finfo(real_dtype(dtype)).eps)
 
 
+# THE tie rule (the gap-aware backwards of ris_stability.spectral drop exactly the pairs it calls tied;
+# the reasoning is in ris_stability/spectral/rule.py). Two computed values of an exact tie are each off by
+# up to the error bound, in opposite directions in the worst case, so their distance can reach twice it.
+TIE_SPREAD = 2.0
+# Below this size the n*eps bound does not cover the rounding of forming the matrix itself (exact ties built
+# as Q diag(lambda) Q^H come back up to ~9 eps * scale apart whatever n).
+TIE_MIN_N = 8
+
+
+def tie_rtol(n: int, dtype: torch.dtype) -> float:
+    """THE tie rule, relative to the largest magnitude: ``TIE_SPREAD * max(n, TIE_MIN_N) * eps(dtype)``.
+
+    Two eigenvalues (or singular values) of an n x n problem closer than ``tie_rtol * scale`` cannot be
+    told apart: the backward's 1/gap for them is 0/0 or amplified rounding noise.
+    """
+    if n < 0:
+        raise ToleranceError(f"tie_rtol: matrix size n must be >= 0, got n={n}")
+    return TIE_SPREAD * max(int(n), TIE_MIN_N) * eps_of(dtype)
+
+
 def eig_abs_err(n: int, dtype: torch.dtype, scale):
     """Absolute error bound ``n * eps * scale`` of each computed eigenvalue (or singular value) of an
     n x n matrix whose spectral norm is ``scale`` (float or tensor; tensors give tensors)."""
@@ -53,7 +71,7 @@ def rank_tol(n: int, dtype: torch.dtype, lam_max):
 def tie_tol(n: int, dtype: torch.dtype, scale):
     """Distance at or below which two computed eigenvalues count as an exact tie.
 
-    Rule (``ris_stability.spectral.tie_rtol``): ``TIE_SPREAD * max(n, TIE_MIN_N) * eps * scale`` with
+    Rule (:func:`tie_rtol`): ``TIE_SPREAD * max(n, TIE_MIN_N) * eps * scale`` with
     ``scale`` the spectral norm (largest eigenvalue magnitude). Each computed eigenvalue of an exact tie
     lies within ``n * eps * scale`` of the true value, so the two can be up to twice that apart; a pair
     closer than this is, for the eigh backward (which divides by the computed difference),

@@ -13,8 +13,9 @@ A function outside torch that declares ``__spectral_op__ = "eigh"`` (e.g. a cust
 backward) is observed under its own name: the entry point it calls is attributed to it (found on the
 Python stack), and its outputs are the ones whose gradient is watched.
 
-Other helpers extend the table with :func:`add_entry_point` (a kind names the statistics the listener
-computes, see ``ris_stability.linalg.site_stats``).
+The table is filled by the op registry (``ris_stability.linalg.registry``), which declares each
+linear-algebra op once and hands its spellings to :func:`add_entry_point` (a kind names the statistics the
+listener computes, see ``ris_stability.linalg.site_stats``).
 """
 from __future__ import annotations
 
@@ -49,38 +50,16 @@ class EntryPoint:
         return _ORIGINALS.get(self, getattr(self.owner, self.attr))
 
 
-_L, _T = torch.linalg, torch
-ENTRY_POINTS: list[EntryPoint] = [
-    EntryPoint(_L, "eigh", "linalg.eigh", "eigh"),
-    EntryPoint(_L, "eigvalsh", "linalg.eigvalsh", "eigvalsh"),
-    EntryPoint(_L, "svd", "linalg.svd", "svd"),
-    EntryPoint(_L, "svdvals", "linalg.svdvals", "svdvals"),
-    EntryPoint(_L, "cholesky", "linalg.cholesky", "herm"),
-    EntryPoint(_L, "cholesky_ex", "linalg.cholesky_ex", "herm"),
-    EntryPoint(_L, "inv", "linalg.inv", "general"),
-    EntryPoint(_L, "inv_ex", "linalg.inv_ex", "general"),
-    EntryPoint(_L, "solve", "linalg.solve", "general"),
-    EntryPoint(_L, "solve_ex", "linalg.solve_ex", "general"),
-    EntryPoint(_L, "lstsq", "linalg.lstsq", "general"),
-    EntryPoint(_L, "qr", "linalg.qr", "general"),
-    EntryPoint(_L, "pinv", "linalg.pinv", "pinv"),
-    EntryPoint(_L, "eig", "linalg.eig", "eig"),
-    EntryPoint(_L, "eigvals", "linalg.eigvals", "eigvals"),
-    EntryPoint(_T, "cholesky", "cholesky", "herm"),
-    EntryPoint(torch.Tensor, "cholesky", "cholesky", "herm"),
-    EntryPoint(_T, "inverse", "inverse", "general"),
-    EntryPoint(torch.Tensor, "inverse", "inverse", "general"),
-    EntryPoint(_T, "pinverse", "pinverse", "pinv"),
-    EntryPoint(torch.Tensor, "pinverse", "pinverse", "pinv"),
-    EntryPoint(_T, "svd", "svd", "svd_old"),
-    EntryPoint(torch.Tensor, "svd", "svd", "svd_old"),
-]
+# The observed entry points. Filled by the op registry (ris_stability.linalg.registry.register), where each
+# linear-algebra op is declared once with all its spellings: this module only knows how to observe them.
+ENTRY_POINTS: list[EntryPoint] = []
 
 
 def add_entry_point(owner: Any, attr: str, name: str, kind: str,
                     when: Callable[[tuple, dict], bool] | None = None) -> EntryPoint:
     """Observe ``owner.attr`` as op ``name`` of statistics ``kind`` from the next time a listener starts
-    (only the calls for which ``when(args, kwargs)`` holds, when given)."""
+    (only the calls for which ``when(args, kwargs)`` holds, when given). Called by the op registry for
+    each spelling of a registered op; register ops there, so that hazards and locator know them too."""
     entry = EntryPoint(owner, attr, name, kind, when)
     if entry not in ENTRY_POINTS:
         ENTRY_POINTS.append(entry)

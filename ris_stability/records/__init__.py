@@ -1,7 +1,9 @@
-"""Trace files of a monitored run (format v1): the format, the writer, the tolerant reader.
+"""Everything a monitored run keeps on disk (trace format v1): the format, the writer, the tolerant reader.
 
 Parts: ``schema`` (file names, column families, errors), ``writer`` (TraceWriter, atomic JSON),
-``reader`` (read_trace, Trace, to_parquet). Everything is importable from ``ris_stability.records``.
+``reader`` (read_trace, Trace, to_parquet), all importable from ``ris_stability.records``; and, imported
+from their modules: ``capsule`` (one step saved for replay), ``shards`` (a data-parallel run folder's
+per-rank shards and the waits on them), ``listeners`` (the run observers a command installs, e.g. sinks).
 """
 
 from ris_stability.records.reader import (Trace, list_capsules, read_finding, read_meta, read_summary, read_trace,

@@ -16,9 +16,9 @@ import numbers
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
-from ris_stability.sinks.base import current_sinks
+from ris_stability.records.listeners import Listener, current_observer
 from ris_stability.records.schema import (EVENT_KINDS, EVENTS_FILE, FINDING_FILE, META_FILE, SCHEMA_NAME,
                                           SCHEMA_VERSION, SEVERITIES, STEPS_FILE, SUMMARY_FILE, TraceError)
 
@@ -97,7 +97,7 @@ class TraceWriter:
     """
 
     def __init__(self, run_dir: Path, meta: Mapping[str, Any], *, fsync: bool = False,
-                 listeners: Iterable[Callable[[str, Mapping[str, Any]], None]] = ()) -> None:
+                 listeners: Iterable[Listener] = ()) -> None:
         # Called with ("step", row) / ("event", record) after each line is written, ("summary", summary): how other instruments
         # (e.g. a sweep's pruner) follow a run as it happens without reading the files back.
         self.listeners = tuple(listeners)
@@ -122,9 +122,9 @@ class TraceWriter:
             raise TraceError(
                 f"cannot create the run folder {self.run_dir}: {exc}. Pass a writable output folder."
             ) from exc
-        sinks = current_sinks()  # TensorBoard / MLflow copies, when a command installed them
-        if sinks is not None:
-            self.listeners += (sinks.start_run(self.run_dir, full_meta),)
+        observer = current_observer()  # e.g. TensorBoard / MLflow sinks, when a command installed them
+        if observer is not None:
+            self.listeners += (observer.start_run(self.run_dir, full_meta),)
 
     def elapsed(self) -> float:
         return time.monotonic() - self._t0

@@ -15,7 +15,8 @@ import pandas as pd
 import torch
 
 from ris_stability.records import GRAD_NONFINITE_PREFIX, Trace, matrix_stats
-from ris_stability.linalg.hazards import CONDITION_OPS, EIG_OPS, site_op
+from ris_stability.linalg.hazards import CONDITION_OPS, EIG_OPS
+from ris_stability.linalg.site_names import site_op
 from ris_stability.numerics.tolerances import (PRECISION_GRAD_RTOL, TIE_MIN_N, eps_of, ill_conditioned_log10, real_dtype,
                                       tie_tol)
 

@@ -9,9 +9,9 @@ import dataclasses
 import math
 from pathlib import Path
 
-from ris_stability.monitor import distributed
 from ris_stability.records import list_capsules, read_finding, read_trace
 from ris_stability.records.reader import Trace
+from ris_stability.records.shards import shard_dirs
 from ris_stability.report import markdown as md
 
 LOCAL_NONFINITE, LOCAL_NORM = "local/nonfinite", "local/grad_norm"
@@ -47,7 +47,7 @@ def _step_rows(traces: dict[int, Trace]) -> list[tuple]:
 
 def ranks_blocks(run_dir: Path) -> list[str]:
     """Markdown blocks of the per-rank section; [] for a one-process run."""
-    shards = distributed.shard_dirs(run_dir)
+    shards = shard_dirs(run_dir)
     if len(shards) < 2:
         return []
     traces = {r: read_trace(d) for r, d in shards.items()}
@@ -71,7 +71,7 @@ def ranks_blocks(run_dir: Path) -> list[str]:
 def with_shards(trace: Trace) -> Trace:
     """Rank 0's trace with every shard's capsules, and the finding of the lowest rank that has one when
     rank 0 has none (tagged with its ``rank``); a one-process trace is returned as it is."""
-    shards = distributed.shard_dirs(trace.run_dir)
+    shards = shard_dirs(trace.run_dir)
     if len(shards) < 2:
         return trace
     capsules = [p for r, d in shards.items() for p in (trace.capsules if r == 0 else list_capsules(d))]
@@ -81,7 +81,7 @@ def with_shards(trace: Trace) -> Trace:
 def shard_finding(run_dir: Path) -> dict | None:
     """The finding.json of the lowest rank > 0 that has one, tagged with its ``rank`` (under DDP only an
     originating rank keeps a finding); None when no other rank has one."""
-    for r, shard in distributed.shard_dirs(run_dir).items():
+    for r, shard in shard_dirs(run_dir).items():
         found = read_finding(shard) if r else None
         if found:
             return {**found, "rank": r}

@@ -13,11 +13,12 @@ set opens and that sink is left out; an error while writing is one warning and t
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
+
+from ris_stability.records.listeners import Listener, RunObserver, current_observer, observing_runs
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +152,13 @@ class SinkSet:
             del self._runs[run_dir]
 
 
-_CURRENT: contextvars.ContextVar[SinkSet | None] = contextvars.ContextVar("ris_stability_sinks", default=None)
-
-
 def current_sinks() -> SinkSet | None:
-    """The sink set installed by the innermost ``open_sinks`` (None: the run folder alone)."""
-    return _CURRENT.get()
+    """The sink set installed by the innermost ``open_sinks`` (None: the run folder alone, or another
+    kind of run observer)."""
+    observer = current_observer()
+    while isinstance(observer, _AlsoListen):  # a sweep's extra listener around the command's sinks
+        observer = observer.inner
+    return observer if isinstance(observer, SinkSet) else None
 
 
 @contextlib.contextmanager
@@ -176,21 +178,20 @@ def open_sinks(tensorboard: str | Path | None = None, mlflow: bool = False,
         yield None
         return
     sinks = SinkSet(backends)
-    token = _CURRENT.set(sinks)
     try:
-        yield sinks
+        with observing_runs(sinks):  # every TraceWriter opened in the block adds the set as a listener
+            yield sinks
     finally:
-        _CURRENT.reset(token)
         sinks.publish()
 
 
 class _AlsoListen:
-    """The installed sinks (or none) plus one more listener for every trace writer opened in the block."""
+    """The installed run observer (sinks or none) plus one more listener for every trace writer of a block."""
 
-    def __init__(self, inner: SinkSet | None, make: Callable[[Path, Mapping[str, Any]], Callable[[str, Mapping[str, Any]], None]]):
+    def __init__(self, inner: RunObserver | None, make: Callable[[Path, Mapping[str, Any]], Listener]):
         self.inner, self.make = inner, make
 
-    def start_run(self, run_dir: Path, meta: Mapping[str, Any]) -> Callable[[str, Mapping[str, Any]], None]:
+    def start_run(self, run_dir: Path, meta: Mapping[str, Any]) -> Listener:
         inner = self.inner.start_run(run_dir, meta) if self.inner is not None else None
         mine = self.make(Path(run_dir), meta)
 
@@ -200,20 +201,13 @@ class _AlsoListen:
             mine(kind, record)
         return listen
 
-    def metric(self, name: str, value: float, step: int | None = None) -> None:
-        if self.inner is not None:
-            self.inner.metric(name, value, step)
-
 
 @contextlib.contextmanager
-def also_listen(make: Callable[[Path, Mapping[str, Any]], Callable[[str, Mapping[str, Any]], None]]) -> Iterator[None]:
+def also_listen(make: Callable[[Path, Mapping[str, Any]], Listener]) -> Iterator[None]:
     """Inside the block every TraceWriter also calls ``make(run_dir, meta)``'s listener with its step rows,
     events and summary, after the installed sinks: how a sweep's trial process follows the traced script."""
-    token = _CURRENT.set(_AlsoListen(_CURRENT.get(), make))  # type: ignore[arg-type]
-    try:
+    with observing_runs(_AlsoListen(current_observer(), make)):
         yield
-    finally:
-        _CURRENT.reset(token)
 
 
 __all__ = ["Backend", "RunSink", "SinkSet", "also_listen", "current_sinks", "markdown_event", "open_sinks", "safe_name",

@@ -1,7 +1,7 @@
 """ris_stability.spectral: gap-aware eigh and SVD backwards, and the one-line switch ``gap_aware()``.
 
 A leaf op library (torch only, no instrument state): the showcase pipeline imports it like any user would, and
-ris_stability.numerics.tolerances takes THE tie rule from here.
+it takes THE tie rule and eps_of from ris_stability.numerics.tolerances (pure torch) and re-exports them.
 
 * ``eigh_gap_aware`` / ``svd_gap_aware`` / ``svd_old_gap_aware``: drop-ins for ``torch.linalg.eigh`` /
   ``torch.linalg.svd`` / ``torch.svd`` with torch's forward (bit-identical) and a backward that drops

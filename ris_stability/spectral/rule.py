@@ -10,7 +10,8 @@ apart whatever n, measured for n = 3..144 in complex64 and complex128). So two v
 
     |x_i - x_j| <= tie_rtol(n, dtype) * scale,   tie_rtol = TIE_SPREAD * max(n, TIE_MIN_N) * eps(dtype)
 
-This module is the only definition; ris_stability.numerics.tolerances and the showcase pipeline re-use it.
+The rule and machine epsilon are defined once, with the toolkit's other dtype-derived tolerances, in
+ris_stability.numerics.tolerances (pure torch); this library and the showcase pipeline re-use them.
 
 Pair weights. The eigh backward weighs pair (i, j) by 1 / (x_j - x_i), the SVD backward by
 1 / (s_j - s_i) and 1 / (s_j + s_i). :func:`lorentz` replaces such a 1/e (e relative to the scale) by
@@ -25,11 +26,8 @@ from __future__ import annotations
 
 import torch
 
-# Two computed values of an exact tie are each off by up to the error bound, in opposite directions
-# in the worst case, so their distance can reach twice the bound.
-TIE_SPREAD = 2.0
-# Below this size the n*eps bound does not cover the rounding of forming the matrix (module docstring).
-TIE_MIN_N = 8
+from ris_stability.numerics.tolerances import TIE_MIN_N, TIE_SPREAD, eps_of, tie_rtol  # noqa: F401 (re-exported)
+
 # PyTorch's eigh/svd backward refuse a loss whose gradient has an imaginary diagonal in V^H gV larger
 # than this (allclose(..., rtol=1e-2, atol=1e-2)): such a loss depends on the arbitrary phase of complex
 # singular/eigen-vectors. Kept identical so both backwards accept the same losses.
@@ -49,25 +47,9 @@ def real_dtype_of(dtype: torch.dtype) -> torch.dtype:
     return dtype.to_real() if dtype.is_complex else dtype
 
 
-def eps_of(dtype: torch.dtype) -> float:
-    """Machine epsilon of ``dtype`` (of its real part for complex dtypes)."""
-    return float(torch.finfo(real_dtype_of(dtype)).eps)
-
-
 def tiny_of(dtype: torch.dtype) -> float:
     """Smallest positive normal number of ``dtype``: a floor for scales that may be exactly zero."""
     return float(torch.finfo(real_dtype_of(dtype)).tiny)
-
-
-def tie_rtol(n: int, dtype: torch.dtype) -> float:
-    """THE tie rule, relative to the largest magnitude: ``TIE_SPREAD * max(n, TIE_MIN_N) * eps(dtype)``.
-
-    Two eigenvalues (or singular values) of an n x n problem closer than ``tie_rtol * scale`` cannot be
-    told apart: the backward's 1/gap for them is 0/0 or amplified rounding noise (module docstring).
-    """
-    if n < 0:
-        raise SpectralArgumentError(f"tie_rtol: matrix size n must be >= 0, got n={n}")
-    return TIE_SPREAD * max(int(n), TIE_MIN_N) * eps_of(dtype)
 
 
 def check_eps(eps: float | None, where: str) -> float | None:

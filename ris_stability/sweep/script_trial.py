@@ -1,6 +1,6 @@
 """One trial of a script sweep, seen from the worker: render the command, run its traced process, judge.
 
-The trial's process is ``python -m ris_stability.sweep.trial_process SPEC -- COMMAND`` (see there) with the
+The trial's process is ``python -m ris_stability.cli.sweep_trial SPEC -- COMMAND`` (see there) with the
 parameters in the command and in ``RISDIAG_PARAM_*`` environment variables, its stdout and stderr in the
 trial's run folder (``stdout.txt``, ``stderr.txt``). From its result file and exit status the worker
 records the outcome as the trial's user attributes (the same ones as a config sweep's: status, prune rule
@@ -165,7 +165,7 @@ def make_script_objective(template: CommandTemplate, space: SearchSpace,
         (run_dir / SPEC_FILE).write_text(json.dumps(_spec(trial, s, run_dir), indent=1))
         log.info("trial %d: %s -> %s", trial.number, params, run_dir)
         env = {**os.environ, **s.extra_env, **template.env(params)}
-        code = run_process([sys.executable, "-m", "ris_stability.sweep.trial_process", str(run_dir / SPEC_FILE), "--",
+        code = run_process([sys.executable, "-m", "ris_stability.cli.sweep_trial", str(run_dir / SPEC_FILE), "--",
                             *argv], env, run_dir, trial)
         return judge(trial, s.metric, code, run_dir)
 

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor
+from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor
 from ris_stability.records import UsageError
 
 DEFAULTS: dict[str, Any] = {"model.width": 6, "model.fault": "none", "train.lr": 1e-2, "train.steps": 6,

@@ -15,7 +15,7 @@ import torch
 
 from ris_model.config import CovarianceConfig, load_config
 from ris_model.covariance import build_covariances
-from ris_stability.integrations.ris import (
+from ris_stability.integrations.ris_align import (
     ALIGN_EXIT_ALIGNED, ALIGN_EXIT_MISALIGNED, _validation_problems, align_config, run_align,
 )
 

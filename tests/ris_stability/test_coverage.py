@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ris_stability.linalg import registry as linalg_ops
-from ris_stability.monitor import MonitorSession, StabilityMonitor
+from ris_stability.linalg import registry
+from ris_stability.linalg.hazards import tie_message
+from ris_stability.linalg.site_names import split_site
+from ris_stability import MonitorSession, StabilityMonitor
 from ris_stability.instruments.probe import SpectralProbe
 from ris_stability.report.build import build_report
 
@@ -66,7 +68,7 @@ def test_entry_point_observed_and_explained(call, op):
     assert [r["op"] for r in records.values()] == [op]
     (rec,) = records.values()
     assert rec["stats"]["n"] in (5.0, 3.0) and rec["location"].endswith("test_coverage.py:" + rec["location"].split(":")[-1])
-    words = linalg_ops.info(op)
+    words = registry.info(op)
     assert words is not None and words.hazard and words.units
 
 
@@ -92,13 +94,13 @@ def test_norm_orders_report_the_gap_they_depend_on():
 
 
 def test_each_hazard_in_its_own_words():
-    svd = linalg_ops.tie_message("m:linalg.svd", "linalg.svd", "f.py:1", 3, 0.5)
-    eigh = linalg_ops.tie_message("m:linalg.eigh", "linalg.eigh", "f.py:1", 3, 0.5)
+    svd = tie_message("m:linalg.svd", "linalg.svd", "f.py:1", 3, 0.5)
+    eigh = tie_message("m:linalg.eigh", "linalg.eigh", "f.py:1", 3, 0.5)
     assert "singular values tie" in svd and "singular vectors" in svd and "s_j^2 - s_i^2" in svd
     assert "eigenvalues tie" in eigh and "eigenvectors" in eigh and "lambda_j - lambda_i" in eigh
-    assert linalg_ops.info("linalg.matrix_norm(ord=2)").units.startswith("top gap")
-    assert linalg_ops.info("linalg.matrix_norm(ord=nuc)") != linalg_ops.info("linalg.matrix_norm(ord=-2)")
-    assert "determinant" in linalg_ops.info("det").hazard and linalg_ops.info("slogdet") is linalg_ops.info("logdet")
+    assert registry.info("linalg.matrix_norm(ord=2)").units.startswith("top gap")
+    assert registry.info("linalg.matrix_norm(ord=nuc)") != registry.info("linalg.matrix_norm(ord=-2)")
+    assert "determinant" in registry.info("det").hazard and registry.info("slogdet") is registry.info("logdet")
 
 
 OUTSIDE_MODEL = textwrap.dedent('''
@@ -161,4 +163,4 @@ def test_no_absolute_path_in_a_run_folder(tmp_path, monkeypatch):
     ("linalg.matrix_norm(ord=2)", ("", "linalg.matrix_norm(ord=2)", "", "")),
 ], ids=["plain", "shape", "location", "no-module"])
 def test_site_names_split_unambiguously(name, parts):
-    assert linalg_ops.split_site(name) == parts
+    assert split_site(name) == parts

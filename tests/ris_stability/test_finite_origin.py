@@ -8,9 +8,10 @@ import math
 import torch
 from torch import nn
 
-from ris_stability.instruments.grads import float64_norms, grad_norms
+from ris_stability.instruments.grads import grad_norms
+from ris_stability.numerics.norms import float64_norms
 from ris_stability.locate import Locator
-from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor
+from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor
 from ris_stability.records import read_trace
 
 from tests.ris_stability.eig_models import ConvEig

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ris_stability.records.capsule import Capsule
-from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor
+from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor
 from ris_stability.records import read_trace
 
 N, R = 24, 3

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from ris_stability.attach.script import SHOWN_CAPSULES, _capsules, summary_table
+from ris_stability.cli.script_summary import SHOWN_CAPSULES, _capsules, summary_table
 
 
 def _run(tmp: Path, own: int, others: dict[int, int]) -> SimpleNamespace:

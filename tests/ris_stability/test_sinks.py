@@ -168,7 +168,8 @@ def test_missing_extra_warns_once_and_the_run_goes_on(tmp_path: Path, caplog, mo
 
 
 def test_a_sink_that_fails_mid_run_is_dropped_and_the_trace_is_complete(tmp_path: Path, caplog) -> None:
-    from ris_stability.sinks.base import SinkSet, _CURRENT
+    from ris_stability.records.listeners import observing_runs
+    from ris_stability.sinks.base import SinkSet
 
     class Flaky:
         name = "flaky"
@@ -194,12 +195,10 @@ def test_a_sink_that_fails_mid_run_is_dropped_and_the_trace_is_complete(tmp_path
             pass
 
     sinks = SinkSet([Flaky()])
-    token = _CURRENT.set(sinks)
     try:
-        with caplog.at_level(logging.WARNING, logger="ris_stability.sinks.base"):
+        with observing_runs(sinks), caplog.at_level(logging.WARNING, logger="ris_stability.sinks.base"):
             _train(tmp_path / "run", steps=4)
     finally:
-        _CURRENT.reset(token)
         sinks.publish()
     assert Flaky.calls == 1  # dropped after the first failure
     assert sum("flaky sink disabled" in r.getMessage() for r in caplog.records) == 1

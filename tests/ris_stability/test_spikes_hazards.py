@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor
+from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor
 from ris_stability.records import read_trace
 from ris_stability.report.look import what_to_look_at
 from ris_stability.instruments.spikes import SpikeConfigError, SpikeDetector

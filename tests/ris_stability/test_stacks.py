@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor
+from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor
 from ris_stability.records import read_trace
 from ris_stability.report.build import build_report
 
@@ -297,35 +297,46 @@ def test_amp_accumulation_bit_identical_on_and_off(tmp_path):
 
 
 def test_loop_that_unscales_and_decides_itself(tmp_path):
-    """ris_model's train_step order: unscale_, the loop's own grads_finite and "amp_overflow" skip reason."""
+    """A loop with a callback protocol of its own (ris_model's train_step order: unscale_, the loop's own
+    grads_finite and "amp_overflow" skip reason), fed through LoopCallbacks."""
     from types import SimpleNamespace
+
+    from ris_stability import Watcher
+    from ris_stability.attach.callbacks import LoopCallbacks
+    from ris_stability.attach.finish import finish_run
     torch.manual_seed(0)
-    model, mon = TinyMLP(), StabilityMonitor(tmp_path)
+    model = TinyMLP()
+    w = Watcher(tmp_path, hooks=False).start()
+    cbs = LoopCallbacks(w.driver)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
     ctx = SimpleNamespace(model=model, optimizer=opt, loss_fn=None, scaler=scaler, step=0, lr=0.05, batch=None,
-                          terms={}, loss=None, grads_finite=None, skip_requested="", skipped=False, skip_reason="")
-    mon.on_train_start(ctx)
+                          signal_dims=None, terms={}, loss=None, grads_finite=None, skip_requested="",
+                          stop_requested="", skipped=False, skip_reason="")
+    ctx.request_skip = lambda reason: setattr(ctx, "skip_requested", reason)
+    ctx.request_stop = lambda reason: setattr(ctx, "stop_requested", reason)
+    cbs.on_train_start(ctx)
     norms = []
     for step in range(12):
         ctx.step, ctx.grads_finite, ctx.skip_requested = step, None, ""
-        mon.on_step_start(ctx)
+        cbs.on_step_start(ctx)
         with torch.autocast("cpu", dtype=torch.float16):
             ctx.loss = model(torch.randn(16, 4)).float().pow(2).mean()
-        mon.on_after_forward(ctx)
+        cbs.on_after_forward(ctx)
         scaler.scale(ctx.loss).backward()
         scaler.unscale_(opt)
         grads = [p.grad for p in model.parameters()]
         ctx.grads_finite = all(bool(g.isfinite().all()) for g in grads)
         norms.append(float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads))))
-        mon.on_after_backward(ctx)
-        mon.on_before_optimizer_step(ctx)
+        cbs.on_after_backward(ctx)
+        cbs.on_before_optimizer_step(ctx)
         scaler.step(opt)
         scaler.update()
         ctx.skipped, ctx.skip_reason = not ctx.grads_finite, "" if ctx.grads_finite else "amp_overflow"
-        mon.on_step_end(ctx)
+        cbs.on_step_end(ctx)
         opt.zero_grad(set_to_none=True)
-    mon.on_train_end(ctx)
+    cbs.on_train_end(ctx)
+    finish_run(w, report=False)
     trace = read_trace(tmp_path)
     overflow = trace.summary["amp_overflow_steps"]
     assert overflow and trace.summary["status"] == "clean" and not trace.capsules

@@ -17,7 +17,7 @@ from ris_stability.sweep.pruning import StabilityRules  # noqa: E402
 from ris_stability.sweep.script_trial import metric_value  # noqa: E402
 from ris_stability.sweep.space import load_space  # noqa: E402
 from ris_stability.sweep.template import CommandTemplate, TemplateError, env_name  # noqa: E402
-from ris_stability.sweep.trial_process import TrialEar, TrialStop  # noqa: E402
+from ris_stability.sweep.trial_ear import TrialEar, TrialStop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY = str(ROOT / "tests" / "ris_stability" / "scripts" / "sweep_toy.py")

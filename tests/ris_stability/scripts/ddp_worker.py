@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ris_stability.monitor import MonitorConfig, MonitorSession, StabilityMonitor
+from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor
 
 FAULT_STEPS = (2, 3)
 GRADNAN_STEP = 2

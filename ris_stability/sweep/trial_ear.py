@@ -1,8 +1,9 @@
-"""The process of one script trial: ``risdiag trace --out TRIALDIR -- COMMAND`` plus the sweep's ear.
+"""The sweep's ear inside a script trial: the trace-writer listener that prunes the running script.
 
-``python -m ris_stability.sweep.trial_process SPEC.json -- python train.py --lr 0.01`` runs the user's
-command exactly as ``risdiag trace`` does (unmodified, in this process, the monitor attached by hooks) and
-adds one listener to the run's trace writer (``sinks.also_listen``). At each logged step the listener
+The trial's process (``python -m ris_stability.cli.sweep_trial SPEC.json -- python train.py --lr 0.01``)
+runs the user's command exactly as ``risdiag trace`` does (unmodified, in that process, the monitor attached
+by hooks) and adds a :class:`TrialEar` to the run's trace writer (``sinks.also_listen``). At each logged
+step the ear
 
 - feeds the stability rules (``pruning.StabilityWatch``: tie, non-finite budget, gradient explosion); a
   non-finite verdict waits up to ``LOCATE_ATTEMPTS`` steps for the in-process locator's finding, so the
@@ -12,23 +13,19 @@ adds one listener to the run's trace writer (``sinks.also_listen``). At each log
 - notices that the sweep worker that started it is gone (its parent changed) and stops.
 
 Stopping is a ``SystemExit(0)`` raised from the listener once the step's row is written (the trace then
-closes as at the script's own end: summary, report). The outcome goes to ``SPEC["result"]`` as JSON for the
+closes as at the script's own end: summary, report). ``result()`` is what the trial process hands to the
 worker, which owns the trial's state in the storage.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
-from ris_stability.records import UsageError
-from ris_stability.sweep.metrics import add_handler, is_trace_metric, trace_value
+from ris_stability.sweep.metrics import is_trace_metric, trace_value
 from ris_stability.sweep.pruning import StabilityRules, StabilityWatch, Verdict
 
 log = logging.getLogger(__name__)
@@ -133,62 +130,4 @@ class TrialEar:
                 "nonfinite_steps": list(self.watch.nonfinite_steps)}
 
 
-def _optuna_trial(spec: Mapping[str, Any]) -> Any:
-    """The running trial in the storage, with the study's median pruner (None when the spec has no storage)."""
-    if not spec.get("storage"):
-        return None
-    import optuna
-
-    from ris_stability.sweep.storage import open_storage
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=spec["study"], storage=open_storage(spec["storage"], spec["heartbeat_s"]),
-                              sampler=optuna.samplers.RandomSampler(),
-                              pruner=optuna.pruners.MedianPruner(n_startup_trials=spec["startup_trials"]))
-    return optuna.trial.Trial(study, spec["trial_id"])
-
-
-def run(spec: Mapping[str, Any], argv: list[str]) -> int:
-    """Trace ``argv`` into ``spec["run_dir"]`` with the trial's listener; write the result file."""
-    from rich.console import Console
-
-    from ris_stability.attach.script import report_to, trace_script
-    from ris_stability.sinks import open_sinks
-    from ris_stability.sinks.base import also_listen
-
-    ear = TrialEar(spec["metric"], StabilityRules(**spec["rules"]), _optuna_trial(spec), spec.get("parent_pid"),
-                   spec.get("report_every", 1))
-    remove = add_handler(ear.on_metric)
-    err = Console(file=sys.stderr, soft_wrap=True)
-    out: dict[str, Any] = {}
-    code = 0
-    try:
-        with open_sinks(tensorboard=spec.get("tensorboard"), mlflow=spec.get("mlflow", False)), \
-                also_listen(lambda run_dir, meta: ear):
-            traced = trace_script(argv, spec["run_dir"], live=False, on_nonfinite=spec.get("on_nonfinite", "skip"))
-            report_to(traced, err, err, report=spec.get("reports", True))
-        w = traced.watcher
-        out = {"code": traced.code, "status": w.status, "steps": w.steps, "message": traced.message,
-               "error": f"{type(traced.error).__name__}: {traced.error}" if traced.error is not None else ""}
-    except UsageError as exc:  # the rendered command cannot run (e.g. a placeholder made a missing path)
-        log.error("the trial's command cannot run: %s", exc)
-        out, code = {"code": 2, "status": "usage", "error": f"{type(exc).__name__}: {exc}"}, 2
-    finally:
-        remove()
-        out.update(ear.result())
-        Path(spec["result"]).write_text(json.dumps(out, allow_nan=True, indent=1))
-    return code
-
-
-def main(args: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if args is None else args)
-    if len(args) < 3 or args[1] != "--":
-        sys.stderr.write("usage: python -m ris_stability.sweep.trial_process SPEC.json -- COMMAND...\n")
-        return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    spec = json.loads(Path(args[0]).read_text())
-    return run(spec, args[2:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["LOCATE_ATTEMPTS", "TrialEar", "TrialStop", "finding_text"]

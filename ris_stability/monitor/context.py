@@ -1,0 +1,68 @@
+"""LoopContext: the one typed record of the step in progress that the monitor reads, and NonFiniteError, the
+one exception the toolkit raises to end a run under the ``stop`` policy.
+
+Every front door (hooks, ``watch``, MonitorSession, Lightning, HF Trainer, a loop's callback protocol) feeds
+the step driver (``ris_stability.attach.driver``), which owns the run's LoopContext and resets it once per
+step (:meth:`LoopContext.begin`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class NonFiniteError(RuntimeError):
+    """The run was ended by the ``stop`` policy after a non-finite step (raised at the step's end)."""
+
+
+@dataclass
+class LoopContext:
+    """What the monitor knows of the step in progress."""
+
+    model: torch.nn.Module
+    optimizer: Any = None  # one optimizer or a sequence of them (all step together)
+    loss_fn: torch.nn.Module | None = None
+    scaler: Any = None  # a GradScaler under fp16 AMP (given or discovered): its overflow steps are routine
+    roots: dict[str, torch.nn.Module] | None = None  # names of the module paths (default {"model": model})
+    micro_batches: int = 0  # losses recorded this step (gradient accumulation)
+    step: int = 0
+    lr: float = math.nan
+    batch: Any = None
+    signal_dims: Any = None
+    loss: torch.Tensor | None = None
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    grads_finite: bool | None = None
+    skipped: bool = False
+    skip_reason: str = ""
+    skip_requested: str = ""
+    stop_requested: str = ""
+    locating: bool = False  # the step runs under the locator (armed after a fault): no matrix sampling
+
+    def begin(self, step: int, batch: Any = None, lr: float = math.nan, signal_dims: Any = None,
+              locating: bool = False) -> None:
+        """Reset the per-step fields for ``step`` (the one place a step's context is cleared)."""
+        self.step, self.batch, self.lr, self.signal_dims, self.locating = step, batch, lr, signal_dims, locating
+        self.loss, self.terms, self.grads_finite, self.micro_batches = None, {}, None, 0
+        self.skipped, self.skip_reason, self.skip_requested = False, "", ""
+
+    def add_loss(self, loss: torch.Tensor | None, terms: dict[str, torch.Tensor] | None = None) -> None:
+        """One micro-batch's loss: under gradient accumulation the step's loss and terms are their sums."""
+        terms = {k: v.detach() for k, v in (terms or {}).items()}
+        if self.micro_batches == 0 or self.loss is None:
+            self.loss, self.terms = loss, terms
+        elif loss is not None:
+            self.loss = self.loss.detach().reshape(()) + loss.detach().reshape(())
+            self.terms = {k: self.terms[k] + v if k in self.terms else v for k, v in terms.items()}
+        self.micro_batches += 1
+
+    def request_skip(self, reason: str = "monitor") -> None:
+        self.skip_requested = reason
+
+    def request_stop(self, reason: str = "monitor") -> None:
+        self.stop_requested = reason
+
+
+__all__ = ["LoopContext", "NonFiniteError"]

@@ -1,0 +1,99 @@
+"""What the StabilityMonitor writes for a step: its trace row, its capsule, hazard and liveness events, and the
+events of other parts of a run (``event``). A mixin of StabilityMonitor, kept apart so that the monitor's file
+holds the step's checks and this one the records they leave."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from ris_stability.linalg.hazards import site_hazards
+from ris_stability.monitor.context import LoopContext
+from ris_stability.observe.loopstack import optimizers_of
+from ris_stability.records.capsule import Capsule, capsule_path, capture_rng, clone_state, rng_state
+
+
+class MonitorWriting:
+    """The monitor's writing half (see StabilityMonitor for the state it uses)."""
+
+    def event(self, kind: str, severity: str, message: str, *, nonfinite: bool = False, **data: Any) -> None:
+        """An event of the run (e.g. the driver's finding) in the trace and, for warnings and errors, the live view."""
+        if self.writer is not None:
+            self.writer.event(kind, severity, message, **data)
+        if self.live is not None and severity != "info" and data.get("step") is not None:
+            self.live.update(data["step"], event=message, nonfinite=nonfinite)
+
+    def _write_capsule(self, ctx: LoopContext, reason: str) -> None:
+        # After backward the optimizer has not stepped: parameters and optimizer state are still pre-step.
+        local = self.dist is not None and self._decision is not None
+        meta = {"torch": str(torch.__version__), "threads": torch.get_num_threads(), "replayer": self.replayer, "lr": float(ctx.lr),
+                "loss": float(ctx.loss.detach()) if ctx.loss is not None else math.nan,
+                "grads_finite": bool(ctx.grads_finite) if ctx.grads_finite is not None else False}
+        if local:  # the replay runs this rank's batch alone: its reference is the local, not the reduced, result
+            meta.update(grads_finite=self._decision.local_ok, rank=self.dist.rank, world_size=self.dist.world,
+                        origin_ranks=self._decision.origins, local_grads=self.dist.local_grads is not None)
+        opts = [clone_state(opt.state_dict()) for opt in optimizers_of(ctx)]
+        grads = self.dist.local_grads if local else {n: p.grad.detach().clone()
+                                                     for n, p in self._model.named_parameters() if p.grad is not None}
+        cap = Capsule(step=ctx.step, batch=self.batch_state(ctx.batch), model_state=clone_state(self._model.state_dict()),
+                      optimizer_state=(opts[0] if len(opts) == 1 else {"optimizers": opts}) if opts else None,
+                      rng=rng_state(self._rng) if self._rng is not None else capture_rng(),
+                      config_text=self.config_text, reason=reason, meta=meta,
+                      grads=grads)
+        path = cap.save(capsule_path(self.run_dir, ctx.step))
+        self.capsules.append(path)
+        self.writer.event("capsule_written", "info", f"capsule for step {ctx.step} written", step=ctx.step,
+                          path=str(path.relative_to(self.run_dir)))
+
+    def _write_row(self, ctx: LoopContext, loss: float, skipped: bool) -> None:
+        row: dict[str, Any] = {"step": ctx.step, "time_s": time.perf_counter() - self._t0,
+                               "lr": float(ctx.lr), "skipped": skipped,
+                               "nonfinite": ctx.step in self.nonfinite_steps, "loss": loss,
+                               "spike": ctx.step in self.spike_steps}
+        if self._amp_scale is not None:
+            row.update(amp_scale=self._amp_scale, amp_overflow=self.overflow)
+        if ctx.micro_batches > 1:
+            row["micro_batches"] = ctx.micro_batches
+        if self._decision is not None:  # this rank's view before the all-reduce (report: per-rank columns)
+            row.update({"local/grad_norm": self._decision.local_grad_norm,
+                        "local/nonfinite": 0.0 if self._decision.local_ok else 1.0, "local/origin_rank_count": len(self._decision.origins)})
+        row.update(self.grads.collect())
+        row.update({f"loss/{k}": float(v) for k, v in ctx.terms.items() if f"loss/{k}" not in row})
+        for name, site in self._sites.items():
+            row.update({f"mat/{name}/{k}": v for k, v in site["stats"].items()})
+            row[f"mat/{name}/vec_grad"] = 1.0 if site["vec_grad"] else 0.0
+            if site.get("grad_norm") is not None:
+                row[f"mat/{name}/grad_in"] = site["grad_norm"]
+            row.update({f"mat/{name}/{k}": v for k, v in (site.get("backward") or {}).items() if math.isfinite(v)})
+            self._flag(ctx.step, name, site)
+        self._sites = {}
+        self.writer.step(row)
+        self._report_dead(ctx.step)
+        if self.live is not None:
+            self.live.update(ctx.step + 1, row=row)
+
+    def _flag(self, step: int, name: str, site: dict[str, Any]) -> None:
+        for hazard in site_hazards(name, site, self._dtype):  # the right hazard for the site's op
+            if (name, hazard.kind) not in self._flagged:
+                self._flagged.add((name, hazard.kind))
+                self.writer.event(hazard.kind, hazard.severity, hazard.message, step=step, **hazard.data)
+
+    def _report_dead(self, step: int) -> None:
+        params, terms = self.grads.dead_parameters(), self.grads.dead_terms()
+        missing = [p for p in params if self.grads.never_had_grad(p)]
+        zero = [p for p in params if p not in missing]
+        n = self.grads.dead_after
+        for names, what in ((missing, f"received no gradient in {n}+ finite steps (grad is None: the loss does not "
+                                      "depend on them)"),
+                            (zero, f"gradient exactly zero in every one of {n}+ finite steps")):
+            if names:
+                self.writer.event("dead_parameter", "warning", f"{what}: {', '.join(names[:8])}"
+                                  + (f" (+{len(names) - 8})" if len(names) > 8 else ""), step=step, names=names,
+                                  gradient="none" if names is missing else "zero")
+        if terms:
+            self.writer.event("dead_loss_term", "warning", f"loss term(s) constant over {n}+ finite steps: "
+                              f"{', '.join(terms)}", step=step, names=terms)
+
