@@ -21,7 +21,7 @@ import torch
 from ris_model.complex_ops import complex_dtype
 from ris_model.config import ConfigError, RunConfig, config_hash, dumps_toml, from_dict, load_config, replace
 from ris_model.data import Batch
-from ris_model.loss import CompositeLoss
+from ris_model.loss import TERMS, CompositeLoss
 from ris_model.model import build_model
 from ris_model.parallel import local_only
 from ris_model.simulate import make_system
