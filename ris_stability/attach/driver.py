@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from ris_stability.locate.anomaly import anomaly_finding
 from ris_stability.locate.armed import ArmedLocator
 from ris_stability.locate.finding import Finding, format_finding
 from ris_stability.monitor import StabilityMonitor
 from ris_stability.monitor.context import LoopContext, NonFiniteError
+from ris_stability.numerics.norms import peak_magnitudes
 from ris_stability.observe.loopstack import unwrap
 from ris_stability.observe.scaler import ScalerSpy
 from ris_stability.records import write_finding
@@ -100,6 +102,11 @@ class StepDriver:
         self._pending: Finding | None = None
         self._stop = ""
         self.scalers = ScalerSpy()  # a GradScaler the loop uses, found without being told (open() .. close())
+        self.params_hint: Callable[[], list[Tensor]] = list  # parameters to check before attach (hooks: discovery)
+        self.roots_hint: Callable[[], dict[str, nn.Module]] = dict  # module roots before attach (hooks: discovery)
+        self._anomaly: Finding | None = None  # the script's own anomaly mode stopped this step's backward
+        self.step_backwards = 0  # backward calls in the step in progress
+        self._born: dict[int, Tensor] | None = None  # id(param) -> gradient as born, when non-finite at backward
 
     @property
     def attached(self) -> bool:
@@ -131,9 +138,10 @@ class StepDriver:
             self._inputs[name] = {"args": list(args), "kwargs": dict(kwargs)}
 
     def start_step(self, step: int | None = None, batch: Any = None, lr: float | None = None,
-                   signal_dims: Any = None) -> None:
+                   signal_dims: Any = None, arm: bool = True) -> None:
         """The step begins (a no-op inside a step). ``step``/``lr`` default to the driver's count and the
-        first optimizer's learning rate; ``batch`` to the recorded root inputs."""
+        first optimizer's learning rate; ``batch`` to the recorded root inputs. ``arm``: its forward is still
+        to come (False when a backward or a check starts the step: the locator needs the forward)."""
         if self.in_step or self.ctx is None:
             return
         self.in_step = True
@@ -141,27 +149,38 @@ class StepDriver:
         if step is not None:
             self.step = step
         c.begin(self.step, batch if batch is not None else self._inputs,
-                lr if lr is not None else _lr(c.optimizer), signal_dims, locating=self._attempts_left > 0)
+                lr if lr is not None else _lr(c.optimizer), signal_dims,
+                locating=arm and self._attempts_left > 0 or self._armed is not None)
         for loss in self._early_losses:
             c.add_loss(loss)
         self._early_losses = []
         self.monitor.on_step_start(c)
-        if c.locating:
-            self._attempts_left -= 1
-            self._located = False
-            # unwrapped roots: a finding names model.linear, as events do, not DDP's model.module.linear
-            self._armed = ArmedLocator({k: unwrap(m) for k, m in self.roots.items()}).__enter__()
+        if arm:
+            self.arm_pending()
+
+    def arm_pending(self) -> None:
+        """A forward is about to run: after a fault, arm the locator for it (until its backward has finished
+        it may outlive a step boundary, e.g. a script that calls zero_grad between forward and backward)."""
+        if self._attempts_left <= 0 or self._armed is not None or self.ctx is None:
+            return
+        self._attempts_left -= 1
+        self._located = False
+        self.ctx.locating = True
+        self.monitor.pause_sampling()  # the probe's own statistics would pass the locator's modes
+        # unwrapped roots: a finding names model.linear, as events do, not DDP's model.module.linear
+        self._armed = ArmedLocator({k: unwrap(m) for k, m in self.roots.items()}).__enter__()
 
     def add_loss(self, loss: Tensor | None, terms: Mapping[str, Tensor] | None = None) -> None:
         """A micro-batch's loss (by reference: the loop holds it anyway) and its named terms."""
         if not self.in_step:
-            self.start_step()
+            self.start_step(arm=False)
         self.ctx.add_loss(loss, dict(terms) if terms else None)
 
     def before_backward(self, loss: Tensor | None) -> None:
         if not self.in_step:
-            self.start_step()
+            self.start_step(arm=False)
         self.backward_calls += 1
+        self.step_backwards += 1
         loss = self.scalers.true_loss(loss)  # `scaler.scale(loss).backward()`: the loss, not the scaled one
         if isinstance(loss, Tensor) and loss.numel() == 1:
             if self.ctx is None:
@@ -172,6 +191,15 @@ class StepDriver:
             self._armed.backward_started()
 
     def after_backward(self, loss: Tensor | None, exc: Exception | None = None) -> None:
+        """Backward has returned (``exc``: it raised). The gradients are checked here, as backward made them:
+        later user code may sanitise (nan_to_num), clip or skip them before the optimizer sees them."""
+        if exc is None:
+            self._check_born()
+        elif self._armed is None:
+            try:
+                self._anomaly = anomaly_finding(exc, loss, self.roots or self.roots_hint()) or self._anomaly
+            except Exception:  # the script's own error must reach it unchanged, not ours
+                log.exception("the anomaly-mode error of step %d could not be read into a finding", self.step)
         armed = self._armed
         if armed is None or self._located:
             return
@@ -195,19 +223,28 @@ class StepDriver:
         took one). Returns True when the step must be skipped; ``ctx.stop_requested`` says whether to stop.
         A GradScaler overflow is not a skip request (the scaler skips by itself) but marks the step skipped."""
         if not self.in_step:
-            self.start_step()
+            self.start_step(arm=False)
         c = self.ctx
-        self.close_locator()
+        if self._located:
+            self.close_locator()
         if grads_finite is not None:
             c.grads_finite = grads_finite
         if c.scaler is None:
             c.scaler = self.scalers.scaler
+        if self._anomaly is not None:  # the script's anomaly mode found a NaN in this step's backward
+            c.grads_finite = False
+        if self._born is not None:  # non-finite at backward, whatever the script did to them since
+            c.born_grads = {n: self._born[id(p)] for n, p in c.model.named_parameters() if id(p) in self._born}
+            c.grads_finite = False
         self.monitor.on_after_backward(c)
         self._settle_finding()
         c.skipped = bool(c.skip_requested) or self.monitor.overflow
         c.skip_reason = c.skip_requested or ("amp_overflow" if self.monitor.overflow else "")
         if not bool(c.grads_finite):
             self._on_nonfinite()
+        anomaly, self._anomaly = self._anomaly, None
+        if anomaly is not None and len(self.findings) < max(self.max_findings, 1):
+            self._record_finding(anomaly)
         return bool(c.skip_requested)
 
     def before_update(self) -> None:
@@ -222,13 +259,36 @@ class StepDriver:
             return
         if skipped is not None:
             self.ctx.skipped, self.ctx.skip_reason = skipped, reason or self.ctx.skip_reason
-        self.close_locator()
+        if self._located:  # an armed locator whose forward has begun but not its backward stays
+            self.close_locator()
         self.monitor.on_step_end(self.ctx)
         self.step += 1
         self.in_step = False
-        self._inputs = {}
+        self._inputs, self._born, self.step_backwards = {}, None, 0
         if raise_stop and self._stop and self._attempts_left == 0:
             raise NonFiniteError(self._stop)
+
+    def end_unstepped(self, reason: str = "the script skipped optimizer.step()", raise_stop: bool = True) -> None:
+        """The step ends without an optimizer step (the script's own gate skipped it; seen at the next
+        zero_grad or at the end of the run): checked like any step, recorded as skipped."""
+        if not self.in_step:
+            self.start_step(arm=False)
+        if not self.in_step:
+            return
+        self.check_step()
+        self.end_step(skipped=True, reason=self.ctx.skip_requested or reason, raise_stop=raise_stop)
+
+    def _check_born(self) -> None:
+        """Whether backward made any gradient non-finite (its peak magnitude, which never overflows, is
+        NaN/Inf); when it did, a copy of the gradients as born for the step's verdict and capsule."""
+        params = self._params() if self.ctx is not None else self.params_hint()
+        grads = [(p, p.grad) for p in params if p.grad is not None]
+        if not grads:
+            return
+        if bool(peak_magnitudes([g for _, g in grads]).isfinite().all()):
+            return
+        if self._born is None:  # the first bad backward of the step (accumulation keeps the NaN anyway)
+            self._born = {id(p): g.detach().clone() for p, g in grads}
 
     # -- the hook form: one optimizer's pre / post step --------------------------------------------
     def before_optimizer_step(self) -> bool:

@@ -68,11 +68,16 @@ class _Discovery:
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
         self.depth = max(0, self.depth - 1)
 
-    def roots(self, params: list[Tensor]) -> dict[str, nn.Module]:
-        ids = {id(p) for p in params}
+    def params(self) -> list[Tensor]:
+        """Every parameter of the modules seen so far (before an optimizer is known)."""
+        return [p for module, _ in self.seen.values() for p in module.parameters()]
+
+    def roots(self, params: list[Tensor] | None = None) -> dict[str, nn.Module]:
+        """The seen modules owning any of ``params`` (None: every seen module that has parameters)."""
+        ids = {id(p) for p in params} if params is not None else None
         roots: dict[str, nn.Module] = {}
         for module, name in self.seen.values():
-            if any(id(p) in ids for p in module.parameters()):
+            if any(ids is None or id(p) in ids for p in module.parameters()):
                 unique, i = name, 1
                 while unique in roots:
                     i += 1
@@ -101,6 +106,8 @@ class AutoAttach:
         self._early: distributed.RankWatch | None = None
         self.steps_seen = 0
         self._stepped = False
+        self._candidate: torch.optim.Optimizer | None = None  # zero_grad was called on it before any step
+        self._zero_grads: dict[type, Any] = {}  # the zero_grad methods wrapped while installed
 
     # -- lifecycle --------------------------------------------------------------------------------
     def install(self) -> "AutoAttach":
@@ -131,11 +138,55 @@ class AutoAttach:
 
         backward.__wrapped__ = original  # type: ignore[attr-defined]
         torch.autograd.backward = backward
+        for cls in (torch.optim.Optimizer, nn.Module):
+            self._wrap_zero_grad(cls)
         if self._given_roots is not None and self.optimizer is not None:
             self._attach(self._given_roots, self.optimizer)
         else:
             self._discovery = _Discovery(driver)
+            driver.params_hint, driver.roots_hint = self._discovery.params, self._discovery.roots
         return self
+
+    def _wrap_zero_grad(self, cls: type) -> None:
+        """``zero_grad`` (optimizer or module, set_to_none either way) ends an iteration that backward began and
+        the script did not step (its own gate): the step is checked and recorded as skipped, not merged into
+        the next one. Gradient accumulation (no zero_grad between backward calls) stays one step."""
+        original = cls.zero_grad
+        self._zero_grads[cls] = original
+        hooks = self
+
+        def zero_grad(owner: Any, *args: Any, **kwargs: Any) -> Any:
+            hooks._before_zero_grad(owner)
+            return original(owner, *args, **kwargs)
+
+        zero_grad.__wrapped__ = original  # type: ignore[attr-defined]
+        cls.zero_grad = zero_grad
+
+    def _before_zero_grad(self, owner: Any) -> None:
+        d = self.driver
+        if isinstance(owner, torch.optim.Optimizer):
+            if self.optimizer is None:
+                self._candidate = owner
+                if d.step_backwards:  # an iteration ran backward and no optimizer step: follow this one
+                    self._follow(owner)
+            if owner is not self.optimizer:
+                return
+        elif not d.attached or not any(owner is m for m in (d.ctx.model, *d.roots.values())):
+            return
+        if d.step_backwards:
+            d.end_unstepped()
+
+    def flush(self) -> None:
+        """At the end of the run: an iteration that ran backward but never stepped is recorded (attaching to
+        the optimizer zero_grad was called on, when none ever stepped). A loop with no torch.optim optimizer at
+        all (a hand-written update) stays unattached: nothing says which parameters it trains."""
+        d = self.driver
+        if not d.step_backwards:
+            return
+        if self.optimizer is None and self._candidate is not None:
+            self._follow(self._candidate)
+        if d.attached:
+            d.end_unstepped("the script skipped optimizer.step() (the last iteration of the run)", raise_stop=False)
 
     def _watch_early(self) -> None:
         """Under torch.distributed, at the first backward before any optimizer step: watch the local
@@ -160,6 +211,10 @@ class AutoAttach:
         if self._backward is not None:
             torch.autograd.backward = self._backward
             self._backward = None
+        for cls, original in self._zero_grads.items():
+            cls.zero_grad = original
+        self._zero_grads = {}
+        self.driver.params_hint, self.driver.roots_hint = list, dict
         for h in self._handles + self._root_handles:
             h.remove()
         self._handles, self._root_handles = [], []
@@ -181,6 +236,7 @@ class AutoAttach:
             if driver.in_step or torch.is_grad_enabled():  # an evaluation forward starts no step
                 driver.record_inputs(name, args, kwargs)
                 driver.start_step()
+                driver.arm_pending()
         return hook
 
     def _scaler_step(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:

@@ -33,6 +33,8 @@ from typing import Sequence
 
 from typing import Any
 
+import torch
+
 from ris_stability.attach.watch import Watcher
 from ris_stability.monitor import MonitorConfig, NonFiniteError, distributed
 from ris_stability.records import UsageError
@@ -109,7 +111,10 @@ def check_runnable(cmd: ScriptCommand) -> None:
 
 
 def _run(cmd: ScriptCommand) -> None:
+    """Run the script as ``python`` would; the process-wide state it may set for itself (argv, sys.path[0],
+    torch's anomaly mode) is put back afterwards, for callers that go on in the same process."""
     saved_argv, saved_path0 = sys.argv, sys.path[0] if sys.path else None
+    anomaly = (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled())
     try:
         if cmd.kind == "path":
             sys.argv = [cmd.target, *cmd.args]
@@ -123,15 +128,30 @@ def _run(cmd: ScriptCommand) -> None:
         sys.argv = saved_argv
         if saved_path0 is not None:
             sys.path[0] = saved_path0
+        torch.autograd.set_detect_anomaly(*anomaly)
 
 
 def user_traceback(exc: BaseException) -> str:
-    """The exception's traceback from the script's first frame on (the runner's frames dropped)."""
-    tb = exc.__traceback__
-    while tb is not None and (tb.tb_frame.f_code.co_filename.startswith("<frozen runpy")
-                              or os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_OWN_DIRS)):
-        tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb))
+    """The exception's traceback as the script would show it under plain ``python``: the runner's frames
+    before the script's first one, and every frame of this toolkit (its hooks sit between the script's
+    ``loss.backward()`` and torch), left out; chained exceptions are shown the same way."""
+    te = traceback.TracebackException.from_exception(exc)
+    for part in _chain(te):
+        frames = [f for f in part.stack if not _own(f.filename)]
+        part.stack = traceback.StackSummary.from_list(frames)
+    return "".join(te.format())
+
+
+def _own(filename: str) -> bool:
+    return filename.startswith("<frozen runpy") or os.path.abspath(filename).startswith(_OWN_DIRS)
+
+
+def _chain(te: traceback.TracebackException):
+    seen = set()
+    while te is not None and id(te) not in seen:
+        seen.add(id(te))
+        yield te
+        te = te.__cause__ or (te.__context__ if not te.__suppress_context__ else None)
 
 
 def _resolve_out(out: str | None, cmd: ScriptCommand) -> Path:

@@ -102,6 +102,8 @@ class Watcher:
             return self.status
         self._finished = True
         stopped = isinstance(exc, NonFiniteError) if stopped is None else stopped
+        if self._hooks is not None:
+            self._hooks.flush()
         self.driver.close()
         self.driver.keep_pending_finding()
         if self._hooks is not None:

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 
 from ris_stability.cli.live import terminal_console
+from ris_stability.cli.logs import CLI_LOGGING
+from ris_stability.integrations import PIPELINE_LOGGERS
 
 from ris_stability.records.capsule import CapsuleError
 from ris_stability.monitor.config import POLICIES, MonitorConfig
@@ -275,11 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(stderr=False, soft_wrap=True)
     err = terminal_console()
     level = logging.DEBUG if args.verbose else logging.INFO
-    if err.is_terminal:  # log records go through rich, so they print above the live dashboard, not through it
-        logging.basicConfig(level=level, format="%(name)s: %(message)s", datefmt="[%X]",
-                            handlers=[RichHandler(console=err, show_path=False)])
-    else:
-        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    CLI_LOGGING.install(level, err)
+    if args.command != "trace" or getattr(args, "config", None):  # a config run logs the pipeline's records too
+        for name in PIPELINE_LOGGERS:
+            CLI_LOGGING.route(name, level)
     try:
         return COMMANDS[args.command](args, console)
     except (UsageError, CapsuleError, FileNotFoundError, PermissionError) as exc:
@@ -291,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]; the run folder keeps every step logged so far")
         return 130
+    finally:
+        CLI_LOGGING.remove()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from typing import Callable
 
 from rich.console import Console
 
+from ris_stability.cli.logs import CLI_LOGGING, TOOLKIT
+from ris_stability.integrations import PIPELINE_LOGGERS
 from ris_stability.records import UsageError
 
 
@@ -18,8 +20,7 @@ def _optuna() -> None:
     except ImportError:
         raise UsageError("sweeps need optuna: pip install 'ris-diag[sweep]'") from None
     optuna.logging.disable_default_handler()  # its records go through this CLI's logging, like ours
-    optuna.logging.enable_propagation()
-    logging.getLogger("optuna").setLevel(logging.WARNING)
+    CLI_LOGGING.route("optuna", logging.WARNING)
 
 
 def add_sweep_parser(sub: argparse._SubParsersAction, positive_int: Callable[[str], int],
@@ -84,8 +85,10 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     from ris_stability.sweep.command import SweepOptions, run_sweep, study_counts
     from ris_stability.sweep.pruning import StabilityRules
 
-    logging.getLogger().setLevel(logging.WARNING)  # one line per trial, not every training step
-    logging.getLogger("ris_stability.sweep").setLevel(logging.INFO)
+    logging.getLogger(TOOLKIT).setLevel(logging.WARNING)  # one line per trial, not every training step
+    logging.getLogger(f"{TOOLKIT}.sweep").setLevel(logging.INFO)
+    for name in PIPELINE_LOGGERS:
+        CLI_LOGGING.route(name, logging.WARNING)
     command = args.template[1:] if args.template[:1] == ["--"] else args.template
     rules = StabilityRules(nonfinite_budget=args.nonfinite_budget, explode_factor=args.explode_factor,
                            prune_on_tie=not args.no_tie_prune)

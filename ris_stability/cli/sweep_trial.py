@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+from ris_stability.cli.logs import CLI_LOGGING
 from ris_stability.records import UsageError
 from ris_stability.sweep.metrics import add_handler
 from ris_stability.sweep.pruning import StabilityRules
@@ -78,9 +79,14 @@ def main(args: list[str] | None = None) -> int:
     if len(args) < 3 or args[1] != "--":
         sys.stderr.write("usage: python -m ris_stability.cli.sweep_trial SPEC.json -- COMMAND...\n")
         return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    spec = json.loads(Path(args[0]).read_text())
-    return run(spec, args[2:])
+    from rich.console import Console
+
+    CLI_LOGGING.install(logging.WARNING, Console(stderr=True))  # the toolkit's loggers only: the script's are its own
+    try:
+        spec = json.loads(Path(args[0]).read_text())
+        return run(spec, args[2:])
+    finally:
+        CLI_LOGGING.remove()
 
 
 if __name__ == "__main__":

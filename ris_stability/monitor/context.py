@@ -35,6 +35,7 @@ class LoopContext:
     loss: torch.Tensor | None = None
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     grads_finite: bool | None = None
+    born_grads: dict[str, torch.Tensor] | None = None  # copies of non-finite gradients as backward made them
     skipped: bool = False
     skip_reason: str = ""
     skip_requested: str = ""
@@ -46,6 +47,7 @@ class LoopContext:
         """Reset the per-step fields for ``step`` (the one place a step's context is cleared)."""
         self.step, self.batch, self.lr, self.signal_dims, self.locating = step, batch, lr, signal_dims, locating
         self.loss, self.terms, self.grads_finite, self.micro_batches = None, {}, None, 0
+        self.born_grads = None
         self.skipped, self.skip_reason, self.skip_requested = False, "", ""
 
     def add_loss(self, loss: torch.Tensor | None, terms: dict[str, torch.Tensor] | None = None) -> None:

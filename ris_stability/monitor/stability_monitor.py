@@ -19,7 +19,8 @@ import torch
 from ris_stability.records.capsule import capture_rng, restore_rng, rng_snapshot, rng_state
 from ris_stability.monitor import amp
 from ris_stability.monitor import distributed
-from ris_stability.instruments.grads import TOTAL_KEY, GradMonitor, float64_norms
+from ris_stability.instruments.grads import TOTAL_KEY, GradMonitor
+from ris_stability.numerics.norms import float64_norms
 from ris_stability.observe.loopstack import COMPILE_LIMITATION, compiled_parts, optimizers_of, run_meta, unwrap
 from ris_stability.instruments.spikes import SpikeDetector
 from ris_stability.instruments.probe import SpectralProbe
@@ -154,6 +155,11 @@ class StabilityMonitor(MonitorWriting):
         if self.cfg.sampled(ctx.step) and not ctx.locating:
             self.probe.set_signal_dim(ctx.signal_dims)
             self.probe.sampling = True
+
+    def pause_sampling(self) -> None:
+        """No matrix statistics for the rest of this step (the locator was armed in it)."""
+        if self.probe is not None:
+            self.probe.sampling = False
 
     def on_after_backward(self, ctx: LoopContext) -> None:
         """The gradients of this optimizer step are complete (after the last micro-batch's backward)."""
@@ -290,9 +296,13 @@ class StabilityMonitor(MonitorWriting):
                     f"largest tied cluster {int(st.get('max_cluster', 0))}, eigenvectors "
                     f"{'receive' if suspect['vec_grad'] else 'do not receive'} gradient)")
         bad = self.grads.nonfinite_parameters() if loss_finite else []
-        if bad:  # "non-finite" is not "no gradient": name them in these words (see _report_dead)
-            msg += f"; gradient non-finite (NaN/Inf entries) in: {', '.join(bad[:8])}" + (
-                f" (+{len(bad) - 8})" if len(bad) > 8 else "")
+        born = [n for n, g in (ctx.born_grads or {}).items() if not bool(torch.isfinite(g).all())]
+        if born and not bad:  # the gradients were non-finite at backward; the script made them finite since
+            msg += (f"; non-finite gradients at backward (NaN/Inf entries in: {_names(born)}), replaced by the script "
+                    "before optimizer.step")
+            data.update(nonfinite_parameters=born, replaced_by_script=True)
+        elif bad:  # "non-finite" is not "no gradient": name them in these words (see _report_dead)
+            msg += f"; gradient non-finite (NaN/Inf entries) in: {_names(bad)}"
             data["nonfinite_parameters"] = bad
         origin = self._origin_note(data)
         msg += origin
@@ -372,3 +382,7 @@ class StabilityMonitor(MonitorWriting):
                               baseline_error=result.baseline_error, remedies=list(result.remedies),
                               matrix=result.culprit or None)
         return result
+
+
+def _names(names: list[str], shown: int = 8) -> str:
+    return ", ".join(names[:shown]) + (f" (+{len(names) - shown} more)" if len(names) > shown else "")

@@ -36,8 +36,12 @@ class MonitorWriting:
             meta.update(grads_finite=self._decision.local_ok, rank=self.dist.rank, world_size=self.dist.world,
                         origin_ranks=self._decision.origins, local_grads=self.dist.local_grads is not None)
         opts = [clone_state(opt.state_dict()) for opt in optimizers_of(ctx)]
-        grads = self.dist.local_grads if local else {n: p.grad.detach().clone()
-                                                     for n, p in self._model.named_parameters() if p.grad is not None}
+        if local:
+            grads = self.dist.local_grads
+        elif ctx.born_grads is not None:  # as backward made them, before the script sanitised or clipped them
+            grads = ctx.born_grads
+        else:
+            grads = {n: p.grad.detach().clone() for n, p in self._model.named_parameters() if p.grad is not None}
         cap = Capsule(step=ctx.step, batch=self.batch_state(ctx.batch), model_state=clone_state(self._model.state_dict()),
                       optimizer_state=(opts[0] if len(opts) == 1 else {"optimizers": opts}) if opts else None,
                       rng=rng_state(self._rng) if self._rng is not None else capture_rng(),

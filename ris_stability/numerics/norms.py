@@ -35,3 +35,12 @@ def norm64(t: Tensor) -> Tensor:
     """The L2 norm as a float64 0-d tensor, accumulated in the tensor's own precision (accumulating a large
     float32 tensor in float64 is ~10x slower on CPU; these norms only attribute a gradient to a site)."""
     return torch.linalg.vector_norm(torch.view_as_real(t) if t.is_complex() else t).to(torch.float64)
+
+
+def peak_magnitudes(tensors: Sequence[Tensor]) -> Tensor:
+    """The largest magnitude of each tensor, as one float32 vector on the first tensor's device (one fused
+    kernel, no host read): NaN or Inf exactly when the tensor holds a NaN or Inf, since a maximum, unlike a
+    sum of squares, never overflows. Sparse tensors are measured through their stored values."""
+    dense = [t.coalesce().values() if t.is_sparse else t for t in tensors]
+    device = dense[0].device
+    return torch.stack([n.to(device=device, dtype=torch.float32) for n in torch._foreach_norm(dense, float("inf"))])

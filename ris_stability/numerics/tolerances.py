@@ -12,48 +12,12 @@ import math
 
 import torch
 
-
-
-class ToleranceError(TypeError, ValueError):
-    """A tolerance was requested for what has none: a dtype without a floating-point epsilon (a TypeError),
-    a negative matrix size (a ValueError)."""
-
-
-def real_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The real floating dtype matching ``dtype`` (complex64 -> float32, complex128 -> float64)."""
-    if dtype.is_complex:
-        return dtype.to_real()
-    if dtype.is_floating_point:
-        return dtype
-    raise ToleranceError(
-        f"no floating-point tolerance for dtype {dtype}: spectral statistics need a float or complex "
-        "tensor; cast the matrix (e.g. .to(torch.float64)) before asking for its statistics"
-    )
-
-
-def eps_of(dtype: torch.dtype) -> float:
-    """Machine epsilon of the real dtype matching ``dtype`` (complex64 -> float32's eps)."""
-    return float(torch.finfo(real_dtype(dtype)).eps)
-
-
-# THE tie rule (the gap-aware backwards of ris_stability.spectral drop exactly the pairs it calls tied;
-# the reasoning is in ris_stability/spectral/rule.py). Two computed values of an exact tie are each off by
-# up to the error bound, in opposite directions in the worst case, so their distance can reach twice it.
-TIE_SPREAD = 2.0
-# Below this size the n*eps bound does not cover the rounding of forming the matrix itself (exact ties built
-# as Q diag(lambda) Q^H come back up to ~9 eps * scale apart whatever n).
-TIE_MIN_N = 8
-
-
-def tie_rtol(n: int, dtype: torch.dtype) -> float:
-    """THE tie rule, relative to the largest magnitude: ``TIE_SPREAD * max(n, TIE_MIN_N) * eps(dtype)``.
-
-    Two eigenvalues (or singular values) of an n x n problem closer than ``tie_rtol * scale`` cannot be
-    told apart: the backward's 1/gap for them is 0/0 or amplified rounding noise.
-    """
-    if n < 0:
-        raise ToleranceError(f"tie_rtol: matrix size n must be >= 0, got n={n}")
-    return TIE_SPREAD * max(int(n), TIE_MIN_N) * eps_of(dtype)
+# THE tie rule and machine epsilon live in the leaf op library (spectral/rule.py: the gap-aware backwards and
+# the showcase pipeline use them, and spectral may import nothing of the toolkit); re-exported here with the
+# toolkit's other tolerances.
+from ris_stability.spectral.rule import (  # noqa: F401
+    TIE_MIN_N, TIE_SPREAD, ToleranceError, eps_of, real_dtype, tie_rtol,
+)
 
 
 def eig_abs_err(n: int, dtype: torch.dtype, scale):

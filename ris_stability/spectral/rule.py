@@ -10,8 +10,8 @@ apart whatever n, measured for n = 3..144 in complex64 and complex128). So two v
 
     |x_i - x_j| <= tie_rtol(n, dtype) * scale,   tie_rtol = TIE_SPREAD * max(n, TIE_MIN_N) * eps(dtype)
 
-The rule and machine epsilon are defined once, with the toolkit's other dtype-derived tolerances, in
-ris_stability.numerics.tolerances (pure torch); this library and the showcase pipeline re-use them.
+The rule and machine epsilon are defined once, here (this leaf library imports nothing of the toolkit);
+ris_stability.numerics.tolerances re-exports them with the toolkit's other dtype-derived tolerances.
 
 Pair weights. The eigh backward weighs pair (i, j) by 1 / (x_j - x_i), the SVD backward by
 1 / (s_j - s_i) and 1 / (s_j + s_i). :func:`lorentz` replaces such a 1/e (e relative to the scale) by
@@ -26,12 +26,54 @@ from __future__ import annotations
 
 import torch
 
-from ris_stability.numerics.tolerances import TIE_MIN_N, TIE_SPREAD, eps_of, tie_rtol  # noqa: F401 (re-exported)
 
 # PyTorch's eigh/svd backward refuse a loss whose gradient has an imaginary diagonal in V^H gV larger
 # than this (allclose(..., rtol=1e-2, atol=1e-2)): such a loss depends on the arbitrary phase of complex
 # singular/eigen-vectors. Kept identical so both backwards accept the same losses.
 PHASE_INVARIANCE_ATOL = 1e-2
+
+
+class ToleranceError(TypeError, ValueError):
+    """A tolerance was requested for what has none: a dtype without a floating-point epsilon (a TypeError),
+    a negative matrix size (a ValueError)."""
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real floating dtype matching ``dtype`` (complex64 -> float32, complex128 -> float64)."""
+    if dtype.is_complex:
+        return dtype.to_real()
+    if dtype.is_floating_point:
+        return dtype
+    raise ToleranceError(
+        f"no floating-point tolerance for dtype {dtype}: spectral statistics need a float or complex "
+        "tensor; cast the matrix (e.g. .to(torch.float64)) before asking for its statistics"
+    )
+
+
+def eps_of(dtype: torch.dtype) -> float:
+    """Machine epsilon of the real dtype matching ``dtype`` (complex64 -> float32's eps)."""
+    return float(torch.finfo(real_dtype(dtype)).eps)
+
+
+# THE tie rule (the gap-aware backwards of ris_stability.spectral drop exactly the pairs it calls tied;
+# the reasoning is in ris_stability/spectral/rule.py). Two computed values of an exact tie are each off by
+# up to the error bound, in opposite directions in the worst case, so their distance can reach twice it.
+TIE_SPREAD = 2.0
+# Below this size the n*eps bound does not cover the rounding of forming the matrix itself (exact ties built
+# as Q diag(lambda) Q^H come back up to ~9 eps * scale apart whatever n).
+TIE_MIN_N = 8
+
+
+def tie_rtol(n: int, dtype: torch.dtype) -> float:
+    """THE tie rule, relative to the largest magnitude: ``TIE_SPREAD * max(n, TIE_MIN_N) * eps(dtype)``.
+
+    Two eigenvalues (or singular values) of an n x n problem closer than ``tie_rtol * scale`` cannot be
+    told apart: the backward's 1/gap for them is 0/0 or amplified rounding noise.
+    """
+    if n < 0:
+        raise ToleranceError(f"tie_rtol: matrix size n must be >= 0, got n={n}")
+    return TIE_SPREAD * max(int(n), TIE_MIN_N) * eps_of(dtype)
+
 
 
 class SpectralArgumentError(ValueError):

@@ -31,7 +31,6 @@ TOP = len(LAYERS)  # ris_stability/__init__.py: the public API, above every pack
 # Known violations, each owned by a change in progress on issue #25: the entry is removed with the fix (the
 # test fails while an entry is no longer needed). (importing file, imported package) -> why it is still here.
 ALLOWED: dict[tuple[str, str], str] = {
-    ("ris_stability/linalg/site_grads.py", "instruments"): "per-site gradients read instruments.grads",
 }
 
 
