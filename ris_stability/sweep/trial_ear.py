@@ -118,8 +118,9 @@ class TrialEar:
 
     def _stop(self, verdict: Verdict) -> None:
         reason = verdict.reason
-        if verdict.rule == "nonfinite":
-            reason += f"; located: {self.finding}" if self.finding else "; the locator named no op (the fault did not recur)"
+        if verdict.rule == "nonfinite":  # the op first: tables cut long reasons, and the op is the news
+            reason = (f"non-finite from step {verdict.step}, located: {self.finding}; {reason}" if self.finding
+                      else f"{reason}; the locator named no op (the fault did not recur)")
         self.verdict = Verdict(verdict.rule, verdict.step, reason)
         raise TrialStop(f"pruned by the sweep ({verdict.rule})")
 
