@@ -25,7 +25,6 @@ import logging
 import os
 import runpy
 import sys
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 from ris_stability.attach.watch import Watcher
 from ris_stability.monitor import MonitorConfig, NonFiniteError, distributed
 from ris_stability.records import UsageError
+from ris_stability.records.folders import run_folder
 
 log = logging.getLogger(__name__)
 
@@ -154,16 +154,6 @@ def _chain(te: traceback.TracebackException):
         te = te.__cause__ or (te.__context__ if not te.__suppress_context__ else None)
 
 
-def _resolve_out(out: str | None, cmd: ScriptCommand) -> Path:
-    run_dir = Path(out) if out else Path("runs") / f"{cmd.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--out {str(run_dir)!r}: cannot write there ({err.strerror or err}); "
-                         "choose a writable folder, e.g. --out runs/my-run") from None
-    return run_dir
-
-
 def _config_text(cmd: ScriptCommand) -> str:
     q = json.dumps  # a JSON string is a valid TOML basic string
     return (f"[script]\ncommand = {q(cmd.text)}\nkind = {q(cmd.kind)}\ntarget = {q(cmd.target)}\n"
@@ -193,7 +183,7 @@ def trace_script(argv: Sequence[str], out: str | None = None, *, live: Any = Non
     config = monitor_config(config, **settings)
     cmd = parse_command(argv)
     check_runnable(cmd)
-    run_dir = _resolve_out(out, cmd)
+    run_dir = run_folder(out, cmd.stem)
     text = _config_text(cmd)
     (run_dir / "config.resolved.toml").write_text(text)
     meta = {"command": f"risdiag trace -- {cmd.text}", "script": cmd.target, "script_kind": cmd.kind}

@@ -34,6 +34,7 @@ from ris_stability.attach.finish import finish_run
 from ris_stability.attach.watch import Watcher
 from ris_stability.monitor import MonitorConfig, monitor_config
 from ris_stability.records import UsageError
+from ris_stability.records.folders import run_folder
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +59,6 @@ REPLAYER = "ris_stability.integrations.ris:replay_capsule"
 
 class ModelBuildError(UsageError):
     """The configuration is valid field by field but the model or loss cannot be built from it."""
-
-
-def _resolve_out(out: str | None, config_path: str) -> Path:
-    run_dir = Path(out) if out else Path("runs") / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"--out {str(run_dir)!r}: cannot write there ({err.strerror or err}); "
-                         "choose a writable folder, e.g. --out runs/my-run") from None
-    return run_dir
 
 
 def _check_buildable(cfg: RunConfig) -> None:
@@ -135,7 +123,7 @@ def run_trace(config_path: str, overrides: list[str], steps: int | None, out: st
     cfg = load_config(config_path, overrides)
     _check_buildable(cfg)
     mon_cfg = monitor_config(None, **settings, policy=_policy(cfg))  # bad settings: no run folder
-    run_dir = _resolve_out(out, config_path)
+    run_dir = run_folder(out, Path(config_path).stem)
     text = dumps_toml(cfg)
     (run_dir / "config.resolved.toml").write_text(text)
     config_name = portable(str(config_path))  # no absolute path in a run folder

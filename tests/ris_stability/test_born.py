@@ -103,3 +103,24 @@ def test_the_scripts_logging_basicconfig_still_works(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "following optimizer" in done.stderr  # the toolkit's own lines still reach the terminal
     assert log_file.read_text().splitlines() == ["step 0", "step 1", "step 2"]
+
+
+def test_watch_sees_the_nan_a_loop_hides(tmp_path):
+    """The same check at birth under ``watch``: the loop zeroes its NaN gradients and steps anyway (observe
+    policy so that nothing is hidden from it); the trace still says every step was non-finite at backward."""
+    from ris_stability import watch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watch(model, opt, out=tmp_path, report=False, on_nonfinite="observe") as w:
+        for _ in range(3):
+            opt.zero_grad()
+            w_sum = model.weight.sum()
+            loss = model(torch.randn(8, 4)).pow(2).mean() + torch.sqrt(w_sum - w_sum)  # sqrt'(0) = inf
+            loss.backward()
+            for p in model.parameters():
+                p.grad.nan_to_num_(nan=0.0)
+            opt.step()
+    assert w.nonfinite_steps == [0, 1, 2]
+    assert all(e["data"].get("replaced_by_script") for e in _events(tmp_path, "nonfinite_grad"))
