@@ -32,6 +32,7 @@ from ris_stability.locate.finding import Finding, format_finding
 from ris_stability.monitor import StabilityMonitor
 from ris_stability.monitor.context import LoopContext, NonFiniteError
 from ris_stability.numerics.norms import peak_magnitudes
+from ris_stability.observe.loopstack import unwrap
 from ris_stability.observe.scaler import ScalerSpy
 from ris_stability.records import write_finding
 from ris_stability.attach.loop_parts import _lr, model_of, optimizer_params
@@ -127,7 +128,8 @@ class StepDriver:
         self._located = False
         self.ctx.locating = True
         self.monitor.pause_sampling()  # the probe's own statistics would pass the locator's modes
-        self._armed = ArmedLocator(self.roots).__enter__()
+        # unwrapped roots: a finding names model.linear, as events do, not DDP's model.module.linear
+        self._armed = ArmedLocator({k: unwrap(m) for k, m in self.roots.items()}).__enter__()
 
     def add_loss(self, loss: Tensor | None, terms: Mapping[str, Tensor] | None = None) -> None:
         """A micro-batch's loss (by reference: the loop holds it anyway) and its named terms."""
