@@ -12,6 +12,7 @@ The public API, in one place (everything else is importable from its package, an
   (do loss and inference consume the same matrices?), ``Locator`` / ``locate_nonfinite`` (which op made the
   first non-finite value).
 * the fix - ``gap_aware()``: gap-aware eigh / SVD backward inside the block.
+* sweeps - ``report_metric(name, value)``: the one optional line of a script swept by ``risdiag sweep``.
 * results - ``Finding`` / ``format_finding``; run folders are read with ``ris_stability.records.read_trace``.
 
 Advanced: ``StabilityMonitor`` (the monitor the front doors compose; drive it through a front door),
@@ -30,7 +31,8 @@ from ris_stability.instruments.probe import SpectralProbe
 from ris_stability.locate import Finding, Locator, format_finding, locate_nonfinite
 from ris_stability.monitor import MonitorConfig, NonFiniteError, StabilityMonitor
 from ris_stability.spectral import gap_aware
+from ris_stability.sweep.metrics import report_metric
 
 __all__ = ["audit_precision", "check_alignment", "Finding", "format_finding", "gap_aware", "GradMonitor", "Locator",
            "locate_nonfinite", "MonitorConfig", "MonitorSession", "NonFiniteError", "PrecisionAudit",
-           "SpectralProbe", "StabilityMonitor", "Watcher", "watch"]
+           "report_metric", "SpectralProbe", "StabilityMonitor", "Watcher", "watch"]

@@ -22,10 +22,8 @@ or backward goes non-finite again yields the finding. A fault that never recurs 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Callable, Mapping
 
-import torch
 from torch import Tensor, nn
 
 from ris_stability.locate.anomaly import anomaly_finding
@@ -34,50 +32,14 @@ from ris_stability.locate.finding import Finding, format_finding
 from ris_stability.monitor import StabilityMonitor
 from ris_stability.monitor.context import LoopContext, NonFiniteError
 from ris_stability.numerics.norms import peak_magnitudes
+from ris_stability.observe.loopstack import unwrap
 from ris_stability.observe.scaler import ScalerSpy
 from ris_stability.records import write_finding
+from ris_stability.attach.loop_parts import _lr, model_of, optimizer_params
 
 log = logging.getLogger(__name__)
 
 LOCATE_ATTEMPTS = 3  # armed steps tried after a non-finite step before giving up
-
-
-def optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def model_of(roots: Mapping[str, nn.Module], params: list[Tensor]) -> nn.Module:
-    """One module holding every root and every optimizer parameter no root owns (by reference: the
-    user's modules and parameters are registered in a new container, never changed)."""
-    owned = {id(p) for m in roots.values() for p in m.parameters()}
-    loose = [p for p in params if id(p) not in owned]
-    if len(roots) == 1 and not loose:
-        return next(iter(roots.values()))
-    holder = nn.ModuleDict(dict(roots))
-    if loose:
-        holder["params"] = nn.ParameterList(loose)
-    return holder
-
-
-def _detached(value: Any, depth: int = 0) -> Any:
-    """Capsule-safe copy of forward inputs: tensors detached and cloned, containers kept, anything
-    else by its repr (capsules load with weights_only=True)."""
-    if isinstance(value, Tensor):
-        return value.detach().clone()
-    if depth > 6:
-        return repr(value)
-    if isinstance(value, Mapping):
-        return {str(k): _detached(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_detached(v, depth + 1) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
-
-
-def batch_state(batch: Any) -> dict[str, Any]:
-    """What a capsule of a script run holds as its batch: each root's first forward inputs of the step."""
-    return {"inputs": _detached(batch or {})}
 
 
 class StepDriver:
@@ -166,7 +128,8 @@ class StepDriver:
         self._located = False
         self.ctx.locating = True
         self.monitor.pause_sampling()  # the probe's own statistics would pass the locator's modes
-        self._armed = ArmedLocator(self.roots).__enter__()
+        # unwrapped roots: a finding names model.linear, as events do, not DDP's model.module.linear
+        self._armed = ArmedLocator({k: unwrap(m) for k, m in self.roots.items()}).__enter__()
 
     def add_loss(self, loss: Tensor | None, terms: Mapping[str, Tensor] | None = None) -> None:
         """A micro-batch's loss (by reference: the loop holds it anyway) and its named terms."""
@@ -245,6 +208,8 @@ class StepDriver:
         c.skip_reason = c.skip_requested or ("amp_overflow" if self.monitor.overflow else "")
         if not bool(c.grads_finite):
             self._on_nonfinite()
+        elif self.monitor.exploded:  # a catastrophic finite gradient (on_explosion): stop, or locate its crash
+            self._on_explosion()
         anomaly, self._anomaly = self._anomaly, None
         if anomaly is not None and len(self.findings) < max(self.max_findings, 1):
             self._record_finding(anomaly)
@@ -317,6 +282,24 @@ class StepDriver:
         if len(self.findings) < self.max_findings and not c.locating and self._attempts_left == 0:
             self._attempts_left = 1 if self._stop else LOCATE_ATTEMPTS
 
+    def _on_explosion(self) -> None:
+        """Under stop: stop at the step's end. Under observe the update is applied: the next steps run under
+        the locator, so that a crash they cause (an op refusing an inf input) gets its forward origin."""
+        c = self.ctx
+        if c.stop_requested and not self._stop:
+            self._stop = c.stop_requested
+        elif (self.monitor.cfg.on_explosion == "observe" and len(self.findings) < self.max_findings
+              and not c.locating and self._attempts_left == 0):
+            self._attempts_left = LOCATE_ATTEMPTS
+
+    def crashed(self, exc: BaseException) -> None:
+        """The loop raised ``exc`` inside a step run under the locator: the finding of the forward (or
+        backward) that raised, e.g. where the value an op refused first went non-finite."""
+        armed = self._armed
+        if armed is not None and not self._located and isinstance(exc, Exception) and self.in_step:
+            self._located = True
+            self._record_finding(armed.error(exc))
+
     def keep_pending_finding(self) -> None:
         """At the end of the run: a finding whose step never reached optimizer.step() (no collective
         decision came) is kept as this rank's."""
@@ -363,24 +346,17 @@ class StepDriver:
         self._attempts_left = 0
         where = " ".join(x for x in (finding.node or finding.op, finding.module and f"in {finding.module}",
                                      finding.location and f"at {finding.location}") if x)
-        msg = f"finding (step {step}, first non-finite step {self.first_bad}): phase {finding.phase}, {where}: {finding.cause}"
         mon = self.monitor
+        first = f"first non-finite step {self.first_bad}" if self.first_bad is not None else "after a gradient explosion"
+        origin = mon.trace_back_note(step)  # the earlier update that put the parameters out of range, if one did
+        msg = f"finding (step {step}, {first}): phase {finding.phase}, {where}: {finding.cause}{origin}"
+        extra = {"update_origin": origin[2:]} if origin else {}
         mon.event("finding", "error", msg, nonfinite=True, step=step, first_nonfinite_step=self.first_bad,
-                  source="in-process locator", finding=finding.to_dict())
+                  source="in-process locator", finding=finding.to_dict(), **extra)
         if len(self.findings) == 1:
             write_finding(mon.run_dir, {**finding.to_dict(), "step": step, "first_nonfinite_step": self.first_bad,
-                                        "source": "in-process locator (armed step of the traced script)"})
+                                        "source": "in-process locator (armed step of the traced script)", **extra})
         log.warning("%s", format_finding(finding))
 
 
-def _lr(optimizer: Any) -> float:
-    if isinstance(optimizer, (list, tuple)):
-        optimizer = optimizer[0] if optimizer else None
-    if optimizer is None or not optimizer.param_groups:
-        return math.nan
-    lr = optimizer.param_groups[0].get("lr", math.nan)
-    return float(lr) if isinstance(lr, (int, float)) else math.nan
-
-
-__all__ = ["LOCATE_ATTEMPTS", "NonFiniteError", "StepDriver", "batch_state", "model_of",
-           "optimizer_params"]
+__all__ = ["LOCATE_ATTEMPTS", "NonFiniteError", "StepDriver"]

@@ -29,7 +29,8 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from ris_stability.monitor import distributed
-from ris_stability.attach.driver import StepDriver, optimizer_params
+from ris_stability.attach.driver import StepDriver
+from ris_stability.attach.loop_parts import optimizer_params
 from ris_stability.observe.frames import _is_user
 
 log = logging.getLogger(__name__)

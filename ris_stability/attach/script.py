@@ -26,7 +26,6 @@ import os
 import runpy
 import shlex
 import sys
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 from ris_stability.attach.watch import Watcher
 from ris_stability.monitor import MonitorConfig, NonFiniteError, distributed
 from ris_stability.records import UsageError
+from ris_stability.records.folders import run_folder
 
 log = logging.getLogger(__name__)
 
@@ -160,16 +160,6 @@ def _chain(te: traceback.TracebackException):
         te = te.__cause__ or (te.__context__ if not te.__suppress_context__ else None)
 
 
-def _resolve_out(out: str | None, cmd: ScriptCommand) -> Path:
-    run_dir = Path(out) if out else Path("runs") / f"{cmd.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--out {str(run_dir)!r}: cannot write there ({err.strerror or err}); "
-                         "choose a writable folder, e.g. --out runs/my-run") from None
-    return run_dir
-
-
 def _config_text(cmd: ScriptCommand, options: Mapping[str, Any]) -> str:
     q = json.dumps  # a JSON string (and a JSON number or true) is a valid TOML value
     text = (f"[script]\ncommand = {q(cmd.text)}\nkind = {q(cmd.kind)}\ntarget = {q(cmd.target)}\n"
@@ -216,7 +206,7 @@ def trace_script(argv: Sequence[str], out: str | None = None, *, live: Any = Non
     config = monitor_config(config, **settings)
     cmd = parse_command(argv)
     check_runnable(cmd)
-    run_dir = _resolve_out(out, cmd)
+    run_dir = run_folder(out, cmd.stem)
     options = dict(options or {})
     text = _config_text(cmd, options)
     (run_dir / "config.resolved.toml").write_text(text)

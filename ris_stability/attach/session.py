@@ -58,6 +58,8 @@ class MonitorSession:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self.driver.crashed(exc)  # a step run under the locator raised: where its bad value was born
         self.driver.close()
         if exc is not None:
             self.monitor.on_exception(self.ctx, exc)

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from ris_stability.monitor import distributed
-from ris_stability.attach.driver import StepDriver, batch_state as inputs_state
+from ris_stability.attach.driver import StepDriver
+from ris_stability.attach.loop_parts import batch_state as inputs_state
 from ris_stability.attach.hooks import AutoAttach
-from ris_stability.locate.finding import Finding
 from ris_stability.monitor import MonitorConfig, NonFiniteError, StabilityMonitor, monitor_config
 from ris_stability.records import TraceWriter
 
@@ -66,22 +66,11 @@ class Watcher:
         self._t0 = time.perf_counter()
         self.started = time.time()  # under DDP rank 0 waits for the shards closed since then
 
-    # -- what the run saw ----------------------------------------------------------------------------
-    @property
-    def nonfinite_steps(self) -> list[int]:
-        return list(self.monitor.nonfinite_steps)
-
-    @property
-    def skipped_steps(self) -> list[int]:
-        return list(self.monitor.skipped_steps)
-
-    @property
-    def findings(self) -> list[tuple[int, Finding]]:
-        return list(self.driver.findings)
-
-    @property
-    def steps(self) -> int:
-        return self.driver.step
+    # -- what the run saw (copies: the monitor and the driver keep their own) ---------------------------------
+    nonfinite_steps = property(lambda self: list(self.monitor.nonfinite_steps), doc="steps with non-finite values")
+    skipped_steps = property(lambda self: list(self.monitor.skipped_steps), doc="steps whose update was skipped")
+    findings = property(lambda self: list(self.driver.findings), doc="(step, Finding) of the located faults")
+    steps = property(lambda self: self.driver.step, doc="steps ended so far")
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> "Watcher":
@@ -102,6 +91,8 @@ class Watcher:
             return self.status
         self._finished = True
         stopped = isinstance(exc, NonFiniteError) if stopped is None else stopped
+        if exc is not None and not stopped:
+            self.driver.crashed(exc)  # a step run under the locator raised: where its bad value was born
         if self._hooks is not None:
             self._hooks.flush()
         self.driver.close()

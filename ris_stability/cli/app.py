@@ -21,7 +21,7 @@ from rich.markup import escape
 
 from ris_stability.cli import locate_cmd
 from ris_stability.cli.live import terminal_console
-from ris_stability.cli.logs import CLI_LOGGING, TOOLKIT
+from ris_stability.cli.logs import CLI_LOGGING
 from ris_stability.integrations import PIPELINE_LOGGERS
 
 from ris_stability.records.capsule import CapsuleError
@@ -106,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--on-nonfinite", choices=POLICIES, default=None,
                    help="script runs: what to do with a non-finite step: skip it (default; parameters and optimizer "
                         "state unchanged), stop after locating it, or observe (let the optimizer step)")
+    t.add_argument("--on-explosion", choices=POLICIES, default=None,
+                   help="what to do with a catastrophic finite gradient (one-step growth beyond 1e6x, a norm whose "
+                        "square overflows, an SGD update larger than the parameters; docs/explosions.md): observe "
+                        "(default: an event and a capsule), skip it (parameters and optimizer state unchanged) or stop")
     t.add_argument("--replayer", default="", metavar="MODULE:FUNCTION",
                    help="script runs: replayer stored in the capsules for `risdiag bisect` (see README)")
     t.add_argument("script", nargs=argparse.REMAINDER, help="-- python SCRIPT.py [ARGS] (or -- python -m MODULE)")
@@ -137,34 +141,11 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--config", required=True)
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     a.add_argument("--json", action="store_true")
-    _add_sweep_parser(sub)
+    from ris_stability.cli.sweep import add_sweep_parser
+
+    add_sweep_parser(sub, positive_int, nonnegative_int, _float_above(1.0))
     locate_cmd.add_parser(sub)
     return p
-
-
-def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("sweep", help="Optuna study of traced runs with stability-aware pruning (needs the [sweep] extra)")
-    s.add_argument("--config", required=True, help="TOML config, e.g. configs/quickstart.toml")
-    s.add_argument("--space", required=True, help="search-space TOML, e.g. configs/space-quickstart.toml")
-    s.add_argument("--trials", type=positive_int, required=True, help="trials this command runs (split over --workers)")
-    s.add_argument("--storage", required=True, help="Optuna RDB URL, e.g. sqlite:///runs/sweep.db or postgresql://...")
-    s.add_argument("--study", required=True, help="study name; the same name and storage on another machine joins")
-    s.add_argument("--steps", type=positive_int, default=None, help="training steps of each trial (overrides train.steps)")
-    s.add_argument("--workers", type=positive_int, default=1, help="worker processes on this machine (default 1)")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="fixed override of every trial's config (repeatable)")
-    s.add_argument("--metric", default="loss", help="validation metric to optimise (default loss)")
-    s.add_argument("--direction", default="minimize", choices=("minimize", "maximize"))
-    s.add_argument("--out", default=None, help="trial run folders go to OUT/trial-NNNN (default runs/sweep-STUDY)")
-    s.add_argument("--seed", type=nonnegative_int, default=None, help="TPE sampler seed (worker i uses SEED + i)")
-    s.add_argument("--heartbeat", type=positive_int, default=10, help="seconds between trial heartbeats (stale after 3)")
-    s.add_argument("--startup-trials", type=nonnegative_int, default=3, help="trials before the median pruner prunes")
-    s.add_argument("--nonfinite-budget", type=nonnegative_int, default=0, help="non-finite steps a trial may have (default 0)")
-    s.add_argument("--explode-factor", type=_float_above(1.0), default=1e4, help="prune when |g| > FACTOR x its early median")
-    s.add_argument("--no-tie-prune", action="store_true", help="do not prune on tied eigenvalues")
-    s.add_argument("--no-trial-reports", action="store_true", help="skip each trial's report.md")
-    s.add_argument("--target", default="ris_stability.integrations.ris:sweep_target",
-                   help="factory module:function or file.py:function building the trained target")
 
 
 def _cmd_trace_script(args: argparse.Namespace, console: Console) -> int:
@@ -187,14 +168,16 @@ def _cmd_trace_script(args: argparse.Namespace, console: Console) -> int:
 
 def _monitor_settings(args: argparse.Namespace) -> dict:
     """The monitor settings given on the command line (the others keep MonitorConfig's defaults)."""
-    given = {"every": args.every, "max_matrices": args.max_matrices, "on_nonfinite": args.on_nonfinite}
+    given = {"every": args.every, "max_matrices": args.max_matrices, "on_nonfinite": args.on_nonfinite,
+             "on_explosion": args.on_explosion}
     return {k: v for k, v in given.items() if v is not None}
 
 
 def _recorded_options(args: argparse.Namespace) -> dict:
     """The given `trace` options that change the run's numerics or control flow, or where it is copied: written
     into meta.json and the run's command, so that re-running the recorded command reproduces the run."""
-    given = {"--gap-aware": args.gap_aware, "--on-nonfinite": args.on_nonfinite, "--every": args.every,
+    given = {"--gap-aware": args.gap_aware, "--on-nonfinite": args.on_nonfinite,
+             "--on-explosion": args.on_explosion, "--every": args.every,
              "--max-matrices": args.max_matrices, "--replayer": args.replayer, "--tensorboard": args.tensorboard,
              "--mlflow": args.mlflow}
     return {k: v for k, v in given.items() if v not in (None, False, "")}
@@ -291,48 +274,16 @@ def _cmd_align(args: argparse.Namespace, console: Console) -> int:
     return code
 
 
-def _optuna() -> None:
-    try:
-        import optuna
-    except ImportError:
-        raise UsageError("sweeps need optuna: pip install 'ris-diag[sweep]'") from None
-    optuna.logging.disable_default_handler()  # its records go through this CLI's logging, like ours
-    CLI_LOGGING.route("optuna", logging.WARNING)
-
-
 def _cmd_sweep_report(args: argparse.Namespace, console: Console) -> int:
-    if args.sweep is None or args.study is None or args.run_dir is not None:
-        raise UsageError("a sweep report takes --sweep STORAGE and --study NAME, and no run folder")
-    _optuna()
-    from ris_stability.sweep.report import build_sweep_report
+    from ris_stability.cli.sweep import cmd_sweep_report
 
-    out = Path(args.out) if args.out else Path("reports") / f"sweep-{args.study}" / "report.md"
-    path = build_sweep_report(args.sweep, args.study, out)
-    console.print(f"sweep report written to [bold]{path}[/bold]")
-    return EXIT_OK
+    return cmd_sweep_report(args, console)
 
 
 def _cmd_sweep(args: argparse.Namespace, console: Console) -> int:
-    _optuna()
-    from ris_stability.sweep.command import SweepOptions, run_sweep, study_counts
-    from ris_stability.sweep.pruning import StabilityRules
+    from ris_stability.cli.sweep import cmd_sweep
 
-    logging.getLogger(TOOLKIT).setLevel(logging.WARNING)  # one line per trial, not every training step
-    logging.getLogger(f"{TOOLKIT}.sweep").setLevel(logging.INFO)
-    for name in PIPELINE_LOGGERS:
-        CLI_LOGGING.route(name, logging.WARNING)
-    rules = StabilityRules(nonfinite_budget=args.nonfinite_budget, explode_factor=args.explode_factor,
-                           prune_on_tie=not args.no_tie_prune)
-    opts = SweepOptions(config=args.config, space=args.space, trials=args.trials, storage=args.storage,
-                        study=args.study, steps=args.steps, workers=args.workers, overrides=tuple(args.overrides),
-                        target=args.target, metric=args.metric, direction=args.direction, out=args.out,
-                        seed=args.seed, heartbeat_s=args.heartbeat, startup_trials=args.startup_trials,
-                        trial_reports=not args.no_trial_reports, rules=rules)
-    code, study = run_sweep(opts)
-    counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(study_counts(study).items()))
-    console.print(f"study [bold]{args.study}[/bold] ({args.storage}): {counts}; report: risdiag report --sweep "
-                  f"{args.storage} --study {args.study}", highlight=False)
-    return code
+    return cmd_sweep(args, console)
 
 
 COMMANDS = {"trace": _cmd_trace, "bisect": _cmd_bisect, "report": _cmd_report, "compare": _cmd_compare,

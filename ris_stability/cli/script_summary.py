@@ -2,6 +2,8 @@
 summary table (rank 0 lists the other ranks), and the report's path."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -9,7 +11,10 @@ from rich.text import Text
 from ris_stability.attach.finish import finish_run
 from ris_stability.attach.script import ScriptRun
 from ris_stability.monitor import distributed
-from ris_stability.records import read_summary
+from ris_stability.records import CAPSULE_DIR, read_summary
+
+
+SHOWN_CAPSULES = 3  # capsule paths in the summary table; the rest as "+N more"
 
 
 def rows_table(title: str, rows: list[tuple[str, str, str]]) -> Table:
@@ -54,14 +59,24 @@ def summary_table(run: ScriptRun) -> Table:
                 bad = summary.get("nonfinite_steps") or []
                 t.add_row(f"rank {r}", f"{summary.get('status', '?')}, {summary.get('steps', '?')} steps, "
                                        f"non-finite {len(bad)} {bad[:10]}")
-    if w.monitor.capsules:
+    capsules = _capsules(run)
+    if capsules:
+        more = f" (+{len(capsules) - SHOWN_CAPSULES} more)" if len(capsules) > SHOWN_CAPSULES else ""
         store = w.monitor.capsule_store
-        dropped = (f"; {len(store.dropped)} more deleted by the budget ({store.max_count} capsules, "
+        dropped = (f"; {len(store.dropped)} deleted by the budget ({store.max_count} capsules, "
                    f"{store.max_bytes // 2 ** 20} MB: the first and the most recent are kept)" if store.dropped else "")
-        t.add_row("capsules", ", ".join(str(p) for p in w.monitor.capsules[:3])
-                  + (f" (+{len(w.monitor.capsules) - 3})" if len(w.monitor.capsules) > 3 else "") + dropped)
+        t.add_row("capsules", ", ".join(str(p) for p in capsules[:SHOWN_CAPSULES]) + more + dropped)
     t.add_row("run folder", str(w.run_dir))
     return t
+
+
+def _capsules(run: ScriptRun) -> list[Path]:
+    """This rank's capsules, then (rank 0 of a data-parallel run) every other rank's, from its shard."""
+    found = list(run.watcher.monitor.capsules)
+    if run.world > 1 and run.rank == 0:
+        for r, shard in distributed.shard_dirs(run.watcher.run_dir).items():
+            found += sorted((shard / CAPSULE_DIR).glob("*.pt")) if r else []
+    return found
 
 
 def report_to(run: ScriptRun, console: Console, err: Console, report: bool) -> None:

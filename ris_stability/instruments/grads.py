@@ -178,6 +178,14 @@ class GradMonitor:
             for g, group in enumerate(opt.param_groups):
                 keys.append(f"grad_group/{_group_key(k, g, group, len(opts))}")
                 parts.append(squares[self._group_index(group["params"])].sum().sqrt().reshape(1))
+        # Parameter norms per module ride in the same read-back: the explosion checks compare the update
+        # with them before the optimizer steps and trace a crash back to the update that grew them.
+        weights = torch.stack([n if n.device == self.device else n.to(self.device)
+                               for n in fast_norms([p.detach() for p in self.params])]).to(norms.dtype)
+        keys += [f"param/{module}" for module in self.modules] + [f"param/{TOTAL_KEY}"]
+        wsq = weights.square()
+        parts += [torch.zeros(len(self.modules), dtype=norms.dtype, device=norms.device).index_add_(
+            0, self._module_index, wsq).sqrt(), wsq.sum().sqrt().reshape(1)]
         finite = torch.isfinite(norms)
         # One vector per observation, read back once (peek_norms / collect / grads_finite share it); the
         # last entry is 1 when every norm is finite.
@@ -234,6 +242,20 @@ class GradMonitor:
         """The module and total grad norms measured by the last observe_grads, as floats (one sync),
         keyed by module (``_total`` for the total); they stay pending for collect."""
         return {k[len("grad/"):]: v for k, v in self._block_values().items() if k.startswith("grad/")}
+
+    def peek_block(self, prefix: str) -> dict[str, float]:
+        """The values of the last observe_grads whose keys start with ``prefix`` (``"param/"``: parameter norms
+        per module before the update, ``"grad_group/"``: per param group), prefix removed; the same read-back
+        as peek_norms."""
+        return {k[len(prefix):]: v for k, v in self._block_values().items() if k.startswith(prefix)}
+
+    def param_norms(self) -> dict[str, float]:
+        """The parameters' norms now, per module and in total (``_total``); one sync (for a bad step or a crash)."""
+        weights = torch.stack([n.to(self.device, torch.float64) for n in float64_norms([p.detach() for p in self.params])])
+        wsq = weights.square()
+        by_module = torch.zeros(len(self.modules), dtype=wsq.dtype, device=self.device).index_add_(
+            0, self._module_index, wsq).sqrt()
+        return dict(zip(self.modules + [TOTAL_KEY], torch.cat([by_module, wsq.sum().sqrt().reshape(1)]).tolist()))
 
     def count_nonfinite(self) -> None:
         """Count the non-finite elements of the current grads per module (reported by collect when > 0)."""

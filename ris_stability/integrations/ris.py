@@ -21,7 +21,7 @@ import torch
 from ris_model.complex_ops import complex_dtype
 from ris_model.config import ConfigError, RunConfig, config_hash, dumps_toml, from_dict, load_config, replace
 from ris_model.data import Batch
-from ris_model.loss import CompositeLoss
+from ris_model.loss import TERMS, CompositeLoss
 from ris_model.model import build_model
 from ris_model.parallel import local_only
 from ris_model.simulate import make_system
@@ -35,6 +35,7 @@ from ris_stability.attach.script import option_meta, recorded_command
 from ris_stability.attach.watch import Watcher
 from ris_stability.monitor import MonitorConfig, monitor_config
 from ris_stability.records import UsageError
+from ris_stability.records.folders import run_folder
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +60,6 @@ REPLAYER = "ris_stability.integrations.ris:replay_capsule"
 
 class ModelBuildError(UsageError):
     """The configuration is valid field by field but the model or loss cannot be built from it."""
-
-
-def _resolve_out(out: str | None, config_path: str) -> Path:
-    run_dir = Path(out) if out else Path("runs") / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"--out {str(run_dir)!r}: cannot write there ({err.strerror or err}); "
-                         "choose a writable folder, e.g. --out runs/my-run") from None
-    return run_dir
 
 
 def _check_buildable(cfg: RunConfig) -> None:
@@ -137,7 +125,7 @@ def run_trace(config_path: str, overrides: list[str], steps: int | None, out: st
     cfg = load_config(config_path, overrides)
     _check_buildable(cfg)
     mon_cfg = monitor_config(None, **settings, policy=_policy(cfg))  # bad settings: no run folder
-    run_dir = _resolve_out(out, config_path)
+    run_dir = run_folder(out, Path(config_path).stem)
     text = dumps_toml(cfg)
     (run_dir / "config.resolved.toml").write_text(text)
     config_name = portable(str(config_path))  # no absolute path in a run folder
@@ -156,7 +144,7 @@ def run_trace(config_path: str, overrides: list[str], steps: int | None, out: st
     with live if live is not None else contextlib.nullcontext():
         try:
             # the monitor's collective decision is the step's only all-reduce (the loop's own check stays local)
-            result = train(cfg, callbacks=[callbacks], out_dir=run_dir, agree=local_only)
+            result = train(cfg, callbacks=[callbacks, _ValidationToSinks()], out_dir=run_dir, agree=local_only)
         except NonFiniteError as err:
             error = err
             log.error("run stopped: %s", err)
@@ -244,6 +232,25 @@ class _ValidationReporter:
             self.hooks.report(ctx.step - 1, ctx.val, ctx)
 
 
+class _ValidationToSinks(_ValidationReporter):
+    """Each validation of a traced run also goes to the command's sinks (TensorBoard / MLflow) as val/NAME."""
+
+    def __init__(self) -> None:
+        super().__init__(self)
+
+    def on_train_end(self, ctx: Any) -> None:  # the last validation, which no next step start sees
+        if ctx.val is not None and ctx.val is not self._seen:
+            self._seen = ctx.val
+            self.report(ctx.step, ctx.val, ctx)
+
+    def report(self, step: int, metrics: dict[str, float], ctx: Any = None) -> None:
+        from ris_stability.sweep.metrics import report_metric
+
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)):
+                report_metric(name, value, step)
+
+
 class RisSweepTarget:
     """A RunConfig file plus fixed overrides; each trial adds its parameters as ``--set`` overrides."""
 
@@ -258,6 +265,8 @@ class RisSweepTarget:
             raise UsageError(f"config {config_path!r}: the sweep's objective is a validation metric, but validation is "
                              f"off (train.val_every = {cfg.train.val_every}, data.n_val = {cfg.data.n_val}); set both > 0")
         self.name = cfg.name
+        # what validate() returns: --metric is checked against these before any trial
+        self.metrics = ("loss", *TERMS, "k_acc", "aux_matched", "aux_rmse_deg")
 
     def _load(self, params: dict[str, Any]) -> RunConfig:
         return load_config(self.config_path, [*self.overrides, *(self._text(k, v) for k, v in params.items())])

@@ -177,6 +177,17 @@ SPECTRUM_KINDS = derived_names(lambda: (k.name for k in _KINDS.values() if k.out
 
 # --- the declarations -------------------------------------------------------------------------------
 _EIGEN, _SINGULAR = "eigenvalues", "singular values"
+
+
+def _singular(text: str, unit: str) -> HazardWords:
+    """The hazard of an op read from singular values, in ``unit``."""
+    return HazardWords(_SINGULAR, text, unit)
+
+
+def _conditioned(text: str) -> HazardWords:
+    """The hazard of an op whose gradient scales with the condition number."""
+    return HazardWords(_SINGULAR, text, "log10 condition number")
+
 for _kind in (
     Kind("eigh", "hermitian", Output(_EIGEN, at=0, vectors=(1,), sorted=True), hermitian=True),
     Kind("eigvalsh", "hermitian", Output(_EIGEN, sorted=True), hermitian=True),
@@ -203,8 +214,8 @@ def _spell(*spellings: tuple) -> tuple[Spelling, ...]:
 
 _EIG_WORDS = HazardWords(_EIGEN, "the eigenvector gradient divides by eigenvalue gaps lambda_j - lambda_i: a tie "
                          "(gap 0) gives 0/0, a small gap amplifies by 1/gap", "gaps in eigenvalue units")
-_INVERTS = HazardWords(_SINGULAR, "the op inverts the matrix: its output and gradient scale with 1/s_min, so "
-                       "digits are lost in proportion to the condition number s_max/s_min", "log10 condition number")
+_INVERTS = _conditioned("the op inverts the matrix: its output and gradient scale with 1/s_min, so "
+                       "digits are lost in proportion to the condition number s_max/s_min")
 _NORM_SPELLINGS = _spell((_L, "matrix_norm", "linalg.matrix_norm", "", matrix_order),
                          (_L, "norm", "linalg.norm", "", matrix_order),
                          (_T, "norm", "norm", "", matrix_order), (_TENSOR, "norm", "norm", "", matrix_order))
@@ -213,12 +224,12 @@ for _op in (
     LinalgOp("eigvalsh", "eigvalsh", HazardWords(_EIGEN, "eigenvalue-only: the gradient V diag(g) V^H is finite "
              "for any spectrum; ties only make V non-unique", "eigenvalue units"),
              TIE, _spell((_L, "eigvalsh", "linalg.eigvalsh"))),
-    LinalgOp("svd", "svd", HazardWords(_SINGULAR, "the singular-vector gradient divides by s_j^2 - s_i^2: tied "
+    LinalgOp("svd", "svd", _singular("the singular-vector gradient divides by s_j^2 - s_i^2: tied "
              "singular values (including repeated zeros of a rank-deficient input) give 0/0",
              "gaps in squared singular values (s^2)"),
              TIE, _spell((_L, "svd", "linalg.svd"), (_T, "svd", "svd", "svd_old"), (_TENSOR, "svd", "svd", "svd_old")),
              aten=("_linalg_svd",)),
-    LinalgOp("svdvals", "svdvals", HazardWords(_SINGULAR, "singular-value-only: the gradient U diag(g) V^H is "
+    LinalgOp("svdvals", "svdvals", _singular("singular-value-only: the gradient U diag(g) V^H is "
              "finite for any spectrum", "singular value units"), TIE, _spell((_L, "svdvals", "linalg.svdvals"))),
     LinalgOp("cholesky", "herm", HazardWords(_EIGEN, "needs lambda_min > 0: fails or loses digits as lambda_min / "
              "lambda_max approaches rounding", "eigenvalue units and log10 condition number"),
@@ -230,10 +241,10 @@ for _op in (
     LinalgOp("solve", "general", _INVERTS, CONDITION,
              _spell((_L, "solve", "linalg.solve"), (_L, "solve_ex", "linalg.solve_ex"))),
     LinalgOp("lstsq", "general", _INVERTS, CONDITION, _spell((_L, "lstsq", "linalg.lstsq"))),
-    LinalgOp("qr", "general", HazardWords(_SINGULAR, "R's diagonal vanishes for a rank-deficient input and the QR "
-             "backward divides by it", "log10 condition number"),
+    LinalgOp("qr", "general", _conditioned("R's diagonal vanishes for a rank-deficient input and the QR "
+             "backward divides by it"),
              TIE, _spell((_L, "qr", "linalg.qr"), (_TENSOR, "qr", "qr"), (_T, "qr", "qr"))),
-    LinalgOp("pinv", "pinv", HazardWords(_SINGULAR, "pinv inverts the singular values above its cut-off and drops "
+    LinalgOp("pinv", "pinv", _singular("pinv inverts the singular values above its cut-off and drops "
              "the rest: one near the cut-off is dropped or inverted by rounding", "decades from the cut-off"),
              PINV, _spell((_L, "pinv", "linalg.pinv"), (_T, "pinverse", "pinverse"),
                           (_TENSOR, "pinverse", "pinverse"))),
@@ -242,28 +253,28 @@ for _op in (
              "sensitive (condition of the eigenvector matrix)", "eigenvalue units"),
              EIG, _spell((_L, "eigvals", "linalg.eigvals"))),
     LinalgOp("matrix_norm", "norm", None, TIE, _NORM_SPELLINGS),
-    LinalgOp(ordered_name(2), norm_kind(2), HazardWords(_SINGULAR, "the spectral norm s_1: its gradient u_1 v_1^H "
+    LinalgOp(ordered_name(2), norm_kind(2), _singular("the spectral norm s_1: its gradient u_1 v_1^H "
              "is undefined when s_1 is tied (top gap s_1^2 - s_2^2 = 0)", "top gap in squared singular values (s^2)")),
-    LinalgOp(ordered_name(-2), norm_kind(-2), HazardWords(_SINGULAR, "the smallest singular value s_n: its "
+    LinalgOp(ordered_name(-2), norm_kind(-2), _singular("the smallest singular value s_n: its "
              "gradient u_n v_n^H is undefined when s_n is tied (bottom gap s_(n-1)^2 - s_n^2 = 0)",
              "bottom gap in squared singular values (s^2)")),
-    LinalgOp(ordered_name("nuc"), norm_kind("nuc"), HazardWords(_SINGULAR, "the nuclear norm sum(s): its gradient "
+    LinalgOp(ordered_name("nuc"), norm_kind("nuc"), _singular("the nuclear norm sum(s): its gradient "
              "U V^H is undefined where a singular value is 0 (rank-deficient input)", "s_min in singular value units")),
-    LinalgOp("cond", "general", HazardWords(_SINGULAR, "cond = s_max / s_min: its gradient scales as cond / s_min "
-             "and needs s_1 and s_n untied", "log10 condition number"), TIE, _spell((_L, "cond", "linalg.cond"))),
-    LinalgOp("det", "general", HazardWords(_SINGULAR, "the determinant's gradient det(A) A^-H is 0 * inf at a "
-             "singular matrix and loses digits with the condition number", "log10 condition number"),
+    LinalgOp("cond", "general", _conditioned("cond = s_max / s_min: its gradient scales as cond / s_min "
+             "and needs s_1 and s_n untied"), TIE, _spell((_L, "cond", "linalg.cond"))),
+    LinalgOp("det", "general", _conditioned("the determinant's gradient det(A) A^-H is 0 * inf at a "
+             "singular matrix and loses digits with the condition number"),
              CONDITION, _spell((_L, "det", "linalg.det"), (_T, "det", "det"), (_TENSOR, "det", "det"))),
-    LinalgOp("slogdet", "general", HazardWords(_SINGULAR, "log|det|'s gradient A^-H scales with 1/s_min: infinite "
-             "at a singular matrix", "log10 condition number"),
+    LinalgOp("slogdet", "general", _conditioned("log|det|'s gradient A^-H scales with 1/s_min: infinite "
+             "at a singular matrix"),
              CONDITION, _spell((_L, "slogdet", "linalg.slogdet"), (_T, "slogdet", "slogdet"),
                                (_TENSOR, "slogdet", "slogdet"), (_T, "logdet", "logdet"),
                                (_TENSOR, "logdet", "logdet"))),
-    LinalgOp("lu", "general", HazardWords(_SINGULAR, "LU pivots shrink with s_min: a singular matrix has a zero "
-             "pivot and the solve / backward divides by it", "log10 condition number"),
+    LinalgOp("lu", "general", _conditioned("LU pivots shrink with s_min: a singular matrix has a zero "
+             "pivot and the solve / backward divides by it"),
              TIE, _spell((_L, "lu", "linalg.lu"), (_L, "lu_factor", "linalg.lu_factor"),
                          (_L, "lu_factor_ex", "linalg.lu_factor_ex"))),
-    LinalgOp("matrix_rank", "general", HazardWords(_SINGULAR, "the rank counts singular values above a tolerance: "
+    LinalgOp("matrix_rank", "general", _singular("the rank counts singular values above a tolerance: "
              "values near it flip the rank by rounding (no gradient)", "s_min in singular value units"),
              TIE, _spell((_L, "matrix_rank", "linalg.matrix_rank"))),
 ):

@@ -38,6 +38,7 @@ class MonitorConfig:
     audit_every: int = 0  # precision audit every n steps when the loop gives an audit_fn (0: only on spikes)
     audit_on_spike: bool = True  # precision audit on a gradient spike when the loop gives an audit_fn
     amp_collapse_steps: int = amp.COLLAPSE_STEPS  # GradScaler scale below 1 this many steps in a row: incident
+    on_explosion: Policy = "observe"  # what to ask of the loop on a catastrophic finite gradient (docs/explosions.md)
 
     def __post_init__(self) -> None:
         if (self.every < 1 or self.dead_after < 1 or self.update_every < 1 or self.grad_depth < 1
@@ -53,6 +54,9 @@ class MonitorConfig:
         if self.policy not in POLICIES:
             raise SettingError(f"on_nonfinite / MonitorConfig.policy = {self.policy!r}: valid choices "
                                f"{', '.join(repr(p) for p in POLICIES)}")
+        if self.on_explosion not in POLICIES:
+            raise SettingError(f"on_explosion = {self.on_explosion!r}: valid choices "
+                               f"{', '.join(repr(p) for p in POLICIES)} (what to do with a catastrophic finite gradient)")
 
     def sampled(self, step: int) -> bool:
         """Whether matrix and gradient statistics are taken at ``step`` (non-finite checks run every step)."""

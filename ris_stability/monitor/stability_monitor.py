@@ -28,12 +28,13 @@ from ris_stability.records import TraceWriter
 from ris_stability.linalg.hazards import vector_words
 from ris_stability.monitor.config import SPIKE_WARMUP, MonitorConfig, suspect_site
 from ris_stability.monitor.context import LoopContext, NonFiniteError
+from ris_stability.monitor.explosions import ExplosionChecks
 from ris_stability.monitor.writing import MonitorWriting
 
 log = logging.getLogger(__name__)
 
 
-class StabilityMonitor(MonitorWriting):
+class StabilityMonitor(MonitorWriting, ExplosionChecks):
     """Observe a training run and write a trace folder.
 
     ``batch_state(batch) -> dict`` turns a batch into capsule content; ``config_text`` is stored in
@@ -57,6 +58,7 @@ class StabilityMonitor(MonitorWriting):
         self.spike_steps: list[int] = []
         self.audit_fn: Callable[[], torch.Tensor] | None = None  # recomputes the step's loss (precision audit)
         self.spikes = SpikeDetector(cfg.spike_factor, cfg.spike_window, SPIKE_WARMUP)
+        self.init_explosions()  # judged from step 0 (monitor/explosions.py)
         self.skipped_steps: list[int] = []
         self.capsules: list[Path] = []  # kept capsules (the budget deletes the middle ones: writing.py)
         self._capsule_store = None
@@ -85,7 +87,7 @@ class StabilityMonitor(MonitorWriting):
         model = self._model = unwrap(model)  # a torch.compile wrapper would prefix every name with _orig_mod
         if roots is None:
             roots = {"model": model} if loss_fn is None else {"model": model, "loss": loss_fn}
-        self._dtype = next((p.dtype for p in model.parameters()), torch.float32)
+        self._dtype = self.explosions.dtype = next((p.dtype for p in model.parameters()), torch.float32)
         self.meta = {**run_meta(model), **self.meta}
         self._attach_distributed(model, capture=not views)
         self.writer = TraceWriter(self.run_dir, self.meta, listeners=self.listeners)
@@ -95,7 +97,8 @@ class StabilityMonitor(MonitorWriting):
         self.probe.sampling = False
         self.probe.__enter__()
         self.grads = GradMonitor(model, depth=self.cfg.grad_depth, dead_after=self.cfg.dead_after)
-        self.writer.event("run_start", "info", f"monitor attached (every={self.cfg.every}, policy={self.cfg.policy})")
+        self.writer.event("run_start", "info", f"monitor attached (every={self.cfg.every}, policy={self.cfg.policy}, "
+                          f"on_explosion={self.cfg.on_explosion})")
         if self.meta.get("process_group") is False:
             self.writer.event("no_process_group", "warning", distributed.no_group_message(self.meta["rank"],
                                                                                          self.meta["world_size"]))
@@ -150,7 +153,7 @@ class StabilityMonitor(MonitorWriting):
 
     def on_step_start(self, ctx: LoopContext) -> None:
         self._rng = rng_snapshot()
-        self.overflow, self._amp_scale = False, None
+        self.overflow, self._amp_scale, self.exploded = False, None, False
         if self.dist is not None:
             self.dist.start_step(ctx.step)
             self._decision = None
@@ -190,6 +193,7 @@ class StabilityMonitor(MonitorWriting):
         elif not finite and first:
             self._on_nonfinite(ctx)
         if finite and sampled and first:
+            self._check_explosion(ctx)  # before the spike rule: an explosion's capsule serves both
             self._check_spike(ctx)
 
     def on_before_optimizer_step(self, ctx: LoopContext) -> None:
@@ -218,12 +222,15 @@ class StabilityMonitor(MonitorWriting):
         """The run ended on ``exc``: ``stopped`` (default: exc is a NonFiniteError) by the stop policy, else crashed."""
         self._status = "stopped" if (isinstance(exc, NonFiniteError) if stopped is None else stopped) else "crashed"
         lost = self.dist is not None and distributed.is_collective_failure(exc)
+        msg = f"{type(exc).__name__}: {exc}"
         if lost:
             self._status = "rank_lost"
             msg = str(exc) if isinstance(exc, distributed.RankLostError) else distributed.rank_lost_message(
                 self.dist.rank, ctx.step if ctx is not None else None, exc)
+        elif self._status == "crashed" and isinstance(exc, Exception):  # e.g. an op refusing an inf input
+            msg += self.trace_back_note(ctx.step if ctx is not None else None)
         if self.writer is not None:
-            self.writer.event("run_stopped", "error", msg if lost else f"{type(exc).__name__}: {exc}",
+            self.writer.event("run_stopped", "error", msg,
                               step=ctx.step if ctx is not None else None, **({"rank_lost": True} if lost else {}))
         self.detach()
 
@@ -305,8 +312,7 @@ class StabilityMonitor(MonitorWriting):
         elif bad:  # "non-finite" is not "no gradient": name them in these words (see _report_dead)
             msg += f"; gradient non-finite (NaN/Inf entries) in: {_names(bad)}"
             data["nonfinite_parameters"] = bad
-        origin = self._origin_note(data)
-        msg += origin
+        msg += self._origin_note(data) + (self.trace_back_note(step) if step == self.nonfinite_steps[0] else "")
         self.writer.event(kind, "error", msg, step=step, **data)
         if self.live is not None:
             self.live.update(step, event=msg, nonfinite=True)
@@ -356,7 +362,8 @@ class StabilityMonitor(MonitorWriting):
         if spike is not None:
             self.spike_steps.append(ctx.step)
             msg = spike.message()
-            self._write_capsule(ctx, reason=msg)
+            if not self.exploded:  # the explosion wrote this step's capsule
+                self._write_capsule(ctx, reason=msg)
             if self.replayer and self.capsules and self.capsules[-1].stem.endswith(f"{ctx.step:06d}"):
                 # only with a replayer: --precision rebuilds the step from it
                 msg += f"; check the gradient with `risdiag bisect --precision {self.capsules[-1]}`"

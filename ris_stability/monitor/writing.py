@@ -81,7 +81,7 @@ class MonitorWriting:
             row["micro_batches"] = ctx.micro_batches
         if self._decision is not None:  # this rank's view before the all-reduce (report: per-rank columns)
             row.update({"local/grad_norm": self._decision.local_grad_norm,
-                        "local/nonfinite": 0.0 if self._decision.local_ok else 1.0, "local/origin_ranks": len(self._decision.origins)})
+                        "local/nonfinite": 0.0 if self._decision.local_ok else 1.0, "local/origin_rank_count": len(self._decision.origins)})
         row.update(self.grads.collect())
         row.update({f"loss/{k}": float(v) for k, v in ctx.terms.items() if f"loss/{k}" not in row})
         for name, site in self._sites.items():

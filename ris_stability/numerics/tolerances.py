@@ -91,3 +91,19 @@ def zero_level(n: int, dtype: torch.dtype, scale):
     ``rank_tol``. A diagonal loading lifts the smallest eigenvalue above it (alpha tr/N is ~100 eps * scale at
     alpha = 1e-3, n = 144 in float32), a rank deficiency leaves it at or below it."""
     return math.sqrt(max(n, 1)) * eps_of(dtype) * scale
+
+
+# A float16 square root of max (256) is an ordinary gradient norm: for dtypes whose sqrt(max) is below this,
+# the range limit of a gradient norm is RANGE_DECADES below max instead.
+ROUTINE_NORM_MAX = 1e6
+RANGE_DECADES = 2.0
+
+
+def explosion_norm_limit(dtype: torch.dtype) -> float:
+    """The gradient (or parameter) norm beyond which ``dtype`` is out of range for training: its square
+    overflows (sqrt(finfo.max): 1.8e19 in float32 and bfloat16), so the sum of squares inside a norm, Adam's
+    second moment, an L2 penalty or a covariance of the values turn inf. float16 (sqrt(max) = 256, a routine
+    norm): RANGE_DECADES below finfo.max."""
+    fi = torch.finfo(real_dtype(dtype))
+    root = math.sqrt(fi.max)
+    return root if root >= ROUTINE_NORM_MAX else fi.max / 10 ** RANGE_DECADES

@@ -37,10 +37,10 @@ log = logging.getLogger(__name__)
 class EntryPoint:
     """An attribute ``owner.attr`` (a torch function or Tensor method) observed as op ``name`` of ``kind``."""
 
-    owner: Any
-    attr: str
-    name: str
-    kind: str
+    owner: Any  # the namespace or class holding the attribute: torch, torch.linalg, torch.Tensor ...
+    attr: str  # the attribute swapped while observed
+    name: str  # the op name its records carry, e.g. "linalg.eigh"
+    kind: str  # the registry kind that says how its call is measured
     # Cheap test of (args, kwargs): False passes the call straight through (e.g. Tensor.norm is observed only
     # for matrix orders; vector norms are frequent and have no spectral hazard).
     when: Callable[[tuple, dict], bool] | None = field(default=None, compare=False)

@@ -27,6 +27,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from ris_stability.records.capsule import Capsule, CapsuleError, restore_rng
+from ris_stability.records.folders import writable_folder
 from ris_stability.instruments.precision import PrecisionAudit, audit_precision, format_audit
 from ris_stability.locate.finding import Finding
 from ris_stability.locate import Locator
@@ -326,21 +327,11 @@ def _save_finding(result: BisectResult) -> None:
         (run_dir / FINDING_FILE).write_text(json.dumps({**result.finding.to_dict(), "step": result.outcome.step}))
 
 
-def _check_export(export: str) -> Path:
-    """The reproducer folder, created before the (slow) replay so that a bad --export fails at once."""
-    out = Path(export)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--export {export!r}: cannot create that folder ({err.strerror or err}); "
-                         "pass a writable folder for reproducer.pt and reproduce.py") from None
-    return out
-
-
 def run_bisect(target: str, as_json: bool, float64: bool, export: str | None, console: Console,
                replayer: str | None = None) -> int:
     path = Path(target)
-    export_dir = _check_export(export) if export else None
+    export_dir = writable_folder(export, "--export", "pass a writable folder for reproducer.pt and reproduce.py") \
+        if export else None
     if not path.exists():
         raise UsageError(f"{target!r} does not exist; pass a capsule (RUN_DIR/capsules/step_NNNNNN.pt) or a run folder")
     if path.is_dir():

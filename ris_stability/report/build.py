@@ -17,7 +17,7 @@ from ris_stability.records import UsageError, Trace, read_trace
 from ris_stability.report import markdown as md
 from ris_stability.report.ranks import ranks_blocks, with_shards
 from ris_stability.report import plots
-from ris_stability.report.derive import (spike_marks, 
+from ris_stability.report.derive import (explosion_marks, spike_marks, 
     MIN_STEPS_FOR_DEAD, MatrixSummary, SeriesSummary, condense_events, event_names, final_and_best_loss, grad_summaries,
     loss_summaries, precision, summarize_matrix,
 )
@@ -50,8 +50,9 @@ def figure_set(trace_or_steps: Trace | dict[str, pd.DataFrame], meta: dict,
         figures["gaps"] = ("eigenvalue gaps per matrix", lambda: plots.plot_gaps(steps, colors))
     if any(c.startswith("grad/") for c in cols):
         spikes = spike_marks(trace_or_steps.events) if isinstance(trace_or_steps, Trace) else None
-        figures["grad_heatmap"] = ("gradient norm per module and step (rings: gradient spikes)",
-                                   lambda: plots.plot_grad_heatmap(steps, spikes))
+        explosions = explosion_marks(trace_or_steps.events) if isinstance(trace_or_steps, Trace) else None
+        figures["grad_heatmap"] = ("gradient norm per module and step (rings: gradient spikes; squares: explosions)",
+                                   lambda: plots.plot_grad_heatmap(steps, spikes, explosions))
     if "loss" in cols or any(c.startswith("loss/") for c in cols):
         figures["loss"] = ("loss terms over steps", lambda: plots.plot_loss_terms(steps))
     return figures

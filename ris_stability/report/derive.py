@@ -304,3 +304,13 @@ def spike_marks(events: list[dict]) -> dict[int, list[str]]:
             modules = (event.get("data") or {}).get("modules") or []
             marks[int(event["step"])] = [str(m.get("name")) for m in modules if isinstance(m, dict)]
     return marks
+
+
+def explosion_marks(events: list[dict]) -> dict[int, list[str]]:
+    """step -> names of the modules that grew most, from the monitor's gradient_explosion events."""
+    marks: dict[int, list[str]] = {}
+    for event in events:
+        if event.get("kind") == "gradient_explosion" and event.get("step") is not None:
+            modules = (event.get("data") or {}).get("modules") or []
+            marks[int(event["step"])] = [str(m.get("name")) for m in modules[:1] if isinstance(m, dict)]
+    return marks

@@ -14,6 +14,7 @@ import torch
 from ris_stability.linalg.hazards import EIG_OPS, PINV_OPS, eig_rounding_ratio
 from ris_stability.records import Trace, matrix_stats
 from ris_stability.report.derive import MatrixSummary
+from ris_stability.report.explosions import explosion_items
 from ris_stability.report.markdown import code, steps_list
 from ris_stability.numerics.tolerances import PINV_CUTOFF_DECADES, PRECISION_GRAD_RTOL, hermitian_input_tol
 
@@ -23,8 +24,9 @@ def _events(trace: Trace, kind: str) -> list[dict]:
 
 
 def incident_items(trace: Trace) -> list[str]:
-    """Gradient spikes (with what jumped) and precision audits that disagreed with float64."""
-    items = []
+    """Explosions (report/explosions.py, most severe first), gradient spikes (with what jumped) and precision
+    audits that disagreed with float64."""
+    items = explosion_items(trace)
     spikes = _events(trace, "gradient_spike")
     if spikes:
         worst = max(spikes, key=lambda e: (e.get("data") or {}).get("total", 0.0))

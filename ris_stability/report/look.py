@@ -151,7 +151,8 @@ def _finding_items(trace: Trace) -> list[str]:
     step = f" at step {f['step']}" if f.get("step") is not None else ""
     cause = f": {f['cause']}" if f.get("cause") else ""
     title = ("Finding" if f.get("source") else "Bisector finding") + (f" (rank {f['rank']})" if "rank" in f else "")
-    return [f"**{title}{step}** — {where or 'see the finding section'}{cause}."]
+    origin = f"; {f['update_origin']}" if f.get("update_origin") else ""  # the update that grew the parameters
+    return [f"**{title}{step}** — {where or 'see the finding section'}{cause}{origin}."]
 
 
 def _matrix_items(m: MatrixSummary, eps: float, real: str, n_steps: int, dtype: torch.dtype,

@@ -201,11 +201,12 @@ def _edges(steps: np.ndarray) -> np.ndarray:
     return np.concatenate([[steps[0] - (mid[0] - steps[0])], mid, [steps[-1] + (steps[-1] - mid[-1])]])
 
 
-def plot_grad_heatmap(steps: StepTables, spikes: Mapping[int, list[str]] | None = None) -> Figure:
+def plot_grad_heatmap(steps: StepTables, spikes: Mapping[int, list[str]] | None = None,
+                      explosions: Mapping[int, list[str]] | None = None) -> Figure:
     """Per-module gradient L2 norm, module x step, log colour scale; one panel per run when overlaying.
     Black: exactly 0 (no gradient); red: non-finite; light grey: not logged. ``spikes`` (one run only):
     step -> names of the modules that jumped at a gradient spike, ringed on their cells (the total row
-    is ringed at every spike)."""
+    is ringed at every spike); ``explosions`` likewise, framed by squares (docs/explosions.md)."""
     runs = _runs(steps)
     data = [(label, *_grad_matrix(frame), frame.index.to_numpy(dtype=float)) for label, frame in runs]
     positive = np.concatenate([z[np.isfinite(z) & (z > 0)] for _, _, z, _, _ in data] + [np.zeros(0)])
@@ -231,6 +232,8 @@ def plot_grad_heatmap(steps: StepTables, spikes: Mapping[int, list[str]] | None 
         ax.pcolormesh(_edges(x), y, red, cmap=ListedColormap([NONFINITE_COLOR]), vmin=0, vmax=1)
         if spikes and len(runs) == 1:
             _ring_spikes(ax, labels, spikes)
+        if explosions and len(runs) == 1:
+            _ring_spikes(ax, labels, explosions, marker="s", color=EXPLOSION_COLOR)
         ax.set_yticks(range(len(labels)), labels, fontsize=LEGEND_FONT)
         ax.set_ylim(len(labels) - 0.5, -0.5)
         _style_axes(ax, "module", f"Gradient L2 norm per module{' — run: ' + label if label else ''}")
@@ -242,20 +245,25 @@ def plot_grad_heatmap(steps: StepTables, spikes: Mapping[int, list[str]] | None 
     if spikes and len(runs) == 1:
         keys.append(Line2D([], [], marker="o", linestyle="none", markerfacecolor="none",
                            markeredgecolor=SPIKE_COLOR, markeredgewidth=1.5, label="gradient spike"))
+    if explosions and len(runs) == 1:
+        keys.append(Line2D([], [], marker="s", linestyle="none", markerfacecolor="none",
+                           markeredgecolor=EXPLOSION_COLOR, markeredgewidth=1.5, label="gradient explosion"))
     fig.legend(handles=keys, loc="outside lower center", ncol=len(keys), fontsize=LEGEND_FONT, frameon=False)
     return fig
 
 
 SPIKE_COLOR = "#ff7f0e"
+EXPLOSION_COLOR = "#e377c2"  # not the non-finite red: an explosion is finite
 
 
-def _ring_spikes(ax, labels: list[str], spikes: Mapping[int, list[str]]) -> None:
+def _ring_spikes(ax, labels: list[str], spikes: Mapping[int, list[str]], marker: str = "o",
+                 color: str = SPIKE_COLOR) -> None:
     rows = {label: i for i, label in enumerate(labels)}
     points = [(step, rows[name]) for step, names in spikes.items()
               for name in list(names) + ["(total)"] if name in rows]
     if points:
         x, y = zip(*points)
-        ax.scatter(x, y, s=90, facecolors="none", edgecolors=SPIKE_COLOR, linewidths=1.5, zorder=5)
+        ax.scatter(x, y, s=90, marker=marker, facecolors="none", edgecolors=color, linewidths=1.5, zorder=5)
 
 
 def _zero_suffix(label: str, zero_runs: list[str], n_runs: int) -> str:

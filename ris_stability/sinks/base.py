@@ -18,14 +18,14 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
-from ris_stability.records.listeners import current_observer, observing_runs
+from ris_stability.records.listeners import Listener, RunObserver, current_observer, observing_runs
 
 log = logging.getLogger(__name__)
 
 # Step-row columns -> (tag prefix, keep the rest of the key). Tags are slash-grouped, as both tools group them.
 _MATRIX_STATS = ("rank", "log10_cond", "min_gap", "max_cluster")
 _PREFIXES = (("loss/", "loss/"), ("grad/", "grad_norm/"), ("grad_group/", "grad_norm_group/"),
-             ("update_ratio/", "update_ratio/"), ("grad_nonfinite/", "grad_nonfinite/"))
+             ("update_ratio/", "update_ratio/"), ("grad_nonfinite/", "grad_nonfinite/"), ("param/", "param_norm/"))
 _FLAGS = {"loss": "loss/total", "lr": "train/lr", "skipped": "train/skipped", "nonfinite": "train/nonfinite"}
 
 
@@ -98,6 +98,7 @@ class SinkSet:
                 self.backends.append(b)
         self._runs: dict[Path, dict[str, RunSink]] = {}
         self._status: dict[Path, str] = {}
+        self._last_step: dict[Path, int] = {}
 
     def _guard(self, name: str, what: str, fn: Callable[[], Any]) -> bool:
         try:
@@ -126,12 +127,21 @@ class SinkSet:
 
     def _listen(self, run_dir: Path, kind: str, record: Mapping[str, Any]) -> None:
         if kind == "step":
+            self._last_step[run_dir] = int(record["step"])
             scalars = scalar_tags(record)
             self._each(run_dir, "writing a step", lambda s: s.step(int(record["step"]), scalars))
         elif kind == "event":
             self._each(run_dir, "writing an event", lambda s: s.event(record))
         elif kind == "summary":
             self._status[run_dir] = str(record.get("status", "clean"))
+
+    def metric(self, name: str, value: float, step: int | None = None) -> None:
+        """A metric the training reports itself (``report_metric``: e.g. a validation loss), as ``val/NAME`` of
+        every open run, at ``step`` (default: the run's last logged step)."""
+        for run_dir in list(self._runs):
+            at = self._last_step.get(run_dir, 0) if step is None else step
+            tag = {safe_name(f"val/{name}"): float(value)}
+            self._each(run_dir, "writing a metric", lambda s, at=at, tag=tag: s.step(at, tag))
 
     # -- called once the command is over -------------------------------------------------------------------
     def publish(self) -> None:
@@ -146,6 +156,8 @@ def current_sinks() -> SinkSet | None:
     """The sink set installed by the innermost ``open_sinks`` (None: the run folder alone, or another
     kind of run observer)."""
     observer = current_observer()
+    while isinstance(observer, _AlsoListen):  # a sweep's extra listener around the command's sinks
+        observer = observer.inner
     return observer if isinstance(observer, SinkSet) else None
 
 
@@ -173,5 +185,30 @@ def open_sinks(tensorboard: str | Path | None = None, mlflow: bool = False,
         sinks.publish()
 
 
-__all__ = ["Backend", "RunSink", "SinkSet", "current_sinks", "markdown_event", "open_sinks", "safe_name",
+class _AlsoListen:
+    """The installed run observer (sinks or none) plus one more listener for every trace writer of a block."""
+
+    def __init__(self, inner: RunObserver | None, make: Callable[[Path, Mapping[str, Any]], Listener]):
+        self.inner, self.make = inner, make
+
+    def start_run(self, run_dir: Path, meta: Mapping[str, Any]) -> Listener:
+        inner = self.inner.start_run(run_dir, meta) if self.inner is not None else None
+        mine = self.make(Path(run_dir), meta)
+
+        def listen(kind: str, record: Mapping[str, Any]) -> None:
+            if inner is not None:  # the sinks first: the extra listener may end the run (a sweep's pruner)
+                inner(kind, record)
+            mine(kind, record)
+        return listen
+
+
+@contextlib.contextmanager
+def also_listen(make: Callable[[Path, Mapping[str, Any]], Listener]) -> Iterator[None]:
+    """Inside the block every TraceWriter also calls ``make(run_dir, meta)``'s listener with its step rows,
+    events and summary, after the installed sinks: how a sweep's trial process follows the traced script."""
+    with observing_runs(_AlsoListen(current_observer(), make)):
+        yield
+
+
+__all__ = ["Backend", "RunSink", "SinkSet", "also_listen", "current_sinks", "markdown_event", "open_sinks", "safe_name",
            "scalar_tags"]

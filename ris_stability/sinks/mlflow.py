@@ -6,20 +6,72 @@ config (config.resolved.toml, flattened to dotted keys) and its metadata (comman
 metrics carry the same slash-grouped names as the TensorBoard sink, with characters MLflow rejects
 replaced by '_'. Metrics are sent in batches (every ``flush_every`` steps and at the end), so a step pays
 no round trip to the server. Needs the ``mlflow`` package (extra ``ris-diag[mlflow]``).
+
+A sink never holds training: every call of this sink runs with MLflow's HTTP retries off and a
+``REQUEST_TIMEOUT_S`` timeout (MLflow's own defaults, 7 retries with exponential backoff and 120 s, cost
+~255 s per call to a dead server), and the first failure stops the backend (one warning; later runs of the
+command do not try again). The user's own MLflow calls keep their settings: the variables are set only
+for the duration of our calls. Store caveats: MLflow 3 refuses ``file:`` tracking URIs (use
+``sqlite:///mlflow.db`` or a server), and with a ``sqlite:`` URI the artifacts (report, figures, capsules)
+go to ``./mlruns`` of the working directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import tomllib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from ris_stability.sinks.base import markdown_event, safe_name
 
 _MAX_PARAM = 500  # characters of one param value (MLflow's limit is larger; long values are commands)
 _META_PARAMS = ("command", "torch", "device", "dtype", "config_path", "config_hash")
+REQUEST_TIMEOUT_S = 3  # seconds per HTTP request of this sink (MLflow's default: 120)
+_QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S)}
+
+
+class MLflowUnavailable(RuntimeError):
+    """An earlier call of this sink failed: the backend makes no more attempts in this command."""
+
+
+@contextlib.contextmanager
+def quick_requests() -> Iterator[None]:
+    """MLflow's HTTP requests in the block: no retry, a short timeout (the previous values are restored)."""
+    saved = {k: os.environ.get(k) for k in _QUICK}
+    os.environ.update(_QUICK)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class QuickClient:
+    """An MlflowClient whose every call runs under ``quick_requests``; after one failure every call raises
+    MLflowUnavailable at once (no second wait on a dead server)."""
+
+    def __init__(self, client: Any):
+        self._client, self.failed = client, ""
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._client, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.failed:
+                raise MLflowUnavailable(f"MLflow is not used for the rest of this command: {self.failed}")
+            try:
+                with quick_requests():
+                    return method(*args, **kwargs)
+            except Exception as exc:  # noted, then re-raised: the sink set turns it into its one warning
+                self.failed = f"{type(exc).__name__} in {name}"
+                raise
+        return call
 
 
 def flat_params(table: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -89,7 +141,7 @@ class MLflowBackend:
             from mlflow.tracking import MlflowClient
         except ImportError as exc:
             raise ImportError("the mlflow package is not installed: pip install 'ris-diag[mlflow]'") from exc
-        self.client = MlflowClient()  # MLFLOW_TRACKING_URI, as every MLflow user has it set
+        self.client = QuickClient(MlflowClient())  # MLFLOW_TRACKING_URI, as every MLflow user has it set
         found = self.client.get_experiment_by_name(self.experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
 
@@ -108,4 +160,5 @@ class MLflowBackend:
         return MLflowRun(self.client, run.info.run_id, self.flush_every)
 
 
-__all__ = ["MLflowBackend", "MLflowRun", "flat_params"]
+__all__ = ["MLflowBackend", "MLflowRun", "MLflowUnavailable", "QuickClient", "REQUEST_TIMEOUT_S", "flat_params",
+           "quick_requests"]

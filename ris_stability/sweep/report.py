@@ -1,8 +1,11 @@
 """`risdiag report --sweep STORAGE --study NAME`: the sweep's report.md, stability map, importances and
-the best configuration as TOML (ready for ``risdiag trace --config``)."""
+the best trial with the command that re-runs it (best.toml): ``risdiag trace -- COMMAND`` for a script
+sweep, ``risdiag trace --config best.toml`` for the pipeline, a one-trial ``risdiag sweep`` for a custom
+target. It reads the storage and never creates one (a mistyped path is an error, not an empty study)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -17,12 +20,14 @@ from ris_stability.report.canvas import save_figure
 from ris_stability.sweep.map import plot_stability_map
 from ris_stability.sweep.command import stored_settings
 from ris_stability.sweep.storage import fail_stale, load_study, open_storage
-from ris_stability.sweep.target import load_target
+from ris_stability.sweep.target import DEFAULT_TARGET, load_target
+from ris_stability.sweep.template import CommandTemplate, shell_text
 
 log = logging.getLogger(__name__)
 
 MAP_FILE = "figures/stability_map.png"
 BEST_FILE = "best.toml"
+BEST_SPACE_FILE = "best-space.toml"  # custom targets: the best parameters as a one-point space
 REASON_CHARS = 160  # prune reasons are cut in the table (the full text is in the trial's attributes)
 
 
@@ -83,21 +88,63 @@ def _importances(study: optuna.Study) -> str:
         "objective and are not included: the stability map shows them).")
 
 
+def _best_script(best: FrozenTrial, settings: dict[str, Any], out_dir: Path, head: str) -> str:
+    template = CommandTemplate(tuple(settings["command"]))
+    argv = template.render(best.params)
+    env = template.env(best.params)
+    run = shell_text(["risdiag", "trace", "--out", f"runs/best-{best.number:04d}", "--", *argv])
+    where = settings.get("cwd", "the folder the sweep ran in")
+    text = (head + f"# run it from {where}: {run}\n"
+            + "# (the parameters also reach the script as environment variables, below)\n"
+            + "[params]\n" + "".join(f"{json.dumps(k)} = {_toml(v)}\n" for k, v in best.params.items())
+            + "\n[script]\ncommand = [" + ", ".join(json.dumps(a) for a in argv) + "]\n"
+            + "\n[script.env]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in env.items()))
+    (out_dir / BEST_FILE).write_text(text)
+    return (f"Trial {best.number}: {settings['metric']} = {md.fmt(best.value, 4)} with {best.params}. Re-run it: "
+            f"{md.code(run)} (also in [{BEST_FILE}]({BEST_FILE}), with the RISDIAG_PARAM_* environment variables).")
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
 def _best(study: optuna.Study, settings: dict[str, Any], out_dir: Path) -> str:
     try:
         best = study.best_trial
     except ValueError:
         return "No completed trial: no best configuration."
-    head = (f"# Best trial {best.number} of study {study.study_name!r}: {settings['metric']} = {best.value:.6g}\n"
-            f"# parameters: {best.params}\n# run it: risdiag trace --config {out_dir / BEST_FILE}\n")
+    head = f"# Best trial {best.number} of study {study.study_name!r}: {settings['metric']} = {best.value:.6g}\n"
+    if settings.get("command"):
+        return _best_script(best, settings, out_dir, head)
     try:
         target = load_target(settings["target"], settings["config"], settings["overrides"], settings["steps"])
         text = target.resolved_toml(best.params)
     except (UsageError, OSError) as err:
         return f"Best trial {best.number} ({best.params}); its configuration could not be rebuilt here: {err}"
-    (out_dir / BEST_FILE).write_text(head + text)
+    best_file = (out_dir / BEST_FILE).as_posix()
+    if settings["target"] == DEFAULT_TARGET:
+        run = f"risdiag trace --config {best_file}"
+    else:  # a custom target has no trace command: a one-trial sweep with every parameter fixed re-runs it
+        space = out_dir / BEST_SPACE_FILE
+        space.write_text("".join(f"[params.{json.dumps(k)}]\ntype = \"categorical\"\nchoices = [{_toml(v)}]\n\n"
+                                 for k, v in best.params.items()))
+        run = shell_text(["risdiag", "sweep", "--config", settings["config"] or "", "--target", settings["target"],
+                          *[x for o in settings["overrides"] for x in ("--set", o)],
+                          *(["--steps", str(settings["steps"])] if settings["steps"] else []),
+                          "--space", space.as_posix(), "--trials", "1", "--metric", settings["metric"],
+                          "--storage", f"sqlite:///{(out_dir / 'best.db').as_posix()}", "--study", f"best-{best.number}"])
+    (out_dir / BEST_FILE).write_text(head + f"# parameters: {best.params}\n# run it: {run}\n" + text)
     return (f"Trial {best.number}: {settings['metric']} = {md.fmt(best.value, 4)} with {best.params}. Full configuration: "
-            f"[{BEST_FILE}]({BEST_FILE}); run it with `risdiag trace --config {(out_dir / BEST_FILE).as_posix()}`.")
+            f"[{BEST_FILE}]({BEST_FILE}); re-run it with {md.code(run)}.")
+
+
+def _what(settings: dict[str, Any]) -> list[tuple[str, Any]]:
+    if settings.get("command"):
+        return [("command", md.code(" ".join(settings["command"])))]
+    return [("target", md.code(settings["target"])), ("config", md.code(settings["config"])),
+            ("fixed overrides", settings["overrides"] or "none"), ("steps per trial", settings["steps"] or "config's")]
 
 
 def _counts(trials: list[FrozenTrial]) -> str:
@@ -109,13 +156,17 @@ def _counts(trials: list[FrozenTrial]) -> str:
 
 def build_sweep_report(storage_url: str, study_name: str, out: Path) -> Path:
     """Write ``out`` (report.md), its stability map and best.toml; returns the report path."""
-    study = load_study(open_storage(storage_url), study_name)
+    study = load_study(open_storage(storage_url, create=False), study_name)  # never creates a file or study
     settings = stored_settings(study)
-    study = load_study(open_storage(storage_url, settings.get("heartbeat_s", 10)), study_name)
+    study = load_study(open_storage(storage_url, settings.get("heartbeat_s", 10), create=False), study_name)
     fail_stale(study)  # a killed worker's trial is reported as failed, not running forever
     trials = study.get_trials(deepcopy=False)
     out_dir = out.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {str(out)!r}: cannot create {out_dir} ({err.strerror or err}); choose a writable "
+                         "path") from None
     keys = list(settings["space"])
     points = [{"number": t.number, "params": t.params, "outcome": outcome(t)} for t in trials]
     save_figure(plot_stability_map(points, settings["space"]), out_dir / MAP_FILE)
@@ -123,10 +174,8 @@ def build_sweep_report(storage_url: str, study_name: str, out: Path) -> Path:
                    + (" log" if spec.get("log") else "")] for k, spec in settings["space"].items()]
     blocks = [
         md.heading(f"Sweep {study_name}", 1),
-        md.key_value_table([("storage", md.code(storage_url)), ("target", md.code(settings["target"])),
-                            ("config", md.code(settings["config"])), ("fixed overrides", settings["overrides"] or "none"),
-                            ("steps per trial", settings["steps"] or "config's"),
-                            ("objective", f"{settings['direction']} validation {settings['metric']}"),
+        md.key_value_table([("storage", md.code(storage_url)), *_what(settings),
+                            ("objective", f"{settings['direction']} {settings['metric']}"),
                             ("trials", f"{len(trials)}: {_counts(trials)}"), ("pruning rules", settings["rules"])]),
         md.heading("Search space"), md.table(["parameter", "type", "range / choices"], space_rows),
         md.heading("Stability map"), md.image("stability map", MAP_FILE),

@@ -1,8 +1,9 @@
-"""Search-space files: which config keys a sweep varies, and how.
+"""Search-space files: which parameters a sweep varies, and how.
 
-A space file is TOML with one table per parameter, addressed by the config's dotted key::
+A space file is TOML with one table per parameter: a name of the command template (``{lr}`` in ``--
+python train.py --lr {lr}``) or, for a config sweep, the config's dotted key::
 
-    [params."train.lr"]
+    [params.lr]             # a script sweep's {lr}; a config sweep's keys are dotted: [params."train.lr"]
     type = "float"          # float | int | categorical
     low = 1e-4
     high = 1e-2
@@ -12,14 +13,15 @@ A space file is TOML with one table per parameter, addressed by the config's dot
     type = "categorical"
     choices = ["gelu", "relu"]
 
-``step`` (float / int) quantises a range. The file is checked on its own (types, bounds, choices) and then
-against the config by the target's ``check(key, value)`` for every bound and choice, so an unknown key or an
+``step`` (float / int) quantises a range. The file is checked on its own (types, bounds, choices); a
+config sweep also checks it against the config by the target's ``check(key, value)`` for every bound and choice, so an unknown key or an
 invalid value fails with the same message as ``--set key=value``, before any trial runs.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import Any, Callable, Mapping
 from ris_stability.records import UsageError
 
 TYPES = ("float", "int", "categorical")
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*\Z")
 _FIELDS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
            "categorical": {"type", "choices"}}
 
@@ -131,8 +134,9 @@ def _range_param(source: str, key: str, spec: Mapping[str, Any], kind: str) -> P
 def _param(source: str, key: str, spec: Any) -> Param:
     if not isinstance(spec, dict):
         raise SpaceError(f"space file {source}: parameter {key!r} must be a table ([params.\"{key}\"]), got {spec!r}")
-    if "." not in key:
-        raise SpaceError(f"space file {source}: parameter {key!r} is not a dotted config key (e.g. \"train.lr\")")
+    if not _KEY.match(key):
+        raise SpaceError(f"space file {source}: parameter {key!r} is not a name (letters, digits, '_', '.', '-'; e.g. "
+                         "lr for a command's {lr}, train.lr for a config key)")
     kind = spec.get("type")
     if kind not in TYPES:
         raise SpaceError(f"space file {source}: parameter {key!r}: type = {kind!r}; valid types: {', '.join(TYPES)}")

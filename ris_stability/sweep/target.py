@@ -22,6 +22,7 @@ class SweepTarget(Protocol):
     """The contract between the generic sweep and a training pipeline."""
 
     name: str  # short label for run folders and reports
+    metrics: tuple[str, ...]  # the validation metrics run() returns (--metric is checked against them up front)
 
     def check(self, key: str, value: Any) -> None:
         """Raise UsageError (naming ``key``) when ``key=value`` is not a valid override of the config."""

@@ -144,3 +144,27 @@ def make_objective(target: SweepTarget, space: SearchSpace, settings: TrialSetti
         return _finish(trial, hooks, metrics)
 
     return objective
+
+
+def run_and_tell(study: optuna.Study, objective: Callable[[optuna.Trial], float]) -> Callable[[optuna.Trial], None]:
+    """Run one claimed trial and tell the study how it ended: COMPLETE with the objective, PRUNED, or FAIL
+    (a crash of the user's training fails the trial only; anything else fails it and stops the worker)."""
+
+    def run_trial(trial: optuna.Trial) -> None:
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return
+        except TrialCrashed:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return
+        except BaseException as err:
+            if "error" not in trial.user_attrs:
+                trial.set_user_attr("status", FAILED)
+                trial.set_user_attr("error", f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        study.tell(trial, value)
+
+    return run_trial

@@ -73,6 +73,7 @@ class WhiteningTarget:
         if steps is not None:
             self.base["train.steps"] = steps
         self.name = "whitening"
+        self.metrics = ("loss",)  # what run() returns: checked against --metric before any trial
 
     def check(self, key: str, value: Any) -> None:
         _value(key, value)

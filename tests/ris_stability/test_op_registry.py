@@ -106,22 +106,6 @@ def test_the_registry_refuses_contradictions(scratch_registry):
         registry.register(LinalgOp("d", "general", _WORDS, "sometimes"))
 
 
-_LOWER = {"numerics": {"numerics"}, "observe": {"observe", "numerics"}, "linalg": {"linalg", "observe", "numerics"}}
-
-
-@pytest.mark.parametrize("package", sorted(_LOWER))
-def test_the_registry_layers_import_nothing_above_them(package):
-    """numerics < observe < linalg: the registry and its tables never reach up into instruments, monitor, attach."""
-    import ast
-    import pathlib
-
-    root = pathlib.Path(registry.__file__).parents[1]
-    for path in sorted((root / package).glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ris_stability."):
-                assert node.module.split(".")[1] in _LOWER[package], f"{path.name} imports {node.module}"
-
-
 def test_a_kind_with_its_own_statistics_is_measured(scratch_registry):
     calls = []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,20 @@ def test_sweep_report_table_map_and_best_config(fault_study, capsys):
     assert "Not computed: 1 completed trial" in text
 
 
+def test_best_command_of_a_custom_target_reruns_the_best_trial(fault_study, tmp_path, monkeypatch, capsys):
+    tmp, storage, trials = fault_study
+    out = tmp / "report-best" / "report.md"
+    assert main(["report", "--sweep", storage, "--study", "faults", "--out", str(out)]) == 0
+    run_it = next(line for line in (out.parent / "best.toml").read_text().splitlines() if line.startswith("# run it: "))
+    argv = shlex.split(run_it[len("# run it: "):])
+    assert argv[:2] == ["risdiag", "sweep"] and "best-space.toml" in run_it  # not trace --config: exit 2 here
+    monkeypatch.chdir(tmp_path)
+    assert main(argv[1:]) == 0
+    (rerun,) = optuna.load_study(study_name=argv[argv.index("--study") + 1],
+                                 storage=argv[argv.index("--storage") + 1]).get_trials()
+    assert rerun.params == trials["none"].params and rerun.value == pytest.approx(trials["none"].value)
+
+
 def test_report_of_unknown_study_is_a_usage_error(fault_study, capsys):
     _, storage, _ = fault_study
     assert main(["report", "--sweep", storage, "--study", "nope"]) == 2
@@ -131,18 +146,21 @@ def test_joining_with_another_space_is_refused(fault_study, tmp_path, capsys):
     _, storage, _ = fault_study
     space = write(tmp_path / "other.toml", '[params."train.lr"]\ntype = "float"\nlow = 0.01\nhigh = 0.1\n')
     code = main(["sweep", "--config", "", "--space", space, "--trials", "1", "--storage", storage, "--study", "faults",
-                 "--target", TARGET, "--out", str(tmp_path)])
+                 "--target", TARGET, "--out", str(tmp_path), "--steps", "8"])
     assert code == 2
-    assert "study 'faults' was created with another space" in " ".join(capsys.readouterr().err.split())
+    err = " ".join(capsys.readouterr().err.split())
+    assert "study 'faults' was created with other settings (space: study {'model.fault'" in err
+    assert ";" not in err.split("(space:")[1].split(")")[0]  # the one line names only what differs: the space
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--storage", "nonsense://x"], "--storage 'nonsense://x': cannot open it"),
+    (["--storage", "nonsense://x"], "--storage 'nonsense://x': no SQLAlchemy dialect or driver for it"),
+    (["--storage", "not a url"], "--storage 'not a url': not a database URL"),
     (["--storage", "sqlite:////proc/nope/x.db"], "cannot create /proc/nope"),
     (["--target", "no_such_module:f"], "--target 'no_such_module:f': cannot import"),
     (["--explode-factor", "0.5"], "must be a finite number > 1"),
     (["--workers", "0"], "must be >= 1"),
-], ids=["bad-url", "unwritable-sqlite", "bad-target", "explode-factor", "workers"])
+], ids=["bad-url", "not-a-url", "unwritable-sqlite", "bad-target", "explode-factor", "workers"])
 def test_bad_sweep_options_exit_2(tmp_path, capsys, args, needle):
     space = write(tmp_path / "space.toml", '[params."train.lr"]\ntype = "float"\nlow = 0.001\nhigh = 0.1\n')
     base = {"--storage": f"sqlite:///{tmp_path / 'db.sqlite'}"}

@@ -47,7 +47,7 @@ def test_two_workers_share_one_study_without_duplicates(tmp_path):
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)  # the median pruner may stop some
     assert len({t.user_attrs["run_dir"] for t in trials}) == 8
     pids = [t.user_attrs["pid"] for t in trials]
-    assert len(set(pids)) == 2 and sorted(pids.count(p) for p in set(pids)) == [4, 4]  # 4 trials per worker
+    assert len(set(pids)) == 2  # both workers claimed trials (as many as each could: no fixed shares)
 
 
 def _started_a_trial(log: Path) -> bool:
