@@ -34,6 +34,7 @@ from ris_stability.attach.driver import StepDriver
 from ris_stability.attach.hooks import AutoAttach
 from ris_stability.attach.script import ScriptCommand, check_runnable, run_command, user_traceback
 from ris_stability.locate.finding import Finding
+from ris_stability.monitor.config import MonitorConfig
 from ris_stability.monitor.context import LoopContext
 from ris_stability.observe.loopstack import unwrap
 from ris_stability.records import UsageError, append_event, read_trace, write_finding
@@ -147,10 +148,15 @@ class _Observer:
     dist = None
     early_watch = None
     overflow = False
+    exploded = False
     last_decision = None
 
     def __init__(self, rec: Recorded, result: RerunResult, run_dir: Path):
         self.rec, self.result, self.run_dir = rec, result, run_dir
+        self.cfg = MonitorConfig()  # the driver reads its policies; nothing is measured
+
+    def trace_back_note(self, step: int | None) -> str:
+        return ""  # no explosion is watched in a re-run
 
     def on_train_start(self, ctx: LoopContext) -> None:
         pass
@@ -249,6 +255,8 @@ def rerun(rec: Recorded) -> RerunResult:
                     if exc.code not in (None, 0):
                         result.script_error = f"the script exited with status {exc.code}"
                 except Exception as exc:  # the script's own error: the answer when it happened at the bad step
+                    if _raised_by_us(exc):
+                        raise
                     result.script_error = user_traceback(exc).strip().splitlines()[-1]
                 finally:
                     hooks.remove()
@@ -262,6 +270,21 @@ def rerun(rec: Recorded) -> RerunResult:
         result.finding = driver.findings[0][1]
     _judge(rec, result)
     return result
+
+
+def _raised_by_us(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc`` is the toolkit's own (a bug of the re-run, not the script's error)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    where = Path(tb.tb_frame.f_code.co_filename).resolve()
+    # the locator's modes run the script's own ops: an op's error raised there is the script's
+    return where.is_relative_to(_PACKAGE) and not where.is_relative_to(_PACKAGE / "locate")
+
+
+_PACKAGE = Path(__file__).resolve().parents[1]
 
 
 def _gap_aware(active: bool) -> contextlib.AbstractContextManager:
