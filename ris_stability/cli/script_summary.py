@@ -62,9 +62,8 @@ def summary_table(run: ScriptRun) -> Table:
     capsules = _capsules(run)
     if capsules:
         more = f" (+{len(capsules) - SHOWN_CAPSULES} more)" if len(capsules) > SHOWN_CAPSULES else ""
-        store = w.monitor.capsule_store
-        dropped = (f"; {len(store.dropped)} deleted by the budget ({store.max_count} capsules, "
-                   f"{store.max_bytes // 2 ** 20} MB: the first and the most recent are kept)" if store.dropped else "")
+        n = (read_summary(w.run_dir) or {}).get("capsules_dropped") or 0  # summary.json is written by now
+        dropped = f"; {n} deleted by the capsule budget (the first and the most recent are kept)" if n else ""
         t.add_row("capsules", ", ".join(str(p) for p in capsules[:SHOWN_CAPSULES]) + more + dropped)
     t.add_row("run folder", str(w.run_dir))
     return t
