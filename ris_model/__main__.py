@@ -6,6 +6,8 @@
   music  --config F [--set k=v ...] [--n N] [--snr 0 10 20]     MUSIC on R_true / R_samp vs CRB
   evalreport --checkpoint F --out DIR [--n N] [--snr ...]     tables (Markdown, JSON) and figures of eval + music
   floors --config F [--set k=v ...] [--n N]     each loss term for a perfect prediction
+  benchmark --config F --out DIR [--n 500] [--val 100] [--snr 0 10 20 30] [--only SNR ...] [--learned CKPT]
+         ML, MUSIC and the learned initialiser per nominal SNR, bootstrap intervals (reports/evaluation)
 """
 
 from __future__ import annotations
@@ -53,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     m.add_argument("--n", type=int, default=64)
     m.add_argument("--snr", type=float, nargs="+", default=[0.0, 10.0, 20.0])
+    b = sub.add_parser("benchmark", help="reports/evaluation: ML / MUSIC / learned per nominal SNR")
+    b.add_argument("--config", default="configs/default.toml")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    b.add_argument("--out", required=True)
+    b.add_argument("--n", type=int, default=500, help="test scenes per condition")
+    b.add_argument("--val", type=int, default=100, help="validation scenes per SNR (threshold tuning)")
+    b.add_argument("--snr", type=float, nargs="+", default=[0.0, 10.0, 20.0, 30.0])
+    b.add_argument("--only", type=float, nargs="+", default=None, help="compute only these conditions")
+    b.add_argument("--learned", default=None, help="checkpoint of ris_model.learned_init")
+    b.add_argument("--cache", default="runs/benchmark")
+    b.add_argument("--reps", type=int, default=1000, help="bootstrap resamples")
     f = sub.add_parser("floors", help="loss terms for a perfect prediction (irreducible floors)")
     f.add_argument("--config", required=True)
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -101,6 +114,22 @@ def _evalreport(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def _benchmark(args: argparse.Namespace) -> None:
+    from ris_model.bench_report import write_bench_report
+    from ris_model.benchmark import run_benchmark
+
+    cfg = load_config(args.config, args.set)
+    learned, tag = None, "none"
+    if args.learned:
+        from ris_model.learned_init import load_localiser
+
+        learned, tag = load_localiser(args.learned, cfg)
+    res = run_benchmark(cfg, list(args.snr), args.n, args.val, Path(args.cache), reps=args.reps, learned=learned,
+                        learned_tag=tag, only=args.only)
+    for path in write_bench_report(res, Path(args.out)):
+        print(f"wrote {path}")
+
+
 def _floors(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
     print(format_floors(loss_floors(cfg, n=args.n), cfg))
@@ -111,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
         {"train": _train, "eval": _eval, "music": _music, "floors": _floors,
-         "evalreport": _evalreport}[args.command](args)
+         "evalreport": _evalreport, "benchmark": _benchmark}[args.command](args)
     except (ConfigError, CheckpointError, BatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
