@@ -8,6 +8,7 @@
   floors --config F [--set k=v ...] [--n N]     each loss term for a perfect prediction
   benchmark --config F --out DIR [--n 500] [--val 100] [--snr 0 10 20 30] [--only SNR ...] [--learned CKPT]
          ML, MUSIC and the learned initialiser per nominal SNR, bootstrap intervals (reports/evaluation)
+  traininit --config F --out FILE     train the learned initialiser (deterministic, one thread)
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--learned", default=None, help="checkpoint of ris_model.learned_init")
     b.add_argument("--cache", default="runs/benchmark")
     b.add_argument("--reps", type=int, default=1000, help="bootstrap resamples")
+    ti = sub.add_parser("traininit", help="train the learned initialiser of the ML refinement")
+    ti.add_argument("--config", default="configs/default.toml")
+    ti.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ti.add_argument("--out", required=True)
     f = sub.add_parser("floors", help="loss terms for a perfect prediction (irreducible floors)")
     f.add_argument("--config", required=True)
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -118,6 +123,9 @@ def _benchmark(args: argparse.Namespace) -> None:
     from ris_model.bench_report import write_bench_report
     from ris_model.benchmark import run_benchmark
 
+    import torch
+
+    torch.set_num_threads(1)  # the per-scene times in the table are one thread's
     cfg = load_config(args.config, args.set)
     learned, tag = None, "none"
     if args.learned:
@@ -130,6 +138,17 @@ def _benchmark(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def _traininit(args: argparse.Namespace) -> None:
+    import torch
+
+    from ris_model.learned_init import LocaliserConfig, train_localiser
+
+    torch.set_num_threads(1)  # deterministic and the measured time is one thread's
+    t0 = time.perf_counter()
+    path = train_localiser(load_config(args.config, args.set), LocaliserConfig(), Path(args.out))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.0f} s")
+
+
 def _floors(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
     print(format_floors(loss_floors(cfg, n=args.n), cfg))
@@ -140,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
         {"train": _train, "eval": _eval, "music": _music, "floors": _floors,
-         "evalreport": _evalreport, "benchmark": _benchmark}[args.command](args)
+         "evalreport": _evalreport, "benchmark": _benchmark, "traininit": _traininit}[args.command](args)
     except (ConfigError, CheckpointError, BatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
