@@ -23,7 +23,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
