@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ris_model.config import RunConfig
@@ -39,3 +40,15 @@ def test_unit_coordinates_round_trip():
     x = torch.tensor([[[0.5, -0.2, 1.0]]], dtype=torch.float64)
     torch.testing.assert_close(from_unit(to_unit(x, scene), scene), x, rtol=0, atol=1e-6)
     assert float(to_unit(x, scene).abs().max()) <= 1.0
+
+
+@pytest.mark.slow
+def test_training_is_deterministic(tmp_path):
+    """Two trainings with the same configs give bit-identical weights (the committed checkpoint's promise)."""
+    from ris_model.learned_init import LocaliserConfig, train_localiser
+
+    cfg = RunConfig()
+    lcfg = LocaliserConfig(n_train=300, epochs=2, batch=100)
+    a = torch.load(train_localiser(cfg, lcfg, tmp_path / "a.pt"), weights_only=False)["state"]
+    b = torch.load(train_localiser(cfg, lcfg, tmp_path / "b.pt"), weights_only=False)["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
