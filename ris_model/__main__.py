@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--snr", type=float, nargs="+", default=None,
                    help="pin the nominal SNR of the test scenes to each value (default: as drawn)")
     e.add_argument("--no-crb", action="store_true", help="skip the Cramer-Rao bound (no error/CRB columns)")
-    r = sub.add_parser("evalreport", help="reports/evaluation: tables and figures of a checkpoint")
+    r = sub.add_parser("evalreport", help="tables and figures of a composite-loss checkpoint")
     r.add_argument("--checkpoint", required=True)
     r.add_argument("--out", required=True)
     r.add_argument("--n", type=int, default=128)
