@@ -134,6 +134,8 @@ def _benchmark(args: argparse.Namespace) -> None:
         learned, tag = load_localiser(args.learned, cfg)
     res = run_benchmark(cfg, list(args.snr), args.n, args.val, Path(args.cache), reps=args.reps, learned=learned,
                         learned_tag=tag, only=args.only)
+    if learned is not None:
+        res["learned"] = dict(learned.meta, checkpoint=args.learned, sha256_12=tag)
     for path in write_bench_report(res, Path(args.out)):
         print(f"wrote {path}")
 

@@ -107,10 +107,24 @@ def conditions_header(res: dict) -> list[str]:
         f"(ML threshold K, MUSIC with the ML K{', learned' if any(_row(res, s, LEARNED) for s in res['conditions']) else ''}) "
         f"matched ('common'); not shown under {MIN_SOURCES} sources.",
         f"- Intervals: 95% percentile bootstrap over scenes ({res['bootstrap_reps']} resamples).",
+        *_learned_lines(res),
         "- Time: wall seconds per scene of each method's own calls, one thread of the shared 2-core CPU (other jobs "
         "were running: compare ratios, not absolute seconds). The three ML rows share one computation.",
         "",
     ]
+
+
+def _learned_lines(res: dict) -> list[str]:
+    lr = res.get("learned")
+    if lr is None:
+        return ["- Learned initialiser: not evaluated (no --learned checkpoint)."]
+    c = lr["config"]
+    return [f"- Learned initialiser (`{lr['checkpoint']}`, sha256 {lr['sha256_12']}..., {lr['parameters']} parameters): "
+            f"MLP on the whitened beamformer map ({c['grid_step_deg']:g} deg grid, {c['n_range']} range planes), "
+            f"trained on {c['n_train']} train-split scenes of the SAME channel and codes (seed {lr['trained_on_seed']}), "
+            f"nominal SNR uniform in {c['snr_db'][0]:g}..{c['snr_db'][1]:g} dB, {c['epochs']} epochs, "
+            f"{lr['train_seconds']:.0f} s on one thread; then {c['lm_iters']} Levenberg-Marquardt iterations of the ML "
+            "cost from its slots. Not measured: other channel seeds, L = 64."]
 
 
 def write_bench_report(res: dict, out: Path) -> list[Path]:

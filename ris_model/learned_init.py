@@ -176,6 +176,8 @@ class Localiser:
         self.net = SlotNet(self.fmap.size, self.lcfg.hidden, cfg.scene.k_max)
         self.net.load_state_dict({k: v.float() for k, v in ckpt["state"].items()})
         self.net.eval()
+        self.meta = {"config": dataclasses.asdict(self.lcfg), "train_seconds": round(float(ckpt["train_seconds"]), 1),
+                     "parameters": sum(p.numel() for p in self.net.parameters()), "trained_on_seed": ckpt["seed"]}
 
     @torch.no_grad()
     def __call__(self, data: dict) -> dict[str, tuple[Estimates, Tensor, float]]:

@@ -13,6 +13,7 @@ N=${N:-500}
 VAL=${VAL:-100}
 JOBS=${JOBS:-1}
 CKPT=${CKPT:-reports/evaluation/learned_init.pt}
+OUT=${OUT:-reports/evaluation}
 ARGS=(--config configs/default.toml --n "$N" --val "$VAL" --snr 0 10 20 30 --cache runs/benchmark)
 if [ "$JOBS" -gt 1 ]; then
   python -m ris_model benchmark "${ARGS[@]}" --only 0 --out runs/benchmark/partial  # tunes the threshold first
@@ -20,4 +21,4 @@ if [ "$JOBS" -gt 1 ]; then
   python -m ris_model benchmark "${ARGS[@]}" --only 20 30 --out runs/benchmark/partial
   wait
 fi
-python -m ris_model benchmark "${ARGS[@]}" --learned "$CKPT" --out reports/evaluation
+python -m ris_model benchmark "${ARGS[@]}" --learned "$CKPT" --out "$OUT"
