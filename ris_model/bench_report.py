@@ -131,8 +131,11 @@ def conditions_header(res: dict) -> list[str]:
         f"matched ('common'); not shown under {MIN_SOURCES} sources.",
         f"- Intervals: 95% percentile bootstrap over scenes ({res['bootstrap_reps']} resamples).",
         *_learned_lines(res),
-        "- Time: wall seconds per scene of each method's own calls, one thread of the shared 2-core CPU (other jobs "
-        "were running: compare ratios, not absolute seconds). The three ML rows share one computation.",
+        "- Time: wall seconds per scene of each method's own calls, one thread of the shared 2-core CPU. Other jobs "
+        "were running and the methods of one condition were computed at different moments (the learned rows of "
+        "10 and 30 dB later, on a less loaded machine), so cross-method ratios here are uncertain by about 2x; "
+        "`PYTHONPATH=. python reports/evaluation/timing_check.py` times ML and the learned initialiser back to back "
+        "in one process. The three ML rows share one computation.",
         "",
     ]
 
