@@ -150,7 +150,7 @@ def _learned_lines(res: dict) -> list[str]:
             f"trained on {c['n_train']} train-split scenes of the SAME channel and codes (seed {lr['trained_on_seed']}), "
             f"nominal SNR uniform in {c['snr_db'][0]:g}..{c['snr_db'][1]:g} dB, {c['epochs']} epochs, "
             f"{lr['train_seconds']:.0f} s on one thread; then {c['lm_iters']} Levenberg-Marquardt iterations of the ML "
-            "cost from its slots. Not measured: other channel seeds, L = 64."]
+            "cost from its slots. Another channel seed and L = 64: small checks outside this table, docs/evaluation.md."]
 
 
 def write_bench_report(res: dict, out: Path) -> list[Path]:
