@@ -34,12 +34,15 @@ from ris_stability.locate.finding import Finding, format_finding
 from ris_stability.monitor import StabilityMonitor
 from ris_stability.monitor.context import LoopContext, NonFiniteError
 from ris_stability.numerics.norms import peak_magnitudes
+from ris_stability.observe.guard import guarded
 from ris_stability.observe.scaler import ScalerSpy
 from ris_stability.records import write_finding
 
 log = logging.getLogger(__name__)
 
 LOCATE_ATTEMPTS = 3  # armed steps tried after a non-finite step before giving up
+# The guard's part for the driver: a failure in it ends the toolkit's steps, never the user's (see observe.guard)
+DRIVER = "driver"
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -120,6 +123,7 @@ class StepDriver:
         self.close_locator()
         self.scalers.remove()
 
+    @guarded(DRIVER)
     def attach(self, roots: Mapping[str, nn.Module], optimizer: Any, *, loss_fn: nn.Module | None = None,
                scaler: Any = None, model: nn.Module | None = None) -> None:
         """Start the run: ``roots`` name the module paths; ``model`` (default: one module holding the roots
@@ -132,10 +136,12 @@ class StepDriver:
         self.monitor.on_train_start(self.ctx)
 
     # -- events ----------------------------------------------------------------------------------
+    @guarded(DRIVER)
     def record_inputs(self, name: str, args: tuple, kwargs: dict) -> None:
         if name not in self._inputs:  # references only: copied when a capsule is written
             self._inputs[name] = {"args": list(args), "kwargs": dict(kwargs)}
 
+    @guarded(DRIVER)
     def start_step(self, step: int | None = None, batch: Any = None, lr: float | None = None,
                    signal_dims: Any = None, arm: bool = True) -> None:
         """The step begins (a no-op inside a step). ``step``/``lr`` default to the driver's count and the
@@ -157,6 +163,7 @@ class StepDriver:
         if arm:
             self.arm_pending()
 
+    @guarded(DRIVER)
     def arm_pending(self) -> None:
         """A forward is about to run: after a fault, arm the locator for it (until its backward has finished
         it may outlive a step boundary, e.g. a script that calls zero_grad between forward and backward)."""
@@ -168,12 +175,14 @@ class StepDriver:
         self.monitor.pause_sampling()  # the probe's own statistics would pass the locator's modes
         self._armed = ArmedLocator(self.roots).__enter__()
 
+    @guarded(DRIVER)
     def add_loss(self, loss: Tensor | None, terms: Mapping[str, Tensor] | None = None) -> None:
         """A micro-batch's loss (by reference: the loop holds it anyway) and its named terms."""
         if not self.in_step:
             self.start_step(arm=False)
         self.ctx.add_loss(loss, dict(terms) if terms else None)
 
+    @guarded(DRIVER)
     def before_backward(self, loss: Tensor | None) -> None:
         if not self.in_step:
             self.start_step(arm=False)
@@ -188,6 +197,7 @@ class StepDriver:
         if self._armed is not None:
             self._armed.backward_started()
 
+    @guarded(DRIVER)
     def after_backward(self, loss: Tensor | None, exc: Exception | None = None) -> None:
         """Backward has returned (``exc``: it raised). The gradients are checked here, as backward made them:
         later user code may sanitise (nan_to_num), clip or skip them before the optimizer sees them."""
@@ -216,6 +226,7 @@ class StepDriver:
         if armed is not None:
             armed.close()
 
+    @guarded(DRIVER, False)
     def check_step(self, grads_finite: bool | None = None) -> bool:
         """The step's gradients are complete: check them (``grads_finite``: the loop's own verdict, if it
         took one). Returns True when the step must be skipped; ``ctx.stop_requested`` says whether to stop.
@@ -245,11 +256,13 @@ class StepDriver:
             self._record_finding(anomaly)
         return bool(c.skip_requested)
 
+    @guarded(DRIVER)
     def before_update(self) -> None:
         """The optimizer is about to apply this (checked, not skipped) step's gradients."""
         if not self.ctx.skipped:
             self.monitor.on_before_optimizer_step(self.ctx)
 
+    @guarded(DRIVER)
     def end_step(self, skipped: bool | None = None, reason: str = "", raise_stop: bool = True) -> None:
         """The step is over (``skipped``/``reason``: what the loop itself did, when it decides). Under the stop
         policy raises NonFiniteError once no armed step is left (``raise_stop=False``: the caller stops)."""
@@ -266,6 +279,7 @@ class StepDriver:
         if raise_stop and self._stop and self._attempts_left == 0:
             raise NonFiniteError(self._stop)
 
+    @guarded(DRIVER)
     def end_unstepped(self, reason: str = "the script skipped optimizer.step()", raise_stop: bool = True) -> None:
         """The step ends without an optimizer step (the script's own gate skipped it; seen at the next
         zero_grad or at the end of the run): checked like any step, recorded as skipped."""
@@ -289,6 +303,7 @@ class StepDriver:
             self._born = {id(p): g.detach().clone() for p, g in grads}
 
     # -- the hook form: one optimizer's pre / post step --------------------------------------------
+    @guarded(DRIVER, False)
     def before_optimizer_step(self) -> bool:
         """Check the step; True when it must be skipped (its gradients are then hidden from the update)."""
         skip = self.check_step()
@@ -299,7 +314,7 @@ class StepDriver:
         return skip
 
     def after_optimizer_step(self) -> None:
-        self._restore_grads()
+        self._restore_grads()  # unguarded: a skipped step's gradients come back even if the driver failed
         self.end_step()
 
     # -- internals --------------------------------------------------------------------------------
@@ -312,6 +327,7 @@ class StepDriver:
         if len(self.findings) < self.max_findings and not c.locating and self._attempts_left == 0:
             self._attempts_left = 1 if self._stop else LOCATE_ATTEMPTS
 
+    @guarded(DRIVER)
     def keep_pending_finding(self) -> None:
         """At the end of the run: a finding whose step never reached optimizer.step() (no collective
         decision came) is kept as this rank's."""

@@ -21,6 +21,7 @@ from ris_stability.monitor import amp
 from ris_stability.monitor import distributed
 from ris_stability.instruments.grads import TOTAL_KEY, GradMonitor
 from ris_stability.numerics.norms import float64_norms
+from ris_stability.observe import guard
 from ris_stability.observe.loopstack import COMPILE_LIMITATION, compiled_parts, optimizers_of, run_meta, unwrap
 from ris_stability.instruments.spikes import SpikeDetector
 from ris_stability.instruments.probe import SpectralProbe
@@ -87,6 +88,7 @@ class StabilityMonitor(MonitorWriting):
         self.meta = {**run_meta(model), **self.meta}
         self._attach_distributed(model, capture=not views)
         self.writer = TraceWriter(self.run_dir, self.meta, listeners=self.listeners)
+        guard.bind(self.run_dir, self.event)  # an instrument's own error: one event, a traceback file, part off
         # The probe stays installed for the whole run (installing swaps torch attributes, which flushes
         # Python's type caches) and records only from the start of a sampled step to after its backward.
         self.probe = SpectralProbe(roots=roots, every=1, max_matrices=self.cfg.max_matrices)
@@ -130,13 +132,15 @@ class StabilityMonitor(MonitorWriting):
             self.probe.__exit__(None, None, None)
         self.probe = None
         if self.writer is not None:
+            broken = guard.unbind()
             finite = [x for x in self._losses if math.isfinite(x)]
             self.writer.summary({
                 "steps": len(self._losses), "wall_s": time.perf_counter() - self._t0,
                 "nonfinite_steps": self.nonfinite_steps, "skipped_steps": self.skipped_steps,
                 "final_loss": self._losses[-1] if self._losses else None,
                 "best_loss": min(finite) if finite else None, "status": status or self._status,
-                "amp_overflow_steps": self._scale.overflow_steps, "limitations": self.limitations})
+                "amp_overflow_steps": self._scale.overflow_steps, "limitations": self.limitations,
+                **({"instrument_errors": broken} if broken else {})})
             self.writer.event("run_end", "info", f"run ended: {status or self._status}")
             self.writer.close()
             self.writer = None
