@@ -203,7 +203,8 @@ class StabilityMonitor(MonitorWriting):
             self.skipped_steps.append(ctx.step)
             self.writer.event("step_skipped", "warning", f"step {ctx.step} skipped ({ctx.skip_reason})",
                               step=ctx.step, reason=ctx.skip_reason)
-        if self._measures_update(ctx.step) and not skipped and optimizers_of(ctx):
+        # no snapshot: the loop left the step before its update (an exception in forward, a loop's own skip)
+        if self._measures_update(ctx.step) and not skipped and optimizers_of(ctx) and self.grads.snapshot_taken:
             self.grads.after_step(optimizers_of(ctx))
         ok = not skipped and ctx.step not in self.nonfinite_steps and not self.overflow
         if self.cfg.sampled(ctx.step):
@@ -297,7 +298,7 @@ class StabilityMonitor(MonitorWriting):
                     "max_cluster": st.get("max_cluster"), "cluster_value": st.get("cluster_value"),
                     "min_gap": st.get("min_gap")}
             msg += (f"; suspect {suspect['site']} at {suspect['location']} (min gap {st.get('min_gap', math.nan):.2e}, "
-                    f"largest tied cluster {int(st.get('max_cluster', 0))}, eigenvectors "
+                    f"largest tied cluster {_count(st.get('max_cluster', 0))}, eigenvectors "
                     f"{'receive' if suspect['vec_grad'] else 'do not receive'} gradient)")
         bad = self.grads.nonfinite_parameters() if loss_finite else []
         born = [n for n, g in (ctx.born_grads or {}).items() if not bool(torch.isfinite(g).all())]
@@ -390,3 +391,8 @@ class StabilityMonitor(MonitorWriting):
 
 def _names(names: list[str], shown: int = 8) -> str:
     return ", ".join(names[:shown]) + (f" (+{len(names) - shown} more)" if len(names) > shown else "")
+
+
+def _count(value: Any) -> str:
+    """A statistic that counts, as text: a NaN one (the matrix itself was non-finite) says so."""
+    return str(int(value)) if isinstance(value, (int, float)) and math.isfinite(value) else "n/a (non-finite matrix)"
