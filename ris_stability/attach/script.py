@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ris_stability.attach.signals import FlushOnSignals, Terminated
 from ris_stability.attach.watch import Watcher
 from ris_stability.monitor import MonitorConfig, NonFiniteError, distributed
 from ris_stability.records import UsageError
@@ -184,10 +185,12 @@ class ScriptRun:
 
 
 def trace_script(argv: Sequence[str], out: str | None = None, *, live: Any = None, config: MonitorConfig | None = None,
-                 replayer: str = "", **settings: Any) -> ScriptRun:
+                 replayer: str = "", signals: FlushOnSignals | None = None, **settings: Any) -> ScriptRun:
     """Run the command under the monitor; never raises for the script's own errors (see ScriptRun). ``live``: a
     live view (a context manager with ``update``), ``config`` / ``settings``: what the monitor measures (see
-    ``Watcher``). Bad settings are a usage error before any run folder is made."""
+    ``Watcher``). Bad settings are a usage error before any run folder is made. ``signals``: the termination
+    signals' handler the caller entered (see attach.signals); a signal then ends the script with exit 128 + N
+    and the run is flushed as ``terminated``."""
     from ris_stability.monitor import monitor_config
 
     config = monitor_config(config, **settings)
@@ -203,7 +206,16 @@ def trace_script(argv: Sequence[str], out: str | None = None, *, live: Any = Non
     with view:
         w.start()
         try:
-            _run(cmd)
+            try:
+                _run(cmd)
+            finally:
+                if signals is not None:
+                    signals.flushing()  # the run is being written: a signal from now on exits at once
+        except Terminated as exc:  # SIGTERM (or --flush-on): flushed as Ctrl-C, status terminated
+            w.finish(exc)
+            run.code = exc.exit_code
+            run.message = (f"{exc.name} received: the run was flushed (step rows, events, summary, report) and is "
+                           f"marked terminated; exit code {exc.exit_code}")
         except NonFiniteError as exc:
             w.finish(exc)
             run.message = f"run stopped (--on-nonfinite stop): {exc}"

@@ -218,7 +218,8 @@ class StabilityMonitor(MonitorWriting):
 
     def on_exception(self, ctx: LoopContext | None, exc: BaseException, stopped: bool | None = None) -> None:
         """The run ended on ``exc``: ``stopped`` (default: exc is a NonFiniteError) by the stop policy, else crashed."""
-        self._status = "stopped" if (isinstance(exc, NonFiniteError) if stopped is None else stopped) else "crashed"
+        self._status = "stopped" if (isinstance(exc, NonFiniteError) if stopped is None else stopped) else getattr(
+            exc, "run_status", "crashed")  # "terminated": ended by a termination signal (attach.signals)
         lost = self.dist is not None and distributed.is_collective_failure(exc)
         if lost:
             self._status = "rank_lost"
