@@ -86,8 +86,12 @@ class Capsule:
         blob = {"format": CAPSULE_FORMAT, "version": CAPSULE_VERSION, "step": self.step, "batch": self.batch,
                 "model_state": self.model_state, "optimizer_state": self.optimizer_state, "rng": self.rng,
                 "config_text": self.config_text, "reason": self.reason, "meta": self.meta, "grads": self.grads}
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(blob, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk or a kill leaves no half capsule a later command would trust
+            raise
         log.info("capsule for step %d written to %s", self.step, path)
         return path
 

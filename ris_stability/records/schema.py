@@ -29,6 +29,7 @@ EVENT_KINDS = (
     "run_start", "run_end", "nonfinite_loss", "nonfinite_grad", "step_skipped", "run_stopped",
     "capsule_written", "dead_parameter", "dead_loss_term", "ill_conditioned", "tied_eigenvalues",
     "finding", "finding_elsewhere", "no_process_group", "gradient_spike", "precision_audit", "eig_hermitian_input", "eig_backward_rounding", "pinv_cutoff",
+    "instrument_error", "capsule_not_written",
 )
 # steps.jsonl stores non-finite floats as these strings (JSON has no NaN/inf literals); null means "not
 # recorded". The reader turns them back into floats, so NaN (a poisoned value), +inf (e.g. a singular
