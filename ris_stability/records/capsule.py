@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ris_stability.records.atomic import temporary_name
 log = logging.getLogger(__name__)
 
 CAPSULE_FORMAT = "risdiag-capsule"
@@ -82,7 +83,7 @@ class Capsule:
         """Write atomically (temp file + rename): a crash while writing never leaves a half capsule."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp = temporary_name(path)
         blob = {"format": CAPSULE_FORMAT, "version": CAPSULE_VERSION, "step": self.step, "batch": self.batch,
                 "model_state": self.model_state, "optimizer_state": self.optimizer_state, "rng": self.rng,
                 "config_text": self.config_text, "reason": self.reason, "meta": self.meta, "grads": self.grads}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ris_stability.records.atomic import atomic_path
 from ris_stability.records.schema import (BOOL_COLUMNS, CAPSULE_DIR, EVENTS_FILE, FINDING_FILE, GRAD_GROUP_PREFIX,
                                           GRAD_NONFINITE_PREFIX, GRAD_PREFIX, LOSS_PREFIX, MAT_PREFIX, META_FILE,
                                           NONFINITE_TEXT,
@@ -243,7 +244,8 @@ def to_parquet(run_dir: Path) -> Path:
     trace = read_trace(run_dir)
     target = Path(run_dir) / STEPS_PARQUET
     try:
-        trace.steps.to_parquet(target)
+        with atomic_path(target) as tmp:  # a kill mid-conversion leaves no half Parquet file that reads as the trace
+            trace.steps.to_parquet(tmp)
     except ImportError as exc:
         raise TraceError(f"writing {target} needs pyarrow: pip install 'ris-diag[parquet]' ({exc})") from exc
     return target

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ris_stability.records.appender import AppendFile, warn
+from ris_stability.records.atomic import write_text_atomic
 from ris_stability.records.listeners import Listener, current_observer
 from ris_stability.records.schema import (EVENT_KINDS, EVENTS_FILE, FINDING_FILE, META_FILE, SCHEMA_NAME,
                                           SCHEMA_VERSION, SEVERITIES, STEPS_FILE, SUMMARY_FILE, TraceError)
@@ -74,11 +75,9 @@ def _dumps(obj: Mapping[str, Any], what: str, keep_nonfinite: bool = False) -> s
 def write_json_atomic(path: Path, obj: Mapping[str, Any]) -> Path:
     """Write a JSON file via a temporary file + rename, so a crash never leaves half a file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     text = json.dumps(_jsonable(obj, path.name), allow_nan=False, indent=2, sort_keys=True)
     try:
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, text + "\n")
     except OSError as exc:
         raise TraceError(f"cannot write {path}: {exc}. Check that the folder exists and is writable.") from exc
     return path
