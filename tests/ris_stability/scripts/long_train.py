@@ -1,6 +1,8 @@
 """A long, plain training loop for the signal and fault tests (issue #30): writes ARGV[1] once
 ARGV[2] steps are done (the test then signals it), and runs until killed or ARGV[3] steps.
-With ``--own-handler`` it installs its own SIGTERM handler and ends its loop cleanly on it."""
+With ``--own-handler`` it installs its own SIGTERM handler and ends its loop cleanly on it; with the
+environment variable RIS_TEST_PROGRESS it appends each finished step's number to that file."""
+import os
 import signal
 import sys
 import time
@@ -11,6 +13,7 @@ from torch import nn
 
 ready, after, total = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 stop = []
+progress = open(os.environ["RIS_TEST_PROGRESS"], "a") if os.environ.get("RIS_TEST_PROGRESS") else None
 if "--own-handler" in sys.argv:
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
 
@@ -23,6 +26,9 @@ for step in range(total):
     loss = (model(x) - y).pow(2).mean()
     loss.backward()
     opt.step()
+    if progress is not None:
+        progress.write(f"{step + 1}\n")
+        progress.flush()
     if step + 1 == after:
         ready.write_text(str(step + 1))
     if stop:
