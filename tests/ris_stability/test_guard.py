@@ -105,3 +105,22 @@ def test_the_stop_policy_still_passes_the_guard(tmp_path):
 
     assert guard.passes(NonFiniteError("stop")) and guard.passes(KeyboardInterrupt())
     assert not guard.passes(AttributeError("x"))
+
+
+def test_precision_audit_of_an_esprit_like_loss_does_not_fail():
+    """The precision audit's eig hook meets the same None eigenvector gradient as the probe's."""
+    from ris_stability import audit_precision
+    from ris_stability.observe import guard
+
+    torch.manual_seed(0)
+    lin, x = nn.Linear(8, 8), torch.randn(4, 8, 8)
+
+    def loss_fn():
+        a = lin(x)
+        w, v = torch.linalg.eig((a @ a.transpose(-1, -2) + torch.eye(8)).to(torch.complex64))
+        us = v[..., :3]
+        pw, _ = torch.linalg.eig(torch.linalg.pinv(us[..., :-1, :]) @ us[..., 1:, :])
+        return pw.angle().abs().sum()
+
+    audit_precision(loss_fn, roots={"lin": lin})
+    assert guard.errors() == []
