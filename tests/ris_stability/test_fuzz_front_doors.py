@@ -68,8 +68,11 @@ def calls(draw) -> Call:
                 draw(st.sampled_from(["fro", "nuc", "2"])))
 
 
+# lstsq of a non-finite matrix is LAPACK undefined behaviour in torch itself (gelsy: "INTERNAL ASSERT FAILED ...
+# Argument 4 has illegal value", then results that differ between two plain runs): not a program to compare.
 programs = st.builds(Program, st.lists(calls(), min_size=1, max_size=3).map(tuple),
-                     st.integers(-1, STEPS - 1), st.sampled_from([math.nan, math.inf]))
+                     st.integers(-1, STEPS - 1), st.sampled_from([math.nan, math.inf])).filter(
+    lambda p: p.bad_step < 0 or all(c.op != "lstsq" for c in p.calls))
 
 
 def matrix(a: torch.Tensor, call: Call) -> torch.Tensor:
