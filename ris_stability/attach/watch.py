@@ -108,7 +108,7 @@ class Watcher:
         if exc is not None:
             d.ctx.step = d.step
             self.monitor.on_exception(d.ctx, exc, stopped=stopped)
-            self.status = "stopped" if stopped else "crashed"
+            self.status = "stopped" if stopped else getattr(exc, "run_status", "crashed")  # terminated: a signal
         else:
             self.monitor.on_train_end(d.ctx)
             self.status = "nonfinite" if self.monitor.nonfinite_steps else "clean"

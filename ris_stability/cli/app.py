@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--mlflow", action="store_true",
                    help="also log metrics, params and the report to MLflow (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME)")
     t.add_argument("--no-live", action="store_true", help="plain log lines instead of the live dashboard")
+    t.add_argument("--flush-on", action="append", default=[], metavar="SIGNAL",
+                   help="script runs: also flush the run (rows, summary, report; exit 128+N) on this signal, e.g. "
+                        "SIGUSR1, which SLURM sends before the time limit (SIGTERM always flushes; repeatable)")
     t.add_argument("--every", type=positive_int, default=None,
                    help=f"record matrix statistics every N steps (default {MonitorConfig.every})")
     t.add_argument("--max-matrices", type=positive_int, default=None,
@@ -150,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_trace_script(args: argparse.Namespace, console: Console) -> int:
     from ris_stability.attach.script import trace_script
+    from ris_stability.attach.signals import FlushOnSignals, signal_numbers
     from ris_stability.cli.live import LiveView
     from ris_stability.cli.script_summary import report_to
     from ris_stability.monitor import distributed
@@ -160,9 +164,14 @@ def _cmd_trace_script(args: argparse.Namespace, console: Console) -> int:
         raise UsageError(f"{', '.join(given)} apply to configs of the built-in pipeline, not to a script; pass the script's own "
                          "arguments after '--'")
     view = LiveView(total_steps=0, enabled=not args.no_live and distributed.launcher_rank() == 0)
-    run = trace_script(args.script, args.out, live=view, replayer=args.replayer, options=_recorded_options(args),
-                       **_monitor_settings(args))
-    report_to(run, console, terminal_console(), report=not args.no_report)
+    try:
+        signums = signal_numbers(["SIGTERM", *args.flush_on])
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    with FlushOnSignals(signums) as signals:  # SIGTERM flushes the run as Ctrl-C does (attach.signals)
+        run = trace_script(args.script, args.out, live=view, replayer=args.replayer, options=_recorded_options(args),
+                           signals=signals, **_monitor_settings(args))
+        report_to(run, console, terminal_console(), report=not args.no_report)
     return run.code
 
 

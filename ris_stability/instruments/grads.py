@@ -280,6 +280,11 @@ class GradMonitor:
         self._snapshot = [[p.detach().clone() for p in group["params"]]
                           for opt in _as_list(optimizer) for group in opt.param_groups]
 
+    @property
+    def snapshot_taken(self) -> bool:
+        """Whether before_step was called since the last after_step (a step the loop left early has none)."""
+        return self._snapshot is not None
+
     def after_step(self, optimizer: Any) -> None:
         """Update ratio ||dtheta|| / ||theta|| per param group against the snapshot of before_step."""
         opts = _as_list(optimizer)

@@ -21,6 +21,7 @@ from ris_stability.monitor import amp
 from ris_stability.monitor import distributed
 from ris_stability.instruments.grads import TOTAL_KEY, GradMonitor
 from ris_stability.numerics.norms import float64_norms
+from ris_stability.observe import guard
 from ris_stability.observe.loopstack import COMPILE_LIMITATION, compiled_parts, optimizers_of, run_meta, unwrap
 from ris_stability.instruments.spikes import SpikeDetector
 from ris_stability.instruments.probe import SpectralProbe
@@ -91,6 +92,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
         self.meta = {**run_meta(model), **self.meta}
         self._attach_distributed(model, capture=not views)
         self.writer = TraceWriter(self.run_dir, self.meta, listeners=self.listeners)
+        guard.bind(self.run_dir, self.event)  # an instrument's own error: one event, a traceback file, part off
         # The probe stays installed for the whole run (installing swaps torch attributes, which flushes
         # Python's type caches) and records only from the start of a sampled step to after its backward.
         self.probe = SpectralProbe(roots=roots, every=1, max_matrices=self.cfg.max_matrices)
@@ -135,6 +137,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
             self.probe.__exit__(None, None, None)
         self.probe = None
         if self.writer is not None:
+            broken = guard.unbind()
             finite = [x for x in self._losses if math.isfinite(x)]
             self.writer.summary({
                 "steps": len(self._losses), "wall_s": time.perf_counter() - self._t0,
@@ -142,7 +145,8 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
                 "final_loss": self._losses[-1] if self._losses else None,
                 "best_loss": min(finite) if finite else None, "status": status or self._status,
                 "amp_overflow_steps": self._scale.overflow_steps, "limitations": self.limitations,
-                "capsules_dropped": len(self._capsule_store.dropped) if self._capsule_store is not None else 0})
+                "capsules_dropped": len(self._capsule_store.dropped) if self._capsule_store is not None else 0,
+                **({"instrument_errors": broken} if broken else {})})
             self.writer.event("run_end", "info", f"run ended: {status or self._status}")
             self.writer.close()
             self.writer = None
@@ -206,7 +210,8 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
             self.skipped_steps.append(ctx.step)
             self.writer.event("step_skipped", "warning", f"step {ctx.step} skipped ({ctx.skip_reason})",
                               step=ctx.step, reason=ctx.skip_reason)
-        if self._measures_update(ctx.step) and not skipped and optimizers_of(ctx):
+        # no snapshot: the loop left the step before its update (an exception in forward, a loop's own skip)
+        if self._measures_update(ctx.step) and not skipped and optimizers_of(ctx) and self.grads.snapshot_taken:
             self.grads.after_step(optimizers_of(ctx))
         ok = not skipped and ctx.step not in self.nonfinite_steps and not self.overflow
         if self.cfg.sampled(ctx.step):
@@ -220,7 +225,8 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
 
     def on_exception(self, ctx: LoopContext | None, exc: BaseException, stopped: bool | None = None) -> None:
         """The run ended on ``exc``: ``stopped`` (default: exc is a NonFiniteError) by the stop policy, else crashed."""
-        self._status = "stopped" if (isinstance(exc, NonFiniteError) if stopped is None else stopped) else "crashed"
+        self._status = "stopped" if (isinstance(exc, NonFiniteError) if stopped is None else stopped) else getattr(
+            exc, "run_status", "crashed")  # "terminated": ended by a termination signal (attach.signals)
         lost = self.dist is not None and distributed.is_collective_failure(exc)
         msg = f"{type(exc).__name__}: {exc}"
         if lost:
@@ -395,3 +401,8 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
 
 def _names(names: list[str], shown: int = 8) -> str:
     return ", ".join(names[:shown]) + (f" (+{len(names) - shown} more)" if len(names) > shown else "")
+
+
+def _count(value: Any) -> str:
+    """A statistic that counts, as text: a NaN one (the matrix itself was non-finite) says so."""
+    return str(int(value)) if isinstance(value, (int, float)) and math.isfinite(value) else "n/a (non-finite matrix)"

@@ -48,7 +48,13 @@ class MonitorWriting:
                       rng=rng_state(self._rng) if self._rng is not None else capture_rng(),
                       config_text=self.config_text, reason=reason, meta=meta,
                       grads=grads)
-        path, dropped = self.capsule_store.write(cap)
+        try:
+            path, dropped = self.capsule_store.write(cap)
+        except (OSError, RuntimeError) as err:  # a full disk (torch.save wraps it in RuntimeError): training goes on
+            self.writer.event("capsule_not_written", "warning", f"capsule for step {ctx.step} not written: "
+                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; free space "
+                              "on the run folder's disk to keep the next ones", step=ctx.step)
+            return
         self.capsules[:] = self.capsule_store.kept
         if path is None:
             return

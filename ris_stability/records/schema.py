@@ -32,6 +32,7 @@ EVENT_KINDS = (
     "finding", "finding_elsewhere", "no_process_group", "gradient_spike", "precision_audit", "eig_hermitian_input", "eig_backward_rounding", "pinv_cutoff",
     "locate_diverged", "capsule_dropped",
     "gradient_explosion", "explosion_origin",
+    "instrument_error", "capsule_not_written",
 )
 # steps.jsonl stores non-finite floats as these strings (JSON has no NaN/inf literals); null means "not
 # recorded". The reader turns them back into floats, so NaN (a poisoned value), +inf (e.g. a singular

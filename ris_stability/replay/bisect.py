@@ -32,6 +32,7 @@ from ris_stability.instruments.precision import PrecisionAudit, audit_precision,
 from ris_stability.locate.finding import Finding
 from ris_stability.locate import Locator
 from ris_stability.records import FINDING_FILE, META_FILE, UsageError, read_trace
+from ris_stability.records.atomic import write_text_atomic
 from ris_stability.locate.reproducer import export_reproducer
 
 log = logging.getLogger(__name__)
@@ -286,7 +287,18 @@ def first_bad_step(run_dir: Path) -> tuple[int, Path]:
     if not path.is_file():
         raise UsageError(f"step {first} of {str(run_dir)!r} went non-finite but has no capsule ({path.name} missing); "
                          "the monitor writes at most max_capsules capsules per run")
-    return first, path
+    for step in sorted(set(steps)):  # a capsule that does not load (cut by a kill, damaged) gives way to the next
+        candidate = run_dir / "capsules" / f"step_{step:06d}.pt"
+        if not candidate.is_file():
+            continue
+        try:
+            Capsule.load(candidate)
+        except CapsuleError as err:
+            log.warning("skipped: %s", str(err).splitlines()[0])
+            continue
+        return step, candidate
+    raise UsageError(f"no capsule of {str(run_dir)!r} loads (first non-finite step {first}); see the warnings above "
+                     "for each; re-run the trace to write them again")
 
 
 def _panel(result: BisectResult) -> Panel:
@@ -324,7 +336,7 @@ def _panel(result: BisectResult) -> Panel:
 def _save_finding(result: BisectResult) -> None:
     run_dir = result.capsule.parent.parent
     if (run_dir / META_FILE).is_file() and result.finding is not None:
-        (run_dir / FINDING_FILE).write_text(json.dumps({**result.finding.to_dict(), "step": result.outcome.step}))
+        write_text_atomic(run_dir / FINDING_FILE, json.dumps({**result.finding.to_dict(), "step": result.outcome.step}))
 
 
 def run_bisect(target: str, as_json: bool, float64: bool, export: str | None, console: Console,
