@@ -318,7 +318,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
         elif bad:  # "non-finite" is not "no gradient": name them in these words (see _report_dead)
             msg += f"; gradient non-finite (NaN/Inf entries) in: {_names(bad)}"
             data["nonfinite_parameters"] = bad
-        msg += self._origin_note(data) + (self.trace_back_note(step) if step == self.nonfinite_steps[0] else "")
+        msg += distributed.origin_note(self.dist, self._decision, data) + (self.trace_back_note(step) if step == self.nonfinite_steps[0] else "")
         self.writer.event(kind, "error", msg, step=step, **data)
         if self.live is not None:
             self.live.update(step, event=msg, nonfinite=True)
@@ -331,19 +331,6 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
         elif self.cfg.policy == "stop":
             ctx.request_skip("nonfinite")
             ctx.request_stop(msg)
-
-    def _origin_note(self, data: dict[str, Any]) -> str:
-        """Under DDP: the ranks whose local loss / gradients were non-finite before the all-reduce."""
-        if self.dist is None or self._decision is None:
-            return ""
-        d = self._decision
-        data.update(origin_ranks=d.origins, rank=self.dist.rank, world_size=self.dist.world, local_finite=d.local_ok)
-        if not d.origins:
-            return (f"; no rank's local loss or gradients were non-finite before the all-reduce (this is rank "
-                    f"{self.dist.rank} of {self.dist.world}): the all-reduced gradient itself overflowed, or a "
-                    "gradient outside the watched parameters went non-finite")
-        return (f"; originating rank(s) {d.origins} of {self.dist.world} (local loss or gradients non-finite "
-                f"before the all-reduce; this is rank {self.dist.rank})")
 
     @property
     def last_decision(self) -> distributed.Decision | None:
