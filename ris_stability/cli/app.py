@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="also write scalars, incidents, findings and the report's figures to TensorBoard under DIR")
     t.add_argument("--mlflow", action="store_true",
                    help="also log metrics, params and the report to MLflow (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME)")
+    t.add_argument("--wandb", action="store_true",
+                   help="also log the same scalars, tables and figures to Weights & Biases (WANDB_PROJECT, "
+                        "WANDB_MODE=offline; local files in WANDB_DIR or the run folder)")
     t.add_argument("--no-live", action="store_true", help="plain log lines instead of the live dashboard")
     t.add_argument("--every", type=positive_int, default=None,
                    help=f"record matrix statistics every N steps (default {MonitorConfig.every})")
@@ -199,12 +202,12 @@ def _gap_aware_option(cmd: Callable[[argparse.Namespace, Console], int]) -> Call
 
 
 def _sinks_option(cmd: Callable[[argparse.Namespace, Console], int]) -> Callable[[argparse.Namespace, Console], int]:
-    """--tensorboard / --mlflow: the runs of the command are also written there; reports published at the end."""
+    """--tensorboard / --mlflow / --wandb: the runs of the command are also written there; reports published at the end."""
     @functools.wraps(cmd)
     def run(args: argparse.Namespace, console: Console) -> int:
         from ris_stability.sinks import open_sinks
 
-        with open_sinks(tensorboard=args.tensorboard, mlflow=args.mlflow):
+        with open_sinks(tensorboard=args.tensorboard, mlflow=args.mlflow, wandb=args.wandb):
             return cmd(args, console)
     return run
 

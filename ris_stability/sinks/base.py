@@ -1,9 +1,9 @@
 """Sinks: the trace rows and events of a run, also written where users already look.
 
-A :class:`SinkSet` is installed around a command (``with open_sinks(tensorboard=DIR, mlflow=True):``);
+A :class:`SinkSet` is installed around a command (``with open_sinks(tensorboard=DIR, mlflow=True, wandb=True):``);
 every :class:`~ris_stability.records.TraceWriter` created inside it adds the set as a listener of its
 step rows, events and summary, which routes them to one per-run writer of each backend (one TensorBoard run
-folder, one MLflow run per run folder). ``publish()`` at the end adds what exists only after the run:
+folder, one MLflow run, one W&B run per run folder). ``publish()`` at the end adds what exists only after the run:
 report.md, the report's figures and the capsules. The run folder stays the record; a sink is a copy.
 
 A sink never fails the training run: a missing extra or an unwritable target is one warning when the
@@ -151,7 +151,7 @@ def current_sinks() -> SinkSet | None:
 
 @contextlib.contextmanager
 def open_sinks(tensorboard: str | Path | None = None, mlflow: bool = False,
-               mlflow_experiment: str | None = None) -> Iterator[SinkSet | None]:
+               mlflow_experiment: str | None = None, wandb: bool = False) -> Iterator[SinkSet | None]:
     """Install the sinks for the block; on exit publish reports and close every run (also on error)."""
     backends: list[Backend] = []
     if tensorboard is not None:
@@ -162,6 +162,10 @@ def open_sinks(tensorboard: str | Path | None = None, mlflow: bool = False,
         from ris_stability.sinks.mlflow import MLflowBackend
 
         backends.append(MLflowBackend(mlflow_experiment))
+    if wandb:
+        from ris_stability.sinks.wandb import WandbBackend
+
+        backends.append(WandbBackend())
     if not backends:
         yield None
         return
