@@ -260,11 +260,10 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace, console: Console) -> int:
-    from ris_stability.report.compare import build_comparison
+    from ris_stability.cli.compare_view import compare_and_show
 
-    runs = [Path(r) for r in args.runs]
-    out = Path(args.out) if args.out else Path("reports") / ("compare-" + "-vs-".join(r.name for r in runs))
-    path = build_comparison(runs, out, labels=args.labels or None)
+    path = compare_and_show([Path(r) for r in args.runs], Path(args.out) if args.out else None, args.labels or None,
+                            console)
     console.print(f"comparison written to [bold]{path}[/bold]")
     return EXIT_OK
 
@@ -296,7 +295,7 @@ def _cmd_sweep_report(args: argparse.Namespace, console: Console) -> int:
     _optuna()
     from ris_stability.sweep.report import build_sweep_report
 
-    out = Path(args.out) if args.out else Path("reports") / f"sweep-{args.study}" / "report.md"
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{args.study}" / "report.md"  # beside its trials
     path = build_sweep_report(args.sweep, args.study, out)
     console.print(f"sweep report written to [bold]{path}[/bold]")
     return EXIT_OK

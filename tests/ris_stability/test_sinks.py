@@ -291,3 +291,17 @@ def test_wandb_tables_hold_the_finding_of_a_planted_fault(tmp_path: Path, monkey
     assert tables["findings"]["columns"] == ["step", "kind", "severity", "message"]
     assert "SqrtBackward0" in " ".join(str(r) for r in tables["findings"]["data"])
     assert "nonfinite" in " ".join(str(r) for r in tables["incidents"]["data"])
+
+
+def test_mlflow_with_a_database_uri_leaves_no_mlruns_in_the_cwd(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "db-test")
+    _train(tmp_path / "runs" / "run", steps=2, mlflow=True)
+    assert not (tmp_path / "mlruns").exists()
+    (run,) = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("db-test").experiment_id])
+    assert "report.md" in {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    assert any((tmp_path / "runs" / "mlflow-artifacts").rglob("report.md"))
