@@ -360,7 +360,14 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}") from None
-    return from_dict(RunConfig, apply_overrides(data, overrides))
+    overrides = list(overrides)
+    try:
+        return from_dict(RunConfig, apply_overrides(data, overrides))
+    except ConfigError as err:
+        if path is None:
+            raise
+        where = f"config file {str(path)!r}" + (" or its --set overrides" if overrides else "")
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def dumps_toml(cfg: RunConfig) -> str:

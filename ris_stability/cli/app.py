@@ -21,57 +21,12 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from ris_stability.cli.live import terminal_console
-
+from ris_stability.cli.parsing import _Parser, _float_above, _one_line, nonnegative_int, positive_int  # noqa: F401
 from ris_stability.records.capsule import CapsuleError
 from ris_stability.monitor.config import POLICIES, MonitorConfig
 from ris_stability.records import UsageError
 
 EXIT_OK, EXIT_NONFINITE, EXIT_USAGE, EXIT_NOT_REPRODUCED = 0, 1, 2, 3
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line (no usage block) and exits 2; subparsers inherit it."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def _int_at_least(low: int):
-    """argparse type: an integer >= low. Every integer option uses one, so a bad value exits 2 at parse time."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-positive_int = _int_at_least(1)
-nonnegative_int = _int_at_least(0)
-
-
-def _float_above(low: float):
-    """argparse type: a finite number > low."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not low < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a finite number > {low:g}, got {text}")
-        return value
-
-    parse.__name__ = f"number > {low:g}"
-    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,20 +79,22 @@ def _parser() -> argparse.ArgumentParser:
                         "precision changes it")
 
     r = sub.add_parser("report", help="build report.md and figures from a run folder (or a sweep's study)")
-    r.add_argument("run_dir", nargs="?", default=None)
-    r.add_argument("--out", default=None, help="report file (default RUN_DIR/report.md; reports/sweep-STUDY/report.md)")
+    r.add_argument("run_dir", nargs="?", default=None, help="a run folder written by `risdiag trace` (or watch)")
+    r.add_argument("--out", default=None, help="report file (default RUN_DIR/report.md; for a sweep runs/sweep-STUDY/report.md)")
     r.add_argument("--sweep", default=None, metavar="STORAGE", help="report a sweep: its storage URL (with --study)")
     r.add_argument("--study", default=None, help="the sweep's study name (with --sweep)")
 
     c = sub.add_parser("compare", help="side-by-side report of several runs")
-    c.add_argument("runs", nargs="+")
-    c.add_argument("--out", default=None, help="output folder (default reports/compare-<names>)")
-    c.add_argument("--labels", nargs="*", default=None)
+    c.add_argument("runs", nargs="+", help="2 to 4 run folders")
+    c.add_argument("--out", default=None, help="output folder (default runs/compare-<names> in the working directory)")
+    c.add_argument("--labels", nargs="*", default=None, help="one name per run for tables and legends "
+                   "(default the folder names)")
 
     a = sub.add_parser("align", help="check that the loss and inference consume the same matrices")
-    a.add_argument("--config", required=True)
-    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    a.add_argument("--json", action="store_true")
+    a.add_argument("--config", required=True, help="TOML config, e.g. configs/seed-misaligned.toml")
+    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set loss.cov_source=R_blend (repeatable)")
+    a.add_argument("--json", action="store_true", help="print the check as JSON")
     _add_sweep_parser(sub)
     return p
 
@@ -154,7 +111,8 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="fixed override of every trial's config (repeatable)")
     s.add_argument("--metric", default="loss", help="validation metric to optimise (default loss)")
-    s.add_argument("--direction", default="minimize", choices=("minimize", "maximize"))
+    s.add_argument("--direction", default="minimize", choices=("minimize", "maximize"),
+                   help="optimise the metric down or up (default minimize)")
     s.add_argument("--out", default=None, help="trial run folders go to OUT/trial-NNNN (default runs/sweep-STUDY)")
     s.add_argument("--seed", type=nonnegative_int, default=None, help="TPE sampler seed (worker i uses SEED + i)")
     s.add_argument("--heartbeat", type=positive_int, default=10, help="seconds between trial heartbeats (stale after 3)")
