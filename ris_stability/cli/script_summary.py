@@ -2,6 +2,8 @@
 summary table (rank 0 lists the other ranks), and the report's path."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -10,6 +12,7 @@ from ris_stability.attach.finish import finish_run
 from ris_stability.attach.script import ScriptRun
 from ris_stability.monitor import distributed
 from ris_stability.records import read_summary
+from ris_stability.report.markdown import shortlist
 
 
 def rows_table(title: str, rows: list[tuple[str, str, str]]) -> Table:
@@ -30,7 +33,9 @@ def summary_table(run: ScriptRun) -> Table:
     t.add_row("status", w.status)
     t.add_row("optimizer steps", str(w.steps))
     style = "red bold" if w.nonfinite_steps else "green"
-    t.add_row("non-finite steps", Text(f"{len(w.nonfinite_steps)} {w.nonfinite_steps[:10]}", style=style))
+    bad = w.nonfinite_steps
+    t.add_row("non-finite steps", Text(f"{len(bad)}: {shortlist(bad, 10, str(w.run_dir / 'summary.json'))}"
+                                       if bad else "0", style=style))
     t.add_row("skipped steps", str(len(w.skipped_steps)))
     f = _shown_finding(run)
     if f is not None:
@@ -49,9 +54,11 @@ def summary_table(run: ScriptRun) -> Table:
             if summary is not None:
                 bad = summary.get("nonfinite_steps") or []
                 t.add_row(f"rank {r}", f"{summary.get('status', '?')}, {summary.get('steps', '?')} steps, "
-                                       f"non-finite {len(bad)} {bad[:10]}")
+                                       f"non-finite {len(bad)}: {shortlist(bad, 10, str(shard / 'summary.json'))}")
     if w.monitor.capsules:
-        t.add_row("capsules", ", ".join(str(p) for p in w.monitor.capsules[:3]))
+        folder = Path(w.monitor.capsules[0]).parent
+        t.add_row("capsules", f"{len(w.monitor.capsules)} in {folder}: "
+                              f"{shortlist((Path(p).name for p in w.monitor.capsules), 4, str(folder))}")
     t.add_row("run folder", str(w.run_dir))
     return t
 

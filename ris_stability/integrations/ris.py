@@ -34,6 +34,7 @@ from ris_stability.attach.finish import finish_run
 from ris_stability.attach.watch import Watcher
 from ris_stability.monitor import MonitorConfig, monitor_config
 from ris_stability.records import UsageError
+from ris_stability.report.markdown import shortlist
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,14 @@ def _summary_rows(cfg: RunConfig, w: Watcher, result: Any, wall_s: float) -> lis
     if result is not None and result.val_history:
         step, val = result.val_history[-1]
         rows.append(("validation", f"loss {val['loss']:.4g}, K accuracy {val.get('k_acc', math.nan):.3f} (step {step})", ""))
-    rows.append(("non-finite steps", f"{len(mon.nonfinite_steps)} {mon.nonfinite_steps[:10]}",
-                 "red bold" if mon.nonfinite_steps else "green"))
+    summary = str(w.run_dir / "summary.json")
+    rows.append(("non-finite steps", f"{len(mon.nonfinite_steps)}: {shortlist(mon.nonfinite_steps, 10, summary)}"
+                 if mon.nonfinite_steps else "0", "red bold" if mon.nonfinite_steps else "green"))
     rows.append(("skipped steps", str(len(mon.skipped_steps)), ""))
     if mon.capsules:
-        rows.append(("capsules", ", ".join(str(p) for p in mon.capsules[:3]), ""))
+        folder = Path(mon.capsules[0]).parent
+        rows.append(("capsules", f"{len(mon.capsules)} in {folder}: "
+                                 f"{shortlist((Path(p).name for p in mon.capsules), 4, str(folder))}", ""))
     rows.append(("run folder", str(w.run_dir), ""))
     return rows
 

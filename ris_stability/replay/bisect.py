@@ -264,8 +264,9 @@ def run_precision(target: str, as_json: bool, console: Console, replayer: str | 
     if as_json:
         console.print_json(json.dumps({"capsule": str(path), **audit.to_dict()}, default=str))
     else:
+        # soft_wrap=False: a piped console is 80 columns wide, and the panel's lines wrap inside it, never cropped.
         console.print(Panel(format_audit(audit), title=f"risdiag bisect --precision {path.name}",
-                            border_style="green" if audit.ok else "red"), highlight=False)
+                            border_style="green" if audit.ok else "red"), highlight=False, soft_wrap=False)
     return EXIT_OK
 
 
@@ -353,7 +354,7 @@ def run_bisect(target: str, as_json: bool, float64: bool, export: str | None, co
     if as_json:
         console.print_json(json.dumps(result.to_dict(), default=str))
     else:
-        console.print(_panel(result))
+        console.print(_panel(result), soft_wrap=False)  # wrapped in its panel when piped, never cropped
     return EXIT_OK
 
 

@@ -55,3 +55,44 @@ def test_a_config_file_typo_names_the_file(tmp_path, capsys):
     assert main(["trace", "--config", str(bad), "--no-live"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "typo.toml" in err and "train.lrr" in err and "valid keys" in err
+
+
+def _audit(grad_error: float):
+    from ris_stability.instruments.precision import PrecisionAudit, SiteAudit
+
+    site = SiteAudit(site="loss.subspace:linalg.eigvalsh", op="linalg.eigvalsh", module="loss.subspace",
+                     location="x.py:1", dtype="complex64", calls=1, grad_error=grad_error, promoted_error=1e-7)
+    return PrecisionAudit(tolerance=1e-3, baseline_error=1e-6, all_sites_error=2e-8, grad_norm=1.0,
+                          reference_norm=1.0, parameters={"w": 1e-6}, sites=(site,),
+                          cause="no op's precision changes the gradient beyond the tolerance; end-of-line-marker")
+
+
+def test_precision_panel_wraps_when_piped_and_says_not_compared_for_nan(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from ris_stability.replay import bisect
+
+    monkeypatch.setattr(bisect, "audit_capsule", lambda path, replayer: _audit(float("nan")))
+    out = io.StringIO()
+    console = Console(file=out, width=80, soft_wrap=True)  # what main() builds when stdout is a pipe
+    assert bisect.run_precision(str(tmp_path / "step_000001.pt"), as_json=False, console=console) == 0
+    text = " ".join(out.getvalue().replace("│", " ").split())
+    assert "all linalg sites in float64: 2.00e-08" in text and "end-of-line-marker" in text  # wrapped, not cropped
+    assert "nan" not in text and "not compared" in text
+
+
+def test_summary_rows_say_how_many_more_and_where(tmp_path):
+    from types import SimpleNamespace
+
+    from ris_stability.integrations.ris import _summary_rows
+
+    run = tmp_path / "run"
+    monitor = SimpleNamespace(_losses=[2.0, 1.0], nonfinite_steps=list(range(30)), skipped_steps=list(range(30)),
+                              capsules=[run / "capsules" / f"step_{i:06d}.pt" for i in range(5)])
+    rows = {what: value for what, value, _ in _summary_rows(SimpleNamespace(train=SimpleNamespace(steps=30)),
+                                                          SimpleNamespace(monitor=monitor, run_dir=run), None, 1.0)}
+    assert rows["non-finite steps"].startswith("30: 0, 1,") and f"(+20 more; all in {run / 'summary.json'})" in \
+        rows["non-finite steps"]
+    assert rows["capsules"].startswith(f"5 in {run / 'capsules'}: step_000000.pt") and "(+1 more" in rows["capsules"]
