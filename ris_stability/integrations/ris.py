@@ -152,8 +152,9 @@ def run_trace(config_path: str, overrides: list[str], steps: int | None, out: st
     t0, result, error = time.perf_counter(), None, None
     with live if live is not None else contextlib.nullcontext():
         try:
-            # the monitor's collective decision is the step's only all-reduce (the loop's own check stays local)
-            result = train(cfg, callbacks=[callbacks], out_dir=run_dir, agree=local_only)
+            # the monitor's collective decision is the step's only all-reduce (the loop's own check stays local);
+            # progress is the live view's (one line per interval), so the loop logs only validation
+            result = train(cfg, callbacks=[callbacks], out_dir=run_dir, agree=local_only, progress=False)
         except NonFiniteError as err:
             error = err
             log.error("run stopped: %s", err)

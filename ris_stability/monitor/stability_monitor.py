@@ -85,7 +85,8 @@ class StabilityMonitor(MonitorWriting):
         self._dtype = next((p.dtype for p in model.parameters()), torch.float32)
         self.meta = {**run_meta(model), **self.meta}
         self._attach_distributed(model, capture=not views)
-        self.writer = TraceWriter(self.run_dir, self.meta, listeners=self.listeners)
+        follows = (self.live.record,) if hasattr(self.live, "record") else ()  # the live view logs incidents once
+        self.writer = TraceWriter(self.run_dir, self.meta, listeners=self.listeners + follows)
         # The probe stays installed for the whole run (installing swaps torch attributes, which flushes
         # Python's type caches) and records only from the start of a sampled step to after its backward.
         self.probe = SpectralProbe(roots=roots, every=1, max_matrices=self.cfg.max_matrices)
