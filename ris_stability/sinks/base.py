@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 # Step-row columns -> (tag prefix, keep the rest of the key). Tags are slash-grouped, as both tools group them.
 _MATRIX_STATS = ("rank", "log10_cond", "min_gap", "max_cluster")
 _PREFIXES = (("loss/", "loss/"), ("grad/", "grad_norm/"), ("grad_group/", "grad_norm_group/"),
-             ("update_ratio/", "update_ratio/"), ("grad_nonfinite/", "grad_nonfinite/"))
+             ("update_ratio/", "update_ratio/"), ("update_ratio_group/", "update_ratio_group/"),
+             ("grad_nonfinite/", "grad_nonfinite/"))
 _FLAGS = {"loss": "loss/total", "lr": "train/lr", "skipped": "train/skipped", "nonfinite": "train/nonfinite"}
 
 
