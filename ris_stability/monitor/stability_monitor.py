@@ -56,7 +56,8 @@ class StabilityMonitor(MonitorWriting):
         self.audit_fn: Callable[[], torch.Tensor] | None = None  # recomputes the step's loss (precision audit)
         self.spikes = SpikeDetector(cfg.spike_factor, cfg.spike_window, SPIKE_WARMUP)
         self.skipped_steps: list[int] = []
-        self.capsules: list[Path] = []
+        self.capsules: list[Path] = []  # crash capsules of non-finite steps
+        self.snapshots: list[Path] = []  # spike snapshots of finite steps (MonitorConfig.spike_snapshots)
         self._rng: tuple[Any, ...] | None = None  # rng_snapshot() at step start
         self._sites: dict[str, dict[str, Any]] = {}
         self._flagged: set[tuple[str, str]] = set()
@@ -346,9 +347,9 @@ class StabilityMonitor(MonitorWriting):
         if spike is not None:
             self.spike_steps.append(ctx.step)
             msg = spike.message()
-            if len(self.capsules) < self.cfg.max_capsules:
-                self._write_capsule(ctx, reason=msg)
-                msg += f"; check the gradient with `risdiag bisect --precision {self.capsules[-1]}`"
+            if len(self.snapshots) < self.cfg.spike_snapshots:  # a finite step: a snapshot, not a crash capsule
+                path = self._write_capsule(ctx, reason=msg, purpose="spike")
+                msg += f"; check the gradient with `risdiag bisect --precision {path}`"
             self.writer.event("gradient_spike", "warning", msg, step=ctx.step, **spike.data())
             if self.live is not None:
                 self.live.update(ctx.step, event=msg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +15,9 @@ from ris_stability.linalg.hazards import site_hazards
 from ris_stability.monitor.context import LoopContext
 from ris_stability.observe.loopstack import optimizers_of
 from ris_stability.records.capsule import Capsule, capsule_path, capture_rng, clone_state, rng_state
+
+
+SNAPSHOT_DIR = "snapshots"  # spike snapshots: finite steps kept for a precision audit, apart from crash capsules
 
 
 class MonitorWriting:
@@ -26,7 +30,9 @@ class MonitorWriting:
         if self.live is not None and severity != "info" and data.get("step") is not None:
             self.live.update(data["step"], event=message, nonfinite=nonfinite)
 
-    def _write_capsule(self, ctx: LoopContext, reason: str) -> None:
+    def _write_capsule(self, ctx: LoopContext, reason: str, purpose: str = "crash") -> Path:
+        """A crash capsule of a non-finite step (capsules/, listed in ``capsules``), or with ``purpose`` "spike"
+        a snapshot of a finite spike (snapshots/spike_NNNNNN.pt, listed in ``snapshots``): same content."""
         # After backward the optimizer has not stepped: parameters and optimizer state are still pre-step.
         local = self.dist is not None and self._decision is not None
         meta = {"torch": str(torch.__version__), "threads": torch.get_num_threads(), "replayer": self.replayer, "lr": float(ctx.lr),
@@ -43,10 +49,17 @@ class MonitorWriting:
                       rng=rng_state(self._rng) if self._rng is not None else capture_rng(),
                       config_text=self.config_text, reason=reason, meta=meta,
                       grads=grads)
+        if purpose == "spike":
+            path = cap.save(self.run_dir / SNAPSHOT_DIR / f"spike_{ctx.step:06d}.pt")
+            self.snapshots.append(path)
+            self.writer.event("snapshot_written", "info", f"spike snapshot for step {ctx.step} written", step=ctx.step,
+                              path=str(path.relative_to(self.run_dir)))
+            return path
         path = cap.save(capsule_path(self.run_dir, ctx.step))
         self.capsules.append(path)
         self.writer.event("capsule_written", "info", f"capsule for step {ctx.step} written", step=ctx.step,
                           path=str(path.relative_to(self.run_dir)))
+        return path
 
     def _write_row(self, ctx: LoopContext, loss: float, skipped: bool) -> None:
         row: dict[str, Any] = {"step": ctx.step, "time_s": time.perf_counter() - self._t0,

@@ -248,10 +248,10 @@ def audit_capsule(path: Path, replayer: str | None = None) -> PrecisionAudit:
 
 
 def _latest_capsule(run_dir: Path) -> Path:
-    found = sorted((run_dir / "capsules").glob("step_*.pt"))
+    found = sorted((run_dir / "capsules").glob("step_*.pt")) or sorted((run_dir / "snapshots").glob("spike_*.pt"))
     if not found:
-        raise UsageError(f"run folder {str(run_dir)!r} holds no capsule to audit; the monitor writes one on a "
-                         "non-finite step or a gradient spike")
+        raise UsageError(f"run folder {str(run_dir)!r} holds no capsule to audit; the monitor writes a crash capsule "
+                         "on a non-finite step and a spike snapshot (snapshots/) on a finite gradient spike")
     return found[0]
 
 
