@@ -172,3 +172,33 @@ def test_readme_bisector_quotes_are_what_bisect_prints(tmp_path, capsys):
             assert float(re.search(pattern, printed)[1]) < 1e-5, quote
         else:
             assert quote in printed, quote
+
+
+@pytest.mark.parametrize("flip", [False, True], ids=["slice", "slice-then-flip"])
+def test_eigenvector_use_of_a_custom_eigh_is_read_where_the_vectors_are_consumed(flip):
+    """The subspace term of ris_model takes vecs[..., -k:].flip(-1) of eigh_gap_aware: its vectors do
+    receive gradient, whatever happens to the Python object made inside the autograd Function's forward."""
+    import torch
+    from torch import nn
+
+    from ris_stability.instruments.probe import SpectralProbe
+    from ris_stability.spectral import eigh_gap_aware
+
+    class Subspace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 8)
+
+        def forward(self, x):
+            y = self.lin(x)
+            z = torch.complex(y[:, :4], y[:, 4:])
+            _, vecs = eigh_gap_aware(z.mH @ z + torch.eye(4))
+            top = vecs[..., -2:].flip(-1) if flip else vecs[..., -2:]
+            return top.abs().pow(2)[..., 0, :].sum()
+
+    torch.manual_seed(0)
+    model = Subspace()
+    with SpectralProbe(roots={"model": model}) as probe:
+        model(torch.randn(8, 4)).backward()
+        sites = probe.collect()
+    assert {name: site["vec_grad"] for name, site in sites.items()} == {"model:eigh_gap_aware": True}
