@@ -20,12 +20,11 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from ris_stability.linalg.hazards import tie_safe
 from ris_stability.report.markdown import shortlist
 
 log = logging.getLogger(__name__)
 
-# A backward that drops tied pairs (ris_stability.spectral's gap-aware eigh/SVD): a tie is no hazard there.
-TIE_SAFE_MARK = "gap_aware"
 
 
 @dataclass
@@ -73,7 +72,7 @@ def worst_hazard(row: dict[str, Any]) -> tuple[str, dict[str, Any], str] | None:
     for name, s in mats.items():
         if "trace" in s and _nan(s["trace"]):
             return name, s, "non-finite input"
-    vectors = [(s["min_gap"], name, s) for name, s in mats.items() if s.get("vec_grad") and TIE_SAFE_MARK not in name
+    vectors = [(s["min_gap"], name, s) for name, s in mats.items() if s.get("vec_grad") and not tie_safe(name)
                and isinstance(s.get("min_gap"), (int, float)) and not _nan(s["min_gap"])]
     if not vectors:
         return None
