@@ -202,3 +202,41 @@ def test_eigenvector_use_of_a_custom_eigh_is_read_where_the_vectors_are_consumed
         model(torch.randn(8, 4)).backward()
         sites = probe.collect()
     assert {name: site["vec_grad"] for name, site in sites.items()} == {"model:eigh_gap_aware": True}
+
+
+@pytest.mark.parametrize("singular, drawn", [(True, True), (False, False)], ids=["rank-deficient", "full-rank"])
+def test_cond_figure_shows_the_range_separation_of_a_rank_deficient_matrix(singular, drawn):
+    import math
+
+    import numpy as np
+    import pandas as pd
+
+    from ris_stability.report import plots
+
+    site = "mat/m:linalg.eigh/"
+    frame = pd.DataFrame({f"{site}log10_cond": math.inf if singular else 3.0, f"{site}rank": 16.0 if singular else 144.0,
+                          f"{site}n": 144.0, f"{site}lambda_max": 1.0, f"{site}gap_split": 1e-2},
+                         index=pd.Index(range(40), name="step"))
+    fig = plots.plot_log10_cond(frame, eps=1.2e-7, precision="float32")
+    ys = [line.get_ydata() for line in fig.axes[0].get_lines() if len(line.get_ydata()) == 40]
+    assert any(np.allclose(y, 2.0) for y in ys) == drawn  # log10(lambda_max / gap) = log10(1 / 1e-2)
+    labels = " ".join(t.get_text() for t in fig.legends[0].get_texts()) if fig.legends else ""
+    assert ("signal/noise" in labels) == drawn
+
+
+@pytest.mark.parametrize("n, trend", [(100, True), (10, False)], ids=["long-run", "short-run"])
+def test_loss_figure_draws_a_trend_over_the_raw_curve(n, trend):
+    import numpy as np
+    import pandas as pd
+
+    from ris_stability.report import plots
+
+    rng = np.random.default_rng(0)
+    loss = 2.0 - np.linspace(0, 1, n) + 0.3 * rng.standard_normal(n)
+    fig = plots.plot_loss_terms(pd.DataFrame({"loss": loss}, index=pd.Index(range(n), name="step")))
+    lines = [line for line in fig.axes[0].get_lines() if len(line.get_ydata()) >= n // 2]
+    faint = [line for line in lines if (line.get_alpha() or 1.0) < 0.5]
+    assert bool(faint) == trend
+    if trend:
+        (bold,) = [line for line in lines if line not in faint]
+        assert np.nanstd(np.diff(bold.get_ydata())) < 0.3 * np.nanstd(np.diff(faint[0].get_ydata()))
