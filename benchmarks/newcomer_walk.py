@@ -138,7 +138,7 @@ def main() -> int:
     w.run("sweep (2 trials x 2 steps)", [*RISDIAG, "sweep", "--config", "configs/quickstart.toml", "--space",
                                          "configs/space-quickstart.toml", "--trials", "2", "--steps", "2",
                                          "--storage", "sqlite:///runs/sweep.db", "--study", "quick", "--seed", "0",
-                                         *TINY], 0, ("study quick",))
+                                         "--set", "data.batch_size=4", "--set", "data.n_val=8"], 0, ("study quick",))
     w.run("report --sweep", [*RISDIAG, "report", "--sweep", "sqlite:///runs/sweep.db", "--study", "quick"], 0,
           ("runs/sweep-quick/report.md",))
     missing = [n for n in ("report.md", "best.toml") if not (clone / "runs" / "sweep-quick" / n).is_file()]
