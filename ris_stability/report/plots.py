@@ -70,6 +70,11 @@ def plot_log10_cond(steps: StepTables, colors: Mapping[str, tuple] | None = None
     # The singular band sits above every finite value and above the 1/eps line.
     top = max(finite + ([-math.log10(eps)] if eps is not None else []) + [0.0]) + 1.0
     handles = _name_handles(names, colors, runs)
+    ranged = _range_separation(runs, names, conds)
+    if runs:  # both what is drawn for a matrix: its condition number and, singular, its range separation
+        first = runs[0][0]
+        _say_hidden(handles, names, {n: pd.concat([conds[(first, n)], ranged.get((first, n), pd.Series())])
+                                     for n in names})
     for (label, _), style in zip(runs, RUN_STYLES):
         for name in names:
             values = conds[(label, name)]
@@ -77,7 +82,6 @@ def plot_log10_cond(steps: StepTables, colors: Mapping[str, tuple] | None = None
             singular = values.index[np.isinf(values)]
             ax.plot(singular, np.full(len(singular), top), ls="none", marker="^", ms=5, color=colors[name],
                     clip_on=False)
-    ranged = _range_separation(runs, names, conds)
     for (label, name), values in ranged.items():
         style = dict(zip((lb for lb, _ in runs), RUN_STYLES))[label]
         _plot_series(ax, values, colors[name], style, lw=1.0, marker="|", ms=4)
@@ -117,6 +121,19 @@ def _range_separation(runs, names, conds) -> dict[tuple[str, str], pd.Series]:
             if ratio.notna().any():
                 out[(label, name)] = ratio
     return out
+
+
+def _say_hidden(handles: list, names: list[str], series: Mapping[str, pd.Series | None]) -> None:
+    """A matrix whose series equals an earlier one's (e.g. eigvalsh and eigh of the same matrix) is drawn
+    over it: its legend entry says so, instead of leaving the reader to wonder where the other went."""
+    for i, name in enumerate(names):
+        s = series.get(name)
+        if s is None or not s.notna().any():
+            continue
+        twin = next((other for other in names[:i] if series.get(other) is not None
+                     and series[other].equals(s)), None)
+        if twin is not None and i < len(handles):
+            handles[i].set_label(f"{handles[i].get_label()}\n  (same values as {short_label(twin)}: one line)")
 
 
 def _inf_tick(ax, top: float) -> None:
@@ -199,6 +216,10 @@ def plot_gaps(steps: StepTables, colors: Mapping[str, tuple] | None = None) -> F
             _no_data(ax, "gap of this kind")
         _style_axes(ax, "eigenvalue gap\n(matrix units)", title)
     handles = _name_handles(names, colors, runs)
+    if runs:
+        _say_hidden(handles, names, {n: pd.concat([s for p in range(len(GAP_PANELS))
+                                                   if (s := series[(p, runs[0][0], n)]) is not None] or [pd.Series()])
+                                     for n in names})
     if any(s is not None and (s == 0).any() for s in series.values()):
         handles.append(Patch(color="#f2dede", label="gap = 0 (exact tie):\nshaded band, one row\nper matrix"))
     _legend(fig, handles + _mark_bad_steps(axes[0], runs))

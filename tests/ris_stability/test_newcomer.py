@@ -240,3 +240,18 @@ def test_loss_figure_draws_a_trend_over_the_raw_curve(n, trend):
     if trend:
         (bold,) = [line for line in lines if line not in faint]
         assert np.nanstd(np.diff(bold.get_ydata())) < 0.3 * np.nanstd(np.diff(faint[0].get_ydata()))
+
+
+def test_gap_figure_legend_names_a_series_hidden_under_an_identical_one():
+    import numpy as np
+    import pandas as pd
+
+    from ris_stability.report import plots
+
+    gaps = np.geomspace(1e-3, 1e-2, 20)
+    frame = pd.DataFrame({f"mat/{site}/{stat}": gaps for site in ("a:linalg.eigvalsh", "a:linalg.eigh", "b:linalg.eigh")
+                          for stat in ("gap_split", "min_gap_noise")}, index=pd.Index(range(20), name="step"))
+    frame["mat/b:linalg.eigh/gap_split"] = gaps * 2
+    labels = [t.get_text() for t in plots.plot_gaps(frame).legends[0].get_texts()]
+    (twin,) = [label for label in labels if "same values as" in label]  # b differs: not named
+    assert "a:linalg.eigh" in twin and "a:linalg.eigvalsh" in twin and "b:" not in twin
