@@ -63,6 +63,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
         self.skipped_steps: list[int] = []
         self.capsules: list[Path] = []  # kept capsules (the budget deletes the middle ones: writing.py)
         self._capsule_store = None
+        self.snapshots: list[Path] = []  # spike snapshots of finite steps (MonitorConfig.spike_snapshots)
         self._rng: tuple[Any, ...] | None = None  # rng_snapshot() at step start
         self._sites: dict[str, dict[str, Any]] = {}
         self._flagged: set[tuple[str, str]] = set()
@@ -91,7 +92,8 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
         self._dtype = self.explosions.dtype = next((p.dtype for p in model.parameters()), torch.float32)
         self.meta = {**run_meta(model), **self.meta}
         self._attach_distributed(model, capture=not views)
-        self.writer = TraceWriter(self.run_dir, self.meta, listeners=self.listeners)
+        follows = (self.live.record,) if hasattr(self.live, "record") else ()  # the live view logs incidents once
+        self.writer = TraceWriter(self.run_dir, self.meta, listeners=self.listeners + follows)
         guard.bind(self.run_dir, self.event)  # an instrument's own error: one event, a traceback file, part off
         # The probe stays installed for the whole run (installing swaps torch attributes, which flushes
         # Python's type caches) and records only from the start of a sampled step to after its backward.
@@ -355,11 +357,10 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
         if spike is not None:
             self.spike_steps.append(ctx.step)
             msg = spike.message()
-            if not self.exploded:  # the explosion wrote this step's capsule
-                self._write_capsule(ctx, reason=msg)
-            if self.replayer and self.capsules and self.capsules[-1].stem.endswith(f"{ctx.step:06d}"):
-                # only with a replayer: --precision rebuilds the step from it
-                msg += f"; check the gradient with `risdiag bisect --precision {self.capsules[-1]}`"
+            if not self.exploded and len(self.snapshots) < self.cfg.spike_snapshots:  # a finite step: a snapshot
+                path = self._write_capsule(ctx, reason=msg, purpose="spike")
+                if path is not None and self.replayer:  # only with a replayer: --precision rebuilds the step from it
+                    msg += f"; check the gradient with `risdiag bisect --precision {path}`"
             self.writer.event("gradient_spike", "warning", msg, step=ctx.step, **spike.data())
             if self.live is not None:
                 self.live.update(ctx.step, event=msg)

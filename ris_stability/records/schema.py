@@ -4,7 +4,7 @@ A run folder holds meta.json, steps.jsonl (one flat JSON object per logged step)
 optional summary.json / finding.json / capsules/. In steps.jsonl a non-finite float is the string "nan",
 "inf" or "-inf" and null means "not recorded"; the other JSON files write non-finite floats as null. Step columns are grouped by prefix: "mat/<name>/<stat>",
 "loss/<term>", "grad/<module>", "grad_nonfinite/<module>", "update_ratio/<module>", "grad_group/<g>",
-"param/<module>" (parameter norms before the update).
+"update_ratio_group/<g>", "param/<module>" (parameter norms before the update).
 """
 
 from __future__ import annotations

@@ -250,10 +250,10 @@ def audit_capsule(path: Path, replayer: str | None = None) -> PrecisionAudit:
 
 
 def _latest_capsule(run_dir: Path) -> Path:
-    found = sorted((run_dir / "capsules").glob("step_*.pt"))
+    found = sorted((run_dir / "capsules").glob("step_*.pt")) or sorted((run_dir / "snapshots").glob("spike_*.pt"))
     if not found:
-        raise UsageError(f"run folder {str(run_dir)!r} holds no capsule to audit; the monitor writes one on a "
-                         "non-finite step or a gradient spike")
+        raise UsageError(f"run folder {str(run_dir)!r} holds no capsule to audit; the monitor writes a crash capsule "
+                         "on a non-finite step and a spike snapshot (snapshots/) on a finite gradient spike")
     return found[0]
 
 
@@ -266,8 +266,9 @@ def run_precision(target: str, as_json: bool, console: Console, replayer: str | 
     if as_json:
         console.print_json(json.dumps({"capsule": str(path), **audit.to_dict()}, default=str))
     else:
+        # soft_wrap=False: a piped console is 80 columns wide, and the panel's lines wrap inside it, never cropped.
         console.print(Panel(format_audit(audit), title=f"risdiag bisect --precision {path.name}",
-                            border_style="green" if audit.ok else "red"), highlight=False)
+                            border_style="green" if audit.ok else "red"), highlight=False, soft_wrap=False)
     return EXIT_OK
 
 
@@ -357,7 +358,7 @@ def run_bisect(target: str, as_json: bool, float64: bool, export: str | None, co
     if as_json:
         console.print_json(json.dumps(result.to_dict(), default=str))
     else:
-        console.print(_panel(result))
+        console.print(_panel(result), soft_wrap=False)  # wrapped in its panel when piped, never cropped
     return EXIT_OK
 
 
