@@ -4,6 +4,7 @@ exit-code line at the end of every command's --help."""
 from __future__ import annotations
 
 import argparse
+from typing import Any, Callable
 
 EXIT_USAGE = 2
 
@@ -40,19 +41,25 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _int_at_least(low: int):
-    """argparse type: an integer >= low. Every integer option uses one, so a bad value exits 2 at parse time."""
-    def parse(text: str) -> int:
+def _checked(cast: Callable[[str], Any], noun: str, ok: Callable[[Any], bool], rule: str):
+    """argparse type: ``cast(text)`` that satisfies ``ok``, else one line naming ``rule``; every numeric option
+    uses one, so a bad value exits 2 at parse time."""
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
 
-    parse.__name__ = f"integer >= {low}"
+    parse.__name__ = f"{noun} {rule}"
     return parse
+
+
+def _int_at_least(low: int):
+    """argparse type: an integer >= low."""
+    return _checked(int, "an integer", lambda v: v >= low, f">= {low}")
 
 
 positive_int = _int_at_least(1)
@@ -61,17 +68,7 @@ nonnegative_int = _int_at_least(0)
 
 def _float_above(low: float):
     """argparse type: a finite number > low."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not low < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a finite number > {low:g}, got {text}")
-        return value
-
-    parse.__name__ = f"number > {low:g}"
-    return parse
+    return _checked(float, "a number", lambda v: low < v < float("inf"), f"a finite number > {low:g}")
 
 
 __all__ = ["EXIT_CODES", "nonnegative_int", "positive_int"]

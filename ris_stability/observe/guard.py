@@ -107,15 +107,7 @@ def guarded(part: str, default: Any = None) -> Callable[[F], F]:
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         def inner(*args: Any, **kwargs: Any) -> Any:
-            if part in _S.off:
-                return default
-            try:
-                return fn(*args, **kwargs)
-            except BaseException as exc:
-                if passes(exc):
-                    raise
-                record(part, exc)
-                return default
+            return call(part, fn, *args, default=default, **kwargs)
         return inner  # type: ignore[return-value]
     return wrap
 

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import numbers
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
