@@ -38,7 +38,7 @@ class WandbRun:
 
     def step(self, step: int, scalars: Mapping[str, float]) -> None:
         self.last_step = max(self.last_step, step)
-        self.run.log(dict(scalars), step=step)
+        self.run.log(dict(scalars), step=step, commit=True)  # written now: a row never waits for the end
 
     def event(self, record: Mapping[str, Any]) -> None:
         if record.get("kind") in _FINDING_KINDS:
@@ -53,7 +53,7 @@ class WandbRun:
     def publish(self, run_dir: Path) -> None:
         import wandb
 
-        # W&B steps only move forward: what exists at the end is logged at the last training step.
+        # W&B steps only move forward: what exists only at the end is logged one step after the last one.
         media: dict[str, Any] = {name: wandb.Table(columns=_COLUMNS, data=rows)
                                  for name, rows in self._rows.items() if rows}
         figures = run_dir / "figures"
@@ -64,7 +64,7 @@ class WandbRun:
             media["capsules"] = wandb.Table(columns=["capsule"], data=[[f"{run_dir.name}/capsules/{c.name}"]
                                                                        for c in capsules])
         if media:
-            self.run.log(media, step=self.last_step)
+            self.run.log(media, step=self.last_step + 1)
         for name in _FILES:  # copied into the run's files folder, which W&B uploads at the end (or on sync)
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, Path(self.run.dir) / name)

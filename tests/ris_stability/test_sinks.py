@@ -253,13 +253,15 @@ def test_wandb_offline_run_holds_scalars_tables_figures_and_files(tmp_path: Path
         elif kind == "summary":
             summary.update({u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in rec.summary.update})
     trace = read_trace(tmp_path / "run")
-    assert sorted(history) == [int(s) for s in trace.steps.index]  # every logged step, at its step
-    first, last = trace.steps.iloc[0], history[max(history)]
+    steps = [int(s) for s in trace.steps.index]
+    assert sorted(s for s, row in history.items() if "loss/total" in row) == steps  # every logged step, at its step
+    first, last = trace.steps.iloc[0], history[steps[-1]]
     assert history[min(history)]["loss/total"] == pytest.approx(float(first["loss"]), rel=1e-6)
     tb_tags = {k for k, v in scalar_tags(trace.steps.iloc[-1].to_dict()).items() if not math.isnan(v)}  # the TensorBoard sink's tags, same names
     assert tb_tags and tb_tags <= set(last)
     assert any(k.startswith("matrix/") and k.endswith("/min_gap") for k in last)
-    figures = {k.split("/")[1] for k in last if k.startswith("figures/") and k.endswith("/_type")}
+    end = history[steps[-1] + 1]  # what exists only at the end: one step after the last
+    figures = {k.split("/")[1] for k in end if k.startswith("figures/") and k.endswith("/_type")}
     assert figures == {p.stem for p in (tmp_path / "run" / "figures").glob("*.png")} and figures
     assert config["meta.command"] == "ris_stability.watch"
     assert summary["risdiag.status"] == "clean"
