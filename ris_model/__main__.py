@@ -6,6 +6,9 @@
   music  --config F [--set k=v ...] [--n N] [--snr 0 10 20]     MUSIC on R_true / R_samp vs CRB
   evalreport --checkpoint F --out DIR [--n N] [--snr ...]     tables (Markdown, JSON) and figures of eval + music
   floors --config F [--set k=v ...] [--n N]     each loss term for a perfect prediction
+  benchmark --config F --out DIR [--n 500] [--val 100] [--snr 0 10 20 30] [--only SNR ...] [--learned CKPT]
+         ML, MUSIC and the learned initialiser per nominal SNR, bootstrap intervals (reports/evaluation)
+  traininit --config F --out FILE     train the learned initialiser (deterministic, one thread)
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--snr", type=float, nargs="+", default=None,
                    help="pin the nominal SNR of the test scenes to each value (default: as drawn)")
     e.add_argument("--no-crb", action="store_true", help="skip the Cramer-Rao bound (no error/CRB columns)")
-    r = sub.add_parser("evalreport", help="reports/evaluation: tables and figures of a checkpoint")
+    r = sub.add_parser("evalreport", help="tables and figures of a composite-loss checkpoint")
     r.add_argument("--checkpoint", required=True)
     r.add_argument("--out", required=True)
     r.add_argument("--n", type=int, default=128)
@@ -53,6 +56,21 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     m.add_argument("--n", type=int, default=64)
     m.add_argument("--snr", type=float, nargs="+", default=[0.0, 10.0, 20.0])
+    b = sub.add_parser("benchmark", help="reports/evaluation: ML / MUSIC / learned per nominal SNR")
+    b.add_argument("--config", default="configs/default.toml")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    b.add_argument("--out", required=True)
+    b.add_argument("--n", type=int, default=500, help="test scenes per condition")
+    b.add_argument("--val", type=int, default=100, help="validation scenes per SNR (threshold tuning)")
+    b.add_argument("--snr", type=float, nargs="+", default=[0.0, 10.0, 20.0, 30.0])
+    b.add_argument("--only", type=float, nargs="+", default=None, help="compute only these conditions")
+    b.add_argument("--learned", default=None, help="checkpoint of ris_model.learned_init")
+    b.add_argument("--cache", default="runs/benchmark")
+    b.add_argument("--reps", type=int, default=1000, help="bootstrap resamples")
+    ti = sub.add_parser("traininit", help="train the learned initialiser of the ML refinement")
+    ti.add_argument("--config", default="configs/default.toml")
+    ti.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ti.add_argument("--out", required=True)
     f = sub.add_parser("floors", help="loss terms for a perfect prediction (irreducible floors)")
     f.add_argument("--config", required=True)
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -101,6 +119,38 @@ def _evalreport(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def _benchmark(args: argparse.Namespace) -> None:
+    from ris_model.bench_report import write_bench_report
+    from ris_model.benchmark import run_benchmark
+
+    import torch
+
+    torch.set_num_threads(1)  # the per-scene times in the table are one thread's
+    cfg = load_config(args.config, args.set)
+    learned, tag = None, "none"
+    if args.learned:
+        from ris_model.learned_init import load_localiser
+
+        learned, tag = load_localiser(args.learned, cfg)
+    res = run_benchmark(cfg, list(args.snr), args.n, args.val, Path(args.cache), reps=args.reps, learned=learned,
+                        learned_tag=tag, only=args.only)
+    if learned is not None:
+        res["learned"] = dict(learned.meta, checkpoint=args.learned, sha256_12=tag)
+    for path in write_bench_report(res, Path(args.out)):
+        print(f"wrote {path}")
+
+
+def _traininit(args: argparse.Namespace) -> None:
+    import torch
+
+    from ris_model.learned_init import LocaliserConfig, train_localiser
+
+    torch.set_num_threads(1)  # deterministic and the measured time is one thread's
+    t0 = time.perf_counter()
+    path = train_localiser(load_config(args.config, args.set), LocaliserConfig(), Path(args.out))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.0f} s")
+
+
 def _floors(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
     print(format_floors(loss_floors(cfg, n=args.n), cfg))
@@ -111,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
         {"train": _train, "eval": _eval, "music": _music, "floors": _floors,
-         "evalreport": _evalreport}[args.command](args)
+         "evalreport": _evalreport, "benchmark": _benchmark, "traininit": _traininit}[args.command](args)
     except (ConfigError, CheckpointError, BatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -353,14 +353,16 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     """Load a RunConfig from a TOML file (or the defaults when ``path`` is None) plus overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
+        if not (p := Path(path)).is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist; shipped configs are in configs/*.toml")
         try:
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}") from None
-    return from_dict(RunConfig, apply_overrides(data, overrides))
+    try:
+        return from_dict(RunConfig, apply_overrides(data, overrides))
+    except ConfigError as err:  # name the file: the message alone does not say where to look
+        raise (ConfigError(f"config file {str(path)!r} (or a --set override): {err}") if path else err) from None
 
 
 def dumps_toml(cfg: RunConfig) -> str:

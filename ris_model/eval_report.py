@@ -1,6 +1,8 @@
-"""reports/evaluation: the evaluation of a trained checkpoint as Markdown and JSON tables plus figures.
+"""The evaluation of a composite-loss checkpoint (``ris_model.train``) as Markdown and JSON tables plus figures.
 
-    python -m ris_model evalreport --checkpoint runs/.../last.pt --out reports/evaluation [--n 128] [--snr 0 10 20]
+    python -m ris_model evalreport --checkpoint runs/.../last.pt --out runs/evalreport [--n 128] [--snr 0 10 20]
+
+(reports/evaluation is the benchmark of ``ris_model.benchmark``; this report is for a trained covariance model.)
 
 Writes tables.md (the ``scoring`` table, the K-estimation summary and the goal check, every figure
 computed here), results.json (the same rows) and figures/matched_vs_snr.png, figures/error_crb_vs_snr.png
@@ -136,7 +138,7 @@ def write_report(checkpoint: str | Path, out: Path, n: int, snr_db_list: list[fl
     snrs = ", ".join(f"{s:g}" for s in snr_db_list)
     md = [f"# Evaluation of `{cfg.name}` after {ckpt.next_step} steps ({meta['parameters']} parameters)", "",
           f"Test scenes 0..{n - 1} at nominal SNR {snrs} dB (same scenes, only the noise changes), pooled and "
-          "binned by per-source realised SNR. Regenerate: `bash reports/evaluation/regenerate.sh`.", "",
+          "binned by per-source realised SNR.", "",
           "## Goal check", "", *goal_check(rows), "",
           f"Information content of R_samp (fraction of its trace inside span{{a_k}}, mean over scenes): {info}.", "", "## K estimation", "", *k_summary(rows), "",
           "K accuracy per scene (scenes in the bin); MDL/AIC on the top L eigenvalues of R_samp "

@@ -59,4 +59,45 @@ def estimate_k_ic(eigvals_ascending: Tensor, n_snapshots: int, rank: int, k_max:
     return information_criteria(eigvals_ascending, n_snapshots, rank, k_max)[kind].argmin(-1) + 1
 
 
-__all__ = ["ModelOrderError", "information_criteria", "estimate_k_ic"]
+# --------------------------------------------------------------------------- on the ML residuals
+#
+# The nested measurement-domain ML fits (``ml_estimator``) give residual energies e_0 >= e_1 >= ... >= e_kmax
+# with e_k = sum_l ||P_perp(B_l) y_l||^2. The noise n_l ~ CN(0, sigma^2 I_M) is white in the measurement
+# domain, so once k >= K the residual is noise alone: e_k ~ sigma^2 chi^2 with L (M - k) complex degrees of
+# freedom (less what the fitted spurious sources absorb), a genuine noise plateau - which the eigenvalues of
+# R_samp never show (docs/physics.md, "Model order").
+
+
+def mdl_residual(energy: Tensor, snapshots: int, antennas: int) -> Tensor:
+    """K (B,) in [1, k_max] minimising the deterministic-signal MDL of the nested ML fits (Wax 1991):
+        MDL(k) = L M ln e_k + (k (3 + 2 L) / 2) ln(2 L M)
+    (concentrated Gaussian log-likelihood of the L M complex measurements; each source brings 3 position
+    parameters and L complex symbols). energy (B, k_max + 1) holds e_0..e_kmax."""
+    if energy.ndim != 2 or energy.shape[-1] < 2:
+        raise ModelOrderError(f"mdl_residual: energy must be (B, k_max + 1) with k_max >= 1, got {tuple(energy.shape)}")
+    k = torch.arange(energy.shape[-1], dtype=torch.float64)
+    n_obs = snapshots * antennas
+    mdl = n_obs * energy.to(torch.float64).log() + 0.5 * k * (3 + 2 * snapshots) * math.log(2 * n_obs)
+    return mdl[:, 1:].argmin(-1) + 1
+
+
+def residual_drop(energy: Tensor, snapshots: int, antennas: int) -> Tensor:
+    """F-like statistic of each added source (B, k_max): (e_{k-1} - e_k) / (e_k / (L (M - k))), the energy
+    the k-th source removed over the per-degree-of-freedom residual: about L once k > K (a spurious source
+    absorbs one noise degree of freedom per snapshot through its symbol, plus what its position fits), and
+    much larger while k <= K."""
+    k = torch.arange(1, energy.shape[-1], dtype=torch.float64)
+    e = energy.to(torch.float64)
+    dof = snapshots * (antennas - k).clamp_min(1)
+    return (e[:, :-1] - e[:, 1:]) / (e[:, 1:] / dof)
+
+
+def threshold_k(energy: Tensor, snapshots: int, antennas: int, tau: float) -> Tensor:
+    """K (B,) in [1, k_max]: sources are added while their ``residual_drop`` exceeds ``tau`` (the greedy-
+    residual threshold; ``tau`` is tuned on validation scenes, ``benchmark.tune_threshold``)."""
+    above = residual_drop(energy, snapshots, antennas) > tau
+    run = above.to(torch.int64).cumprod(-1).sum(-1)  # consecutive sources above the threshold
+    return run.clamp_min(1)
+
+
+__all__ = ["ModelOrderError", "information_criteria", "estimate_k_ic", "mdl_residual", "residual_drop", "threshold_k"]

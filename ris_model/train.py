@@ -278,11 +278,11 @@ def _setup(cfg: RunConfig, out_dir: Path | None, steps: int | None, resume: str 
     return _Run(ctx, val, start, stop, TrainResult(cfg, model, optimizer, next_step=start, out_dir=out_dir))
 
 
-def _log_step(run: _Run, res: StepResult, log_file: Any) -> None:
+def _log_step(run: _Run, res: StepResult, log_file: Any, progress: bool) -> None:
     run.result.history.append(res)
     if log_file is not None:
         log_file.write(json.dumps(asdict(res)) + "\n")
-    if res.step % run.ctx.cfg.train.log_every == 0 or res.skipped:
+    if progress and (res.step % run.ctx.cfg.train.log_every == 0 or res.skipped):
         logger.info("step %d loss %.4g lr %.3g |g| %.3g%s", res.step, res.loss, res.lr, res.grad_norm,
                     f" SKIPPED ({res.skip_reason})" if res.skipped else "")
 
@@ -327,10 +327,12 @@ class _Prefetch:
 
 def train(cfg: RunConfig, callbacks: Iterable[Any] = (), out_dir: str | Path | None = None,
           steps: int | None = None, resume: str | Path | None = None,
-          agree: Callable[[bool, Any], bool] = parallel.all_true) -> TrainResult:
+          agree: Callable[[bool, Any], bool] = parallel.all_true, progress: bool = True) -> TrainResult:
     """Train ``cfg``. ``steps`` runs only the first ``steps`` steps of the configured schedule (the
     schedule itself is not rescaled); ``resume`` continues from a checkpoint of the same config;
-    ``agree``: the ranks' finite-check agreement of every step (see ``train_step``)."""
+    ``agree``: the ranks' finite-check agreement of every step (see ``train_step``); ``progress``: log a
+    line every ``train.log_every`` steps and at each skipped step (False when a caller shows progress itself;
+    validation lines and train_log.jsonl are written either way)."""
     run = _setup(cfg, Path(out_dir) if out_dir is not None else None, steps, resume)
     ctx, cbs, res, times = run.ctx, CallbackList(callbacks), run.result, []
     device = torch.device(cfg.train.device)
@@ -347,7 +349,7 @@ def train(cfg: RunConfig, callbacks: Iterable[Any] = (), out_dir: str | Path | N
                              step=step, scaler=ctx.scaler, callbacks=cbs, ctx=ctx, agree=agree)
             times.append(time.perf_counter() - t0)
             ctx.n_skipped += out.skipped
-            _log_step(run, out, log_file)
+            _log_step(run, out, log_file, progress)
             cbs.on_step_end(ctx)
             res.next_step = step + 1
             _periodic(run, step, last=step + 1 == run.stop or bool(ctx.stop_requested))

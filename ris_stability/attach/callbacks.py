@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ris_stability.attach.driver import StepDriver
+from ris_stability.attach.driver import DRIVER, StepDriver
+from ris_stability.observe.guard import guarded
 
 
 class LoopCallbacks:
@@ -35,6 +36,7 @@ class LoopCallbacks:
     def on_after_forward(self, ctx: Any) -> None:
         self.driver.add_loss(ctx.loss, ctx.terms)
 
+    @guarded(DRIVER)
     def on_after_backward(self, ctx: Any) -> None:
         d = self.driver
         d.check_step(ctx.grads_finite)

@@ -33,6 +33,7 @@ from ris_stability.monitor import StabilityMonitor
 from ris_stability.monitor.context import LoopContext, NonFiniteError
 from ris_stability.numerics.norms import peak_magnitudes
 from ris_stability.observe.loopstack import unwrap
+from ris_stability.observe.guard import guarded
 from ris_stability.observe.scaler import ScalerSpy
 from ris_stability.records import write_finding
 from ris_stability.attach.loop_parts import _lr, model_of, optimizer_params
@@ -40,6 +41,8 @@ from ris_stability.attach.loop_parts import _lr, model_of, optimizer_params
 log = logging.getLogger(__name__)
 
 LOCATE_ATTEMPTS = 3  # armed steps tried after a non-finite step before giving up
+# The guard's part for the driver: a failure in it ends the toolkit's steps, never the user's (see observe.guard)
+DRIVER = "driver"
 
 
 class StepDriver:
@@ -82,6 +85,7 @@ class StepDriver:
         self.close_locator()
         self.scalers.remove()
 
+    @guarded(DRIVER)
     def attach(self, roots: Mapping[str, nn.Module], optimizer: Any, *, loss_fn: nn.Module | None = None,
                scaler: Any = None, model: nn.Module | None = None) -> None:
         """Start the run: ``roots`` name the module paths; ``model`` (default: one module holding the roots
@@ -94,10 +98,12 @@ class StepDriver:
         self.monitor.on_train_start(self.ctx)
 
     # -- events ----------------------------------------------------------------------------------
+    @guarded(DRIVER)
     def record_inputs(self, name: str, args: tuple, kwargs: dict) -> None:
         if name not in self._inputs:  # references only: copied when a capsule is written
             self._inputs[name] = {"args": list(args), "kwargs": dict(kwargs)}
 
+    @guarded(DRIVER)
     def start_step(self, step: int | None = None, batch: Any = None, lr: float | None = None,
                    signal_dims: Any = None, arm: bool = True) -> None:
         """The step begins (a no-op inside a step). ``step``/``lr`` default to the driver's count and the
@@ -119,6 +125,7 @@ class StepDriver:
         if arm:
             self.arm_pending()
 
+    @guarded(DRIVER)
     def arm_pending(self) -> None:
         """A forward is about to run: after a fault, arm the locator for it (until its backward has finished
         it may outlive a step boundary, e.g. a script that calls zero_grad between forward and backward)."""
@@ -131,12 +138,14 @@ class StepDriver:
         # unwrapped roots: a finding names model.linear, as events do, not DDP's model.module.linear
         self._armed = ArmedLocator({k: unwrap(m) for k, m in self.roots.items()}).__enter__()
 
+    @guarded(DRIVER)
     def add_loss(self, loss: Tensor | None, terms: Mapping[str, Tensor] | None = None) -> None:
         """A micro-batch's loss (by reference: the loop holds it anyway) and its named terms."""
         if not self.in_step:
             self.start_step(arm=False)
         self.ctx.add_loss(loss, dict(terms) if terms else None)
 
+    @guarded(DRIVER)
     def before_backward(self, loss: Tensor | None) -> None:
         if not self.in_step:
             self.start_step(arm=False)
@@ -151,6 +160,7 @@ class StepDriver:
         if self._armed is not None:
             self._armed.backward_started()
 
+    @guarded(DRIVER)
     def after_backward(self, loss: Tensor | None, exc: Exception | None = None) -> None:
         """Backward has returned (``exc``: it raised). The gradients are checked here, as backward made them:
         later user code may sanitise (nan_to_num), clip or skip them before the optimizer sees them."""
@@ -184,6 +194,7 @@ class StepDriver:
         if armed is not None:
             armed.close()
 
+    @guarded(DRIVER, False)
     def check_step(self, grads_finite: bool | None = None) -> bool:
         """The step's gradients are complete: check them (``grads_finite``: the loop's own verdict, if it
         took one). Returns True when the step must be skipped; ``ctx.stop_requested`` says whether to stop.
@@ -215,11 +226,13 @@ class StepDriver:
             self._record_finding(anomaly)
         return bool(c.skip_requested)
 
+    @guarded(DRIVER)
     def before_update(self) -> None:
         """The optimizer is about to apply this (checked, not skipped) step's gradients."""
         if not self.ctx.skipped:
             self.monitor.on_before_optimizer_step(self.ctx)
 
+    @guarded(DRIVER)
     def end_step(self, skipped: bool | None = None, reason: str = "", raise_stop: bool = True) -> None:
         """The step is over (``skipped``/``reason``: what the loop itself did, when it decides). Under the stop
         policy raises NonFiniteError once no armed step is left (``raise_stop=False``: the caller stops)."""
@@ -236,6 +249,7 @@ class StepDriver:
         if raise_stop and self._stop and self._attempts_left == 0:
             raise NonFiniteError(self._stop)
 
+    @guarded(DRIVER)
     def end_unstepped(self, reason: str = "the script skipped optimizer.step()", raise_stop: bool = True) -> None:
         """The step ends without an optimizer step (the script's own gate skipped it; seen at the next
         zero_grad or at the end of the run): checked like any step, recorded as skipped."""
@@ -259,6 +273,7 @@ class StepDriver:
             self._born = {id(p): g.detach().clone() for p, g in grads}
 
     # -- the hook form: one optimizer's pre / post step --------------------------------------------
+    @guarded(DRIVER, False)
     def before_optimizer_step(self) -> bool:
         """Check the step; True when it must be skipped (its gradients are then hidden from the update)."""
         skip = self.check_step()
@@ -269,7 +284,7 @@ class StepDriver:
         return skip
 
     def after_optimizer_step(self) -> None:
-        self._restore_grads()
+        self._restore_grads()  # unguarded: a skipped step's gradients come back even if the driver failed
         self.end_step()
 
     # -- internals --------------------------------------------------------------------------------
@@ -292,6 +307,7 @@ class StepDriver:
               and not c.locating and self._attempts_left == 0):
             self._attempts_left = LOCATE_ATTEMPTS
 
+    @guarded(DRIVER)
     def crashed(self, exc: BaseException) -> None:
         """The loop raised ``exc`` inside a step run under the locator: the finding of the forward (or
         backward) that raised, e.g. where the value an op refused first went non-finite."""
@@ -300,6 +316,7 @@ class StepDriver:
             self._located = True
             self._record_finding(armed.error(exc))
 
+    @guarded(DRIVER)
     def keep_pending_finding(self) -> None:
         """At the end of the run: a finding whose step never reached optimizer.step() (no collective
         decision came) is kept as this rank's."""

@@ -38,13 +38,14 @@ class StabilityTrainerCallback(TrainerCallback):
     """Monitor a ``Trainer.train()``: trace files, capsules, findings and report.md in ``out``."""
 
     def __init__(self, out: str | Path | None = None, *, config: MonitorConfig | None = None, report: bool = True,
-                 tensorboard: str | Path | None = None, mlflow: bool = False, **settings: Any):
+                 tensorboard: str | Path | None = None, mlflow: bool = False, wandb: bool = False,
+                 **settings: Any):
         """``config`` / ``settings``: what the monitor measures (MonitorConfig and fields to change in it,
         e.g. ``on_nonfinite="stop"``, ``every=10``)."""
         self.out = Path(out) if out is not None else Path("runs") / f"trainer-{time.strftime('%Y%m%d-%H%M%S')}"
         self.options = {"config": config, **settings}
         self.report = report
-        self.sink_options = {"tensorboard": tensorboard, "mlflow": mlflow}
+        self.sink_options = {"tensorboard": tensorboard, "mlflow": mlflow, "wandb": wandb}
         self.watcher: Watcher | None = None
         self.result: Watcher | None = None  # the finished run (status, findings, run_dir) after train()
         self._stack: contextlib.ExitStack | None = None

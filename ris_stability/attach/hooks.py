@@ -32,8 +32,11 @@ from ris_stability.monitor import distributed
 from ris_stability.attach.driver import StepDriver
 from ris_stability.attach.loop_parts import optimizer_params
 from ris_stability.observe.frames import _is_user
+from ris_stability.observe.guard import guarded
 
 log = logging.getLogger(__name__)
+
+HOOKS = "attach.hooks"  # the guard's part: these hooks' own work (the driver they feed is guarded too)
 
 
 def variable_name(module: nn.Module, frame: FrameType | None, depth: int = 12) -> str | None:
@@ -71,6 +74,7 @@ class _Discovery:
         self._handles = [register_module_forward_pre_hook(self._pre),
                          register_module_forward_hook(self._post, always_call=True)]
 
+    @guarded(HOOKS)
     def _pre(self, module: nn.Module, args: tuple) -> None:
         if self.depth == 0 and id(module) not in self.seen:
             name = variable_name(module, sys._getframe(1)) or type(module).__name__.lower()
@@ -78,6 +82,7 @@ class _Discovery:
             self.driver.record_inputs(name, args, _call_kwargs(sys._getframe(1)))
         self.depth += 1
 
+    @guarded(HOOKS)
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
         self.depth = max(0, self.depth - 1)
 
@@ -175,6 +180,7 @@ class AutoAttach:
         zero_grad.__wrapped__ = original  # type: ignore[attr-defined]
         cls.zero_grad = zero_grad
 
+    @guarded(HOOKS)
     def _before_zero_grad(self, owner: Any) -> None:
         d = self.driver
         if isinstance(owner, torch.optim.Optimizer):
@@ -201,6 +207,7 @@ class AutoAttach:
         if d.attached:
             d.end_unstepped("the script skipped optimizer.step() (the last iteration of the run)", raise_stop=False)
 
+    @guarded(HOOKS)
     def _watch_early(self) -> None:
         """Under torch.distributed, at the first backward before any optimizer step: watch the local
         gradients of the modules seen so far, so that the first step's originating rank is known too (the
@@ -245,6 +252,7 @@ class AutoAttach:
     def _root_hook(self, name: str):
         driver = self.driver
 
+        @guarded(HOOKS)
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if driver.in_step or torch.is_grad_enabled():  # an evaluation forward starts no step
                 driver.record_inputs(name, args, kwargs)
@@ -252,6 +260,7 @@ class AutoAttach:
                 driver.arm_pending()
         return hook
 
+    @guarded(HOOKS)
     def _scaler_step(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
         """After ``GradScaler.step``: an iteration whose gradients overflowed never called ``optimizer.step()``
         (the scaler skipped it), so its step is checked and ended here, as the scaler's routine skip."""
@@ -264,6 +273,7 @@ class AutoAttach:
             self.driver.after_optimizer_step()
         self._stepped = False
 
+    @guarded(HOOKS)
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if self.optimizer is None:
             self._follow(optimizer)
@@ -287,6 +297,7 @@ class AutoAttach:
                      ", ".join(f"{n} ({type(m).__name__})" for n, m in roots.items()) or "none (parameters only)")
             self._attach(roots, optimizer)
 
+    @guarded(HOOKS)
     def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if optimizer is self.optimizer:
             self.driver.after_optimizer_step()

@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ris_stability.attach.signals import FlushOnSignals, Terminated
 from ris_stability.attach.watch import Watcher
 from ris_stability.monitor import MonitorConfig, NonFiniteError, distributed
 from ris_stability.records import UsageError
@@ -195,12 +196,14 @@ class ScriptRun:
 
 
 def trace_script(argv: Sequence[str], out: str | None = None, *, live: Any = None, config: MonitorConfig | None = None,
-                 replayer: str = "", options: Mapping[str, Any] | None = None, **settings: Any) -> ScriptRun:
+                 replayer: str = "", options: Mapping[str, Any] | None = None,
+                 signals: FlushOnSignals | None = None, **settings: Any) -> ScriptRun:
     """Run the command under the monitor; never raises for the script's own errors (see ScriptRun). ``live``: a
     live view (a context manager with ``update``), ``config`` / ``settings``: what the monitor measures (see
     ``Watcher``); ``options``: the command-line options of the run (``{"--gap-aware": True, ...}``), recorded in
     meta.json, config.resolved.toml and the run's command. Bad settings are a usage error before any run
-    folder is made."""
+    folder is made. ``signals``: the termination signals' handler the caller entered (see attach.signals); a
+    signal then ends the script with exit 128 + N and the run is flushed as ``terminated``."""
     from ris_stability.monitor import monitor_config
 
     config = monitor_config(config, **settings)
@@ -218,7 +221,16 @@ def trace_script(argv: Sequence[str], out: str | None = None, *, live: Any = Non
     with view:
         w.start()
         try:
-            _run(cmd)
+            try:
+                _run(cmd)
+            finally:
+                if signals is not None:
+                    signals.flushing()  # the run is being written: a signal from now on exits at once
+        except Terminated as exc:  # SIGTERM (or --flush-on): flushed as Ctrl-C, status terminated
+            w.finish(exc)
+            run.code = exc.exit_code
+            run.message = (f"{exc.name} received: the run was flushed (step rows, events, summary, report) and is "
+                           f"marked terminated; exit code {exc.exit_code}")
         except NonFiniteError as exc:
             w.finish(exc)
             run.message = f"run stopped (--on-nonfinite stop): {exc}"

@@ -68,7 +68,7 @@ class MonitorSession:
 
     @property
     def stop_requested(self) -> str:
-        return self.ctx.stop_requested
+        return self.ctx.stop_requested if self.ctx is not None else ""  # None: the driver failed to attach
 
     def start_step(self, step: int, batch: Any = None, lr: float = math.nan, signal_dims: Any = None) -> None:
         self.driver.end_step(raise_stop=False)  # a loop that never called end_step: close the previous one

@@ -108,7 +108,7 @@ class Watcher:
         if exc is not None:
             d.ctx.step = d.step
             self.monitor.on_exception(d.ctx, exc, stopped=stopped)
-            self.status = "stopped" if stopped else "crashed"
+            self.status = "stopped" if stopped else getattr(exc, "run_status", "crashed")  # terminated: a signal
         else:
             self.monitor.on_train_end(d.ctx)
             self.status = "nonfinite" if self.monitor.nonfinite_steps else "clean"
@@ -127,7 +127,7 @@ class Watcher:
 def watch(model: nn.Module | Mapping[str, nn.Module] | None = None, optimizer: torch.optim.Optimizer | None = None,
           out: str | Path | None = None, *, config: MonitorConfig | None = None, report: bool = True,
           replayer: str = "", tensorboard: str | Path | None = None, mlflow: bool = False,
-          **settings: Any) -> Iterator[Watcher]:
+          wandb: bool = False, **settings: Any) -> Iterator[Watcher]:
     """Attach the stability monitor to the loop inside the ``with`` block (see the module docstring).
 
     ``model``: the module (or name -> module) whose paths name findings; None discovers the modules
@@ -136,13 +136,13 @@ def watch(model: nn.Module | Mapping[str, nn.Module] | None = None, optimizer: t
     change in it, e.g. ``on_nonfinite="skip"`` (the default: a non-finite step changes neither parameters nor
     optimizer state), "stop" (end the block after locating it) or "observe"; ``every=10``. ``report``: write
     report.md at the end. The block's exceptions propagate, except the stop of the "stop" policy.
-    ``tensorboard=DIR`` / ``mlflow=True``: also write the run there (see :mod:`ris_stability.sinks`).
+    ``tensorboard=DIR`` / ``mlflow=True`` / ``wandb=True``: also write the run there (see :mod:`ris_stability.sinks`).
     """
     from ris_stability.attach.finish import finish_run
     from ris_stability.sinks import open_sinks
 
     run_dir = Path(out) if out is not None else Path("runs") / f"watch-{time.strftime('%Y%m%d-%H%M%S')}"
-    with open_sinks(tensorboard=tensorboard, mlflow=mlflow):
+    with open_sinks(tensorboard=tensorboard, mlflow=mlflow, wandb=wandb):
         w = Watcher(run_dir, model, optimizer, config=config, meta={"command": "ris_stability.watch"},
                     replayer=replayer, **settings).start()
         try:

@@ -23,57 +23,13 @@ from ris_stability.cli import locate_cmd
 from ris_stability.cli.live import terminal_console
 from ris_stability.cli.logs import CLI_LOGGING
 from ris_stability.integrations import PIPELINE_LOGGERS
+from ris_stability.cli.parsing import _Parser, _float_above, _one_line, nonnegative_int, positive_int  # noqa: F401
 
 from ris_stability.records.capsule import CapsuleError
 from ris_stability.monitor.config import POLICIES, MonitorConfig
 from ris_stability.records import UsageError
 
 EXIT_OK, EXIT_NONFINITE, EXIT_USAGE, EXIT_NOT_REPRODUCED = 0, 1, 2, 3
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line (no usage block) and exits 2; subparsers inherit it."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def _int_at_least(low: int):
-    """argparse type: an integer >= low. Every integer option uses one, so a bad value exits 2 at parse time."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-positive_int = _int_at_least(1)
-nonnegative_int = _int_at_least(0)
-
-
-def _float_above(low: float):
-    """argparse type: a finite number > low."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not low < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a finite number > {low:g}, got {text}")
-        return value
-
-    parse.__name__ = f"number > {low:g}"
-    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,7 +53,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="also write scalars, incidents, findings and the report's figures to TensorBoard under DIR")
     t.add_argument("--mlflow", action="store_true",
                    help="also log metrics, params and the report to MLflow (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME)")
+    t.add_argument("--wandb", action="store_true",
+                   help="also log the same scalars, tables and figures to Weights & Biases (WANDB_PROJECT, "
+                        "WANDB_MODE=offline; local files in WANDB_DIR or the run folder)")
     t.add_argument("--no-live", action="store_true", help="plain log lines instead of the live dashboard")
+    t.add_argument("--flush-on", action="append", default=[], metavar="SIGNAL",
+                   help="script runs: also flush the run (rows, summary, report; exit 128+N) on this signal, e.g. "
+                        "SIGUSR1, which SLURM sends before the time limit (SIGTERM always flushes; repeatable)")
     t.add_argument("--every", type=positive_int, default=None,
                    help=f"record matrix statistics every N steps (default {MonitorConfig.every})")
     t.add_argument("--max-matrices", type=positive_int, default=None,
@@ -127,20 +89,22 @@ def _parser() -> argparse.ArgumentParser:
                         "precision changes it")
 
     r = sub.add_parser("report", help="build report.md and figures from a run folder (or a sweep's study)")
-    r.add_argument("run_dir", nargs="?", default=None)
-    r.add_argument("--out", default=None, help="report file (default RUN_DIR/report.md; reports/sweep-STUDY/report.md)")
+    r.add_argument("run_dir", nargs="?", default=None, help="a run folder written by `risdiag trace` (or watch)")
+    r.add_argument("--out", default=None, help="report file (default RUN_DIR/report.md; for a sweep runs/sweep-STUDY/report.md)")
     r.add_argument("--sweep", default=None, metavar="STORAGE", help="report a sweep: its storage URL (with --study)")
     r.add_argument("--study", default=None, help="the sweep's study name (with --sweep)")
 
     c = sub.add_parser("compare", help="side-by-side report of several runs")
-    c.add_argument("runs", nargs="+")
-    c.add_argument("--out", default=None, help="output folder (default reports/compare-<names>)")
-    c.add_argument("--labels", nargs="*", default=None)
+    c.add_argument("runs", nargs="+", help="2 to 4 run folders")
+    c.add_argument("--out", default=None, help="output folder (default runs/compare-<names> in the working directory)")
+    c.add_argument("--labels", nargs="*", default=None, help="one name per run for tables and legends "
+                   "(default the folder names)")
 
     a = sub.add_parser("align", help="check that the loss and inference consume the same matrices")
-    a.add_argument("--config", required=True)
-    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    a.add_argument("--json", action="store_true")
+    a.add_argument("--config", required=True, help="TOML config, e.g. configs/seed-misaligned.toml")
+    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set loss.cov_source=R_blend (repeatable)")
+    a.add_argument("--json", action="store_true", help="print the check as JSON")
     from ris_stability.cli.sweep import add_sweep_parser
 
     add_sweep_parser(sub, positive_int, nonnegative_int, _float_above(1.0))
@@ -150,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_trace_script(args: argparse.Namespace, console: Console) -> int:
     from ris_stability.attach.script import trace_script
+    from ris_stability.attach.signals import FlushOnSignals, signal_numbers
     from ris_stability.cli.live import LiveView
     from ris_stability.cli.script_summary import report_to
     from ris_stability.monitor import distributed
@@ -160,9 +125,14 @@ def _cmd_trace_script(args: argparse.Namespace, console: Console) -> int:
         raise UsageError(f"{', '.join(given)} apply to configs of the built-in pipeline, not to a script; pass the script's own "
                          "arguments after '--'")
     view = LiveView(total_steps=0, enabled=not args.no_live and distributed.launcher_rank() == 0)
-    run = trace_script(args.script, args.out, live=view, replayer=args.replayer, options=_recorded_options(args),
-                       **_monitor_settings(args))
-    report_to(run, console, terminal_console(), report=not args.no_report)
+    try:
+        signums = signal_numbers(["SIGTERM", *args.flush_on])
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    with FlushOnSignals(signums) as signals:  # SIGTERM flushes the run as Ctrl-C does (attach.signals)
+        run = trace_script(args.script, args.out, live=view, replayer=args.replayer, options=_recorded_options(args),
+                           signals=signals, **_monitor_settings(args))
+        report_to(run, console, terminal_console(), report=not args.no_report)
     return run.code
 
 
@@ -195,12 +165,12 @@ def _gap_aware_option(cmd: Callable[[argparse.Namespace, Console], int]) -> Call
 
 
 def _sinks_option(cmd: Callable[[argparse.Namespace, Console], int]) -> Callable[[argparse.Namespace, Console], int]:
-    """--tensorboard / --mlflow: the runs of the command are also written there; reports published at the end."""
+    """--tensorboard / --mlflow / --wandb: the runs of the command are also written there; reports published at the end."""
     @functools.wraps(cmd)
     def run(args: argparse.Namespace, console: Console) -> int:
         from ris_stability.sinks import open_sinks
 
-        with open_sinks(tensorboard=args.tensorboard, mlflow=args.mlflow):
+        with open_sinks(tensorboard=args.tensorboard, mlflow=args.mlflow, wandb=args.wandb):
             return cmd(args, console)
     return run
 
@@ -254,11 +224,10 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace, console: Console) -> int:
-    from ris_stability.report.compare import build_comparison
+    from ris_stability.cli.compare_view import compare_and_show
 
-    runs = [Path(r) for r in args.runs]
-    out = Path(args.out) if args.out else Path("reports") / ("compare-" + "-vs-".join(r.name for r in runs))
-    path = build_comparison(runs, out, labels=args.labels or None)
+    path = compare_and_show([Path(r) for r in args.runs], Path(args.out) if args.out else None, args.labels or None,
+                            console)
     console.print(f"comparison written to [bold]{path}[/bold]")
     return EXIT_OK
 

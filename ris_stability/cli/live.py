@@ -1,8 +1,9 @@
 """The live dashboard of `risdiag trace`: a pure table builder plus a rich Live that is refreshed by hand.
 
 ``build_dashboard(state)`` is pure (state in, renderable out) so it can be tested without a terminal.
-``LiveView`` switches itself off without a TTY (CI) or when asked to, and then logs one plain line per
-logged step instead.
+``LiveView`` switches itself off without a TTY (CI) or when asked to, and then logs one plain progress line
+per interval instead (about 40 per run). Either way it follows the trace writer (``record``): each kind of
+warning or incident is logged once, when it first happens, and its repeats are counted in one line at the end.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from ris_stability.linalg.hazards import tie_safe
+from ris_stability.report.markdown import shortlist
+
 log = logging.getLogger(__name__)
+
 
 
 @dataclass
@@ -47,12 +52,37 @@ def _group(row: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)}
 
 
-def worst_matrices(row: dict[str, Any], n: int = 5) -> list[tuple[str, dict[str, Any]]]:
-    """Matrices of a step row, worst first: smallest relevant gap, then largest condition number."""
+def _matrices(row: dict[str, Any]) -> dict[str, dict[str, Any]]:
     mats: dict[str, dict[str, Any]] = {}
     for key, v in _group(row, "mat/").items():
         name, _, stat = key.rpartition("/")
         mats.setdefault(name, {})[stat] = v
+    return mats
+
+
+def _nan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def worst_hazard(row: dict[str, Any]) -> tuple[str, dict[str, Any], str] | None:
+    """The site of a step row that most endangers a backward, with why: a non-finite input (its spectrum is
+    NaN), else the smallest gap among sites whose eigen/singular vectors receive gradient through a backward
+    that is not tie-safe. None when no site is either: an eigenvalues-only site's tie is no hazard."""
+    mats = _matrices(row)
+    for name, s in mats.items():
+        if "trace" in s and _nan(s["trace"]):
+            return name, s, "non-finite input"
+    vectors = [(s["min_gap"], name, s) for name, s in mats.items() if s.get("vec_grad") and not tie_safe(name)
+               and isinstance(s.get("min_gap"), (int, float)) and not _nan(s["min_gap"])]
+    if not vectors:
+        return None
+    _, name, s = min(vectors, key=lambda v: v[0])
+    return name, s, "eigenvectors receive gradient"
+
+
+def worst_matrices(row: dict[str, Any], n: int = 5) -> list[tuple[str, dict[str, Any]]]:
+    """Matrices of a step row, worst first: smallest relevant gap, then largest condition number."""
+    mats = _matrices(row)
 
     def badness(item: tuple[str, dict[str, Any]]) -> tuple[float, float]:
         s = item[1]
@@ -104,11 +134,12 @@ def build_dashboard(state: DashboardState) -> Group:
 
 def plain_line(state: DashboardState) -> str:
     row = state.row
-    worst = worst_matrices(row, 1)
-    mat = ""
-    if worst:
-        name, s = worst[0]
-        mat = f" worst={name} gap={_fmt(s.get('min_gap'))} tied={_fmt(s.get('max_cluster'))}"
+    hazard = worst_hazard(row)
+    mat = " hazard=none" if any(k.startswith("mat/") for k in row) else ""
+    if hazard is not None:
+        name, s, why = hazard
+        mat = (f" hazard={name} ({why})" if why.startswith("non-finite") else
+               f" hazard={name} gap={_fmt(s.get('min_gap'))} tied={_fmt(s.get('max_cluster'))}")
     return (f"step {state.step}/{state.total_steps or '?'} loss={_fmt(row.get('loss'))} "
             f"grad={_fmt(row.get('grad/_total'))} nonfinite={len(state.nonfinite_steps)}{mat}")
 
@@ -133,6 +164,7 @@ class LiveView:
         self.enabled = enabled and self.console.is_terminal and sys.stderr.isatty()
         self.state = DashboardState(total_steps=total_steps)
         self._live: Live | None = None
+        self._incidents: dict[str, list[Any]] = {}  # event kind -> steps, in order
 
     @property
     def total_steps(self) -> int:
@@ -153,6 +185,23 @@ class LiveView:
         if self._live is not None:
             self._live.__exit__(*exc)
             self._live = None
+        for kind, steps in self._incidents.items():
+            if len(steps) > 1:
+                log.warning("%s: %d more (all in events.jsonl), at steps %s", kind, len(steps) - 1,
+                            shortlist(steps[1:], 10))
+        self._incidents = {}
+
+    def record(self, kind: str, record: dict[str, Any]) -> None:
+        """A listener of the trace writer: log a warning or error event the first time its kind occurs."""
+        severity = record.get("severity")
+        if kind != "event" or severity not in ("warning", "error"):
+            return
+        steps = self._incidents.setdefault(str(record.get("kind")), [])
+        steps.append(record.get("step"))
+        if len(steps) == 1:
+            at = f" at step {record['step']}" if record.get("step") is not None else ""
+            log.log(logging.ERROR if severity == "error" else logging.WARNING, "%s%s: %s", record.get("kind"), at,
+                    record.get("message"))
 
     def update(self, step: int, row: dict[str, Any] | None = None, event: str | None = None,
                nonfinite: bool = False) -> None:
@@ -165,7 +214,7 @@ class LiveView:
             self.state.last_event = event
         if self._live is not None:
             self._live.update(build_dashboard(self.state), refresh=True)
-        elif row is not None and (self._plain_due(step) or nonfinite):
+        elif row is not None and self._plain_due(step):  # incidents are logged by record(), once per kind
             log.info("%s", plain_line(self.state))
 
     def _plain_due(self, step: int) -> bool:

@@ -12,6 +12,7 @@ from ris_stability.attach.finish import finish_run
 from ris_stability.attach.script import ScriptRun
 from ris_stability.monitor import distributed
 from ris_stability.records import CAPSULE_DIR, read_summary
+from ris_stability.report.markdown import shortlist
 
 
 SHOWN_CAPSULES = 3  # capsule paths in the summary table; the rest as "+N more"
@@ -35,7 +36,9 @@ def summary_table(run: ScriptRun) -> Table:
     t.add_row("status", w.status)
     t.add_row("optimizer steps", str(w.steps))
     style = "red bold" if w.nonfinite_steps else "green"
-    t.add_row("non-finite steps", Text(f"{len(w.nonfinite_steps)} {w.nonfinite_steps[:10]}", style=style))
+    bad = w.nonfinite_steps
+    t.add_row("non-finite steps", Text(f"{len(bad)}: {shortlist(bad, 10, str(w.run_dir / 'summary.json'))}"
+                                       if bad else "0", style=style))
     t.add_row("skipped steps", str(len(w.skipped_steps)))
     f = _shown_finding(run)
     if f is not None:
@@ -58,7 +61,7 @@ def summary_table(run: ScriptRun) -> Table:
             if summary is not None:
                 bad = summary.get("nonfinite_steps") or []
                 t.add_row(f"rank {r}", f"{summary.get('status', '?')}, {summary.get('steps', '?')} steps, "
-                                       f"non-finite {len(bad)} {bad[:10]}")
+                                       f"non-finite {len(bad)}: {shortlist(bad, 10, str(shard / 'summary.json'))}")
     capsules = _capsules(run)
     if capsules:
         more = f" (+{len(capsules) - SHOWN_CAPSULES} more)" if len(capsules) > SHOWN_CAPSULES else ""

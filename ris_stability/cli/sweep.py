@@ -74,7 +74,7 @@ def cmd_sweep_report(args: argparse.Namespace, console: Console) -> int:
     _optuna()
     from ris_stability.sweep.report import build_sweep_report
 
-    out = Path(args.out) if args.out else Path("reports") / f"sweep-{args.study}" / "report.md"
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{args.study}" / "report.md"  # beside its trials
     path = build_sweep_report(args.sweep, args.study, out)
     console.print(f"sweep report written to [bold]{path}[/bold]")
     return 0

@@ -280,23 +280,38 @@ class GradMonitor:
         self._snapshot = [[p.detach().clone() for p in group["params"]]
                           for opt in _as_list(optimizer) for group in opt.param_groups]
 
+    @property
+    def snapshot_taken(self) -> bool:
+        """Whether before_step was called since the last after_step (a step the loop left early has none)."""
+        return self._snapshot is not None
+
     def after_step(self, optimizer: Any) -> None:
-        """Update ratio ||dtheta|| / ||theta|| per param group against the snapshot of before_step."""
+        """Update ratio ||dtheta|| / ||theta|| against the snapshot of before_step: per module
+        (``update_ratio/<module>``, grouped as the grad norms) and per param group (``update_ratio_group/<g>``)."""
         opts = _as_list(optimizer)
         groups = [(_group_key(k, g, group, len(opts)), group) for k, opt in enumerate(opts)
                   for g, group in enumerate(opt.param_groups)]
         if self._snapshot is None or len(self._snapshot) != len(groups):
             raise GradMonitorError("GradMonitor.after_step: no matching before_step snapshot; call "
                                    "before_step(optimizer) right before optimizer.step() on the same optimizer")
+        d_mod = torch.zeros(len(self.modules), dtype=torch.float64, device=self.device)
+        t_mod = torch.zeros_like(d_mod)
         for (key, group), before in zip(groups, self._snapshot):
             after = [p.detach() for p in group["params"]]
             if not after:
                 continue
-            delta = torch._foreach_norm(torch._foreach_sub(after, before))
-            theta = torch._foreach_norm(before)
-            d = torch.stack([v.to(self.device, torch.float64) for v in delta]).square().sum().sqrt()
-            t = torch.stack([v.to(self.device, torch.float64) for v in theta]).square().sum().sqrt()
-            self._pending[f"update_ratio/{key}"] = d / t
+            delta = torch.stack([v.to(self.device, torch.float64)
+                                 for v in torch._foreach_norm(torch._foreach_sub(after, before))]).square()
+            theta = torch.stack([v.to(self.device, torch.float64) for v in torch._foreach_norm(before)]).square()
+            self._pending[f"update_ratio_group/{key}"] = delta.sum().sqrt() / theta.sum().sqrt()
+            mine = [i for i, p in enumerate(group["params"]) if id(p) in self._position]
+            if mine:
+                at = self._module_index[[self._position[id(group["params"][i])] for i in mine]]
+                d_mod.index_add_(0, at, delta[mine])
+                t_mod.index_add_(0, at, theta[mine])
+        ratio = d_mod.sqrt() / t_mod.sqrt()
+        for i, module in enumerate(self.modules):
+            self._pending[f"update_ratio/{module}"] = ratio[i]
         self._snapshot = None
 
     # -- loss terms --------------------------------------------------------------------------------
@@ -323,7 +338,7 @@ class GradMonitor:
     def collect(self) -> dict[str, float]:
         """Everything measured since the last collect, as Python numbers (one device sync), then cleared.
         Keys: ``grad/<module>``, ``grad/_total``, ``grad_nonfinite/<module>`` (int, only when > 0),
-        ``grad_group/<group>``, ``update_ratio/<group>``, ``loss/<term>``."""
+        ``grad_group/<group>``, ``update_ratio/<module>``, ``update_ratio_group/<group>``, ``loss/<term>``."""
         floats = self._block_values()
         floats.update(to_floats(self._pending) if self._pending else {})
         self._pending, self._block, self._block_floats = {}, None, None

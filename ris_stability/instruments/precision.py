@@ -203,6 +203,12 @@ def _site_cause(s: SiteAudit, audit: PrecisionAudit) -> tuple[str, tuple[str, ..
     return text, tuple(remedies)
 
 
+def _error(value: float) -> str:
+    # NaN here means "not compared" (no gradient reached the site's outputs in one of the two runs, or its
+    # calls differ), not a non-finite gradient: say so rather than print "nan" on a finite step.
+    return f"{value:.2e}" if math.isfinite(value) else "not compared (no gradient reaches its outputs)"
+
+
 def format_audit(audit: PrecisionAudit) -> str:
     """Plain-text summary (for logs and the CLI)."""
     lines = [f"gradient vs float64 reference: relative error {audit.baseline_error:.2e} "
@@ -210,7 +216,7 @@ def format_audit(audit: PrecisionAudit) -> str:
              f"cause: {audit.cause}"]
     for s in audit.sites:
         lines.append(f"site {s.site} ({s.op}, {s.calls} call(s), {s.dtype}): site gradient error "
-                     f"{s.grad_error:.2e}; alone in float64 -> {s.promoted_error:.2e}")
+                     f"{_error(s.grad_error)}; alone in float64 -> {_error(s.promoted_error)}")
     worst = sorted(audit.parameters.items(), key=lambda kv: -(kv[1] if math.isfinite(kv[1]) else math.inf))[:5]
     lines += [f"parameter {n}: relative error {e:.2e}" for n, e in worst]
     lines += [f"remedy: {r}" for r in audit.remedies]

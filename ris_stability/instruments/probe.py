@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Callable, Mapping
@@ -150,7 +149,7 @@ class SpectralProbe:
         self._sites: dict[tuple[str, str, str], _Site] = {}
         self._tracker: ModuleTracker | None = None
         # Vector outputs of autograd Functions: they require grad only once the Function has returned.
-        self._pending: list[tuple[_Site, weakref.ref]] = []
+        self._pending: list[tuple[_Site, Tensor]] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
     def __enter__(self) -> SpectralProbe:
@@ -214,15 +213,17 @@ class SpectralProbe:
             if vectors.requires_grad:
                 vectors.register_hook(site.grads.vector_hook())
             elif matrices.requires_grad:
-                self._pending.append((site, weakref.ref(vectors)))
+                # A strong reference until the next call or backward: the Python object made inside an autograd
+                # Function's forward is not always kept alive by its caller (a weakref then sees it die, and the
+                # eigenvector use of a custom eigh such as eigh_gap_aware would read "no").
+                self._pending.append((site, vectors))
 
     def before_backward(self) -> None:
         """Hook the vector outputs that came out of autograd Functions (called by intercept before every
         backward; call it yourself before a backward that does not go through torch.autograd)."""
         pending, self._pending = self._pending, []
-        for site, ref in pending:
-            vectors = ref()
-            if vectors is not None and vectors.requires_grad:
+        for site, vectors in pending:
+            if vectors.requires_grad:
                 vectors.register_hook(site.grads.vector_hook())
 
     # -- configuration per step -------------------------------------------------------------------

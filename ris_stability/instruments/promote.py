@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ris_stability.observe.guard import guarded
+
 from ris_stability.observe.frames import caller_location
 from ris_stability.numerics.stats import hermitian_error
 from ris_stability.linalg.registry import entry_by_function
@@ -131,6 +133,7 @@ class _SiteModes(TorchFunctionMode):
 
     @staticmethod
     def _grad_hook(site: SiteRecord) -> Callable:
+        @guarded("precision.backward_hooks")
         def hook(grad_inputs, grad_outputs):
             g = grad_inputs[0] if grad_inputs else None
             if g is not None and g.numel() <= MAX_GRAD_COPY:
@@ -139,7 +142,10 @@ class _SiteModes(TorchFunctionMode):
 
     @staticmethod
     def _eig_hook(site: SiteRecord, w: Tensor, V: Tensor) -> Callable:
-        def hook(gV: Tensor) -> None:
+        @guarded("precision.backward_hooks")
+        def hook(gV: Tensor | None) -> None:
+            if gV is None:  # the loss uses only the eigenvalues (ESPRIT's rotation eig): no eigenvector terms
+                return None
             # The terms torch's eig backward forms, in the precision it forms them (see linalg_eig_backward).
             with torch.no_grad():
                 VhgV = V.mH @ gV

@@ -36,6 +36,7 @@ from ris_stability.attach.watch import Watcher
 from ris_stability.monitor import MonitorConfig, monitor_config
 from ris_stability.records import UsageError
 from ris_stability.records.folders import run_folder
+from ris_stability.report.markdown import shortlist
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,14 @@ def _summary_rows(cfg: RunConfig, w: Watcher, result: Any, wall_s: float) -> lis
     if result is not None and result.val_history:
         step, val = result.val_history[-1]
         rows.append(("validation", f"loss {val['loss']:.4g}, K accuracy {val.get('k_acc', math.nan):.3f} (step {step})", ""))
-    rows.append(("non-finite steps", f"{len(mon.nonfinite_steps)} {mon.nonfinite_steps[:10]}",
-                 "red bold" if mon.nonfinite_steps else "green"))
+    summary = str(w.run_dir / "summary.json")
+    rows.append(("non-finite steps", f"{len(mon.nonfinite_steps)}: {shortlist(mon.nonfinite_steps, 10, summary)}"
+                 if mon.nonfinite_steps else "0", "red bold" if mon.nonfinite_steps else "green"))
     rows.append(("skipped steps", str(len(mon.skipped_steps)), ""))
     if mon.capsules:
-        rows.append(("capsules", ", ".join(str(p) for p in mon.capsules[:3]), ""))
+        folder = Path(mon.capsules[0]).parent
+        rows.append(("capsules", f"{len(mon.capsules)} in {folder}: "
+                                 f"{shortlist((Path(p).name for p in mon.capsules), 4, str(folder))}", ""))
     rows.append(("run folder", str(w.run_dir), ""))
     return rows
 
@@ -143,8 +147,10 @@ def run_trace(config_path: str, overrides: list[str], steps: int | None, out: st
     t0, result, error = time.perf_counter(), None, None
     with live if live is not None else contextlib.nullcontext():
         try:
-            # the monitor's collective decision is the step's only all-reduce (the loop's own check stays local)
-            result = train(cfg, callbacks=[callbacks, _ValidationToSinks()], out_dir=run_dir, agree=local_only)
+            # the monitor's collective decision is the step's only all-reduce (the loop's own check stays local);
+            # progress is the live view's (one line per interval), so the loop logs only validation
+            result = train(cfg, callbacks=[callbacks, _ValidationToSinks()], out_dir=run_dir, agree=local_only,
+                           progress=False)
         except NonFiniteError as err:
             error = err
             log.error("run stopped: %s", err)

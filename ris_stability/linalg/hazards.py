@@ -32,6 +32,13 @@ from ris_stability.numerics.tolerances import (PINV_CUTOFF_DECADES, PRECISION_GR
 CONDITION_OPS = registry.rule_names(CONDITION)
 EIG_OPS = registry.rule_names(EIG)
 PINV_OPS = registry.rule_names(PINV)
+# The gap-aware eigh/SVD (ris_stability.spectral) drop tied pairs in backward: a tie is no hazard at their sites.
+TIE_SAFE_MARK = "gap_aware"
+
+
+def tie_safe(site_or_op: str) -> bool:
+    """Whether a site (or op) name is one of the tie-safe backwards, e.g. 'loss.subspace:eigh_gap_aware'."""
+    return TIE_SAFE_MARK in site_or_op
 
 
 @dataclass(frozen=True)
@@ -86,7 +93,7 @@ def site_hazards(name: str, site: dict[str, Any], dtype: torch.dtype, nonfinite:
 
 def _tie(name: str, site: dict[str, Any], st: dict[str, float], nonfinite: bool) -> list[Hazard]:
     cluster = st.get("max_cluster", 0.0)
-    if not (site.get("vec_grad") and cluster > 1):
+    if not (site.get("vec_grad") and cluster > 1) or tie_safe(site.get("op", "") or name):
         return []
     return [Hazard("tied_eigenvalues", "warning",  # in the op's own words: singular values for an svd
                    tie_message(name, site.get("op", ""), site.get("location", ""), cluster,

@@ -17,6 +17,9 @@ from torch import Tensor
 
 from ris_stability.numerics.norms import float64_norms, norm64
 from ris_stability.numerics.stats import eig_backward_terms
+from ris_stability.observe.guard import guarded
+
+_PART = "probe.backward_hooks"  # the guard's name for these hooks (one failure switches them all off)
 
 _KEEP_NUMEL = 1 << 16  # larger gradients are reduced to their norm at once instead of kept
 
@@ -34,6 +37,7 @@ class BackwardRecord:
     _eig: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
 
     def vector_hook(self) -> Callable[[Tensor | None], None]:
+        @guarded(_PART)
         def hook(grad: Tensor | None) -> None:
             # Called with None when the loss does not use this output; must never alter the gradient.
             if grad is not None:
@@ -46,6 +50,7 @@ class BackwardRecord:
         gradient it receives (kept by reference when small and measured in :meth:`settle` with the others)."""
         scale = matrix if matrix.numel() <= _KEEP_NUMEL else norm64(matrix)
 
+        @guarded(_PART)
         def hook(grad_inputs, grad_outputs) -> None:
             g = grad_inputs[0] if grad_inputs else None
             if g is not None:
@@ -53,10 +58,15 @@ class BackwardRecord:
         return hook
 
     def eig_hook(self, w: Tensor, V: Tensor) -> Callable[[Tensor], None]:
-        def hook(gV: Tensor) -> None:
+        @guarded(_PART)
+        def hook(gV: Tensor | None) -> None:
+            # None when the loss uses only the eigenvalues (ESPRIT's rotation eig): no eigenvector terms
+            if gV is None:
+                return None
             self._eig.append((w, V, gV.detach().reshape(-1, *gV.shape[-2:])[: w.shape[0]]))
         return hook
 
+    @guarded(_PART)
     def settle(self) -> None:
         """Measure what the hooks kept: vec (any non-zero eigenvector gradient), back, eig_terms."""
         with torch.no_grad():

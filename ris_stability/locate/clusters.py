@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ris_stability.observe.guard import guarded
 from ris_stability.spectral import tie_rtol
 
 LEAK_KEY = "cluster_leak"
@@ -60,6 +61,7 @@ def _svd_leak(U: Tensor, S: Tensor, Vh: Tensor, gU: Tensor | None, gVh: Tensor |
 def _hook_eigh(node, store: dict) -> Any:
     L, V = node._saved_eigenvalues, node._saved_eigenvectors
 
+    @guarded("locator")
     def measure(grad_outputs):
         gV = grad_outputs[1] if len(grad_outputs) > 1 else None
         if gV is not None and V.numel():
@@ -71,6 +73,7 @@ def _hook_eigh(node, store: dict) -> Any:
 def _hook_svd(node, store: dict) -> Any:
     U, S, Vh = node._saved_U, node._saved_S, node._saved_Vh
 
+    @guarded("locator")
     def measure(grad_outputs):
         gU, _, gVh = (tuple(grad_outputs) + (None, None, None))[:3]  # outputs (U, S, Vh)
         if (gU is not None or gVh is not None) and S.numel():

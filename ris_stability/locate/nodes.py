@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode, resolve_name
 
+from ris_stability.observe import guard
 from ris_stability.observe.frames import user_stack
 from ris_stability.locate.ops import _tensors
 from ris_stability.locate.clusters import CLUSTER_HOOKS
@@ -44,7 +45,7 @@ class _ForwardRecorder(TorchFunctionMode):
         outer, s.function = s.function, _name_of(func)
         try:
             out = func(*args, **(kwargs or {}))
-            s.register_nodes(out)
+            guard.call("locator", s.register_nodes, out)
         finally:
             s.function = outer
         return out

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from ris_stability.observe import guard
 from ris_stability.observe.frames import user_stack
 from ris_stability.locate import masks
 from ris_stability.locate.causes import is_linalg_op
@@ -36,6 +37,8 @@ MAX_ORIGINS = 64  # masked non-finite values (e.g. -inf attention masks) need no
 # Pre-op copies of in-place operands (to show the values an in-place op destroyed) above this size
 # are skipped; only their finiteness is recorded.
 MAX_INPLACE_COPY = 1 << 22
+
+LOCATOR = "locator"  # the guard's part for the locator's modes and hooks
 
 
 @dataclasses.dataclass
@@ -93,20 +96,31 @@ class _DispatchChecks:
             self.is_paused = was
 
     def dispatch(self, func, args, kwargs):
-        if self.is_paused:
+        if self.is_paused or guard.is_off(LOCATOR):
             return func(*args, **kwargs)
+        # Only the locator's own work is guarded: the op itself runs (and raises) exactly as the user's.
+        prepared = guard.call(LOCATOR, self._prepare, func, args)
+        if prepared is None:
+            return func(*args, **kwargs)
+        info, copies, pre_finite = prepared
+        try:
+            out = func(*args, **kwargs)
+        except Exception as exc:
+            guard.call(LOCATOR, self._record_error, func, args, kwargs, copies, exc)
+            raise
+        guard.call(LOCATOR, self._after, func, info, args, kwargs, out, copies, pre_finite)
+        return out
+
+    def _prepare(self, func, args) -> tuple:
         node = torch._C._current_autograd_node()
         if node is not None:
             self.last_node = node
         info = _info(func)
-        copies, pre_finite = self._before_inplace(info, args)
-        try:
-            out = func(*args, **kwargs)
-        except Exception as exc:
-            self._record_error(func, args, kwargs, copies, exc)
-            raise
+        return (info, *self._before_inplace(info, args))
+
+    def _after(self, func, info, args, kwargs, out, copies, pre_finite) -> None:
         if info.no_values:
-            return out
+            return
         if self.phase == "forward" and not info.trivial:
             self.last_forward_op = info.name
             if info.spectral is not None:
@@ -116,14 +130,13 @@ class _DispatchChecks:
             self.last_linalg_op = (func, args, kwargs)
         if info.view:
             if not self.origins:  # nothing non-finite yet: nothing to inherit
-                return out
+                return
             origin = next((o for o in map(self.origin_of, _tensors(args)) if o is not None), None)
             if origin is not None:
                 for t in _tensors(out):
                     self.taint[t] = origin
-            return out
+            return
         self._check(func, args, kwargs, out, copies, pre_finite)
-        return out
 
     @staticmethod
     def _before_inplace(info: "_OpInfo", args) -> tuple[dict[int, Tensor], dict[int, bool]]:

@@ -32,6 +32,7 @@ class MonitorConfig:
     policy: Policy = "skip"  # what to ask of the loop on a non-finite step
     max_capsules: int = 5  # capsules kept per run: the first and the most recent (records/capsule_store.py)
     max_capsule_mb: float = 512.0  # their size in all (shared state included); the first and the latest stay
+    spike_snapshots: int = 1  # snapshots/ of finite gradient spikes per run, for `risdiag bisect --precision`
     update_every: int = 10  # update ratios (a parameter snapshot per step) every n steps: they move slowly
     spike_factor: float = 10.0  # a logged grad norm above factor x its running median (and factor robust sigmas)
     spike_window: int = 50  # logged steps in the running median / MAD baseline of each gradient norm
@@ -42,11 +43,13 @@ class MonitorConfig:
 
     def __post_init__(self) -> None:
         if (self.every < 1 or self.dead_after < 1 or self.update_every < 1 or self.grad_depth < 1
-                or self.max_capsules < 0 or not self.max_capsule_mb > 0 or (self.max_matrices is not None and self.max_matrices < 1)):
+                or self.max_capsules < 0 or not self.max_capsule_mb > 0 or self.spike_snapshots < 0
+                or (self.max_matrices is not None and self.max_matrices < 1)):
             raise SettingError(f"MonitorConfig: every={self.every}, dead_after={self.dead_after}, update_every="
                                f"{self.update_every}, grad_depth={self.grad_depth} and max_matrices="
-                               f"{self.max_matrices} must be >= 1 (max_matrices=None: whole batches) and "
-                               f"max_capsules={self.max_capsules} >= 0, max_capsule_mb={self.max_capsule_mb} > 0")
+                               f"{self.max_matrices} must be >= 1 (max_matrices=None: whole batches), "
+                               f"max_capsules={self.max_capsules} and spike_snapshots={self.spike_snapshots} >= 0, "
+                               f"max_capsule_mb={self.max_capsule_mb} > 0")
         if not self.spike_factor > 1 or self.spike_window < SPIKE_WARMUP or self.audit_every < 0:
             raise SettingError(f"MonitorConfig: spike_factor={self.spike_factor} must be > 1, spike_window="
                                f"{self.spike_window} >= {SPIKE_WARMUP} and audit_every={self.audit_every} >= 0 "

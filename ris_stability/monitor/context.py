@@ -17,6 +17,8 @@ import torch
 class NonFiniteError(RuntimeError):
     """The run was ended by the ``stop`` policy after a non-finite step (raised at the step's end)."""
 
+    passes_guard = True  # the policy's own end of the run: observe.guard lets it through
+
 
 @dataclass
 class LoopContext:

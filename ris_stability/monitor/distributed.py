@@ -227,3 +227,18 @@ def is_collective_failure(exc: BaseException) -> bool:
     text = str(exc).lower()
     return active() and isinstance(exc, RuntimeError) and any(
         w in text for w in ("gloo", "nccl", "connection closed", "connection reset", "timed out"))
+
+
+def origin_note(watch: "RankWatch | None", decision: "Decision | None", data: dict) -> str:
+    """Under DDP, the words (and ``data`` fields) of a non-finite event that name the ranks whose local loss or
+    gradients were non-finite before the all-reduce; "" in one process."""
+    if watch is None or decision is None:
+        return ""
+    d = decision
+    data.update(origin_ranks=d.origins, rank=watch.rank, world_size=watch.world, local_finite=d.local_ok)
+    if not d.origins:
+        return (f"; no rank's local loss or gradients were non-finite before the all-reduce (this is rank "
+                f"{watch.rank} of {watch.world}): the all-reduced gradient itself overflowed, or a "
+                "gradient outside the watched parameters went non-finite")
+    return (f"; originating rank(s) {d.origins} of {watch.world} (local loss or gradients non-finite "
+            f"before the all-reduce; this is rank {watch.rank})")

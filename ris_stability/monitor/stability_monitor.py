@@ -21,6 +21,7 @@ from ris_stability.monitor import amp
 from ris_stability.monitor import distributed
 from ris_stability.instruments.grads import TOTAL_KEY, GradMonitor
 from ris_stability.numerics.norms import float64_norms
+from ris_stability.observe import guard
 from ris_stability.observe.loopstack import COMPILE_LIMITATION, compiled_parts, optimizers_of, run_meta, unwrap
 from ris_stability.instruments.spikes import SpikeDetector
 from ris_stability.instruments.probe import SpectralProbe
@@ -62,6 +63,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
         self.skipped_steps: list[int] = []
         self.capsules: list[Path] = []  # kept capsules (the budget deletes the middle ones: writing.py)
         self._capsule_store = None
+        self.snapshots: list[Path] = []  # spike snapshots of finite steps (MonitorConfig.spike_snapshots)
         self._rng: tuple[Any, ...] | None = None  # rng_snapshot() at step start
         self._sites: dict[str, dict[str, Any]] = {}
         self._flagged: set[tuple[str, str]] = set()
@@ -90,7 +92,9 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
         self._dtype = self.explosions.dtype = next((p.dtype for p in model.parameters()), torch.float32)
         self.meta = {**run_meta(model), **self.meta}
         self._attach_distributed(model, capture=not views)
-        self.writer = TraceWriter(self.run_dir, self.meta, listeners=self.listeners)
+        follows = (self.live.record,) if hasattr(self.live, "record") else ()  # the live view logs incidents once
+        self.writer = TraceWriter(self.run_dir, self.meta, listeners=self.listeners + follows)
+        guard.bind(self.run_dir, self.event)  # an instrument's own error: one event, a traceback file, part off
         # The probe stays installed for the whole run (installing swaps torch attributes, which flushes
         # Python's type caches) and records only from the start of a sampled step to after its backward.
         self.probe = SpectralProbe(roots=roots, every=1, max_matrices=self.cfg.max_matrices)
@@ -135,6 +139,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
             self.probe.__exit__(None, None, None)
         self.probe = None
         if self.writer is not None:
+            broken = guard.unbind()
             finite = [x for x in self._losses if math.isfinite(x)]
             self.writer.summary({
                 "steps": len(self._losses), "wall_s": time.perf_counter() - self._t0,
@@ -142,7 +147,8 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
                 "final_loss": self._losses[-1] if self._losses else None,
                 "best_loss": min(finite) if finite else None, "status": status or self._status,
                 "amp_overflow_steps": self._scale.overflow_steps, "limitations": self.limitations,
-                "capsules_dropped": len(self._capsule_store.dropped) if self._capsule_store is not None else 0})
+                "capsules_dropped": len(self._capsule_store.dropped) if self._capsule_store is not None else 0,
+                **({"instrument_errors": broken} if broken else {})})
             self.writer.event("run_end", "info", f"run ended: {status or self._status}")
             self.writer.close()
             self.writer = None
@@ -206,7 +212,8 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
             self.skipped_steps.append(ctx.step)
             self.writer.event("step_skipped", "warning", f"step {ctx.step} skipped ({ctx.skip_reason})",
                               step=ctx.step, reason=ctx.skip_reason)
-        if self._measures_update(ctx.step) and not skipped and optimizers_of(ctx):
+        # no snapshot: the loop left the step before its update (an exception in forward, a loop's own skip)
+        if self._measures_update(ctx.step) and not skipped and optimizers_of(ctx) and self.grads.snapshot_taken:
             self.grads.after_step(optimizers_of(ctx))
         ok = not skipped and ctx.step not in self.nonfinite_steps and not self.overflow
         if self.cfg.sampled(ctx.step):
@@ -220,7 +227,8 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
 
     def on_exception(self, ctx: LoopContext | None, exc: BaseException, stopped: bool | None = None) -> None:
         """The run ended on ``exc``: ``stopped`` (default: exc is a NonFiniteError) by the stop policy, else crashed."""
-        self._status = "stopped" if (isinstance(exc, NonFiniteError) if stopped is None else stopped) else "crashed"
+        self._status = "stopped" if (isinstance(exc, NonFiniteError) if stopped is None else stopped) else getattr(
+            exc, "run_status", "crashed")  # "terminated": ended by a termination signal (attach.signals)
         lost = self.dist is not None and distributed.is_collective_failure(exc)
         msg = f"{type(exc).__name__}: {exc}"
         if lost:
@@ -312,7 +320,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
         elif bad:  # "non-finite" is not "no gradient": name them in these words (see _report_dead)
             msg += f"; gradient non-finite (NaN/Inf entries) in: {_names(bad)}"
             data["nonfinite_parameters"] = bad
-        msg += self._origin_note(data) + (self.trace_back_note(step) if step == self.nonfinite_steps[0] else "")
+        msg += distributed.origin_note(self.dist, self._decision, data) + (self.trace_back_note(step) if step == self.nonfinite_steps[0] else "")
         self.writer.event(kind, "error", msg, step=step, **data)
         if self.live is not None:
             self.live.update(step, event=msg, nonfinite=True)
@@ -325,19 +333,6 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
         elif self.cfg.policy == "stop":
             ctx.request_skip("nonfinite")
             ctx.request_stop(msg)
-
-    def _origin_note(self, data: dict[str, Any]) -> str:
-        """Under DDP: the ranks whose local loss / gradients were non-finite before the all-reduce."""
-        if self.dist is None or self._decision is None:
-            return ""
-        d = self._decision
-        data.update(origin_ranks=d.origins, rank=self.dist.rank, world_size=self.dist.world, local_finite=d.local_ok)
-        if not d.origins:
-            return (f"; no rank's local loss or gradients were non-finite before the all-reduce (this is rank "
-                    f"{self.dist.rank} of {self.dist.world}): the all-reduced gradient itself overflowed, or a "
-                    "gradient outside the watched parameters went non-finite")
-        return (f"; originating rank(s) {d.origins} of {self.dist.world} (local loss or gradients non-finite "
-                f"before the all-reduce; this is rank {self.dist.rank})")
 
     @property
     def last_decision(self) -> distributed.Decision | None:
@@ -362,11 +357,10 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
         if spike is not None:
             self.spike_steps.append(ctx.step)
             msg = spike.message()
-            if not self.exploded:  # the explosion wrote this step's capsule
-                self._write_capsule(ctx, reason=msg)
-            if self.replayer and self.capsules and self.capsules[-1].stem.endswith(f"{ctx.step:06d}"):
-                # only with a replayer: --precision rebuilds the step from it
-                msg += f"; check the gradient with `risdiag bisect --precision {self.capsules[-1]}`"
+            if not self.exploded and len(self.snapshots) < self.cfg.spike_snapshots:  # a finite step: a snapshot
+                path = self._write_capsule(ctx, reason=msg, purpose="spike")
+                if path is not None and self.replayer:  # only with a replayer: --precision rebuilds the step from it
+                    msg += f"; check the gradient with `risdiag bisect --precision {path}`"
             self.writer.event("gradient_spike", "warning", msg, step=ctx.step, **spike.data())
             if self.live is not None:
                 self.live.update(ctx.step, event=msg)
@@ -395,3 +389,8 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
 
 def _names(names: list[str], shown: int = 8) -> str:
     return ", ".join(names[:shown]) + (f" (+{len(names) - shown} more)" if len(names) > shown else "")
+
+
+def _count(value: Any) -> str:
+    """A statistic that counts, as text: a NaN one (the matrix itself was non-finite) says so."""
+    return str(int(value)) if isinstance(value, (int, float)) and math.isfinite(value) else "n/a (non-finite matrix)"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,9 @@ from ris_stability.monitor.context import LoopContext
 from ris_stability.observe.loopstack import optimizers_of
 from ris_stability.records.capsule import Capsule, capture_rng, clone_state, rng_state
 from ris_stability.records.capsule_store import CapsuleStore
+
+
+SNAPSHOT_DIR = "snapshots"  # spike snapshots: finite steps kept for a precision audit, apart from crash capsules
 
 
 class MonitorWriting:
@@ -27,7 +31,9 @@ class MonitorWriting:
         if self.live is not None and severity != "info" and data.get("step") is not None:
             self.live.update(data["step"], event=message, nonfinite=nonfinite)
 
-    def _write_capsule(self, ctx: LoopContext, reason: str) -> None:
+    def _write_capsule(self, ctx: LoopContext, reason: str, purpose: str = "crash") -> Path:
+        """A crash capsule of a non-finite step (capsules/, listed in ``capsules``), or with ``purpose`` "spike"
+        a snapshot of a finite spike (snapshots/spike_NNNNNN.pt, listed in ``snapshots``): same content."""
         # After backward the optimizer has not stepped: parameters and optimizer state are still pre-step.
         local = self.dist is not None and self._decision is not None
         meta = {"torch": str(torch.__version__), "threads": torch.get_num_threads(), "replayer": self.replayer, "lr": float(ctx.lr),
@@ -48,10 +54,27 @@ class MonitorWriting:
                       rng=rng_state(self._rng) if self._rng is not None else capture_rng(),
                       config_text=self.config_text, reason=reason, meta=meta,
                       grads=grads)
-        path, dropped = self.capsule_store.write(cap)
+        if purpose == "spike":
+            try:
+                path = cap.save(self.run_dir / SNAPSHOT_DIR / f"spike_{ctx.step:06d}.pt")
+            except (OSError, RuntimeError) as err:  # a full disk: training goes on
+                self.writer.event("capsule_not_written", "warning", f"spike snapshot for step {ctx.step} not "
+                                  f"written: {type(err).__name__}: {err}", step=ctx.step)
+                return None
+            self.snapshots.append(path)
+            self.writer.event("snapshot_written", "info", f"spike snapshot for step {ctx.step} written", step=ctx.step,
+                              path=str(path.relative_to(self.run_dir)))
+            return path
+        try:
+            path, dropped = self.capsule_store.write(cap)
+        except (OSError, RuntimeError) as err:  # a full disk (torch.save wraps it in RuntimeError): training goes on
+            self.writer.event("capsule_not_written", "warning", f"capsule for step {ctx.step} not written: "
+                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; free space "
+                              "on the run folder's disk to keep the next ones", step=ctx.step)
+            return None
         self.capsules[:] = self.capsule_store.kept
         if path is None:
-            return
+            return None
         self.writer.event("capsule_written", "info", f"capsule for step {ctx.step} written", step=ctx.step,
                           path=str(path.relative_to(self.run_dir)), replayer=self.replayer,
                           params_digest=cap.meta["params_digest"])
@@ -60,6 +83,7 @@ class MonitorWriting:
                               f"({self.cfg.max_capsules} capsules, {self.cfg.max_capsule_mb} MB; the first and the "
                               "most recent are kept)", step=int(old.stem.rpartition("_")[2]),
                               path=str(old.relative_to(self.run_dir)))
+        return path
 
     @property
     def capsule_store(self) -> CapsuleStore:

@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
+from ris_stability.observe import guard
+
 log = logging.getLogger(__name__)
 
 
@@ -162,7 +164,7 @@ def _wrap(entry: EntryPoint, original: Callable) -> Callable:
         if entry.when is not None and not entry.when(args, kwargs):
             return original(*args, **kwargs)
         ident = threading.get_ident()
-        listeners = [lst for lst in _LISTENERS if lst.thread == ident and lst.accepts()]
+        listeners = [lst for lst in _LISTENERS if lst.thread == ident and _accepts(lst)]
         if not listeners:
             return original(*args, **kwargs)
         frame = sys._getframe(2)  # the caller of StandIn.__call__
@@ -191,7 +193,7 @@ def _wrap_backward(original: Callable) -> Callable:
             ident = threading.get_ident()
             with quiet():
                 for listener in [lst for lst in _LISTENERS if lst.thread == ident]:
-                    listener.before_backward()
+                    guard.call(_part(listener), listener.before_backward)
         return original(*args, **kwargs)
 
     return StandIn(wrapper, original)
@@ -201,7 +203,16 @@ def _notify(listeners: list[Listener], name: str, kind: str, args: tuple, kwargs
             frame: FrameType) -> None:
     with quiet():
         for listener in listeners:
-            listener.on_call(name, kind, args, kwargs, out, frame)
+            guard.call(_part(listener), listener.on_call, name, kind, args, kwargs, out, frame)
+
+
+def _part(listener: Listener) -> str:
+    """The guard's name for a listener's work (one failure switches that listener off for the run)."""
+    return f"intercept:{type(listener).__name__}"
+
+
+def _accepts(listener: Listener) -> bool:
+    return bool(guard.call(_part(listener), listener.accepts, default=False))
 
 
 def register(listener: Listener) -> None:

@@ -13,6 +13,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ris_stability.observe import guard
+
 _SCALER_CLASS = torch.amp.GradScaler
 
 
@@ -44,7 +46,7 @@ class ScalerSpy:
             result = step(scaler, optimizer, *args, **kwargs)
             spy.scaler = scaler
             if spy.on_step is not None:
-                spy.on_step(scaler, optimizer)
+                guard.call("scaler.step", spy.on_step, scaler, optimizer)
             return result
 
         spied_scale.__wrapped__ = scale  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ris_stability.records.atomic import temporary_name
 log = logging.getLogger(__name__)
 
 CAPSULE_FORMAT = "risdiag-capsule"
@@ -142,10 +143,16 @@ STATE_REF = "risdiag_state_digest"  # a capsule's reference to a shared state fi
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
+    """Written under a temporary name and renamed: a full disk or a kill leaves no half file a later command
+    would trust."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    tmp = temporary_name(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _numpy_globals() -> list[Any]:

@@ -1,7 +1,10 @@
 """Tolerant reader of a run folder and the Parquet converter (pandas is imported here only).
 
 The reader drops a truncated last line of steps.jsonl (a run killed mid-write), turns the strings
-"nan"/"inf"/"-inf" back into floats and reads null ("not recorded") as NaN.
+"nan"/"inf"/"-inf" back into floats and reads null ("not recorded") as NaN. A damaged folder (garbage bytes,
+a cut or enormous line in the middle, values of the wrong type, a damaged summary.json) is read for what is
+sound, what was skipped counted in ``Trace.skipped`` with one warning per file (naming the byte offset); a
+folder with nothing sound (no meta.json, no step row) is refused with one line naming the file.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ris_stability.records.atomic import atomic_path
 from ris_stability.records.schema import (BOOL_COLUMNS, CAPSULE_DIR, EVENTS_FILE, FINDING_FILE, GRAD_GROUP_PREFIX,
                                           GRAD_NONFINITE_PREFIX, GRAD_PREFIX, LOSS_PREFIX, MAT_PREFIX, META_FILE,
                                           NONFINITE_TEXT,
@@ -38,6 +42,7 @@ class Trace:
     finding: dict | None = None
     capsules: list[Path] = field(default_factory=list)
     truncated: bool = False  # the last line of steps.jsonl was cut mid-write and dropped
+    skipped: dict[str, int] = field(default_factory=dict)  # damaged lines / values / files left out, per file
 
     @property
     def matrices(self) -> list[str]:
@@ -70,32 +75,53 @@ def _flagged(trace: Trace, column: str, summary_key: str) -> list[int]:
     return sorted(found)
 
 
-def _read_jsonl(path: Path) -> tuple[list[dict], bool]:
-    """Rows of a JSONL file; a cut last line is dropped (returns truncated=True), other bad lines raise."""
+MAX_LINE_BYTES = 8 << 20  # a record line longer than this is damage (a real row is a few kB), skipped unparsed
+
+
+def _read_jsonl(path: Path, skipped: dict[str, int] | None = None) -> tuple[list[dict], bool]:
+    """Rows of a JSONL file: a cut last line is dropped (truncated=True); a damaged line elsewhere (garbage,
+    not UTF-8, not a JSON object, enormous) is skipped and counted in ``skipped[file name]``, with one warning
+    naming the file and the byte offset of the first one."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = path.read_bytes()
     except OSError as exc:
         raise TraceError(f"cannot read {path}: {exc}") from exc
     rows: list[dict] = []
-    truncated = False
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
+    truncated, bad, first_bad = False, 0, -1
+    offset = 0
+    lines = data.split(b"\n")
+    last = len(lines) - 1 if lines and lines[-1].strip() else len(lines) - 2  # the last non-empty line's index
+    for index, raw in enumerate(lines):
+        start, offset = offset, offset + len(raw) + 1
+        if not raw.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines):
+        row = _parse(raw)
+        if row is None:
+            if index == last and not data.endswith(b"\n"):  # cut mid-write by a kill: expected, not damage
                 logger.warning("%s: last line is incomplete (the run was killed mid-write); dropped it", path)
                 truncated = True
-                break
-            raise TraceError(
-                f"{path} line {number} is not valid JSON ({exc.msg}); only the last line may be cut by a "
-                "crash, so the file is corrupt. Re-run the trace or delete the bad line."
-            ) from exc
-        if not isinstance(row, dict):
-            raise TraceError(f"{path} line {number} is a {type(row).__name__}, expected a JSON object")
+                continue
+            bad += 1
+            first_bad = start if first_bad < 0 else first_bad
+            continue
         rows.append(row)
+    if bad:
+        logger.warning("%s: skipped %d damaged line(s) (first at byte %d); read the %d sound ones", path, bad,
+                       first_bad, len(rows))
+        if skipped is not None:
+            skipped[path.name] = skipped.get(path.name, 0) + bad
     return rows, truncated
+
+
+def _parse(raw: bytes) -> dict | None:
+    """One record line as a JSON object, or None when it is damage."""
+    if len(raw) > MAX_LINE_BYTES:
+        return None
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def _read_json(path: Path) -> dict | None:
@@ -103,11 +129,21 @@ def _read_json(path: Path) -> dict | None:
         return None
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise TraceError(f"cannot read {path}: {exc}. The file is damaged; delete it or re-run.") from exc
     if not isinstance(value, dict):
         raise TraceError(f"{path} holds a {type(value).__name__}, expected a JSON object")
     return value
+
+
+def _read_optional(path: Path, skipped: dict[str, int]) -> dict | None:
+    """summary.json / finding.json: a damaged one is skipped (counted, one warning), the trace still reads."""
+    try:
+        return _read_json(path)
+    except TraceError as err:
+        logger.warning("%s; read the run without it", str(err).splitlines()[0])
+        skipped[path.name] = 1
+        return None
 
 
 def read_meta(run_dir: Path) -> dict:
@@ -131,17 +167,23 @@ def read_meta(run_dir: Path) -> dict:
     return meta
 
 
-def _steps_frame(rows: list[dict], source: Path) -> "pd.DataFrame":
+def _steps_frame(rows: list[dict], source: Path, skipped: dict[str, int] | None = None) -> "pd.DataFrame":
     import pandas as pd
 
-    if any("step" not in row for row in rows):
-        raise TraceError(f"{source}: a row has no 'step' key; the file was not written by TraceWriter")
-    frame = pd.DataFrame.from_records(rows)
+    sound = [row for row in rows if type(row.get("step")) is int and row["step"] >= 0]
+    if len(sound) < len(rows):
+        logger.warning("%s: skipped %d row(s) without an integer step", source, len(rows) - len(sound))
+        if skipped is not None:
+            skipped[source.name] = skipped.get(source.name, 0) + len(rows) - len(sound)
+    if not sound:
+        raise TraceError(f"{source}: no row has an integer 'step' key; the file was not written by TraceWriter")
+    frame = pd.DataFrame.from_records(sound)
     for column in frame.columns:
         if column in BOOL_COLUMNS:
-            frame[column] = frame[column].astype("boolean").fillna(False).astype(bool)
+            flags = frame[column].map(lambda v: v if isinstance(v, bool) else None)  # damage reads as unset
+            frame[column] = flags.astype("boolean").fillna(False).astype(bool)
         elif column != "step" and (_is_numeric_column(column) or _all_numbers(frame[column])):
-            frame[column] = _numeric(frame[column], column, source)
+            frame[column] = _numeric(frame[column], column, source, skipped)
     frame["step"] = frame["step"].astype(int)
     if frame["step"].duplicated().any():
         dups = sorted(set(frame.loc[frame["step"].duplicated(), "step"].tolist()))
@@ -150,19 +192,20 @@ def _steps_frame(rows: list[dict], source: Path) -> "pd.DataFrame":
     return frame.set_index("step").sort_index()
 
 
-def _numeric(series: "pd.Series", column: str, source: Path) -> "pd.Series":
-    """Float column; null -> NaN, "nan"/"inf"/"-inf" -> the float, bool -> 0/1. Other strings are rejected."""
+def _numeric(series: "pd.Series", column: str, source: Path, skipped: dict[str, int] | None = None) -> "pd.Series":
+    """Float column; null -> NaN, "nan"/"inf"/"-inf" -> the float, bool -> 0/1. Any other value is damage: read
+    as not recorded (NaN, as null) and counted, with one warning naming the column and the first row."""
     import pandas as pd
 
     if not pd.api.types.is_numeric_dtype(series):
         bad = series[series.map(lambda v: not _is_number(v))]
         if len(bad):
-            raise TraceError(
-                f"{source}: column {column!r} holds non-numbers (e.g. {bad.iloc[0]!r} at row {bad.index[0]}); "
-                f"trace format v1 stores a non-finite value as one of {sorted(NONFINITE_TEXT)} and a missing one "
-                "as null. Re-write the trace with TraceWriter."
-            )
-        series = series.map(lambda v: NONFINITE_TEXT[v] if isinstance(v, str) else v)
+            logger.warning("%s: column %r holds %d non-number(s) (e.g. %r at step row %s); read as not recorded",
+                           source, column, len(bad), str(bad.iloc[0])[:40], bad.index[0])
+            if skipped is not None:
+                skipped[f"{source.name}:{column}"] = len(bad)
+        series = series.map(lambda v: NONFINITE_TEXT[v] if isinstance(v, str) and v in NONFINITE_TEXT
+                            else v if _is_number(v) else None)
     return series.astype(float)
 
 
@@ -182,16 +225,16 @@ def _is_numeric_column(column: str) -> bool:
     return column in ("time_s", "lr", "loss") or column.startswith(prefixes)
 
 
-def _read_steps(run_dir: Path) -> tuple["pd.DataFrame", bool]:
+def _read_steps(run_dir: Path, skipped: dict[str, int] | None = None) -> tuple["pd.DataFrame", bool]:
     jsonl, parquet = run_dir / STEPS_FILE, run_dir / STEPS_PARQUET
     if jsonl.exists():
-        rows, truncated = _read_jsonl(jsonl)
+        rows, truncated = _read_jsonl(jsonl, skipped)
         if not rows:
             raise TraceError(
                 f"{jsonl} is an empty trace: no step was recorded (the run stopped before its first "
                 "logged step). Check events.jsonl for the cause and re-run."
             )
-        return _steps_frame(rows, jsonl), truncated
+        return _steps_frame(rows, jsonl, skipped), truncated
     if parquet.exists():
         import pandas as pd
 
@@ -209,17 +252,24 @@ def read_trace(run_dir: Path) -> Trace:
     """Load a run folder. Raises TraceError for a non-run folder, an unknown schema or an empty trace."""
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
-    steps, truncated = _read_steps(run_dir)
+    skipped: dict[str, int] = {}
+    steps, truncated = _read_steps(run_dir, skipped)
     events: list[dict] = []
     if (run_dir / EVENTS_FILE).exists():
-        events, _ = _read_jsonl(run_dir / EVENTS_FILE)
-    finding = read_finding(run_dir)
+        events, _ = _read_jsonl(run_dir / EVENTS_FILE, skipped)
+        sound = [e for e in events if isinstance(e.get("kind"), str) and isinstance(e.get("data", {}), dict)
+                 and (e.get("step") is None or type(e.get("step")) is int)]
+        if len(sound) < len(events):
+            logger.warning("%s: skipped %d event(s) of the wrong shape", run_dir / EVENTS_FILE, len(events) - len(sound))
+            skipped[EVENTS_FILE] = skipped.get(EVENTS_FILE, 0) + len(events) - len(sound)
+        events = sound
+    finding = _read_optional(run_dir / FINDING_FILE, skipped)
     if finding is None:
         finding_events = [e for e in events if e.get("kind") == "finding"]
         finding = dict(finding_events[-1].get("data") or {}) if finding_events else None
     return Trace(run_dir=run_dir, meta=meta, steps=steps, events=events,
-                 summary=read_summary(run_dir), finding=finding,
-                 capsules=list_capsules(run_dir), truncated=truncated)
+                 summary=_read_optional(run_dir / SUMMARY_FILE, skipped), finding=finding,
+                 capsules=list_capsules(run_dir), truncated=truncated, skipped=skipped)
 
 
 def read_finding(run_dir: Path) -> dict | None:
@@ -243,7 +293,8 @@ def to_parquet(run_dir: Path) -> Path:
     trace = read_trace(run_dir)
     target = Path(run_dir) / STEPS_PARQUET
     try:
-        trace.steps.to_parquet(target)
+        with atomic_path(target) as tmp:  # a kill mid-conversion leaves no half Parquet file that reads as the trace
+            trace.steps.to_parquet(tmp)
     except ImportError as exc:
         raise TraceError(f"writing {target} needs pyarrow: pip install 'ris-diag[parquet]' ({exc})") from exc
     return target

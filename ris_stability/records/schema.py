@@ -4,7 +4,7 @@ A run folder holds meta.json, steps.jsonl (one flat JSON object per logged step)
 optional summary.json / finding.json / capsules/. In steps.jsonl a non-finite float is the string "nan",
 "inf" or "-inf" and null means "not recorded"; the other JSON files write non-finite floats as null. Step columns are grouped by prefix: "mat/<name>/<stat>",
 "loss/<term>", "grad/<module>", "grad_nonfinite/<module>", "update_ratio/<module>", "grad_group/<g>",
-"param/<module>" (parameter norms before the update).
+"update_ratio_group/<g>", "param/<module>" (parameter norms before the update).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ EVENT_KINDS = (
     "finding", "finding_elsewhere", "no_process_group", "gradient_spike", "precision_audit", "eig_hermitian_input", "eig_backward_rounding", "pinv_cutoff",
     "locate_diverged", "capsule_dropped",
     "gradient_explosion", "explosion_origin",
+    "instrument_error", "capsule_not_written",
 )
 # steps.jsonl stores non-finite floats as these strings (JSON has no NaN/inf literals); null means "not
 # recorded". The reader turns them back into floats, so NaN (a poisoned value), +inf (e.g. a singular

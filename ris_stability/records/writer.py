@@ -13,11 +13,12 @@ import json
 import logging
 import math
 import numbers
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ris_stability.records.appender import AppendFile, warn
+from ris_stability.records.atomic import write_text_atomic
 from ris_stability.records.listeners import Listener, current_observer
 from ris_stability.records.schema import (EVENT_KINDS, EVENTS_FILE, FINDING_FILE, META_FILE, SCHEMA_NAME,
                                           SCHEMA_VERSION, SEVERITIES, STEPS_FILE, SUMMARY_FILE, TraceError)
@@ -73,11 +74,9 @@ def _dumps(obj: Mapping[str, Any], what: str, keep_nonfinite: bool = False) -> s
 def write_json_atomic(path: Path, obj: Mapping[str, Any]) -> Path:
     """Write a JSON file via a temporary file + rename, so a crash never leaves half a file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     text = json.dumps(_jsonable(obj, path.name), allow_nan=False, indent=2, sort_keys=True)
     try:
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, text + "\n")
     except OSError as exc:
         raise TraceError(f"cannot write {path}: {exc}. Check that the folder exists and is writable.") from exc
     return path
@@ -116,6 +115,7 @@ class TraceWriter:
         self.fsync = fsync
         self._t0 = time.monotonic()
         self._closed = False
+        self._disk_warned = False
         if (self.run_dir / META_FILE).exists():
             raise TraceError(
                 f"{self.run_dir} already holds a trace ({META_FILE} exists); appending would mix two runs. "
@@ -127,8 +127,8 @@ class TraceWriter:
             full_meta.update(meta)
             full_meta.update(schema=SCHEMA_NAME, version=SCHEMA_VERSION)
             write_json_atomic(self.run_dir / META_FILE, full_meta)
-            self._steps = open(self.run_dir / STEPS_FILE, "a", encoding="utf-8")
-            self._events = open(self.run_dir / EVENTS_FILE, "a", encoding="utf-8")
+            self._steps = AppendFile(self.run_dir / STEPS_FILE, fsync=fsync, on_error=self._disk_failed)
+            self._events = AppendFile(self.run_dir / EVENTS_FILE, fsync=fsync, on_error=self._disk_failed)
         except OSError as exc:
             raise TraceError(
                 f"cannot create the run folder {self.run_dir}: {exc}. Pass a writable output folder."
@@ -137,16 +137,18 @@ class TraceWriter:
         if observer is not None:
             self.listeners += (observer.start_run(self.run_dir, full_meta),)
 
+    def _disk_failed(self, failed: AppendFile) -> None:
+        if not self._disk_warned:  # one warning for the run, whichever of its files the disk refused first
+            self._disk_warned = True
+            warn(failed)
+
     def elapsed(self) -> float:
         return time.monotonic() - self._t0
 
     def _append(self, handle, line: str) -> None:
         if self._closed:
             raise ValueError(f"TraceWriter for {self.run_dir} is closed; no more rows can be written")
-        handle.write(line + "\n")
-        handle.flush()
-        if self.fsync:
-            os.fsync(handle.fileno())
+        handle.write(line)  # a failing disk: one warning, the line kept and retried (records.appender)
 
     def step(self, row: Mapping[str, Any]) -> None:
         """Append one step row (flat keys per TRACE_SCHEMA); adds time_s when absent."""
@@ -175,9 +177,26 @@ class TraceWriter:
 
     def summary(self, summary: Mapping[str, Any]) -> Path:
         """Write summary.json (steps, wall_s, nonfinite_steps, skipped_steps, final/best loss, status)."""
+        lost = self.not_written()
+        if lost:
+            summary = {**summary, "not_written": lost}
         for listener in self.listeners:
             listener("summary", summary)
-        return write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
+        path = self.run_dir / SUMMARY_FILE
+        try:
+            return write_json_atomic(path, summary)
+        except TraceError as err:  # the disk is full at the very end: the training is over, say so once
+            logger.warning("%s; the run's summary is lost, its step rows and events are as listed above", err)
+            return path
+
+    def not_written(self) -> dict[str, Any]:
+        """Per record file, what a failing disk kept from it (after one more try); empty when all was written."""
+        lost = {}
+        for name, handle in ((STEPS_FILE, self._steps), (EVENTS_FILE, self._events)):
+            handle.retry()
+            if handle.losses() is not None:
+                lost[name] = handle.losses()
+        return lost
 
     def close(self) -> None:
         if self._closed:

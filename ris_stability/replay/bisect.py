@@ -32,6 +32,7 @@ from ris_stability.instruments.precision import PrecisionAudit, audit_precision,
 from ris_stability.locate.finding import Finding
 from ris_stability.locate import Locator
 from ris_stability.records import FINDING_FILE, META_FILE, UsageError, read_trace
+from ris_stability.records.atomic import write_text_atomic
 from ris_stability.locate.reproducer import export_reproducer
 
 log = logging.getLogger(__name__)
@@ -249,10 +250,10 @@ def audit_capsule(path: Path, replayer: str | None = None) -> PrecisionAudit:
 
 
 def _latest_capsule(run_dir: Path) -> Path:
-    found = sorted((run_dir / "capsules").glob("step_*.pt"))
+    found = sorted((run_dir / "capsules").glob("step_*.pt")) or sorted((run_dir / "snapshots").glob("spike_*.pt"))
     if not found:
-        raise UsageError(f"run folder {str(run_dir)!r} holds no capsule to audit; the monitor writes one on a "
-                         "non-finite step or a gradient spike")
+        raise UsageError(f"run folder {str(run_dir)!r} holds no capsule to audit; the monitor writes a crash capsule "
+                         "on a non-finite step and a spike snapshot (snapshots/) on a finite gradient spike")
     return found[0]
 
 
@@ -265,8 +266,9 @@ def run_precision(target: str, as_json: bool, console: Console, replayer: str | 
     if as_json:
         console.print_json(json.dumps({"capsule": str(path), **audit.to_dict()}, default=str))
     else:
+        # soft_wrap=False: a piped console is 80 columns wide, and the panel's lines wrap inside it, never cropped.
         console.print(Panel(format_audit(audit), title=f"risdiag bisect --precision {path.name}",
-                            border_style="green" if audit.ok else "red"), highlight=False)
+                            border_style="green" if audit.ok else "red"), highlight=False, soft_wrap=False)
     return EXIT_OK
 
 
@@ -286,7 +288,18 @@ def first_bad_step(run_dir: Path) -> tuple[int, Path]:
     if not path.is_file():
         raise UsageError(f"step {first} of {str(run_dir)!r} went non-finite but has no capsule ({path.name} missing); "
                          "the monitor writes at most max_capsules capsules per run")
-    return first, path
+    for step in sorted(set(steps)):  # a capsule that does not load (cut by a kill, damaged) gives way to the next
+        candidate = run_dir / "capsules" / f"step_{step:06d}.pt"
+        if not candidate.is_file():
+            continue
+        try:
+            Capsule.load(candidate)
+        except CapsuleError as err:
+            log.warning("skipped: %s", str(err).splitlines()[0])
+            continue
+        return step, candidate
+    raise UsageError(f"no capsule of {str(run_dir)!r} loads (first non-finite step {first}); see the warnings above "
+                     "for each; re-run the trace to write them again")
 
 
 def _panel(result: BisectResult) -> Panel:
@@ -324,7 +337,7 @@ def _panel(result: BisectResult) -> Panel:
 def _save_finding(result: BisectResult) -> None:
     run_dir = result.capsule.parent.parent
     if (run_dir / META_FILE).is_file() and result.finding is not None:
-        (run_dir / FINDING_FILE).write_text(json.dumps({**result.finding.to_dict(), "step": result.outcome.step}))
+        write_text_atomic(run_dir / FINDING_FILE, json.dumps({**result.finding.to_dict(), "step": result.outcome.step}))
 
 
 def run_bisect(target: str, as_json: bool, float64: bool, export: str | None, console: Console,
@@ -345,7 +358,7 @@ def run_bisect(target: str, as_json: bool, float64: bool, export: str | None, co
     if as_json:
         console.print_json(json.dumps(result.to_dict(), default=str))
     else:
-        console.print(_panel(result))
+        console.print(_panel(result), soft_wrap=False)  # wrapped in its panel when piped, never cropped
     return EXIT_OK
 
 

@@ -21,6 +21,7 @@ from ris_stability.report.derive import (explosion_marks, spike_marks,
     MIN_STEPS_FOR_DEAD, MatrixSummary, SeriesSummary, condense_events, event_names, final_and_best_loss, grad_summaries,
     loss_summaries, precision, summarize_matrix,
 )
+from ris_stability.records.atomic import write_text_atomic
 from ris_stability.report.look import sci, what_to_look_at
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def build_report(run_dir: Path, out: Path | None = None) -> Path:
     links = write_figures(figures, out.parent / FIGURE_DIR)
     text = render_report(trace, {stem: (figures[stem][0], link) for stem, link in links.items()})
     try:
-        out.write_text(text, encoding="utf-8")
+        write_text_atomic(out, text)  # a kill while writing leaves the old report or none, never half of one
     except OSError as exc:
         raise ReportError(f"cannot write {out}: {exc}. Pass a writable --out.") from exc
     logger.info("report written to %s (%d figures)", out, len(links))

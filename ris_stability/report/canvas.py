@@ -20,6 +20,7 @@ from matplotlib.ticker import ScalarFormatter
 from PIL import Image
 
 from ris_stability.records import matrix_names
+from ris_stability.records.atomic import atomic_path
 
 WIDTH_IN, HEIGHT_IN, DPI = 8.0, 3.5, 100
 RUN_STYLES = ("-", "--", ":", "-.")
@@ -70,7 +71,9 @@ def save_figure(fig: Figure, path: Path) -> Path:
     buffer.seek(0)
     # A 256-colour palette keeps plots visually identical at about a third of the RGBA size.
     with Image.open(buffer) as image:
-        image.convert("RGB").quantize(colors=PNG_COLORS, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+        with atomic_path(path) as tmp:  # never half a PNG in the folder
+            image.convert("RGB").quantize(colors=PNG_COLORS, method=Image.Quantize.MEDIANCUT).save(
+                tmp, format="PNG", optimize=True)
     return path
 
 

@@ -18,6 +18,7 @@ from ris_stability.report.build import (
 from ris_stability.report.derive import (
     MatrixSummary, final_and_best_loss, grad_summaries, loss_summaries, summarize_matrix,
 )
+from ris_stability.records.atomic import write_text_atomic
 from ris_stability.report.look import what_to_look_at
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def build_comparison(run_dirs: list[Path], out_dir: Path, labels: list[str] | No
     text = render_comparison(traces, {s: (figures[s][0], link) for s, link in links.items()}, out_dir)
     out = out_dir / COMPARISON_FILE
     try:
-        out.write_text(text, encoding="utf-8")
+        write_text_atomic(out, text)
     except OSError as exc:
         raise ReportError(f"cannot write {out}: {exc}. Pass a writable output folder.") from exc
     logger.info("comparison of %d runs written to %s", len(traces), out)

@@ -11,7 +11,7 @@ from ris_stability.report.derive import (
     near_tie_relative, precision, run_dtype, summarize_matrix,
 )
 from ris_stability.report.markdown import MISSING, code, fmt, span, steps_list
-from ris_stability.linalg.hazards import EIG_OPS, vector_words
+from ris_stability.linalg.hazards import EIG_OPS, tie_safe, vector_words
 from ris_stability.linalg.registry import info
 from ris_stability.linalg.site_names import split_site
 from ris_stability.report.incidents import incident_items, op_hazard_items
@@ -162,7 +162,7 @@ def _matrix_items(m: MatrixSummary, eps: float, real: str, n_steps: int, dtype: 
     if m.op in EIG_OPS:  # eig's hazards are its own (op_hazard_items): nothing is inverted, ties are not spectral
         return items
     values, vectors = (info(m.op) or info("eigh")).values, vector_words(m.op)
-    if m.tie_steps and m.vec_grad is not False:
+    if m.tie_steps and m.vec_grad is not False and not tie_safe(m.name):  # a gap-aware backward drops the ties
         part = f"{m.tie_where} {values}" if m.tie_where else values
         lo, hi = m.tie_values
         value = sci(lo) if not hi > max(lo, 0) * CLUSTER_VALUE_SPREAD else f"{sci(lo)} to {sci(hi)}"

@@ -9,6 +9,15 @@ from typing import Any, Iterable, Sequence
 MISSING = "–"  # shown for absent / not-a-number values
 
 
+def shortlist(items: Iterable[Any], limit: int = 10, where: str = "") -> str:
+    """The first ``limit`` items, comma-separated, then "(+N more; all in WHERE)": a list is never cut silently."""
+    items = [str(i) for i in items]
+    text = ", ".join(items[:limit]) if items else "none"
+    if len(items) > limit:
+        text += f" (+{len(items) - limit} more" + (f"; all in {where})" if where else ")")
+    return text
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     """A number as a short string: ints as is, floats with `digits` significant digits, NaN as '–'."""
     if value is None:

@@ -70,6 +70,11 @@ def plot_log10_cond(steps: StepTables, colors: Mapping[str, tuple] | None = None
     # The singular band sits above every finite value and above the 1/eps line.
     top = max(finite + ([-math.log10(eps)] if eps is not None else []) + [0.0]) + 1.0
     handles = _name_handles(names, colors, runs)
+    ranged = _range_separation(runs, names, conds)
+    if runs:  # both what is drawn for a matrix: its condition number and, singular, its range separation
+        first = runs[0][0]
+        _say_hidden(handles, names, {n: pd.concat([conds[(first, n)], ranged.get((first, n), pd.Series())])
+                                     for n in names})
     for (label, _), style in zip(runs, RUN_STYLES):
         for name in names:
             values = conds[(label, name)]
@@ -77,6 +82,13 @@ def plot_log10_cond(steps: StepTables, colors: Mapping[str, tuple] | None = None
             singular = values.index[np.isinf(values)]
             ax.plot(singular, np.full(len(singular), top), ls="none", marker="^", ms=5, color=colors[name],
                     clip_on=False)
+    for (label, name), values in ranged.items():
+        style = dict(zip((lb for lb, _ in runs), RUN_STYLES))[label]
+        _plot_series(ax, values, colors[name], style, lw=1.0, marker="|", ms=4)
+    if ranged:
+        handles.append(Line2D([], [], color="grey", lw=1.0, marker="|",
+                              label="singular by design: log10(lambda_max /\ngap at the signal/noise "
+                                    "boundary),\nhow well its range is separated"))
     if any(np.isinf(s).any() for s in conds.values()):
         ax.axhline(top, color="grey", lw=0.6, ls=":")
         _inf_tick(ax, top)
@@ -90,6 +102,38 @@ def plot_log10_cond(steps: StepTables, colors: Mapping[str, tuple] | None = None
     _style_axes(ax, "log10 condition number\n(lambda_max / lambda_min)", "Condition number per matrix")
     _legend(fig, handles + _mark_bad_steps(ax, runs))
     return fig
+
+
+def _range_separation(runs, names, conds) -> dict[tuple[str, str], pd.Series]:
+    """For a matrix singular at most of its steps (rank-deficient by design, e.g. a covariance of fewer
+    snapshots than its size), where cond = inf says nothing: log10(lambda_max / gap_split), the conditioning
+    of the boundary between its numerical range and its null space, at the steps where it was singular."""
+    out = {}
+    for label, frame in runs:
+        for name in names:
+            values = conds[(label, name)]
+            stats = matrix_stats(frame, name)
+            singular = np.isinf(values)
+            if singular.sum() * 2 <= values.notna().sum() or not {"lambda_max", "gap_split"} <= set(stats):
+                continue
+            gap = stats["gap_split"].where(stats["gap_split"] > 0)
+            ratio = np.log10(stats["lambda_max"].abs() / gap).where(singular)
+            if ratio.notna().any():
+                out[(label, name)] = ratio
+    return out
+
+
+def _say_hidden(handles: list, names: list[str], series: Mapping[str, pd.Series | None]) -> None:
+    """A matrix whose series equals an earlier one's (e.g. eigvalsh and eigh of the same matrix) is drawn
+    over it: its legend entry says so, instead of leaving the reader to wonder where the other went."""
+    for i, name in enumerate(names):
+        s = series.get(name)
+        if s is None or not s.notna().any():
+            continue
+        twin = next((other for other in names[:i] if series.get(other) is not None
+                     and series[other].equals(s)), None)
+        if twin is not None and i < len(handles):
+            handles[i].set_label(f"{handles[i].get_label()}\n  (same values as {short_label(twin)}: one line)")
 
 
 def _inf_tick(ax, top: float) -> None:
@@ -172,6 +216,10 @@ def plot_gaps(steps: StepTables, colors: Mapping[str, tuple] | None = None) -> F
             _no_data(ax, "gap of this kind")
         _style_axes(ax, "eigenvalue gap\n(matrix units)", title)
     handles = _name_handles(names, colors, runs)
+    if runs:
+        _say_hidden(handles, names, {n: pd.concat([s for p in range(len(GAP_PANELS))
+                                                   if (s := series[(p, runs[0][0], n)]) is not None] or [pd.Series()])
+                                     for n in names})
     if any(s is not None and (s == 0).any() for s in series.values()):
         handles.append(Patch(color="#f2dede", label="gap = 0 (exact tie):\nshaded band, one row\nper matrix"))
     _legend(fig, handles + _mark_bad_steps(axes[0], runs))
@@ -273,9 +321,18 @@ def _zero_suffix(label: str, zero_runs: list[str], n_runs: int) -> str:
     return f" (≡ 0{where}, not drawn)"
 
 
+TREND_MIN_POINTS = 30  # below this the raw curve is the trend
+
+
+def _trend_window(n: int) -> int:
+    """Rolling-mean window of a curve of n points: about a twentieth of it, at least 5 steps."""
+    return max(5, n // 20)
+
+
 def plot_loss_terms(steps: StepTables) -> Figure:
     """Total loss and each term over steps; log y when every drawn value is positive and they span more
-    than a decade. A series that is
+    than a decade. A curve of TREND_MIN_POINTS or more points is drawn faint (raw, one point per step) under
+    its rolling mean (the trend, full colour). A series that is
     identically 0 in a run is not drawn (the legend says so), so it does not force a linear axis."""
     runs = _runs(steps)
     terms = list(dict.fromkeys(t for _, frame in runs for t in loss_terms(frame.columns)))
@@ -296,8 +353,17 @@ def plot_loss_terms(steps: StepTables) -> Figure:
     log = len(values) > 0 and bool((values > 0).all()) and values.max() > 10 * values.min()
     fig = new_figure()
     ax = fig.add_subplot()
+    windows = []
     for series, color, style, total in drawn:
-        _plot_series(ax, series, color, style, **({"lw": 2.0} if total else {}))
+        clean = series[np.isfinite(series)]
+        if len(clean) < TREND_MIN_POINTS:
+            _plot_series(ax, series, color, style, **({"lw": 2.0} if total else {}))
+            continue
+        window = _trend_window(len(clean))
+        windows.append(window)
+        _plot_series(ax, series, color, style, lw=0.7, alpha=0.25, marker=None)
+        trend = clean.rolling(window, center=True, min_periods=max(1, window // 2)).mean()
+        _plot_series(ax, trend, color, style, lw=2.2 if total else 1.5, marker=None)
     if log:
         ax.set_yscale("log")
     handles = [Line2D([], [], color=color, lw=2.0 if c == "loss" else 1.5,
@@ -306,6 +372,9 @@ def plot_loss_terms(steps: StepTables) -> Figure:
     if len(runs) > 1:
         handles += [Line2D([], [], color="black", ls=style, label=f"run: {label}")
                     for (label, _), style in zip(runs, RUN_STYLES)]
+    if windows:
+        handles.append(Line2D([], [], color="grey", lw=0.7, alpha=0.4,
+                              label=f"faint: every step; bold: mean\nover {max(windows)} steps"))
     if not values.size:
         _no_data(ax, "finite non-zero loss values")
     _style_axes(ax, "loss value" + (" (log scale)" if log else ""), "Loss terms")

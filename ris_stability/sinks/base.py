@@ -1,9 +1,9 @@
 """Sinks: the trace rows and events of a run, also written where users already look.
 
-A :class:`SinkSet` is installed around a command (``with open_sinks(tensorboard=DIR, mlflow=True):``);
+A :class:`SinkSet` is installed around a command (``with open_sinks(tensorboard=DIR, mlflow=True, wandb=True):``);
 every :class:`~ris_stability.records.TraceWriter` created inside it adds the set as a listener of its
 step rows, events and summary, which routes them to one per-run writer of each backend (one TensorBoard run
-folder, one MLflow run per run folder). ``publish()`` at the end adds what exists only after the run:
+folder, one MLflow run, one W&B run per run folder). ``publish()`` at the end adds what exists only after the run:
 report.md, the report's figures and the capsules. The run folder stays the record; a sink is a copy.
 
 A sink never fails the training run: a missing extra or an unwritable target is one warning when the
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 # Step-row columns -> (tag prefix, keep the rest of the key). Tags are slash-grouped, as both tools group them.
 _MATRIX_STATS = ("rank", "log10_cond", "min_gap", "max_cluster")
 _PREFIXES = (("loss/", "loss/"), ("grad/", "grad_norm/"), ("grad_group/", "grad_norm_group/"),
-             ("update_ratio/", "update_ratio/"), ("grad_nonfinite/", "grad_nonfinite/"), ("param/", "param_norm/"))
+             ("update_ratio/", "update_ratio/"), ("update_ratio_group/", "update_ratio_group/"),
+             ("grad_nonfinite/", "grad_nonfinite/"), ("param/", "param_norm/"))
 _FLAGS = {"loss": "loss/total", "lr": "train/lr", "skipped": "train/skipped", "nonfinite": "train/nonfinite"}
 
 
@@ -163,7 +164,7 @@ def current_sinks() -> SinkSet | None:
 
 @contextlib.contextmanager
 def open_sinks(tensorboard: str | Path | None = None, mlflow: bool = False,
-               mlflow_experiment: str | None = None) -> Iterator[SinkSet | None]:
+               mlflow_experiment: str | None = None, wandb: bool = False) -> Iterator[SinkSet | None]:
     """Install the sinks for the block; on exit publish reports and close every run (also on error)."""
     backends: list[Backend] = []
     if tensorboard is not None:
@@ -174,6 +175,10 @@ def open_sinks(tensorboard: str | Path | None = None, mlflow: bool = False,
         from ris_stability.sinks.mlflow import MLflowBackend
 
         backends.append(MLflowBackend(mlflow_experiment))
+    if wandb:
+        from ris_stability.sinks.wandb import WandbBackend
+
+        backends.append(WandbBackend())
     if not backends:
         yield None
         return

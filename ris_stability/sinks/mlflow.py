@@ -143,11 +143,15 @@ class MLflowBackend:
             raise ImportError("the mlflow package is not installed: pip install 'ris-diag[mlflow]'") from exc
         self.client = QuickClient(MlflowClient())  # MLFLOW_TRACKING_URI, as every MLflow user has it set
         found = self.client.get_experiment_by_name(self.experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
+        self.experiment_id = found.experiment_id if found else ""
 
     def open_run(self, run_dir: Path, meta: Mapping[str, Any]) -> MLflowRun:
         from mlflow.entities import Param
 
+        if not self.experiment_id:  # a database store would put artifacts in ./mlruns of the cwd: beside the runs
+            where = None if self.client.tracking_uri.startswith("file:") else \
+                (run_dir.resolve().parent / "mlflow-artifacts").as_uri()
+            self.experiment_id = self.client.create_experiment(self.experiment, artifact_location=where)
         run = self.client.create_run(self.experiment_id, run_name=run_dir.name,
                                      tags={"risdiag.run_folder": run_dir.name})
         params = {f"meta.{k}": str(meta[k])[:_MAX_PARAM] for k in _META_PARAMS if meta.get(k) is not None}

@@ -82,7 +82,7 @@ def test_dashboard_renders_rows():
     assert "a:linalg.eigh" in text and "118" in text and "subspace" in text and "step 4/10" in text
     assert "non-finite steps: 1" in text
     line = plain_line(state)
-    assert "loss=1.5000" in line and "worst=a:linalg.eigh" in line
+    assert "loss=1.5000" in line and "hazard=a:linalg.eigh gap=0 tied=118" in line
 
 
 def test_live_view_is_off_without_tty(caplog):
@@ -91,3 +91,35 @@ def test_live_view_is_off_without_tty(caplog):
     with caplog.at_level("INFO", logger="ris_stability.cli.live"), view:
         view.update(1, row=ROW)
     assert any("step 1/5" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("row, shown", [
+    pytest.param({"mat/m:linalg.eigh/min_gap": 1e-15, "mat/m:linalg.eigh/max_cluster": 128.0,
+                  "mat/m:linalg.eigh/vec_grad": 0.0, "mat/m:linalg.eigh/trace": 1.0}, "hazard=none",
+                 id="eigenvalues-only-tie"),
+    pytest.param({"mat/l:eigh_gap_aware/min_gap": 0.0, "mat/l:eigh_gap_aware/max_cluster": 124.0,
+                  "mat/l:eigh_gap_aware/vec_grad": 1.0}, "hazard=none", id="tie-safe-backward"),
+    pytest.param({**ROW, "mat/b:linalg.eigvalsh/trace": float("nan")}, "hazard=b:linalg.eigvalsh (non-finite input)",
+                 id="non-finite-input-first"),
+    pytest.param(ROW, "hazard=a:linalg.eigh gap=0 tied=118", id="eigenvectors-through-a-tie"),
+])
+def test_progress_line_shows_the_worst_hazard(row, shown):
+    line = plain_line(DashboardState(total_steps=10, step=4, row={"loss": 1.0, **row}))
+    assert line.endswith(shown), line
+
+
+def test_plain_log_has_each_incident_kind_once_and_counts_repeats(caplog):
+    view = LiveView(total_steps=100, enabled=False)
+    with caplog.at_level("INFO", logger="ris_stability.cli.live"), view:
+        for step in range(30):
+            view.update(step, row=ROW)
+            view.record("event", {"kind": "nonfinite_grad", "severity": "error", "step": step, "message": f"bad {step}"})
+        view.record("event", {"kind": "capsule_written", "severity": "info", "step": 1, "message": "capsule"})
+        view.record("event", {"kind": "gradient_spike", "severity": "warning", "step": 7, "message": "spike"})
+    lines = [r.getMessage() for r in caplog.records]
+    assert [m for m in lines if m.startswith("nonfinite_grad at step")] == ["nonfinite_grad at step 0: bad 0"]
+    assert "gradient_spike at step 7: spike" in lines and not any("capsule" in m for m in lines)
+    (repeat,) = [m for m in lines if m.startswith("nonfinite_grad: ")]
+    assert repeat.startswith("nonfinite_grad: 29 more (all in events.jsonl), at steps 1, 2,") and "(+19 more)" in repeat
+    progress = [m for m in lines if m.startswith("step ")]
+    assert len(progress) == 15  # every 100 // 40 = 2 steps (0, 2, ..., 28), not once more per bad step

@@ -284,7 +284,7 @@ def test_traced_script_under_torchrun_without_a_process_group(tmp_path):
         assert f"rank {r} of 2" in event["message"] and "trains alone" in event["message"]
     report = (run_dir / "report.md").read_text()
     assert "joined no process group" in report and "## Finding (in-process locator), rank 1" in report
-    assert "rank 1" in proc.stdout and "nonfinite, 4 steps, non-finite 2 [1, 2]" in proc.stdout
+    assert "rank 1" in proc.stdout and "nonfinite, 4 steps, non-finite 2: 1, 2" in proc.stdout
 
 
 @pytest.mark.slow

@@ -156,7 +156,15 @@ def test_update_ratio_and_param_group_norms_match_sgd():
         grad_norm = _reference_norm(opt.param_groups[g]["params"])
         theta = float(torch.linalg.vector_norm(torch.cat([p.reshape(-1).to(torch.complex128) for p in before[g]])))
         assert got[f"grad_group/{key}"] == pytest.approx(grad_norm, rel=1e-6)
-        assert got[f"update_ratio/{key}"] == pytest.approx(lr * grad_norm / theta, rel=1e-5)
+        assert got[f"update_ratio_group/{key}"] == pytest.approx(lr * grad_norm / theta, rel=1e-5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    start = {names[id(p)]: b for snap, grp in zip(before, opt.param_groups) for b, p in zip(snap, grp["params"])}
+    assert len(gm.modules) == 3
+    for module in gm.modules:  # per module, as the grad norms: the module's own parameters
+        mine = [n for n in start if module_key(n, 1) == module]
+        theta = float(torch.linalg.vector_norm(torch.cat([start[n].reshape(-1).to(torch.complex128) for n in mine])))
+        params = [p for n, p in model.named_parameters() if n in mine]
+        assert got[f"update_ratio/{module}"] == pytest.approx(lr * _reference_norm(params) / theta, rel=1e-5), module
     assert gm.collect() == {}  # cleared after collect
 
 

@@ -204,3 +204,106 @@ def test_a_sink_that_fails_mid_run_is_dropped_and_the_trace_is_complete(tmp_path
     assert sum("flaky sink disabled" in r.getMessage() for r in caplog.records) == 1
     assert len(read_trace(tmp_path / "run").steps) == 4
     assert not math.isnan(float(read_trace(tmp_path / "run").steps["loss"].iloc[-1]))
+
+
+def _wandb_records(run_file: Path):
+    """The records of a W&B offline run file (a LevelDB-style log of protobuf records), read back
+    without a server: 7-byte file header ':W&B' + magic + version, 32 KiB blocks, 7-byte chunk headers."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (kind == 0 and length == 0):
+            pos += left  # block padding
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            rec = pb.Record()
+            rec.ParseFromString(pending)
+            pending = b""
+            yield rec
+
+
+def test_wandb_offline_run_holds_scalars_tables_figures_and_files(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    import json
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.setenv("WANDB_PROJECT", "sinks-test")
+    _train(tmp_path / "run", steps=4, wandb=True)
+    (run_file,) = (tmp_path / "wb").glob("wandb/offline-run-*/run-*.wandb")
+    history: dict[int, dict] = {}
+    config, summary = {}, {}
+    for rec in _wandb_records(run_file):
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+            history[row["_step"]] = row
+        elif kind == "run":
+            assert rec.run.display_name == "run" and rec.run.project == "sinks-test"
+            config.update({u.key: json.loads(u.value_json) for u in rec.run.config.update})
+        elif kind == "summary":
+            summary.update({u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in rec.summary.update})
+    trace = read_trace(tmp_path / "run")
+    steps = [int(s) for s in trace.steps.index]
+    assert sorted(s for s, row in history.items() if "loss/total" in row) == steps  # every logged step, at its step
+    first, last = trace.steps.iloc[0], history[steps[-1]]
+    assert history[min(history)]["loss/total"] == pytest.approx(float(first["loss"]), rel=1e-6)
+    tb_tags = {k for k, v in scalar_tags(trace.steps.iloc[-1].to_dict()).items() if not math.isnan(v)}  # the TensorBoard sink's tags, same names
+    assert tb_tags and tb_tags <= set(last)
+    assert any(k.startswith("matrix/") and k.endswith("/min_gap") for k in last)
+    end = history[steps[-1] + 1]  # what exists only at the end: one step after the last
+    figures = {k.split("/")[1] for k in end if k.startswith("figures/") and k.endswith("/_type")}
+    assert figures == {p.stem for p in (tmp_path / "run" / "figures").glob("*.png")} and figures
+    assert config["meta.command"] == "ris_stability.watch"
+    assert summary["risdiag.status"] == "clean"
+    files = run_file.parent / "files"
+    assert (files / "report.md").is_file() and (files / "events.jsonl").is_file()
+
+
+def test_wandb_tables_hold_the_finding_of_a_planted_fault(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    import json
+    import ris_stability
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # the default: under the run folder, not the cwd
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ris_stability.watch(model, opt, out=tmp_path / "run", wandb=True):
+        for step in range(4):
+            h = model(torch.randn(8, 4))
+            scale = torch.sqrt((h * 0).pow(2).sum(-1, keepdim=True)) if step >= 1 else 1.0  # NaN in backward
+            (h * scale).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert not (tmp_path / "wandb").exists()
+    tables = {p.name.split("_")[0]: json.loads(p.read_text())
+              for p in (tmp_path / "run").glob("wandb/offline-run-*/files/media/table/*.table.json")}
+    assert tables["findings"]["columns"] == ["step", "kind", "severity", "message"]
+    assert "SqrtBackward0" in " ".join(str(r) for r in tables["findings"]["data"])
+    assert "nonfinite" in " ".join(str(r) for r in tables["incidents"]["data"])
+
+
+def test_mlflow_with_a_database_uri_leaves_no_mlruns_in_the_cwd(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "db-test")
+    _train(tmp_path / "runs" / "run", steps=2, mlflow=True)
+    assert not (tmp_path / "mlruns").exists()
+    (run,) = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("db-test").experiment_id])
+    assert "report.md" in {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    assert any((tmp_path / "runs" / "mlflow-artifacts").rglob("report.md"))

@@ -84,7 +84,9 @@ def test_spike_event_fires_and_names_the_eig_site(runs):
     assert audit["severity"] == "warning" and audit["data"]["culprit"] == "loss:linalg.eig"
     assert "phase term noise" in audit["message"]
     assert kinds["eig_backward_rounding"][0]["step"] == SPIKE_STEP
-    assert (exploding.run_dir / "capsules" / f"step_{SPIKE_STEP:06d}.pt").is_file()
+    # A finite spike keeps a spike snapshot (its own folder and name), not a crash capsule
+    assert (exploding.run_dir / "snapshots" / f"spike_{SPIKE_STEP:06d}.pt").is_file()
+    assert not (exploding.run_dir / "capsules").exists() and f"snapshots/spike_{SPIKE_STEP:06d}.pt" in spike["message"]
 
 
 def test_healthy_run_has_no_false_hazards(runs):

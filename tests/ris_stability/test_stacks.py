@@ -188,10 +188,10 @@ def test_two_optimizers_and_a_skip(tmp_path):
             s.end_step()
     trace = read_trace(tmp_path)
     assert trace.skipped_steps == [2] and len(trace.capsules) == 1
-    for col in ("grad_group/0.0", "grad_group/1.0", "update_ratio/0.0", "update_ratio/1.0"):
+    for col in ("grad_group/0.0", "grad_group/1.0", "update_ratio_group/0.0", "update_ratio_group/1.0"):
         assert col in trace.steps.columns
-    assert math.isnan(trace.steps.loc[2, "update_ratio/0.0"])  # skipped: no update measured
-    assert trace.steps.loc[3, "update_ratio/1.0"] > 0
+    assert math.isnan(trace.steps.loc[2, "update_ratio_group/0.0"])  # skipped: no update measured
+    assert trace.steps.loc[3, "update_ratio_group/1.0"] > 0
 
 
 # --- liveness ---------------------------------------------------------------------------------------

@@ -64,5 +64,5 @@ def test_acceptance_six_trials_of_thirty_steps_and_the_report(tmp_path, monkeypa
         if t.params["loss.eigh_backward"] == "torch" and t.user_attrs["ties"]:
             assert t.state.name == "PRUNED" and "tied at" in t.user_attrs["prune_reason"]
     assert main(["report", "--sweep", storage, "--study", "accept"]) == 0
-    report = tmp_path / "reports" / "sweep-accept"
+    report = tmp_path / "runs" / "sweep-accept"
     assert (report / "report.md").is_file() and (report / "figures" / "stability_map.png").is_file()

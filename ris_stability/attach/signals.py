@@ -1,0 +1,97 @@
+"""Termination signals flush the run as Ctrl-C does: SIGTERM (what SLURM, Kubernetes and torchrun's elastic
+agent send on preemption or timeout) and, when asked for, SIGUSR1 (what SLURM sends before the time limit)
+end the traced script with :class:`Terminated`, which the script runner turns into a finished run: step rows,
+events, summary.json (status ``terminated``), sinks and report.md, then the conventional exit code 128 + N.
+
+Installed only for the run (:class:`FlushOnSignals`, a context manager on the main thread) and removed at its
+end; a handler the script installs for itself replaces ours and is left in place (the script keeps it). Once
+the flush has begun (the first signal, or the script's own end), a further signal exits at once
+(``os._exit``): the folder is left readable, because every record file is appended line by line and every
+artefact is written under a temporary name and renamed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from types import FrameType
+from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIGNALS = ("SIGTERM",)
+OPTIONAL_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGHUP")  # --flush-on NAME accepts these besides SIGTERM
+
+
+class Terminated(BaseException):
+    """The run was ended by a termination signal (a BaseException, as KeyboardInterrupt: a script's
+    ``except Exception`` must not swallow it)."""
+
+    run_status = "terminated"
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+        super().__init__(f"{self.name} received: the run was flushed and ends with exit code {self.exit_code}")
+
+
+def signal_numbers(names: Iterable[str]) -> list[int]:
+    """Signal numbers of ``names`` (e.g. "SIGUSR1" or "USR1"); unknown ones raise ValueError naming them."""
+    numbers = []
+    for name in names:
+        key = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
+        if key not in DEFAULT_SIGNALS + OPTIONAL_SIGNALS or not hasattr(signal, key):
+            raise ValueError(f"--flush-on {name!r}: not a signal this platform can flush on; choose from "
+                             f"{', '.join(s for s in DEFAULT_SIGNALS + OPTIONAL_SIGNALS if hasattr(signal, s))}")
+        numbers.append(int(getattr(signal, key)))
+    return numbers
+
+
+class FlushOnSignals:
+    """While entered, ``signums`` raise :class:`Terminated` in the main thread (the script stops where it is
+    and the runner flushes); after :meth:`flushing` (or the first signal) a further one exits at once."""
+
+    def __init__(self, signums: Iterable[int] = ()):
+        self.signums = list(dict.fromkeys(int(s) for s in signums))
+        self._previous: dict[int, Any] = {}
+        self.received: int | None = None
+        self._flushing = False
+
+    def __enter__(self) -> "FlushOnSignals":
+        if threading.current_thread() is not threading.main_thread():
+            log.debug("termination signals not handled: the run is not on the main thread")
+            return self
+        for signum in self.signums:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except (OSError, ValueError) as err:  # e.g. a signal this platform cannot catch
+                log.debug("signal %s not handled: %s", signum, err)
+        return self
+
+    def flushing(self) -> None:
+        """The script is over and the run is being written: a signal from now on exits at once."""
+        self._flushing = True
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._flushing:
+            # Second signal (or one during the flush): the user or the scheduler insists. Every file written
+            # so far is complete or under a temporary name, so leaving now keeps the folder readable.
+            os._exit(128 + signum)
+        self._flushing = True
+        self.received = signum
+        raise Terminated(signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, previous in self._previous.items():
+            try:
+                current = signal.getsignal(signum)
+                if current == self._handle:  # a handler the script installed for itself stays (it owns it)
+                    signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+            except (OSError, ValueError) as err:
+                log.debug("signal %s handler not restored: %s", signum, err)
+        self._previous = {}
+
+
+__all__ = ["DEFAULT_SIGNALS", "FlushOnSignals", "OPTIONAL_SIGNALS", "Terminated", "signal_numbers"]

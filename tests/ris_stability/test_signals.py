@@ -1,0 +1,90 @@
+"""Termination signals flush a traced run as Ctrl-C does (issue #30): SIGTERM (and SIGUSR1 with --flush-on)
+end the script, and the run folder gets its summary (status ``terminated``) and report, with exit 128 + N; a
+script's own SIGTERM handler is left to it; a signal during the flush exits at once."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ris_stability.records import read_trace
+
+SCRIPTS = Path(__file__).parent / "scripts"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def start(tmp_path: Path, *options: str, script_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, Path, Path]:
+    run_dir, ready = tmp_path / "run", tmp_path / "ready"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "ris_stability.cli", "trace", "--no-live", "--out", str(run_dir), *options, "--",
+           "python", str(SCRIPTS / "long_train.py"), str(ready), "4", "100000", *script_args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, run_dir, ready
+
+
+def wait_for(proc: subprocess.Popen, path: Path, limit_s: float = 240.0) -> None:
+    """Until ``path`` exists (the script's 4th step is done); a process that ended first fails the test."""
+    end = time.monotonic() + limit_s
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the traced script ended before its 4th step: {proc.communicate()[1][-2000:]}")
+        if time.monotonic() > end:
+            proc.kill()
+            pytest.fail("the traced script did not reach its 4th step")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signame,options", [("SIGTERM", ()), ("SIGUSR1", ("--flush-on", "SIGUSR1"))],
+                         ids=["sigterm", "sigusr1-flush-on"])
+def test_a_signalled_trace_is_flushed_as_terminated_with_a_report(tmp_path, signame, options):
+    proc, run_dir, ready = start(tmp_path, *options)
+    wait_for(proc, ready)
+    signum = getattr(signal, signame)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signum, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "terminated"
+    assert (run_dir / "report.md").is_file()
+    t = read_trace(run_dir)
+    assert len(t.steps) >= 4 and len(t.steps) == summary["steps"]  # every completed step has its row
+    assert f"{signame} received" in err and "Traceback" not in err
+
+
+def test_a_scripts_own_sigterm_handler_is_kept(tmp_path):
+    proc, run_dir, ready = start(tmp_path, "--no-report", script_args=("--own-handler",))
+    wait_for(proc, ready)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "own handler: stopped cleanly" in out
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "clean"
+
+
+def test_a_signal_during_the_flush_exits_at_once():
+    code = ("import os, signal, time\n"
+            "from ris_stability.attach.signals import FlushOnSignals\n"
+            "with FlushOnSignals([signal.SIGTERM]) as s:\n"
+            "    s.flushing()\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+
+
+def test_handlers_are_installed_only_for_the_run():
+    from ris_stability.attach.signals import FlushOnSignals, signal_numbers
+
+    before = signal.getsignal(signal.SIGTERM)
+    with FlushOnSignals(signal_numbers(["SIGTERM", "USR1"])):
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(ValueError, match="--flush-on 'SIGKILL'"):
+        signal_numbers(["SIGKILL"])
