@@ -39,6 +39,9 @@ def test_batched_records_equal_per_call_records(n_samples):
         other = single[name]
         assert rec["calls"] == other["calls"] == n_samples and rec["vec_grad"] == other["vec_grad"]
         for key, value in rec["stats"].items():
+            if key == "herm_err":  # sampled by design (site_stats.HERM_SAMPLE per batch): never above the whole
+                assert not value > other["stats"][key] * (1 + 1e-9) + 1e-12, (name, key)
+                continue
             assert value == pytest.approx(other["stats"][key], rel=1e-9, abs=1e-12, nan_ok=True), (name, key)
     assert math.isfinite(batched["linalg.eig"]["stats"]["rel_sep"])
     assert math.isfinite(batched["linalg.pinv"]["stats"]["cutoff_margin"])
