@@ -222,6 +222,8 @@ def _wandb_records(run_file: Path):
         if left < 7 or (kind == 0 and length == 0):
             pos += left  # block padding
             continue
+        if pos + 7 + length > len(data):  # a record still being written
+            return
         pending += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last chunk of one
@@ -229,6 +231,17 @@ def _wandb_records(run_file: Path):
             rec.ParseFromString(pending)
             pending = b""
             yield rec
+
+
+def _wait_for_exit_record(run_file: Path, polls: int = 240) -> None:
+    """W&B's service process writes the run file behind the SDK: wait until it holds the run's exit record."""
+    import time
+
+    for _ in range(polls):
+        if any(rec.WhichOneof("record_type") == "exit" for rec in _wandb_records(run_file)):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{run_file} has no exit record: the W&B run was not finished")
 
 
 def test_wandb_offline_run_holds_scalars_tables_figures_and_files(tmp_path: Path, monkeypatch) -> None:
@@ -240,6 +253,7 @@ def test_wandb_offline_run_holds_scalars_tables_figures_and_files(tmp_path: Path
     monkeypatch.setenv("WANDB_PROJECT", "sinks-test")
     _train(tmp_path / "run", steps=4, wandb=True)
     (run_file,) = (tmp_path / "wb").glob("wandb/offline-run-*/run-*.wandb")
+    _wait_for_exit_record(run_file)
     history: dict[int, dict] = {}
     config, summary = {}, {}
     for rec in _wandb_records(run_file):
