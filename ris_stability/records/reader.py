@@ -20,7 +20,7 @@ from ris_stability.records.schema import (BOOL_COLUMNS, CAPSULE_DIR, EVENTS_FILE
                                           GRAD_NONFINITE_PREFIX, GRAD_PREFIX, LOSS_PREFIX, MAT_PREFIX, META_FILE,
                                           NONFINITE_TEXT,
                                           SCHEMA_NAME, SCHEMA_VERSION, STEPS_FILE, STEPS_PARQUET, SUMMARY_FILE,
-                                          UPDATE_RATIO_PREFIX, TraceError, grad_modules, loss_terms,
+                                          UPDATE_RATIO_PREFIX, EmptyTraceError, TraceError, grad_modules, loss_terms,
                                           matrix_names)
 
 if TYPE_CHECKING:  # pandas is heavy and only needed by readers
@@ -230,7 +230,7 @@ def _read_steps(run_dir: Path, skipped: dict[str, int] | None = None) -> tuple["
     if jsonl.exists():
         rows, truncated = _read_jsonl(jsonl, skipped)
         if not rows:
-            raise TraceError(
+            raise EmptyTraceError(
                 f"{jsonl} is an empty trace: no step was recorded (the run stopped before its first "
                 "logged step). Check events.jsonl for the cause and re-run."
             )
@@ -240,9 +240,9 @@ def _read_steps(run_dir: Path, skipped: dict[str, int] | None = None) -> tuple["
 
         frame = pd.read_parquet(parquet)
         if frame.empty:
-            raise TraceError(f"{parquet} is an empty trace: no step was recorded. Re-run the trace.")
+            raise EmptyTraceError(f"{parquet} is an empty trace: no step was recorded. Re-run the trace.")
         return frame, False
-    raise TraceError(
+    raise EmptyTraceError(
         f"{run_dir} is an empty trace: it has meta.json but neither {STEPS_FILE} nor {STEPS_PARQUET}. "
         "The run stopped before writing any step; check events.jsonl and re-run."
     )
@@ -298,3 +298,12 @@ def to_parquet(run_dir: Path) -> Path:
     except ImportError as exc:
         raise TraceError(f"writing {target} needs pyarrow: pip install 'ris-diag[parquet]' ({exc})") from exc
     return target
+
+
+def read_outline(run_dir: Path) -> tuple[dict, list[dict], dict | None]:
+    """meta.json, the sound events and summary.json of a run folder, whether or not it recorded a step."""
+    run_dir = Path(run_dir)
+    skipped: dict[str, int] = {}
+    events = _read_jsonl(run_dir / EVENTS_FILE, skipped)[0] if (run_dir / EVENTS_FILE).exists() else []
+    events = [e for e in events if isinstance(e.get("kind"), str)]
+    return read_meta(run_dir), events, _read_optional(run_dir / SUMMARY_FILE, skipped)

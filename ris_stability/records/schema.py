@@ -64,6 +64,10 @@ class TraceError(UsageError):
     """A run folder or one of its trace files cannot be read or written."""
 
 
+class EmptyTraceError(TraceError):
+    """A run folder whose run stopped before its first logged step: meta.json and events, no step rows."""
+
+
 def matrix_names(columns: Iterable[str]) -> list[str]:
     """Sorted names of the matrices with "mat/<name>/<stat>" columns (names may contain '/')."""
     names = {c[len(MAT_PREFIX):].rpartition("/")[0] for c in columns if c.startswith(MAT_PREFIX)}

@@ -14,6 +14,7 @@ from typing import Callable
 import pandas as pd
 
 from ris_stability.records import UsageError, Trace, read_trace
+from ris_stability.records.schema import EmptyTraceError
 from ris_stability.report import markdown as md
 from ris_stability.report.ranks import ranks_blocks, with_shards
 from ris_stability.report import plots
@@ -86,7 +87,12 @@ def _resolve_out(run_dir: Path, out: Path | None) -> Path:
 def build_report(run_dir: Path, out: Path | None = None) -> Path:
     """Write report.md (default run_dir/report.md; a folder means folder/report.md) and figures/*.png
     next to it. Returns the report path. Raises TraceError / ReportError (both UsageError)."""
-    trace = with_shards(read_trace(Path(run_dir)))
+    try:
+        trace = with_shards(read_trace(Path(run_dir)))
+    except EmptyTraceError as err:  # a run that stopped before its first step still gets its report
+        from ris_stability.report.outline import outline_report
+
+        return outline_report(Path(run_dir), _resolve_out(Path(run_dir), out), str(err))
     out = _resolve_out(Path(run_dir), out)
     figures = figure_set(trace, trace.meta, plots.palette(trace.matrices))
     links = write_figures(figures, out.parent / FIGURE_DIR)

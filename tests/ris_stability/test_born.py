@@ -124,3 +124,12 @@ def test_watch_sees_the_nan_a_loop_hides(tmp_path):
             opt.step()
     assert w.nonfinite_steps == [0, 1, 2]
     assert all(e["data"].get("replaced_by_script") for e in _events(tmp_path, "nonfinite_grad"))
+
+
+def test_report_of_a_run_that_recorded_no_step(tmp_path):
+    """`risdiag report` works on any run folder with a run_start: a run that stopped before its first step gets
+    a report of what ran, how it ended and its events (a folder without even a run_start is still refused)."""
+    assert _trace(tmp_path, SCRIPTS / "never_steps.py") == 2
+    assert main(["report", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "No step was recorded" in report and "no_steps" in report and "run_start" in report
