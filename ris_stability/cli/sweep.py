@@ -43,7 +43,8 @@ def add_sweep_parser(sub: argparse._SubParsersAction, positive_int: Callable[[st
     s.add_argument("--metric", default="loss",
                    help="objective (default loss): for a script, loss / loss/TERM from the trace, or a name it reports "
                         "(ris_stability.report_metric or a final JSON line); for a config, a validation metric")
-    s.add_argument("--direction", default="minimize", choices=("minimize", "maximize"))
+    s.add_argument("--direction", default="minimize", choices=("minimize", "maximize"),
+                   help="optimise the metric down or up (default minimize)")
     s.add_argument("--out", default=None, help="trial run folders go to OUT/trial-NNNN (default runs/sweep-STUDY)")
     s.add_argument("--seed", type=nonnegative_int, default=None,
                    help="sampler seed (each trial's draw also depends on the study's trial count: a resumed study "

@@ -359,6 +359,8 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
             msg = spike.message()
             if not self.exploded and len(self.snapshots) < self.cfg.spike_snapshots:  # a finite step: a snapshot
                 path = self._write_capsule(ctx, reason=msg, purpose="spike")
+                if path is not None:
+                    msg += f"; snapshot {path.relative_to(self.run_dir)}"
                 if path is not None and self.replayer:  # only with a replayer: --precision rebuilds the step from it
                     msg += f"; check the gradient with `risdiag bisect --precision {path}`"
             self.writer.event("gradient_spike", "warning", msg, step=ctx.step, **spike.data())
@@ -389,8 +391,3 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
 
 def _names(names: list[str], shown: int = 8) -> str:
     return ", ".join(names[:shown]) + (f" (+{len(names) - shown} more)" if len(names) > shown else "")
-
-
-def _count(value: Any) -> str:
-    """A statistic that counts, as text: a NaN one (the matrix itself was non-finite) says so."""
-    return str(int(value)) if isinstance(value, (int, float)) and math.isfinite(value) else "n/a (non-finite matrix)"

@@ -61,6 +61,8 @@ class QuickClient:
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         method = getattr(self._client, name)
+        if not callable(method):  # a plain attribute (e.g. tracking_uri): no call to guard
+            return method
 
         def call(*args: Any, **kwargs: Any) -> Any:
             if self.failed:
