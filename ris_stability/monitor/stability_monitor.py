@@ -221,9 +221,9 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
             if ok:
                 self.grads.observe_terms(ctx.terms)
         loss = float(ctx.loss.detach()) if ctx.loss is not None else math.nan
-        self._losses.append(loss)
         if self.cfg.sampled(ctx.step) or ctx.step in self.nonfinite_steps:
             self._write_row(ctx, loss, skipped)
+        self._losses.append(loss)  # after its row: a step a signal cut short is counted nowhere, not half
 
     def on_exception(self, ctx: LoopContext | None, exc: BaseException, stopped: bool | None = None) -> None:
         """The run ended on ``exc``: ``stopped`` (default: exc is a NonFiniteError) by the stop policy, else crashed."""
