@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("align", help="check that the loss and inference consume the same matrices")
     a.add_argument("--config", required=True, help="TOML config, e.g. configs/seed-misaligned.toml")
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set loss.cov_source=R_blend (repeatable)")
+                   help="override a config field, e.g. --set section.key=value (repeatable)")
     a.add_argument("--json", action="store_true", help="print the check as JSON")
     from ris_stability.cli.sweep import add_sweep_parser
 
