@@ -64,27 +64,34 @@ def damage(run: Path, kind: str, name: str, where: float, junk: bytes, wrong: in
         path.write_text("\n".join(lines) + "\n")
 
 
+def _records(path: Path) -> list:
+    """The lines of a JSONL file that parse, read independently of the reader under test."""
+    return [json.loads(line) for line in path.read_bytes().split(b"\n")
+            if line.strip() and len(line) < reader.MAX_LINE_BYTES and _json(line)]
+
+
+def _meta(run: Path) -> dict | None:
+    meta = json.loads((run / "meta.json").read_text())
+    return meta if isinstance(meta, dict) else None
+
+
 def sound(run: Path) -> bool:
     """Whether the folder keeps a sound meta.json and at least one sound step row (told apart independently)."""
     try:
-        meta = json.loads((run / "meta.json").read_text())
-        rows = [json.loads(line) for line in (run / "steps.jsonl").read_bytes().split(b"\n")
-                if line.strip() and len(line) < reader.MAX_LINE_BYTES and _json(line)]
+        meta, rows = _meta(run), _records(run / "steps.jsonl")
     except (OSError, ValueError):
         return False
-    return isinstance(meta, dict) and meta.get("schema") is not None and any(
+    return meta is not None and meta.get("schema") is not None and any(
         isinstance(r, dict) and type(r.get("step")) is int and r["step"] >= 0 for r in rows)
 
 
 def started(run: Path) -> bool:
     """Whether the folder keeps a sound meta.json and a sound run_start event (enough for an outline report)."""
     try:
-        meta = json.loads((run / "meta.json").read_text())
-        events = [json.loads(line) for line in (run / "events.jsonl").read_bytes().split(b"\n")
-                  if line.strip() and len(line) < reader.MAX_LINE_BYTES and _json(line)]
+        meta, events = _meta(run), _records(run / "events.jsonl")
     except (OSError, ValueError):
         return False
-    return isinstance(meta, dict) and any(isinstance(e, dict) and e.get("kind") == "run_start" for e in events)
+    return meta is not None and any(isinstance(e, dict) and e.get("kind") == "run_start" for e in events)
 
 
 def _json(line: bytes) -> bool:
