@@ -12,6 +12,8 @@ Definitions (identical for both; on singular values the gaps and clusters are ta
 numerics.stats):
 
 * ``rank``: entries above ``rank_tol(n, dtype, max)``; ``cond``: max/min, inf when min is within it;
+  ``range_log10_cond``: log10(max / smallest entry above the tolerance), the conditioning of the matrix on
+  its numerical range (finite for a matrix singular by design; NaN when rank is 0);
 * ``min_gap``: smallest adjacent difference (NaN for n = 1); ``gap_split``: the difference between the
   largest noise and the smallest signal value; ``min_gap_signal`` / ``min_gap_noise``: within each part
   (NaN when the part has fewer than two values or ``k`` is unknown);
@@ -29,7 +31,7 @@ from torch import Tensor
 from ris_stability.numerics.tolerances import rank_tol, tie_tol
 
 SPECTRUM_KEYS: tuple[str, ...] = (
-    "n", "rank", "cond", "log10_cond", "lambda_min", "lambda_max", "trace", "herm_err",
+    "n", "rank", "cond", "log10_cond", "range_log10_cond", "lambda_min", "lambda_max", "trace", "herm_err",
     "min_gap", "gap_split", "min_gap_signal", "min_gap_noise", "max_cluster", "cluster_value",
     "amplification",
 )
@@ -109,6 +111,8 @@ def _table(gap_values: Tensor, mags: Tensor, low: Tensor, high: Tensor, trace: T
     rtol = rank_tol(mags.shape[-1], dtype, big)
     rank = (mags > rtol.unsqueeze(-1)).sum(-1).to(_F64)
     cond = torch.where(small <= rtol, math.inf, big / small)
+    above = torch.where(mags > rtol.unsqueeze(-1), mags, math.inf).amin(-1)
+    range_cond = torch.where(rank > 0, torch.log10(big / above), math.nan)
     if n > 1:
         diffs = gap_values[..., 1:] - gap_values[..., :-1]
         min_gap = diffs.amin(-1)
@@ -119,7 +123,7 @@ def _table(gap_values: Tensor, mags: Tensor, low: Tensor, high: Tensor, trace: T
     else:
         min_gap = split = signal = noise = middle = nan
         size = torch.ones_like(low)
-    columns = (torch.full_like(low, float(n)), rank, cond, torch.log10(cond), low, high, trace,
+    columns = (torch.full_like(low, float(n)), rank, cond, torch.log10(cond), range_cond, low, high, trace,
                nan if herm_err is None else herm_err.to(_F64), min_gap, split, signal, noise, size, middle,
                min_gap.reciprocal(), nan, nan, nan)
     table = torch.stack(columns, dim=-1)

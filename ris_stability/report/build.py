@@ -194,9 +194,15 @@ def matrix_table(matrices: list[MatrixSummary], real: str, eps: float) -> str:
         gap = md.fmt(m.min_gap) + (f" (step {m.min_gap_step})" if m.min_gap_step is not None else "")
         vec = {True: "yes", False: "no (eigenvalues only)", None: md.MISSING}[m.vec_grad]
         flag = f"{m.first_flag[0]} ({m.first_flag[1]})" if m.first_flag else "never"
-        rows.append((md.code(m.name), md.fmt(m.n), _triple(m.rank), _triple(m.log10_cond), gap,
+        cond = _triple(m.log10_cond)
+        if m.singular_steps and not all(math.isnan(v) for v in m.range_log10_cond):
+            cond += f"<br>range: {_triple(m.range_log10_cond)}"
+        rows.append((md.code(m.name), md.fmt(m.n), _triple(m.rank), cond, gap,
                      _cluster(m), vec, flag))
-    note = (f"Worst over the sampled batch at each logged step. log10 cond = inf: singular. A gap matters "
+    note = (f"Worst over the sampled batch at each logged step. log10 cond = inf: singular; for a matrix singular "
+            f"at some steps, 'range' is log10(lambda_max / smallest eigenvalue above the rank tolerance), how well "
+            f"conditioned it is on the part of the space it spans (a covariance of fewer snapshots than its size "
+            f"is singular by design: its range is what an inverse or a subspace method uses). A gap matters "
             f"when eigenvectors receive gradient (their backward divides by every pairwise gap); "
             f"dtype {real}, eps = {eps:.1e}.\n")
     poisoned = [f"{md.code(m.name)} at steps {md.steps_list(list(m.nan_steps), 6)}" for m in matrices if m.nan_steps]

@@ -80,6 +80,7 @@ class MatrixSummary:
     n: float
     rank: tuple[float, float, float]          # min, median, max
     log10_cond: tuple[float, float, float]    # p5, p50, p95 (+inf: singular)
+    range_log10_cond: tuple[float, float, float]  # p5, p50, p95 of log10(lambda_max / smallest above rank tol)
     min_gap: float
     min_gap_step: int | None
     gap_split_min: float
@@ -148,7 +149,8 @@ def summarize_matrix(trace: Trace, name: str) -> MatrixSummary:
     summary = MatrixSummary(
         name=name, n=float(_col(stats, "n").max()),
         rank=(float(rank.min()), float(rank.median()), float(rank.max())),
-        log10_cond=_percentiles(cond), min_gap=float(gap.min()), min_gap_step=_argmin_step(gap),
+        log10_cond=_percentiles(cond), range_log10_cond=_percentiles(_col(stats, "range_log10_cond")),
+        min_gap=float(gap.min()), min_gap_step=_argmin_step(gap),
         gap_split_min=float(_col(stats, "gap_split").min()), max_cluster=float(cluster.max()),
         cluster_value=math.nan if cluster_step is None else float(_col(stats, "cluster_value")[cluster_step]),
         cluster_step=cluster_step, tie_steps=tuple(int(s) for s in stats.index[tie_mask]),

@@ -75,25 +75,27 @@ def plot_log10_cond(steps: StepTables, colors: Mapping[str, tuple] | None = None
         first = runs[0][0]
         _say_hidden(handles, names, {n: pd.concat([conds[(first, n)], ranged.get((first, n), pd.Series())])
                                      for n in names})
-    for (label, _), style in zip(runs, RUN_STYLES):
-        for name in names:
+    rows = len(runs) * len(names)
+    for r, ((label, _), style) in enumerate(zip(runs, RUN_STYLES)):
+        for i, name in enumerate(names):
             values = conds[(label, name)]
-            _plot_series(ax, values, colors[name], style, **_layer(names.index(name), len(names)))
+            _plot_series(ax, values, colors[name], style, **_layer(i, len(names)))
             singular = values.index[np.isinf(values)]
-            ax.plot(singular, np.full(len(singular), top), ls="none", marker="^", ms=5, color=colors[name],
+            row = top + INF_ROW * (r * len(names) + i)  # one row per matrix: markers never hide each other
+            ax.plot(singular, np.full(len(singular), row), ls="none", marker="^", ms=5, color=colors[name],
                     clip_on=False)
     for (label, name), values in ranged.items():
         style = dict(zip((lb for lb, _ in runs), RUN_STYLES))[label]
         _plot_series(ax, values, colors[name], style, lw=1.0, marker="|", ms=4)
     if ranged:
         handles.append(Line2D([], [], color="grey", lw=1.0, marker="|",
-                              label="singular by design: log10(lambda_max /\ngap at the signal/noise "
-                                    "boundary),\nhow well its range is separated"))
+                              label="singular: log10 cond of its range\n(lambda_max / smallest "
+                                    "eigenvalue\nabove the rank tolerance)"))
     if any(np.isinf(s).any() for s in conds.values()):
-        ax.axhline(top, color="grey", lw=0.6, ls=":")
-        _inf_tick(ax, top)
-        handles.append(Line2D([], [], ls="none", marker="^", color="grey", label="cond = inf (singular),\n"
-                                                                                    "drawn at the top"))
+        ax.axhline(top - INF_ROW, color="grey", lw=0.6, ls=":")
+        _inf_tick(ax, top, INF_ROW * max(rows - 1, 0))
+        handles.append(Line2D([], [], ls="none", marker="^", color="grey", label="cond = inf (singular):\n"
+                                                                                    "top band, one row per matrix"))
     if eps is not None:
         ax.axhline(-math.log10(eps), color="black", lw=0.8, ls="--")
         handles.append(Line2D([], [], color="black", lw=0.8, ls="--", label=f"log10(1/eps) {precision}".strip()))
@@ -106,18 +108,24 @@ def plot_log10_cond(steps: StepTables, colors: Mapping[str, tuple] | None = None
 
 def _range_separation(runs, names, conds) -> dict[tuple[str, str], pd.Series]:
     """For a matrix singular at most of its steps (rank-deficient by design, e.g. a covariance of fewer
-    snapshots than its size), where cond = inf says nothing: log10(lambda_max / gap_split), the conditioning
-    of the boundary between its numerical range and its null space, at the steps where it was singular."""
+    snapshots than its size), where cond = inf says nothing: the log10 condition number of its numerical
+    range (lambda_max / smallest eigenvalue above the rank tolerance) at the steps where it was singular.
+    Traces without that statistic fall back to log10(lambda_max / gap at the signal/noise boundary)."""
     out = {}
     for label, frame in runs:
         for name in names:
             values = conds[(label, name)]
             stats = matrix_stats(frame, name)
             singular = np.isinf(values)
-            if singular.sum() * 2 <= values.notna().sum() or not {"lambda_max", "gap_split"} <= set(stats):
+            if singular.sum() * 2 <= values.notna().sum():
                 continue
-            gap = stats["gap_split"].where(stats["gap_split"] > 0)
-            ratio = np.log10(stats["lambda_max"].abs() / gap).where(singular)
+            if "range_log10_cond" in stats:
+                ratio = stats["range_log10_cond"].where(singular)
+            elif {"lambda_max", "gap_split"} <= set(stats):
+                gap = stats["gap_split"].where(stats["gap_split"] > 0)
+                ratio = np.log10(stats["lambda_max"].abs() / gap).where(singular)
+            else:
+                continue
             if ratio.notna().any():
                 out[(label, name)] = ratio
     return out
@@ -136,14 +144,18 @@ def _say_hidden(handles: list, names: list[str], series: Mapping[str, pd.Series 
             handles[i].set_label(f"{handles[i].get_label()}\n  (same values as {short_label(twin)}: one line)")
 
 
-def _inf_tick(ax, top: float) -> None:
-    """Label the singular band "inf" on the y axis, dropping numeric ticks that would crowd it."""
+INF_ROW = 0.35  # height of one row of the singular (cond = inf) band, in decades of the condition number
+
+
+def _inf_tick(ax, top: float, band: float = 0.0) -> None:
+    """Label the singular band [top, top + band] "inf" on the y axis, dropping numeric ticks that would
+    crowd it."""
     low = ax.get_ylim()[0]
-    ax.set_ylim(low, top + 0.5)
+    ax.set_ylim(low, top + band + 0.5)
     auto = list(ax.get_yticks())
     spacing = auto[1] - auto[0] if len(auto) > 1 else 1.0
     ticks = [t for t in auto if low <= t <= top - 0.75 * spacing]
-    ax.set_yticks(ticks + [top], [f"{t:g}" for t in ticks] + ["inf"])
+    ax.set_yticks(ticks + [top + band / 2], [f"{t:g}" for t in ticks] + ["inf"])
 
 
 GAP_PANELS = (
