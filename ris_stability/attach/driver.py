@@ -1,15 +1,10 @@
 """StepDriver: the one driver every front door feeds. It owns the run's typed LoopContext, turns a loop's
 events into StabilityMonitor calls, takes the step's decision (skip / stop) in one place and arms the
-locator for the steps after a fault.
-
-Front doors and how they feed it:
-
-* global hooks (``risdiag trace -- python ...``, ``watch``, the HF Trainer callback; ``hooks.py``): a root
-  module's forward starts the step, ``backward`` gives the loss, the optimizer's pre-step hook checks it
-  (:meth:`before_optimizer_step`, which hides the gradients of a skipped step) and its post-step hook ends it;
-* explicit calls (``MonitorSession``): :meth:`start_step`, :meth:`add_loss`, :meth:`check_step`,
-  :meth:`before_update`, :meth:`end_step`;
-* a loop's callback protocol (Lightning, a pipeline's ``callbacks=``): the same calls from its named points.
+locator for the steps after a fault. Front doors: global hooks (``risdiag trace -- python ...``, ``watch``,
+the HF Trainer callback; ``hooks.py``: a root module's forward starts the step, ``backward`` gives the loss,
+the optimizer's pre-step hook checks it, :meth:`before_optimizer_step`, and its post-step hook ends it);
+explicit calls (``MonitorSession``: :meth:`start_step`, :meth:`add_loss`, :meth:`check_step`,
+:meth:`before_update`, :meth:`end_step`); a loop's callback protocol (Lightning, a pipeline's ``callbacks=``).
 
 Skipping a step we do not drive: the gradients of the optimizer's parameters are hidden (``.grad =
 None``) for the duration of ``optimizer.step()`` and put back afterwards. torch.optim optimizers update
@@ -22,6 +17,7 @@ or backward goes non-finite again yields the finding. A fault that never recurs 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable, Mapping
 
 from torch import Tensor, nn
@@ -71,10 +67,11 @@ class StepDriver:
         self._anomaly: Finding | None = None  # the script's own anomaly mode stopped this step's backward
         self.step_backwards = 0  # backward calls in the step in progress
         self._born: dict[int, Tensor] | None = None  # id(param) -> gradient as born, when non-finite at backward
+        self._born_ok: Tensor | None = None  # device flag of the step's backward calls (read with its verdict)
+        self._born_refs, self._born_peaks = [], None  # (param, grad, version), peaks: after the last backward
+        self._born_eager = False  # read and copy at every backward (see _check_born)
 
-    @property
-    def attached(self) -> bool:
-        return self.ctx is not None
+    attached = property(lambda self: self.ctx is not None)
 
     def open(self) -> "StepDriver":
         """Start watching for a GradScaler (its loss is logged in true units, its overflows as routine)."""
@@ -213,7 +210,14 @@ class StepDriver:
         if self._born is not None:  # non-finite at backward, whatever the script did to them since
             c.born_grads = {n: self._born[id(p)] for n, p in c.model.named_parameters() if id(p) in self._born}
             c.grads_finite = False
+        elif self._born_ok is not None:  # read with the step's verdict, not here (monitor/step_reads.py)
+            c.born_ok, c.born_grads_fn = self._born_ok, self._born_grads
         self.monitor.on_after_backward(c)
+        if self.monitor.found_late:  # observe: a fault of an earlier step, read only now; locate it from here
+            self.first_bad = min(self.monitor.found_late + ([self.first_bad] if self.first_bad is not None else []))
+            self.monitor.found_late.clear()
+            if len(self.findings) < self.max_findings and not c.locating and self._attempts_left == 0:
+                self._attempts_left = LOCATE_ATTEMPTS
         self._settle_finding()
         c.skipped = bool(c.skip_requested) or self.monitor.overflow
         c.skip_reason = c.skip_requested or ("amp_overflow" if self.monitor.overflow else "")
@@ -246,6 +250,7 @@ class StepDriver:
         self.step += 1
         self.in_step = False
         self._inputs, self._born, self.step_backwards = {}, None, 0
+        self._born_ok, self._born_refs, self._born_peaks = None, [], None
         if raise_stop and self._stop and self._attempts_left == 0:
             raise NonFiniteError(self._stop)
 
@@ -261,16 +266,32 @@ class StepDriver:
         self.end_step(skipped=True, reason=self.ctx.skip_requested or reason, raise_stop=raise_stop)
 
     def _check_born(self) -> None:
-        """Whether backward made any gradient non-finite (its peak magnitude, which never overflows, is
-        NaN/Inf); when it did, a copy of the gradients as born for the step's verdict and capsule."""
+        """Whether backward made a gradient non-finite: per-parameter peak magnitudes (a maximum never overflows)
+        on the device, read with the step's verdict; the gradients kept by reference (:meth:`_born_grads`). Once a
+        script rewrote a bad step's gradients in place, it reads and copies at every backward (``_born_eager``)."""
         params = self._params() if self.ctx is not None else self.params_hint()
         grads = [(p, p.grad) for p in params if p.grad is not None]
         if not grads:
             return
-        if bool(peak_magnitudes([g for _, g in grads]).isfinite().all()):
-            return
-        if self._born is None:  # the first bad backward of the step (accumulation keeps the NaN anyway)
-            self._born = {id(p): g.detach().clone() for p, g in grads}
+        peaks = peak_magnitudes([g for _, g in grads])
+        if self._born_eager and self._born is None and not bool(peaks.isfinite().all()):
+            self._born = {id(p): g.detach().clone() for p, g in grads}  # the first bad backward of the step
+        ok = peaks.isfinite().all()
+        self._born_ok = ok if self._born_ok is None else self._born_ok & ok
+        self._born_refs, self._born_peaks = [(p, g, g._version) for p, g in grads], peaks
+
+    def _born_grads(self) -> tuple[list[str], dict[str, Tensor] | None]:
+        """A bad step's gradients as born: the non-finite ones' names (one read), copies (None: rewritten since)."""
+        names = {id(p): n for n, p in self.ctx.model.named_parameters()}
+        refs = [(names[id(p)], g, v, peak) for (p, g, v), peak in zip(self._born_refs, self._born_peaks.tolist())
+                if id(p) in names]
+        bad = [n for n, _, _, peak in refs if not math.isfinite(peak)]
+        if any(g._version != v for _, g, v, _ in refs):
+            self._born_eager = True
+            log.info("the script rewrites gradients in place between backward and optimizer.step: from now on the "
+                     "check at backward reads at every backward, to keep the gradients as born")
+            return bad, None
+        return bad, {n: g.detach().clone() for n, g, _, _ in refs}
 
     # -- the hook form: one optimizer's pre / post step --------------------------------------------
     @guarded(DRIVER, False)
