@@ -236,6 +236,8 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks, StepReads):
             if ok:
                 self.grads.observe_terms(ctx.terms)
         self.queue_row(ctx, skipped)  # read (and written) at the next read point: step_reads.py
+        if self.dist is not None:  # a rank may die with the next step (its shard keeps whole steps): read now
+            self.read_now(ctx.step)
 
     def on_exception(self, ctx: LoopContext | None, exc: BaseException, stopped: bool | None = None) -> None:
         """The run ended on ``exc``: ``stopped`` (default: exc is a NonFiniteError) by the stop policy, else crashed."""
