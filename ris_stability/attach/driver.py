@@ -17,7 +17,6 @@ or backward goes non-finite again yields the finding. A fault that never recurs 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Callable, Mapping
 
 from torch import Tensor, nn
@@ -27,11 +26,11 @@ from ris_stability.locate.armed import ArmedLocator
 from ris_stability.locate.finding import Finding, format_finding
 from ris_stability.monitor import StabilityMonitor
 from ris_stability.monitor.context import LoopContext, NonFiniteError
-from ris_stability.numerics.norms import peak_magnitudes
 from ris_stability.observe.loopstack import unwrap
 from ris_stability.observe.guard import guarded
 from ris_stability.observe.scaler import ScalerSpy
 from ris_stability.records import write_finding
+from ris_stability.attach.born import BornCheck
 from ris_stability.attach.loop_parts import _lr, model_of, optimizer_params
 
 log = logging.getLogger(__name__)
@@ -66,10 +65,7 @@ class StepDriver:
         self.roots_hint: Callable[[], dict[str, nn.Module]] = dict  # module roots before attach (hooks: discovery)
         self._anomaly: Finding | None = None  # the script's own anomaly mode stopped this step's backward
         self.step_backwards = 0  # backward calls in the step in progress
-        self._born: dict[int, Tensor] | None = None  # id(param) -> gradient as born, when non-finite at backward
-        self._born_ok: Tensor | None = None  # device flag of the step's backward calls (read with its verdict)
-        self._born_refs, self._born_peaks = [], None  # (param, grad, version), peaks: after the last backward
-        self._born_eager = False  # read and copy at every backward (see _check_born)
+        self.born = BornCheck()  # the gradients as backward made them (born.py)
 
     attached = property(lambda self: self.ctx is not None)
 
@@ -162,7 +158,7 @@ class StepDriver:
         """Backward has returned (``exc``: it raised). The gradients are checked here, as backward made them:
         later user code may sanitise (nan_to_num), clip or skip them before the optimizer sees them."""
         if exc is None:
-            self._check_born()
+            self.born.after_backward(self._params() if self.ctx is not None else self.params_hint())
         elif self._armed is None:
             try:
                 self._anomaly = anomaly_finding(exc, loss, self.roots or self.roots_hint()) or self._anomaly
@@ -207,12 +203,9 @@ class StepDriver:
             c.scaler = self.scalers.scaler
         if self._anomaly is not None:  # the script's anomaly mode found a NaN in this step's backward
             c.grads_finite = False
-        if self._born is not None:  # non-finite at backward, whatever the script did to them since
-            c.born_grads = {n: self._born[id(p)] for n, p in c.model.named_parameters() if id(p) in self._born}
-            c.grads_finite = False
-        elif self._born_ok is not None:  # read with the step's verdict, not here (monitor/step_reads.py)
-            c.born_ok, c.born_grads_fn = self._born_ok, self._born_grads
+        self.born.into(c)  # read with the step's verdict, not here (monitor/step_reads.py)
         self.monitor.on_after_backward(c)
+        self.born.learn()
         if self.monitor.found_late:  # observe: a fault of an earlier step, read only now; locate it from here
             self.first_bad = min(self.monitor.found_late + ([self.first_bad] if self.first_bad is not None else []))
             self.monitor.found_late.clear()
@@ -249,8 +242,8 @@ class StepDriver:
         self.monitor.on_step_end(self.ctx)
         self.step += 1
         self.in_step = False
-        self._inputs, self._born, self.step_backwards = {}, None, 0
-        self._born_ok, self._born_refs, self._born_peaks = None, [], None
+        self._inputs, self.step_backwards = {}, 0
+        self.born.reset()
         if raise_stop and self._stop and self._attempts_left == 0:
             raise NonFiniteError(self._stop)
 
@@ -264,34 +257,6 @@ class StepDriver:
             return
         self.check_step()
         self.end_step(skipped=True, reason=self.ctx.skip_requested or reason, raise_stop=raise_stop)
-
-    def _check_born(self) -> None:
-        """Whether backward made a gradient non-finite: per-parameter peak magnitudes (a maximum never overflows)
-        on the device, read with the step's verdict; the gradients kept by reference (:meth:`_born_grads`). Once a
-        script rewrote a bad step's gradients in place, it reads and copies at every backward (``_born_eager``)."""
-        params = self._params() if self.ctx is not None else self.params_hint()
-        grads = [(p, p.grad) for p in params if p.grad is not None]
-        if not grads:
-            return
-        peaks = peak_magnitudes([g for _, g in grads])
-        if self._born_eager and self._born is None and not bool(peaks.isfinite().all()):
-            self._born = {id(p): g.detach().clone() for p, g in grads}  # the first bad backward of the step
-        ok = peaks.isfinite().all()
-        self._born_ok = ok if self._born_ok is None else self._born_ok & ok
-        self._born_refs, self._born_peaks = [(p, g, g._version) for p, g in grads], peaks
-
-    def _born_grads(self) -> tuple[list[str], dict[str, Tensor] | None]:
-        """A bad step's gradients as born: the non-finite ones' names (one read), copies (None: rewritten since)."""
-        names = {id(p): n for n, p in self.ctx.model.named_parameters()}
-        refs = [(names[id(p)], g, v, peak) for (p, g, v), peak in zip(self._born_refs, self._born_peaks.tolist())
-                if id(p) in names]
-        bad = [n for n, _, _, peak in refs if not math.isfinite(peak)]
-        if any(g._version != v for _, g, v, _ in refs):
-            self._born_eager = True
-            log.info("the script rewrites gradients in place between backward and optimizer.step: from now on the "
-                     "check at backward reads at every backward, to keep the gradients as born")
-            return bad, None
-        return bad, {n: g.detach().clone() for n, g, _, _ in refs}
 
     # -- the hook form: one optimizer's pre / post step --------------------------------------------
     @guarded(DRIVER, False)

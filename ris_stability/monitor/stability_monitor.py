@@ -49,6 +49,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks, StepReads):
                  live: Any = None, listeners: tuple[Callable[[str, dict], None], ...] = ()):
         self.run_dir = Path(run_dir)
         self.listeners = tuple(listeners)
+        self.rows_each_step = False  # a listener judges each step as it ends: its row is read then (attach)
         self.cfg, self.meta, self.config_text, self.replayer = cfg, dict(meta or {}), config_text, replayer
         self.batch_state = batch_state or (lambda b: {"batch": b})
         self.live = live
@@ -95,6 +96,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks, StepReads):
         self._attach_distributed(model, capture=not views)
         follows = (self.live.record,) if hasattr(self.live, "record") else ()  # the live view logs incidents once
         self.writer = TraceWriter(self.run_dir, self.meta, listeners=self.listeners + follows)
+        self.rows_each_step = any(getattr(getattr(f, "__self__", f), "each_step", False) for f in self.writer.listeners)
         guard.bind(self.run_dir, self.event)  # an instrument's own error: one event, a traceback file, part off
         # The probe stays installed for the whole run (installing swaps torch attributes, which flushes
         # Python's type caches) and records only from the start of a sampled step to after its backward.
@@ -236,7 +238,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks, StepReads):
             if ok:
                 self.grads.observe_terms(ctx.terms)
         self.queue_row(ctx, skipped)  # read (and written) at the next read point: step_reads.py
-        if self.dist is not None:  # a rank may die with the next step (its shard keeps whole steps): read now
+        if self.dist is not None or self.rows_each_step:  # a rank may die with the next step; a pruner judges now
             self.read_now(ctx.step)
 
     def on_exception(self, ctx: LoopContext | None, exc: BaseException, stopped: bool | None = None) -> None:
