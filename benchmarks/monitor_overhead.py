@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from outside_models import DESCRIPTIONS, WORKLOADS  # noqa: E402
+from tests.ris_stability.host_reads import counting  # noqa: E402  (the test's own counter)
 
 from ris_stability import watch  # noqa: E402
 from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor  # noqa: E402
@@ -44,9 +46,10 @@ from ris_stability.instruments.probe import SpectralProbe  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("off", "every=1", "every=10", "anomaly", "watch")  # watch: outside models only
 WATCH_GOAL = 1.02  # watch() vs an explicit MonitorSession, every step
-GOALS = {"quickstart.toml": 1.03, "default.toml": 1.03, "gpt": 1.10}  # every=1 ratio goals
-CUDA_GOALS = {"quickstart.toml": 1.05}
-FIXED_GOAL_MS = 0.3
+GOALS = {"quickstart.toml": 1.03, "default.toml": 1.03, "gpt": 1.08, "whiten": 1.5, "persample": 1.3}  # every=1
+E10_GOALS = {"gpt": 1.02, "whiten": 1.05}  # every=10 ratio goals
+CUDA_GOALS = {"quickstart.toml": 1.05, "gpt": 1.05}
+FIXED_GOAL_MS = 0.1
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = time.perf_counter  # set from --clock
 
@@ -76,7 +79,7 @@ class PartClock:
 
     @contextlib.contextmanager
     def installed(self):
-        reals = [(owner, name, getattr(owner, name)) for owner, name in self.targets]
+        reals = [(owner, name, getattr(owner, name)) for owner, name in self.targets if hasattr(owner, name)]
         for owner, name, real in reals:
             setattr(owner, name, self._wrap(real))
         try:
@@ -130,6 +133,24 @@ def run_workload(name: str, mode: str, steps: int, warmup: int, tmp: Path, devic
                 s.end_step()
         _sync(device)
         return (clock() - t0) / steps
+
+
+def host_reads(name: str, every: int, policy: str, steps: int, tmp: Path, device: str) -> float:
+    """Host reads per step that ris_stability makes (each a GPU sync on CUDA), counted on an untimed run."""
+    work = WORKLOADS[name](device)
+    with counting() as reads:
+        with MonitorSession(StabilityMonitor(tmp / f"reads-{time.monotonic_ns()}", MonitorConfig(every=every, policy=policy)),
+                            work.model, work.optimizer) as s:
+            for step in range(steps):
+                s.start_step(step)
+                work.optimizer.zero_grad(set_to_none=True)
+                loss = work.loss(step)
+                s.after_forward(loss)
+                loss.backward()
+                if s.after_backward():
+                    work.optimizer.step()
+                s.end_step()
+    return sum(reads.steps(range(steps))) / steps
 
 
 class StepClock:
@@ -213,11 +234,16 @@ def report(label: str, times: dict[str, list[float]], stats_s: float, own: dict[
         verdicts.append(f"{label}: watch() / MonitorSession every step {rel:.3f}x (median of rounds), goal <= "
                         f"{WATCH_GOAL:.2f}x: {'met' if rel <= WATCH_GOAL else 'NOT met'} (own-time difference "
                         f"{extra_ms:+.3f} ms/step = {own_rel:.3f}x)")
-    if label in ("gpt", "whiten"):
+    goal10 = None if cuda else E10_GOALS.get(label)
+    if goal10 is not None and "every=10" in ratios:
+        med = statistics.median(ratios["every=10"])
+        verdicts.append(f"{label}: every=10 {med:.3f}x (median of rounds; min {min(ratios['every=10']):.3f}x), goal "
+                        f"<= {goal10:.2f}x: {'met' if med <= goal10 else 'NOT met'}")
+    if label in ("gpt", "whiten", "persample"):
         fixed = own_ms - stats_ms
-        verdicts.append(f"{label}: fixed cost {fixed:.2f} ms/step (monitor's own time {own_ms:.2f} ms - "
-                        f"statistics {stats_ms:.2f} ms), goal <= {FIXED_GOAL_MS} ms: "
-                        f"{'met' if fixed <= FIXED_GOAL_MS else 'NOT met'}")
+        verdicts.append(f"{label}: fixed cost {fixed * 1e3:.0f} us/step every step (monitor's own time "
+                        f"{own_ms * 1e3:.0f} us - statistics {stats_ms * 1e3:.0f} us), goal <= {FIXED_GOAL_MS * 1e3:.0f}"
+                        f" us: {'met' if fixed <= FIXED_GOAL_MS else 'NOT met'}")
     return verdicts
 
 
@@ -261,6 +287,11 @@ def main() -> None:
                                                                       Path(tmp), args.device), args.rounds, modes)
             verdicts += report(name, times, stats_s, own, args.model_steps + args.warmup,
                                cuda=args.device.startswith("cuda"))
+            counts = {(p, e): host_reads(name, e, p, 20, Path(tmp), args.device)
+                      for p in ("skip", "observe") for e in (1, 10)}
+            verdicts.append(f"{name}: host reads per step (ris_stability's, 20 steps) " + ", ".join(
+                f"{p} every={e}: {v:.2f}" for (p, e), v in counts.items())
+                + " (goals: observe 0 unsampled / <= 1 sampled, skip 1)")
     for name in args.model:
         print(f"  {name}: {DESCRIPTIONS[name]}")
     print("goals (every step, all statistics):")

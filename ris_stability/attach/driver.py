@@ -1,15 +1,10 @@
 """StepDriver: the one driver every front door feeds. It owns the run's typed LoopContext, turns a loop's
 events into StabilityMonitor calls, takes the step's decision (skip / stop) in one place and arms the
-locator for the steps after a fault.
-
-Front doors and how they feed it:
-
-* global hooks (``risdiag trace -- python ...``, ``watch``, the HF Trainer callback; ``hooks.py``): a root
-  module's forward starts the step, ``backward`` gives the loss, the optimizer's pre-step hook checks it
-  (:meth:`before_optimizer_step`, which hides the gradients of a skipped step) and its post-step hook ends it;
-* explicit calls (``MonitorSession``): :meth:`start_step`, :meth:`add_loss`, :meth:`check_step`,
-  :meth:`before_update`, :meth:`end_step`;
-* a loop's callback protocol (Lightning, a pipeline's ``callbacks=``): the same calls from its named points.
+locator for the steps after a fault. Front doors: global hooks (``risdiag trace -- python ...``, ``watch``,
+the HF Trainer callback; ``hooks.py``: a root module's forward starts the step, ``backward`` gives the loss,
+the optimizer's pre-step hook checks it, :meth:`before_optimizer_step`, and its post-step hook ends it);
+explicit calls (``MonitorSession``: :meth:`start_step`, :meth:`add_loss`, :meth:`check_step`,
+:meth:`before_update`, :meth:`end_step`); a loop's callback protocol (Lightning, a pipeline's ``callbacks=``).
 
 Skipping a step we do not drive: the gradients of the optimizer's parameters are hidden (``.grad =
 None``) for the duration of ``optimizer.step()`` and put back afterwards. torch.optim optimizers update
@@ -31,11 +26,11 @@ from ris_stability.locate.armed import ArmedLocator
 from ris_stability.locate.finding import Finding, format_finding
 from ris_stability.monitor import StabilityMonitor
 from ris_stability.monitor.context import LoopContext, NonFiniteError
-from ris_stability.numerics.norms import peak_magnitudes
 from ris_stability.observe.loopstack import unwrap
 from ris_stability.observe.guard import guarded
 from ris_stability.observe.scaler import ScalerSpy
 from ris_stability.records import write_finding
+from ris_stability.attach.born import BornCheck
 from ris_stability.attach.loop_parts import _lr, model_of, optimizer_params
 
 log = logging.getLogger(__name__)
@@ -70,11 +65,9 @@ class StepDriver:
         self.roots_hint: Callable[[], dict[str, nn.Module]] = dict  # module roots before attach (hooks: discovery)
         self._anomaly: Finding | None = None  # the script's own anomaly mode stopped this step's backward
         self.step_backwards = 0  # backward calls in the step in progress
-        self._born: dict[int, Tensor] | None = None  # id(param) -> gradient as born, when non-finite at backward
+        self.born = BornCheck()  # the gradients as backward made them (born.py)
 
-    @property
-    def attached(self) -> bool:
-        return self.ctx is not None
+    attached = property(lambda self: self.ctx is not None)
 
     def open(self) -> "StepDriver":
         """Start watching for a GradScaler (its loss is logged in true units, its overflows as routine)."""
@@ -165,7 +158,7 @@ class StepDriver:
         """Backward has returned (``exc``: it raised). The gradients are checked here, as backward made them:
         later user code may sanitise (nan_to_num), clip or skip them before the optimizer sees them."""
         if exc is None:
-            self._check_born()
+            self.born.after_backward(self._params() if self.ctx is not None else self.params_hint())
         elif self._armed is None:
             try:
                 self._anomaly = anomaly_finding(exc, loss, self.roots or self.roots_hint()) or self._anomaly
@@ -210,10 +203,14 @@ class StepDriver:
             c.scaler = self.scalers.scaler
         if self._anomaly is not None:  # the script's anomaly mode found a NaN in this step's backward
             c.grads_finite = False
-        if self._born is not None:  # non-finite at backward, whatever the script did to them since
-            c.born_grads = {n: self._born[id(p)] for n, p in c.model.named_parameters() if id(p) in self._born}
-            c.grads_finite = False
+        self.born.into(c)  # read with the step's verdict, not here (monitor/step_reads.py)
         self.monitor.on_after_backward(c)
+        self.born.learn()
+        if self.monitor.found_late:  # observe: a fault of an earlier step, read only now; locate it from here
+            self.first_bad = min(self.monitor.found_late + ([self.first_bad] if self.first_bad is not None else []))
+            self.monitor.found_late.clear()
+            if len(self.findings) < self.max_findings and not c.locating and self._attempts_left == 0:
+                self._attempts_left = LOCATE_ATTEMPTS
         self._settle_finding()
         c.skipped = bool(c.skip_requested) or self.monitor.overflow
         c.skip_reason = c.skip_requested or ("amp_overflow" if self.monitor.overflow else "")
@@ -245,7 +242,8 @@ class StepDriver:
         self.monitor.on_step_end(self.ctx)
         self.step += 1
         self.in_step = False
-        self._inputs, self._born, self.step_backwards = {}, None, 0
+        self._inputs, self.step_backwards = {}, 0
+        self.born.reset()
         if raise_stop and self._stop and self._attempts_left == 0:
             raise NonFiniteError(self._stop)
 
@@ -259,18 +257,6 @@ class StepDriver:
             return
         self.check_step()
         self.end_step(skipped=True, reason=self.ctx.skip_requested or reason, raise_stop=raise_stop)
-
-    def _check_born(self) -> None:
-        """Whether backward made any gradient non-finite (its peak magnitude, which never overflows, is
-        NaN/Inf); when it did, a copy of the gradients as born for the step's verdict and capsule."""
-        params = self._params() if self.ctx is not None else self.params_hint()
-        grads = [(p, p.grad) for p in params if p.grad is not None]
-        if not grads:
-            return
-        if bool(peak_magnitudes([g for _, g in grads]).isfinite().all()):
-            return
-        if self._born is None:  # the first bad backward of the step (accumulation keeps the NaN anyway)
-            self._born = {id(p): g.detach().clone() for p, g in grads}
 
     # -- the hook form: one optimizer's pre / post step --------------------------------------------
     @guarded(DRIVER, False)

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ris_stability.instruments.grad_norms import grad_norms, per_param, present_grads
 from ris_stability.numerics.norms import fast_norms, float64_norms
 from ris_stability.numerics.stats import to_floats
 
@@ -58,46 +59,13 @@ def group_name(index: int, group: Mapping) -> str:
     return str(group.get("name", index))
 
 
-def _dense(grad: Tensor) -> Tensor:
-    return grad.coalesce().values() if grad.is_sparse else grad
-
-
-def _per_param(params: Sequence[nn.Parameter], values: Sequence[Tensor], device: torch.device,
-               dtype: torch.dtype, index_cache: dict | None = None) -> Tensor:
-    """(P,) tensor on ``device``: the 0-d ``values`` (one per parameter with a grad, in order) and 0 for
-    parameters without a grad. One stack and one cast, not one kernel per parameter."""
-    present = tuple(i for i, p in enumerate(params) if p.grad is not None)
-    if not present:
-        return torch.zeros(len(params), dtype=dtype, device=device)
-    stacked = torch.stack([v if v.device == device else v.to(device) for v in values]).to(dtype)
-    if len(present) == len(params):
-        return stacked
-    cache = {} if index_cache is None else index_cache
-    if present not in cache:  # a host-to-device copy, so built once per pattern of missing grads
-        cache[present] = torch.tensor(present, dtype=torch.long, device=device)
-    return torch.zeros(len(params), dtype=dtype, device=device).index_copy_(0, cache[present], stacked)
-
-
-def _present_grads(params: Sequence[nn.Parameter]) -> list[Tensor]:
-    return [_dense(p.grad) for p in params if p.grad is not None]
-
-
-def grad_norms(params: Sequence[nn.Parameter], device: torch.device, index_cache: dict | None = None,
-               exact: bool = True) -> Tensor:
-    """L2 norm of each parameter's grad as a float64 (P,) tensor on ``device``; 0 for a None grad.
-    ``exact``: accumulated in float64, so finite gradients always have finite norms; else
-    :func:`fast_norms` (an infinite norm must then be confirmed with ``exact``)."""
-    grads = _present_grads(params)
-    return _per_param(params, (float64_norms if exact else fast_norms)(grads), device, torch.float64, index_cache)
-
-
 def nonfinite_counts(params: Sequence[nn.Parameter], device: torch.device,
                      index_cache: dict | None = None) -> Tensor:
     """Number of non-finite grad elements of each parameter, (P,) int64 on ``device``."""
-    grads = _present_grads(params)
+    grads = present_grads(params)
     # g * 0 is 0 where g is finite and NaN where it is not; its "L0 norm" counts the non-zero (NaN) entries.
     counts = torch._foreach_norm(torch._foreach_mul(grads, 0.0), 0) if grads else ()
-    return _per_param(params, counts, device, torch.long, index_cache)
+    return per_param(params, counts, device, torch.long, index_cache)
 
 
 @dataclass
@@ -148,7 +116,7 @@ class GradMonitor:
         self._reported_terms: set[str] = set()  # reported dead, or seen to change after dead_after
 
     # -- gradients ---------------------------------------------------------------------------------
-    def observe_grads(self, optimizer: Any = None, count_nonfinite: bool = True, scale: float = 1.0) -> None:
+    def observe_grads(self, optimizer: Any = None, count_nonfinite: bool = True, scale: Any = 1.0) -> None:
         """Measure the current grads (call after backward): module and total norms, per-param-group norms
         when ``optimizer`` (one or a sequence; several name their groups "<k>.<group>") is given, parameter
         liveness, and non-finite counts unless ``count_nonfinite`` is False (a caller that checks
@@ -166,7 +134,7 @@ class GradMonitor:
         """The block of norms (float32 accumulation unless ``exact``: float64) and the liveness."""
         optimizer, scale = self._observed_with
         norms = grad_norms(self.params, self.device, self._present_indices, exact=exact)
-        if scale != 1.0:
+        if isinstance(scale, Tensor) or scale != 1.0:  # a tensor scale: divided on the device, not read
             norms = norms / scale
         squares = norms.square()
         by_module = torch.zeros(len(self.modules), dtype=norms.dtype, device=norms.device).index_add_(
@@ -206,6 +174,18 @@ class GradMonitor:
                 self._measure(exact=True)
                 self._block_floats = self._block[1].tolist()
         return dict(zip(self._block[0], self._block_floats))
+
+    def block(self) -> Tensor | None:
+        """The last observe_grads' values on the device (norms, then the all-finite flag), for a caller that
+        reads it together with other values (:meth:`take_block` gives the numbers back)."""
+        return None if self._block is None else self._block[1]
+
+    def take_block(self, values: list[float]) -> None:
+        """The numbers of :meth:`block`, read by the caller: peek_norms, grads_finite and collect use them."""
+        self._block_floats = values
+        if values and values[-1] != 1.0 and not self._exact:  # a bad step: the float64 pass tells inf from overflow
+            self._measure(exact=True)
+            self._block_floats = self._block[1].tolist()
 
     def grads_finite(self) -> bool | None:
         """Whether every gradient of the last observe_grads was finite (None before any); shares the one
@@ -335,6 +315,17 @@ class GradMonitor:
                 self._pending[f"loss/{name}"] = v.reshape(())
 
     # -- reports -----------------------------------------------------------------------------------
+    def take_pending(self) -> tuple[dict[str, float], list[str], Tensor | None]:
+        """What :meth:`collect` would return, split for a caller that reads once for many instruments: the
+        block's numbers (already read), the keys of the values still on the device and those values as one
+        vector (None when there are none); hand the numbers of that vector to :meth:`collect_from`. Clears."""
+        floats = self._block_values()
+        keys = list(self._pending)
+        values = torch.stack([v.detach().reshape(()).to(self.device, torch.float64) for v in self._pending.values()]) \
+            if keys else None
+        self._pending, self._block, self._block_floats = {}, None, None
+        return floats, keys, values
+
     def collect(self) -> dict[str, float]:
         """Everything measured since the last collect, as Python numbers (one device sync), then cleared.
         Keys: ``grad/<module>``, ``grad/_total``, ``grad_nonfinite/<module>`` (int, only when > 0),
@@ -342,6 +333,12 @@ class GradMonitor:
         floats = self._block_values()
         floats.update(to_floats(self._pending) if self._pending else {})
         self._pending, self._block, self._block_floats = {}, None, None
+        return self.collect_from(floats, [], [])
+
+    @staticmethod
+    def collect_from(floats: dict[str, float], keys: list[str], values: list[float]) -> dict[str, float]:
+        """The row of :meth:`take_pending`'s parts: the block's numbers and the device values' numbers."""
+        floats = {**floats, **dict(zip(keys, values))}
         out: dict[str, float] = {}
         for key, value in floats.items():
             if key.startswith("grad_nonfinite/"):
@@ -351,30 +348,48 @@ class GradMonitor:
                 out[key] = value
         return out
 
+    def dead_check(self) -> tuple[Tensor | None, list[str]]:
+        """The device values :meth:`dead_parameters` and :meth:`dead_terms` need (liveness once enough
+        observations were made, the ripe terms' change flags), for a caller that reads them with others;
+        None: nothing to read. Returns (values, ripe term names)."""
+        self._commit()
+        parts = [self._alive.to(torch.float64)] if self._observed >= self.dead_after and \
+            len(self._reported_params) < len(self.names) else []
+        ripe = [name for name, state in self._terms.items()
+                if state.count >= self.dead_after and name not in self._reported_terms]
+        parts += [self._terms[name].varied.to(self.device, torch.float64).reshape(1) for name in ripe]
+        return (torch.cat(parts) if parts else None), ripe
+
+    def dead_from(self, values: list[float], ripe: list[str]) -> tuple[list[str], list[str]]:
+        """(dead parameters, dead terms) from the numbers of :meth:`dead_check` (each name reported once)."""
+        params: list[str] = []
+        n_alive = len(values) - len(ripe)
+        if n_alive:
+            params = [name for name, ok in zip(self.names, values[:n_alive])
+                      if not ok and name not in self._reported_params]
+            self._reported_params.update(params)
+            if params:
+                log.warning("no gradient in %d steps for %d parameter(s): %s", self._observed, len(params), params)
+        terms = [name for name, changed in zip(ripe, values[n_alive:]) if not changed]
+        self._reported_terms.update(ripe)
+        if terms:
+            log.warning("loss term(s) constant over %d observations: %s", self.dead_after, terms)
+        return params, terms
+
     def dead_parameters(self) -> list[str]:
         """Names of parameters that received no non-zero finite gradient in ``dead_after`` or more
-        observations; each name is returned once. Empty until enough observations."""
+        observations; each name is returned once. Empty until enough observations (one sync)."""
         self._commit()
         if self._observed < self.dead_after:
             return []
-        alive = self._alive.tolist()
-        dead = [name for name, ok in zip(self.names, alive) if not ok and name not in self._reported_params]
-        self._reported_params.update(dead)
-        if dead:
-            log.warning("no gradient in %d steps for %d parameter(s): %s", self._observed, len(dead), dead)
-        return dead
+        return self.dead_from([float(ok) for ok in self._alive.tolist()], [])[0]
 
     def dead_terms(self) -> list[str]:
         """Names of loss terms constant (including identically zero) over ``dead_after`` or more
-        observations; each name is returned once."""
+        observations; each name is returned once (a term that changed once is settled for good)."""
         ripe = [name for name, state in self._terms.items()
                 if state.count >= self.dead_after and name not in self._reported_terms]
         if not ripe:
             return []
-        varied = torch.stack([self._terms[name].varied.to(self.device) for name in ripe]).tolist()
-        dead = [name for name, changed in zip(ripe, varied) if not changed]
-        # A term that changed once can never become constant-since-the-start: settle it for good.
-        self._reported_terms.update(ripe)
-        if dead:
-            log.warning("loss term(s) constant over %d observations: %s", self.dead_after, dead)
-        return dead
+        return self.dead_from(torch.stack([self._terms[n].varied.to(self.device) for n in ripe]).double().tolist(),
+                              ripe)[1]

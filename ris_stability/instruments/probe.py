@@ -335,6 +335,16 @@ class SpectralProbe:
         sites, table = self._reduce()
         return _records(sites, table.tolist() if table is not None else [])
 
+    def collect_later(self) -> tuple[Tensor | None, Callable[[list[float]], dict[str, dict[str, Any]]]]:
+        """Like :meth:`collect` for a caller that reads many instruments at once: the statistics table on the
+        device (None: no site) and the function that turns its numbers (flattened) into the records."""
+        self._pending = []
+        sites, table = self._reduce()
+        if table is None:
+            return None, lambda values: {}
+        width = table.shape[1]
+        return table, lambda values: _records(sites, [values[i:i + width] for i in range(0, len(values), width)])
+
     def collect_async(self) -> Callable[[], dict[str, dict[str, Any]]]:
         """Like :meth:`collect` without waiting for the device: the statistics are copied to host memory
         in the background; the returned function gives the records (waiting only if the copy is not done).

@@ -37,6 +37,15 @@ def scale_of(scaler: Any) -> float:
     return float(scaler.get_scale())
 
 
+def scale_tensor(scaler: Any) -> torch.Tensor | float:
+    """The current loss scale without a host read: the scaler's own device tensor (read by the caller with its
+    other values), or a float for a scaler that keeps none."""
+    scale = getattr(scaler, "_scale", None)
+    if isinstance(scale, torch.Tensor):
+        return scale.detach().reshape(-1)[0]
+    return float(scaler.get_scale())
+
+
 def _state(scaler: Any, optimizer: Any) -> dict | None:
     states = getattr(scaler, "_per_optimizer_states", None)
     return states.get(id(optimizer)) if isinstance(states, dict) else None

@@ -38,6 +38,9 @@ class LoopContext:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     grads_finite: bool | None = None
     born_grads: dict[str, torch.Tensor] | None = None  # copies of non-finite gradients as backward made them
+    born_ok: torch.Tensor | None = None  # device flag: every gradient was finite as backward made it (not read)
+    born_grads_fn: Any = None  # () -> (names of non-finite, copies or None) as backward made them; bad steps only
+    born_names: list[str] | None = None  # the gradients non-finite as backward made them (a bad step)
     skipped: bool = False
     skip_reason: str = ""
     skip_requested: str = ""
@@ -49,7 +52,7 @@ class LoopContext:
         """Reset the per-step fields for ``step`` (the one place a step's context is cleared)."""
         self.step, self.batch, self.lr, self.signal_dims, self.locating = step, batch, lr, signal_dims, locating
         self.loss, self.terms, self.grads_finite, self.micro_batches = None, {}, None, 0
-        self.born_grads = None
+        self.born_grads, self.born_ok, self.born_grads_fn, self.born_names = None, None, None, None
         self.skipped, self.skip_reason, self.skip_requested = False, "", ""
 
     def add_loss(self, loss: torch.Tensor | None, terms: dict[str, torch.Tensor] | None = None) -> None:

@@ -20,7 +20,6 @@ from ris_stability.records.capsule import capture_rng, restore_rng, rng_snapshot
 from ris_stability.monitor import amp
 from ris_stability.monitor import distributed
 from ris_stability.instruments.grads import TOTAL_KEY, GradMonitor
-from ris_stability.numerics.norms import float64_norms
 from ris_stability.observe import guard
 from ris_stability.observe.loopstack import COMPILE_LIMITATION, compiled_parts, optimizers_of, run_meta, unwrap
 from ris_stability.instruments.spikes import SpikeDetector
@@ -30,12 +29,13 @@ from ris_stability.linalg.hazards import vector_words
 from ris_stability.monitor.config import SPIKE_WARMUP, MonitorConfig, suspect_site
 from ris_stability.monitor.context import LoopContext, NonFiniteError
 from ris_stability.monitor.explosions import ExplosionChecks
+from ris_stability.monitor.step_reads import StepReads
 from ris_stability.monitor.writing import MonitorWriting
 
 log = logging.getLogger(__name__)
 
 
-class StabilityMonitor(MonitorWriting, ExplosionChecks):
+class StabilityMonitor(MonitorWriting, ExplosionChecks, StepReads):
     """Observe a training run and write a trace folder.
 
     ``batch_state(batch) -> dict`` turns a batch into capsule content; ``config_text`` is stored in
@@ -49,6 +49,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
                  live: Any = None, listeners: tuple[Callable[[str, dict], None], ...] = ()):
         self.run_dir = Path(run_dir)
         self.listeners = tuple(listeners)
+        self.rows_each_step = False  # a listener judges each step as it ends: its row is read then (attach)
         self.cfg, self.meta, self.config_text, self.replayer = cfg, dict(meta or {}), config_text, replayer
         self.batch_state = batch_state or (lambda b: {"batch": b})
         self.live = live
@@ -60,6 +61,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
         self.audit_fn: Callable[[], torch.Tensor] | None = None  # recomputes the step's loss (precision audit)
         self.spikes = SpikeDetector(cfg.spike_factor, cfg.spike_window, SPIKE_WARMUP)
         self.init_explosions()  # judged from step 0 (monitor/explosions.py)
+        self.init_reads()  # one host read per read point (monitor/step_reads.py)
         self.skipped_steps: list[int] = []
         self.capsules: list[Path] = []  # kept capsules (the budget deletes the middle ones: writing.py)
         self._capsule_store = None
@@ -94,6 +96,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
         self._attach_distributed(model, capture=not views)
         follows = (self.live.record,) if hasattr(self.live, "record") else ()  # the live view logs incidents once
         self.writer = TraceWriter(self.run_dir, self.meta, listeners=self.listeners + follows)
+        self.rows_each_step = any(getattr(getattr(f, "__self__", f), "each_step", False) for f in self.writer.listeners)
         guard.bind(self.run_dir, self.event)  # an instrument's own error: one event, a traceback file, part off
         # The probe stays installed for the whole run (installing swaps torch attributes, which flushes
         # Python's type caches) and records only from the start of a sampled step to after its backward.
@@ -139,6 +142,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
             self.probe.__exit__(None, None, None)
         self.probe = None
         if self.writer is not None:
+            self.flush_reads()  # rows and verdicts still on the device: nothing lost at the end, a crash or a signal
             broken = guard.unbind()
             finite = [x for x in self._losses if math.isfinite(x)]
             self.writer.summary({
@@ -174,28 +178,41 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
             self.probe.sampling = False
 
     def on_after_backward(self, ctx: LoopContext) -> None:
-        """The gradients of this optimizer step are complete (after the last micro-batch's backward)."""
+        """The gradients of this optimizer step are complete (after the last micro-batch's backward): the step's
+        verdict and statistics in one host read, or, under observe on a step not sampled, none (step_reads.py)."""
         sampled = self.cfg.sampled(ctx.step)
+        table = None
         if self.probe.sampling:  # vec_grad hooks have fired: backward is done
-            self._sites = self.probe.collect()
+            table, records = self.probe.collect_later()
             self.probe.sampling = False  # validation and later calls are not training matrices
         scaler = ctx.scaler if amp.is_scaler(ctx.scaler) else None
         opts = optimizers_of(ctx)
-        scale = amp.scale_of(scaler) if scaler is not None else 1.0
-        norms = None
+        scale = amp.scale_tensor(scaler) if scaler is not None else 1.0
         if sampled:
             still_scaled = scaler is not None and not amp.unscaled(scaler, opts)
             self.grads.observe_grads(opts, count_nonfinite=False, scale=scale if still_scaled else 1.0)
-            norms = self.grads.last_norms
-        if ctx.grads_finite is None:
-            ctx.grads_finite = self._grads_finite(ctx, norms)
         first, self._checked_step = self._checked_step != ctx.step, ctx.step
+        flags = self.verdict_flags(ctx, grads_in_block=sampled)
+        if (self.cfg.policy == "observe" and not sampled and scaler is None and self.dist is None and first
+                and ctx.grads_finite is None):
+            self.defer_verdict(ctx, flags)
+            ctx.grads_finite = True  # as far as this step knows: its verdict is read with the next sample
+            return
+        self.reads.add(flags, self.take_flags)
+        if sampled:
+            self.reads.add(self.grads.block(), self.grads.take_block)
+        if table is not None:
+            self.reads.add(table, lambda values: setattr(self, "_sites", records(values)))
+        if isinstance(scale, torch.Tensor):
+            self.reads.add(scale, lambda values: setattr(self, "_scale_value", values[0]))
+        self.read_now(ctx.step)  # the step's one host read
+        self.resolve_verdict(ctx)
         if self.dist is not None and first:  # every rank takes the same decision (one small all-reduce)
             self._decision = self.dist.decide(ctx.loss)
             ctx.grads_finite = bool(ctx.grads_finite) and self._decision.ok
         finite = bool(ctx.grads_finite)
         if scaler is not None and first:
-            self._amp_step(ctx, scale, finite)
+            self._amp_step(ctx, self._scale_value if isinstance(scale, torch.Tensor) else scale, finite)
         elif not finite and first:
             self._on_nonfinite(ctx)
         if finite and sampled and first:
@@ -220,10 +237,9 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
             self.grads.settle(ok)  # liveness counts only steps that stepped with finite gradients
             if ok:
                 self.grads.observe_terms(ctx.terms)
-        loss = float(ctx.loss.detach()) if ctx.loss is not None else math.nan
-        if self.cfg.sampled(ctx.step) or ctx.step in self.nonfinite_steps:
-            self._write_row(ctx, loss, skipped)
-        self._losses.append(loss)  # after its row: a step a signal cut short is counted nowhere, not half
+        self.queue_row(ctx, skipped)  # read (and written) at the next read point: step_reads.py
+        if self.dist is not None or self.rows_each_step:  # a rank may die with the next step; a pruner judges now
+            self.read_now(ctx.step)
 
     def on_exception(self, ctx: LoopContext | None, exc: BaseException, stopped: bool | None = None) -> None:
         """The run ended on ``exc``: ``stopped`` (default: exc is a NonFiniteError) by the stop policy, else crashed."""
@@ -252,33 +268,10 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
         """Update ratios are taken on logged steps that are also multiples of update_every."""
         return self.cfg.sampled(step) and step % self.cfg.update_every == 0
 
-    def _grads_finite(self, ctx: LoopContext, norms: torch.Tensor | None = None) -> bool:
-        """One device sync for gradients and loss together; ``norms``: this step's grad norms from the grad
-        monitor (None: measured here, in float64)."""
-        if norms is not None and norms is self.grads.last_norms:
-            # The grad monitor's one read-back already holds the verdict on the gradients.
-            grads_ok = bool(self.grads.grads_finite())
-            if ctx.loss is None or not grads_ok:
-                return grads_ok
-            loss = ctx.loss.detach()
-            if loss.numel() == 1 and not loss.is_complex():
-                return math.isfinite(float(loss))
-            return bool(torch.isfinite(loss).all())
-        if norms is None:
-            grads = [p.grad for p in ctx.model.parameters() if p.grad is not None]
-            # float64 norms: finite iff every element is finite (a float32 norm overflows for grads ~1e19).
-            found = float64_norms([g.coalesce().values() if g.is_sparse else g for g in grads])
-            norms = torch.stack([n.to(found[0].device) for n in found]) if found else None
-        ok = norms.isfinite().all() if norms is not None else None
-        if ctx.loss is not None:
-            loss_ok = torch.isfinite(ctx.loss.detach()).all()
-            ok = loss_ok if ok is None else ok & loss_ok.to(ok.device)
-        return True if ok is None else bool(ok)
-
     def _amp_step(self, ctx: LoopContext, scale: float, finite: bool) -> None:
         """Under a GradScaler: an overflow is the scaler's routine (recorded, no capsule, no skip request:
         the scaler skips by itself); a scale that stays below 1 is an incident; a non-finite loss is a fault."""
-        loss_finite = ctx.loss is None or bool(torch.isfinite(ctx.loss))
+        loss_finite = self._flags[0]  # read with the step's verdict
         self.overflow = not finite and loss_finite
         self._amp_scale = scale
         if self.overflow:
@@ -312,7 +305,8 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks):
             msg += (f"; suspect {suspect['site']} at {suspect['location']} ({suspect['evidence']}; its "
                     f"{vector_words(suspect['op'])} {'receive' if suspect['vec_grad'] else 'do not receive'} gradient)")
         bad = self.grads.nonfinite_parameters() if loss_finite else []
-        born = [n for n, g in (ctx.born_grads or {}).items() if not bool(torch.isfinite(g).all())]
+        born = ctx.born_names if ctx.born_names is not None else [
+            n for n, g in (ctx.born_grads or {}).items() if not bool(torch.isfinite(g).all())]
         if born and not bad:  # the gradients were non-finite at backward; the script made them finite since
             msg += (f"; non-finite gradients at backward (NaN/Inf entries in: {_names(born)}), replaced by the script "
                     "before optimizer.step")

@@ -5,7 +5,6 @@ holds the step's checks and this one the records they leave."""
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -94,32 +93,27 @@ class MonitorWriting:
                                                int(self.cfg.max_capsule_mb * 2 ** 20))
         return self._capsule_store
 
-    def _write_row(self, ctx: LoopContext, loss: float, skipped: bool) -> None:
-        row: dict[str, Any] = {"step": ctx.step, "time_s": time.perf_counter() - self._t0,
-                               "lr": float(ctx.lr), "skipped": skipped,
-                               "nonfinite": ctx.step in self.nonfinite_steps, "loss": loss,
-                               "spike": ctx.step in self.spike_steps}
-        if self._amp_scale is not None:
-            row.update(amp_scale=self._amp_scale, amp_overflow=self.overflow)
-        if ctx.micro_batches > 1:
-            row["micro_batches"] = ctx.micro_batches
-        if self._decision is not None:  # this rank's view before the all-reduce (report: per-rank columns)
-            row.update({"local/grad_norm": self._decision.local_grad_norm,
-                        "local/nonfinite": 0.0 if self._decision.local_ok else 1.0, "local/origin_rank_count": len(self._decision.origins)})
-        row.update(self.grads.collect())
-        row.update({f"loss/{k}": float(v) for k, v in ctx.terms.items() if f"loss/{k}" not in row})
-        for name, site in self._sites.items():
+    def _write_row(self, head: dict[str, Any], loss: float, grads: dict[str, float], sites: dict[str, dict[str, Any]],
+                   dead: list[float], ripe: list[str]) -> None:
+        """A step's row, once its device values are read (step_reads.py): ``head`` (the host part taken at the
+        step's end), ``grads`` (the grad monitor's row), ``sites`` (matrix statistics), ``dead``/``ripe``
+        (liveness and the ripe loss terms' change flags, sampled steps only)."""
+        step = head["step"]
+        row: dict[str, Any] = {**head, "nonfinite": step in self.nonfinite_steps, "loss": loss,
+                               "spike": step in self.spike_steps}
+        row.update(grads)
+        for name, site in sites.items():
             row.update({f"mat/{name}/{k}": v for k, v in site["stats"].items()})
             row[f"mat/{name}/vec_grad"] = 1.0 if site["vec_grad"] else 0.0
             if site.get("grad_norm") is not None:
                 row[f"mat/{name}/grad_in"] = site["grad_norm"]
             row.update({f"mat/{name}/{k}": v for k, v in (site.get("backward") or {}).items() if math.isfinite(v)})
-            self._flag(ctx.step, name, site)
-        self._sites = {}
+            self._flag(step, name, site)
         self.writer.step(row)
-        self._report_dead(ctx.step)
+        if dead or ripe:
+            self._report_dead(step, *self.grads.dead_from(dead, ripe))
         if self.live is not None:
-            self.live.update(ctx.step + 1, row=row)
+            self.live.update(step + 1, row=row)
 
     def _flag(self, step: int, name: str, site: dict[str, Any]) -> None:
         bad = step in self.nonfinite_steps  # a tie is a fault only where the gradients went non-finite
@@ -128,8 +122,7 @@ class MonitorWriting:
                 self._flagged.add((name, hazard.kind))
                 self.writer.event(hazard.kind, hazard.severity, hazard.message, step=step, **hazard.data)
 
-    def _report_dead(self, step: int) -> None:
-        params, terms = self.grads.dead_parameters(), self.grads.dead_terms()
+    def _report_dead(self, step: int, params: list[str], terms: list[str]) -> None:
         missing = [p for p in params if self.grads.never_had_grad(p)]
         zero = [p for p in params if p not in missing]
         n = self.grads.dead_after

@@ -154,6 +154,7 @@ class _Observer:
     def __init__(self, rec: Recorded, result: RerunResult, run_dir: Path):
         self.rec, self.result, self.run_dir = rec, result, run_dir
         self.cfg = MonitorConfig()  # the driver reads its policies; nothing is measured
+        self.found_late: list[int] = []  # the driver takes late verdicts from a monitor; a re-run has none
 
     def trace_back_note(self, step: int | None) -> str:
         return ""  # no explosion is watched in a re-run
@@ -180,6 +181,8 @@ class _Observer:
         cap = self.rec.capsule
         if cap is not None and cap.grads is not None:
             # what the capsule kept: the gradients as backward made them when the script replaced them since
+            if ctx.born_grads is None and ctx.born_grads_fn is not None:  # the driver's copies, asked for now
+                ctx.born_grads = ctx.born_grads_fn()[1]
             grads = ctx.born_grads if ctx.born_grads is not None else {
                 n: p.grad for n, p in unwrap(ctx.model).named_parameters() if p.grad is not None}
             diffs = [f"gradient of {n} {'missing in the re-run' if n not in grads else 'differs'}"

@@ -204,6 +204,7 @@ class _AlsoListen:
             if inner is not None:  # the sinks first: the extra listener may end the run (a sweep's pruner)
                 inner(kind, record)
             mine(kind, record)
+        listen.each_step = getattr(mine, "each_step", False)  # a pruner judges each step as it ends
         return listen
 
 

@@ -36,6 +36,8 @@ class TrialCrashed(RuntimeError):
 class TrialHooks:
     """The glue between one Optuna trial and the target's training loop."""
 
+    each_step = True  # the monitor writes each row at its step's end: the verdict is judged as the step ends
+
     def __init__(self, trial: optuna.Trial, rules: StabilityRules, metric: str):
         self.trial, self.metric = trial, metric
         self.watch = StabilityWatch(rules)

@@ -59,6 +59,7 @@ class TrialEar:
     """The trace-writer listener of one trial (see the module docstring). ``trial``: an Optuna trial (or any
     object with ``report(value, step)`` and ``should_prune()``), None for no median pruning."""
 
+    each_step = True  # the monitor writes each row at its step's end: the verdict is judged as the step ends
     metric: str
     rules: StabilityRules = field(default_factory=StabilityRules)
     trial: Any = None

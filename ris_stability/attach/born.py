@@ -1,0 +1,84 @@
+"""BornCheck: whether backward made a gradient non-finite, seen where it is born (before user code between backward
+and ``optimizer.step`` can sanitise, clip or skip it), at no host read.
+
+At the end of each backward: per-parameter peak magnitudes (NaN/Inf exactly when a gradient holds one; a maximum,
+unlike a sum of squares, never overflows) stay on the device and are read with the step's verdict
+(monitor/step_reads.py); the gradients are kept by reference with their versions. On a bad step the copies of the
+gradients as born come from those references, unless the script rewrote them in place since (``nan_to_num_``,
+``clip_grad_norm_``): for that the first step keeps one copy (a copy, not a read), and a script seen rewriting
+gradients in place gets the eager check: a read at every backward and a copy when one is non-finite, so that
+every bad step's capsule holds the gradients as born (one more read per step for such scripts).
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+from torch import Tensor, nn
+
+from ris_stability.monitor.context import LoopContext
+from ris_stability.numerics.norms import peak_magnitudes
+
+log = logging.getLogger(__name__)
+
+
+class BornCheck:
+    """The step's at-backward check (see the module docstring); :meth:`reset` at every step end."""
+
+    def __init__(self) -> None:
+        self.eager = False  # read and copy at every backward: the script rewrites its gradients in place
+        self._learned = False  # the first checked step has shown whether it does
+        self._first_copy: dict[int, Tensor] | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self._copies: dict[int, Tensor] | None = None  # eager: id(param) -> gradient as born, when non-finite
+        self._ok: Tensor | None = None  # device flag of the step's backward calls
+        self._refs: list[tuple[Tensor, Tensor, int]] = []  # (param, grad, version) after the last backward
+        self._peaks: Tensor | None = None
+        self._first_copy = None if self._learned else self._first_copy
+
+    def after_backward(self, params: list[Tensor]) -> None:
+        grads = [(p, p.grad) for p in params if p.grad is not None]
+        if not grads:
+            return
+        peaks = peak_magnitudes([g for _, g in grads])
+        if self.eager and self._copies is None and not bool(peaks.isfinite().all()):
+            self._copies = {id(p): g.detach().clone() for p, g in grads}  # the first bad backward of the step
+        if not self._learned:
+            self._first_copy = {id(p): g.detach().clone() for p, g in grads}
+        ok = peaks.isfinite().all()
+        self._ok = ok if self._ok is None else self._ok & ok
+        self._refs, self._peaks = [(p, g, g._version) for p, g in grads], peaks
+
+    def into(self, c: LoopContext) -> None:
+        """Hand the step's check to its context (before the monitor's verdict); then learn about the script."""
+        if self._copies is not None:  # non-finite at backward, whatever the script did to them since
+            c.born_grads = {n: self._copies[id(p)] for n, p in c.model.named_parameters() if id(p) in self._copies}
+            c.grads_finite = False
+        elif self._ok is not None:
+            c.born_ok, c.born_grads_fn = self._ok, lambda: self._born_grads(c.model)
+
+    def learn(self) -> None:
+        """After the first checked step: a script that rewrote its gradients in place gets the eager check."""
+        if self._refs and not self._learned:
+            self._learned, self.eager = True, self.eager or self._rewritten()
+
+    def _born_grads(self, model: nn.Module) -> tuple[list[str], dict[str, Tensor] | None]:
+        """A bad step's gradients as born: the non-finite ones' names (one read), copies (None: rewritten since)."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        refs = [(p, g, peak) for (p, g, _), peak in zip(self._refs, self._peaks.tolist()) if id(p) in names]
+        bad = [names[id(p)] for p, _, peak in refs if not math.isfinite(peak)]
+        if not self._rewritten():
+            return bad, {names[id(p)]: g.detach().clone() for p, g, _ in refs}
+        self.eager = True
+        log.info("the script rewrites gradients in place between backward and optimizer.step: the check at backward "
+                 "reads at every backward from now on, to keep the gradients as born")
+        copy = self._first_copy
+        return bad, None if copy is None else {names[id(p)]: copy[id(p)] for p, _, _ in refs if id(p) in copy}
+
+    def _rewritten(self) -> bool:
+        return any(g._version != v for _, g, v in self._refs)
+
+
+__all__ = ["BornCheck"]

@@ -1,0 +1,143 @@
+"""When the StabilityMonitor reads the device, and what it reads then: one host read per read point.
+
+* The step's verdict (loss, gradients as backward made them, gradients at ``optimizer.step``) is computed on the
+  device as three 0/1 flags. Under ``policy`` skip or stop the update depends on it, so it is read at the
+  step's check, like a GradScaler's one finite-check flag per step, together with everything else queued.
+* Under ``observe`` a step that is not sampled reads nothing: its flags and loss wait on the device and are
+  read at the next sampled step (or at the end of the run); a fault found then is recorded for its own step
+  (event, row, summary) without a capsule, since its state is gone (use ``every=1`` or ``skip`` for those).
+* A sampled step's statistics (gradient norms, matrix statistics) join its check's read; what it measures
+  after the update (update ratios, its row, liveness) waits for the next read point.
+
+A mixin of StabilityMonitor (see it for the state it uses); the queue is ``monitor/readback.py``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ris_stability.monitor.context import LoopContext
+from ris_stability.monitor.readback import ReadBack
+from ris_stability.numerics.norms import peak_magnitudes
+
+LATE_NOTE = ("seen at the read of step {seen}: under on_nonfinite='observe' the steps between samples are checked "
+             "on the device and read at the next sampled step, so this step has no capsule (every=1 or "
+             "on_nonfinite='skip' check each step before its update)")
+
+
+class StepReads:
+    """The reading half of StabilityMonitor."""
+
+    def init_reads(self) -> None:
+        self.reads = ReadBack()
+        self.found_late: list[int] = []  # non-finite steps found after their update (observe); the driver's to take
+        self._read_step = 0  # the step of the last read point
+        self._flags = (True, True, True)  # this step's (loss, gradients at backward, gradients now) verdict
+
+    def verdict_flags(self, ctx: LoopContext, grads_in_block: bool) -> Tensor | None:
+        """The step's (loss finite, gradients finite at backward, gradients finite now) as a device vector,
+        without a read. ``grads_in_block``: the grad monitor's block holds the gradients' flag (a sampled step)."""
+        flags: list[Tensor | None] = [None, ctx.born_ok, None]
+        if ctx.loss is not None:
+            flags[0] = torch.isfinite(ctx.loss.detach()).all()
+        if ctx.grads_finite is None and not grads_in_block:
+            grads = [p.grad for p in ctx.model.parameters() if p.grad is not None]
+            if grads:  # the peak magnitude never overflows: NaN/Inf exactly when an element is
+                flags[2] = peak_magnitudes(grads).isfinite().all()
+        present = [f for f in flags if f is not None]
+        if not present:
+            return None
+        device = present[0].device
+        ones = torch.ones((), dtype=torch.bool, device=device)
+        return torch.stack([ones if f is None else f.to(device).reshape(()) for f in flags])
+
+    def take_flags(self, values: list[float]) -> None:
+        self._flags = tuple(v == 1.0 for v in values) if values else (True, True, True)
+
+    def resolve_verdict(self, ctx: LoopContext) -> None:
+        """After the check's read: ``ctx.grads_finite`` and, for gradients non-finite at backward but not now
+        (the script sanitised them), the copies the driver kept of them as born."""
+        loss_ok, born_ok, now_ok = self._flags
+        if ctx.grads_finite is None:
+            block = self.grads.grads_finite() if self.grads.block() is not None else None
+            ctx.grads_finite = loss_ok and now_ok and (block is None or block)
+        if not born_ok:
+            ctx.grads_finite = False
+            if ctx.born_grads is None and ctx.born_grads_fn is not None:
+                ctx.born_names, ctx.born_grads = ctx.born_grads_fn()
+
+    def defer_verdict(self, ctx: LoopContext, flags: Tensor | None) -> None:
+        """Observe, a step not sampled: no read now; the verdict is read with the next read point."""
+        step, seen = ctx.step, self
+        if flags is None:
+            return
+
+        def late(values: list[float]) -> None:
+            if all(v == 1.0 for v in values):
+                return
+            loss_ok = values[0] == 1.0
+            seen.nonfinite_steps.append(step)
+            seen.found_late.append(step)
+            kind = "nonfinite_grad" if loss_ok else "nonfinite_loss"
+            msg = (f"non-finite {'gradient' if loss_ok else 'loss'} at step {step} ("
+                   + LATE_NOTE.format(seen=seen._read_step) + ")")
+            seen.event(kind, "error", msg, step=step, late=True, nonfinite=True)
+        self.reads.add(flags, late)
+
+    def read_now(self, step: int) -> None:
+        """A read point: everything queued, in one host read."""
+        self._read_step = step
+        self.reads.read()
+
+    def flush_reads(self) -> None:
+        """The end of the run (finish, crash, signal): nothing stays on the device unread."""
+        for _ in range(3):  # a function may queue more (e.g. a late row's liveness): read until empty
+            if not len(self.reads):
+                break
+            self.read_now(self._read_step)
+
+    def queue_row(self, ctx: LoopContext, skipped: bool) -> None:
+        """The step's row: its host part now, its device part read at the next read point, then written."""
+        step = ctx.step
+        loss = ctx.loss.detach().reshape(-1)[:1] if ctx.loss is not None and ctx.loss.numel() == 1 else None
+        head: dict[str, Any] = {"step": step, "time_s": time.perf_counter() - self._t0, "lr": float(ctx.lr),
+                                "skipped": skipped}
+        if self._amp_scale is not None:
+            head.update(amp_scale=self._amp_scale, amp_overflow=self.overflow)
+        if ctx.micro_batches > 1:
+            head["micro_batches"] = ctx.micro_batches
+        if self._decision is not None:  # this rank's view before the all-reduce (report: per-rank columns)
+            head.update({"local/grad_norm": self._decision.local_grad_norm,
+                         "local/nonfinite": 0.0 if self._decision.local_ok else 1.0,
+                         "local/origin_rank_count": len(self._decision.origins)})
+        if not self.cfg.sampled(step):
+            def unsampled(values: list[float]) -> None:
+                value = values[0] if values else math.nan
+                if step in self.nonfinite_steps:
+                    self._write_row(head, value, {}, {}, [], [])
+                self._losses.append(value)  # after its row: a step cut short by a signal is counted nowhere
+            self.reads.add(loss, unsampled)
+            return
+        floats, keys, pending = self.grads.take_pending()
+        terms = {f"loss/{k}": v for k, v in ctx.terms.items() if v.numel() == 1 and f"loss/{k}" not in keys}
+        dead, ripe = self.grads.dead_check()
+        sites, self._sites = self._sites, {}
+        parts = [loss, pending,
+                 torch.stack([v.reshape(()) for v in terms.values()]) if terms else None, dead]
+        sizes = [0 if p is None else p.numel() for p in parts]
+        nan_loss = loss is None
+        present = [p.reshape(-1).to(torch.float64) for p in parts if p is not None]
+        device = present[0].device if present else None
+
+        def sampled(values: list[float]) -> None:
+            at = [sum(sizes[:i]) for i in range(5)]
+            value = math.nan if nan_loss else values[0]
+            row = self.grads.collect_from(floats, keys, values[at[1]:at[2]])
+            row.update(zip(terms, values[at[2]:at[3]]))
+            self._write_row(head, value, row, sites, values[at[3]:at[4]], ripe)
+            self._losses.append(value)
+        self.reads.add(torch.cat([p.to(device) for p in present]) if present else None, sampled)

@@ -1,0 +1,106 @@
+"""The host reads ris_stability makes per step, counted on CPU through the public front doors (each one is a
+GPU sync on CUDA): under policy observe none on a step that is not sampled and at most one on a sampled step;
+under skip / stop exactly one per step, the read the skip decision needs (as a GradScaler's finite check).
+A new ``.item()`` / ``float(t)`` / ``bool(t)`` / ``.tolist()`` anywhere in a clean step fails here."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.ris_stability.host_reads import counting
+from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor, watch
+from ris_stability.attach.script import trace_script
+
+STEPS = 12
+SCRIPT = textwrap.dedent(f"""
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range({STEPS}):
+        x = torch.randn(4, 8)
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        print(float(loss.detach()))  # the script's own read: not the toolkit's
+        opt.step()
+""")
+
+
+def _model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def _watch(tmp: Path, cfg: MonitorConfig):
+    model, opt = _model()
+    with counting() as reads:
+        with watch(model, opt, out=tmp / "run", report=False, config=cfg):
+            for _ in range(STEPS):
+                opt.zero_grad()
+                loss = model(torch.randn(4, 8)).pow(2).mean()
+                loss.backward()
+                opt.step()
+    return reads
+
+
+def _session(tmp: Path, cfg: MonitorConfig):
+    model, opt = _model()
+    with counting() as reads:
+        with MonitorSession(StabilityMonitor(tmp / "run", cfg), model, opt) as s:
+            for step in range(STEPS):
+                s.start_step(step)
+                opt.zero_grad()
+                loss = model(torch.randn(4, 8)).pow(2).mean()
+                s.after_forward(loss, terms={"mse": loss})
+                loss.backward()
+                if s.after_backward():
+                    opt.step()
+                s.end_step()
+    return reads
+
+
+def _script(tmp: Path, cfg: MonitorConfig):
+    script = tmp / "train.py"
+    script.write_text(SCRIPT)
+    with counting() as reads:
+        trace_script(["python", str(script)], str(tmp / "run"), config=cfg)
+    return reads
+
+
+DOORS = {"watch": _watch, "session": _session, "script": _script}
+
+
+@pytest.mark.parametrize("every", [1, 4])
+@pytest.mark.parametrize("policy", ["skip", "stop", "observe"])
+@pytest.mark.parametrize("door", sorted(DOORS))
+def test_reads_per_step(tmp_path, door, policy, every, capsys):
+    reads = DOORS[door](tmp_path, MonitorConfig(every=every, policy=policy, update_every=2, dead_after=3))
+    steps = range(STEPS)
+    sampled = [s for s in steps if s % every == 0]
+    unsampled = [s for s in steps if s % every]
+    detail = reads.report([*steps, "setup", "finish"])
+    if policy == "observe":
+        assert all(reads.by_step[s] <= 1 for s in sampled), detail
+        assert all(reads.by_step[s] == 0 for s in unsampled), detail
+    else:
+        assert reads.steps(steps) == [1] * STEPS, detail
+    assert reads.by_step["setup"] == 0 and reads.by_step["finish"] <= 1, detail
+
+
+def test_rows_are_complete_after_the_deferred_reads(tmp_path):
+    """Rows read later are written with the same fields, in step order, nothing lost at the end of the run."""
+    import json
+    _session(tmp_path, MonitorConfig(every=4, policy="observe", update_every=1))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 4, 8]
+    for r in rows:
+        assert {"loss", "lr", "skipped", "nonfinite", "grad/_total", "update_ratio/0", "loss/mse"} <= set(r), r
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["final_loss"] is not None
