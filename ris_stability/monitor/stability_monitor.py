@@ -142,6 +142,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks, StepReads):
             self.probe.__exit__(None, None, None)
         self.probe = None
         if self.writer is not None:
+            self.drain_capsules()  # capsules still being written: on disk, their events in the trace, before the summary
             self.flush_reads()  # rows and verdicts still on the device: nothing lost at the end, a crash or a signal
             broken = guard.unbind()
             finite = [x for x in self._losses if math.isfinite(x)]
@@ -237,6 +238,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks, StepReads):
             self.grads.settle(ok)  # liveness counts only steps that stepped with finite gradients
             if ok:
                 self.grads.observe_terms(ctx.terms)
+        self.collect_capsules()  # events of the capsules the background writer finished (writing.py)
         self.queue_row(ctx, skipped)  # read (and written) at the next read point: step_reads.py
         if self.dist is not None or self.rows_each_step:  # a rank may die with the next step; a pruner judges now
             self.read_now(ctx.step)

@@ -13,8 +13,9 @@ import torch
 from ris_stability.linalg.hazards import site_hazards
 from ris_stability.monitor.context import LoopContext
 from ris_stability.observe.loopstack import optimizers_of
-from ris_stability.records.capsule import Capsule, capture_rng, clone_state, rng_state
+from ris_stability.records.capsule import Capsule, capsule_path, capture_rng, clone_state, rng_state
 from ris_stability.records.capsule_store import CapsuleStore
+from ris_stability.records.capsule_writer import CapsuleWriter
 
 
 SNAPSHOT_DIR = "snapshots"  # spike snapshots: finite steps kept for a precision audit, apart from crash capsules
@@ -22,6 +23,9 @@ SNAPSHOT_DIR = "snapshots"  # spike snapshots: finite steps kept for a precision
 
 class MonitorWriting:
     """The monitor's writing half (see StabilityMonitor for the state it uses)."""
+
+    capsule_background = True  # False: capsules written in the step (the old path; tests, benchmarks/capsule_bench.py)
+    _capsule_writer: CapsuleWriter | None = None
 
     def event(self, kind: str, severity: str, message: str, *, nonfinite: bool = False, **data: Any) -> None:
         """An event of the run (e.g. the driver's finding) in the trace and, for warnings and errors, the live view."""
@@ -48,12 +52,14 @@ class MonitorWriting:
             grads = ctx.born_grads
         else:
             grads = {n: p.grad.detach().clone() for n, p in self._model.named_parameters() if p.grad is not None}
-        cap = Capsule(step=ctx.step, batch=self.batch_state(ctx.batch), model_state=clone_state(self._model.state_dict()),
+        # Copies on the device, taken now: the script's next step may change the model, the optimizer, the batch.
+        cap = Capsule(step=ctx.step, batch=clone_state(self.batch_state(ctx.batch)),
+                      model_state=clone_state(self._model.state_dict()),
                       optimizer_state=(opts[0] if len(opts) == 1 else {"optimizers": opts}) if opts else None,
                       rng=rng_state(self._rng) if self._rng is not None else capture_rng(),
                       config_text=self.config_text, reason=reason, meta=meta,
                       grads=grads)
-        if purpose == "spike":
+        if purpose == "spike":  # synchronous: a snapshot's path goes into the spike's message at once
             try:
                 path = cap.save(self.run_dir / SNAPSHOT_DIR / f"spike_{ctx.step:06d}.pt")
             except (OSError, RuntimeError) as err:  # a full disk: training goes on
@@ -64,17 +70,30 @@ class MonitorWriting:
             self.writer.event("snapshot_written", "info", f"spike snapshot for step {ctx.step} written", step=ctx.step,
                               path=str(path.relative_to(self.run_dir)))
             return path
-        try:
-            path, dropped = self.capsule_store.write(cap)
-        except (OSError, RuntimeError) as err:  # a full disk (torch.save wraps it in RuntimeError): training goes on
-            self.writer.event("capsule_not_written", "warning", f"capsule for step {ctx.step} not written: "
+        store = self.capsule_store
+
+        def job() -> tuple[Path | None, list[Path], list[Path]]:  # on the writer thread (records/capsule_writer.py)
+            path, dropped = store.write(cap)
+            return path, dropped, list(store.kept)
+
+        def done(result: Any, err: BaseException | None) -> None:  # on the training thread, in order
+            self._capsule_done(cap, result, err)
+
+        self.capsule_writer.submit(job, done)
+        return capsule_path(self.run_dir, ctx.step) if self.cfg.max_capsules >= 1 else None
+
+    def _capsule_done(self, cap: Capsule, result: Any, err: BaseException | None) -> None:
+        """The events of a capsule write, once it is done (the write's own error: one warning event)."""
+        if err is not None:  # a full disk (torch.save wraps it in RuntimeError): training goes on
+            self.writer.event("capsule_not_written", "warning", f"capsule for step {cap.step} not written: "
                               f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; free space "
-                              "on the run folder's disk to keep the next ones", step=ctx.step)
-            return None
-        self.capsules[:] = self.capsule_store.kept
+                              "on the run folder's disk to keep the next ones", step=cap.step)
+            return
+        path, dropped, kept = result
+        self.capsules[:] = kept
         if path is None:
-            return None
-        self.writer.event("capsule_written", "info", f"capsule for step {ctx.step} written", step=ctx.step,
+            return
+        self.writer.event("capsule_written", "info", f"capsule for step {cap.step} written", step=cap.step,
                           path=str(path.relative_to(self.run_dir)), replayer=self.replayer,
                           params_digest=cap.meta["params_digest"])
         for old in dropped:
@@ -82,7 +101,24 @@ class MonitorWriting:
                               f"({self.cfg.max_capsules} capsules, {self.cfg.max_capsule_mb} MB; the first and the "
                               "most recent are kept)", step=int(old.stem.rpartition("_")[2]),
                               path=str(old.relative_to(self.run_dir)))
-        return path
+
+    @property
+    def capsule_writer(self) -> CapsuleWriter:
+        """Writes the run's capsules off the training thread (``capsule_background`` False: in the step, the old
+        synchronous path); its events are recorded at each step's end and at the run's end (drain_capsules)."""
+        if self._capsule_writer is None:
+            self._capsule_writer = CapsuleWriter(background=self.capsule_background)
+        return self._capsule_writer
+
+    def drain_capsules(self) -> None:
+        """Every capsule submitted so far on disk and its events written (before the summary: nothing lost)."""
+        if self._capsule_writer is not None:
+            self._capsule_writer.drain()
+
+    def collect_capsules(self) -> None:
+        """The events of the capsules written since the last call (cheap when none)."""
+        if self._capsule_writer is not None:
+            self._capsule_writer.collect()
 
     @property
     def capsule_store(self) -> CapsuleStore:

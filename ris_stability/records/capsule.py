@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ris_stability.records.atomic import temporary_name
+from ris_stability.records.capsule_writer import wait_all
 log = logging.getLogger(__name__)
 
 CAPSULE_FORMAT = "risdiag-capsule"
@@ -115,6 +116,7 @@ class Capsule:
     @staticmethod
     def load(path: str | Path) -> "Capsule":
         path = Path(path)
+        wait_all()  # a capsule of this process still being written in the background: on disk first
         if not path.is_file():
             raise CapsuleError(f"capsule {str(path)!r} does not exist; capsules are written by `risdiag trace` "
                                "under RUN_DIR/capsules/step_NNNNNN.pt")

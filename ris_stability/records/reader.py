@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ris_stability.records.atomic import atomic_path
+from ris_stability.records.capsule_writer import wait_all
 from ris_stability.records.schema import (BOOL_COLUMNS, CAPSULE_DIR, EVENTS_FILE, FINDING_FILE, GRAD_GROUP_PREFIX,
                                           GRAD_NONFINITE_PREFIX, GRAD_PREFIX, LOSS_PREFIX, MAT_PREFIX, META_FILE,
                                           NONFINITE_TEXT,
@@ -283,7 +284,8 @@ def read_summary(run_dir: Path) -> dict | None:
 
 
 def list_capsules(run_dir: Path) -> list[Path]:
-    """The run folder's capsules, in step order."""
+    """The run folder's capsules, in step order (those this process is still writing: once on disk)."""
+    wait_all()
     capsule_dir = Path(run_dir) / CAPSULE_DIR
     return sorted(capsule_dir.glob("step_*.pt")) if capsule_dir.is_dir() else []
 

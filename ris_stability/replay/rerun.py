@@ -39,6 +39,7 @@ from ris_stability.monitor.context import LoopContext
 from ris_stability.observe.loopstack import unwrap
 from ris_stability.records import UsageError, append_event, read_trace, write_finding
 from ris_stability.records.capsule import Capsule, CapsuleError, capsule_path, state_digest
+from ris_stability.records.capsule_writer import wait_all
 from ris_stability.replay.bisect import same_bits
 from ris_stability.replay.first_step import FirstStep
 
@@ -119,6 +120,7 @@ def recorded(run_dir: Path) -> Recorded:
     step = bad[0]
     losses = {int(s): float(v) for s, v in trace.steps["loss"].items()} if "loss" in trace.steps else {}
     cap_file = capsule_path(run_dir, step)
+    wait_all()  # a capsule this process is still writing (a run finished in-process just before): on disk first
     capsule = None
     if cap_file.is_file():
         try:
