@@ -1,7 +1,8 @@
 """Capsule bytes and the extra step time of a step that writes a capsule, on a 2 M-parameter model.
 
 A research-size MLP (4 x Linear(1024, 1024)-ish, ~2.1 M parameters, Adam) trained under ``ris_stability.watch``
-(default settings: on_nonfinite="skip", the default capsule budget of 5 capsules / 512 MB). Every
+(on_nonfinite="skip", the default capsule budget of 5 capsules / 512 MB; statistics every ``--sample`` steps, by
+default 1000, so that a plain step is the cheap unsampled one the capsule step is compared with). Every
 ``--every``-th step gets a batch with one NaN: its gradients go non-finite, the step is skipped and a capsule is
 written. Two capsule paths, interleaved run by run (sync, background, sync, background, ...):
 
@@ -15,7 +16,7 @@ that shares the CPU with a background write is counted as plain), ``extra`` = ca
 file, and with the model and optimizer state it refers to in capsules/state/). A skipped step does no
 optimizer update, so ``extra`` slightly understates the cost of the copy + write by the update's time.
 
-Usage: python benchmarks/capsule_bench.py [--steps 60] [--every 10] [--rounds 2] [--width 1024]
+Usage: python benchmarks/capsule_bench.py [--steps 60] [--every 10] [--rounds 2] [--width 1024] [--sample 1000]
 """
 from __future__ import annotations
 
@@ -38,12 +39,12 @@ def model_of(width: int) -> nn.Module:
                          nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10))
 
 
-def one_run(out: Path, background: bool, steps: int, every: int, width: int, batch: int) -> dict:
+def one_run(out: Path, background: bool, steps: int, every: int, width: int, batch: int, sample: int) -> dict:
     torch.manual_seed(0)
     model = model_of(width)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     plain, capsule = [], []
-    with ris_stability.watch(model, opt, out=out, report=False) as w:
+    with ris_stability.watch(model, opt, out=out, report=False, every=sample) as w:
         w.monitor.capsule_background = background
         for step in range(steps):
             x, y = torch.randn(batch, 256), torch.randint(0, 10, (batch,))
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--sample", type=int, default=1000, help="the monitor's statistics every N steps (watch every=)")
     args = ap.parse_args(argv)
     results: dict[str, list[dict]] = {"sync": [], "background": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             for mode in order:
                 out = Path(tmp) / f"{mode}_{r}"
                 results[mode].append(one_run(out, mode == "background", args.steps, args.every, args.width,
-                                             args.batch))
+                                             args.batch, args.sample))
     first = results["sync"][0]
     print(f"model: {first['params'] / 1e6:.2f} M parameters (width {args.width}, batch {args.batch}, Adam); "
           f"{args.steps} steps x {args.rounds} rounds per path, a capsule every {args.every}th step; "
