@@ -18,7 +18,7 @@ GOAL_ML_RATIO = 1.5  # ML RMSE / CRB on its matched sources at 20 and 30 dB
 GOAL_F1_GAP = 0.02  # learned F1 at most this far below ML at 10 and 20 dB
 GOAL_SPEEDUP = 50.0
 GOAL_LEARNED_RATIO = 3.0  # learned RMSE / CRB at 20 dB
-LEARNED_SLOTS = "learned slots (no refinement)"  # = learned_init.LEARNED_SLOTS
+LEARNED_SLOTS = "learned detector peaks (no refinement)"  # = detector_infer.DETECTOR_PEAKS
 
 
 def _fmt(row: dict, key: str, digits: int = 3) -> str:
@@ -112,7 +112,7 @@ def conditions_header(res: dict) -> list[str]:
     snrs = ", ".join(res["conditions"])
     th = res["threshold"]
     return [
-        "# Localisation benchmark: measurement-domain ML, MUSIC and the learned initialiser",
+        "# Localisation benchmark: measurement-domain ML, MUSIC and the learned detector",
         "",
         "## Conditions",
         "",
@@ -132,9 +132,9 @@ def conditions_header(res: dict) -> list[str]:
         f"- Intervals: 95% percentile bootstrap over scenes ({res['bootstrap_reps']} resamples).",
         *_learned_lines(res),
         "- Time: wall seconds per scene of each method's own calls, one thread of the shared 2-core CPU. Other jobs "
-        "were running and the methods of one condition were computed at different moments (the learned rows of "
-        "10 and 30 dB later, on a less loaded machine), so cross-method ratios here are uncertain by about 2x; "
-        "`PYTHONPATH=. python reports/evaluation/timing_check.py` times ML and the learned initialiser back to back "
+        "were running and the baselines and the learned rows of one condition were computed at different moments "
+        "of that load, so cross-method ratios here are uncertain by up to about 2x; "
+        "`PYTHONPATH=. python reports/evaluation/timing_check.py` times ML and the learned detector back to back "
         "in one process. The three ML rows share one computation.",
         "",
     ]
@@ -143,14 +143,20 @@ def conditions_header(res: dict) -> list[str]:
 def _learned_lines(res: dict) -> list[str]:
     lr = res.get("learned")
     if lr is None:
-        return ["- Learned initialiser: not evaluated (no --learned checkpoint)."]
+        return ["- Learned detector: not evaluated (no --learned checkpoint)."]
     c = lr["config"]
-    return [f"- Learned initialiser (`{lr['checkpoint']}`, sha256 {lr['sha256_12']}..., {lr['parameters']} parameters): "
-            f"MLP on the whitened beamformer map ({c['grid_step_deg']:g} deg grid, {c['n_range']} range planes), "
-            f"trained on {c['n_train']} train-split scenes of the SAME channel and codes (seed {lr['trained_on_seed']}), "
-            f"nominal SNR uniform in {c['snr_db'][0]:g}..{c['snr_db'][1]:g} dB, {c['epochs']} epochs, "
-            f"{lr['train_seconds']:.0f} s on one thread; then {c['lm_iters']} Levenberg-Marquardt iterations of the ML "
-            "cost from its slots. Another channel seed and L = 64: small checks outside this table, docs/evaluation.md."]
+    thr = lr["thresholds"].get(str(res["snapshots"]), {})
+    seeds = ", ".join(str(s) for s in c["train_seeds"])
+    return [f"- Learned detector (`{lr['checkpoint']}`, sha256 {lr['sha256_12']}..., {lr['parameters']} parameters): a "
+            f"CNN on the whitened beamformer map ({c['grid_step_deg']:g} deg grid, {c['n_range']} range planes) giving "
+            "a per-cell source heatmap, sub-cell angle offsets and ln r (CenterNet style: no slots, K = peaks above a "
+            f"threshold). Trained on the channels of dataset seeds {seeds} - NOT on this table's channel (seed "
+            f"{res['seed']}) - with L in {{{', '.join(str(v) for v in c['snapshots'])}}}, {c['epochs']} epochs of "
+            f"{c['scenes_per_epoch']} fresh scenes, nominal SNR uniform in {c['snr_db'][0]:g}..{c['snr_db'][1]:g} dB, "
+            f"{lr['train_seconds']:.0f} s on one thread; heat threshold {thr.get('threshold', float('nan')):.3f} for "
+            f"L = {res['snapshots']} (tuned on {thr.get('val_scenes', 0)} validation scenes of the training channels); "
+            f"then {lr['lm_iters']} Levenberg-Marquardt iterations of the ML cost from its peaks. Other L and channel "
+            "seeds: docs/evaluation.md."]
 
 
 def write_bench_report(res: dict, out: Path) -> list[Path]:

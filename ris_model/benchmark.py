@@ -9,7 +9,7 @@ Methods on every scene of a condition (estimates cached per condition, so an int
 - ML (``ml_estimator``): the nested fits k = 1..K_MAX once; K by the greedy-residual threshold (tuned on
   validation scenes for the best pooled F1), by MDL on the ML residuals, or the true K (reference);
 - MUSIC on R_samp (``music``, default grid) with the true K and with the ML threshold's K;
-- the learned pipeline, when a checkpoint of ``learned_init`` is given.
+- the learned pipeline, when a checkpoint of the learned detector (``detector_infer``) is given.
 Time per scene: wall time of the method's own calls over the condition divided by its scenes, single-threaded.
 """
 
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 STRIDE = 1_000_000  # scene-index offset between conditions: no scene, symbol or noise draw is shared
 SNR_SLOTS = (0.0, 10.0, 20.0, 30.0, -10.0, -5.0, 5.0, 15.0, 25.0, 40.0)  # condition j uses slot j * STRIDE
 CACHE_FORMAT = 1
-LEARNED = "learned init + ML refinement"  # = learned_init.LEARNED_REFINED (not imported: benchmark runs without it)
+LEARNED = "learned detector + ML refinement"  # = detector_infer.DETECTOR_REFINED (not imported: no circle)
 MUSIC_STEP_DEG = 1.0  # MUSIC grid step here (refined by Newton after the grid; 0.5 deg was 3x slower)
 
 
@@ -70,7 +70,7 @@ def estimates_from_fits(params: list[torch.Tensor], k: torch.Tensor, k_max: int)
     return MLPath(params=params, energy=torch.empty(0), seconds=0.0).estimates(k, k_max)
 
 
-def _f1(est: Estimates, data: dict) -> tuple[int, int, int]:
+def pooled_counts(est: Estimates, data: dict) -> tuple[int, int, int]:
     """Pooled (TP, FP, FN) of estimates against the truth of ``data`` (the gate of ``metrics``)."""
     tp = fp = fn = 0
     for i in range(est.phi.shape[0]):
@@ -99,7 +99,7 @@ def tune_threshold(cfg: RunConfig, system: System, estimator: MLEstimator, snrs:
         tot = np.zeros(3)
         for data, params, energy in fits:
             est = estimates_from_fits(params, threshold_k(energy, L, m, float(tau)), cfg.scene.k_max)
-            tot += _f1(est, data)
+            tot += pooled_counts(est, data)
         f1 = 2 * tot[0] / max(2 * tot[0] + tot[1] + tot[2], 1)
         best = max(best, (f1, float(tau)))
     logger.info("threshold: tau = %.3g (validation F1 %.3f over %d scenes)", best[1], best[0], n_val * len(snrs))
@@ -189,4 +189,4 @@ def run_benchmark(cfg: RunConfig, snrs: list[float], n: int, n_val: int, cache: 
 
 
 __all__ = ["STRIDE", "SNR_SLOTS", "BenchmarkError", "condition_data", "ml_fits", "tune_threshold",
-           "run_condition", "score_condition", "run_benchmark"]
+           "run_condition", "score_condition", "run_benchmark", "pooled_counts"]
