@@ -7,8 +7,7 @@
   evalreport --checkpoint F --out DIR [--n N] [--snr ...]     tables (Markdown, JSON) and figures of eval + music
   floors --config F [--set k=v ...] [--n N]     each loss term for a perfect prediction
   benchmark --config F --out DIR [--n 500] [--val 100] [--snr 0 10 20 30] [--only SNR ...] [--learned CKPT]
-         ML, MUSIC and the learned initialiser per nominal SNR, bootstrap intervals (reports/evaluation)
-  traininit --config F --out FILE     train the learned initialiser (deterministic, one thread)
+         ML, MUSIC and the learned detector per nominal SNR, bootstrap intervals (reports/evaluation)
   traindet --config F --out FILE      train the learned detector (deterministic, one thread)
 """
 
@@ -68,10 +67,6 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--learned", default=None, help="checkpoint of the learned detector (traindet)")
     b.add_argument("--cache", default="runs/benchmark")
     b.add_argument("--reps", type=int, default=1000, help="bootstrap resamples")
-    ti = sub.add_parser("traininit", help="train the learned initialiser of the ML refinement")
-    ti.add_argument("--config", default="configs/default.toml")
-    ti.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ti.add_argument("--out", required=True)
     td = sub.add_parser("traindet", help="train the learned detector (heatmap + offsets; deterministic, one thread)")
     td.add_argument("--config", default="configs/default.toml")
     td.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -145,17 +140,6 @@ def _benchmark(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
-def _traininit(args: argparse.Namespace) -> None:
-    import torch
-
-    from ris_model.learned_init import LocaliserConfig, train_localiser
-
-    torch.set_num_threads(1)  # deterministic and the measured time is one thread's
-    t0 = time.perf_counter()
-    path = train_localiser(load_config(args.config, args.set), LocaliserConfig(), Path(args.out))
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.0f} s")
-
-
 def _traindet(args: argparse.Namespace) -> None:
     import torch
 
@@ -178,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
         {"train": _train, "eval": _eval, "music": _music, "floors": _floors,
-         "evalreport": _evalreport, "benchmark": _benchmark, "traininit": _traininit,
-         "traindet": _traindet}[args.command](args)
+         "evalreport": _evalreport, "benchmark": _benchmark, "traindet": _traindet}[args.command](args)
     except (ConfigError, CheckpointError, BatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -19,8 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from ris_model.config import SceneConfig
+from ris_model.music import Estimates
 from ris_model.numerics import tiny_of
 
+DETECTOR_FORMAT = 2  # checkpoint layout: dcfg, state, pipeline (per L: heat, second, tau), history, train_seconds
 FOCAL_ALPHA = 2.0  # CenterNet's focusing exponent
 FOCAL_BETA = 4.0  # CenterNet's penalty reduction near a source
 
@@ -143,4 +145,11 @@ def decode(out: Tensor, threshold: float, k_max: int, scene: SceneConfig, step_d
     return x, top, k
 
 
-__all__ = ["DetectorConfig", "HeatNet", "log_map", "targets", "detector_loss", "decode"]
+def peak_estimates(x: Tensor, k: Tensor, k_max: int) -> Estimates:
+    """Estimates of the first k[b] positions of x (B, k_max, 3) = (phi, theta, ln r)."""
+    mask = torch.arange(k_max)[None] < k[:, None]
+    r = torch.where(mask, x[..., 2].exp(), torch.ones_like(x[..., 2]))
+    return Estimates(x[..., 0], x[..., 1], r, mask, mask.sum(-1))
+
+
+__all__ = ["DETECTOR_FORMAT", "peak_estimates", "DetectorConfig", "HeatNet", "log_map", "targets", "detector_loss", "decode"]

@@ -1,12 +1,18 @@
-"""The learned pipeline at inference: beamformer map -> detector peaks -> a short ML refinement.
+"""The learned pipeline at inference: beamformer map -> detector peaks -> short ML refinement -> one
+detect-subtract step -> pruning by the ML residual.
 
 For the benchmark's system (any channel, any L; the detector was trained on other channels):
-  1. the whitened Bartlett map of the scene (``beam_map``) and one pass of the detector (``detector``);
-  2. K = the peaks above the threshold tuned for this L (``detector_train.tune_thresholds``), their
-     positions from the cell plus the regressed offsets and ln r;
-  3. ``lm_iters`` Levenberg-Marquardt iterations of the concentrated ML cost (the function the ML
-     estimator ends with, ``ml_estimator.levenberg_marquardt``) on all K sources jointly.
-Two methods are reported: the peaks alone, and the peaks refined.
+  1. the whitened Bartlett map of the scene (``beam_map``) and one pass of the detector (``detector``): the
+     peaks above ``heat`` are the first sources, at the cell plus the regressed offsets and ln r;
+  2. ``lm_iters`` Levenberg-Marquardt iterations of the concentrated ML cost (the function the ML estimator
+     ends with, ``ml_estimator.levenberg_marquardt``) on all of them jointly;
+  3. detect-subtract (``extend``): the detector on the map of the residual after those sources; its best peak,
+     when above ``second``, is added and the scene refined again (sources the first map merged);
+  4. pruning (``prune``): a source whose removal raises the ML residual by less than ``tau`` per residual
+     degree of freedom is dropped (the statistic of ``model_order.residual_drop``, read backwards).
+``heat``, ``second`` and ``tau`` are tuned per L on validation scenes of the TRAINING channels
+(``detector_tune``) and stored in the checkpoint. Two methods are reported: the peaks of step 1 alone, and
+the whole pipeline.
 """
 
 from __future__ import annotations
@@ -20,9 +26,8 @@ import torch
 
 from ris_model.beam_map import BeamMap
 from ris_model.config import RunConfig
-from ris_model.detector import DetectorConfig, HeatNet, decode, log_map
-from ris_model.detector_train import DETECTOR_FORMAT, peak_estimates
-from ris_model.ml_estimator import _box, levenberg_marquardt
+from ris_model.detector import DETECTOR_FORMAT, DetectorConfig, HeatNet, decode, log_map, peak_estimates
+from ris_model.ml_estimator import _apply, _box, _project_out, energy, levenberg_marquardt
 from ris_model.music import Estimates, single_threaded
 from ris_model.simulate import System, make_system
 
@@ -32,7 +37,16 @@ DETECTOR_REFINED = "learned detector + ML refinement"
 
 
 class DetectorError(ValueError):
-    """A checkpoint that is not a detector, or one without a threshold for the system's L."""
+    """A checkpoint that is not a detector, or one without parameters for the system's L."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineParams:
+    """Decision parameters of the pipeline for one L (see the module docstring); ``second``/``tau`` None: off."""
+
+    heat: float
+    second: float | None
+    tau: float | None
 
 
 def detector_config(raw: dict) -> DetectorConfig:
@@ -42,38 +56,31 @@ def detector_config(raw: dict) -> DetectorConfig:
 class LearnedDetector:
     """Inference on a ``simulate`` dict of the system's scenes: {method: (Estimates, K used, seconds)}."""
 
-    def __init__(self, ckpt: dict, cfg: RunConfig, system: System, lm_iters: int | None = None):
-        self.dcfg = detector_config(ckpt["dcfg"])
-        self.cfg, self.system = cfg, system
-        self.lm_iters = self.dcfg.lm_iters if lm_iters is None else lm_iters
-        L = system.codes.shape[0]
-        if str(L) not in ckpt["thresholds"]:
-            raise DetectorError(f"detector checkpoint has thresholds for L in {sorted(ckpt['thresholds'])}, not for "
-                                f"the system's L = {L}; retrain with snapshots including {L}")
-        self.threshold = float(ckpt["thresholds"][str(L)]["threshold"])
-        self.bmap = BeamMap(system, cfg.scene, self.dcfg.grid_step_deg, self.dcfg.n_range)
-        self.net = HeatNet(self.dcfg.n_range, self.dcfg.width)
-        self.net.load_state_dict(ckpt["state"])
+    def __init__(self, net: HeatNet, dcfg: DetectorConfig, params: PipelineParams, cfg: RunConfig, system: System,
+                 lm_iters: int | None = None, warm: bool = True):
+        self.dcfg, self.params, self.cfg, self.system = dcfg, params, cfg, system
+        self.lm_iters = dcfg.lm_iters if lm_iters is None else lm_iters
+        self.bmap = BeamMap(system, cfg.scene, dcfg.grid_step_deg, dcfg.n_range)
         # channels-last convolutions in blocks of NET_CHUNK scenes: 2x faster on one thread (measured 3.5 vs 7.8 ms
         # per scene at width 32), same values to float32 rounding
-        self.net.eval().to(memory_format=torch.channels_last)
-        self.meta = {"config": dataclasses.asdict(self.dcfg), "train_seconds": round(float(ckpt["train_seconds"]), 1),
-                     "parameters": sum(p.numel() for p in self.net.parameters()), "thresholds": ckpt["thresholds"],
-                     "lm_iters": self.lm_iters}
+        self.net = net.eval().to(memory_format=torch.channels_last)
+        if warm:  # the first forward-mode pass and GEMM of a process carry a one-off set-up cost (measured ~20 ms
+            ones = torch.ones(1, system.codes.shape[0], system.channel.shape[0], dtype=torch.complex128)
+            self.refine(self.peaks(ones)[0][:, :1], torch.ones(1, dtype=torch.int64), ones)  # per scene on 100)
 
     @torch.no_grad()
-    def peaks(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoded positions (B, K_MAX, 3) = (phi, theta, ln r) and K (B,) of measurements y (B, L, M)."""
+    def peaks(self, y: torch.Tensor, threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decoded positions (B, K_MAX, 3) = (phi, theta, ln r), K (B,) and peak scores (B, K_MAX) of y (B, L, M)."""
         img = log_map(self.bmap.image(y)).to(memory_format=torch.channels_last)
         out = torch.cat([self.net(img[i:i + NET_CHUNK]) for i in range(0, img.shape[0], NET_CHUNK)])
-        x, _, k = decode(out, self.threshold, self.cfg.scene.k_max, self.cfg.scene, self.dcfg.grid_step_deg)
-        return x, k
+        thr = self.params.heat if threshold is None else threshold
+        x, score, k = decode(out, thr, self.cfg.scene.k_max, self.cfg.scene, self.dcfg.grid_step_deg)
+        return x, k, score
 
     def refine(self, x0: torch.Tensor, k: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``lm_iters`` LM iterations of the ML cost on the first k[b] sources of every scene."""
-        x = x0.clone()
         lo, hi = _box(self.cfg.scene)
-        x = torch.maximum(torch.minimum(x, hi), lo)
+        x = torch.maximum(torch.minimum(x0, hi), lo)
         y = y.to(torch.complex128)
         for kk in range(1, self.cfg.scene.k_max + 1):
             sel = k == kk
@@ -82,15 +89,71 @@ class LearnedDetector:
                                                   self.lm_iters)
         return x
 
+    def extend(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, threshold: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One detect-subtract step: the detector on the map of the residual P_perp(B_l) y_l after the fitted
+        sources; its best peak, when above ``threshold`` (and k < K_MAX), is added and that scene refined again."""
+        k_max = self.cfg.scene.k_max
+        y = y.to(torch.complex128)
+        res = y.clone()
+        for kk in range(1, k_max + 1):
+            sel = k == kk
+            if sel.any():
+                xs = x[sel, :kk]
+                cols = _apply(self.bmap.phis, self.system.steer(xs[..., 0], xs[..., 1], xs[..., 2].exp()))
+                res[sel] = _project_out(cols, y[sel])
+        cand, _, score = self.peaks(res)
+        idx = ((score[:, 0] > threshold) & (k < k_max)).nonzero()[:, 0]
+        x, k = x.clone(), k.clone()
+        x[idx, k[idx]] = cand[idx, 0]
+        k[idx] += 1
+        x[idx] = self.refine(x[idx], k[idx], y[idx])
+        return x, k
+
+    def drop_statistics(self, x: torch.Tensor, kk: int, y: torch.Tensor) -> torch.Tensor:
+        """(e_{-j} - e) / (e / (L (M - kk))) for each of the kk sources of x (B, kk, 3): (B, kk)."""
+        L, m = y.shape[-2:]
+        e = energy(x, self.bmap.phis, y, self.system)
+        rise = torch.stack([energy(x[:, [i for i in range(kk) if i != j]], self.bmap.phis, y, self.system)
+                            for j in range(kk)], -1) - e[:, None]
+        return rise / (e / (L * (m - kk)))[:, None]
+
+    def prune(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop, one at a time, the source whose removal raises the ML residual least while that rise is below
+        ``tau`` per residual degree of freedom. A spurious source explains about one noise degree of freedom
+        per snapshot (plus what its position fits); a real one far more."""
+        k_max = self.cfg.scene.k_max
+        y = y.to(torch.complex128)
+        x, k = x.clone(), k.clone()
+        for kk in range(k_max, 1, -1):  # a scene dropping from kk to kk - 1 is tested again at kk - 1
+            sel = (k == kk).nonzero()[:, 0]
+            if len(sel) == 0:
+                continue
+            low, j = self.drop_statistics(x[sel, :kk], kk, y[sel]).min(-1)
+            for b, jj in zip(sel[low < tau].tolist(), j[low < tau].tolist()):
+                x[b] = x[b, [i for i in range(k_max) if i != jj] + [jj]]
+                k[b] -= 1
+        return x, k
+
+    def run(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """Peaks (x0, k0), the whole pipeline's (x, k), and the seconds of the peaks alone."""
+        t0 = time.perf_counter()
+        x0, k0, _ = self.peaks(y)
+        t_net = time.perf_counter() - t0
+        x, k = self.refine(x0, k0, y), k0
+        if self.params.second is not None:
+            x, k = self.extend(x, k, y, self.params.second)
+        if self.params.tau is not None:
+            x, k = self.prune(x, k, y, self.params.tau)
+        return x0, k0, x, k, t_net
+
     def __call__(self, data: dict) -> dict[str, tuple[Estimates, torch.Tensor, float]]:
         k_max = self.cfg.scene.k_max
         with single_threaded():
             t0 = time.perf_counter()
-            x0, k = self.peaks(data["y"])
-            t_net = time.perf_counter() - t0
-            x = self.refine(x0, k, data["y"])
+            x0, k0, x, k, t_net = self.run(data["y"])
             total = time.perf_counter() - t0
-        return {DETECTOR_PEAKS: (peak_estimates(x0, k, k_max), k, t_net),
+        return {DETECTOR_PEAKS: (peak_estimates(x0, k0, k_max), k0, t_net),
                 DETECTOR_REFINED: (peak_estimates(x, k, k_max), k, total)}
 
 
@@ -98,11 +161,25 @@ def load_detector(path: str | Path, cfg: RunConfig, lm_iters: int | None = None)
     """The pipeline of a detector checkpoint on the config's system, and a tag (file hash) for the cache."""
     raw = Path(path).read_bytes()
     ckpt = torch.load(path, weights_only=False)
-    if ckpt.get("format") != DETECTOR_FORMAT or "thresholds" not in ckpt:
+    if ckpt.get("format") != DETECTOR_FORMAT:
         raise DetectorError(f"{path}: not a learned-detector checkpoint (format {ckpt.get('format')}, expected "
                             f"{DETECTOR_FORMAT}); train one with `python -m ris_model traindet`")
+    system = make_system(cfg)
+    L = system.codes.shape[0]
+    if str(L) not in ckpt["pipeline"]:
+        raise DetectorError(f"{path}: tuned for L in {sorted(ckpt['pipeline'])}, not for the config's L = {L}; "
+                            f"retrain with DetectorConfig.snapshots including {L}")
+    dcfg = detector_config(ckpt["dcfg"])
+    net = HeatNet(dcfg.n_range, dcfg.width)
+    net.load_state_dict(ckpt["state"])
+    p = ckpt["pipeline"][str(L)]
+    det = LearnedDetector(net, dcfg, PipelineParams(p["heat"], p["second"], p["tau"]), cfg, system, lm_iters)
+    det.meta = {"config": dataclasses.asdict(dcfg), "train_seconds": round(float(ckpt["train_seconds"]), 1),
+                "parameters": sum(q.numel() for q in net.parameters()), "pipeline": ckpt["pipeline"],
+                "lm_iters": det.lm_iters}
     tag = hashlib.sha256(raw).hexdigest()[:12] + ("" if lm_iters is None else f"_lm{lm_iters}")
-    return LearnedDetector(ckpt, cfg, make_system(cfg), lm_iters), tag
+    return det, tag
 
 
-__all__ = ["DETECTOR_PEAKS", "DETECTOR_REFINED", "DetectorError", "LearnedDetector", "load_detector"]
+__all__ = ["DETECTOR_PEAKS", "DETECTOR_REFINED", "DetectorError", "PipelineParams", "LearnedDetector",
+           "load_detector", "detector_config"]

@@ -97,7 +97,7 @@ def test_training_is_deterministic_and_the_checkpoint_loads(tmp_path):
     a = torch.load(train_detector(cfg, TINY, tmp_path / "a.pt"), weights_only=False)
     b = torch.load(train_detector(cfg, TINY, tmp_path / "b.pt"), weights_only=False)
     assert a["state"].keys() == b["state"].keys() and all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
-    assert a["thresholds"] == b["thresholds"] and not (tmp_path / "a.partial.pt").exists()
+    assert a["pipeline"] == b["pipeline"] and not (tmp_path / "a.partial.pt").exists()
     det, tag = load_detector(tmp_path / "a.pt", cfg, lm_iters=1)
     data = simulate(cfg, make_system(cfg), "test", [0, 1])
     est, k, seconds = det(data)[DETECTOR_REFINED]
