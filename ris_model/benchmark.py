@@ -38,6 +38,7 @@ STRIDE = 1_000_000  # scene-index offset between conditions: no scene, symbol or
 SNR_SLOTS = (0.0, 10.0, 20.0, 30.0, -10.0, -5.0, 5.0, 15.0, 25.0, 40.0)  # condition j uses slot j * STRIDE
 CACHE_FORMAT = 1
 LEARNED = "learned detector + ML refinement"  # = detector_infer.DETECTOR_REFINED (not imported: no circle)
+TIMING_OFFSET = 2000  # validation-scene offset of ``back_to_back`` (the threshold uses indices 0..n_val - 1)
 MUSIC_STEP_DEG = 1.0  # MUSIC grid step here (refined by Newton after the grid; 0.5 deg was 3x slower)
 
 
@@ -126,6 +127,22 @@ def run_condition(cfg: RunConfig, system: System, estimator: MLEstimator, snr: f
     return {"data": data, "methods": out, "energy": energy, "truth": truth_from(data, system)}
 
 
+def back_to_back(cfg: RunConfig, system: System, estimator: MLEstimator, learned: object, snr: float = 20.0,
+                 n: int = 50, repeats: int = 2) -> dict:
+    """Seconds per scene of the ML estimator and the learned pipeline on the SAME n validation scenes (offset
+    TIMING_OFFSET: not the threshold's), interleaved ``repeats`` times in this process, so that the load of a
+    shared machine hits both alike (the per-condition times of the tables were taken at different moments)."""
+    data = condition_data(cfg, system, "val", snr, n, offset=TIMING_OFFSET)
+    ml_s, lr_s = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        estimator.path(data["y"])
+        ml_s.append((time.perf_counter() - t0) / n)
+        lr_s.append(learned(data)[LEARNED][2] / n)
+    logger.info("back to back: ML %s s/scene, learned %s s/scene", ml_s, lr_s)
+    return {"snr_db": snr, "scenes": n, "ml_s": ml_s, "learned_s": lr_s, "ratio": sum(ml_s) / sum(lr_s)}
+
+
 def cached_condition(cache: Path, key: str, compute: object) -> dict:
     """Load ``cache/key.pt`` or compute and save it (torch.save of tensors, Estimates as dicts)."""
     path = cache / f"{key}.pt"
@@ -181,12 +198,13 @@ def run_benchmark(cfg: RunConfig, snrs: list[float], n: int, n_val: int, cache: 
                 result["methods"].update(cached_condition(cache, lkey, lambda: learned(result["data"])))
             rows, _ = score_condition(result, reps)
             conditions[f"{snr:g}"] = rows
-    return {"config": cfg.name, "seed": cfg.data.seed, "snapshots": cfg.channel.snapshots,
+        timing = None if learned is None else back_to_back(cfg, system, estimator, learned)
+    return {"timing": timing, "config": cfg.name, "seed": cfg.data.seed, "snapshots": cfg.channel.snapshots,
             "n_bs": cfg.geometry.n_bs, "n_ris": cfg.geometry.n_ris, "rician_k": cfg.channel.rician_k,
             "per_sample_channel": cfg.channel.per_sample, "test_scenes_per_condition": n,
             "val_scenes_per_snr": n_val, "bootstrap_reps": reps, "threshold": tuned, "ml": dataclasses.asdict(MLConfig()),
             "music": dataclasses.asdict(cfg.music) | {"phi_step_deg": MUSIC_STEP_DEG, "theta_step_deg": MUSIC_STEP_DEG}, "gate_deg": GATE_DEG, "conditions": conditions}
 
 
-__all__ = ["STRIDE", "SNR_SLOTS", "BenchmarkError", "condition_data", "ml_fits", "tune_threshold",
+__all__ = ["STRIDE", "SNR_SLOTS", "BenchmarkError", "condition_data", "ml_fits", "tune_threshold", "back_to_back",
            "run_condition", "score_condition", "run_benchmark", "pooled_counts"]
