@@ -45,7 +45,7 @@ class DetectorConfig:
     lr: float = 2e-3
     seed: int = 0
     n_val: int = 400  # validation scenes (train seeds, val split) for the threshold
-    lm_iters: int = 5  # Levenberg-Marquardt iterations of the ML cost after decoding
+    lm_iters: int = 3  # Levenberg-Marquardt iterations of the ML cost per refinement (speed: docs/evaluation.md)
 
 
 class HeatNet(nn.Module):

@@ -7,7 +7,8 @@ For the benchmark's system (any channel, any L; the detector was trained on othe
   2. ``lm_iters`` Levenberg-Marquardt iterations of the concentrated ML cost (the function the ML estimator
      ends with, ``ml_estimator.levenberg_marquardt``) on all of them jointly;
   3. detect-subtract (``extend``): the detector on the map of the residual after those sources; its best peak,
-     when above ``second``, is added and the scene refined again (sources the first map merged);
+     when above ``second`` and when it lowers the ML residual by more than ``tau`` per degree of freedom (at its
+     detected position), is added and that scene refined again (sources the first map merged);
   4. pruning (``prune``): a source whose removal raises the ML residual by less than ``tau`` per residual
      degree of freedom is dropped (the statistic of ``model_order.residual_drop``, read backwards).
 ``heat``, ``second`` and ``tau`` are tuned per L on validation scenes of the TRAINING channels
@@ -89,23 +90,42 @@ class LearnedDetector:
                                                   self.lm_iters)
         return x
 
-    def extend(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, threshold: float
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One detect-subtract step: the detector on the map of the residual P_perp(B_l) y_l after the fitted
-        sources; its best peak, when above ``threshold`` (and k < K_MAX), is added and that scene refined again."""
-        k_max = self.cfg.scene.k_max
+    def residual_peaks(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The detector on the map of the residual P_perp(B_l) y_l after the first k[b] sources of x: its best
+        peak (B, 3) and score (B,), and the residual energy e_k (B,)."""
         y = y.to(torch.complex128)
         res = y.clone()
-        for kk in range(1, k_max + 1):
+        for kk in range(1, self.cfg.scene.k_max + 1):
             sel = k == kk
             if sel.any():
                 xs = x[sel, :kk]
                 cols = _apply(self.bmap.phis, self.system.steer(xs[..., 0], xs[..., 1], xs[..., 2].exp()))
                 res[sel] = _project_out(cols, y[sel])
         cand, _, score = self.peaks(res)
-        idx = ((score[:, 0] > threshold) & (k < k_max)).nonzero()[:, 0]
+        return cand[:, 0], score[:, 0], res.abs().square().sum((-2, -1))
+
+    def extend(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, found: tuple[torch.Tensor, ...],
+               threshold: float, tau: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Detect-subtract: the residual peak ``found`` (``residual_peaks``) is added where its score exceeds
+        ``threshold`` (and k < K_MAX) and, at its detected position, it lowers the ML residual by more than ``tau``
+        per degree of freedom (the statistic of ``prune``); only those scenes are refined again."""
+        cand, score, e_old = found
+        k_max = self.cfg.scene.k_max
+        L, m = y.shape[-2:]
+        y = y.to(torch.complex128)
         x, k = x.clone(), k.clone()
-        x[idx, k[idx]] = cand[idx, 0]
+        idx = ((score > threshold) & (k < k_max)).nonzero()[:, 0]
+        x[idx, k[idx]] = cand[idx]
+        if tau is not None:
+            keep = torch.zeros(len(idx), dtype=torch.bool)
+            for kk in range(2, k_max + 1):
+                sub = (k[idx] + 1 == kk).nonzero()[:, 0]
+                if len(sub):
+                    b = idx[sub]
+                    e_new = energy(x[b, :kk], self.bmap.phis, y[b], self.system)
+                    keep[sub] = (e_old[b] - e_new) / (e_new / (L * (m - kk))) > tau
+            idx = idx[keep]
         k[idx] += 1
         x[idx] = self.refine(x[idx], k[idx], y[idx])
         return x, k
@@ -142,7 +162,7 @@ class LearnedDetector:
         t_net = time.perf_counter() - t0
         x, k = self.refine(x0, k0, y), k0
         if self.params.second is not None:
-            x, k = self.extend(x, k, y, self.params.second)
+            x, k = self.extend(x, k, y, self.residual_peaks(x, k, y), self.params.second, self.params.tau)
         if self.params.tau is not None:
             x, k = self.prune(x, k, y, self.params.tau)
         return x0, k0, x, k, t_net

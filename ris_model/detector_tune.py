@@ -2,8 +2,8 @@
 
 For every L of the detector: validation-split scenes of each training system (``n_val`` over the seeds; a
 quarter as many at L = 64, which costs 4x), nominal SNR uniform in ``snr_db``. The pipeline runs once per
-(heat, second) pair of the grids below up to its pruning step; the pruning threshold tau is then chosen
-on those fits, and the triple with the best pooled F1 (``benchmark.pooled_counts``: Hungarian, 5 deg gate)
+heat threshold up to its detect-subtract step; the second threshold and tau (a grid times L / 16: a spurious
+source's statistic is about L) are then chosen on those fits, and the triple with the best pooled F1 (``benchmark.pooled_counts``: Hungarian, 5 deg gate)
 is kept. The benchmark's channel (seed 0) and its scenes are never used.
 """
 
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 HEAT_GRID = (0.2, 0.3, 0.4)
 SECOND_GRID = (0.3, 0.5, 0.7)
-TAU_GRID = (10.0, 20.0, 30.0, 40.0, 50.0, 65.0, 80.0, 100.0, 130.0)
+TAU_GRID = (20.0, 30.0, 40.0, 50.0, 65.0, 80.0, 100.0, 130.0)  # times L / 16: a spurious source's statistic is ~ L
 
 
 def _f1(counts: np.ndarray) -> float:
@@ -48,13 +48,14 @@ def tune_pipeline(net: HeatNet, dcfg: DetectorConfig, cfg: RunConfig, systems: d
             first = []
             for det, d in sets:
                 x0, k0, _ = det.peaks(d["y"], threshold=heat)
-                first.append((det.refine(x0, k0, d["y"]), k0))
+                x = det.refine(x0, k0, d["y"])
+                first.append((x, k0, det.residual_peaks(x, k0, d["y"])))
             for second in SECOND_GRID:
-                fits = [(det, d, *det.extend(x, k0, d["y"], second)) for (det, d), (x, k0) in zip(sets, first)]
-                for tau in TAU_GRID:
+                for tau in (t * L / 16 for t in TAU_GRID):
                     counts = np.zeros(3)
-                    for det, d, x, k in fits:
-                        xp, kp = det.prune(x, k, d["y"], tau)
+                    for (det, d), (x, k0, found) in zip(sets, first):
+                        xe, ke = det.extend(x, k0, d["y"], found, second, tau)
+                        xp, kp = det.prune(xe, ke, d["y"], tau)
                         counts += pooled_counts(peak_estimates(xp, kp, k_max), d)
                     best = max(best, (_f1(counts), (heat, second, tau)), key=lambda t: t[0])
         heat, second, tau = best[1]
