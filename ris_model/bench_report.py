@@ -108,10 +108,10 @@ def limits(res: dict) -> list[str]:
         f"## What limits the learned detector (nominal {snr} dB)", "",
         f"- Detection: its peaks match {peaks['matched_frac']:.3f} of the sources within the gate (ML: "
         f"{ml['matched_frac']:.3f}) with {peaks['fa_per_scene']:.2f} false alarms per scene (ML: {ml['fa_per_scene']:.2f}); "
-        f"its K is right in {peaks['k_acc']:.3f} of the scenes (ML threshold: {ml['k_acc']:.3f}). The refinement "
-        f"moves sources but does not add or remove any: F1 {peaks['f1']:.3f} -> {lr['f1']:.3f} (ML {ml['f1']:.3f}). "
-        "What the misses are: docs/evaluation.md.",
-        f"- Time: the refinement is {share:.0%} of the learned method's time per scene; the peaks alone are "
+        f"its K is right in {peaks['k_acc']:.3f} of the scenes (ML threshold: {ml['k_acc']:.3f}). The stages after "
+        f"the peaks (refinement, one detect-subtract step, pruning by the ML residual) take F1 from {peaks['f1']:.3f} "
+        f"to {lr['f1']:.3f} (ML {ml['f1']:.3f}), K right in {lr['k_acc']:.3f}. What the misses are: docs/evaluation.md.",
+        f"- Time: the stages after the peaks are {share:.0%} of the learned method's time per scene; the peaks alone are "
         f"{ml['s_per_scene'] / peaks['s_per_scene']:.0f}x faster than the ML, the refined pipeline "
         f"{ml['s_per_scene'] / lr['s_per_scene']:.1f}x.",
         "",
