@@ -143,9 +143,9 @@ def conditions_header(res: dict) -> list[str]:
         *_learned_lines(res),
         "- Time: wall seconds per scene of each method's own calls, one thread of the shared 2-core CPU. Other jobs "
         "were running and the baselines and the learned rows of one condition were computed at different moments "
-        "of that load, so cross-method ratios here are uncertain by up to about 2x; "
-        "`PYTHONPATH=. python reports/evaluation/timing_check.py` times ML and the learned detector back to back "
-        "in one process. The three ML rows share one computation.",
+        "of that load (the ML alone took 0.2 to 3 s per scene over the session), so cross-method ratios from this "
+        "column are unreliable; the goal check uses the back-to-back timing (``benchmark.back_to_back``, also "
+        "`PYTHONPATH=. python reports/evaluation/timing_check.py`). The three ML rows share one computation.",
         "",
     ]
 
@@ -159,8 +159,8 @@ def _learned_lines(res: dict) -> list[str]:
     seeds = ", ".join(str(s) for s in c["train_seeds"])
     return [f"- Learned detector (`{lr['checkpoint']}`, sha256 {lr['sha256_12']}..., {lr['parameters']} parameters): a "
             f"CNN on the whitened beamformer map ({c['grid_step_deg']:g} deg grid, {c['n_range']} range planes) giving "
-            "a per-cell source heatmap, sub-cell angle offsets and ln r (CenterNet style: no slots, K = peaks above a "
-            f"threshold). Trained on the channels of dataset seeds {seeds} - NOT on this table's channel (seed "
+            "a per-cell source heatmap, sub-cell angle offsets and ln r (CenterNet style: no slots). Trained on the "
+            f"channels of dataset seeds {seeds} - NOT on this table's channel (seed "
             f"{res['seed']}) - with L in {{{', '.join(str(v) for v in c['snapshots'])}}}, {c['epochs']} epochs of "
             f"{c['scenes_per_epoch']} fresh scenes, nominal SNR uniform in {c['snr_db'][0]:g}..{c['snr_db'][1]:g} dB, "
             f"{lr['train_seconds']:.0f} s on one thread of the shared CPU (training and tuning). Pipeline: peaks above "
