@@ -7,8 +7,8 @@
   evalreport --checkpoint F --out DIR [--n N] [--snr ...]     tables (Markdown, JSON) and figures of eval + music
   floors --config F [--set k=v ...] [--n N]     each loss term for a perfect prediction
   benchmark --config F --out DIR [--n 500] [--val 100] [--snr 0 10 20 30] [--only SNR ...] [--learned CKPT]
-         ML, MUSIC and the learned initialiser per nominal SNR, bootstrap intervals (reports/evaluation)
-  traininit --config F --out FILE     train the learned initialiser (deterministic, one thread)
+         ML, MUSIC and the learned detector per nominal SNR, bootstrap intervals (reports/evaluation)
+  traindet --config F --out FILE      train the learned detector (deterministic, one thread)
 """
 
 from __future__ import annotations
@@ -64,13 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--val", type=int, default=100, help="validation scenes per SNR (threshold tuning)")
     b.add_argument("--snr", type=float, nargs="+", default=[0.0, 10.0, 20.0, 30.0])
     b.add_argument("--only", type=float, nargs="+", default=None, help="compute only these conditions")
-    b.add_argument("--learned", default=None, help="checkpoint of ris_model.learned_init")
+    b.add_argument("--learned", default=None, help="checkpoint of the learned detector (traindet)")
     b.add_argument("--cache", default="runs/benchmark")
     b.add_argument("--reps", type=int, default=1000, help="bootstrap resamples")
-    ti = sub.add_parser("traininit", help="train the learned initialiser of the ML refinement")
-    ti.add_argument("--config", default="configs/default.toml")
-    ti.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ti.add_argument("--out", required=True)
+    td = sub.add_parser("traindet", help="train the learned detector (heatmap + offsets; deterministic, one thread)")
+    td.add_argument("--config", default="configs/default.toml")
+    td.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    td.add_argument("--out", required=True)
     f = sub.add_parser("floors", help="loss terms for a perfect prediction (irreducible floors)")
     f.add_argument("--config", required=True)
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -129,9 +129,9 @@ def _benchmark(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
     learned, tag = None, "none"
     if args.learned:
-        from ris_model.learned_init import load_localiser
+        from ris_model.detector_infer import load_detector
 
-        learned, tag = load_localiser(args.learned, cfg)
+        learned, tag = load_detector(args.learned, cfg)
     res = run_benchmark(cfg, list(args.snr), args.n, args.val, Path(args.cache), reps=args.reps, learned=learned,
                         learned_tag=tag, only=args.only)
     if learned is not None:
@@ -140,15 +140,16 @@ def _benchmark(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
-def _traininit(args: argparse.Namespace) -> None:
+def _traindet(args: argparse.Namespace) -> None:
     import torch
 
-    from ris_model.learned_init import LocaliserConfig, train_localiser
+    from ris_model.detector import DetectorConfig
+    from ris_model.detector_train import train_detector
 
     torch.set_num_threads(1)  # deterministic and the measured time is one thread's
     t0 = time.perf_counter()
-    path = train_localiser(load_config(args.config, args.set), LocaliserConfig(), Path(args.out))
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.0f} s")
+    path = train_detector(load_config(args.config, args.set), DetectorConfig(), Path(args.out))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - t0:.0f} s")
 
 
 def _floors(args: argparse.Namespace) -> None:
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
         {"train": _train, "eval": _eval, "music": _music, "floors": _floors,
-         "evalreport": _evalreport, "benchmark": _benchmark, "traininit": _traininit}[args.command](args)
+         "evalreport": _evalreport, "benchmark": _benchmark, "traindet": _traindet}[args.command](args)
     except (ConfigError, CheckpointError, BatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ Methods on every scene of a condition (estimates cached per condition, so an int
 - ML (``ml_estimator``): the nested fits k = 1..K_MAX once; K by the greedy-residual threshold (tuned on
   validation scenes for the best pooled F1), by MDL on the ML residuals, or the true K (reference);
 - MUSIC on R_samp (``music``, default grid) with the true K and with the ML threshold's K;
-- the learned pipeline, when a checkpoint of ``learned_init`` is given.
+- the learned pipeline, when a checkpoint of the learned detector (``detector_infer``) is given.
 Time per scene: wall time of the method's own calls over the condition divided by its scenes, single-threaded.
 """
 
@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 STRIDE = 1_000_000  # scene-index offset between conditions: no scene, symbol or noise draw is shared
 SNR_SLOTS = (0.0, 10.0, 20.0, 30.0, -10.0, -5.0, 5.0, 15.0, 25.0, 40.0)  # condition j uses slot j * STRIDE
 CACHE_FORMAT = 1
-LEARNED = "learned init + ML refinement"  # = learned_init.LEARNED_REFINED (not imported: benchmark runs without it)
+LEARNED = "learned detector + ML refinement"  # = detector_infer.DETECTOR_REFINED (not imported: no circle)
+TIMING_OFFSET = 2000  # validation-scene offset of ``back_to_back`` (the threshold uses indices 0..n_val - 1)
 MUSIC_STEP_DEG = 1.0  # MUSIC grid step here (refined by Newton after the grid; 0.5 deg was 3x slower)
 
 
@@ -70,7 +71,7 @@ def estimates_from_fits(params: list[torch.Tensor], k: torch.Tensor, k_max: int)
     return MLPath(params=params, energy=torch.empty(0), seconds=0.0).estimates(k, k_max)
 
 
-def _f1(est: Estimates, data: dict) -> tuple[int, int, int]:
+def pooled_counts(est: Estimates, data: dict) -> tuple[int, int, int]:
     """Pooled (TP, FP, FN) of estimates against the truth of ``data`` (the gate of ``metrics``)."""
     tp = fp = fn = 0
     for i in range(est.phi.shape[0]):
@@ -99,7 +100,7 @@ def tune_threshold(cfg: RunConfig, system: System, estimator: MLEstimator, snrs:
         tot = np.zeros(3)
         for data, params, energy in fits:
             est = estimates_from_fits(params, threshold_k(energy, L, m, float(tau)), cfg.scene.k_max)
-            tot += _f1(est, data)
+            tot += pooled_counts(est, data)
         f1 = 2 * tot[0] / max(2 * tot[0] + tot[1] + tot[2], 1)
         best = max(best, (f1, float(tau)))
     logger.info("threshold: tau = %.3g (validation F1 %.3f over %d scenes)", best[1], best[0], n_val * len(snrs))
@@ -124,6 +125,22 @@ def run_condition(cfg: RunConfig, system: System, estimator: MLEstimator, snr: f
         est = Estimates(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Estimates)))
         out[name] = (est, None if name.endswith("true K") else k, time.perf_counter() - t0)
     return {"data": data, "methods": out, "energy": energy, "truth": truth_from(data, system)}
+
+
+def back_to_back(cfg: RunConfig, system: System, estimator: MLEstimator, learned: object, snr: float = 20.0,
+                 n: int = 50, repeats: int = 2) -> dict:
+    """Seconds per scene of the ML estimator and the learned pipeline on the SAME n validation scenes (offset
+    TIMING_OFFSET: not the threshold's), interleaved ``repeats`` times in this process, so that the load of a
+    shared machine hits both alike (the per-condition times of the tables were taken at different moments)."""
+    data = condition_data(cfg, system, "val", snr, n, offset=TIMING_OFFSET)
+    ml_s, lr_s = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        estimator.path(data["y"])
+        ml_s.append((time.perf_counter() - t0) / n)
+        lr_s.append(learned(data)[LEARNED][2] / n)
+    logger.info("back to back: ML %s s/scene, learned %s s/scene", ml_s, lr_s)
+    return {"snr_db": snr, "scenes": n, "ml_s": ml_s, "learned_s": lr_s, "ratio": sum(ml_s) / sum(lr_s)}
 
 
 def cached_condition(cache: Path, key: str, compute: object) -> dict:
@@ -181,12 +198,13 @@ def run_benchmark(cfg: RunConfig, snrs: list[float], n: int, n_val: int, cache: 
                 result["methods"].update(cached_condition(cache, lkey, lambda: learned(result["data"])))
             rows, _ = score_condition(result, reps)
             conditions[f"{snr:g}"] = rows
-    return {"config": cfg.name, "seed": cfg.data.seed, "snapshots": cfg.channel.snapshots,
+        timing = None if learned is None else back_to_back(cfg, system, estimator, learned)
+    return {"timing": timing, "config": cfg.name, "seed": cfg.data.seed, "snapshots": cfg.channel.snapshots,
             "n_bs": cfg.geometry.n_bs, "n_ris": cfg.geometry.n_ris, "rician_k": cfg.channel.rician_k,
             "per_sample_channel": cfg.channel.per_sample, "test_scenes_per_condition": n,
             "val_scenes_per_snr": n_val, "bootstrap_reps": reps, "threshold": tuned, "ml": dataclasses.asdict(MLConfig()),
             "music": dataclasses.asdict(cfg.music) | {"phi_step_deg": MUSIC_STEP_DEG, "theta_step_deg": MUSIC_STEP_DEG}, "gate_deg": GATE_DEG, "conditions": conditions}
 
 
-__all__ = ["STRIDE", "SNR_SLOTS", "BenchmarkError", "condition_data", "ml_fits", "tune_threshold",
-           "run_condition", "score_condition", "run_benchmark"]
+__all__ = ["STRIDE", "SNR_SLOTS", "BenchmarkError", "condition_data", "ml_fits", "tune_threshold", "back_to_back",
+           "run_condition", "score_condition", "run_benchmark", "pooled_counts"]

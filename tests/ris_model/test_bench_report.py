@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ris_model.bench_report import GOAL_ML_RATIO, condition_table, goal_check
+from ris_model.benchmark import LEARNED
 
 
 def row(method: str, f1: float, ratio: float, seconds: float) -> dict:
@@ -17,7 +18,7 @@ def row(method: str, f1: float, ratio: float, seconds: float) -> dict:
 
 
 def results(ml_ratio: float, learned_f1: float) -> dict:
-    conds = {s: [row("ML, threshold K", 0.9, ml_ratio, 2.0), row("learned init + ML refinement", learned_f1, 2.5, 0.02)]
+    conds = {s: [row("ML, threshold K", 0.9, ml_ratio, 2.0), row(LEARNED, learned_f1, 2.5, 0.02)]
              for s in ("10", "20", "30")}
     return {"conditions": conds}
 
