@@ -29,14 +29,6 @@ def is_scaler(obj: Any) -> bool:
             and bool(getattr(obj, "is_enabled", lambda: True)()))
 
 
-def scale_of(scaler: Any) -> float:
-    """The current loss scale (one host sync; the monitor calls it only after backward)."""
-    scale = getattr(scaler, "_scale", None)
-    if isinstance(scale, torch.Tensor):
-        return float(scale.detach().reshape(-1)[0])
-    return float(scaler.get_scale())
-
-
 def scale_tensor(scaler: Any) -> torch.Tensor | float:
     """The current loss scale without a host read: the scaler's own device tensor (read by the caller with its
     other values), or a float for a scaler that keeps none."""
