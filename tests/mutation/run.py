@@ -79,6 +79,9 @@ def _mutmut_section(shard: dict) -> str:
         'process_isolation = "forkserver"\n'
         'also_copy = ["ris_model"]\n'
         "use_git_change_detection = false\n"
+        # mutmut's wall limit is (clean test time + 1 s) x this; its default (15) turns kills on a busy 2-core
+        # machine into timeouts, which hide survivors: a generous limit costs nothing when tests fail fast
+        "timeout_multiplier = 60.0\n"
     )
 
 
