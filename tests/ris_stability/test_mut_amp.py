@@ -114,7 +114,8 @@ def test_scale_watch_counts_consecutive_low_steps_only():
     assert watch.observe(6, 0.1, False) is False  # exactly once
     assert watch.collapsed_at == 5 and watch.low_run == 4
     text = watch.describe(0.1)
-    assert text.startswith("GradScaler scale collapsed to 0.1 (below 1 for 4 consecutive steps; 2 overflow steps")
+    assert text == ("GradScaler scale collapsed to 0.1 (below 1 for 4 consecutive steps; 2 overflow steps so far): "
+                    "the gradients are non-finite at any scale, so this is a real fault, not fp16 overflow")
 
 
 def test_scale_watch_defaults():
@@ -168,6 +169,7 @@ def test_unscaled_and_found_inf_follow_unscale():
         scaler.unscale_(o)
     assert amp.unscaled(scaler, opts) is True and amp.found_inf(scaler, opts) is True
     assert amp.found_inf(scaler, opts[:1]) is False  # only the second optimizer overflowed
+    assert amp.found_inf(scaler, opts[::-1]) is True  # the overflowing one first: a later clean one keeps it
     assert amp.found_inf(_LookAlike(), opts) is None and amp.unscaled(_LookAlike(), opts) is False
 
 
