@@ -8,9 +8,11 @@ import math
 import pytest
 import torch
 
+from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor
 from ris_stability.instruments.explosion import (CATASTROPHIC_GROWTH, EARLY_GROWTH, Explosion, ExplosionDetector,
                                                   Growth, UpdateOrigin)
 from ris_stability.instruments.spikes import Jump, Spike, SpikeConfigError, SpikeDetector
+from ris_stability.records import read_trace
 
 
 def _warm(det: SpikeDetector, values, modules=None, sites=None, start: int = 0) -> int:
@@ -214,3 +216,43 @@ def test_trace_back_through_unlogged_steps_and_from_zero():
     det = ExplosionDetector(torch.float32)
     _observe(det, 0, 1.0, params={"w": 1.0, "_total": 1.0})
     assert det.trace_back({"w": 100.0}) is None and det.trace_back({"w": 101.0}).after == 101.0
+
+
+# -- through the monitor: the SGD update rule from step 0 -----------------------------------------------------------
+def _linear_and_grads():
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(4, 3), torch.randn(8, 4)
+    model(x).square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return model, x, grads
+
+
+def _explosion_events(path, make_opt):
+    model, x, _ = _linear_and_grads()
+    opt = make_opt(model)
+    with MonitorSession(StabilityMonitor(path, MonitorConfig(policy="observe")), model, opt) as s:
+        s.start_step(0)
+        loss = model(x).square().mean()
+        s.after_forward(loss)
+        loss.backward()
+        if s.after_backward():
+            opt.step()
+        s.end_step()
+    return [e for e in read_trace(path).events if e["kind"] == "gradient_explosion"]
+
+
+def test_an_sgd_update_larger_than_the_weights_is_caught_at_step_0(tmp_path):
+    model, _, (gw, gb) = _linear_and_grads()
+    weight = math.sqrt(sum(float(p.detach().square().sum()) for p in model.parameters()))
+    lr_w, lr_b = 50.0, 5.0
+    expected = math.sqrt((lr_w * float(gw.norm())) ** 2 + (lr_b * float(gb.norm())) ** 2) / weight
+    assert expected > 1
+    groups = lambda m: torch.optim.SGD([{"params": [m.weight], "lr": lr_w}, {"params": [m.bias], "lr": lr_b}])  # noqa: E731
+    (event,) = _explosion_events(tmp_path / "sgd", groups)
+    assert event["severity"] == "error" and event["step"] == 0 and event["data"]["rules"] == ["update"]
+    assert event["data"]["update_ratio"] == pytest.approx(expected, rel=1e-5)
+    assert f"the SGD update lr*g would change the parameters by {expected:.3g}x their own norm" in event["message"]
+    assert event["message"].endswith("the optimizer applies it (on_explosion='observe'; 'skip' keeps the parameters)")
+    assert _explosion_events(tmp_path / "adam", lambda m: torch.optim.Adam(m.parameters(), lr=50.0)) == []
+    assert _explosion_events(tmp_path / "small", lambda m: torch.optim.SGD(m.parameters(), lr=1e-3)) == []
