@@ -170,3 +170,33 @@ def test_relative_error():
     assert relative_error(a, torch.zeros(2, dtype=torch.float64)) == pytest.approx(math.sqrt(5))  # absolute
     assert math.isnan(relative_error(None, b)) and math.isnan(relative_error(a, None))
     assert math.isnan(relative_error(torch.ones(3), b))
+
+
+class _Many(nn.Module):
+    def __init__(self, count: int):
+        super().__init__()
+        self.parts = nn.ModuleList(_Inv() for _ in range(count))
+
+    def forward(self, y):
+        return sum(part(y) for part in self.parts)
+
+
+def test_each_site_alone_only_up_to_max_sites():
+    y = torch.ones(4, 1)
+    few, many = _Many(precision.MAX_SITES), _Many(precision.MAX_SITES + 1)
+    audit = audit_precision(lambda m, v: m(v), few, y, roots={"model": few})
+    assert [s.site for s in audit.sites] == [f"model.parts.{k}:linalg.inv" for k in range(precision.MAX_SITES)]
+    assert all(math.isfinite(s.promoted_error) for s in audit.sites)
+    audit = audit_precision(lambda m, v: m(v), many, y, roots={"model": many})
+    assert len(audit.sites) == precision.MAX_SITES + 1 and all(math.isnan(s.promoted_error) for s in audit.sites)
+    assert math.isfinite(audit.all_sites_error)
+
+
+def test_site_and_parameter_errors_are_the_gradient_errors():
+    model, y = _Inv(), torch.ones(4, 1)
+    audit = audit_precision(lambda m, v: m(v), model, y, roots={"model": model})
+    (site,) = audit.sites
+    # the matrix of the inverse is the parameter itself: the gradient it passes back is the parameter's
+    assert site.grad_error == pytest.approx(audit.baseline_error, rel=1e-3)
+    assert audit.parameters["model.A"] == pytest.approx(audit.baseline_error, rel=1e-6)
+    assert audit.grad_norm == pytest.approx(float(torch.autograd.grad(model(y), [model.A])[0].norm()), rel=1e-6)
