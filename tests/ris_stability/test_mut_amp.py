@@ -141,6 +141,8 @@ def test_is_scaler_and_scale_of():
     enabled, disabled = torch.amp.GradScaler("cpu", init_scale=SCALE), torch.amp.GradScaler("cpu", enabled=False)
     assert amp.is_scaler(enabled) is True and amp.is_scaler(disabled) is False
     assert amp.is_scaler(_LookAlike()) is True and amp.is_scaler(None) is False and amp.is_scaler(object()) is False
+    only_get_scale = type("OnlyGetScale", (), {"get_scale": lambda self: 1.0})()
+    assert amp.is_scaler(only_get_scale) is False  # no scale(): not a scaler, and no error
     enabled.scale(torch.ones(()))  # the scale tensor is made lazily
     assert amp.scale_of(enabled) == SCALE and amp.scale_of(_LookAlike(3.0)) == 3.0
 
@@ -177,6 +179,8 @@ def test_scaler_spy_sees_the_scaler_and_the_true_loss():
     original_scale, original_step = torch.amp.GradScaler.scale, torch.amp.GradScaler.step
     steps = []
     spy = ScalerSpy(on_step=lambda scaler, opt: steps.append((scaler, opt)))
+    fresh = torch.ones(())
+    assert spy.scaler is None and not spy.installed and spy.true_loss(fresh) is fresh  # nothing seen yet
     assert spy.install() is spy and spy.installed and spy.install() is spy
     try:
         assert torch.amp.GradScaler.scale is not original_scale
@@ -196,7 +200,7 @@ def test_scaler_spy_sees_the_scaler_and_the_true_loss():
         scaled.backward()
         scaler.step(opt)
         assert steps == [(scaler, opt)]
-        assert float(p[0]) == pytest.approx(1 - 0.1 * 3)  # the wrapped step still steps (unscaled gradient)
+        assert float(p.detach()[0]) == pytest.approx(1 - 0.1 * 3)  # the wrapped step still steps (unscaled gradient)
         assert scaler.scale([loss]) is not None and spy.true_loss(loss) is loss  # a list: not a pair
     finally:
         spy.remove()

@@ -142,8 +142,10 @@ def test_eig_backward_rounding():
                          "vs gap terms 1.0e-05 (the phase term is 0 in exact arithmetic for a phase-invariant loss); "
                          "compute this eig in complex128, use eigh for a Hermitian input, or rescale the matrix")
     assert h.data == {"matrix": "E", "phase_noise": 2e-7, "gap_terms": 1e-5, "lambda_max": 4.8e11}
-    at_limit = _site("linalg.eig", backward={"phase_noise": 1e-7, "gap_terms": 1e-5}, herm_err=1.0)
-    assert site_hazards("E", at_limit, F32) == []  # ratio 0.01: the tolerance itself is fine
+    at_limit = _site("linalg.eig", backward={"phase_noise": 1.0, "gap_terms": 100.0}, herm_err=1.0)
+    assert site_hazards("E", at_limit, F32) == []  # ratio exactly 0.01: the tolerance itself is fine
+    unmeasured = _site("linalg.eig", backward={"phase_noise": 1.0}, herm_err=1.0)
+    assert site_hazards("E", unmeasured, F32) == []  # no gap terms recorded: nothing to compare
     below = _site("linalg.eig", backward={"phase_noise": 1e-9, "gap_terms": 1e-5}, herm_err=1.0)
     assert site_hazards("E", below, F32) == []
     both = _site("linalg.eig", backward={"phase_noise": 1.0, "gap_terms": 0.0}, herm_err=0.0)
