@@ -11,6 +11,7 @@ from torch import nn
 
 from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor
 from ris_stability.monitor import amp
+from ris_stability.observe import guard
 from ris_stability.observe.scaler import ScalerSpy
 from ris_stability.records import read_trace
 
@@ -208,3 +209,42 @@ def test_scaler_spy_sees_the_scaler_and_the_true_loss():
     assert not spy.installed
     spy.remove()  # twice: harmless
     assert torch.amp.GradScaler.scale is original_scale
+
+
+def test_scaler_spy_passes_step_arguments_through_and_notes_the_scaler(tmp_path):
+    """A disabled scaler's step is optimizer.step(*args, **kwargs): a closure reaches the optimizer either way."""
+    spy = ScalerSpy().install()
+    try:
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        p = nn.Parameter(torch.ones(2))
+        opt = torch.optim.SGD([p], lr=0.1)
+        calls = []
+
+        def closure():
+            calls.append(1)
+            opt.zero_grad()
+            loss = (p * 2).sum()
+            loss.backward()
+            return loss.detach()
+
+        assert float(scaler.step(opt, closure)) == 4.0 and spy.scaler is scaler  # step alone makes it known
+        assert float(scaler.step(opt, closure=closure)) == pytest.approx(3.2)  # at p = 0.8 after the first step
+        assert calls == [1, 1]
+    finally:
+        spy.remove()
+
+
+def test_a_failing_step_listener_is_switched_off_not_raised(tmp_path):
+    events = []
+    guard.bind(tmp_path, lambda kind, severity, message, **data: events.append((kind, data["part"])))
+    spy = ScalerSpy(on_step=lambda scaler, opt: 1 / 0).install()
+    try:
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        p = nn.Parameter(torch.ones(2))
+        p.grad = torch.ones(2)
+        scaler.step(torch.optim.SGD([p], lr=0.5))
+        assert torch.equal(p.detach(), torch.full((2,), 0.5))  # the optimizer stepped regardless
+        assert [e["part"] for e in guard.errors()] == ["scaler.step"] and events == [("instrument_error", "scaler.step")]
+    finally:
+        spy.remove()
+        guard.unbind()
