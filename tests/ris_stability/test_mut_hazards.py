@@ -11,7 +11,7 @@ from torch import nn
 from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor
 from ris_stability.linalg import hazards
 from ris_stability.linalg.hazards import eig_rounding_ratio, site_hazards, tie_message, tie_safe, vector_words
-from ris_stability.numerics.tolerances import hermitian_input_tol
+from ris_stability.numerics.tolerances import hermitian_input_tol, ill_conditioned_log10
 from ris_stability.records import read_trace
 
 F32, F64 = torch.float32, torch.float64
@@ -77,6 +77,7 @@ def test_inverting_ops_flag_an_ill_conditioned_input(op):
 
 def test_the_condition_limit_follows_the_dtype():
     assert site_hazards("A", _site("linalg.inv", log10_cond=5.8), F32) == []  # 5.92 for float32
+    assert site_hazards("A", _site("linalg.inv", log10_cond=ill_conditioned_log10(F32)), F32) == []  # at the limit
     assert _kinds(site_hazards("A", _site("linalg.inv", log10_cond=6.0), F32)) == ["ill_conditioned"]
     assert site_hazards("A", _site("linalg.inv", log10_cond=14.5), F64) == []  # 14.65 for float64
     assert _kinds(site_hazards("A", _site("linalg.inv", log10_cond=14.8), F64)) == ["ill_conditioned"]
@@ -87,6 +88,8 @@ def test_the_condition_limit_follows_the_dtype():
 def test_a_singular_input_names_its_rank():
     (h,) = site_hazards("A", _site("linalg.solve", log10_cond=math.inf, rank=3.0, n=5.0), F64)
     assert h.message == "A: singular (numerical rank 3 of 5); this op inverts it"
+    (bare,) = site_hazards("A", _site("linalg.solve", log10_cond=math.inf), F64)  # a record without rank or size
+    assert bare.message == "A: singular (numerical rank 0 of 0); this op inverts it" and bare.data["rank"] is None
 
 
 @pytest.mark.parametrize("op", ["linalg.eigh", "linalg.svd", "linalg.eig", "linalg.eigvals", "linalg.pinv",
