@@ -32,6 +32,7 @@ ROOT = HERE.parents[1]
 COPIED = ("ris_stability", "ris_model", "tests")
 KILLED_CODES = {1, 3, 36, -24, 24, 152, 255}
 SURVIVED_CODES = {0, 5, 33}
+TIMEOUT_CODES = {36, -24, 24, 152, 255}  # counted as killed, but --rerun tests them again
 # Lines that only emit log text are not behaviour a test should pin down.
 IGNORED_LINES = [r"^\s*(_?log|logger|LOG)\.(debug|info|warning|error|exception)\("]
 
@@ -114,7 +115,8 @@ def _codes(work: Path, shard: dict) -> dict[str, int]:
 
 
 def refresh_tests(work: Path, shard: dict) -> list[str]:
-    """For --rerun: the last run's survivors, with the shard's tests and selection refreshed from the repository
+    """For --rerun: the last run's survivors and timeouts (a busy machine turns slow kills, or hides survivors,
+    as timeouts), with the shard's tests and selection refreshed from the repository
     (and mutmut's test-to-function map dropped, so that new tests are mapped too)."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
     for dest in (work / "tests", work / "mutants" / "tests"):
@@ -124,7 +126,7 @@ def refresh_tests(work: Path, shard: dict) -> list[str]:
     for dest in (work / "pyproject.toml", work / "mutants" / "pyproject.toml"):
         dest.write_text(section)
     (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
-    return [m for m, code in sorted(_codes(work, shard).items()) if code in SURVIVED_CODES]
+    return [m for m, code in sorted(_codes(work, shard).items()) if code in SURVIVED_CODES | TIMEOUT_CODES]
 
 
 def run_shard(name: str, shard: dict, work: Path, jobs: int, equivalents: dict[str, str],
@@ -187,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-diffs", action="store_true", help="list survivors without their diffs")
     parser.add_argument("--list", action="store_true", help="print the shards and exit")
     parser.add_argument("--rerun", action="store_true",
-                        help="re-test only the last run's survivors in --work, with the tests refreshed from the "
-                             "repository (the other verdicts are kept; a shard never run is run in full)")
+                        help="re-test only the last run's survivors and timeouts in --work, with the tests "
+                             "refreshed from the repository (the other verdicts are kept; a shard never run is run "
+                             "in full)")
     args = parser.parse_args(argv)
     if shutil.which("mutmut") is None:
         parser.error("mutmut is not installed: pip install -e '.[dev]'")
