@@ -208,3 +208,29 @@ def test_site_and_parameter_errors_are_the_gradient_errors():
     assert site.grad_error == pytest.approx(audit.baseline_error, rel=1e-3)
     assert audit.parameters["model.A"] == pytest.approx(audit.baseline_error, rel=1e-6)
     assert audit.grad_norm == pytest.approx(float(torch.autograd.grad(model(y), [model.A])[0].norm()), rel=1e-6)
+
+
+def test_promoted_decompositions_keep_their_named_tuples_and_dtypes():
+    torch.manual_seed(0)
+    b = torch.randn(3, 3, dtype=torch.complex64)
+    h = b @ b.mH + torch.eye(3)
+    with SitePromotion({}, None) as mode:
+        w, V = out = torch.linalg.eigh(h)
+        e = torch.linalg.eig(h + 0.5 * torch.triu(torch.ones(3, 3), 1))
+    assert isinstance(out, torch.return_types.linalg_eigh) and out.eigenvalues is w
+    assert (w.dtype, V.dtype, e.eigenvalues.dtype) == (torch.float32, torch.complex64, torch.complex64)
+    ref = torch.linalg.eigh(h.to(torch.complex128))
+    assert torch.equal(w, ref.eigenvalues.float())  # computed in complex128, cast back
+    sites = {s.op: s for s in mode.sites.values()}
+    assert sites["linalg.eigh"].lambda_max == pytest.approx(float(ref.eigenvalues.abs().max()), rel=1e-6)
+    assert sites["linalg.eigh"].herm_err < 1e-15 and sites["linalg.eig"].herm_err > 0.1
+    assert sites["linalg.eigh"].dtype == "complex128"
+
+
+def test_float64_everything_rewrites_requested_low_dtypes():
+    x = torch.ones(2, dtype=torch.float32)
+    with Float64Everything({}):
+        assert x.float().dtype == torch.float64 and x.half().dtype == torch.float64
+        assert x.to(torch.complex64).dtype == torch.complex128 and x.cfloat().dtype == torch.complex128
+        assert (x * 2).dtype == torch.float64 and torch.arange(3).dtype == torch.int64
+    assert x.float().dtype == torch.float32
