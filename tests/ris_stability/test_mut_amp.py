@@ -174,6 +174,9 @@ def test_unscaled_and_found_inf_follow_unscale():
     assert amp.found_inf(scaler, opts[:1]) is False  # only the second optimizer overflowed
     assert amp.found_inf(scaler, opts[::-1]) is True  # the overflowing one first: a later clean one keeps it
     assert amp.found_inf(_LookAlike(), opts) is None and amp.unscaled(_LookAlike(), opts) is False
+    bare = _LookAlike()
+    bare._per_optimizer_states = {id(o): {} for o in opts}  # a look-alike's state without a stage
+    assert amp.unscaled(bare, opts) is False and amp.found_inf(bare, opts) is None
 
 
 def test_scaler_spy_sees_the_scaler_and_the_true_loss():
