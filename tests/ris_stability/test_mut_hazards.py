@@ -57,6 +57,15 @@ def test_no_tie_hazard(site):
     assert site_hazards("R", site, F32) == []
 
 
+def test_sparse_records():
+    """A record with only what a watched matrix has (no op, location or cluster value) is still judged."""
+    (h,) = site_hazards("R", {"stats": {"max_cluster": 2.0}, "vec_grad": True}, F32)
+    assert h.message.startswith("R (): 2 eigenvalues tie at nan and its eigenvectors receive gradient: a risk")
+    assert h.data["location"] is None and h.data["module"] is None
+    assert site_hazards("R", {"vec_grad": True}, F32) == []  # no statistics: nothing to judge
+    assert site_hazards("loss.subspace:eigh_gap_aware", {"stats": {"max_cluster": 3.0}, "vec_grad": True}, F32) == []
+
+
 def test_gap_aware_by_site_name_and_unknown_ops():
     assert site_hazards("loss.subspace:eigh_gap_aware", _site("", True, max_cluster=2.0), F32) == []
     assert tie_safe("a:svd_gap_aware") and not tie_safe("a:linalg.svd")
