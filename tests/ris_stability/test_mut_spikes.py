@@ -256,3 +256,19 @@ def test_an_sgd_update_larger_than_the_weights_is_caught_at_step_0(tmp_path):
     assert event["message"].endswith("the optimizer applies it (on_explosion='observe'; 'skip' keeps the parameters)")
     assert _explosion_events(tmp_path / "adam", lambda m: torch.optim.Adam(m.parameters(), lr=50.0)) == []
     assert _explosion_events(tmp_path / "small", lambda m: torch.optim.SGD(m.parameters(), lr=1e-3)) == []
+
+
+def test_update_origin_words_and_data():
+    next_one = UpdateOrigin("w", 4, 5, 2.0, 500.0, 8.0, 2.0)
+    assert next_one.message() == ("parameters of w grew from 2 to 500 at the update of step 4, gradient norm 8 = 4x "
+                                  "its first value")
+    assert "between steps 4 and 6" in UpdateOrigin("w", 4, 6, 2.0, 500.0, None, None).message()
+    assert UpdateOrigin("w", 1, 2, 2.0, 500.0, 8.0, 2.0).message().endswith("= 4x its first value")
+    assert UpdateOrigin("w", 0, 1, 2.0, 500.0, 8.0, 2.0).message().endswith("gradient norm 8")
+    assert next_one.data() == {"module": "w", "update_step": 4, "before": 2.0, "after": 500.0, "grad_norm": 8.0,
+                               "first_grad_norm": 2.0, "origin": next_one.message()}
+
+
+def test_spike_message_names_at_most_four_sites():
+    spike = Spike(3, Jump("total", 10.0, 1.0), 10.0, (), tuple(Jump(f"s{k}", 10.0 - k, 1.0) for k in range(5)))
+    assert spike.message().count("linalg site ") == 4 and "s4" not in spike.message()
