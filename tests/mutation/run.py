@@ -3,6 +3,7 @@
     python tests/mutation/run.py                      # every shard, 2 workers
     python tests/mutation/run.py --shard spikes amp   # some shards
     python tests/mutation/run.py --list               # the shards and their files
+    python tests/mutation/run.py --shard amp --rerun  # only the last run's survivors, against today's tests
 
 Each shard is mutated in its own copy of the tree (outside the repository, under
 --work), against only the tests named for it in shards.toml, so shards never share
@@ -31,6 +32,7 @@ ROOT = HERE.parents[1]
 COPIED = ("ris_stability", "ris_model", "tests")
 KILLED_CODES = {1, 3, 36, -24, 24, 152, 255}
 SURVIVED_CODES = {0, 5, 33}
+TIMEOUT_CODES = {36, -24, 24, 152, 255}  # counted as killed, but --rerun tests them again
 # Lines that only emit log text are not behaviour a test should pin down.
 IGNORED_LINES = [r"^\s*(_?log|logger|LOG)\.(debug|info|warning|error|exception)\("]
 
@@ -79,6 +81,9 @@ def _mutmut_section(shard: dict) -> str:
         'process_isolation = "forkserver"\n'
         'also_copy = ["ris_model"]\n'
         "use_git_change_detection = false\n"
+        # mutmut's wall limit is (clean test time + 1 s) x this; its default (15) turns kills on a busy 2-core
+        # machine into timeouts, which hide survivors: a generous limit costs nothing when tests fail fast
+        "timeout_multiplier = 60.0\n"
     )
 
 
@@ -100,34 +105,59 @@ def _diff(work: Path, mutant: str) -> str:
     return " | ".join(ln.strip() for ln in lines)[:300]
 
 
-def run_shard(name: str, shard: dict, work: Path, jobs: int, equivalents: dict[str, str]) -> ShardResult:
+def _codes(work: Path, shard: dict) -> dict[str, int]:
+    codes: dict[str, int] = {}
+    for path in shard["files"]:
+        meta = work / "mutants" / (path + ".meta")
+        if meta.exists():
+            codes.update(json.loads(meta.read_text())["exit_code_by_key"])
+    return codes
+
+
+def refresh_tests(work: Path, shard: dict) -> list[str]:
+    """For --rerun: the last run's survivors and timeouts (a busy machine turns slow kills, or hides survivors,
+    as timeouts), with the shard's tests and selection refreshed from the repository
+    (and mutmut's test-to-function map dropped, so that new tests are mapped too)."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    for dest in (work / "tests", work / "mutants" / "tests"):
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(ROOT / "tests", dest, ignore=ignore)
+    section = (ROOT / "pyproject.toml").read_text() + _mutmut_section(shard)
+    for dest in (work / "pyproject.toml", work / "mutants" / "pyproject.toml"):
+        dest.write_text(section)
+    (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+    return [m for m, code in sorted(_codes(work, shard).items()) if code in SURVIVED_CODES | TIMEOUT_CODES]
+
+
+def run_shard(name: str, shard: dict, work: Path, jobs: int, equivalents: dict[str, str],
+              rerun: bool = False) -> ShardResult:
     result = ShardResult(name)
-    prepare(work, shard)
+    command = ["mutmut", "run", "--max-children", str(jobs)]
+    if rerun and (work / "mutants").is_dir():
+        pending = [m for m in refresh_tests(work, shard) if m not in equivalents]
+        command = command + pending if pending else []  # nothing left to re-test: count the kept verdicts
+    else:
+        prepare(work, shard)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
     env.pop("PYTHONPATH", None)
     started = time.perf_counter()
-    with open(work / "mutmut.log", "w") as log:
-        proc = subprocess.run(["mutmut", "run", "--max-children", str(jobs)], cwd=work, env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+    if command:
+        with open(work / "mutmut.log", "w") as log:
+            proc = subprocess.run(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            result.error = f"mutmut exited {proc.returncode}; see {work / 'mutmut.log'}"
+            return result
     result.seconds = time.perf_counter() - started
-    if proc.returncode != 0:
-        result.error = f"mutmut exited {proc.returncode}; see {work / 'mutmut.log'}"
-        return result
-    for path in shard["files"]:
-        meta = work / "mutants" / (path + ".meta")
-        if not meta.exists():
-            continue
-        codes = json.loads(meta.read_text())["exit_code_by_key"]
-        for mutant, code in sorted(codes.items()):
-            result.total += 1
-            if mutant in equivalents:
-                result.equivalent += 1
-            elif code in KILLED_CODES:
-                result.killed += 1
-            elif code in SURVIVED_CODES:
-                result.survivors.append(mutant)
-            else:
-                result.other += 1
+    for mutant, code in sorted(_codes(work, shard).items()):
+        result.total += 1
+        if mutant in equivalents:
+            result.equivalent += 1
+        elif code in KILLED_CODES:
+            result.killed += 1
+        elif code in SURVIVED_CODES:
+            result.survivors.append(mutant)
+        else:
+            result.other += 1
     return result
 
 
@@ -158,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--no-diffs", action="store_true", help="list survivors without their diffs")
     parser.add_argument("--list", action="store_true", help="print the shards and exit")
+    parser.add_argument("--rerun", action="store_true",
+                        help="re-test only the last run's survivors and timeouts in --work, with the tests "
+                             "refreshed from the repository (the other verdicts are kept; a shard never run is run "
+                             "in full)")
     args = parser.parse_args(argv)
     if shutil.which("mutmut") is None:
         parser.error("mutmut is not installed: pip install -e '.[dev]'")
@@ -174,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.shard or list(shards):
         print(f"[{time.strftime('%H:%M:%S')}] {name}: mutating {len(shards[name]['files'])} file(s)",
               file=sys.stderr, flush=True)
-        results.append(run_shard(name, shards[name], args.work / name, args.jobs, equivalents.get(name, {})))
+        results.append(run_shard(name, shards[name], args.work / name, args.jobs, equivalents.get(name, {}),
+                                 rerun=args.rerun))
     report(results, args.work, args.min_score, not args.no_diffs)
     if args.json:
         args.json.write_text(json.dumps([dict(r.__dict__, score=r.score) for r in results], indent=2))

@@ -5,9 +5,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor
 from ris_stability.records import TraceError, TraceWriter, UsageError, read_trace, write_finding
 from ris_stability.report import ReportError, build_comparison, build_report, plots
 from ris_stability.report import markdown as md
@@ -260,20 +262,50 @@ def test_clean_run_says_nothing_stands_out(tmp_path):
     assert len(items) == 1 and items[0].startswith("Nothing stands out")
 
 
+class _CholeskyHead(torch.nn.Module):
+    """A readout through the Cholesky factor of diag(1 .. 10^-6.2): log10 condition 6.2 in float32 (limit 5.9)."""
+
+    def __init__(self):
+        super().__init__()
+        self.A = torch.nn.Parameter(torch.diag(torch.logspace(0, -6.2, 4)))
+
+    def forward(self, y):
+        return (torch.linalg.cholesky(self.A) @ y).sum()
+
+
 def test_near_tie_and_ill_conditioned_inverse_are_flagged(tmp_path):
-    with TraceWriter(tmp_path / "run", {**DEFAULT_META, "dtype": "float32"}) as w:
+    """A real monitored ill-conditioned Cholesky: the monitor's hazard event and the report's item both name it."""
+    model = _CholeskyHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with MonitorSession(StabilityMonitor(tmp_path / "chol", MonitorConfig(policy="observe")), model, opt) as s:
+        for step in range(3):
+            opt.zero_grad(set_to_none=True)
+            s.start_step(step, lr=1e-3)
+            loss = model(torch.ones(4, 2))
+            s.after_forward(loss)
+            loss.backward()
+            s.after_backward()
+            s.end_step()
+    trace = read_trace(tmp_path / "chol")
+    (event,) = [e for e in trace.events if e["severity"] != "info"]
+    assert (event["kind"], event["step"]) == ("ill_conditioned", 0)
+    assert event["message"] == "model:linalg.cholesky: log10 condition number 6.2 > 5.9; this op inverts it"
+    items = what_to_look_at(trace)
+    assert any(i.startswith("`model:linalg.cholesky`: log10 condition number p95 = 6.2 > 5.9 for float32")
+               for i in items), items
+    flag = (0, "ill_conditioned event; ill-conditioned inverse")
+    assert summarize_matrix(trace, "model:linalg.cholesky").first_flag == flag
+    real, eps = precision(trace.meta)
+    assert real == "float32" and eps == np.finfo(np.float32).eps
+    with TraceWriter(tmp_path / "tie", {**DEFAULT_META, "dtype": "float32"}) as w:
         for step in range(3):
             w.step({"step": step, "lr": 1e-3 * (step + 1),
                     "mat/U/min_gap": 1e-9, "mat/U/lambda_max": 1.0, "mat/U/max_cluster": 1, "mat/U/vec_grad": 1.0,
-                    "mat/f:linalg.cholesky/log10_cond": 8.0, "mat/f:linalg.cholesky/n": 4,
+                    "mat/f:linalg.cholesky/log10_cond": 3.0, "mat/f:linalg.cholesky/n": 4,
                     "mat/f:linalg.cholesky/rank": 4})
-    trace = read_trace(tmp_path / "run")
-    items = what_to_look_at(trace)
+    items = what_to_look_at(read_trace(tmp_path / "tie"))
     assert any(i.startswith("`U`: eigenvalues nearly tie (smallest gap 1.0e-09 at step 0") for i in items)
-    assert any(i.startswith("`f:linalg.cholesky`: log10 condition number p95 = 8 > 5.9 for float32") for i in items)
-    real, eps = precision(trace.meta)
-    assert real == "float32" and eps == np.finfo(np.float32).eps
-    assert summarize_matrix(trace, "f:linalg.cholesky").first_flag == (0, "ill-conditioned inverse")
+    assert not any("f:linalg.cholesky" in i for i in items)  # log10 condition 3: fine in float32
 
 
 def test_log10_cond_marks_singular_as_inf():

@@ -27,6 +27,11 @@ def test_spike_detector_baseline_and_attribution():
     assert [j.name for j in spike.modules] == ["b"] and [j.name for j in spike.sites] == ["s"]
     assert "module b" in spike.message() and "linalg site s" in spike.message()
     assert det.observe(7, math.inf, {"a": 1.0}) is None  # non-finite: the non-finite checks' business
+    for step in range(8, 20):
+        assert det.observe(step, math.nan if step % 2 else math.inf, {"a": math.inf}) is None
+    # ... and never part of a baseline: a jump over the finite history's median (1.4) is still a spike
+    late = det.observe(20, 500.0, {"a": 0.6, "b": 400.0})
+    assert late is not None and late.total.baseline == pytest.approx(1.4) and [j.name for j in late.modules] == ["b"]
 
 
 @pytest.mark.parametrize("kwargs", [{"spike_factor": 1.0}, {"spike_window": 2}, {"audit_every": -1}],
