@@ -138,14 +138,16 @@ class _LookAlike:
         return self._value
 
 
-def test_is_scaler_and_scale_of():
+def test_is_scaler_and_scale_tensor():
     enabled, disabled = torch.amp.GradScaler("cpu", init_scale=SCALE), torch.amp.GradScaler("cpu", enabled=False)
     assert amp.is_scaler(enabled) is True and amp.is_scaler(disabled) is False
     assert amp.is_scaler(_LookAlike()) is True and amp.is_scaler(None) is False and amp.is_scaler(object()) is False
     only_get_scale = type("OnlyGetScale", (), {"get_scale": lambda self: 1.0})()
     assert amp.is_scaler(only_get_scale) is False  # no scale(): not a scaler, and no error
     enabled.scale(torch.ones(()))  # the scale tensor is made lazily
-    assert amp.scale_of(enabled) == SCALE and amp.scale_of(_LookAlike(3.0)) == 3.0
+    scale = amp.scale_tensor(enabled)
+    assert isinstance(scale, torch.Tensor) and scale.dim() == 0 and float(scale) == SCALE  # no read in it
+    assert amp.scale_tensor(_LookAlike(3.0)) == 3.0
 
 
 def _unscale_state(grad_value: float, optimizers: int = 1):
