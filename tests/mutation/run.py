@@ -28,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-COPIED = ("ris_stability", "ris_model", "tests")
+COPIED = ("ris_stability", "ris_model", "tests", "configs", "benchmarks")  # tests read configs/ and benchmarks/
 KILLED_CODES = {1, 3, 36, -24, 24, 152, 255}
 SURVIVED_CODES = {0, 5, 33}
 # Lines that only emit log text are not behaviour a test should pin down.
@@ -77,7 +77,7 @@ def _mutmut_section(shard: dict) -> str:
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]\n'
         f"do_not_mutate_patterns = {toml_list(IGNORED_LINES)}\n"
         'process_isolation = "forkserver"\n'
-        'also_copy = ["ris_model"]\n'
+        'also_copy = ["ris_model", "configs", "benchmarks"]\n'
         "use_git_change_detection = false\n"
     )
 
