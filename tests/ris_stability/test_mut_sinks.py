@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -63,12 +64,13 @@ def test_markdown_event_names_kind_severity_step_and_message() -> None:
 def test_scalar_tags_cover_every_family_and_skip_unknown_matrix_stats() -> None:
     row = {"grad_group/decoder": 1.0, "update_ratio_group/decoder": 2.0, "grad_nonfinite/enc": 1, "param/enc": 3.0,
            "skipped": False, "nonfinite": True, "mat/site/log10_cond": 4.0, "mat/site/max_cluster": 2,
-           "mat/site/n": 8, "mat/min_gap": 1.0, "grad/x": float("nan"), "other/x": 1.0}
+           "mat/site/n": 8, "mat/min_gap": 1.0, "grad/x": float("nan"), "other/x": 1.0, "loss": None, "lr": "nan",
+           "mat/enc/a:eigh/rank": 3}
     tags = scalar_tags(row)
     assert tags == {"grad_norm_group/decoder": 1.0, "update_ratio_group/decoder": 2.0, "grad_nonfinite/enc": 1.0,
                     "param_norm/enc": 3.0, "train/skipped": 0.0, "train/nonfinite": 1.0,
                     "matrix/site/log10_cond": 4.0, "matrix/site/max_cluster": 2.0, "grad_norm/x": pytest.approx(
-                        float("nan"), nan_ok=True)}
+                        float("nan"), nan_ok=True), "matrix/enc/a:eigh/rank": 3.0}
     assert all(type(v) is float for v in tags.values())
     assert safe_name("val/a b@c(d)") == "val/a b_c_d_" and safe_name("x-y.z:w/_v") == "x-y.z:w/_v"
 
@@ -96,12 +98,18 @@ class Recorder:
 
     def event(self, record):
         self.calls.append(("event", record["kind"]))
+        if self.fail_on == "event":
+            raise OSError("event refused")
 
     def publish(self, run_dir):
         self.calls.append(("publish", Path(run_dir).name))
+        if self.fail_on == "publish":
+            raise OSError("upload refused")
 
     def close(self, status):
         self.calls.append(("close", status))
+        if self.fail_on == "close":
+            raise OSError("close refused")
 
 
 def test_sink_set_routes_rows_events_metrics_and_the_summary_status(tmp_path: Path) -> None:
@@ -151,6 +159,23 @@ def test_a_failing_backend_is_dropped_alone_with_one_warning(tmp_path: Path, cap
     assert sum("s sink disabled (writing a step failed)" in m for m in messages) == 1
 
 
+@pytest.mark.parametrize("stage, what", [("event", "writing an event"), ("step", "writing a metric"),
+                                         ("publish", "publishing the report"), ("close", "closing")])
+def test_each_stage_a_sink_fails_at_is_named_in_its_one_warning(tmp_path: Path, caplog, stage, what) -> None:
+    rec = Recorder("flaky", stage)
+    sinks = SinkSet([rec])
+    with caplog.at_level(logging.WARNING, logger="ris_stability.sinks.base"):
+        listen = sinks.start_run(tmp_path / "r", {})
+        listen("event", {"kind": "finding", "step": 1})
+        sinks.metric("m", 1.0)
+        listen("summary", {"steps": 1})  # no status: the run closes as clean
+        sinks.publish()
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith(f"flaky sink disabled ({what} failed): OSError: ")
+    if stage == "close":
+        assert rec.calls[-1] == ("close", "clean")
+
+
 def test_open_sinks_without_backends_installs_nothing_and_also_listen_calls_sinks_first(tmp_path: Path) -> None:
     with open_sinks() as none:
         assert none is None and current_observer() is None
@@ -158,11 +183,21 @@ def test_open_sinks_without_backends_installs_nothing_and_also_listen_calls_sink
     rec = Recorder()
     rec.event = lambda record: order.append("sink")
     sinks = SinkSet([rec])
-    with observing_runs(sinks), also_listen(lambda run_dir, meta: lambda kind, r: order.append(f"mine {kind}")):
+    made: list = []
+
+    def make(run_dir, meta):
+        made.append((run_dir, meta["command"]))
+        return lambda kind, r: order.append(f"mine {kind} {r['message']}")
+
+    with observing_runs(sinks), also_listen(make):
         assert current_sinks() is sinks  # seen through the sweep's extra listener
-        with TraceWriter(tmp_path / "r", {}) as writer:
+        with TraceWriter(tmp_path / "r", {"command": "cmd"}) as writer:
             writer.event("finding", "info", "m")
-    assert order == ["sink", "mine event"]
+    assert order == ["sink", "mine event m"]
+    assert made == [(tmp_path / "r", "cmd")] and isinstance(made[0][0], Path)
+    assert rec.runs["r"]["command"] == "cmd"  # the sinks under it got the meta too
+    with observing_runs(types.SimpleNamespace(start_run=lambda run_dir, meta: lambda kind, r: None)):
+        assert current_sinks() is None  # another kind of observer is not a sink set
     with also_listen(lambda run_dir, meta: lambda kind, r: order.append(kind)):
         assert current_sinks() is None
         with TraceWriter(tmp_path / "r2", {}) as writer:
@@ -225,7 +260,49 @@ def test_tensorboard_check_names_the_extra_when_tensorboard_is_missing(monkeypat
     from ris_stability.sinks.tensorboard import TensorBoardBackend
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)
-    with pytest.raises(ImportError, match=r"pip install 'ris-diag\[tensorboard\]'"):
+    with pytest.raises(ImportError) as err:
         TensorBoardBackend(tmp_path / "tb").check()
+    assert str(err.value) == "the tensorboard package is not installed: pip install 'ris-diag[tensorboard]'"
+
+
+def test_tensorboard_check_tries_a_file_in_the_log_folder_itself(tmp_path: Path, monkeypatch) -> None:
+    """A folder that refuses new files (read-only mount, quota) fails the check at start; the folder may
+    already exist (a second run of the command)."""
+    import tempfile
+
+    from ris_stability.sinks.tensorboard import TensorBoardBackend
+
+    if tbmod is None:
+        pytest.skip("the tensorboard extra is not installed")
+    (tmp_path / "tb").mkdir()
+    refusing = tmp_path / "tb"
+    real = tempfile.NamedTemporaryFile
+
+    def named(*args, **kwargs):
+        if Path(kwargs.get("dir") or tempfile.gettempdir()) == refusing:
+            raise PermissionError(13, "Read-only file system")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", named)
+    with pytest.raises(PermissionError):
+        TensorBoardBackend(refusing).check()
+    TensorBoardBackend(tmp_path / "other").check()
+    TensorBoardBackend(tmp_path / "other").check()  # an existing folder is fine
+
+
+def test_tensorboard_figures_are_rgb_and_every_capsule_is_listed(tmp_path: Path, tb) -> None:
+    import numpy as np
+    from PIL import Image
+
+    with open_sinks(tensorboard=tmp_path / "tb"):
+        run_folder(tmp_path / "run", events=[])
+        (tmp_path / "run" / "figures").mkdir()
+        Image.fromarray(np.zeros((4, 6), dtype=np.uint8), mode="L").save(tmp_path / "run" / "figures" / "gray.png")
+        (tmp_path / "run" / "capsules").mkdir()
+        for step in (3, 12):
+            (tmp_path / "run" / "capsules" / f"step_{step:06d}.pt").write_bytes(b"x")
+    (writer,) = tb
+    assert writer.images == [("figures/gray", (4, 6, 3), "HWC")]
+    assert writer.text("capsules") == ["- `run/capsules/step_000003.pt`\n- `run/capsules/step_000012.pt`"]
 
 

@@ -46,9 +46,11 @@ class FakeMlflowClient:
         self.texts.append((run_id, name, text))
 
     def log_artifact(self, run_id, path):
+        assert run_id == "run-1"
         self.artifacts.append(Path(path).name)
 
     def log_artifacts(self, run_id, path, artifact_path=None):
+        assert run_id == "run-1"
         self.artifacts.append((Path(path).name, artifact_path))
 
     def set_tag(self, run_id, key, value):
@@ -59,6 +61,9 @@ class FakeMlflowClient:
 
     def metrics(self):
         return [(m.key, m.value, m.step) for _, ms, _ in self.batches for m in ms]
+
+    def timestamps(self):
+        return [m.timestamp for _, ms, _ in self.batches for m in ms]
 
     def params(self):
         return {p.key: p.value for _, _, ps in self.batches for p in ps}
@@ -121,6 +126,8 @@ def test_mlflow_metrics_batch_every_flush_every_steps_and_flush_at_the_end(tmp_p
     assert [(k, v, s) for k, v, s in client.metrics() if k == "loss/total"] == [
         ("loss/total", float(s + 1), s) for s in range(5)]
     assert ("matrix/m_f.py:1/rank", 3.0, 0) in client.metrics()  # the name MLflow accepts
+    stamps = client.timestamps()  # milliseconds since the epoch, as MLflow expects (not seconds)
+    assert all(type(t) is int and t > 10**12 for t in stamps) and stamps == sorted(stamps)
     assert {run_id for run_id, _, _ in client.batches} == {"run-1"}
 
 
@@ -183,6 +190,23 @@ def test_mlflow_many_params_go_in_batches_of_100(tmp_path, fake_mlflow) -> None:
     client = fake_mlflow["client"]
     assert [len(ps) for _, _, ps in client.batches if ps] == [100, 100, 50]  # 250 params, no meta
     assert client.params()["p249"] == "249"
+    assert client.created == [] and client.run_args[0] == "e"  # the default experiment, "risdiag", joined
+
+
+def test_mlflow_flushes_every_20_steps_by_default(tmp_path, fake_mlflow) -> None:
+    with open_sinks(mlflow=True):
+        run_folder(tmp_path / "run", steps=20, events=[])
+        assert [len(ms) for _, ms, _ in fake_mlflow["client"].batches if ms] == [40]  # 20 steps x 2 scalars
+    assert [len(ms) for _, ms, _ in fake_mlflow["client"].batches if ms] == [40]
+
+
+def test_mlflow_check_names_the_extra_when_mlflow_is_missing(monkeypatch) -> None:
+    from ris_stability.sinks.mlflow import MLflowBackend
+
+    monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
+    with pytest.raises(ImportError) as err:
+        MLflowBackend().check()
+    assert str(err.value) == "the mlflow package is not installed: pip install 'ris-diag[mlflow]'"
 
 
 def test_mlflow_file_store_keeps_its_own_artifact_location(tmp_path) -> None:
@@ -269,7 +293,9 @@ def test_wandb_tables_steps_figures_files_and_config(tmp_path, fake_wandb) -> No
     (init,) = fake_wandb.inits
     assert init["project"] == "risdiag" and init["name"] == "run" and init["dir"] == str(run_dir)
     assert init["config"] == {"meta.command": "c", "data.batch_size": "4"}
-    assert init["settings"]["console"] == "off" and init["settings"]["disable_git"] is True
+    assert init["settings"] == {"console": "off", "silent": True, "disable_git": True, "save_code": False,
+                                "x_disable_stats": True}  # the training process looks as it did
+    assert init["reinit"] == "create_new"  # one W&B run per run folder, also for a second run of the process
     logged = fake_wandb.run.logged
     assert [(s, d, c) for s, d, c in logged[:3]] == [(0, {"loss/total": 0.0}, True), (5, {"loss/total": 5.0}, True),
                                                       (2, {"loss/total": 2.0}, True)]
@@ -287,14 +313,15 @@ def test_wandb_tables_steps_figures_files_and_config(tmp_path, fake_wandb) -> No
 
 
 def test_wandb_bare_run_logs_nothing_at_the_end_and_uses_wandb_dir(tmp_path, fake_wandb, monkeypatch) -> None:
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wd"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wd" / "nested"))
     monkeypatch.setenv("WANDB_PROJECT", "proj")
     with open_sinks(wandb=True):
         run_folder(tmp_path / "run", events=[("run_start", "info", None)], steps=0)
         (tmp_path / "run" / "figures").mkdir()
         (tmp_path / "run" / "capsules").mkdir()
     (init,) = fake_wandb.inits
-    assert init["dir"] == str(tmp_path / "wd") and (tmp_path / "wd").is_dir() and init["project"] == "proj"
+    assert init["dir"] == str(tmp_path / "wd" / "nested") and (tmp_path / "wd" / "nested").is_dir()
+    assert init["project"] == "proj"
     assert fake_wandb.run.logged == []
 
 
@@ -302,6 +329,14 @@ def test_wandb_check_names_the_extra_when_wandb_is_missing(monkeypatch) -> None:
     from ris_stability.sinks.wandb import WandbBackend
 
     monkeypatch.setitem(sys.modules, "wandb", None)
-    with pytest.raises(ImportError, match=r"pip install 'ris-diag\[wandb\]'"):
+    with pytest.raises(ImportError) as err:
         WandbBackend().check()
+    assert str(err.value) == "the wandb package is not installed: pip install 'ris-diag[wandb]'"
     assert WandbBackend("p").project == "p"
+
+
+def test_wandb_end_of_a_one_step_run_is_logged_at_step_1(tmp_path, fake_wandb) -> None:
+    with open_sinks(wandb=True):
+        run_folder(tmp_path / "run", steps=1, events=[("nonfinite_loss", "error", 0)])
+    assert [step for step, _, _ in fake_wandb.run.logged] == [0, 1]
+    assert list(fake_wandb.run.logged[1][1]) == ["incidents"]
