@@ -322,3 +322,37 @@ def test_launch_reports_the_worst_worker_exit() -> None:
     assert workers.launch([py + ["import os, signal; os.kill(os.getpid(), signal.SIGTERM)"]], load) == \
         workers.EXIT_WORKER_LOST
     assert len(loads) == 5  # the study is looked at once per failed worker
+
+
+def test_op_names_of_sites_with_several_colons_and_call_sites() -> None:
+    from ris_stability.sweep.pruning import op_of
+
+    assert op_of("enc.a:b:linalg.eigh@x.py:3@y.py:4") == "linalg.eigh"
+    assert op_of("linalg.svd") == "linalg.svd" and op_of("m:op@a@b") == "op"
+
+
+def test_a_baseline_below_one_still_catches_an_explosion_and_only_mat_gap_columns_count() -> None:
+    watch = StabilityWatch(StabilityRules(explode_factor=10.0, baseline_steps=2))
+    assert _feed(watch, [0.5, 0.5, 5.5])[-1].reason.endswith("x the baseline 0.5 (median of the first 2 logged "
+                                                              "steps) > factor 10")
+    other = StabilityWatch()
+    other.observe("step", {"step": 0, "x/min_gap": 0.1, "x/vec_grad": 1.0, "mat/s/min_gap": 0.4,
+                           "mat/s/vec_grad": 1.0, "mat/t/min_gap": 0.2, "mat/t/vec_grad": True})
+    assert (other.min_gap, other.min_gap_site) == (0.2, "t")
+
+
+def test_a_tie_event_without_details_is_still_named() -> None:
+    watch = StabilityWatch()
+    watch.observe("event", {"kind": "nonfinite_grad", "step": 0})
+    watch.observe("event", {"kind": "tied_eigenvalues", "step": 1, "data": {"vec_grad": 1}})
+    assert watch.ties == ["0 eigenvalues of ? tied at None (step 1)"]
+    assert watch.end_step(1).rule == "tie"
+    assert watch.summary()["nonfinite_steps"] == 1 and watch.first_nonfinite == ""
+
+
+def test_a_refused_join_shows_values_of_80_characters_whole() -> None:
+    study = optuna.create_study(study_name="s")
+    storage.check_settings(study, SETTINGS)
+    with pytest.raises(UsageError) as err:
+        storage.check_settings(study, {**SETTINGS, "target": "t" * 78})  # repr: 80 characters
+    assert "this command '" + "t" * 78 + "')" in str(err.value)
