@@ -251,3 +251,52 @@ def test_rank0_done_mark_and_the_wait_for_it(tmp_path: Path, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="ris_stability.records.shards"):
         shards.mark_rank0_done(tmp_path / "missing" / "folder")
     assert "the other ranks wait for it until their timeout" in caplog.text
+
+
+def test_peer_failures_are_told_by_their_words_inside_a_group(monkeypatch) -> None:
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    for words in ("Gloo: read failed", "NCCL error", "Connection closed by peer", "connection RESET", "Timed out"):
+        assert distributed.is_collective_failure(RuntimeError(words)), words
+    assert not distributed.is_collective_failure(RuntimeError("shape mismatch"))
+    assert not distributed.is_collective_failure(ValueError("gloo"))
+
+
+def test_the_decision_reduces_over_the_watchs_own_group(group, monkeypatch) -> None:
+    mine = dist.new_group([0])
+    seen: list = []
+    real = dist.all_reduce
+
+    def recording(flags, op=None, group=None):
+        seen.append((group, flags.dtype, flags.device.type))
+        real(flags, op=op, group=group)
+
+    monkeypatch.setattr(dist, "all_reduce", recording)
+    watch = distributed.RankWatch(group=mine)
+    assert watch.local_grads is None and watch.step is None
+    assert watch.decide(None).ok  # nothing attached: nothing seen, a clean step
+    assert seen == [(mine, torch.float64, "cpu")]
+
+
+def test_a_lost_peer_before_the_first_step_names_no_step(group, monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("gloo")
+
+    monkeypatch.setattr(dist, "all_reduce", broken)
+    with pytest.raises(distributed.RankLostError, match="the collective call at step None failed"):
+        distributed.RankWatch().decide(None)
+
+
+def test_rename_keeps_parameters_outside_the_model_and_later_captures_use_new_names(group) -> None:
+    model, watch = _watched()
+    other = torch.nn.Linear(1, 1)
+    watch.attach(other)  # a second module, not in the wrapper below
+    wrapper = torch.nn.ModuleDict({"net": model})
+    watch.rename(wrapper)
+    _step(model, watch, 0, nan_input=True)
+    watch.decide(None)
+    assert set(watch.local_grads) == {"net.0.weight", "net.0.bias", "net.1.weight", "net.1.bias"}
+    other(torch.tensor([[math.nan]])).sum().backward()
+    watch.start_step(1)
+    other(torch.tensor([[math.nan]])).sum().backward()
+    watch.decide(None)
+    assert {"weight", "bias"} <= set(watch.local_grads)  # the outside parameters keep their own names
