@@ -300,3 +300,25 @@ def test_rename_keeps_parameters_outside_the_model_and_later_captures_use_new_na
     other(torch.tensor([[math.nan]])).sum().backward()
     watch.decide(None)
     assert {"weight", "bias"} <= set(watch.local_grads)  # the outside parameters keep their own names
+
+
+def test_the_messages_of_a_lost_peer_and_of_a_missing_group_in_full() -> None:
+    err = RuntimeError("x" * 250)
+    assert distributed.rank_lost_message(2, 9, err) == (
+        "rank 2: the collective call at step 9 failed (RuntimeError: " + "x" * 200 + "); another rank stopped or "
+        "died, so this rank stops too (no rank steps alone). Its trace shard is flushed; look at the other ranks' "
+        "shards (rank<r>/events.jsonl) for the first failure.")
+    assert distributed.no_group_message(1, 2) == (
+        "started as rank 1 of 2 (WORLD_SIZE), but no torch.distributed process group was joined: every rank trains "
+        "alone, with its own non-finite verdicts (no collective skip); this rank's trace is in rank1/. Call "
+        "init_process_group (and wrap the model in DDP) for data-parallel training")
+
+
+def test_a_launcher_without_rank_is_rank_0_and_a_marker_within_a_second_counts(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.process_rank() == (0, 2)
+    since = float(int(time.time()))  # whole seconds: the marker's time below is exact
+    _summary(tmp_path, 1, mtime=since - 1.0)  # exactly one second earlier: still this run's
+    _summary(tmp_path, 2, mtime=since - 1.5)
+    assert shards.wait_for_shards(tmp_path, 3, since, timeout_s=0.0) == [2]
