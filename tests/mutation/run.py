@@ -29,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-COPIED = ("ris_stability", "ris_model", "tests")
+COPIED = ("ris_stability", "ris_model", "tests", "configs", "benchmarks")  # tests read configs/ and benchmarks/
 KILLED_CODES = {1, 3, 36, -24, 24, 152, 255}
 SURVIVED_CODES = {0, 5, 33}
 TIMEOUT_CODES = {36, -24, 24, 152, 255}  # counted as killed, but --rerun tests them again
@@ -76,10 +76,12 @@ def _mutmut_section(shard: dict) -> str:
         'source_paths = ["ris_stability"]\n'
         f"only_mutate = {toml_list(shard['files'])}\n"
         f"pytest_add_cli_args_test_selection = {toml_list(shard['tests'])}\n"
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]\n'
+        # no:unraisableexception: that plugin's gc.collect() calls at session end cost ~1.5 s CPU per mutant
+        # (a forked child with torch/optuna/mlflow in its heap), ten times the test itself.
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:unraisableexception", "-q"]\n'
         f"do_not_mutate_patterns = {toml_list(IGNORED_LINES)}\n"
         'process_isolation = "forkserver"\n'
-        'also_copy = ["ris_model"]\n'
+        'also_copy = ["ris_model", "configs", "benchmarks"]\n'
         "use_git_change_detection = false\n"
         # mutmut's wall limit is (clean test time + 1 s) x this; its default (15) turns kills on a busy 2-core
         # machine into timeouts, which hide survivors: a generous limit costs nothing when tests fail fast

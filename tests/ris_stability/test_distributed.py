@@ -140,6 +140,19 @@ def test_fault_on_rank1_is_attributed_to_rank1_and_both_ranks_skip(tmp_path):
     assert "| 2 | 1 |" in report and "| 3 | 1 |" in report and "| 1 | 6 | 2 [2, 3] |" in report
 
 
+def test_a_rank_whose_loss_alone_is_nonfinite_makes_every_rank_skip(tmp_path):
+    """Rank 1's loss is NaN at step 2 while every gradient stays finite: the all-reduced gradients are clean,
+    so only the collective decision (not rank 0's own verdict) can make rank 0 skip with it."""
+    procs = _launch(tmp_path, "lossnan", steps=4)
+    assert all(p.returncode == 0 for p in procs), [p.stderr[-2000:] for p in procs]
+    r0, r1 = _result(tmp_path, 0), _result(tmp_path, 1)
+    assert r0["skipped"] == r1["skipped"] == [2] and r0["stepped"] == r1["stepped"] == [0, 1, 3]
+    assert r0["params"] == r1["params"]
+    bad = [e for e in read_events(tmp_path) if e["kind"].startswith("nonfinite")]
+    assert [e["step"] for e in bad] == [2] and bad[0]["data"]["origin_ranks"] == [1]
+    assert bad[0]["data"]["local_finite"] is True
+
+
 def test_origin_capsule_holds_local_gradients_and_bisect_replays_them_bit_exact(tmp_path):
     """Rank 1's step 2 has a finite loss and a NaN in one bias gradient only; its other local gradients are
     finite and differ from the all-reduced average. The capsule stores the local ones (captured before DDP

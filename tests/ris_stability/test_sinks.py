@@ -109,6 +109,7 @@ def test_mlflow_run_holds_metrics_params_and_report(tmp_path: Path, monkeypatch)
     exp = client.get_experiment_by_name("sinks-test")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.run_name == "run" and run.info.status == "FINISHED"
+    assert run.data.tags["risdiag.status"] == "clean"
     assert run.data.params["meta.command"] == "ris_stability.watch"
     history = client.get_metric_history(run.info.run_id, "loss/total")
     trace = read_trace(tmp_path / "run")
@@ -117,6 +118,30 @@ def test_mlflow_run_holds_metrics_params_and_report(tmp_path: Path, monkeypatch)
     assert any(k.startswith("matrix/") for k in run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.md", "figures", "events.jsonl"} <= artifacts
+
+
+def test_mlflow_run_of_a_crashed_loop_is_failed_and_holds_its_incidents(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    from mlflow.tracking import MlflowClient
+    import ris_stability
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "crash-test")
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="data loader died"):
+        with ris_stability.watch(model, opt, out=tmp_path / "run", mlflow=True):
+            for step in range(3):
+                model(torch.randn(8, 4)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+            raise RuntimeError("data loader died")
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("crash-test").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["risdiag.status"] == "crashed"
+    assert len(client.get_metric_history(run.info.run_id, "loss/total")) == 3  # the steps before the crash
 
 
 def test_a_config_trace_writes_params_of_the_resolved_config(tmp_path: Path, monkeypatch) -> None:

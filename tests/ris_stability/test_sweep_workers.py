@@ -39,13 +39,13 @@ def load(tmp: Path) -> optuna.Study:
 
 
 def test_two_workers_share_one_study_without_duplicates(tmp_path):
-    run = subprocess.run(sweep_cmd(tmp_path, 8, 2, "--steps", "4"), cwd=tmp_path, env=env(), capture_output=True,
+    run = subprocess.run(sweep_cmd(tmp_path, 7, 2, "--steps", "4"), cwd=tmp_path, env=env(), capture_output=True,
                          text=True, timeout=TIMEOUT_S)
     assert run.returncode == 0, run.stderr[-3000:]
     trials = load(tmp_path).get_trials()
-    assert sorted(t.number for t in trials) == list(range(8))
+    assert sorted(t.number for t in trials) == list(range(7))  # odd: no share of the trials is dropped
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)  # the median pruner may stop some
-    assert len({t.user_attrs["run_dir"] for t in trials}) == 8
+    assert len({t.user_attrs["run_dir"] for t in trials}) == 7
     pids = [t.user_attrs["pid"] for t in trials]
     assert len(set(pids)) == 2  # both workers claimed trials (as many as each could: no fixed shares)
 

@@ -2,7 +2,8 @@
 
 argv: run_dir mode steps. mode "fault": rank 1's input is NaN at steps 2 and 3 (a planted fault on one rank
 only); "gradnan": at step 2 rank 1's loss gains a term whose value is 0 but whose backward puts NaN in the
-last layer's bias gradient only (the other local gradients stay finite); "die": rank 1 exits abruptly at
+last layer's bias gradient only (the other local gradients stay finite); "lossnan": at step 2 rank 1's loss
+is NaN while all its gradients stay finite (a NaN constant added); "die": rank 1 exits abruptly at
 step 3; "clean": no fault. Each rank writes result<rank>.json. ``replay`` rebuilds a capsule's step in one
 process (``risdiag bisect CAPSULE --replayer ddp_worker.py:replay``).
 """
@@ -74,6 +75,8 @@ def main(run_dir: str, mode: str, steps: int) -> int:
                 batch = {"x": x, "y": y, "gradnan": mode == "gradnan" and rank == 1 and step == GRADNAN_STEP}
                 s.start_step(step, batch)
                 loss = step_loss(ddp, batch, model)
+                if mode == "lossnan" and rank == 1 and step == GRADNAN_STEP:
+                    loss = loss + torch.tensor(float("nan"))  # no gradient: the local gradients stay finite
                 s.after_forward(loss)
                 loss.backward()
                 if mon.dist.local_grads is not None:
