@@ -88,9 +88,11 @@ def plot_log10_cond(steps: StepTables, colors: Mapping[str, tuple] | None = None
         style = dict(zip((lb for lb, _ in runs), RUN_STYLES))[label]
         _plot_series(ax, values, colors[name], style, lw=1.0, marker="|", ms=4)
     if ranged:
+        how = ("lambda_max / smallest eigenvalue\nabove the rank tolerance" if all(
+            "range_log10_cond" in matrix_stats(frame, name) for label, frame in runs for lb, name in ranged
+            if lb == label) else "lambda_max / gap at the\nsignal/noise boundary")
         handles.append(Line2D([], [], color="grey", lw=1.0, marker="|",
-                              label="singular: log10 cond of its range\n(lambda_max / smallest "
-                                    "eigenvalue\nabove the rank tolerance)"))
+                              label=f"singular: log10 cond of its range\n({how})"))
     if any(np.isinf(s).any() for s in conds.values()):
         ax.axhline(top - INF_ROW, color="grey", lw=0.6, ls=":")
         _inf_tick(ax, top, INF_ROW * max(rows - 1, 0))

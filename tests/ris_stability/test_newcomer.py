@@ -204,8 +204,9 @@ def test_eigenvector_use_of_a_custom_eigh_is_read_where_the_vectors_are_consumed
     assert {name: site["vec_grad"] for name, site in sites.items()} == {"model:eigh_gap_aware": True}
 
 
-@pytest.mark.parametrize("singular, drawn", [(True, True), (False, False)], ids=["rank-deficient", "full-rank"])
-def test_cond_figure_shows_the_range_separation_of_a_rank_deficient_matrix(singular, drawn):
+@pytest.mark.parametrize("singular, drawn, recorded", [(True, True, True), (True, True, False), (False, False, True)],
+                         ids=["rank-deficient", "rank-deficient-older-trace", "full-rank"])
+def test_cond_figure_shows_the_range_separation_of_a_rank_deficient_matrix(singular, drawn, recorded):
     import math
 
     import numpy as np
@@ -217,11 +218,15 @@ def test_cond_figure_shows_the_range_separation_of_a_rank_deficient_matrix(singu
     frame = pd.DataFrame({f"{site}log10_cond": math.inf if singular else 3.0, f"{site}rank": 16.0 if singular else 144.0,
                           f"{site}n": 144.0, f"{site}lambda_max": 1.0, f"{site}gap_split": 1e-2},
                          index=pd.Index(range(40), name="step"))
+    if recorded:  # the range condition itself (lambda_max / smallest eigenvalue above the rank tolerance)
+        frame[f"{site}range_log10_cond"] = 2.5
     fig = plots.plot_log10_cond(frame, eps=1.2e-7, precision="float32")
     ys = [line.get_ydata() for line in fig.axes[0].get_lines() if len(line.get_ydata()) == 40]
-    assert any(np.allclose(y, 2.0) for y in ys) == drawn  # log10(lambda_max / gap) = log10(1 / 1e-2)
+    # recorded: 2.5; an older trace without it: log10(lambda_max / gap_split) = log10(1 / 1e-2)
+    assert any(np.allclose(y, 2.5 if recorded else 2.0) for y in ys) == drawn
     labels = " ".join(t.get_text() for t in fig.legends[0].get_texts()) if fig.legends else ""
-    assert ("signal/noise" in labels) == drawn
+    assert ("cond of its range" in labels) == drawn
+    assert ("signal/noise" in labels) == (drawn and not recorded)
 
 
 @pytest.mark.parametrize("n, trend", [(100, True), (10, False)], ids=["long-run", "short-run"])
