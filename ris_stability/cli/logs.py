@@ -1,5 +1,5 @@
 """The CLI's own log output: a handler on the toolkit's loggers (and the few others a command names), never on
-the root logger, so a traced script's ``logging.basicConfig(...)`` configures its own logging exactly as under
+the root logger, so a traced script that configures the root logger itself configures its own logging exactly as under
 plain ``python`` (its records reach its handlers; ours reach ours)."""
 from __future__ import annotations
 

@@ -75,8 +75,7 @@ class _Session(_DispatchChecks, _NodeRecorder):
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
-            self.caught = stack.enter_context(warnings.catch_warnings(record=True))
-            warnings.simplefilter("always")
+            self.caught = stack.enter_context(warnings.catch_warnings(record=True, action="always"))
             stack.callback(self._remove_node_hooks)
             stack.enter_context(_NonFiniteMode(self))
             yield

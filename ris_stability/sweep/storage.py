@@ -64,8 +64,8 @@ def open_storage(url: str, heartbeat_s: int = 10, create: bool = True) -> RDBSto
                 raise UsageError(f"--storage {url!r}: cannot create {path.parent} ({err.strerror or err})") from None
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9; we rely on them
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # heartbeats are "experimental" since Optuna 2.9; we rely on them (the filter ends with the block)
+        with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
             return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
                               grace_period=GRACE_BEATS * heartbeat_s, heartbeat_stale_trial_callback=_lost_worker)
     except (ImportError, ValueError, SQLAlchemyError) as err:
@@ -127,6 +127,6 @@ def _lost_worker(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
 
 def fail_stale(study: optuna.Study) -> None:
     """Mark trials whose worker stopped beating (killed, machine lost) as FAIL."""
-    with warnings.catch_warnings():  # "experimental" since Optuna 2.9; the sweep depends on it deliberately
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    # "experimental" since Optuna 2.9; the sweep depends on it deliberately (the filter ends with the block)
+    with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
         fail_stale_trials(study)
