@@ -8,22 +8,13 @@ import json
 import threading
 
 import torch
-from torch import nn
 
 from ris_stability import watch
 from ris_stability.records.capsule import Capsule
 from ris_stability.records.capsule_writer import CapsuleWriter
+from tests.ris_stability.test_capsule_store import Tiny  # NaN on every step
 
 REAL_SAVE = torch.save
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(3, 1)
-
-    def forward(self, *, x):
-        return torch.log(self.lin(x) - 1e3).sum()  # log of a negative number: NaN on every step
 
 
 def train(run_dir, steps: int, after_step=None, **options):
