@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from outside_models import DESCRIPTIONS, WORKLOADS  # noqa: E402
+from outside_models import DESCRIPTIONS, WORKLOADS, session_step  # noqa: E402
 from tests.ris_stability.host_reads import counting  # noqa: E402  (the test's own counter)
 
 from ris_stability import watch  # noqa: E402
@@ -142,14 +142,7 @@ def host_reads(name: str, every: int, policy: str, steps: int, tmp: Path, device
         with MonitorSession(StabilityMonitor(tmp / f"reads-{time.monotonic_ns()}", MonitorConfig(every=every, policy=policy)),
                             work.model, work.optimizer) as s:
             for step in range(steps):
-                s.start_step(step)
-                work.optimizer.zero_grad(set_to_none=True)
-                loss = work.loss(step)
-                s.after_forward(loss)
-                loss.backward()
-                if s.after_backward():
-                    work.optimizer.step()
-                s.end_step()
+                session_step(s, work, step)
     return sum(reads.steps(range(steps))) / steps
 
 

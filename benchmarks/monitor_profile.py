@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from outside_models import DESCRIPTIONS, WORKLOADS  # noqa: E402
+from outside_models import DESCRIPTIONS, WORKLOADS, session_step  # noqa: E402
 
 from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor  # noqa: E402
 
@@ -50,14 +50,7 @@ def profile(name: str, steps: int, warmup: int) -> tuple[pstats.Stats, int]:
             for step in range(warmup + steps):
                 if step == warmup:
                     prof.enable()
-                s.start_step(step)
-                work.optimizer.zero_grad(set_to_none=True)
-                loss = work.loss(step)
-                s.after_forward(loss)
-                loss.backward()
-                if s.after_backward():
-                    work.optimizer.step()
-                s.end_step()
+                session_step(s, work, step)
             prof.disable()
     return pstats.Stats(prof), steps
 

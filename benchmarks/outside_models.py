@@ -20,6 +20,18 @@ class Workload:
     loss: Callable[[int], torch.Tensor]
 
 
+def session_step(session, work: "Workload", step: int) -> None:
+    """One training step of ``work`` driven through a MonitorSession, as a loop with its own step gate writes it."""
+    session.start_step(step)
+    work.optimizer.zero_grad(set_to_none=True)
+    loss = work.loss(step)
+    session.after_forward(loss)
+    loss.backward()
+    if session.after_backward():
+        work.optimizer.step()
+    session.end_step()
+
+
 class Block(nn.Module):
     def __init__(self, d: int, heads: int):
         super().__init__()
