@@ -5,9 +5,11 @@ At the end of each backward: per-parameter peak magnitudes (NaN/Inf exactly when
 unlike a sum of squares, never overflows) stay on the device and are read with the step's verdict
 (monitor/step_reads.py); the gradients are kept by reference with their versions. On a bad step the copies of the
 gradients as born come from those references, unless the script rewrote them in place since (``nan_to_num_``,
-``clip_grad_norm_``): for that the first step keeps one copy (a copy, not a read), and a script seen rewriting
-gradients in place gets the eager check: a read at every backward and a copy when one is non-finite, so that
-every bad step's capsule holds the gradients as born (one more read per step for such scripts).
+``clip_grad_norm_``): for that the first step keeps one copy (a copy, not a read). A script seen rewriting its
+gradients in place gets the eager check while a fault lasts: after a non-finite step, every backward reads its
+check and copies the gradients when one is non-finite, so that the capsules of the steps that follow hold the
+gradients as born. Ordinary steps read nothing here; the first bad step after clean ones, in such a script, names
+its non-finite parameters (from the peaks) without their values (``risdiag locate`` recomputes them).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ class BornCheck:
     """The step's at-backward check (see the module docstring); :meth:`reset` at every step end."""
 
     def __init__(self) -> None:
-        self.eager = False  # read and copy at every backward: the script rewrites its gradients in place
+        self.eager = False  # read and copy at every backward: a rewriting script whose last step was non-finite
+        self.rewrites = False  # the script rewrites its gradients in place between backward and optimizer.step
         self._learned = False  # the first checked step has shown whether it does
         self._first_copy: dict[int, Tensor] | None = None
         self.reset()
@@ -59,10 +62,12 @@ class BornCheck:
         elif self._ok is not None:
             c.born_ok, c.born_grads_fn = self._ok, lambda: self._born_grads(c.model)
 
-    def learn(self) -> None:
-        """After the first checked step: a script that rewrote its gradients in place gets the eager check."""
+    def learn(self, bad: bool) -> None:
+        """After a checked step (``bad``: it was non-finite): whether the script rewrites its gradients in place
+        (seen at the first step), and so whether the next backward gets the eager check."""
         if self._refs and not self._learned:
-            self._learned, self.eager = True, self.eager or self._rewritten()
+            self._learned, self.rewrites = True, self.rewrites or self._rewritten()
+        self.eager = self.rewrites and bad
 
     def _born_grads(self, model: nn.Module) -> tuple[list[str], dict[str, Tensor] | None]:
         """A bad step's gradients as born: the non-finite ones' names (one read), copies (None: rewritten since)."""
@@ -71,9 +76,10 @@ class BornCheck:
         bad = [names[id(p)] for p, _, peak in refs if not math.isfinite(peak)]
         if not self._rewritten():
             return bad, {names[id(p)]: g.detach().clone() for p, g, _ in refs}
-        self.eager = True
-        log.info("the script rewrites gradients in place between backward and optimizer.step: the check at backward "
-                 "reads at every backward from now on, to keep the gradients as born")
+        if not self.rewrites:
+            log.info("the script rewrites gradients in place between backward and optimizer.step: while a fault "
+                     "lasts the check at backward reads at every backward, to keep the gradients as born")
+        self.rewrites = True
         copy = self._first_copy
         return bad, None if copy is None else {names[id(p)]: copy[id(p)] for p, _, _ in refs if id(p) in copy}
 

@@ -205,7 +205,7 @@ class StepDriver:
             c.grads_finite = False
         self.born.into(c)  # read with the step's verdict, not here (monitor/step_reads.py)
         self.monitor.on_after_backward(c)
-        self.born.learn()
+        self.born.learn(not bool(c.grads_finite))
         if self.monitor.found_late:  # observe: a fault of an earlier step, read only now; locate it from here
             self.first_bad = min(self.monitor.found_late + ([self.first_bad] if self.first_bad is not None else []))
             self.monitor.found_late.clear()

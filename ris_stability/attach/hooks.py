@@ -32,7 +32,7 @@ from ris_stability.monitor import distributed
 from ris_stability.attach.driver import StepDriver
 from ris_stability.attach.loop_parts import optimizer_params
 from ris_stability.observe.frames import _is_user
-from ris_stability.observe.guard import guarded
+from ris_stability.observe.guard import guarded, users_call
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class AutoAttach:
             self._watch_early()
             driver.before_backward(loss)
             try:
-                original(tensors, *args, **kwargs)
+                users_call(original, tensors, *args, **kwargs)
             except Exception as exc:
                 driver.after_backward(loss, exc)
                 raise
@@ -175,7 +175,7 @@ class AutoAttach:
 
         def zero_grad(owner: Any, *args: Any, **kwargs: Any) -> Any:
             hooks._before_zero_grad(owner)
-            return original(owner, *args, **kwargs)
+            return users_call(original, owner, *args, **kwargs)
 
         zero_grad.__wrapped__ = original  # type: ignore[attr-defined]
         cls.zero_grad = zero_grad

@@ -14,6 +14,7 @@ Only torch is needed; everything is inert when torch.distributed is not initiali
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -190,7 +191,12 @@ class RankWatch:
             self._sq.zero_()
 
     def decide(self, loss: torch.Tensor | None) -> Decision:
-        """The step's collective verdict (one all-reduce of a world-sized vector, one host sync)."""
+        """The step's collective verdict (one all-reduce of a world-sized vector, one host read)."""
+        return self.decision(self.reduce(loss).tolist())
+
+    def reduce(self, loss: torch.Tensor | None) -> torch.Tensor:
+        """The collective half of :meth:`decide`, without a read: the all-reduced per-rank flags, then this rank's
+        own flag and squared gradient norm, as one float64 device vector (read with the step's other values)."""
         sq = self._sq if self._sq is not None else torch.zeros((), dtype=torch.float64)
         bad = ~torch.isfinite(sq)
         if loss is not None:
@@ -201,9 +207,14 @@ class RankWatch:
             dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=self.group)
         except RuntimeError as err:
             raise RankLostError(rank_lost_message(self.rank, self.step, err)) from err
-        origins = [r for r, v in enumerate(flags.tolist()) if v != 0]
-        return Decision(ok=not origins, origins=origins, local_ok=not bool(bad),
-                        local_grad_norm=float(sq.sqrt()))
+        local = torch.stack([bad.to(torch.float64), sq.to(torch.float64)]).to(flags.device)
+        return torch.cat([flags, local])
+
+    def decision(self, values: list[float]) -> Decision:
+        """The :class:`Decision` from :meth:`reduce`'s vector once read."""
+        flags, (bad, sq) = values[:self.world], values[self.world:]
+        origins = [r for r, v in enumerate(flags) if v != 0]
+        return Decision(ok=not origins, origins=origins, local_ok=bad == 0, local_grad_norm=math.sqrt(sq))
 
     def detach(self) -> None:
         for h in self._handles:

@@ -194,12 +194,16 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks, StepReads):
             self.grads.observe_grads(opts, count_nonfinite=False, scale=scale if still_scaled else 1.0)
         first, self._checked_step = self._checked_step != ctx.step, ctx.step
         flags = self.verdict_flags(ctx, grads_in_block=sampled)
-        if (self.cfg.policy == "observe" and not sampled and scaler is None and self.dist is None and first
-                and ctx.grads_finite is None):
-            self.defer_verdict(ctx, flags)
+        deferred = self.cfg.policy == "observe" and not sampled and first  # the same on every rank
+        if deferred and ctx.grads_finite is None:
+            self.defer_verdict(ctx, flags, scale if scaler is not None else None)
             ctx.grads_finite = True  # as far as this step knows: its verdict is read with the next sample
             return
         self.reads.add(flags, self.take_flags)
+        collective = self.dist is not None and first and not deferred
+        if collective:  # every rank takes the same decision: one small all-reduce, read with the rest
+            self.reads.add(self.dist.reduce(ctx.loss), lambda values: setattr(
+                self, "_decision", self.dist.decision(values)))
         if sampled:
             self.reads.add(self.grads.block(), self.grads.take_block)
         if table is not None:
@@ -208,8 +212,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks, StepReads):
             self.reads.add(scale, lambda values: setattr(self, "_scale_value", values[0]))
         self.read_now(ctx.step)  # the step's one host read
         self.resolve_verdict(ctx)
-        if self.dist is not None and first:  # every rank takes the same decision (one small all-reduce)
-            self._decision = self.dist.decide(ctx.loss)
+        if collective:
             ctx.grads_finite = bool(ctx.grads_finite) and self._decision.ok
         finite = bool(ctx.grads_finite)
         if scaler is not None and first:

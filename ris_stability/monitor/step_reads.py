@@ -70,16 +70,21 @@ class StepReads:
             if ctx.born_grads is None and ctx.born_grads_fn is not None:
                 ctx.born_names, ctx.born_grads = ctx.born_grads_fn()
 
-    def defer_verdict(self, ctx: LoopContext, flags: Tensor | None) -> None:
-        """Observe, a step not sampled: no read now; the verdict is read with the next read point."""
+    def defer_verdict(self, ctx: LoopContext, flags: Tensor | None, scale: Tensor | float | None = None) -> None:
+        """Observe, a step not sampled: no read now; the verdict (and, under a GradScaler, its ``scale``) is read
+        with the next read point, and the step is classified then: a scaler's overflow is recorded as such."""
         step, seen = ctx.step, self
         if flags is None:
             return
+        if isinstance(scale, Tensor):
+            flags = torch.cat([flags.to(torch.float64), scale.detach().reshape(1).to(flags.device, torch.float64)])
 
         def late(values: list[float]) -> None:
-            if all(v == 1.0 for v in values):
+            finite, loss_ok = all(v == 1.0 for v in values[:3]), values[0] == 1.0
+            if scale is not None:
+                seen._late_amp(step, values[3] if isinstance(scale, Tensor) else scale, finite, loss_ok)
+            if finite or (scale is not None and loss_ok):  # finite, or the scaler's overflow
                 return
-            loss_ok = values[0] == 1.0
             seen.nonfinite_steps.append(step)
             seen.found_late.append(step)
             kind = "nonfinite_grad" if loss_ok else "nonfinite_loss"
@@ -87,6 +92,23 @@ class StepReads:
                    + LATE_NOTE.format(seen=seen._read_step) + ")")
             seen.event(kind, "error", msg, step=step, late=True, nonfinite=True)
         self.reads.add(flags, late)
+
+    def _late_amp(self, step: int, scale: float, finite: bool, loss_ok: bool) -> None:
+        """A deferred step under a GradScaler: non-finite gradients with a finite loss are the scaler's overflow
+        (recorded as on a sampled step: an ``amp_overflow`` event, a skipped step); a collapse of the scale is an
+        incident, reported without a capsule (its state is gone)."""
+        overflow = not finite and loss_ok
+        if overflow:
+            self.event("amp_overflow", "info", f"GradScaler overflow at step {step} (scale {scale:.6g}): the scaler "
+                       "skipped this step and lowered the scale", step=step, scale=scale, late=True)
+            self.skipped_steps.append(step)
+            self.event("step_skipped", "warning", f"step {step} skipped (amp_overflow)", step=step,
+                       reason="amp_overflow", late=True)
+        if self._scale.observe(step, scale, overflow):
+            self._status = "nonfinite"
+            self.event("amp_scale_collapse", "error", self._scale.describe(scale) + " (" + LATE_NOTE.format(
+                seen=self._read_step) + ")", step=step, scale=scale, overflow_steps=self._scale.overflow_steps,
+                late=True)
 
     def read_now(self, step: int) -> None:
         """A read point: everything queued, in one host read."""

@@ -50,8 +50,10 @@ class MonitorWriting:
             grads = self.dist.local_grads
         elif ctx.born_grads is not None:  # as backward made them, before the script sanitised or clipped them
             grads = ctx.born_grads
-        else:
+        else:  # at optimizer.step; when the script rewrote them since backward, the names of those born non-finite
             grads = {n: p.grad.detach().clone() for n, p in self._model.named_parameters() if p.grad is not None}
+            if ctx.born_names is not None:
+                meta.update(grads_at="optimizer.step", born_nonfinite=list(ctx.born_names))
         # Copies on the device, taken now: the script's next step may change the model, the optimizer, the batch.
         cap = Capsule(step=ctx.step, batch=clone_state(self.batch_state(ctx.batch)),
                       model_state=clone_state(self._model.state_dict()),

@@ -125,6 +125,14 @@ def call(part: str, fn: Callable[..., Any], *args: Any, default: Any = None, **k
         return default
 
 
+def users_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call the user's own function that a toolkit wrapper forwards to (the original ``GradScaler.step``,
+    ``torch.autograd.backward``, ``zero_grad``), unguarded: its errors are the user's. Routing every forwarded call
+    through this one frame marks what happens inside as the user's work, e.g. for tests that count the host reads
+    the toolkit makes (a GradScaler's own finite check is not one of them)."""
+    return fn(*args, **kwargs)
+
+
 @contextmanager
 def guard(part: str) -> Iterator[bool]:
     """``with guard(part) as on:`` a block of instrument work (skipped by the caller when ``on`` is False);
@@ -140,4 +148,4 @@ def guard(part: str) -> Iterator[bool]:
         record(part, exc)
 
 
-__all__ = ["bind", "call", "errors", "guard", "guarded", "is_off", "passes", "record", "unbind"]
+__all__ = ["bind", "call", "errors", "guard", "guarded", "is_off", "passes", "record", "unbind", "users_call"]

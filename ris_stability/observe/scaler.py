@@ -37,13 +37,13 @@ class ScalerSpy:
         spy = self
 
         def spied_scale(scaler: Any, outputs: Any) -> Any:
-            scaled = scale(scaler, outputs)
+            scaled = guard.users_call(scale, scaler, outputs)
             if isinstance(outputs, Tensor) and isinstance(scaled, Tensor):
                 spy.scaler, spy._pair = scaler, (scaled, outputs)
             return scaled
 
         def spied_step(scaler: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
-            result = step(scaler, optimizer, *args, **kwargs)
+            result = guard.users_call(step, scaler, optimizer, *args, **kwargs)
             spy.scaler = scaler
             if spy.on_step is not None:
                 guard.call("scaler.step", spy.on_step, scaler, optimizer)

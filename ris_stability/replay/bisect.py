@@ -54,6 +54,9 @@ class ReplayOutcome:
     recorded_grads_finite: bool
     grads: dict[str, Tensor] = field(default_factory=dict, repr=False)
     recorded_grads: dict[str, Tensor] | None = field(default=None, repr=False)  # None: capsule stored none
+    # the capsule kept the gradients after the script rewrote them in place (its first bad step): only the names
+    # of those non-finite at backward can be compared
+    recorded_born_nonfinite: list[str] | None = None
 
     @property
     def nonfinite(self) -> bool:
@@ -68,6 +71,11 @@ class ReplayOutcome:
         if self.grads_finite != self.recorded_grads_finite:
             out.append(f"gradients {'finite' if self.grads_finite else 'non-finite'} vs recorded "
                        f"{'finite' if self.recorded_grads_finite else 'non-finite'}")
+        if self.recorded_born_nonfinite is not None:
+            if sorted(self.bad_parameters) != sorted(self.recorded_born_nonfinite):
+                out.append(f"non-finite gradients in {sorted(self.bad_parameters)} vs recorded at backward in "
+                           f"{sorted(self.recorded_born_nonfinite)}")
+            return out
         if self.recorded_grads is None:
             return out + ["the capsule stores no gradients to compare with"]
         for name in sorted(set(self.grads) | set(self.recorded_grads)):
@@ -177,7 +185,17 @@ def replay(capsule: Capsule, dtype: str | None = None) -> ReplayOutcome:
     return ReplayOutcome(step=capsule.step, loss=float(loss.detach()), grads_finite=not bad, bad_parameters=bad,
                          recorded_loss=float(capsule.meta.get("loss", math.nan)),
                          recorded_grads_finite=bool(capsule.meta.get("grads_finite", False)), grads=grads,
-                         recorded_grads=capsule.grads if dtype is None else None)
+                         **_recorded_grads(capsule, dtype))
+
+
+def _recorded_grads(capsule: Capsule, dtype: str | None) -> dict[str, Any]:
+    """What the replay's gradients are compared with: the capsule's (as backward made them), or, when it kept them
+    as the script had rewritten them (meta ``grads_at``), the names of those non-finite at backward."""
+    if dtype is not None:
+        return {"recorded_grads": None}
+    if capsule.meta.get("grads_at") == "optimizer.step":
+        return {"recorded_grads": None, "recorded_born_nonfinite": list(capsule.meta.get("born_nonfinite", []))}
+    return {"recorded_grads": capsule.grads}
 
 
 def locate_capsule(capsule: Capsule, dtype: str | None = None) -> Finding | None:

@@ -8,7 +8,9 @@ the count the contract a test can hold on any machine.
 A read counts when the first frame outside torch's own package that led to it is a ris_stability file: a read
 torch makes on behalf of ris_stability (e.g. inside a torch function it called) counts, a read of the user's
 own script or test does not. Each read is attributed to the step the monitor is in (``StabilityMonitor``'s
-step start marks the boundary), "setup" before the first step, and "finish" once the run is closing.
+step start marks the boundary), "setup" before the first step, and "finish" once the run is closing. What
+runs inside ``guard.users_call`` (the user's own call, forwarded by a toolkit wrapper: e.g. a GradScaler's own
+finite check inside ``scaler.step``) is the user's.
 """
 from __future__ import annotations
 
@@ -23,10 +25,12 @@ import torch
 
 import ris_stability
 from ris_stability.monitor.stability_monitor import StabilityMonitor
+from ris_stability.observe.guard import users_call
 
 PACKAGE = os.path.dirname(os.path.abspath(ris_stability.__file__)) + os.sep
 TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 THIS = os.path.abspath(__file__)
+FORWARDED = users_call.__code__  # a wrapper forwarding the user's own call: what happens inside is the user's
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__")
 
 
@@ -49,6 +53,8 @@ def _reader() -> str | None:
     """``file:line`` of the ris_stability frame that caused the read, or None when user code did."""
     frame = sys._getframe(2)
     while frame is not None:
+        if frame.f_code is FORWARDED:
+            return None
         name = os.path.abspath(frame.f_code.co_filename)
         if name == THIS:
             frame = frame.f_back

@@ -133,3 +133,23 @@ def test_report_of_a_run_that_recorded_no_step(tmp_path):
     assert main(["report", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
     assert "No step was recorded" in report and "no_steps" in report and "run_start" in report
+
+
+def test_a_fault_after_clean_steps_in_a_rewriting_script(tmp_path, capsys):
+    """A script that rewrites its gradients (nan_to_num_, clipping) reads nothing extra on its clean steps. Its
+    first bad step's capsule names the parameters non-finite at backward and keeps the gradients as the script
+    left them (said in its meta; `risdiag locate` replays them bit for bit); while the fault lasts the check
+    at backward keeps the gradients as born, so the next capsule holds them."""
+    assert _trace(tmp_path, HIDES, "--steps", "6", "--clean-until", "3") == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["nonfinite_steps"] == [3, 4, 5]
+    caps = {c.step: c for c in map(Capsule.load, sorted((tmp_path / "capsules").glob("step_*.pt")))}
+    first, next_ = caps[3], caps[4]
+    assert first.meta["grads_at"] == "optimizer.step" and "embed.weight" in first.meta["born_nonfinite"]
+    assert all(bool(torch.isfinite(g).all()) for g in first.grads.values())  # after the script's nan_to_num_
+    assert "grads_at" not in next_.meta
+    assert not bool(torch.isfinite(next_.grads["embed.weight"]).all())  # as born
+    assert main(["locate", str(tmp_path), "--no-report"]) == 0
+    finding = json.loads((tmp_path / "finding.json").read_text())
+    assert finding["step"] == 3 and finding["node"] == "LinalgSvdBackward0"
+    assert finding["rerun"]["params_match"] is True and finding["rerun"]["grads_bit_exact"] is True

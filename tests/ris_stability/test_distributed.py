@@ -337,6 +337,20 @@ def test_monitor_changes_nothing_under_ddp_and_each_form_reduces_once_per_step(t
     assert off.keys() == on.keys() and all(torch.equal(off[k], on[k]) for k in off)
 
 
+def test_host_reads_per_step_under_ddp(tmp_path):
+    """Each rank reads once when backward ends (whether its local gradients, before DDP averages them, must be
+    kept for an origin capsule), once at the step's check (its verdict and the collective decision together,
+    after the one all-reduce) and once at the step's end (its row, so that a rank dying abruptly loses none)."""
+    procs = _launch(tmp_path, "reads", steps=4)
+    assert all(p.returncode == 0 for p in procs), procs[0].stderr[-2000:]
+    for rank in (0, 1):
+        result = _result(tmp_path, rank)
+        assert [result["reads"].get(str(s), 0) for s in range(4)] == [3] * 4, result["read_where"]
+        assert sorted(result["read_where"]["2"]) == ["__bool__@monitor/distributed.py:172",
+                                                     "tolist@monitor/readback.py:47", "tolist@monitor/readback.py:47"]
+        assert result["reads"].get("setup", 0) == 0
+
+
 def test_dead_rank_stops_the_others_with_a_clear_message(tmp_path):
     procs = _launch(tmp_path, "die")
     assert procs[1].returncode == 3 and procs[0].returncode == 1, procs[0].stderr[-2000:]

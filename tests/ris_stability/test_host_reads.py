@@ -30,6 +30,12 @@ SCRIPT = textwrap.dedent(f"""
         print(float(loss.detach()))  # the script's own read: not the toolkit's
         opt.step()
 """)
+# research-style: sanitise and clip the gradients between backward and step (rewritten in place every step)
+REWRITES = SCRIPT.replace("    opt.step()", """    for p in model.parameters():
+        p.grad.nan_to_num_(nan=0.0)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()""")
+assert REWRITES != SCRIPT
 
 
 def _model():
@@ -66,15 +72,32 @@ def _session(tmp: Path, cfg: MonitorConfig):
     return reads
 
 
-def _script(tmp: Path, cfg: MonitorConfig):
+def _watch_amp(tmp: Path, cfg: MonitorConfig):
+    """A GradScaler loop (zero glue): the scaler's own finite check is the loop's read, not the toolkit's."""
+    model, opt = _model()
+    scaler = torch.amp.GradScaler("cpu")
+    with counting() as reads:
+        with watch(model, opt, out=tmp / "run", report=False, config=cfg):
+            for _ in range(STEPS):
+                opt.zero_grad()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = model(torch.randn(4, 8)).pow(2).mean()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+    return reads
+
+
+def _script(tmp: Path, cfg: MonitorConfig, text: str = SCRIPT):
     script = tmp / "train.py"
-    script.write_text(SCRIPT)
+    script.write_text(text)
     with counting() as reads:
         trace_script(["python", str(script)], str(tmp / "run"), config=cfg)
     return reads
 
 
-DOORS = {"watch": _watch, "session": _session, "script": _script}
+DOORS = {"watch": _watch, "session": _session, "script": _script, "watch_amp": _watch_amp,
+         "script_rewrites": lambda tmp, cfg: _script(tmp, cfg, REWRITES)}
 
 
 @pytest.mark.parametrize("every", [1, 4])

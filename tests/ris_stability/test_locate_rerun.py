@@ -158,12 +158,21 @@ def test_step_zero_one_off_with_keyword_inputs(tmp_path, capsys):
 
 
 def test_numpy_lambdalr_capsule_replays_bit_exact_under_bisect(one_off, capsys):
-    """The same capsule through `risdiag bisect` with a replayer: loaded weights_only, replayed bit for bit
-    against the gradients as backward made them (before the script's clip_grad_norm_ spread the NaN)."""
+    """The same capsule through `risdiag bisect` with a replayer: loaded weights_only, its loss replayed bit for
+    bit. The script's clip_grad_norm_ spread the NaN to every gradient before the capsule was taken (its first bad
+    step, after clean ones, reads nothing extra), so the replay is held to the parameters the capsule names as
+    non-finite at backward, and a different set is a difference."""
     _, run = one_off
     replayer = str(Path(__file__).parent / "once_nan_replayer.py") + ":replay"
     capsys.readouterr()
     assert cli.main(["bisect", str(run), "--replayer", replayer, "--json"]) == cli.EXIT_OK
     out = json.loads(capsys.readouterr().out)
     assert out["bit_exact"] is True and out["replay"]["differences"] == []
+    cap = Capsule.load(next((run / "capsules").glob("step_*.pt")))
+    assert cap.meta["grads_at"] == "optimizer.step"
+    assert sorted(cap.meta["born_nonfinite"]) == sorted(out["replay"]["bad_parameters"]) != []
+    from ris_stability.replay.bisect import ReplayOutcome
+    wrong = ReplayOutcome(step=7, loss=1.0, grads_finite=False, bad_parameters=["a"], recorded_loss=1.0,
+                          recorded_grads_finite=False, recorded_born_nonfinite=["a", "b"])
+    assert wrong.differences == ["non-finite gradients in ['a'] vs recorded at backward in ['a', 'b']"]
     assert (out["finding"]["node"], out["finding"]["module"]) == ("SqrtBackward0", "model.scale")

@@ -105,6 +105,25 @@ def test_healthy_scale_never_collapses(tmp_path):
     assert not _events(trace, "amp_scale_collapse") and trace.summary["status"] == "clean"
 
 
+def test_unsampled_steps_are_classified_when_read(tmp_path):
+    """Under observe with every=4 a step that is not sampled reads nothing: its overflow is recorded when the next
+    sampled step reads (the same event, marked late; the step counted skipped), and a collapse of the scale there
+    is the same incident, without a capsule (its state is gone)."""
+    cfg = MonitorConfig(policy="observe", every=4)
+    trace = _run(tmp_path / "a", torch.amp.GradScaler("cpu", init_scale=SCALE), steps=6, nan_step=1, cfg=cfg)
+    (overflow,) = _events(trace, "amp_overflow")
+    assert overflow["step"] == 1 and overflow["data"]["late"] is True and overflow["data"]["scale"] == SCALE
+    assert trace.summary["amp_overflow_steps"] == [1] and trace.summary["skipped_steps"] == [1]
+    assert trace.summary["status"] == "clean" and trace.summary["nonfinite_steps"] == []
+    assert [e["step"] for e in _events(trace, "step_skipped")] == [1]
+    scaler = torch.amp.GradScaler("cpu", init_scale=0.5, growth_interval=1000)
+    trace = _run(tmp_path / "b", scaler, steps=8, cfg=MonitorConfig(policy="observe", every=4, amp_collapse_steps=3))
+    (collapse,) = _events(trace, "amp_scale_collapse")
+    assert collapse["step"] == 2 and collapse["data"]["late"] is True and collapse["data"]["scale"] == 0.5
+    assert "collapsed to 0.5 (below 1 for 3 consecutive steps" in collapse["message"]
+    assert trace.summary["status"] == "nonfinite" and not (trace.run_dir / "capsules").exists()
+
+
 def test_scale_watch_counts_consecutive_low_steps_only():
     watch = amp.ScaleWatch(collapse_below=1.0, collapse_steps=3)
     assert [watch.observe(s, 0.5, False) for s in range(2)] == [False, False]

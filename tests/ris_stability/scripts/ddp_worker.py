@@ -4,10 +4,11 @@ argv: run_dir mode steps. mode "fault": rank 1's input is NaN at steps 2 and 3 (
 only); "gradnan": at step 2 rank 1's loss gains a term whose value is 0 but whose backward puts NaN in the
 last layer's bias gradient only (the other local gradients stay finite); "lossnan": at step 2 rank 1's loss
 is NaN while all its gradients stay finite (a NaN constant added); "die": rank 1 exits abruptly at
-step 3; "clean": no fault. Each rank writes result<rank>.json. ``replay`` rebuilds a capsule's step in one
+step 3; "clean": no fault; "reads": no fault, the toolkit's host reads counted per step. Each rank writes result<rank>.json. ``replay`` rebuilds a capsule's step in one
 process (``risdiag bisect CAPSULE --replayer ddp_worker.py:replay``).
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -64,8 +65,12 @@ def main(run_dir: str, mode: str, steps: int) -> int:
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own disjoint data
     mon = StabilityMonitor(run_dir, MonitorConfig(policy="skip"))
     stepped, captured, status = [], [], "clean"
+    counter = contextlib.nullcontext()
+    if mode == "reads":  # count the toolkit's host reads per step (tests/ris_stability/host_reads.py)
+        from tests.ris_stability.host_reads import counting
+        counter = counting()
     try:
-        with MonitorSession(mon, ddp, opt) as s:
+        with counter as reads, MonitorSession(mon, ddp, opt) as s:
             for step in range(steps):
                 x, y = torch.randn(8, 4, generator=gen), torch.randn(8, 1, generator=gen)
                 if mode == "fault" and rank == 1 and step in FAULT_STEPS:
@@ -90,7 +95,9 @@ def main(run_dir: str, mode: str, steps: int) -> int:
         status = f"stopped: {err}"
     out = {"rank": rank, "stepped": stepped, "captured": captured, "skipped": mon.skipped_steps, "status": status,
            "capsules": [str(p) for p in mon.capsules],
-           "params": [p.detach().double().sum().item() for p in model.parameters()]}
+           "params": [p.detach().double().sum().item() for p in model.parameters()],
+           "reads": {str(k): v for k, v in reads.by_step.items()} if reads is not None else None,
+           "read_where": {str(k): v for k, v in reads.where.items()} if reads is not None else None}
     (Path(run_dir) / f"result{rank}.json").write_text(json.dumps(out))
     if status == "clean":
         dist.destroy_process_group()

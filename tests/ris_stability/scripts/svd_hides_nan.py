@@ -19,9 +19,11 @@ covariance rank-deficient, with exactly tied zero singular values."""
     def __init__(self, k=2):
         super().__init__()
         self.k = k
+        self.pad = True
 
     def forward(self, h):
-        h = torch.cat([h, torch.zeros(h.shape[0], 4)], dim=1)  # padded to 12 features
+        if self.pad:
+            h = torch.cat([h, torch.zeros(h.shape[0], 4)], dim=1)  # padded to 12 features
         cov = h.T @ h / h.shape[0]  # exactly tied zero singular values from the padding
         U, S, Vh = torch.linalg.svd(cov)  # FAULT: vectors of tied singular values used below
         return h @ U[:, : self.k]
@@ -42,6 +44,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--clean-until", type=int, default=0, help="no padding (no fault) before this step")
     parser.add_argument("--anomaly", action="store_true", help="the script's own torch.autograd anomaly mode")
     args = parser.parse_args()
     torch.autograd.set_detect_anomaly(args.anomaly)
@@ -50,6 +53,7 @@ def main():
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     for step in range(args.steps):
         x = torch.randn(args.rows, 8)
+        model.sub.pad = step >= args.clean_until
         loss = (model(x) - 1.0).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
