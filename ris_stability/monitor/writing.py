@@ -61,17 +61,8 @@ class MonitorWriting:
                       rng=rng_state(self._rng) if self._rng is not None else capture_rng(),
                       config_text=self.config_text, reason=reason, meta=meta,
                       grads=grads)
-        if purpose == "spike":  # synchronous: a snapshot's path goes into the spike's message at once
-            try:
-                path = cap.save(self.run_dir / SNAPSHOT_DIR / f"spike_{ctx.step:06d}.pt")
-            except (OSError, RuntimeError) as err:  # a full disk: training goes on
-                self.writer.event("capsule_not_written", "warning", f"spike snapshot for step {ctx.step} not "
-                                  f"written: {type(err).__name__}: {err}", step=ctx.step)
-                return None
-            self.snapshots.append(path)
-            self.writer.event("snapshot_written", "info", f"spike snapshot for step {ctx.step} written", step=ctx.step,
-                              path=str(path.relative_to(self.run_dir)))
-            return path
+        if purpose == "spike":  # its path (known now) goes into the spike's message; written in the background
+            return self._write_snapshot(cap)
         store = self.capsule_store
 
         def job() -> tuple[Path | None, list[Path], list[Path]]:  # on the writer thread (records/capsule_writer.py)
@@ -83,6 +74,24 @@ class MonitorWriting:
 
         self.capsule_writer.submit(job, done)
         return capsule_path(self.run_dir, ctx.step) if self.cfg.max_capsules >= 1 else None
+
+    def _write_snapshot(self, cap: Capsule) -> Path:
+        """A spike snapshot (snapshots/spike_NNNNNN.pt) by the same background writer as the capsules."""
+        path = self.run_dir / SNAPSHOT_DIR / f"spike_{cap.step:06d}.pt"
+        self.snapshots.append(path)
+
+        def done(result: Any, err: BaseException | None) -> None:  # on the training thread, in order
+            if err is not None:  # a full disk: training goes on
+                self.snapshots.remove(path)
+                self.writer.event("capsule_not_written", "warning", f"spike snapshot for step {cap.step} not "
+                                  f"written: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                                  step=cap.step)
+                return
+            self.writer.event("snapshot_written", "info", f"spike snapshot for step {cap.step} written",
+                              step=cap.step, path=str(path.relative_to(self.run_dir)))
+
+        self.capsule_writer.submit(lambda: cap.save(path), done)
+        return path
 
     def _capsule_done(self, cap: Capsule, result: Any, err: BaseException | None) -> None:
         """The events of a capsule write, once it is done (the write's own error: one warning event)."""

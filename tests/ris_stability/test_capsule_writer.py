@@ -126,3 +126,53 @@ def test_the_writer_runs_jobs_in_order_and_reports_on_the_calling_thread():
     got = []
     inline.submit(lambda: 7, lambda result, err: got.append(result))
     assert got == [7]
+
+
+def test_a_spike_snapshot_is_written_by_the_background_writer(tmp_path, monkeypatch):
+    """A finite spike's snapshot takes the same path as a crash capsule: its name is in the spike's message at
+    once, the step returns before the file exists, the run's end waits for it; a failed write is an event and
+    the snapshot is not listed."""
+    gate, threads = threading.Event(), set()
+
+    def slow_save(obj, f, *args, **kwargs):
+        threads.add(threading.current_thread().name)
+        assert gate.wait(timeout=30), "the test never released the writer"
+        return REAL_SAVE(obj, f, *args, **kwargs)
+
+    def spiking(run_dir, after_step=None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        with watch(model, opt, out=run_dir, report=False) as w:
+            for step in range(16):
+                x = torch.randn(4, 3) * (30.0 if step == 14 else 1.0)
+                opt.zero_grad()
+                model(x).pow(2).mean().backward()
+                opt.step()
+                if after_step is not None:
+                    after_step(step)
+        return w
+
+    monkeypatch.setattr(torch, "save", slow_save)
+    run_dir = tmp_path / "run"
+    snapshot, seen = run_dir / "snapshots" / "spike_000014.pt", []
+
+    def after_step(step):
+        seen.append(snapshot.is_file())
+        if step == 15:
+            threading.Timer(0.3, gate.set).start()
+
+    w = spiking(run_dir, after_step)
+    (spike,) = events(run_dir, "gradient_spike")
+    assert spike["step"] == 14 and "snapshots/spike_000014.pt" in spike["message"]
+    assert seen[14:] == [False, False] and threads and all(n.startswith("risdiag-") for n in threads)
+    assert snapshot.is_file() and Capsule.load(snapshot).step == 14 and w.monitor.snapshots == [snapshot]
+    assert [e["data"]["path"] for e in events(run_dir, "snapshot_written")] == ["snapshots/spike_000014.pt"]
+
+    def full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    w = spiking(tmp_path / "full")
+    (failed,) = events(tmp_path / "full", "capsule_not_written")
+    assert failed["step"] == 14 and "spike snapshot" in failed["message"] and w.monitor.snapshots == []
