@@ -6,7 +6,7 @@ number of profiled steps; ``training`` is the workload's own forward, backward a
 the monitor's parts taken out. cProfile adds its own cost to every Python call, so read the shares, not
 the absolute times (a quiet 2-core CPU runs the unprofiled whitening step in about half the time).
 
-Usage: python benchmarks/monitor_profile.py [--model whiten|gpt|persample] [--steps 200] [--threads 1]
+Usage: python benchmarks/monitor_profile.py [--model whiten|gpt|persample] [--steps 200] [--threads 1] [--every 1]
 """
 from __future__ import annotations
 
@@ -25,27 +25,31 @@ from outside_models import DESCRIPTIONS, WORKLOADS, session_step  # noqa: E402
 from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor  # noqa: E402
 
 # part -> (file suffix, function name) pairs whose cumulative times are summed (none nested in another).
-PARTS: dict[str, tuple[tuple[str, str], ...]] = {
-    "spectral statistics (probe collect)": (("probes.py", "collect"),),
-    "linalg call interception (per call)": (("probes.py", "on_call"),),  # includes the next line
-    "  of which statistics measured per call": (("probes.py", "_measure", "on_call"),),
-    "backward hooks of linalg sites": (("site_grads.py", "hook"),),
-    "gradient norms (one read-back)": (("grads.py", "observe_grads"), ("grads.py", "_block_values")),
-    "finiteness verdict": (("monitor.py", "_grads_finite"),),
-    "spike baseline": (("spikes.py", "observe"),),
-    "step row (JSON line, flush)": (("monitor.py", "_write_row"),),
-    "step start (RNG snapshot, sampling)": (("monitor.py", "on_step_start"),),
-    "update ratio (every update_every steps)": (("grads.py", "before_step"), ("grads.py", "after_step")),
+PARTS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "spectral statistics (probe collect)": (("instruments/probe.py", "collect"),),
+    "linalg call interception (per call)": (("instruments/probe.py", "on_call"),),  # includes the next line
+    "  of which statistics measured per call": (("instruments/probe.py", "_measure", "on_call"),),
+    "backward hooks of linalg sites": (("linalg/site_grads.py", "hook"),),
+    "gradient norms": (("instruments/grads.py", "observe_grads"), ("instruments/grads.py", "_block_values")),
+    "check at backward (peaks on the device)": (("attach/born.py", "after_backward"),),
+    "finiteness verdict (device flags)": (("monitor/step_reads.py", "verdict_flags"),
+                                          ("monitor/step_reads.py", "resolve_verdict")),
+    "read point (the one host read, the rows it completes)": (("monitor/readback.py", "read"),),
+    "spike baseline": (("instruments/spikes.py", "observe"),),
+    "step row (host part, queued)": (("monitor/step_reads.py", "queue_row"),),
+    "step start (RNG snapshot, sampling)": (("monitor/stability_monitor.py", "on_step_start"),),
+    "update ratio (every update_every steps)": (("instruments/grads.py", "before_step"),
+                                                ("instruments/grads.py", "after_step")),
 }
 MONITOR_ENTRIES = (("session.py", "start_step"), ("session.py", "after_forward"), ("session.py", "after_backward"),
                    ("session.py", "end_step"))
 
 
-def profile(name: str, steps: int, warmup: int) -> tuple[pstats.Stats, int]:
+def profile(name: str, steps: int, warmup: int, every: int = 1) -> tuple[pstats.Stats, int]:
     work = WORKLOADS[name]("cpu")
     prof = cProfile.Profile()
     with tempfile.TemporaryDirectory() as tmp:
-        with MonitorSession(StabilityMonitor(Path(tmp) / "run", MonitorConfig(every=1)), work.model,
+        with MonitorSession(StabilityMonitor(Path(tmp) / "run", MonitorConfig(every=every)), work.model,
                             work.optimizer) as s:
             for step in range(warmup + steps):
                 if step == warmup:
@@ -76,16 +80,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--every", type=int, default=1, help="statistics every N steps (10: mostly the fixed cost)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    stats, steps = profile(args.model, args.steps, args.warmup)
+    stats, steps = profile(args.model, args.steps, args.warmup, args.every)
     total = stats.total_tt / steps  # type: ignore[attr-defined]
     parts = {part: cumulative(stats, fns) / steps for part, fns in PARTS.items()}
     # The interception wrapper runs the op itself; its own share is on_call (listed above).
     monitor = cumulative(stats, MONITOR_ENTRIES) / steps + parts["linalg call interception (per call)"] \
         + parts["backward hooks of linalg sites"]
-    print(f"{args.model}: {DESCRIPTIONS[args.model]}; {steps} profiled steps, every step monitored, "
-          f"{torch.get_num_threads()} thread(s), under cProfile")
+    print(f"{args.model}: {DESCRIPTIONS[args.model]}; {steps} profiled steps, "
+          f"{torch.get_num_threads()} thread(s), statistics every {args.every} step(s), under cProfile")
     print(f"{'part':<42}{'ms/step':>9}{'share':>8}")
     for part, ms in parts.items():
         print(f"{part:<42}{ms * 1e3:>9.3f}{ms / total:>8.1%}")

@@ -1,8 +1,9 @@
 """BornCheck: whether backward made a gradient non-finite, seen where it is born (before user code between backward
 and ``optimizer.step`` can sanitise, clip or skip it), at no host read.
 
-At the end of each backward: per-parameter peak magnitudes (NaN/Inf exactly when a gradient holds one; a maximum,
-unlike a sum of squares, never overflows) stay on the device and are read with the step's verdict
+At the end of each backward: per-parameter screen values (``numerics.norms.finite_screen``: finite when the
+gradient is; on CPU a float32 norm whose overflow is ruled out on the exact peaks before a step is called bad)
+stay on the device and are read with the step's verdict
 (monitor/step_reads.py); the gradients are kept by reference with their versions. On a bad step the copies of the
 gradients as born come from those references, unless the script rewrote them in place since (``nan_to_num_``,
 ``clip_grad_norm_``): for that the first step keeps one copy (a copy, not a read). A script seen rewriting its
@@ -19,7 +20,7 @@ import math
 from torch import Tensor, nn
 
 from ris_stability.monitor.context import LoopContext
-from ris_stability.numerics.norms import peak_magnitudes
+from ris_stability.numerics.norms import finite_screen, peak_magnitudes
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ class BornCheck:
         grads = [(p, p.grad) for p in params if p.grad is not None]
         if not grads:
             return
-        peaks = peak_magnitudes([g for _, g in grads])
-        if self.eager and self._copies is None and not bool(peaks.isfinite().all()):
+        peaks = finite_screen([g for _, g in grads])
+        if self.eager and self._copies is None and not bool(peak_magnitudes([g for _, g in grads]).isfinite().all()):
             self._copies = {id(p): g.detach().clone() for p, g in grads}  # the first bad backward of the step
         if not self._learned:
             self._first_copy = {id(p): g.detach().clone() for p, g in grads}
@@ -72,9 +73,12 @@ class BornCheck:
     def _born_grads(self, model: nn.Module) -> tuple[list[str], dict[str, Tensor] | None]:
         """A bad step's gradients as born: the non-finite ones' names (one read), copies (None: rewritten since)."""
         names = {id(p): n for n, p in model.named_parameters()}
-        refs = [(p, g, peak) for (p, g, _), peak in zip(self._refs, self._peaks.tolist()) if id(p) in names]
+        rewritten = self._rewritten()
+        # the screen's values, confirmed by exact peaks where the gradients as born are still there
+        peaks = (self._peaks if rewritten else peak_magnitudes([g for _, g, _ in self._refs])).tolist()
+        refs = [(p, g, peak) for (p, g, _), peak in zip(self._refs, peaks) if id(p) in names]
         bad = [names[id(p)] for p, _, peak in refs if not math.isfinite(peak)]
-        if not self._rewritten():
+        if not rewritten:
             return bad, {names[id(p)]: g.detach().clone() for p, g, _ in refs}
         if not self.rewrites:
             log.info("the script rewrites gradients in place between backward and optimizer.step: while a fault "

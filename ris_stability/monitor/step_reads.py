@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ris_stability.monitor.context import LoopContext
 from ris_stability.monitor.readback import ReadBack
-from ris_stability.numerics.norms import peak_magnitudes
+from ris_stability.numerics.norms import finite_screen, peak_magnitudes
 
 LATE_NOTE = ("seen at the read of step {seen}: under on_nonfinite='observe' the steps between samples are checked "
              "on the device and read at the next sampled step, so this step has no capsule (every=1 or "
@@ -46,8 +46,8 @@ class StepReads:
             flags[0] = torch.isfinite(ctx.loss.detach()).all()
         if ctx.grads_finite is None and not grads_in_block:
             grads = [p.grad for p in ctx.model.parameters() if p.grad is not None]
-            if grads:  # the peak magnitude never overflows: NaN/Inf exactly when an element is
-                flags[2] = peak_magnitudes(grads).isfinite().all()
+            if grads:  # non-finite when an element is (or, on CPU, a norm overflows: resolve_verdict confirms)
+                flags[2] = finite_screen(grads).isfinite().all()
         present = [f for f in flags if f is not None]
         if not present:
             return None
@@ -63,12 +63,16 @@ class StepReads:
         (the script sanitised them), the copies the driver kept of them as born."""
         loss_ok, born_ok, now_ok = self._flags
         if ctx.grads_finite is None:
+            if not now_ok:  # the screen's alarm, confirmed on the gradients (a bad step: one more read)
+                grads = [p.grad for p in ctx.model.parameters() if p.grad is not None]
+                now_ok = bool(peak_magnitudes(grads).isfinite().all())
             block = self.grads.grads_finite() if self.grads.block() is not None else None
             ctx.grads_finite = loss_ok and now_ok and (block is None or block)
+        if not born_ok and ctx.born_grads is None and ctx.born_grads_fn is not None:
+            ctx.born_names, ctx.born_grads = ctx.born_grads_fn()  # confirmed on the gradients as born
+            born_ok = not ctx.born_names
         if not born_ok:
             ctx.grads_finite = False
-            if ctx.born_grads is None and ctx.born_grads_fn is not None:
-                ctx.born_names, ctx.born_grads = ctx.born_grads_fn()
 
     def defer_verdict(self, ctx: LoopContext, flags: Tensor | None, scale: Tensor | float | None = None) -> None:
         """Observe, a step not sampled: no read now; the verdict (and, under a GradScaler, its ``scale``) is read

@@ -153,3 +153,26 @@ def test_a_fault_after_clean_steps_in_a_rewriting_script(tmp_path, capsys):
     finding = json.loads((tmp_path / "finding.json").read_text())
     assert finding["step"] == 3 and finding["node"] == "LinalgSvdBackward0"
     assert finding["rerun"]["params_match"] is True and finding["rerun"]["grads_bit_exact"] is True
+
+
+def test_a_huge_finite_gradient_is_not_a_nonfinite_step(tmp_path):
+    """On CPU the checks screen the gradients with float32 norms (a max-magnitude reduction is ~5x slower there);
+    a gradient whose every element is finite but whose norm overflows float32 (2e25 per element) is confirmed on
+    its exact peaks: a finite step, not skipped, at the check at backward and at optimizer.step alike."""
+    from ris_stability import watch
+    from ris_stability.numerics.norms import finite_screen
+
+    huge = torch.full((4,), 2e25)
+    assert not bool(finite_screen([huge]).isfinite().all())  # the screen alone would raise the alarm
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with watch(model, opt, out=tmp_path, report=False, on_nonfinite="skip", every=2) as w:  # step 1 not sampled
+        for step in range(3):
+            opt.zero_grad()
+            (model(torch.ones(2, 4)) * (1e25 if step == 1 else 1.0)).sum().backward()
+            assert step != 1 or torch.isfinite(model.weight.grad).all() and model.weight.grad.abs().min() > 1e25
+            opt.step()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["nonfinite_steps"] == [] and summary["skipped_steps"] == [] and w.nonfinite_steps == []
+    assert finite_screen([torch.tensor([1.0, float("nan")]), torch.ones(3)]).isnan().tolist() == [True, False]
