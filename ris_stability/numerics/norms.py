@@ -54,6 +54,6 @@ def finite_screen(tensors: Sequence[Tensor]) -> Tensor:
     of the sum of squares (elements beyond ~1e19): confirm it with :func:`peak_magnitudes` before calling
     the tensor non-finite."""
     dense = [t.coalesce().values() if t.is_sparse else t for t in tensors]
-    if dense[0].device.type != "cpu":
+    if any(t.device.type != "cpu" for t in dense):
         return peak_magnitudes(dense)
     return torch.stack(fast_norms(dense))
