@@ -9,6 +9,7 @@
   benchmark --config F --out DIR [--n 500] [--val 100] [--snr 0 10 20 30] [--only SNR ...] [--learned CKPT]
          ML, MUSIC and the learned detector per nominal SNR, bootstrap intervals (reports/evaluation)
   traindet --config F --out FILE      train the learned detector (deterministic, one thread)
+  tunedet --checkpoint FILE [--config F]   re-tune the pipeline thresholds of a trained detector in place
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     td.add_argument("--config", default="configs/default.toml")
     td.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     td.add_argument("--out", required=True)
+    tn = sub.add_parser("tunedet", help="re-tune the learned pipeline's thresholds on the training channels")
+    tn.add_argument("--config", default="configs/default.toml")
+    tn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    tn.add_argument("--checkpoint", required=True)
     f = sub.add_parser("floors", help="loss terms for a perfect prediction (irreducible floors)")
     f.add_argument("--config", required=True)
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -152,6 +157,17 @@ def _traindet(args: argparse.Namespace) -> None:
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - t0:.0f} s")
 
 
+def _tunedet(args: argparse.Namespace) -> None:
+    import torch
+
+    from ris_model.detector_tune import retune_checkpoint
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    pipeline = retune_checkpoint(Path(args.checkpoint), load_config(args.config, args.set))
+    print(f"re-tuned {args.checkpoint} in {time.perf_counter() - t0:.0f} s: {pipeline}")
+
+
 def _floors(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
     print(format_floors(loss_floors(cfg, n=args.n), cfg))
@@ -162,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
         {"train": _train, "eval": _eval, "music": _music, "floors": _floors,
-         "evalreport": _evalreport, "benchmark": _benchmark, "traindet": _traindet}[args.command](args)
+         "evalreport": _evalreport, "benchmark": _benchmark, "traindet": _traindet,
+         "tunedet": _tunedet}[args.command](args)
     except (ConfigError, CheckpointError, BatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,19 +1,24 @@
-"""The learned pipeline at inference: beamformer map -> detector peaks -> short ML refinement -> one
-detect-subtract step -> pruning by the ML residual.
+"""The learned pipeline at inference: beamformer map -> detector peaks -> short ML refinement -> pruning ->
+one detect-subtract step -> pruning by the ML residual.
 
 For the benchmark's system (any channel, any L; the detector was trained on other channels):
   1. the whitened Bartlett map of the scene (``beam_map``) and one pass of the detector (``detector``): the
-     peaks above ``heat`` are the first sources, at the cell plus the regressed offsets and ln r;
-  2. ``lm_iters`` Levenberg-Marquardt iterations of the concentrated ML cost (the function the ML estimator
-     ends with, ``ml_estimator.levenberg_marquardt``) on all of them jointly;
-  3. detect-subtract (``extend``): the detector on the map of the residual after those sources; its best peak,
-     when above ``second`` and when it lowers the ML residual by more than ``tau`` per degree of freedom (at its
-     detected position), is added and that scene refined again (sources the first map merged);
-  4. pruning (``prune``): a source whose removal raises the ML residual by less than ``tau`` per residual
-     degree of freedom is dropped (the statistic of ``model_order.residual_drop``, read backwards).
+     peaks above ``heat`` are the candidate sources, at the cell plus the regressed offsets and ln r;
+  2. refinement (``refine``, ``detector_refine.FastRefiner``): ``whiten_iters`` Levenberg-Marquardt iterations
+     of the whitened cost (the ML estimator's search cost, fewer false minima), then ``lm_iters`` of the
+     concentrated ML cost, on all candidates of a scene jointly;
+  3. pruning (``prune``): a source whose removal raises the ML residual by less than ``tau`` per residual
+     degree of freedom is dropped (the statistic of ``model_order.residual_drop``, read backwards; all of a
+     scene's statistics from one fit, ``FastRefiner.removal_rise``);
+  4. detect-subtract (``extend``): a candidate in the residual after those sources (``second`` None: the cell
+     of the largest whitened Bartlett map value of the residual, the ML estimator's greedy step; else the
+     detector's best peak on the residual's map when above ``second``) is added when, at its position, it
+     lowers the ML residual by more than ``tau`` per degree of freedom, and that scene refined again; a scene
+     may hold K_MAX + 1 sources here, so that a source the peaks misplaced can be replaced;
+  5. pruning again, down to at most K_MAX sources.
 ``heat``, ``second`` and ``tau`` are tuned per L on validation scenes of the TRAINING channels
-(``detector_tune``) and stored in the checkpoint. Two methods are reported: the peaks of step 1 alone, and
-the whole pipeline.
+(``detector_tune``) and stored in the checkpoint with the iteration counts. Two methods are reported: the
+peaks of step 1 alone, and the whole pipeline.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import torch
 from ris_model.beam_map import BeamMap
 from ris_model.config import RunConfig
 from ris_model.detector import DETECTOR_FORMAT, DetectorConfig, HeatNet, decode, log_map, peak_estimates
-from ris_model.ml_estimator import _apply, _box, _project_out, energy, levenberg_marquardt
+from ris_model.detector_refine import FastRefiner
+from ris_model.ml_estimator import _box
 from ris_model.music import Estimates, single_threaded
 from ris_model.simulate import System, make_system
 
@@ -48,6 +54,7 @@ class PipelineParams:
     heat: float
     second: float | None
     tau: float | None
+    whiten_iters: int = 0  # LM iterations on the whitened cost before the ``lm_iters`` of the ML cost
 
 
 def detector_config(raw: dict) -> DetectorConfig:
@@ -62,6 +69,8 @@ class LearnedDetector:
         self.dcfg, self.params, self.cfg, self.system = dcfg, params, cfg, system
         self.lm_iters = dcfg.lm_iters if lm_iters is None else lm_iters
         self.bmap = BeamMap(system, cfg.scene, dcfg.grid_step_deg, dcfg.n_range)
+        self.refiner = FastRefiner(system, self.bmap.phis, *_box(cfg.scene))
+        self.refiner_w = FastRefiner(system, self.bmap.w @ self.bmap.phis, *_box(cfg.scene))
         # channels-last convolutions in blocks of NET_CHUNK scenes: 2x faster on one thread (measured 3.5 vs 7.8 ms
         # per scene at width 32), same values to float32 rounding
         self.net = net.eval().to(memory_format=torch.channels_last)
@@ -69,7 +78,7 @@ class LearnedDetector:
             ones = torch.ones(1, system.codes.shape[0], system.channel.shape[0], dtype=torch.complex128)
             self.refine(self.peaks(ones)[0][:, :1], torch.ones(1, dtype=torch.int64), ones)  # per scene on 100)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def peaks(self, y: torch.Tensor, threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decoded positions (B, K_MAX, 3) = (phi, theta, ln r), K (B,) and peak scores (B, K_MAX) of y (B, L, M)."""
         img = log_map(self.bmap.image(y)).to(memory_format=torch.channels_last)
@@ -79,51 +88,59 @@ class LearnedDetector:
         return x, k, score
 
     def refine(self, x0: torch.Tensor, k: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``lm_iters`` LM iterations of the ML cost on the first k[b] sources of every scene."""
-        lo, hi = _box(self.cfg.scene)
-        x = torch.maximum(torch.minimum(x0, hi), lo)
+        """LM on the first k[b] sources of every scene: ``whiten_iters`` iterations of the whitened cost
+        sum_l ||P_perp(W_l B_l) W_l y_l||^2 (the ML search's cost: fewer false minima, docs/evaluation.md), then
+        ``lm_iters`` of the ML cost."""
+        x = torch.maximum(torch.minimum(x0, self.refiner.hi), self.refiner.lo)
         y = y.to(torch.complex128)
-        for kk in range(1, self.cfg.scene.k_max + 1):
+        yw = (self.bmap.w @ y[..., None])[..., 0] if self.params.whiten_iters > 0 else None
+        for kk in range(1, x.shape[1] + 1):
             sel = k == kk
-            if sel.any() and self.lm_iters > 0:
-                x[sel, :kk] = levenberg_marquardt(x[sel, :kk], self.bmap.phis, y[sel], self.system, lo, hi,
-                                                  self.lm_iters)
+            if sel.any():
+                xs = x[sel, :kk]
+                if yw is not None:
+                    xs = self.refiner_w.refine(xs, yw[sel], self.params.whiten_iters)
+                x[sel, :kk] = self.refiner.refine(xs, y[sel], self.lm_iters)
         return x
 
     def residual_peaks(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The detector on the map of the residual P_perp(B_l) y_l after the first k[b] sources of x: its best
-        peak (B, 3) and score (B,), and the residual energy e_k (B,)."""
+        """A candidate in the residual P_perp(B_l) y_l after the first k[b] sources of x: (B, 3) with a score
+        (B,), and the residual energy e_k (B,). ``second`` None: the cell (phi, theta, ln r) of the largest
+        whitened Bartlett map value of the residual (the ML estimator's greedy step, on the detector's grid),
+        score +inf; else the detector's best peak on the residual's map and its score."""
         y = y.to(torch.complex128)
         res = y.clone()
-        for kk in range(1, self.cfg.scene.k_max + 1):
+        for kk in range(1, x.shape[1] + 1):
             sel = k == kk
             if sel.any():
-                xs = x[sel, :kk]
-                cols = _apply(self.bmap.phis, self.system.steer(xs[..., 0], xs[..., 1], xs[..., 2].exp()))
-                res[sel] = _project_out(cols, y[sel])
+                res[sel] = self.refiner.project(self.refiner.plain_columns(x[sel, :kk]), y[sel])[0]
+        energy = res.real.square().sum((-2, -1)) + res.imag.square().sum((-2, -1))
+        if self.params.second is None:
+            cell = self.bmap.flat(res).argmax(-1)
+            return self.bmap.dictionary.points[cell], torch.full_like(energy, float("inf")), energy
         cand, _, score = self.peaks(res)
-        return cand[:, 0], score[:, 0], res.abs().square().sum((-2, -1))
+        return cand[:, 0], score[:, 0], energy
 
     def extend(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, found: tuple[torch.Tensor, ...],
                threshold: float, tau: float | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Detect-subtract: the residual peak ``found`` (``residual_peaks``) is added where its score exceeds
-        ``threshold`` (and k < K_MAX) and, at its detected position, it lowers the ML residual by more than ``tau``
-        per degree of freedom (the statistic of ``prune``); only those scenes are refined again."""
+        ``threshold`` (and k < the slots of x) and, at its detected position, it lowers the ML residual by more
+        than ``tau`` per degree of freedom (the statistic of ``prune``); only those scenes are refined again."""
         cand, score, e_old = found
-        k_max = self.cfg.scene.k_max
+        slots = x.shape[1]
         L, m = y.shape[-2:]
         y = y.to(torch.complex128)
         x, k = x.clone(), k.clone()
-        idx = ((score > threshold) & (k < k_max)).nonzero()[:, 0]
+        idx = ((score > threshold) & (k < slots)).nonzero()[:, 0]
         x[idx, k[idx]] = cand[idx]
         if tau is not None:
             keep = torch.zeros(len(idx), dtype=torch.bool)
-            for kk in range(2, k_max + 1):
+            for kk in range(2, slots + 1):
                 sub = (k[idx] + 1 == kk).nonzero()[:, 0]
                 if len(sub):
                     b = idx[sub]
-                    e_new = energy(x[b, :kk], self.bmap.phis, y[b], self.system)
+                    e_new = self.refiner.energy(x[b, :kk], y[b])
                     keep[sub] = (e_old[b] - e_new) / (e_new / (L * (m - kk))) > tau
             idx = idx[keep]
         k[idx] += 1
@@ -133,39 +150,60 @@ class LearnedDetector:
     def drop_statistics(self, x: torch.Tensor, kk: int, y: torch.Tensor) -> torch.Tensor:
         """(e_{-j} - e) / (e / (L (M - kk))) for each of the kk sources of x (B, kk, 3): (B, kk)."""
         L, m = y.shape[-2:]
-        e = energy(x, self.bmap.phis, y, self.system)
-        rise = torch.stack([energy(x[:, [i for i in range(kk) if i != j]], self.bmap.phis, y, self.system)
-                            for j in range(kk)], -1) - e[:, None]
+        e, rise = self.refiner.removal_rise(x[:, :kk], y)
         return rise / (e / (L * (m - kk)))[:, None]
 
-    def prune(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def prune(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, tau: float,
+              k_keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Drop, one at a time, the source whose removal raises the ML residual least while that rise is below
-        ``tau`` per residual degree of freedom. A spurious source explains about one noise degree of freedom
-        per snapshot (plus what its position fits); a real one far more."""
-        k_max = self.cfg.scene.k_max
+        ``tau`` per residual degree of freedom, or while the scene holds more than ``k_keep`` sources. A
+        spurious source explains about one noise degree of freedom per snapshot (plus what its position fits);
+        a real one far more."""
+        slots = x.shape[1]
+        k_keep = slots if k_keep is None else k_keep
         y = y.to(torch.complex128)
         x, k = x.clone(), k.clone()
-        for kk in range(k_max, 1, -1):  # a scene dropping from kk to kk - 1 is tested again at kk - 1
+        for kk in range(slots, 1, -1):  # a scene dropping from kk to kk - 1 is tested again at kk - 1
             sel = (k == kk).nonzero()[:, 0]
             if len(sel) == 0:
                 continue
             low, j = self.drop_statistics(x[sel, :kk], kk, y[sel]).min(-1)
-            for b, jj in zip(sel[low < tau].tolist(), j[low < tau].tolist()):
-                x[b] = x[b, [i for i in range(k_max) if i != jj] + [jj]]
+            drop = (low < tau) | (kk > k_keep)
+            for b, jj in zip(sel[drop].tolist(), j[drop].tolist()):
+                x[b] = x[b, [i for i in range(slots) if i != jj] + [jj]]
                 k[b] -= 1
         return x, k
 
+    @torch.inference_mode()
     def run(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
         """Peaks (x0, k0), the whole pipeline's (x, k), and the seconds of the peaks alone."""
         t0 = time.perf_counter()
         x0, k0, _ = self.peaks(y)
         t_net = time.perf_counter() - t0
+        x, k = self.refined_peaks(x0, k0, y)
+        x, k = self.detect_subtract(x, k, y, self.params.second, self.params.tau)
+        return x0, k0, x, k, t_net
+
+    def refined_peaks(self, x0: torch.Tensor, k0: torch.Tensor, y: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 2-3: LM on the peaks, then pruning (room for the detect-subtract step); x gets one spare slot."""
         x, k = self.refine(x0, k0, y), k0
-        if self.params.second is not None:
-            x, k = self.extend(x, k, y, self.residual_peaks(x, k, y), self.params.second, self.params.tau)
         if self.params.tau is not None:
             x, k = self.prune(x, k, y, self.params.tau)
-        return x0, k0, x, k, t_net
+        return torch.cat([x, torch.zeros_like(x[:, :1])], 1), k
+
+    def detect_subtract(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, second: float | None,
+                        tau: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 4-5 on the output of ``refined_peaks``: one detect-subtract step (up to K_MAX + 1 sources, so
+        that a source the peaks misplaced can be replaced), pruning, at most K_MAX sources; (B, K_MAX, 3)."""
+        k_max = self.cfg.scene.k_max
+        if tau is not None:
+            found = self.residual_peaks(x, k, y)
+            x, k = self.extend(x, k, y, found, float("-inf") if second is None else second, tau)
+            x, k = self.prune(x, k, y, tau, k_keep=k_max)
+        elif bool((k > k_max).any()):
+            x, k = self.prune(x, k, y, float("-inf"), k_keep=k_max)
+        return x[:, :k_max], k
 
     def __call__(self, data: dict) -> dict[str, tuple[Estimates, torch.Tensor, float]]:
         k_max = self.cfg.scene.k_max
@@ -193,7 +231,8 @@ def load_detector(path: str | Path, cfg: RunConfig, lm_iters: int | None = None)
     net = HeatNet(dcfg.n_range, dcfg.width)
     net.load_state_dict(ckpt["state"])
     p = ckpt["pipeline"][str(L)]
-    det = LearnedDetector(net, dcfg, PipelineParams(p["heat"], p["second"], p["tau"]), cfg, system, lm_iters)
+    det = LearnedDetector(net, dcfg, PipelineParams(p["heat"], p["second"], p["tau"], p.get("whiten_iters", 0)),
+                          cfg, system, p.get("lm_iters") if lm_iters is None else lm_iters)
     det.meta = {"config": dataclasses.asdict(dcfg), "train_seconds": round(float(ckpt["train_seconds"]), 1),
                 "parameters": sum(q.numel() for q in net.parameters()), "pipeline": ckpt["pipeline"],
                 "lm_iters": det.lm_iters}

@@ -1,0 +1,132 @@
+"""The fast refinement of the learned pipeline (``detector_refine``) against the generic ML code it replaces,
+and the pipeline steps built on it (drop statistics, residual candidate, at most K_MAX sources)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ris_model.config import RunConfig
+from ris_model.detector_refine import FastRefiner
+from ris_model.ml_estimator import (_box, _columns_and_derivatives, energy, levenberg_marquardt, operators,
+                                    residual_and_jacobian)
+from ris_model.simulate import make_system, simulate
+
+X = torch.tensor([[[0.3, 0.1, 0.2], [-0.2, 0.05, 1.0], [0.6, -0.3, -0.5]],
+                  [[-0.9, 0.4, 1.9], [0.1, -0.45, -0.3], [0.0, 0.0, 0.0]]], dtype=torch.float64)
+
+
+def _setup(fresnel: bool = False, snr: float = 30.0):
+    cfg = RunConfig()
+    cfg = dataclasses.replace(cfg, scene=dataclasses.replace(cfg.scene, snr_db=(snr, snr)),
+                              geometry=dataclasses.replace(cfg.geometry, fresnel=fresnel))
+    system = make_system(cfg)
+    phis = operators(system.channel[None], system.codes[None])
+    return cfg, system, phis, FastRefiner(system, phis, *_box(cfg.scene))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg, system, phis, fr = _setup()
+    return cfg, system, phis, fr, simulate(cfg, system, "test", list(range(4)))
+
+
+@pytest.mark.parametrize("fresnel", [False, True])
+def test_closed_form_derivatives_match_forward_mode_autograd(fresnel):
+    _, system, phis, fr = _setup(fresnel)
+    b_ref, db_ref = _columns_and_derivatives(X, phis, system)
+    cols = fr.columns(X)
+    torch.testing.assert_close(cols[..., 0], b_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cols[..., 1:], db_ref, rtol=1e-9, atol=1e-9 * float(db_ref.abs().max()))
+
+
+def test_normal_equations_match_the_golub_pereyra_jacobian(setup):
+    _, system, phis, fr, d = setup
+    y = d["y"][:2].to(torch.complex128)
+    r, jac = residual_and_jacobian(X, phis, y, system)
+    j = torch.view_as_real(jac.reshape(2, -1, 9)).transpose(-1, -2).reshape(2, -1, 9)
+    rv = torch.view_as_real(r.reshape(2, -1)).reshape(2, -1)
+    cols = fr.columns(X)
+    e, r2, s, w = fr._state(cols, y)
+    jtj, g = fr.normal_equations(cols, r2, s, w)
+    torch.testing.assert_close(jtj, j.transpose(-1, -2) @ j, rtol=1e-9, atol=1e-9 * float(jtj.abs().max()))
+    torch.testing.assert_close(g, (j.transpose(-1, -2) @ rv[..., None])[..., 0], rtol=1e-9,
+                               atol=1e-9 * float(g.abs().max()))
+    torch.testing.assert_close(e, energy(X, phis, y, system), rtol=1e-12, atol=0.0)
+
+
+def test_refine_follows_the_generic_levenberg_marquardt(setup):
+    cfg, system, phis, fr, d = setup
+    y = d["y"][:2].to(torch.complex128)
+    x0 = X + 0.02
+    ref = levenberg_marquardt(x0.clone(), phis, y, system, *_box(cfg.scene), 4)
+    got = fr.refine(x0.clone(), y, 4)
+    torch.testing.assert_close(got, ref, rtol=0.0, atol=1e-9)
+    assert not torch.equal(got, x0)
+
+
+def test_removal_rise_equals_the_energies_without_each_source(setup):
+    _, system, phis, fr, d = setup
+    y = d["y"][:2].to(torch.complex128)
+    e, rise = fr.removal_rise(X, y)
+    ref = torch.stack([energy(X[:, [i for i in range(3) if i != j]], phis, y, system) for j in range(3)], -1)
+    torch.testing.assert_close(e, energy(X, phis, y, system), rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(rise, ref - e[:, None], rtol=1e-7, atol=1e-9 * float(ref.max()))
+    torch.testing.assert_close(fr.energy(X, y), e, rtol=1e-12, atol=0.0)
+
+
+class _Bare:
+    """The pipeline methods of ``LearnedDetector`` without a network (only the map, refiner and params)."""
+
+    def __init__(self, cfg, system, second=None, tau=40.0):
+        from ris_model.beam_map import BeamMap
+        from ris_model.detector_infer import LearnedDetector, PipelineParams
+
+        self.cls = LearnedDetector
+        self.cfg, self.system, self.lm_iters = cfg, system, 2
+        self.params = PipelineParams(0.2, second, tau, 1)
+        self.bmap = BeamMap(system, cfg.scene, 3.0, 8)
+        self.refiner = FastRefiner(system, self.bmap.phis, *_box(cfg.scene))
+        self.refiner_w = FastRefiner(system, self.bmap.w @ self.bmap.phis, *_box(cfg.scene))
+
+    def __getattr__(self, name):
+        return getattr(self.cls, name).__get__(self)
+
+
+def _truth(d, i):
+    k = int(d["k"][i])
+    return torch.stack([d["phi"][i, :k], d["theta"][i, :k], d["r"][i, :k].log()], -1)
+
+
+def test_residual_map_candidate_finds_the_source_left_out_and_extend_adds_it(setup):
+    cfg, system, _, _, d = setup
+    det = _Bare(cfg, system)
+    i = int(torch.nonzero(d["k"] >= 2)[0])
+    t = _truth(d, i)
+    x = torch.zeros(1, cfg.scene.k_max + 1, 3, dtype=torch.float64)
+    x[0, :len(t) - 1] = t[:-1]
+    k = torch.tensor([len(t) - 1])
+    found = det.residual_peaks(x, k, d["y"][i:i + 1])
+    cand = found[0][0]
+    assert abs(float(torch.rad2deg(cand[0] - t[-1, 0]))) <= 2.0 and abs(float(torch.rad2deg(cand[1] - t[-1, 1]))) <= 2.0
+    xe, ke = det.extend(x, k, d["y"][i:i + 1], found, float("-inf"), 40.0)
+    assert int(ke[0]) == len(t)
+    assert float(torch.rad2deg(xe[0, len(t) - 1, :2] - t[-1, :2]).abs().max()) < 0.5
+
+
+def test_prune_drops_a_duplicate_and_caps_at_k_max(setup):
+    cfg, system, _, _, d = setup
+    det = _Bare(cfg, system)
+    i = int(torch.nonzero(d["k"] >= 2)[0])
+    t = _truth(d, i)
+    junk = torch.tensor([[0.9, -0.4, 0.5]], dtype=torch.float64)
+    x = torch.cat([t, junk, torch.zeros(cfg.scene.k_max + 1 - len(t) - 1, 3, dtype=torch.float64)])[None]
+    xp, kp = det.prune(x, torch.tensor([len(t) + 1]), d["y"][i:i + 1], 40.0)
+    assert int(kp[0]) == len(t)  # the source at no source explains noise only: dropped
+    full = torch.cat([t, junk.expand(cfg.scene.k_max + 1 - len(t), 3) + 0.1 * torch.arange(
+        cfg.scene.k_max + 1 - len(t), dtype=torch.float64)[:, None]])[None]
+    xc, kc = det.prune(full, torch.tensor([cfg.scene.k_max + 1]), d["y"][i:i + 1], float("-inf"),
+                       k_keep=cfg.scene.k_max)
+    assert int(kc[0]) == cfg.scene.k_max  # capped even when every source passes the threshold
