@@ -239,3 +239,23 @@ def test_complex_gap_stats_of_a_batch_of_batches():
     assert math.isnan(got["cluster_value"][0, 0]) and got["amplification"][0, 0] == 0.5
     one = complex_gap_stats(torch.tensor([[2.0 + 0j]]), torch.float32)
     assert math.isnan(one["min_gap"][0]) and one["max_cluster"][0] == 1
+
+
+def test_worst_segments_of_interleaved_groups_by_hand():
+    """Rows of two sites interleaved (segments 0, 1, 0, 1, 0): per site, the smallest gap and largest Hermitian error
+    over the rows that define them, the cluster value of the FIRST row with the largest cluster (two rows tie at
+    size 2), NaN where no row defines a statistic; a broken row poisons its own site only, never n."""
+    from ris_stability.numerics.stats import STAT_KEYS, worst_segments
+    rows = _rows({"n": 3, "max_cluster": 2, "cluster_value": 4.0, "min_gap": NAN, "herm_err": 0.5, "rel_sep": NAN},
+                 {"n": 5, "max_cluster": 1, "cluster_value": NAN, "min_gap": 3.0, "lambda_max": NAN},
+                 {"n": 3, "max_cluster": 1, "cluster_value": NAN, "min_gap": 0.25, "herm_err": NAN, "rel_sep": NAN},
+                 {"n": 5, "max_cluster": 3, "cluster_value": 7.0, "min_gap": 1.0},
+                 {"n": 3, "max_cluster": 2, "cluster_value": 9.0, "min_gap": 2.0, "herm_err": 0.125, "rel_sep": NAN})
+    table = worst_segments(rows, torch.tensor([0, 1, 0, 1, 0]), 2)
+    first, second = (dict(zip(STAT_KEYS, row)) for row in table.tolist())
+    _check(first, {"n": 3, "max_cluster": 2, "cluster_value": 4.0, "min_gap": 0.25, "herm_err": 0.5, "rel_sep": NAN,
+                   "lambda_max": 1.0})
+    assert second["n"] == 5 and all(math.isnan(v) for k, v in second.items() if k != "n")
+    alone = worst_segments(rows[2:4], None, 2)  # one row per site: each row is its site's worst case
+    assert alone[0].tolist() == pytest.approx(rows[2].tolist(), nan_ok=True)
+    assert alone[1].tolist() == pytest.approx(rows[3].tolist(), nan_ok=True)

@@ -270,3 +270,36 @@ def test_a_backward_record_accumulates_until_it_is_reset():
     fresh.vector_hook()(torch.zeros(2))
     fresh.settle()
     assert not bool(fresh.vec) and fresh.back is None and fresh.eig_terms == {}
+
+
+# -- calls of one site measured together keep their own precision and signal dimension -----------------------------
+def test_calls_measured_together_keep_their_own_dtype_and_signal_dimension():
+    """One call site in a loop: diag(1e-9, 1) in float64 is rank 2, in float32 rank 1 (below float32's tolerance);
+    diag(1, 2, 4) split with k = 1 has gap 2, with k = 2 gap 1. The worst case over the loop is rank 1 and gap 1,
+    as if each call had been measured alone."""
+    small = torch.diag(torch.tensor([1e-9, 1.0], dtype=D))
+    spread = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=D))
+    with SpectralProbe(roots={}) as probe:
+        for m, k in ((small, None), (small.float(), None), (spread, 1), (spread, 2), (spread, 1)):
+            probe.set_signal_dim(k)
+            torch.linalg.eigvalsh(m)
+    recs = probe.collect()
+    assert recs["linalg.eigvalsh"]["calls"] == 2 and recs["linalg.eigvalsh[3x3]"]["calls"] == 3
+    _check(recs["linalg.eigvalsh"]["stats"], {"rank": 1, "cond": math.inf, "gap_split": NAN})
+    _check(recs["linalg.eigvalsh[3x3]"]["stats"], {"gap_split": 1, "min_gap_signal": 2, "min_gap_noise": 1})
+
+
+def test_a_broken_matrix_among_general_ops_is_reported_broken_not_singular():
+    """inv of a batch holding a NaN matrix: that matrix's statistics are NaN (the site's worst case is then NaN, n
+    kept), not those of a zero matrix (cond inf); a loop of cholesky calls is measured from its inputs."""
+    good = torch.diag(torch.tensor([1.0, 4.0], dtype=D))
+    rec = _records(lambda: torch.linalg.inv(torch.stack([good, torch.full_like(good, math.nan)])))["linalg.inv"]
+    assert rec["stats"]["n"] == 2 and math.isnan(rec["stats"]["cond"]) and math.isnan(rec["stats"]["rank"])
+
+    def loop():
+        for scale in (1.0, 3.0):
+            torch.linalg.cholesky(good * scale)
+    rec = _records(loop)["linalg.cholesky"]
+    _check(rec["stats"], {"n": 2, "rank": 2, "cond": 4, "lambda_min": 1, "lambda_max": 12, "herm_err": 0,
+                          "min_gap": 3})
+    assert rec["calls"] == 2
