@@ -303,3 +303,28 @@ def test_a_broken_matrix_among_general_ops_is_reported_broken_not_singular():
     _check(rec["stats"], {"n": 2, "rank": 2, "cond": 4, "lambda_min": 1, "lambda_max": 12, "herm_err": 0,
                           "min_gap": 3})
     assert rec["calls"] == 2
+
+
+def test_every_kind_is_measured_on_the_device_of_its_call():
+    """The statistics of each kind of call, the merging of calls and what backward handed a site are computed where
+    the call ran (no host copy, no sync): on the meta device, which holds no data, a helper tensor made on the CPU
+    would fail at once."""
+    meta = torch.device("meta")
+    flat = torch.empty(3, 4, 4, dtype=D, device=meta)
+    values, w = torch.empty(3, 4, dtype=D, device=meta), torch.empty(3, 4, dtype=C, device=meta)
+    outs = {"eig": (w, flat.to(C)), "eigvals": w, "eigh": (values, flat), "eigvalsh": values, "svd": (flat, values, flat),
+            "svdvals": values, "general": None, "pinv": None, "herm": None, "norm_2": None, "norm_-2": None,
+            "norm_nuc": None}
+    for kind, out in outs.items():
+        for k in (None, 1):
+            assert site_stats.stat_rows(kind, flat, out, k).device == meta, kind
+    parts = site_stats.batch_parts("eigh", (values, flat), 1, 3)
+    merged = site_stats.batched_rows([("eigh", flat, parts, 1), ("eigh", flat, parts, 1), ("herm", flat, None, None),
+                                      ("herm", flat, None, None)])
+    assert [(m[0], m[1].shape[0]) for m in merged] == [("eigh", 6), ("herm", 6)] and merged[0][2][1] is None
+    rec = BackwardRecord()
+    rec.backward_hook(flat)((flat,), None)
+    rec.vector_hook()(flat)
+    rec.eig_hook(w, flat.to(C))(flat.to(C))
+    rec.settle()
+    assert rec.back.device == meta and rec.vec.device == meta and rec.eig_terms["gap_terms"].device == meta
