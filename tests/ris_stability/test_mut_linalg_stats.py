@@ -182,7 +182,7 @@ def test_statistics_are_float64_whatever_the_input_precision():
     assert all(v.dtype == D for v in worst({"cond": torch.tensor([3.0, 2.0])}).values())
     assert worst_rows(torch.ones(2, len(STAT_KEYS))).dtype == D
     got = to_floats({"rank": torch.tensor(3), "cond": torch.tensor(2.5, dtype=torch.float32)})
-    assert got == {"rank": 3.0, "cond": 2.5} and type(got["rank"]) is float
+    assert got == {"rank": 3.0, "cond": 2.5} and type(to_floats({"rank": torch.tensor(3)})["rank"]) is float
 
 
 # -- worst cases over a batch, from dicts and from stacked rows -----------------------------------------------------
@@ -225,6 +225,9 @@ def test_matrix_stats_poison_only_the_broken_matrix_and_never_its_size():
     assert math.isnan(stats["min_gap"][1, 0]) and stats["min_gap"][1, 1] == 2.0
     got = _floats(worst(stats))
     assert got["n"] == 2 and math.isnan(got["cond"])
+    spectra = torch.tensor([[1.0, 2.0, 3.0], [1.0, math.inf, 3.0]], dtype=D)
+    for per_sample in (eigen_stats(spectra), singular_stats(spectra.flip(-1))):  # an inf in the second spectrum
+        assert per_sample["cond"][0] == 3.0 and math.isnan(per_sample["cond"][1]) and per_sample["n"][1] == 3
 
 
 def test_complex_gap_stats_of_a_batch_of_batches():
