@@ -328,3 +328,18 @@ def test_every_kind_is_measured_on_the_device_of_its_call():
     rec.eig_hook(w, flat.to(C))(flat.to(C))
     rec.settle()
     assert rec.back.device == meta and rec.vec.device == meta and rec.eig_terms["gap_terms"].device == meta
+
+
+def test_pinv_cutoff_of_a_wide_matrix_and_per_matrix_rows():
+    """A wide 2x3 matrix: pinv's default cut-off is max(m, n) eps = 3 eps (not 2 eps); the signal dimension reaches
+    its gaps. Per matrix (stat_rows, before any worst case), only the matrix with a NaN is NaN."""
+    wide = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1e-10, 0.0]], dtype=D)
+    with SpectralProbe(roots={}) as probe:
+        probe.set_signal_dim(1)
+        torch.linalg.pinv(wide)
+    rec = probe.collect()["linalg.pinv"]
+    _check(rec["stats"], {"cutoff_margin": math.log10(1e-10 / (3 * torch.finfo(D).eps)), "gap_split": 1 - 1e-20})
+    rows = site_stats.stat_rows("pinv", torch.stack([wide, torch.full_like(wide, math.nan)]), None, None)
+    margin, n = rows[:, site_stats.STAT_KEYS.index("cutoff_margin")], rows[:, site_stats.STAT_KEYS.index("n")]
+    assert margin[0] == pytest.approx(math.log10(1e-10 / (3 * torch.finfo(D).eps))) and math.isnan(margin[1])
+    assert n.tolist() == [2.0, 2.0]
