@@ -201,6 +201,8 @@ def test_worst_rows_takes_the_cluster_value_of_the_largest_cluster_and_skips_und
     got = dict(zip(STAT_KEYS, worst_rows(rows).tolist()))
     _check(got, {"n": 4, "max_cluster": 3, "cluster_value": 1.0, "herm_err": 0.25, "min_gap": 0.5})
     assert got == pytest.approx(_floats(worst({k: rows[:, i] for i, k in enumerate(STAT_KEYS)})), nan_ok=True)
+    some = ("n", "cluster_value", "min_gap")  # a subset of the columns without the cluster sizes: plain max / min
+    assert worst_rows(rows[:, [STAT_KEYS.index(k) for k in some]], keys=some).tolist() == [4.0, 5.0, 0.5]
     broken = dict(zip(STAT_KEYS, worst_rows(torch.cat([rows, _rows({"n": 4, "lambda_max": NAN})])).tolist()))
     assert broken["n"] == 4 and all(math.isnan(v) for k, v in broken.items() if k != "n")
 
