@@ -76,3 +76,36 @@ def test_each_matrix_of_a_batch_is_weighed_at_its_own_scale():
             one = a[i, j].clone().requires_grad_()
             loss(one).backward()
             assert torch.allclose(x.grad[i, j], one.grad, rtol=1e-10, atol=0)
+
+
+# ----------------------------------------------------------------------------- the eigh backward by hand
+@pytest.mark.parametrize("eps", [None, 0.0, 1e-2, 0.3])
+def test_eigh_near_pair_gradient_is_the_lorentzian_of_the_gap(eps):
+    """A = c diag(1, 1 - d): turning the lower eigenvector towards the upper one costs -F(d) / (2 c) off the
+    diagonal, F the Lorentzian x / (x^2 + w^2) of the relative gap with the width the user passed."""
+    c, d = 2.0, 1e-3
+    a = torch.diag(torch.tensor([c, c * (1 - d)], dtype=torch.float64)).requires_grad_()
+    lam, v = eigh_gap_aware(a, eps=eps)
+    (v[0, 0] * v[1, 0] + 3 * lam[1]).backward()
+    w = tie_rtol(2, torch.float64) if eps is None else eps
+    pair = -d / (d * d + w * w) / (2 * c)
+    expected = torch.tensor([[3.0, pair], [pair, 0.0]], dtype=torch.float64)
+    assert torch.allclose(a.grad, expected, rtol=64 * torch.finfo(torch.float64).eps, atol=0)
+
+
+def test_eigenvalue_losses_get_torchs_gradient_bit_for_bit():
+    """A loss on the eigenvalues alone takes torch's own formula V diag(g) V^H, any size (1 x 1 included)."""
+    for dtype in (torch.float32, torch.float64, torch.complex128):
+        for n in (1, 2, 6):
+            x = torch.randn(3, n, n, dtype=dtype, generator=torch.Generator().manual_seed(n))
+            h = x + x.mH
+            grads = []
+            for fn in (eigh_gap_aware, torch.linalg.eigh):
+                leaf = h.clone().requires_grad_()
+                (fn(leaf)[0] ** 3).sum().backward()
+                grads.append(leaf.grad)
+            assert torch.equal(*grads), (dtype, n)
+    one = torch.tensor([[-2.5]], dtype=torch.float64, requires_grad=True)
+    lam, v = eigh_gap_aware(one)
+    (lam.sum() * 4 + v.sum()).backward()
+    assert one.grad.item() == 4.0
