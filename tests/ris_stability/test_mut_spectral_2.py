@@ -61,6 +61,24 @@ def test_eigh_refuses_phase_dependent_losses_exactly_where_torch_does(share):
     assert ours == _refused(torch.linalg.eigh, h, pick, share) == (share > 1)
 
 
+
+def test_a_phase_derivative_exactly_at_the_limit_is_accepted_like_torch():
+    """diag(3, 2, 1): the vectors are the unit axes, so the phase derivative is exactly the loss's coefficient;
+    at the limit torch accepts the loss and so do the drop-ins, a hair above both refuse."""
+    d = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=C128))
+    cases = [(eigh_gap_aware, torch.linalg.eigh, lambda out: out[1][0, 2], 1e-2),
+             (svd_gap_aware, torch.linalg.svd, lambda out: out[0][0, 0], 5e-3)]  # torch's svd limit is half eigh's
+    for ours, theirs, pick, limit in cases:
+        for coefficient, refused in [(limit, False), (limit * (1 + 1e-6), True)]:
+            for decompose in (ours, theirs):
+                x = d.clone().requires_grad_()
+                loss = coefficient * pick(decompose(x)).imag
+                if refused:
+                    with pytest.raises(RuntimeError):
+                        loss.backward()
+                else:
+                    loss.backward()
+
 def test_phase_errors_name_the_function_the_vectors_and_the_worst_value():
     a = torch.randn(5, 4, dtype=C128, generator=_gen(19)).requires_grad_()
     with pytest.raises(PhaseDependenceError) as svd_error:
@@ -118,6 +136,7 @@ def test_observers_see_each_call_with_the_users_arguments_and_change_nothing():
             torch.svd(a, compute_uv=False)]
     assert all(_same(x, y) for x, y in zip(outs, refs))
     assert outs[2].U.shape == (5, 5) and outs[3].U.abs().sum() == 0  # some=False: full U; no vectors: zeros
+    assert _same(svd_gap_aware(a), torch.linalg.svd(a)) and svd_gap_aware(a).U.shape == (5, 5)  # full by default
 
 
 def _buffers(*shapes, dtype=torch.float64):
@@ -172,6 +191,8 @@ def test_eigvalsh_and_svdvals_are_torchs():
                  "got (3,). Next step: check which tensor is passed to the decomposition.", id="svd-vector"),
     pytest.param(lambda: svd_gap_aware([[1.0]]), "svd_gap_aware: A must be a batch of matrices (..., m, n), got "
                  "list.", id="svd-list"),
+    pytest.param(lambda: eigh_gap_aware([[1.0]]), "eigh_gap_aware: A must be a batch of square matrices (..., n, n), "
+                 "got list.", id="eigh-list"),
     pytest.param(lambda: eigh_gap_aware(torch.eye(2), eps="0.1"), "eigh_gap_aware: eps (relative Lorentzian "
                  "width, a fraction of the largest eigen/singular value) must be a finite float >= 0 or None, got "
                  "'0.1'. Next step: pass None for the dtype default (= the tie threshold tie_rtol(n, dtype)), or 0.0 "

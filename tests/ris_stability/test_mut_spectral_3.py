@@ -109,3 +109,11 @@ def test_eigenvalue_losses_get_torchs_gradient_bit_for_bit():
     lam, v = eigh_gap_aware(one)
     (lam.sum() * 4 + v.sum()).backward()
     assert one.grad.item() == 4.0
+
+
+def test_empty_matrices_in_a_batch_of_any_depth_get_an_empty_gradient():
+    for shape in [(3, 2, 0, 0), (2, 0, 3, 3)]:
+        a = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+        lam, v = eigh_gap_aware(a)
+        (lam.sum() + v.sum()).backward()
+        assert a.grad.shape == shape and lam.shape == shape[:-1]
