@@ -150,13 +150,15 @@ def test_out_buffers_are_filled_like_torchs(observed):
     with CallRecorder() if observed else torch.autograd.set_grad_enabled(True):
         eigh_out, svd_out, old_out = _buffers((4,), (4, 4)), _buffers((4, 4), (3,), (3, 3)), _buffers((4, 3), (3,), (3, 3))
         eigh_gap_aware(h, out=eigh_out)
+        upper_out = _buffers((4,), (4, 4))
+        eigh_gap_aware(h + torch.tril(a @ a.mT, -1), "U", out=upper_out)  # the lower triangle is not read
         svd_gap_aware(a, out=svd_out)
         svd_old_gap_aware(a, out=old_out)
         values_out, singular_out = torch.empty(4, dtype=torch.float64), torch.empty(3, dtype=torch.float64)
         eigvalsh(h, out=values_out)
         svdvals(a, out=singular_out)
     assert _equal(eigh_out, torch.linalg.eigh(h)) and _equal(svd_out, torch.linalg.svd(a))
-    assert _equal(old_out, torch.svd(a))
+    assert _equal(old_out, torch.svd(a)) and _equal(upper_out, torch.linalg.eigh(h, UPLO="U"))
     assert torch.equal(values_out, torch.linalg.eigvalsh(h)) and torch.equal(singular_out, torch.linalg.svdvals(a))
 
 
