@@ -154,11 +154,14 @@ def test_out_buffers_are_filled_like_torchs(observed):
         eigh_gap_aware(h + torch.tril(a @ a.mT, -1), "U", out=upper_out)  # the lower triangle is not read
         svd_gap_aware(a, out=svd_out)
         svd_old_gap_aware(a, out=old_out)
+        reduced_out = _buffers((4, 3), (3,), (3, 3))
+        svd_gap_aware(a, False, out=reduced_out)
         values_out, singular_out = torch.empty(4, dtype=torch.float64), torch.empty(3, dtype=torch.float64)
         eigvalsh(h, out=values_out)
         svdvals(a, out=singular_out)
     assert _equal(eigh_out, torch.linalg.eigh(h)) and _equal(svd_out, torch.linalg.svd(a))
     assert _equal(old_out, torch.svd(a)) and _equal(upper_out, torch.linalg.eigh(h, UPLO="U"))
+    assert _equal(reduced_out, torch.linalg.svd(a, full_matrices=False)) and reduced_out[0].shape == (4, 3)
     assert torch.equal(values_out, torch.linalg.eigvalsh(h)) and torch.equal(singular_out, torch.linalg.svdvals(a))
 
 
@@ -166,8 +169,11 @@ def test_driver_is_handed_to_torch():
     """driver= selects a cuSOLVER routine: on a CPU tensor torch refuses it, and so do the drop-ins."""
     a = torch.randn(4, 3, dtype=torch.float64, generator=_gen(22))
     for call in (lambda: torch.linalg.svd(a, driver="gesvd"), lambda: svd_gap_aware(a, driver="gesvd"),
+                 lambda: svd_gap_aware(a, driver="gesvd", out=_buffers((4, 4), (3,), (3, 3))),
                  lambda: svdvals(a, driver="gesvd")):
         with pytest.raises(RuntimeError, match="driver="):
+            call()
+        with CallRecorder(), pytest.raises(RuntimeError, match="driver="):
             call()
 
 
