@@ -50,8 +50,9 @@ def _inner(U, Vh, gU, gS, gVh, minus: torch.Tensor, plus: torch.Tensor) -> torch
     a = a - a.mH if a is not None else None
     b = b - b.mH if b is not None else None
     if U.is_complex():
+        # torch checks Im diag of skew(U^H gU) + skew(V^H gV) (twice the phase derivative): the same limit
         im = sum(torch.diagonal(x, dim1=-2, dim2=-1).imag for x in (a, b) if x is not None)
-        check_phase_invariance(im / 2, "svd_gap_aware", "singular vectors")
+        check_phase_invariance(im, "svd_gap_aware", "singular vectors")
     if a is not None and b is not None:
         inner = (a + b) * minus + (a - b) * plus
     elif a is not None:
