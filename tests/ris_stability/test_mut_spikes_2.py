@@ -1,0 +1,136 @@
+"""The monitor's explosion checks as a run records them (monitor/explosions.py): the explosion_origin event written
+once, the trace-back read once, a skipped update never blamed, and no trace-back words where nothing grew."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor
+from ris_stability.instruments.explosion import ExplosionDetector
+from ris_stability.instruments.grads import GradMonitor
+from ris_stability.numerics.tolerances import explosion_norm_limit
+from ris_stability.records import read_trace
+
+from tests.ris_stability.test_mut_spikes import _observe
+
+
+def _run(path, model, opt, x, steps: int, loss_fn, config: MonitorConfig | None = None, crash_at: int | None = None):
+    monitor = StabilityMonitor(path, config or MonitorConfig())
+    with MonitorSession(monitor, model, opt) as s:
+        for step in range(steps):
+            s.start_step(step, batch={"x": x})
+            if step == crash_at:
+                raise RuntimeError("input tensor should not contain infs or NaNs")
+            loss = loss_fn(model(x))
+            s.after_forward(loss)
+            opt.zero_grad()
+            loss.backward()
+            if s.after_backward():
+                opt.step()
+            s.end_step()
+    return monitor
+
+
+def _quartic(path, crash_at: int | None = None) -> StabilityMonitor:
+    """SGD at lr 3e-3 on a quartic loss: gradient 6e3 -> 2e5 -> 5e17, the update of step 2 sends the first layer's
+    parameters from 437 to 1e15 and the loss is inf from step 3 on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=3e-3)
+    return _run(path, model, opt, torch.randn(32, 8), 6 if crash_at is None else crash_at + 1,
+                lambda y: (y - 10.0).pow(4).mean(), crash_at=crash_at)
+
+
+def test_the_origin_of_a_nonfinite_loss_is_one_event_and_one_read(tmp_path, monkeypatch):
+    reads = []
+    original = GradMonitor.param_norms
+    monkeypatch.setattr(GradMonitor, "param_norms", lambda self: reads.append(1) or original(self))
+    with pytest.raises(RuntimeError, match="should not contain infs"):
+        _quartic(tmp_path / "run", crash_at=5)
+    events = read_trace(tmp_path / "run").events
+    origin = "parameters of 0 grew from 437 to 1.18e+15 at the update of step 2, gradient norm 5.13e+17 = 8.58e+13x " \
+             "its first value"
+    (event,) = [e for e in events if e["kind"] == "explosion_origin"]  # written once, at the first non-finite step
+    assert event["message"] == "step 3 went non-finite after an explosion: " + origin
+    assert (event["step"], event["data"]["failed_step"], event["data"]["update_step"]) == (2, 3, 2)
+    losses = {e["step"]: e["message"] for e in events if e["kind"] == "nonfinite_loss"}
+    assert losses[3] == "non-finite loss at step 3; " + origin and losses[4] == "non-finite loss at step 4"
+    (stopped,) = [e for e in events if e["kind"] == "run_stopped"]
+    assert stopped["message"] == "RuntimeError: input tensor should not contain infs or NaNs; " + origin
+    assert len(reads) == 1  # the parameters are read once, when the run has gone wrong, and the origin kept
+
+
+def test_no_trace_back_words_where_no_update_grew_the_parameters(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with pytest.raises(RuntimeError):
+        _run(tmp_path / "run", model, opt, torch.randn(16, 4), 3,
+             lambda y: y.mean() * torch.tensor(float("nan")), crash_at=2)
+    events = read_trace(tmp_path / "run").events
+    assert [e["message"] for e in events if e["kind"] == "nonfinite_loss"] == ["non-finite loss at step 0",
+                                                                               "non-finite loss at step 1"]
+    assert [e["message"] for e in events if e["kind"] == "run_stopped"] == [
+        "RuntimeError: input tensor should not contain infs or NaNs"]
+    assert not [e for e in events if e["kind"] == "explosion_origin"]
+
+
+def test_a_skipped_update_is_never_blamed(tmp_path):
+    """on_explosion='skip' keeps the parameters at the logged steps 0 and 2; they grow at the unlogged step 1,
+    which no logged step's update covers: no update is named (not step 0's, which did not run)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=50.0)
+    monitor = _run(tmp_path / "run", model, opt, torch.randn(16, 4), 3, lambda y: (y - 10.0).pow(2).mean(),
+                   MonitorConfig(every=2, on_explosion="skip"))
+    assert monitor.skipped_steps == [0, 2] and monitor.explosion_steps == [0, 2]
+    assert float(model.bias.norm()) > 500  # grown 5000x by the update of step 1
+    assert monitor.update_origin() is None
+
+
+# -- the trace-back rule (instruments/explosion.py) ------------------------------------------------------------------
+def _records(*params: dict, skipped=frozenset(), now: dict, dtype=torch.float32):
+    det = ExplosionDetector(dtype)
+    for step, p in enumerate(params):
+        _observe(det, step, 1.0, params=p)
+    return det.trace_back(now, skipped)
+
+
+def test_trace_back_names_the_largest_growth_and_the_earliest_of_equals():
+    # step 1 grows b 1e6x; its module a (2x) is checked first and is no reason to stop looking
+    origin = _records({"w": 1.0}, {"w": 1000.0, "a": 1.0, "b": 1.0}, now={"w": 1000.0, "a": 2.0, "b": 1e6})
+    assert (origin.module, origin.step, origin.before, origin.after) == ("b", 1, 1.0, 1e6)
+    equal = _records({"w": 1.0}, {"w": 1000.0}, now={"w": 1e6})  # two 1000x updates: the first is named
+    assert (equal.step, equal.next_step, equal.after) == (0, 1, 1000.0)
+    skipped = _records({"w": 1.0}, {"w": 1.0}, {"w": 1.0}, skipped={0}, now={"w": 500.0})
+    assert (skipped.step, skipped.next_step) == (2, None)  # a skipped step is passed over, not the end of the search
+
+
+def test_trace_back_ignores_the_total_and_modules_gone_since():
+    origin = _records({"_total": 1.0, "w": 1.0, "gone": 1.0}, now={"_total": 1000.0, "w": 1000.0})
+    assert origin.module == "w" and origin.after == 1000.0
+
+
+def test_trace_back_range_limits():
+    limit = explosion_norm_limit(torch.float32)
+    for after in (2e19, math.inf, math.nan):  # from zero: beyond the range, inf or NaN counts
+        assert _records({"zero": 0.0}, now={"zero": after}).module == "zero"
+    assert _records({"zero": 0.0}, now={"zero": limit}) is None  # exactly the limit is in range
+    assert _records({"w": limit / 2}, now={"w": limit}) is None  # 2x growth to the limit: nothing to name
+    # parameters already beyond the range are named even when this update shrank them; a layer grown from zero
+    # to a finite norm in range is not a growth
+    origin = _records({"zero": 0.0, "big": 2e20}, now={"zero": 5.0, "big": 1e20})
+    assert (origin.module, origin.before, origin.after) == ("big", 2e20, 1e20)
+
+
+def test_explosion_data_in_full():
+    det = ExplosionDetector(torch.float32)
+    _observe(det, 0, 2.0, modules={"enc": 1.0}, sites={"s": 1.0})
+    v = _observe(det, 1, 4e7, modules={"enc": 3e7}, sites={"s": 100.0}, update_ratio=2.0, has_baseline=True)
+    assert v.data() == {"total": 4e7, "previous": 2.0, "first": 2.0, "rules": ["growth", "update"],
+                        "catastrophic": True, "limit": explosion_norm_limit(torch.float32), "update_ratio": 2.0,
+                        "modules": [{"name": "enc", "value": 3e7, "previous": 1.0}],
+                        "sites": [{"name": "s", "value": 100.0, "previous": 1.0}], "names": ["enc", "s"]}
