@@ -164,3 +164,30 @@ def test_the_sgd_update_rule_over_several_optimizers_and_tensor_learning_rates(t
     # an adaptive optimizer beside SGD: the update is not lr * g, the rule says nothing
     assert _update_events(tmp_path / "mixed", lambda m: [torch.optim.SGD([m.weight], lr=50.0),
                                                          torch.optim.Adam([m.bias], lr=50.0)]) == []
+
+
+# -- the explosion rules at their edges (instruments/explosion.py) ---------------------------------------------------
+def test_a_norm_exactly_at_the_range_limit_is_in_range():
+    det = ExplosionDetector(torch.float32)
+    assert _observe(det, 0, explosion_norm_limit(torch.float32)) is None
+    assert _observe(ExplosionDetector(torch.float32), 0, explosion_norm_limit(torch.float32) * 1.001).rules == ("range",)
+
+
+def test_modules_named_in_a_range_verdict_without_a_10x_growth():
+    """Beyond the range with no module grown 10x: the modules beyond the range themselves are named."""
+    det = ExplosionDetector(torch.float32)
+    _observe(det, 0, 1e19, modules={"a": 1e19, "b": 1.0})
+    v = _observe(det, 1, 2e19, modules={"a": 2e19, "b": 1.5})
+    assert v.rules == ("range",) and [g.name for g in v.modules] == ["a"]
+    assert v.message().endswith("beyond float32's range for a norm (1.84e+19: its square overflows); grew most: "
+                                "module a (2e+19, x2)")
+
+
+def test_nonfinite_module_norms_are_neither_named_nor_kept():
+    det = ExplosionDetector(torch.float32)
+    _observe(det, 0, 1.0, modules={"a": 1.0, "b": 1.0, "c": 1.0})
+    _observe(det, 1, 1.0, modules={"a": math.nan, "b": 1.0, "c": 1.0})  # a's NaN is not its previous value
+    v = _observe(det, 2, 1e7, modules={"a": 50.0, "b": 10.0, "c": math.inf, "new": 0.0})
+    # a: x50 against step 0; b: exactly 10x is not more; c: inf is the non-finite checks' business; new: zero
+    assert [(g.name, g.previous) for g in v.modules] == [("a", 1.0)]
+    assert v.message().endswith("grew most: module a (50, x50)")
