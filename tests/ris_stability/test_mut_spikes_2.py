@@ -191,3 +191,45 @@ def test_nonfinite_module_norms_are_neither_named_nor_kept():
     # a: x50 against step 0; b: exactly 10x is not more; c: inf is the non-finite checks' business; new: zero
     assert [(g.name, g.previous) for g in v.modules] == [("a", 1.0)]
     assert v.message().endswith("grew most: module a (50, x50)")
+
+
+# -- warnings, policies and the spike rule's baseline through a session (monitor/explosions.py) ----------------------
+def _scaled_run(path, scales, on_explosion: str):
+    """A linear model whose loss is scaled per step (an unnormalised batch): the gradient grows by the same factor."""
+    torch.manual_seed(0)
+    model, x = nn.Linear(4, 1), torch.randn(16, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    monitor, stops = StabilityMonitor(path, MonitorConfig(on_explosion=on_explosion)), []
+    with MonitorSession(monitor, model, opt) as s:
+        for step, scale in enumerate(scales):
+            s.start_step(step, batch={"x": x})
+            loss = model(x).square().mean() * scale
+            s.after_forward(loss)
+            opt.zero_grad()
+            loss.backward()
+            if s.after_backward():
+                opt.step()
+            stops.append(s.stop_requested)
+            s.end_step()
+    events = [e for e in read_trace(path).events if e["kind"] in ("gradient_explosion", "gradient_spike")]
+    return monitor, events, stops
+
+
+def test_an_early_growth_is_a_warning_that_skips_nothing(tmp_path):
+    monitor, (event,), _ = _scaled_run(tmp_path / "run", [1.0, 200.0, 1.0], "skip")
+    assert (event["kind"], event["severity"], event["step"], event["data"]["rules"]) == (
+        "gradient_explosion", "warning", 1, ["early_growth"])
+    assert event["message"].startswith("gradient growth at step 1: total grad norm 180 (200x the previous logged")
+    assert monitor.explosion_steps == [1] and monitor.skipped_steps == []
+
+
+def test_after_the_spike_baseline_a_200x_growth_is_a_spike_not_an_early_growth(tmp_path):
+    monitor, (event,), _ = _scaled_run(tmp_path / "run", [1.0] * 6 + [200.0], "skip")
+    assert (event["kind"], event["step"]) == ("gradient_spike", 6) and monitor.explosion_steps == []
+
+
+def test_stop_asks_the_loop_to_stop_with_the_verdict(tmp_path):
+    monitor, (event,), stops = _scaled_run(tmp_path / "run", [1.0, 1e7], "stop")
+    assert event["severity"] == "error" and event["data"]["policy"] == "stop"
+    assert event["message"].endswith("; run stopped before the update (on_explosion='stop')")
+    assert stops == ["", event["message"]] and monitor.skipped_steps == [1]
