@@ -233,3 +233,25 @@ def test_stop_asks_the_loop_to_stop_with_the_verdict(tmp_path):
     assert event["severity"] == "error" and event["data"]["policy"] == "stop"
     assert event["message"].endswith("; run stopped before the update (on_explosion='stop')")
     assert stops == ["", event["message"]] and monitor.skipped_steps == [1]
+
+
+def test_no_update_rule_for_zero_weights_or_without_an_optimizer(tmp_path):
+    """A zero-initialised model has no norm to compare the update with; a session without an optimizer has no
+    update: neither is judged by the update rule (the growth rules still are)."""
+    def events(path, opt_of):
+        torch.manual_seed(0)
+        model, x = nn.Linear(4, 1), torch.randn(16, 4)
+        nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)
+        opt = opt_of(model)
+        with MonitorSession(StabilityMonitor(path), model, opt) as s:
+            s.start_step(0)
+            loss = (model(x) - 1.0).square().mean()
+            s.after_forward(loss)
+            loss.backward()
+            if s.after_backward() and opt is not None:
+                opt.step()
+            s.end_step()
+        return [e for e in read_trace(path).events if e["kind"] == "gradient_explosion"]
+
+    assert events(tmp_path / "zero", lambda m: torch.optim.SGD(m.parameters(), lr=100.0)) == []
+    assert events(tmp_path / "none", lambda m: None) == []
