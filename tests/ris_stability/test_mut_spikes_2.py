@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor
-from ris_stability.instruments.explosion import ExplosionDetector
+from ris_stability.instruments.explosion import ExplosionDetector, Growth
 from ris_stability.instruments.grads import GradMonitor
 from ris_stability.numerics.tolerances import explosion_norm_limit
 from ris_stability.records import read_trace
@@ -255,3 +255,11 @@ def test_no_update_rule_for_zero_weights_or_without_an_optimizer(tmp_path):
 
     assert events(tmp_path / "zero", lambda m: torch.optim.SGD(m.parameters(), lr=100.0)) == []
     assert events(tmp_path / "none", lambda m: None) == []
+
+
+def test_a_module_whose_gradient_was_zero_has_grown_without_bound():
+    assert Growth("dead", 0.5, 0.0).ratio == math.inf  # below 1 too: any gradient after none
+    det = ExplosionDetector(torch.float32)
+    _observe(det, 0, 1.0, modules={"dead": 0.0, "a": 1.0})
+    v = _observe(det, 1, 1e7, modules={"dead": 0.5, "a": 2.0})
+    assert [g.name for g in v.modules] == ["dead"] and v.message().endswith("grew most: module dead (0.5)")
