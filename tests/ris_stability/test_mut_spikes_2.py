@@ -263,3 +263,9 @@ def test_a_module_whose_gradient_was_zero_has_grown_without_bound():
     _observe(det, 0, 1.0, modules={"dead": 0.0, "a": 1.0})
     v = _observe(det, 1, 1e7, modules={"dead": 0.5, "a": 2.0})
     assert [g.name for g in v.modules] == ["dead"] and v.message().endswith("grew most: module dead (0.5)")
+
+
+def test_at_the_first_step_every_module_with_a_gradient_is_named_largest_first():
+    v = _observe(ExplosionDetector(torch.float32), 0, 1e20, modules={"small": 0.5, "big": 1e20, "none": 0.0})
+    assert [g.name for g in v.modules] == ["big", "small"]
+    assert v.message().endswith("largest: module big (1e+20), module small (0.5)")
