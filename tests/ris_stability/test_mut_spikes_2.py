@@ -269,3 +269,31 @@ def test_at_the_first_step_every_module_with_a_gradient_is_named_largest_first()
     v = _observe(ExplosionDetector(torch.float32), 0, 1e20, modules={"small": 0.5, "big": 1e20, "none": 0.0})
     assert [g.name for g in v.modules] == ["big", "small"]
     assert v.message().endswith("largest: module big (1e+20), module small (0.5)")
+
+
+def test_grown_modules_by_growth_and_new_ones_by_size():
+    det = ExplosionDetector(torch.float32)
+    _observe(det, 0, 1.0, modules={"a": 1.0, "b": 1000.0})
+    v = _observe(det, 1, 1e7, modules={"a": 1000.0, "b": 50000.0})
+    assert [g.name for g in v.modules] == ["a", "b"]  # x1000 before x50, though b is larger
+    det = ExplosionDetector(torch.float32)
+    _observe(det, 0, 1.0, modules={"a": 1.0})
+    v = _observe(det, 1, 1e7, modules={"a": 100.0, "new": 1000.0})
+    assert [g.name for g in v.modules] == ["new", "a"]  # a series without a previous value: all by size
+
+
+def test_a_module_exactly_at_the_range_limit_is_not_named():
+    det, limit = ExplosionDetector(torch.float32), explosion_norm_limit(torch.float32)
+    _observe(det, 0, 1e19, modules={"a": limit})
+    v = _observe(det, 1, 2e19, modules={"a": limit}, has_baseline=True)
+    assert v.rules == ("range",) and v.modules == () and "grew most" not in v.message()
+
+
+def test_direct_use_of_the_detector():
+    """Without has_baseline the detector assumes no spike baseline (early growth warns); a detector whose first
+    logged step is not 0 (a resumed run) states no comparison."""
+    det = ExplosionDetector()
+    assert det.observe(0, 1.0, {}) is None and det.observe(1, 500.0, {}).rules == ("early_growth",)
+    resumed = ExplosionDetector().observe(100, 1e20, {"a": 1e20})
+    assert resumed.message() == ("gradient explosion at step 100: total grad norm 1e+20: beyond float32's range for a "
+                                 "norm (1.84e+19: its square overflows); largest: module a (1e+20)")
