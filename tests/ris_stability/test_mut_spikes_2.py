@@ -297,3 +297,11 @@ def test_direct_use_of_the_detector():
     resumed = ExplosionDetector().observe(100, 1e20, {"a": 1e20})
     assert resumed.message() == ("gradient explosion at step 100: total grad norm 1e+20: beyond float32's range for a "
                                  "norm (1.84e+19: its square overflows); largest: module a (1e+20)")
+
+
+def test_an_explosion_message_names_at_most_four_modules_and_four_sites():
+    names = {f"m{k}": 10.0 ** (20 - k) for k in range(5)}
+    v = _observe(ExplosionDetector(torch.float32), 0, 1e20, modules=names, sites={f"s{k}": 5.0 - k for k in range(5)})
+    assert len(v.modules) == len(v.sites) == 5
+    msg = v.message()
+    assert msg.count("module ") == 4 and "m4" not in msg and msg.count("linalg site ") == 4 and "s4" not in msg
