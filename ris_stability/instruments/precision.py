@@ -124,14 +124,14 @@ def audit_precision(fn: Callable, /, *args: Any, roots: Mapping[str, nn.Module] 
                      for n, a, b in zip(names, base, ref)}
         promoted = _flat(_gradients(fn, args, kwargs, params, SitePromotion(roots, None), rng), params)
         records = list(base_mode.sites.values())
-        ref_sites = {(s.module, s.op): s for s in ref_mode.sites.values()}
+        ref_sites = {(s.module, s.op, s.location): s for s in ref_mode.sites.values()}
         site_audits = []
         for rec in records:
             only = math.nan
             if len(records) <= MAX_SITES:
                 mode = SitePromotion(roots, frozenset({rec.name}))
                 only = relative_error(_flat(_gradients(fn, args, kwargs, params, mode, rng), params), g_ref)
-            site_audits.append(_site_audit(rec, ref_sites.get((rec.module, rec.op)), only))
+            site_audits.append(_site_audit(rec, ref_sites.get((rec.module, rec.op, rec.location)), only))
     finally:
         restore_rng(rng)
         with torch.no_grad():
