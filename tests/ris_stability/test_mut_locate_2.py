@@ -1,0 +1,102 @@
+"""The cause table at its edges: the sentence and the key a user reads for the boundary cases of each rule
+(0 ** 0 is no fault, a float32 0 denominator is no underflow, eig's own rule...), and a half-precision
+division by 0 found by the locator itself. Pure calls of ``explain`` except where a run is named."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ris_stability.locate import locate_nonfinite
+from ris_stability.locate.causes import Observation, exp_overflow_threshold, explain
+from ris_stability.locate.finding import TensorSummary
+
+
+def summ(name="self", dtype="float32", lo=0.0, hi=1.0, nan=0, inf=0, zeros=0, spectral=None):
+    absmax = None if lo is None else max(abs(lo), abs(hi))
+    return TensorSummary(name, (4,), dtype, lo, hi, absmax, nan, inf, zeros, spectral or {})
+
+
+def _pow(culprit):
+    return explain(Observation("forward", "aten.pow.Tensor_Tensor", culprit=culprit))
+
+
+# --- pow ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("culprit, key", [
+    ((0.0, -2.0), "pow_zero_negative"),
+    ((0.0, 0.0), "pow_overflow"),  # 0 ** 0 is 1: not the zero-to-a-negative-power rule
+    ((0.0, 0.5), "pow_overflow"),  # 0 ** 0.5 is 0: neither rule
+    ((0.0, 2.0), "pow_overflow"),
+    ((1.0, -1.0), "pow_overflow"),  # a negative power of a non-zero base
+    ((-2.0, 0.5), "pow_negative_fractional"),
+    ((-2.0, 2.0), "pow_overflow"),  # a negative base to an integer power is real
+    ((2.0, 0.5), "pow_overflow"),  # a fractional power of a positive base is real
+    ((0.5, 0.5), "pow_overflow"),
+    (None, "pow_overflow"),  # no culprit recorded (not elementwise)
+])
+def test_pow_rules_fire_only_on_their_own_domain(culprit, key):
+    assert _pow(culprit).key == key
+
+
+def test_pow_sentences():
+    assert _pow((0.0, -1.0)).text == "0 raised to a negative power"
+    assert _pow((-1.0, 0.5)).text == "negative base raised to a fractional power (NaN)"
+    assert _pow((1e20, 3.0)).text == "overflow in pow"
+
+
+# --- exp ----------------------------------------------------------------------------------------------
+def test_exp_names_the_threshold_only_when_the_argument_range_is_known():
+    assert explain(Observation("forward", "aten.exp")).text == "overflow to inf in exp"
+    no_finite = summ(lo=None, hi=None, inf=4)  # every entry of the argument already infinite: no range
+    assert explain(Observation("forward", "aten.exp", inputs=(no_finite,))).text == "overflow to inf in exp"
+
+
+def test_exp_threshold_of_an_unknown_dtype_name_is_float32s():
+    assert exp_overflow_threshold("not_a_dtype") == pytest.approx(math.log(torch.finfo(torch.float32).max))
+
+
+# --- division -----------------------------------------------------------------------------------------
+def test_a_float32_zero_denominator_is_plain_division_by_zero():
+    obs = Observation("forward", "aten.div.Tensor", culprit=(1.0, 0.0), inputs=(summ(), summ("other")))
+    cause = explain(obs)
+    assert (cause.key, cause.text) == ("div_by_zero", "division by 0")
+
+
+@pytest.mark.parametrize("dtype, tiny, root", [("float16", "6.1e-05", "7.8e-03"), ("bfloat16", "1.2e-38", "1.1e-19")])
+def test_a_half_precision_zero_denominator_is_called_an_underflow(dtype, tiny, root):
+    obs = Observation("forward", "aten.div.Tensor", culprit=(1.0, 0.0),
+                      inputs=(summ(dtype="float32"), summ("other", dtype=dtype)))
+    cause = explain(obs)
+    assert cause.key == "div_by_zero"
+    assert cause.text == (f"division by 0 in {dtype}: the denominator is 0, most likely underflowed ({dtype} "
+                          f"flushes magnitudes below ~{tiny} toward 0; squares of values below ~{root} vanish)")
+    assert cause.remedies[0].startswith("compute norms and reductions in float32")
+    assert len(cause.remedies) == 3
+
+
+def test_the_locator_calls_an_underflowed_float16_norm_an_underflow():
+    def normalise(x):
+        return (x / (x * x).sum()).sum()  # 1e-4 squared is 1e-8: below float16's smallest subnormal
+
+    f = locate_nonfinite(normalise, torch.full((2,), 1e-4, dtype=torch.float16, requires_grad=True))
+    assert f.phase == "forward" and f.op == "aten.div.Tensor"
+    assert f.cause.startswith("division by 0 in float16: the denominator is 0, most likely underflowed")
+    assert f.culprit.endswith("-> inf") and "other=0.0" in f.culprit
+
+
+def test_division_without_full_evidence():
+    nan_out = summ("output", lo=None, hi=None, nan=1)
+    assert explain(Observation("forward", "aten.div.Tensor", output=nan_out)).text == "0/0 in division"
+    # only the numerator is unknown (not broadcastable to the output): the denominator 1e-30 says overflow
+    one_known = explain(Observation("forward", "aten.div.Tensor", culprit=(None, 1e-30), output=nan_out))
+    assert one_known.key == "div_overflow"
+    no_inputs = explain(Observation("forward", "aten.div.Tensor", culprit=(1e30, 1e-30)))
+    assert no_inputs.text == "overflow in division (|a/b| exceeds the largest float)"
+
+
+# --- input ----------------------------------------------------------------------------------------------
+def test_input_sentences_without_a_summary_or_a_path():
+    assert explain(Observation("input", location="batch")).text == (
+        "argument batch already holds NaN/Inf before the call")
+    assert explain(Observation("input")).text == "argument ? already holds NaN/Inf before the call"
