@@ -100,3 +100,65 @@ def test_input_sentences_without_a_summary_or_a_path():
     assert explain(Observation("input", location="batch")).text == (
         "argument batch already holds NaN/Inf before the call")
     assert explain(Observation("input")).text == "argument ? already holds NaN/Inf before the call"
+
+
+# --- phase error ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("message, key", [
+    ("Matrix is not positive definite", "not_positive_definite"),  # spelled without the hyphen
+    ("The eigenvectors are ill-defined for this loss", "eigenvector_phase"),  # without the e^{i phi}
+    ("failed to compute the eigenvectors", "raised"),  # eigenvectors, but nothing ill-defined
+    ("the result is ill-defined", "raised"),
+])
+def test_error_messages_are_read_by_their_words(message, key):
+    assert explain(Observation("error", "aten._linalg_eigh", message=message)).key == key
+
+
+def test_a_raised_error_names_the_op_else_the_function_and_its_first_line():
+    assert explain(Observation("error", "aten.mm", function="torch.mm", message="boom\nmore")).text == (
+        "aten.mm raised: boom")
+    assert explain(Observation("error", function="torch.linalg.eigh", message="boom")).text == (
+        "torch.linalg.eigh raised: boom")
+    assert explain(Observation("error", "aten.mm", message="  \n")).text == "aten.mm raised: (no message)"
+
+
+# --- eigh / svd backward ----------------------------------------------------------------------------------
+TIED = {"max_cluster": 3.0, "cluster_value": 0.5, "min_gap": 0.0, "amplification": math.inf}
+GAPPED = {"max_cluster": 1.0, "cluster_value": math.nan, "min_gap": 1e-6, "amplification": 1e6}
+
+
+def test_the_spectral_remedy_names_the_call_the_user_wrote():
+    obs = Observation("backward", "aten.div.Tensor", node="LinalgSvdBackward0", function="torch.svd",
+                      location="m.py:3", inputs=(summ("values", spectral=TIED),))
+    assert "torch.svd at m.py:3 then keeps its forward" in explain(obs).remedies[0]
+
+
+@pytest.mark.parametrize("output, kind", [(summ("output", inf=2), "inf"), (summ("output", nan=1, inf=1), "NaN")])
+def test_a_small_gap_names_what_the_backward_produced(output, kind):
+    obs = Observation("backward", "aten.mul.Tensor", node="LinalgEighBackward0", output=output,
+                      inputs=(summ("values", spectral=GAPPED),))
+    assert explain(obs).text.endswith(f"amplification 1.0e+06): {kind} in eigh backward")
+
+
+# --- eig backward -----------------------------------------------------------------------------------------
+def _eig(spectral=None):
+    inputs = (summ("values", dtype="complex64", spectral=spectral),) if spectral else ()
+    return explain(Observation("backward", "aten.div.Tensor", node="LinalgEigBackward0", inputs=inputs))
+
+
+def test_eig_backward_rules():
+    near = _eig({"max_cluster": 3.0, "min_gap": 2e-7, "cluster_value": 0.5})
+    assert (near.key, near.text) == ("eig_near_tie", "eigenvector gradient of a general eig through nearly tied "
+                                     "eigenvalues (cluster of 3 at |lambda| 5.0e-01, smallest |gap| 2.0e-07): the "
+                                     "eig backward divides by w_j - w_i")
+    assert near.remedies[0].startswith("if the matrix is Hermitian (e.g. a covariance), use torch.linalg.eigh")
+    gapped = _eig({"max_cluster": 1.0, "min_gap": 1e-3})
+    assert gapped.key == "eig_backward"
+    assert gapped.text.startswith("non-finite eigenvector gradient in eig backward (smallest |gap| 1.0e-03): it ")
+    assert _eig().text.startswith("non-finite eigenvector gradient in eig backward: it divides")
+
+
+def test_eig_reads_the_summary_that_holds_the_spectrum():
+    first = TensorSummary("self", (3, 3), "complex64", spectral={"log10_cond": 2.0})  # matrix stats, no cluster
+    values = summ("values", spectral={"max_cluster": 2.0, "min_gap": 0.0, "cluster_value": 1.0})
+    cause = explain(Observation("backward", "aten.div.Tensor", node="LinalgEigBackward0", inputs=(first, values)))
+    assert cause.key == "eig_exact_tie" and "cluster of 2" in cause.text

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ris_stability.locate import locate_nonfinite
+from ris_stability.locate.masks import row_culprit
 
 
 def test_an_op_raising_after_a_linalg_op_is_blamed_itself():
@@ -51,3 +52,56 @@ def test_a_nan_that_left_the_taint_map_is_blamed_on_the_runs_first_origin():
 
     f = locate_nonfinite(fn, torch.ones(4, requires_grad=True))
     assert (f.phase, f.op) == ("forward", "aten.log") and "later raised" in f.message
+
+
+def test_row_culprit_needs_the_row_dimension():
+    bad = torch.full((2, 3), math.nan)
+    assert row_culprit("_softmax", (torch.zeros(2, 3),), bad) == (None, "")  # no dim: no row to show
+    assert row_culprit("relu", (torch.zeros(2, 3), 1), bad) == (None, "")  # not a row op
+
+
+def test_eig_through_a_tie_reports_the_spectrum_of_its_forward():
+    d = nn.Parameter(torch.tensor([1.0, 1.0, 2.0]))
+
+    def fn():
+        w, v = torch.linalg.eig(torch.diag(d))
+        return (v.abs() ** 2)[0].sum() + w.real.sum()
+
+    f = locate_nonfinite(fn)
+    assert (f.phase, f.node) == ("backward", "LinalgEigBackward0")
+    assert f.cause == ("eigenvector gradient of a general eig through exactly tied eigenvalues (cluster of 2 at "
+                       "|lambda| 1.0e+00, smallest |gap| 0.0e+00): the eig backward divides by w_j - w_i")
+    values = f.inputs[-1]
+    assert values.name == "eig values of the forward torch.linalg.eig"
+    assert values.spectral == {"min_gap": 0.0, "amplification": math.inf, "max_cluster": 2.0, "cluster_value": 1.0,
+                               "lambda_max": 2.0, "n": 3.0}
+
+
+def test_ops_that_are_neither_elementwise_nor_row_ops_show_no_culprit():
+    f = locate_nonfinite(lambda x: torch.mm(x, x).sum(), torch.full((2, 2), 1e30, requires_grad=True))
+    assert (f.op, f.cause, f.culprit) == ("aten.mm", "overflow to inf in mm", "")
+    # a row op that overflowed to -inf without any NaN: no row is to blame either
+    f = locate_nonfinite(lambda x: torch.log_softmax(x, -1).sum(), torch.tensor([3e38, -3e38], requires_grad=True))
+    assert (f.op, f.culprit) == ("aten._log_softmax", "")
+    assert f.cause == "non-finite output (inf) of aten._log_softmax from finite inputs"
+
+
+_INF = math.inf
+
+
+def test_row_culprit_finds_the_row_along_the_dimension_it_is_given():
+    x = torch.tensor([[0.0, -_INF, -_INF], [-_INF, -_INF, -_INF]])
+    bad = torch.softmax(x, 1)
+    expected = ((-_INF, -_INF, 3, 3), "row (1, :) of the input: all 3 entries are -inf -> NaN")
+    for dim in (1, -1, [1]):
+        assert row_culprit("_softmax", (x, dim, False), bad) == expected
+    assert row_culprit("_softmax", (x, 1), bad) == expected  # the dim is all it needs
+    assert row_culprit("_softmax", (x, (0, 1), False), bad) == (None, "")  # several dims: no single row
+    assert row_culprit("_softmax", (x, 1, False), bad[:1]) == (None, "")  # output of another shape
+    assert row_culprit("_softmax", (), bad) == (None, "")
+
+
+def test_row_culprit_describes_the_first_nan_row():
+    x = torch.tensor([[-_INF, -_INF], [-_INF, -_INF], [-_INF, _INF]])  # both columns make NaN along dim 0
+    assert row_culprit("_softmax", (x, 0, False), torch.softmax(x, 0))[1] == (
+        "row (:, 0) of the input: all 3 entries are -inf -> NaN")
