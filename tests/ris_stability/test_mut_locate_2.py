@@ -162,3 +162,35 @@ def test_eig_reads_the_summary_that_holds_the_spectrum():
     values = summ("values", spectral={"max_cluster": 2.0, "min_gap": 0.0, "cluster_value": 1.0})
     cause = explain(Observation("backward", "aten.div.Tensor", node="LinalgEigBackward0", inputs=(first, values)))
     assert cause.key == "eig_exact_tie" and "cluster of 2" in cause.text
+
+
+# --- a mask's infinities turned into NaN (the observation carries the mask as context) -------------------
+def _masked(op, culprit=None):
+    return explain(Observation("forward", op, culprit=culprit, context="the mask values (-inf) were written ..."))
+
+
+@pytest.mark.parametrize("op, words", [("aten._softmax", "softmax"), ("aten._log_softmax", "log softmax")])
+def test_softmax_of_a_masked_row(op, words):
+    full = _masked(op, (-math.inf, -math.inf, 3, 3))
+    assert (full.key, full.text) == ("masked_row_softmax", f"{words} over a row that is entirely -inf: every key is "
+                                     "masked (3 of 3 entries -inf, exp(-inf - -inf) = NaN)")
+    hot = _masked(op, (math.inf, -math.inf, 2, 4))
+    assert (hot.key, hot.text) == ("masked_softmax_inf", f"{words} over a row holding +inf (inf - inf = NaN)")
+
+
+@pytest.mark.parametrize("op, name", [("aten.add.Tensor", "add"), ("aten.sub.Tensor", "sub"), ("aten.rsub.Scalar", "rsub")])
+def test_masked_values_cancelling(op, name):
+    cause = _masked(op, (math.inf, -math.inf))
+    assert (cause.key, cause.text) == ("inf_minus_inf", f"inf - inf in {name}: two masked (infinite) values cancel "
+                                       "to NaN")
+    assert cause.remedies[0].startswith("mask with a large finite negative")
+
+
+def test_other_ops_on_a_mask_have_the_generic_mask_sentence():
+    cause = _masked("aten.addcmul", (1.0, 0.0, math.inf, 1.0))  # four inputs, but not a row of a softmax
+    assert (cause.key, cause.text) == ("mask_to_nan", "addcmul turned the infinite values of a mask into NaN")
+
+
+def test_norm_backward_sentence():
+    cause = explain(Observation("backward", "aten.div.Tensor", node="LinalgVectorNormBackward0"))
+    assert cause.text == "norm backward at the zero vector (0/0)"
