@@ -183,12 +183,21 @@ def test_masked_values_cancelling(op, name):
     cause = _masked(op, (math.inf, -math.inf))
     assert (cause.key, cause.text) == ("inf_minus_inf", f"inf - inf in {name}: two masked (infinite) values cancel "
                                        "to NaN")
-    assert cause.remedies[0].startswith("mask with a large finite negative")
+    assert cause.remedies[0].startswith("mask with a large finite negative") and len(cause.remedies) == 2
+
+
+@pytest.mark.parametrize("name", ["mul", "matmul", "mm", "bmm", "addmm", "baddbmm", "linear", "einsum"])
+def test_masked_values_times_zero(name):
+    cause = _masked(f"aten.{name}.default", (0.0, math.inf))
+    assert (cause.key, cause.text) == ("zero_times_inf", f"0 * inf in {name}: a masked (infinite) value multiplied "
+                                       "by 0 gives NaN")
+    assert cause.remedies[0].startswith("mask with a large finite negative") and len(cause.remedies) == 2
 
 
 def test_other_ops_on_a_mask_have_the_generic_mask_sentence():
     cause = _masked("aten.addcmul", (1.0, 0.0, math.inf, 1.0))  # four inputs, but not a row of a softmax
     assert (cause.key, cause.text) == ("mask_to_nan", "addcmul turned the infinite values of a mask into NaN")
+    assert cause.remedies[0].startswith("mask with a large finite negative") and len(cause.remedies) == 2
 
 
 def test_norm_backward_sentence():
