@@ -105,3 +105,39 @@ def test_row_culprit_describes_the_first_nan_row():
     x = torch.tensor([[-_INF, -_INF], [-_INF, -_INF], [-_INF, _INF]])  # both columns make NaN along dim 0
     assert row_culprit("_softmax", (x, 0, False), torch.softmax(x, 0))[1] == (
         "row (:, 0) of the input: all 3 entries are -inf -> NaN")
+
+
+def test_an_in_place_op_is_the_origin_and_shows_the_values_it_destroyed():
+    def fn(x):
+        y = x * 1.0
+        y.log_()  # the input before the op: -1.0; after it: NaN
+        return y.sum()
+
+    f = locate_nonfinite(fn, torch.tensor([-1.0, 2.0], requires_grad=True))
+    assert (f.phase, f.op) == ("forward", "aten.log_")
+    assert (f.inputs[0].name, f.inputs[0].min, f.inputs[0].nan) == ("self", -1.0, 0)
+    assert f.culprit == "at index (0,): self=-1.0 -> nan"
+    assert f.cause == "log of a number below 0 (NaN)"
+
+
+def test_huge_finite_values_whose_sum_overflows_are_not_an_origin():
+    assert locate_nonfinite(lambda x: (x * 1.0).amax(), torch.tensor([3e38, 3e38], requires_grad=True)) is None
+    z = torch.tensor([3e38 + 0j, 3e38 + 0j], requires_grad=True)
+    assert locate_nonfinite(lambda z: (z * 1.0).abs().amax(), z) is None
+
+
+def test_a_backward_raise_names_the_forward_op_and_function_of_its_node():
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, dtype=torch.complex64)
+    a = (x + x.mH).requires_grad_(True)
+    f = locate_nonfinite(lambda a: torch.linalg.eigh(a)[1][..., -1].real.sum(), a)
+    assert (f.phase, f.node, f.function) == ("error", "LinalgEighBackward0", "torch.linalg.eigh")
+    assert f.op == "aten._linalg_eigh"
+    assert f.inputs[0].name == "eigh values of the forward torch.linalg.eigh" and f.inputs[0].spectral["n"] == 4
+
+
+def test_the_forward_function_is_named_with_the_op():
+    f = locate_nonfinite(lambda x: torch.sqrt(x).sum(), torch.tensor([-1.0], requires_grad=True))
+    assert (f.op, f.function, f.cause) == ("aten.sqrt", "torch.sqrt", "sqrt of a negative number (NaN)")
+    g = locate_nonfinite(lambda x: (x.sqrt() * 2).sum(), torch.tensor([-1.0], requires_grad=True))
+    assert (g.op, g.function) == ("aten.sqrt", "torch.Tensor.sqrt")
