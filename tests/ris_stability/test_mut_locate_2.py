@@ -203,3 +203,13 @@ def test_other_ops_on_a_mask_have_the_generic_mask_sentence():
 def test_norm_backward_sentence():
     cause = explain(Observation("backward", "aten.div.Tensor", node="LinalgVectorNormBackward0"))
     assert cause.text == "norm backward at the zero vector (0/0)"
+
+
+# --- log ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("culprit, zeros, key", [
+    ((-1.0,), 1, "log_negative"),  # the culprit value decides, whatever zeros the input holds elsewhere
+    (None, 1, "log_zero"),  # no culprit: one zero in the argument is enough
+    (None, 0, "log_negative"),
+])
+def test_log_of_zero_or_of_a_negative(culprit, zeros, key):
+    assert explain(Observation("forward", "aten.log", culprit=culprit, inputs=(summ(lo=-1.0, zeros=zeros),))).key == key

@@ -141,3 +141,13 @@ def test_the_forward_function_is_named_with_the_op():
     assert (f.op, f.function, f.cause) == ("aten.sqrt", "torch.sqrt", "sqrt of a negative number (NaN)")
     g = locate_nonfinite(lambda x: (x.sqrt() * 2).sum(), torch.tensor([-1.0], requires_grad=True))
     assert (g.op, g.function) == ("aten.sqrt", "torch.Tensor.sqrt")
+
+
+def test_describe_names_only_the_parts_of_the_place_it_knows():
+    from ris_stability.locate.masks import describe
+
+    by = "the mask values (-inf) were written on purpose by aten.fill_"
+    assert describe("aten.fill_", "", "", "", False) == by
+    assert describe("aten.fill_", "torch.full", "", "", False) == by + " (torch.full)"
+    assert describe("aten.fill_", "", "m.py:3", "", False) == by + " at m.py:3"
+    assert describe("aten.fill_", "", "", "enc.attn", False) == by + " in enc.attn"

@@ -147,3 +147,16 @@ def test_a_loss_that_is_not_a_scalar_tensor_is_refused_with_the_fix():
     assert str(wrong_shape.value) == ("locate_nonfinite: fn returned a tensor of shape (2, 3), expected a scalar "
                                       "loss; reduce it (e.g. .sum() or .mean()) inside fn")
     assert locate_nonfinite(lambda x: x.sum().reshape(1, 1), torch.ones(2, requires_grad=True)) is None
+
+
+def test_modules_in_the_closure_after_an_unassigned_cell_are_still_roots():
+    head = Head()
+    with torch.no_grad():
+        head.lin.weight[0, 0] = NAN
+
+    def fn(x):
+        return head(x) if x is not None else a_late  # noqa: F821
+
+    f = locate_nonfinite(fn, torch.ones(1, 2))
+    assert (f.location, f.module) == ("head.lin.weight", "head.lin")
+    a_late = None  # noqa: F841  (assigned after the call: an empty cell of fn's closure, before 'head')
