@@ -213,3 +213,12 @@ def test_norm_backward_sentence():
 ])
 def test_log_of_zero_or_of_a_negative(culprit, zeros, key):
     assert explain(Observation("forward", "aten.log", culprit=culprit, inputs=(summ(lo=-1.0, zeros=zeros),))).key == key
+
+
+def test_a_mask_that_reached_the_loss():
+    cause = explain(Observation("forward", "aten.masked_fill.Scalar", intentional=True))
+    assert (cause.key, cause.text) == ("mask_reached_loss", "the -inf written on purpose by aten.masked_fill.Scalar "
+                                       "reached the loss or the gradients unchanged (e.g. a max / logsumexp over a "
+                                       "fully masked row)")
+    assert explain(Observation("forward", intentional=True)).text.startswith(
+        "the -inf written on purpose by a mask reached")

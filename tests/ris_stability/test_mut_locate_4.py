@@ -151,3 +151,12 @@ def test_describe_names_only_the_parts_of_the_place_it_knows():
     assert describe("aten.fill_", "torch.full", "", "", False) == by + " (torch.full)"
     assert describe("aten.fill_", "", "m.py:3", "", False) == by + " at m.py:3"
     assert describe("aten.fill_", "", "", "enc.attn", False) == by + " in enc.attn"
+
+
+_OUTSIDE = torch.tensor([1.0, math.nan, 2.0, 3.0])  # no op of the run made it
+
+
+def test_a_slice_of_an_outside_nan_is_not_blamed_the_op_using_it_is():
+    f = locate_nonfinite(lambda x: torch.add(x, _OUTSIDE[1:]).sum(), torch.ones(3, requires_grad=True))
+    assert (f.phase, f.op) == ("input", "aten.add.Tensor")
+    assert f.cause.endswith("already held 1 NaN and 0 Inf when aten.add.Tensor used it")
