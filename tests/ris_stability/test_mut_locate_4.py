@@ -160,3 +160,11 @@ def test_a_slice_of_an_outside_nan_is_not_blamed_the_op_using_it_is():
     f = locate_nonfinite(lambda x: torch.add(x, _OUTSIDE[1:]).sum(), torch.ones(3, requires_grad=True))
     assert (f.phase, f.op) == ("input", "aten.add.Tensor")
     assert f.cause.endswith("already held 1 NaN and 0 Inf when aten.add.Tensor used it")
+
+
+def test_xlogy_is_judged_by_the_argument_of_its_log():
+    """xlogy(x, y) = x * log(y): log(0) there is -inf, not the NaN of a negative argument (a bug: x was read)."""
+    f = locate_nonfinite(lambda y: torch.xlogy(torch.ones(2), y).sum(), torch.tensor([0.0, 1.0], requires_grad=True))
+    assert (f.op, f.cause) == ("aten.xlogy.Tensor", "xlogy of 0")
+    g = locate_nonfinite(lambda y: torch.xlogy(torch.ones(2), y).sum(), torch.tensor([-1.0, 1.0], requires_grad=True))
+    assert g.cause == "xlogy of a number below 0 (NaN)"
