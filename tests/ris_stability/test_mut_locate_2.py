@@ -222,3 +222,25 @@ def test_a_mask_that_reached_the_loss():
                                        "fully masked row)")
     assert explain(Observation("forward", intentional=True)).text.startswith(
         "the -inf written on purpose by a mask reached")
+
+
+# --- every op the table names, by its sentence ----------------------------------------------------------
+@pytest.mark.parametrize("op, culprit, key, text", [
+    ("aten.log2", (-1.0,), "log_negative", "log2 of a number below 0 (NaN)"),
+    ("aten.log10", (0.0,), "log_zero", "log10 of 0"),
+    ("aten.xlogy.Tensor", (1.0, -2.0), "log_negative", "xlogy of a number below 0 (NaN)"),
+    ("aten.true_divide.Tensor", (1.0, 0.0), "div_by_zero", "division by 0"),
+    ("aten.reciprocal", (0.0,), "div_by_zero", "reciprocal of 0"),
+    ("aten.exp2", None, "exp_overflow", "overflow to inf in exp2"),
+    ("aten.expm1", None, "exp_overflow", "overflow to inf in expm1"),
+    ("aten.sinh", None, "exp_overflow", "overflow to inf in sinh"),
+    ("aten.cosh", None, "exp_overflow", "overflow to inf in cosh"),
+    ("aten.sqrt", (-1.0,), "sqrt_negative", "sqrt of a negative number (NaN)"),
+    ("aten.rsqrt", (0.0,), "rsqrt_zero", "rsqrt of 0 or of a negative number"),
+    ("aten.asin", (2.0,), "domain", "asin of a value outside its domain (NaN)"),
+    ("aten.atanh", (2.0,), "domain", "atanh of a value outside its domain (NaN)"),
+    ("aten.acosh", (0.0,), "domain", "acosh of a value outside its domain (NaN)"),
+])
+def test_each_named_op_has_its_sentence(op, culprit, key, text):
+    cause = explain(Observation("forward", op, culprit=culprit))
+    assert (cause.key, cause.text) == (key, text) and cause.remedies
