@@ -227,9 +227,11 @@ def _backward_cause(obs: Observation) -> Cause | None:
 
 # --- forward ops (and the fallback for backward nodes without a rule) --------------------------------
 def _log_cause(obs: Observation, name: str) -> Cause:
-    x = obs.culprit[0] if obs.culprit else None
+    arg = 1 if name == "xlogy" else 0  # xlogy(x, y) = x * log(y): the log's argument is y
+    x = obs.culprit[arg] if obs.culprit and len(obs.culprit) > arg else None
     edge = -1.0 if name == "log1p" else 0.0
-    zero = _is(x, lambda v: v == edge) or (x is None and obs.inputs and obs.inputs[0].zeros > 0 and edge == 0)
+    zero = _is(x, lambda v: v == edge) or (x is None and len(obs.inputs) > arg and obs.inputs[arg].zeros > 0
+                                           and edge == 0)
     if zero:
         return Cause("log_zero", f"{name} of {edge:g}", (CLAMP_LOG, MASK_BEFORE))
     return Cause("log_negative", f"{name} of a number below {edge:g} (NaN)", (CLAMP_LOG, MASK_BEFORE))
