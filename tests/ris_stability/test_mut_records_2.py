@@ -105,6 +105,7 @@ def test_a_file_closed_on_a_dead_disk_still_has_its_lines_pending(tmp_path, monk
     f = AppendFile(tmp_path / "x.jsonl", on_error=lambda _: None)
     f.write("lost")
     f.close()
+    state["fail"] = False  # the disk is back, but the file is closed: nothing more is written
     assert f.retry() is False and f.losses()["lines_unwritten"] == 1
     assert (tmp_path / "x.jsonl").read_text() == ""
 
@@ -199,20 +200,21 @@ def test_a_folder_without_events_reads_with_none(tmp_path) -> None:
 
 def test_refusals_say_what_to_do(tmp_path) -> None:
     run = _run(tmp_path, [])
-    with pytest.raises(TraceError, match=re.escape("logged step). Check events.jsonl for the cause and re-run.")):
+    with pytest.raises(TraceError, match=re.escape("logged step). Check events.jsonl for the cause and re-run.") + "$"):
         read_trace(run)
     (run / "steps.jsonl").unlink()
     with pytest.raises(TraceError,
-                       match=re.escape("The run stopped before writing any step; check events.jsonl and re-run.")):
+                       match=re.escape("The run stopped before writing any step; check events.jsonl and re-run.") + "$"):
         read_trace(run)
     (run / "steps.jsonl").mkdir()  # not a file: unreadable
     with pytest.raises(TraceError, match=r"cannot read .*steps\.jsonl"):
         read_trace(run)
     (run / "meta.json").write_text(json.dumps({"schema": "risdiag-trace", "version": 9}))
-    with pytest.raises(TraceError, match=re.escape("or read it with the ris-diag release that wrote it.")):
+    with pytest.raises(TraceError, match=re.escape("or read it with the ris-diag release that wrote it.") + "$"):
         read_trace(run)
     (run / "meta.json").unlink()
-    with pytest.raises(TraceError, match=re.escape("`risdiag trace --out DIR` (it holds meta.json and steps.jsonl).")):
+    with pytest.raises(TraceError,
+                       match=re.escape("`risdiag trace --out DIR` (it holds meta.json and steps.jsonl).") + "$"):
         read_trace(run)
 
 

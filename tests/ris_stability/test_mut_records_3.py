@@ -30,7 +30,7 @@ def test_the_run_folder_may_be_nested_or_already_there_but_not_hold_a_run(tmp_pa
     (tmp_path / "empty").mkdir()
     with TraceWriter(tmp_path / "empty", META) as w:  # an existing empty folder is used
         w.step({"step": 0})
-    with pytest.raises(TraceError, match=re.escape("Choose another output folder or delete the old run.")):
+    with pytest.raises(TraceError, match=re.escape("Choose another output folder or delete the old run.") + "$"):
         TraceWriter(tmp_path / "empty", META)
 
 
@@ -69,7 +69,7 @@ def test_refusals_name_the_value_and_say_what_to_pass(tmp_path: Path) -> None:
         with pytest.raises(TypeError, match=re.escape("trace value 'pair[1]' has type object")):
             w.step({"step": 0, "pair": [1, object()]})
         with pytest.raises(TypeError, match=re.escape(
-                "pass a Python number, bool, str, None, list or dict (call .item() on 0-d tensors)")):
+                "pass a Python number, bool, str, None, list or dict (call .item() on 0-d tensors)") + "$"):
             w.step({"step": 0, "x": object()})
         with pytest.raises(TypeError, match=re.escape("trace value 'summary.json.x'")):
             w.summary({"x": object()})
