@@ -53,6 +53,7 @@ def test_under_observe_the_steps_after_an_explosion_run_under_the_locator(tmp_pa
     assert step == 3 and finding.phase == "forward" and finding.op.startswith("aten.pow")
     event = next(e for e in read_trace(tmp_path / "run").events if e["kind"] == "finding")
     assert event["step"] == 3 and event["message"].startswith("finding (step 3, after a gradient explosion)")
+    assert f": phase forward, {finding.op} at {finding.location}: {finding.cause}" in event["message"]
     assert "at the update of step 2" in event["message"]
 
 
@@ -83,7 +84,9 @@ def _aimed(tmp_path: Path, name: str, bad_from: int, attempts: int | None) -> li
             opt.zero_grad()
             loss.backward()
             opt.step()
-    assert all(f.op.startswith("aten.log") for _, f in w.findings)
+    assert all(f.op.startswith("aten.log") and f.module == "model" for _, f in w.findings)
+    for (step, f), event in zip(w.findings, [e for e in read_trace(tmp_path / name).events if e["kind"] == "finding"]):
+        assert event["step"] == step and f"{f.node or f.op} in model at {f.location}: {f.cause}" in event["message"]
     return [s for s, _ in w.findings]
 
 
