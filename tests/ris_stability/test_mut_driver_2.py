@@ -87,6 +87,8 @@ def _aimed(tmp_path: Path, name: str, bad_from: int, attempts: int | None) -> li
     assert all(f.op.startswith("aten.log") and f.module == "model" for _, f in w.findings)
     for (step, f), event in zip(w.findings, [e for e in read_trace(tmp_path / name).events if e["kind"] == "finding"]):
         assert event["step"] == step and f"{f.node or f.op} in model at {f.location}: {f.cause}" in event["message"]
+        if attempts is None:  # found after the fault: the message names the first bad step
+            assert event["message"].startswith(f"finding (step {step}, first non-finite step {bad_from}): phase ")
     return [s for s, _ in w.findings]
 
 
