@@ -42,7 +42,10 @@ from tests.ris_stability.host_reads import counting  # noqa: E402  (the test's o
 
 from ris_stability import watch  # noqa: E402
 from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor  # noqa: E402
+from ris_stability.attach.callbacks import LoopCallbacks  # noqa: E402
 from ris_stability.attach.driver import StepDriver  # noqa: E402
+from ris_stability.attach.finish import finish_run  # noqa: E402
+from ris_stability.attach.watch import Watcher  # noqa: E402
 from ris_stability.instruments.probe import SpectralProbe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,10 +176,15 @@ def run_config(config: str, mode: str, steps: int, warmup: int, tmp: Path, overr
     clock = StepClock(warmup)
     callbacks: list = [clock]
     every = {"every=1": 1, "every=10": 10}.get(mode)
-    if every:
-        callbacks.append(StabilityMonitor(tmp / f"run-{time.monotonic_ns()}", MonitorConfig(every=every)))
+    w = None
+    if every:  # as `risdiag trace --config` attaches: the pipeline's callbacks feed the watcher's step driver
+        w = Watcher(tmp / f"run-{time.monotonic_ns()}", config=MonitorConfig(every=every), hooks=False,
+                    locate=False).start()
+        callbacks.append(LoopCallbacks(w.driver))
     with torch.autograd.detect_anomaly(check_nan=True) if mode == "anomaly" else contextlib.nullcontext():
         train(cfg, callbacks=callbacks)
+    if w is not None:
+        finish_run(w, report=False)
     return clock.mean_step()
 
 
