@@ -19,6 +19,16 @@ from ris_stability.attach.callbacks import LoopCallbacks
 from ris_stability.attach.loop_parts import _lr, batch_state, model_of, optimizer_params
 
 
+def through_backward(cbs, ctx, opt, loss) -> None:
+    """A loop with callbacks of its own, from its forward to just before its step: the calls the pipeline's
+    train() makes."""
+    cbs.on_after_forward(ctx)
+    opt.zero_grad()
+    loss.backward()
+    ctx.grads_finite = None
+    cbs.on_after_backward(ctx)
+    cbs.on_before_optimizer_step(ctx)
+
 def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
 
@@ -108,12 +118,7 @@ def test_loop_callbacks_ask_the_loop_to_skip_or_stop_a_bad_step(tmp_path: Path, 
         cbs.on_step_start(ctx)
         loss = model(ctx.batch["x"]).sum() * (torch.tensor(math.nan) if step == 1 else 1.0)
         ctx.loss, ctx.terms = loss, None
-        cbs.on_after_forward(ctx)
-        opt.zero_grad()
-        loss.backward()
-        ctx.grads_finite = None
-        cbs.on_after_backward(ctx)
-        cbs.on_before_optimizer_step(ctx)
+        through_backward(cbs, ctx, opt, loss)
         if not ctx.skip_requested:
             opt.step()
         ctx.skipped, ctx.skip_reason = bool(ctx.skip_requested), ctx.skip_requested

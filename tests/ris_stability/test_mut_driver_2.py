@@ -18,6 +18,7 @@ from ris_stability.attach.callbacks import LoopCallbacks
 from ris_stability.attach.finish import finish_run
 from ris_stability.records import read_trace
 from ris_stability.records.capsule import Capsule
+from tests.ris_stability.test_mut_driver import through_backward
 
 
 def _quartic(tmp_path: Path, **settings):
@@ -147,12 +148,7 @@ def _callback_run(tmp_path: Path, name: str, with_loss: bool):
         out = model(x)
         loss = (loss_fn(out) if loss_fn is not None else out.sum()) * (math.nan if step == 12 else 1.0)
         ctx.loss, ctx.terms = loss, {"main": loss}
-        cbs.on_after_forward(ctx)
-        opt.zero_grad()
-        loss.backward()
-        ctx.grads_finite = None
-        cbs.on_after_backward(ctx)
-        cbs.on_before_optimizer_step(ctx)
+        through_backward(cbs, ctx, opt, loss)
         own = step == 11
         if not ctx.skip_requested and not own:
             opt.step()

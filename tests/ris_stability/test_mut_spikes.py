@@ -229,6 +229,7 @@ def _linear_and_grads():
 
 
 def _explosion_events(path, make_opt):
+    """One monitored step; ``make_opt(model)`` gives one optimizer or a list of them (all step)."""
     model, x, _ = _linear_and_grads()
     opt = make_opt(model)
     with MonitorSession(StabilityMonitor(path, MonitorConfig(policy="observe")), model, opt) as s:
@@ -237,7 +238,8 @@ def _explosion_events(path, make_opt):
         s.after_forward(loss)
         loss.backward()
         if s.after_backward():
-            opt.step()
+            for one in opt if isinstance(opt, list) else [opt]:
+                one.step()
         s.end_step()
     return [e for e in read_trace(path).events if e["kind"] == "gradient_explosion"]
 

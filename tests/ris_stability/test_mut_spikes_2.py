@@ -14,7 +14,7 @@ from ris_stability.instruments.grads import GradMonitor
 from ris_stability.numerics.tolerances import explosion_norm_limit
 from ris_stability.records import read_trace
 
-from tests.ris_stability.test_mut_spikes import _linear_and_grads, _observe
+from tests.ris_stability.test_mut_spikes import _explosion_events, _linear_and_grads, _observe
 
 
 def _run(path, model, opt, x, steps: int, loss_fn, config: MonitorConfig | None = None, crash_at: int | None = None):
@@ -137,32 +137,17 @@ def test_explosion_data_in_full():
 
 
 # -- the SGD update rule through the monitor (monitor/explosions.py) -------------------------------------------------
-def _update_events(path, make_opts) -> list[dict]:
-    model, x, _ = _linear_and_grads()
-    opts = make_opts(model)
-    with MonitorSession(StabilityMonitor(path, MonitorConfig(policy="observe")), model, opts) as s:
-        s.start_step(0)
-        loss = model(x).square().mean()
-        s.after_forward(loss)
-        loss.backward()
-        if s.after_backward():
-            for opt in opts:
-                opt.step()
-        s.end_step()
-    return [e for e in read_trace(path).events if e["kind"] == "gradient_explosion"]
-
-
 def test_the_sgd_update_rule_over_several_optimizers_and_tensor_learning_rates(tmp_path):
     model, _, (gw, gb) = _linear_and_grads()
     weight = math.sqrt(sum(float(p.detach().square().sum()) for p in model.parameters()))
     expected = math.sqrt((50.0 * float(gw.norm())) ** 2 + (5.0 * float(gb.norm())) ** 2) / weight
-    (two,) = _update_events(tmp_path / "two", lambda m: [torch.optim.SGD([m.weight], lr=50.0),
+    (two,) = _explosion_events(tmp_path / "two", lambda m: [torch.optim.SGD([m.weight], lr=50.0),
                                                            torch.optim.SGD([m.bias], lr=5.0)])
     assert two["data"]["rules"] == ["update"] and two["data"]["update_ratio"] == pytest.approx(expected, rel=1e-5)
-    (tensor,) = _update_events(tmp_path / "tensor", lambda m: [torch.optim.SGD(m.parameters(), lr=torch.tensor(50.0))])
+    (tensor,) = _explosion_events(tmp_path / "tensor", lambda m: [torch.optim.SGD(m.parameters(), lr=torch.tensor(50.0))])
     assert tensor["data"]["update_ratio"] == pytest.approx(50.0 * math.hypot(gw.norm(), gb.norm()) / weight, rel=1e-5)
     # an adaptive optimizer beside SGD: the update is not lr * g, the rule says nothing
-    assert _update_events(tmp_path / "mixed", lambda m: [torch.optim.SGD([m.weight], lr=50.0),
+    assert _explosion_events(tmp_path / "mixed", lambda m: [torch.optim.SGD([m.weight], lr=50.0),
                                                          torch.optim.Adam([m.bias], lr=50.0)]) == []
 
 
