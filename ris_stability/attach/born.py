@@ -37,7 +37,7 @@ class BornCheck:
 
     def reset(self) -> None:
         self._copies: dict[int, Tensor] | None = None  # eager: id(param) -> gradient as born, when non-finite
-        self._ok: Tensor | None = None  # device flag of the step's backward calls
+        self._screen: Tensor | None = None  # device value of the step's backward calls, finite when their gradients were
         self._refs: list[tuple[Tensor, Tensor, int]] = []  # (param, grad, version) after the last backward
         self._peaks: Tensor | None = None
         self._first_copy = None if self._learned else self._first_copy
@@ -51,8 +51,8 @@ class BornCheck:
             self._copies = {id(p): g.detach().clone() for p, g in grads}  # the first bad backward of the step
         if not self._learned:
             self._first_copy = {id(p): g.detach().clone() for p, g in grads}
-        ok = peaks.isfinite().all()
-        self._ok = ok if self._ok is None else self._ok & ok
+        total = peaks.sum()  # non-finite when one gradient is (or the sum overflows: confirmed on peaks)
+        self._screen = total if self._screen is None else self._screen + total
         self._refs, self._peaks = [(p, g, g._version) for p, g in grads], peaks
 
     def into(self, c: LoopContext) -> None:
@@ -60,8 +60,16 @@ class BornCheck:
         if self._copies is not None:  # non-finite at backward, whatever the script did to them since
             c.born_grads = {n: self._copies[id(p)] for n, p in c.model.named_parameters() if id(p) in self._copies}
             c.grads_finite = False
-        elif self._ok is not None:
-            c.born_ok, c.born_grads_fn = self._ok, lambda: self._born_grads(c.model)
+        elif self._screen is not None:
+            c.born_screen, c.born_grads_fn = self._screen, lambda: self._born_grads(c.model)
+            c.born_covers = self._covers(c.params())
+
+    def _covers(self, params: list[Tensor]) -> bool:
+        """The last backward's screen covered every gradient of ``params`` as it is now (none replaced, none
+        rewritten in place since, none added): the step's verdict needs no second screen."""
+        if any(p.grad is not g or g._version != v for p, g, v in self._refs):
+            return False
+        return sum(p.grad is not None for p in params) == len(self._refs)
 
     def learn(self, bad: bool) -> None:
         """After a checked step (``bad``: it was non-finite): whether the script rewrites its gradients in place

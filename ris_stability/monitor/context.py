@@ -14,6 +14,9 @@ from typing import Any
 import torch
 
 
+PARAMS_REFRESH = 32  # steps between two listings of the model's parameters (a parameter added later is seen then)
+
+
 class NonFiniteError(RuntimeError):
     """The run was ended by the ``stop`` policy after a non-finite step (raised at the step's end)."""
 
@@ -38,7 +41,8 @@ class LoopContext:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     grads_finite: bool | None = None
     born_grads: dict[str, torch.Tensor] | None = None  # copies of non-finite gradients as backward made them
-    born_ok: torch.Tensor | None = None  # device flag: every gradient was finite as backward made it (not read)
+    born_screen: torch.Tensor | None = None  # device value, finite when every gradient was as backward made it (not read)
+    born_covers: bool = False  # the check at backward saw the step's gradients as they are now: no second screen
     born_grads_fn: Any = None  # () -> (names of non-finite, copies or None) as backward made them; bad steps only
     born_names: list[str] | None = None  # the gradients non-finite as backward made them (a bad step)
     skipped: bool = False
@@ -46,14 +50,26 @@ class LoopContext:
     skip_requested: str = ""
     stop_requested: str = ""
     locating: bool = False  # the step runs under the locator (armed after a fault): no matrix sampling
+    _params: list[torch.Tensor] | None = field(default=None, repr=False)
+    _begun: int = field(default=0, repr=False)
 
     def begin(self, step: int, batch: Any = None, lr: float = math.nan, signal_dims: Any = None,
               locating: bool = False) -> None:
         """Reset the per-step fields for ``step`` (the one place a step's context is cleared)."""
         self.step, self.batch, self.lr, self.signal_dims, self.locating = step, batch, lr, signal_dims, locating
         self.loss, self.terms, self.grads_finite, self.micro_batches = None, {}, None, 0
-        self.born_grads, self.born_ok, self.born_grads_fn, self.born_names = None, None, None, None
-        self.skipped, self.skip_reason, self.skip_requested = False, "", ""
+        self.born_grads, self.born_screen, self.born_grads_fn, self.born_names = None, None, None, None
+        self.born_covers, self.skipped, self.skip_reason, self.skip_requested = False, False, "", ""
+        self._begun += 1
+        if self._begun <= 2 or self._begun % PARAMS_REFRESH == 0:
+            self._params = None
+
+    def params(self) -> list[torch.Tensor]:
+        """The model's parameters, listed again at the first two steps and every ``PARAMS_REFRESH`` steps
+        (walking the module tree each step cost more than the finiteness screen of a small model)."""
+        if self._params is None:
+            self._params = list(self.model.parameters())
+        return self._params
 
     def add_loss(self, loss: torch.Tensor | None, terms: dict[str, torch.Tensor] | None = None) -> None:
         """One micro-batch's loss: under gradient accumulation the step's loss and terms are their sums."""

@@ -1,7 +1,7 @@
 """When the StabilityMonitor reads the device, and what it reads then: one host read per read point.
 
-* The step's verdict (loss, gradients as backward made them, gradients at ``optimizer.step``) is computed on the
-  device as three 0/1 flags. Under ``policy`` skip or stop the update depends on it, so it is read at the
+* The step's verdict (loss, gradients as backward made them, gradients at ``optimizer.step``) is one device
+  vector whose parts are finite exactly when those are. Under ``policy`` skip or stop the update depends on it, so it is read at the
   step's check, like a GradScaler's one finite-check flag per step, together with everything else queued.
 * Under ``observe`` a step that is not sampled reads nothing: its flags and loss wait on the device and are
   read at the next sampled step (or at the end of the run); a fault found then is recorded for its own step
@@ -29,6 +29,23 @@ LATE_NOTE = ("seen at the read of step {seen}: under on_nonfinite='observe' the 
              "on_nonfinite='skip' check each step before its update)")
 
 
+def finite_value(t: Tensor) -> Tensor:
+    """One value, finite exactly when ``t`` is (its own value when it is one real number: no extra kernel)."""
+    t = t.detach()
+    if t.numel() == 1 and not t.is_complex():
+        return t.reshape(1)
+    return torch.where(torch.isfinite(t).all(), 0.0, math.nan).reshape(1)
+
+
+def verdict_of(values: list[float], layout: tuple[int, int, int]) -> tuple[bool, bool, bool]:
+    """(loss, gradients at backward, gradients now) finite, from the verdict vector's values."""
+    out, at = [], 0
+    for n in layout:
+        out.append(all(math.isfinite(v) for v in values[at:at + n]))
+        at += n
+    return out[0], out[1], out[2]
+
+
 class StepReads:
     """The reading half of StabilityMonitor."""
 
@@ -37,26 +54,34 @@ class StepReads:
         self.found_late: list[int] = []  # non-finite steps found after their update (observe); the driver's to take
         self._read_step = 0  # the step of the last read point
         self._flags = (True, True, True)  # this step's (loss, gradients at backward, gradients now) verdict
+        self.verdict_layout = (0, 0, 0)  # how many values of the verdict vector each of the three has
 
     def verdict_flags(self, ctx: LoopContext, grads_in_block: bool) -> Tensor | None:
-        """The step's (loss finite, gradients finite at backward, gradients finite now) as a device vector,
-        without a read. ``grads_in_block``: the grad monitor's block holds the gradients' flag (a sampled step)."""
-        flags: list[Tensor | None] = [None, ctx.born_ok, None]
+        """The step's verdict values as one device vector, without a read: the loss, the check at backward's
+        screen, the screen of the gradients now (``verdict_layout`` says how many values each has). A part is
+        finite when its tensors are (a screen's overflow is confirmed on exact peaks: ``resolve_verdict``).
+        ``grads_in_block``: the grad monitor's block holds the gradients' flag (a sampled step)."""
+        parts: list[Tensor] = []
+        layout = [0, 0, 0]
         if ctx.loss is not None:
-            flags[0] = torch.isfinite(ctx.loss.detach()).all()
-        if ctx.grads_finite is None and not grads_in_block:
-            grads = [p.grad for p in ctx.model.parameters() if p.grad is not None]
-            if grads:  # non-finite when an element is (or, on CPU, a norm overflows: resolve_verdict confirms)
-                flags[2] = finite_screen(grads).isfinite().all()
-        present = [f for f in flags if f is not None]
-        if not present:
+            parts.append(finite_value(ctx.loss))
+            layout[0] = 1
+        if ctx.born_screen is not None:
+            parts.append(ctx.born_screen.reshape(1))
+            layout[1] = 1
+        if ctx.grads_finite is None and not grads_in_block and not ctx.born_covers:
+            grads = [p.grad for p in ctx.params() if p.grad is not None]
+            if grads:
+                parts.append(finite_screen(grads))
+                layout[2] = parts[-1].numel()
+        self.verdict_layout = tuple(layout)
+        if not parts:
             return None
-        device = present[0].device
-        ones = torch.ones((), dtype=torch.bool, device=device)
-        return torch.stack([ones if f is None else f.to(device).reshape(()) for f in flags])
+        device = parts[0].device
+        return torch.cat([t if t.device == device else t.to(device) for t in parts])
 
     def take_flags(self, values: list[float]) -> None:
-        self._flags = tuple(v == 1.0 for v in values) if values else (True, True, True)
+        self._flags = verdict_of(values, self.verdict_layout)
 
     def resolve_verdict(self, ctx: LoopContext) -> None:
         """After the check's read: ``ctx.grads_finite`` and, for gradients non-finite at backward but not now
@@ -64,7 +89,7 @@ class StepReads:
         loss_ok, born_ok, now_ok = self._flags
         if ctx.grads_finite is None:
             if not now_ok:  # the screen's alarm, confirmed on the gradients (a bad step: one more read)
-                grads = [p.grad for p in ctx.model.parameters() if p.grad is not None]
+                grads = [p.grad for p in ctx.params() if p.grad is not None]
                 now_ok = bool(peak_magnitudes(grads).isfinite().all())
             block = self.grads.grads_finite() if self.grads.block() is not None else None
             ctx.grads_finite = loss_ok and now_ok and (block is None or block)
@@ -77,16 +102,17 @@ class StepReads:
     def defer_verdict(self, ctx: LoopContext, flags: Tensor | None, scale: Tensor | float | None = None) -> None:
         """Observe, a step not sampled: no read now; the verdict (and, under a GradScaler, its ``scale``) is read
         with the next read point, and the step is classified then: a scaler's overflow is recorded as such."""
-        step, seen = ctx.step, self
+        step, seen, layout = ctx.step, self, self.verdict_layout
         if flags is None:
             return
         if isinstance(scale, Tensor):
             flags = torch.cat([flags.to(torch.float64), scale.detach().reshape(1).to(flags.device, torch.float64)])
 
         def late(values: list[float]) -> None:
-            finite, loss_ok = all(v == 1.0 for v in values[:3]), values[0] == 1.0
+            verdict = verdict_of(values, layout)
+            finite, loss_ok = all(verdict), verdict[0]
             if scale is not None:
-                seen._late_amp(step, values[3] if isinstance(scale, Tensor) else scale, finite, loss_ok)
+                seen._late_amp(step, values[-1] if isinstance(scale, Tensor) else scale, finite, loss_ok)
             if finite or (scale is not None and loss_ok):  # finite, or the scaler's overflow
                 return
             seen.nonfinite_steps.append(step)
