@@ -154,6 +154,12 @@ class StepDriver:
             self._armed.backward_started()
 
     @guarded(DRIVER)
+    def forward_over(self) -> None:
+        """A loop that calls the driver itself (MonitorSession) has finished its forward: its backward comes next."""
+        if self._armed is not None:
+            self._armed.backward_started()
+
+    @guarded(DRIVER)
     def after_backward(self, loss: Tensor | None, exc: Exception | None = None) -> None:
         """Backward has returned (``exc``: it raised). The gradients are checked here, as backward made them:
         later user code may sanitise (nan_to_num), clip or skip them before the optimizer sees them."""

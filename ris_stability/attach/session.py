@@ -76,10 +76,12 @@ class MonitorSession:
 
     def after_forward(self, loss: torch.Tensor, terms: dict[str, torch.Tensor] | None = None) -> None:
         self.driver.add_loss(loss, terms)
+        self.driver.forward_over()
 
     def after_backward(self) -> bool:
         """Check the step's gradients; True when the optimizer (or the GradScaler) should step: finite,
         a GradScaler overflow (the scaler skips it itself), or policy 'observe'."""
+        self.driver.after_backward(self.ctx.loss if self.ctx is not None else None)
         skip = self.driver.check_step()
         self.driver.before_update()
         return not skip
