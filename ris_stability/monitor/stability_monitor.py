@@ -312,7 +312,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks, StepReads):
         bad = self.grads.nonfinite_parameters() if loss_finite else []
         born = ctx.born_names if ctx.born_names is not None else [
             n for n, g in (ctx.born_grads or {}).items() if not bool(torch.isfinite(g).all())]
-        if born and not bad:  # the gradients were non-finite at backward; the script made them finite since
+        if born and not bad and loss_finite:  # non-finite at backward; the script made them finite since
             msg += (f"; non-finite gradients at backward (NaN/Inf entries in: {_names(born)}), replaced by the script "
                     "before optimizer.step")
             data.update(nonfinite_parameters=born, replaced_by_script=True)
