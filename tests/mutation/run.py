@@ -77,8 +77,9 @@ def _mutmut_section(shard: dict) -> str:
         f"only_mutate = {toml_list(shard['files'])}\n"
         f"pytest_add_cli_args_test_selection = {toml_list(shard['tests'])}\n"
         # no:unraisableexception: that plugin's gc.collect() calls at session end cost ~1.5 s CPU per mutant
-        # (a forked child with torch/optuna/mlflow in its heap), ten times the test itself.
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:unraisableexception", "-q"]\n'
+        # (a forked child with torch/optuna/mlflow in its heap), ten times the test itself. tests.mutation.warm:
+        # torch._dynamo imported once in the fork server instead of in every child (its first optimizer, 2-6 s).
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:unraisableexception", "-p", "tests.mutation.warm", "-q"]\n'
         f"do_not_mutate_patterns = {toml_list(IGNORED_LINES)}\n"
         'process_isolation = "forkserver"\n'
         'also_copy = ["ris_model", "configs", "benchmarks"]\n'
