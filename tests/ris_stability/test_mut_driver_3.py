@@ -91,6 +91,9 @@ def test_a_finding_after_an_explosion_names_the_update_that_caused_it(tmp_path: 
     assert origin.startswith("parameters of ") and "at the update of step 2" in origin
     assert event["message"].endswith("; " + origin)  # the note, without its separator
     assert event["data"]["first_nonfinite_step"] is None
+    (first,) = [e for e in read_trace(tmp_path / "run").events if e["kind"] == "explosion_origin"]
+    assert first["message"] == "step 3 went non-finite after an explosion: " + origin  # the finding's step
+    assert first["data"]["failed_step"] == 3
     assert json.loads((tmp_path / "run" / "finding.json").read_text())["update_origin"] == origin
 
 
@@ -170,14 +173,19 @@ def test_a_grad_scaler_told_through_the_callbacks_makes_its_overflow_routine(tmp
 
 
 class _Monitor:
-    """What the driver asks of a monitor when a rank's locator ran in a step whose NaN came from elsewhere."""
+    """What the driver asks of a monitor when a rank's locator ran in a step whose NaN may have come from
+    elsewhere (``origins``: the ranks the collective decision names; ``here``: this rank is one of them)."""
 
-    def __init__(self, origins):
+    def __init__(self, origins, here: bool = False, run_dir: Path | None = None):
         self.last_decision = None if origins is None else types.SimpleNamespace(origins=origins)
         self.events = []
+        self.here, self.run_dir = here, run_dir
 
     def originates_fault(self) -> bool:
-        return False
+        return self.here
+
+    def trace_back_note(self, step) -> str:
+        return ""
 
     def event(self, kind, severity, message, **data):
         self.events.append((kind, severity, message, data))
@@ -197,6 +205,21 @@ def test_a_rank_that_received_the_nan_defers_to_the_originating_ranks(origins) -
                        f"the finding is in the shard of originating rank(s) {expected}")
     assert data == {"step": 7, "origin_ranks": expected}
     assert driver._attempts_left == 0  # no more armed steps on this rank
+
+
+def test_a_rank_that_originated_the_nan_keeps_its_finding(tmp_path: Path) -> None:
+    w, _, _ = _log_run(tmp_path, bad={1, 2}, steps=3)
+    ((_, finding),) = w.findings
+    mon = _Monitor([0], here=True, run_dir=tmp_path / "rank0")
+    (tmp_path / "rank0").mkdir()
+    driver = StepDriver(mon)  # type: ignore[arg-type]
+    driver.ctx = LoopContext(model=nn.Linear(1, 1), step=4)
+    driver._pending = finding
+    driver._settle_finding()
+    assert driver.findings == [(4, finding)]
+    ((kind, _, message, data),) = mon.events
+    assert kind == "finding" and data["finding"] == finding.to_dict() and message.startswith("finding (step 4, ")
+    assert json.loads((tmp_path / "rank0" / "finding.json").read_text())["op"] == finding.op
 
 
 def test_deep_inputs_are_cut_at_depth_seven_as_their_repr() -> None:

@@ -4,6 +4,8 @@ and a resumed study drawing new parameters."""
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import pytest
@@ -175,7 +177,7 @@ def test_intermediate_values_reach_the_median_pruner_from_the_trace_and_from_rep
 
 
 def test_a_trial_whose_worker_is_gone_stops():
-    ear = TrialEar("loss", parent_pid=1)  # not our parent
+    ear = TrialEar("loss", parent_pid=os.getppid() + 1)  # not our parent (1 is, for a process run under nohup)
     with pytest.raises(TrialStop):
         ear("step", {"step": 0, "loss": 1.0})
     assert ear.orphaned and ear.verdict is None
