@@ -59,11 +59,11 @@ class ExplosionChecks:
         self.exploded = True
         policy = self.cfg.on_explosion
         if self.originates_fault():  # the run's capsule budget keeps the first and the latest (capsule_store.py)
-            self._write_capsule(ctx, reason=msg)
-            if self.capsules and self.capsules[-1].stem.endswith(f"{ctx.step:06d}"):
-                msg += (f"; capsule written: check the gradient with `risdiag bisect --precision {self.capsules[-1]}`"
-                        + ("" if self.replayer else " --replayer module:function` (a replayer you write: "
-                           "docs/script.md)").replace("` --", " --"))
+            path = self._write_capsule(ctx, reason=msg)  # its path: the write itself is in the background
+            if path is not None:
+                command = f"risdiag bisect --precision {path}" + ("" if self.replayer else " --replayer module:function")
+                msg += f"; capsule written: check the gradient with `{command}`" + (
+                    "" if self.replayer else " (a replayer you write: docs/script.md)")
         msg += "; " + POLICY_NOTE[policy]
         self.event("gradient_explosion", "error", msg, step=ctx.step, policy=policy, **verdict.data())
         if policy in ("skip", "stop"):
