@@ -37,7 +37,7 @@ class BornCheck:
 
     def reset(self) -> None:
         self._copies: dict[int, Tensor] | None = None  # eager: id(param) -> gradient as born, when non-finite
-        self._screen: Tensor | None = None  # device value of the step's backward calls, finite when their gradients were
+        self._screen: Tensor | None = None  # device value of the step's backward calls: finite when their gradients are
         self._refs: list[tuple[Tensor, Tensor, int]] = []  # (param, grad, version) after the last backward
         self._peaks: Tensor | None = None
         self._first_copy = None if self._learned else self._first_copy

@@ -41,7 +41,7 @@ class LoopContext:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     grads_finite: bool | None = None
     born_grads: dict[str, torch.Tensor] | None = None  # copies of non-finite gradients as backward made them
-    born_screen: torch.Tensor | None = None  # device value, finite when every gradient was as backward made it (not read)
+    born_screen: torch.Tensor | None = None  # device value, finite when the gradients were as backward made them
     born_covers: bool = False  # the check at backward saw the step's gradients as they are now: no second screen
     born_grads_fn: Any = None  # () -> (names of non-finite, copies or None) as backward made them; bad steps only
     born_names: list[str] | None = None  # the gradients non-finite as backward made them (a bad step)
