@@ -2,7 +2,8 @@
 
 * The step's verdict (loss, gradients as backward made them, gradients at ``optimizer.step``) is one device
   vector whose parts are finite exactly when those are. Under ``policy`` skip or stop the update depends on
-  it, so it is read at the step's check, like a GradScaler's one finite-check flag per step, together with everything else queued.
+  it, so it is read at the step's check, like a GradScaler's one finite-check flag per step, together with
+  everything else queued.
 * Under ``observe`` a step that is not sampled reads nothing: its flags and loss wait on the device and are
   read at the next sampled step (or at the end of the run); a fault found then is recorded for its own step
   (event, row, summary) without a capsule, since its state is gone (use ``every=1`` or ``skip`` for those).
