@@ -31,8 +31,8 @@ def _name_of(func) -> str:
     except KeyError:
         name = _NAMES[func] = resolve_name(func) or getattr(func, "__name__", "")
         return name
-    except TypeError:  # an unhashable callable
-        return resolve_name(func) or getattr(func, "__name__", "")
+    except TypeError:  # an unhashable callable: resolve_name looks functions up by hash too
+        return getattr(func, "__name__", "")
 
 
 class _ForwardRecorder(TorchFunctionMode):
