@@ -170,6 +170,15 @@ class StepDriver:
                 self._anomaly = anomaly_finding(exc, loss, self.roots or self.roots_hint()) or self._anomaly
             except Exception:  # the script's own error must reach it unchanged, not ours
                 log.exception("the anomaly-mode error of step %d could not be read into a finding", self.step)
+        self._finish_armed(loss, exc)
+
+    @guarded(DRIVER)
+    def backward_over(self, loss: Tensor | None) -> None:
+        """A loop that calls the driver itself (MonitorSession) has run its backward and checks the step next:
+        an armed locator gives its finding (no check at backward: nothing can rewrite the gradients between)."""
+        self._finish_armed(loss, None)
+
+    def _finish_armed(self, loss: Tensor | None, exc: Exception | None) -> None:
         armed = self._armed
         if armed is None or self._located:
             return

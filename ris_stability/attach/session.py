@@ -81,7 +81,7 @@ class MonitorSession:
     def after_backward(self) -> bool:
         """Check the step's gradients; True when the optimizer (or the GradScaler) should step: finite,
         a GradScaler overflow (the scaler skips it itself), or policy 'observe'."""
-        self.driver.after_backward(self.ctx.loss if self.ctx is not None else None)
+        self.driver.backward_over(self.ctx.loss if self.ctx is not None else None)
         skip = self.driver.check_step()
         self.driver.before_update()
         return not skip
