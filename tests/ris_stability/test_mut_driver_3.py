@@ -247,33 +247,43 @@ def test_a_traced_script_that_never_steps_says_how_many_backward_calls_it_saw(tm
     assert ("(and never called backward)" in run.message) == (calls == 0)
 
 
-def test_a_hand_written_loop_gets_its_finding_and_the_locator_leaves_after_its_step(tmp_path: Path) -> None:
-    """MonitorSession: a fault from step 2 on (log of 0) is located in the armed step 3, once however often
-    it recurs, and no dispatch mode of the locator outlives the armed step."""
-    torch.manual_seed(0)
-    model = _LogOf()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    modes = []
-    with MonitorSession(StabilityMonitor(tmp_path / "run", MonitorConfig(on_explosion="stop")), model, opt) as s:
-        for step in range(8):
+def _session_loop(tmp_path: Path, model: nn.Module, optimizer, steps: int, update) -> tuple[MonitorSession, list]:
+    """A hand-written loop under MonitorSession: a zero input row from step 2 on (log of 0 in the model);
+    ``update()`` applies a step the session allows. Returns the session and, per step, (allowed, a dispatch
+    mode still installed after the step's end)."""
+    seen = []
+    with MonitorSession(StabilityMonitor(tmp_path / "run", MonitorConfig(on_explosion="stop")), model,
+                        optimizer) as s:
+        for step in range(steps):
             s.start_step(step)
             x = torch.ones(4, 3)
             if step >= 2:
                 x[1] = 0.0
             loss = model(x)
             s.after_forward(loss)
-            opt.zero_grad()
+            model.zero_grad()
             loss.backward()
-            if s.after_backward():
-                opt.step()
+            ok = s.after_backward()
+            if ok:
+                update()
             s.end_step()
-            modes.append(_get_current_dispatch_mode() is not None)
+            seen.append((ok, _get_current_dispatch_mode() is not None))
+    return s, seen
+
+
+def test_a_hand_written_loop_gets_its_finding_and_the_locator_leaves_after_its_step(tmp_path: Path) -> None:
+    """MonitorSession: a fault from step 2 on (log of 0) is located in the armed step 3, once however often
+    it recurs, and no dispatch mode of the locator outlives the armed step."""
+    torch.manual_seed(0)
+    model = _LogOf()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    s, seen = _session_loop(tmp_path, model, opt, 8, opt.step)
     assert s.monitor.nonfinite_steps == list(range(2, 8))
     assert [(st, f.op.split(".")[0] + "." + f.op.split(".")[1], f.phase) for st, f in s.driver.findings] == [
         (3, "aten.log", "forward")]
     (event,) = [e for e in read_trace(tmp_path / "run").events if e["kind"] == "finding"]
     assert event["step"] == 3 and event["data"]["first_nonfinite_step"] == 2
-    assert not any(modes)
+    assert not any(mode for _, mode in seen)
 
 
 class _TwoPart(nn.Module):
@@ -293,28 +303,17 @@ def test_a_hand_written_loop_with_several_optimizers_or_none_is_checked_and_loca
     torch.manual_seed(0)
     model = _TwoPart()
     opts = [torch.optim.SGD(model.a.parameters(), lr=1e-3), torch.optim.SGD(model.b.parameters(), lr=1e-3)]
-    applied = []
-    with MonitorSession(StabilityMonitor(tmp_path / "run", MonitorConfig(on_explosion="stop")), model,
-                        opts if optimizers == "two" else None) as s:
-        for step in range(5):
-            s.start_step(step)
-            x = torch.ones(4, 3)
-            if step >= 2:
-                x[1] = 0.0
-            loss = model(x)
-            s.after_forward(loss)
-            model.zero_grad()
-            loss.backward()
-            ok = s.after_backward()
-            applied.append(ok)
-            if ok and optimizers == "two":
-                for opt in opts:
-                    opt.step()
-            elif ok:
-                with torch.no_grad():
-                    for p in model.parameters():
-                        p -= 1e-3 * p.grad
-            s.end_step()
-    assert applied == [True, True, False, False, False] and s.monitor.nonfinite_steps == [2, 3, 4]
+
+    def update() -> None:
+        if optimizers == "two":
+            for opt in opts:
+                opt.step()
+            return
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 1e-3 * p.grad
+
+    s, seen = _session_loop(tmp_path, model, opts if optimizers == "two" else None, 5, update)
+    assert [ok for ok, _ in seen] == [True, True, False, False, False] and s.monitor.nonfinite_steps == [2, 3, 4]
     assert [(st, f.op.startswith("aten.log")) for st, f in s.driver.findings] == [(3, True)]
     assert all(torch.isfinite(p).all() for p in model.parameters())
