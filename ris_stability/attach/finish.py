@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from ris_stability.attach.signals import asked_to_end
 from ris_stability.monitor import distributed
 
 if TYPE_CHECKING:
@@ -50,11 +51,11 @@ def close_run(w: "Watcher", write: Callable[[list[int]], None]) -> None:
         return
     wait_s = 5.0 if w.status == "crashed" else distributed.SHARD_WAIT_S  # a peer died: it may never close
     if rank != 0:
-        if not distributed.wait_for_rank0(w.run_dir, started, wait_s):
+        if not distributed.wait_for_rank0(w.run_dir, started, wait_s, stop=asked_to_end):
             log.warning("rank %d: rank 0 did not mark the run folder complete within %.0f s", rank, wait_s)
         return
     try:
-        write(distributed.wait_for_shards(w.run_dir, world, started, timeout_s=wait_s))
+        write(distributed.wait_for_shards(w.run_dir, world, started, timeout_s=wait_s, stop=asked_to_end))
     finally:
         distributed.mark_rank0_done(w.run_dir)
 

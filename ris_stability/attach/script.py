@@ -225,7 +225,7 @@ def trace_script(argv: Sequence[str], out: str | None = None, *, live: Any = Non
                 _run(cmd)
             finally:
                 if signals is not None:
-                    signals.flushing()  # the run is being written: a signal from now on exits at once
+                    signals.flushing()  # the run is being written: a signal now lets it finish (attach.signals)
         except Terminated as exc:  # SIGTERM (or --flush-on): flushed as Ctrl-C, status terminated
             w.finish(exc)
             run.code = exc.exit_code

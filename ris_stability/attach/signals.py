@@ -4,10 +4,11 @@ end the traced script with :class:`Terminated`, which the script runner turns in
 events, summary.json (status ``terminated``), sinks and report.md, then the conventional exit code 128 + N.
 
 Installed only for the run (:class:`FlushOnSignals`, a context manager on the main thread) and removed at its
-end; a handler the script installs for itself replaces ours and is left in place (the script keeps it). Once
-the flush has begun (the first signal, or the script's own end), a further signal exits at once
-(``os._exit``): the folder is left readable, because every record file is appended line by line and every
-artefact is written under a temporary name and renamed.
+end; a handler the script installs for itself replaces ours and is left in place (the script keeps it). A
+signal that arrives once the script has ended on its own asks for what is already under way: the flush goes
+on (summary.json first), and waits on other ranks are cut short (:func:`asked_to_end`). A further signal
+exits at once (``os._exit``): the folder is left readable, because every record file is appended line by line
+and every artefact is written under a temporary name and renamed.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any, Iterable
 log = logging.getLogger(__name__)
 
 DEFAULT_SIGNALS = ("SIGTERM",)
+_ASKED_TO_END = threading.Event()  # a signal came during the flush: finish it without waiting on other ranks
 OPTIONAL_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGHUP")  # --flush-on NAME accepts these besides SIGTERM
 
 
@@ -51,7 +53,7 @@ def signal_numbers(names: Iterable[str]) -> list[int]:
 
 class FlushOnSignals:
     """While entered, ``signums`` raise :class:`Terminated` in the main thread (the script stops where it is
-    and the runner flushes); after :meth:`flushing` (or the first signal) a further one exits at once."""
+    and the runner flushes); after :meth:`flushing` one lets the flush finish; a second one exits at once."""
 
     def __init__(self, signums: Iterable[int] = ()):
         self.signums = list(dict.fromkeys(int(s) for s in signums))
@@ -63,6 +65,7 @@ class FlushOnSignals:
         if threading.current_thread() is not threading.main_thread():
             log.debug("termination signals not handled: the run is not on the main thread")
             return self
+        _ASKED_TO_END.clear()
         for signum in self.signums:
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -71,16 +74,24 @@ class FlushOnSignals:
         return self
 
     def flushing(self) -> None:
-        """The script is over and the run is being written: a signal from now on exits at once."""
+        """The script is over and the run is being written: a signal from now on lets the flush finish (without
+        waiting on other ranks) and a second one exits at once."""
         self._flushing = True
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self._flushing:
-            # Second signal (or one during the flush): the user or the scheduler insists. Every file written
-            # so far is complete or under a temporary name, so leaving now keeps the folder readable.
+        if self.received is not None:
+            # A second signal: the user or the scheduler insists. Every file written so far is complete or
+            # under a temporary name, so leaving now keeps the folder readable.
             os._exit(128 + signum)
-        self._flushing = True
         self.received = signum
+        if self._flushing:
+            # The script has already ended and its run is being written: that is what the signal asks for,
+            # so the flush goes on (raising here would cut it short) without waiting on other ranks.
+            _ASKED_TO_END.set()
+            log.warning("%s received while the run is being written: finishing it now; a second signal exits "
+                        "at once", signal.Signals(signum).name)
+            return
+        self._flushing = True
         raise Terminated(signum)
 
     def __exit__(self, *exc: Any) -> None:
@@ -92,6 +103,12 @@ class FlushOnSignals:
             except (OSError, ValueError) as err:
                 log.debug("signal %s handler not restored: %s", signum, err)
         self._previous = {}
+        _ASKED_TO_END.clear()
 
 
-__all__ = ["DEFAULT_SIGNALS", "FlushOnSignals", "OPTIONAL_SIGNALS", "Terminated", "signal_numbers"]
+def asked_to_end() -> bool:
+    """True once a termination signal has arrived while a run is being written: waits on other ranks end now."""
+    return _ASKED_TO_END.is_set()
+
+
+__all__ = ["DEFAULT_SIGNALS", "FlushOnSignals", "OPTIONAL_SIGNALS", "Terminated", "asked_to_end", "signal_numbers"]

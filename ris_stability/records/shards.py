@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,17 @@ def shard_dirs(run_dir: str | Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def wait_for_shards(run_dir: str | Path, world: int, since: float, timeout_s: float = SHARD_WAIT_S) -> list[int]:
+def wait_for_shards(run_dir: str | Path, world: int, since: float, timeout_s: float = SHARD_WAIT_S,
+                    stop: Callable[[], bool] = lambda: False) -> list[int]:
     """Wait until every rank r > 0 has closed its shard (its summary.json written at or after ``since``,
-    a time.time()); returns the ranks still missing after ``timeout_s``. For runs whose process group may
-    be gone by then (a traced script destroys its own), so no barrier is possible; the run folder must be
-    on a filesystem every rank writes to (one node: always)."""
+    a time.time()); returns the ranks still missing after ``timeout_s`` or once ``stop()`` is true (e.g. the
+    launcher asked this process to end). For runs whose process group may be gone by then (a traced script
+    destroys its own), so no barrier is possible; the run folder must be on a filesystem every rank writes
+    to (one node: always)."""
     deadline = time.monotonic() + timeout_s
     while True:
         missing = [r for r in range(1, world) if not _closed(shard_dir(run_dir, r) / "summary.json", since)]
-        if not missing or time.monotonic() >= deadline:
+        if not missing or time.monotonic() >= deadline or stop():
             return missing
         time.sleep(0.1)
 
@@ -58,12 +61,13 @@ def mark_rank0_done(run_dir: str | Path) -> None:
         log.warning("cannot mark %s as complete (%s); the other ranks wait for it until their timeout", run_dir, err)
 
 
-def wait_for_rank0(run_dir: str | Path, since: float, timeout_s: float = SHARD_WAIT_S) -> bool:
+def wait_for_rank0(run_dir: str | Path, since: float, timeout_s: float = SHARD_WAIT_S,
+                   stop: Callable[[], bool] = lambda: False) -> bool:
     """Ranks > 0: wait until rank 0 has marked the run folder complete (at or after ``since``, a
-    time.time()); False after ``timeout_s``."""
+    time.time()); False after ``timeout_s`` or once ``stop()`` is true."""
     deadline = time.monotonic() + timeout_s
     while not _closed(Path(run_dir) / RANK0_DONE, since):
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline or stop():
             return False
         time.sleep(0.1)
     return True

@@ -217,6 +217,7 @@ def test_traced_script_under_torchrun(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
     for shard in (run_dir, run_dir / "rank1"):
+        assert (shard / "summary.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
         assert json.loads((shard / "summary.json").read_text())["skipped_steps"] == [0, 2]
         bad = [e for e in read_events(shard) if e["kind"].startswith("nonfinite")]
         assert [(e["step"], e["data"]["origin_ranks"]) for e in bad] == [(0, [1]), (2, [1])]
@@ -298,6 +299,25 @@ def test_traced_script_under_torchrun_without_a_process_group(tmp_path):
     report = (run_dir / "report.md").read_text()
     assert "joined no process group" in report and "## Finding (in-process locator), rank 1" in report
     assert "rank 1" in proc.stdout and "nonfinite, 4 steps, non-finite 2: 1, 2" in proc.stdout
+
+
+def test_a_peer_that_dies_while_rank0_writes_its_run_leaves_the_report(tmp_path):
+    """Rank 1 aborts once rank 0 has written its summary (rank 0 is waiting for rank 1's shard): torchrun then
+    sends rank 0 SIGTERM. That signal asks for what rank 0 is already doing, so it finishes its run without
+    waiting for the dead peer: summary.json stays, report.md is written and shows rank 1's shard as open."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "run"
+    cmd = _torchrun("-m", "ris_stability.cli", "trace", "--no-live", "--out", str(run_dir), "--", "python",
+                    str(WORKER.parent / "ddp_rows.py"), "--steps", "3", "--fault-steps",
+                    "--abort-once", str(run_dir / "summary.json"))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    output = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode != 0 and "SIGABRT" in proc.stderr, output
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "clean", output
+    assert "SIGTERM received while the run is being written" in proc.stderr, output
+    report = (run_dir / "report.md").read_text()
+    assert "## Ranks (data-parallel)" in report and "incomplete (no summary.json)" in report, report
+    assert not (run_dir / "rank1" / "summary.json").exists()
 
 
 @pytest.mark.slow

@@ -67,16 +67,28 @@ def test_a_scripts_own_sigterm_handler_is_kept(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "clean"
 
 
-def test_a_signal_during_the_flush_exits_at_once():
-    code = ("import os, signal, time\n"
-            "from ris_stability.attach.signals import FlushOnSignals\n"
+def test_a_signal_during_the_flush_lets_it_finish_and_a_second_exits_at_once():
+    """Once the script has ended, a first signal asks for the flush already under way: it goes on (and waits
+    on other ranks end, asked_to_end); a second signal exits at once with 128 + N."""
+    code = ("import os, signal, sys, time\n"
+            "from ris_stability.attach.signals import FlushOnSignals, asked_to_end\n"
             "with FlushOnSignals([signal.SIGTERM]) as s:\n"
             "    s.flushing()\n"
+            "    assert not asked_to_end()\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    time.sleep(60)\n")
+            "    time.sleep(0.2)\n"
+            "    print('flush went on', asked_to_end(), flush=True)\n"
+            "    if sys.argv[1] == 'twice':\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        time.sleep(60)\n"
+            "print('done', asked_to_end())\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM
+    once = subprocess.run([sys.executable, "-c", code, "once"], env=env, capture_output=True, text=True, timeout=120)
+    assert once.returncode == 0, once.stderr
+    assert once.stdout.split("\n")[:2] == ["flush went on True", "done False"]
+    assert "SIGTERM received while the run is being written" in once.stderr
+    twice = subprocess.run([sys.executable, "-c", code, "twice"], env=env, capture_output=True, text=True, timeout=120)
+    assert twice.returncode == 128 + signal.SIGTERM and twice.stdout == "flush went on True\n"
 
 
 def test_handlers_are_installed_only_for_the_run():

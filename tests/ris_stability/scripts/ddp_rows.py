@@ -5,12 +5,14 @@ norm's sqrt backward turns that into NaN gradients (the loss stays finite). --pa
 its final parameter sums to DIR/params<rank>.json (the replicas must stay identical). --abort-at-exit: rank
 1 aborts when its interpreter exits, as torch 2.13's gloo teardown sometimes does by itself. --watch DIR: the
 loop runs inside ``ris_stability.watch(model, optimizer, out=DIR)`` (the one-line form in one's own script).
---no-group: no process group and no DDP (each rank trains alone; its rank comes from torchrun's RANK)."""
+--no-group: no process group and no DDP (each rank trains alone; its rank comes from torchrun's RANK).
+--abort-once PATH: after training, rank 1 waits for PATH to exist and then aborts."""
 import argparse
 import atexit
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -43,6 +45,7 @@ def main() -> None:
     p.add_argument("--abort-at-exit", action="store_true")
     p.add_argument("--watch", default="")
     p.add_argument("--no-group", action="store_true")
+    p.add_argument("--abort-once", default="")
     args = p.parse_args()
     if args.no_group:
         rank = int(os.environ["RANK"])
@@ -73,6 +76,11 @@ def main() -> None:
     if args.params:
         sums = [p.detach().double().sum().item() for p in model.parameters()]
         (Path(args.params) / f"params{rank}.json").write_text(json.dumps(sums))
+    if args.abort_once and rank == 1:  # a peer that dies while rank 0 writes its run: torchrun stops rank 0
+        deadline = time.monotonic() + 120
+        while not Path(args.abort_once).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.abort()
     if not args.no_group:
         dist.destroy_process_group()
 
