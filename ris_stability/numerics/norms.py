@@ -53,6 +53,11 @@ def finite_screen(tensors: Sequence[Tensor]) -> Tensor:
     monitor's fixed cost per step. A non-finite value there is a NaN/Inf element or a float32 overflow
     of the sum of squares (elements beyond ~1e19): confirm it with :func:`peak_magnitudes` before calling
     the tensor non-finite."""
+    if tensors and tensors[0].device.type == "cpu":
+        try:  # the common case (dense real tensors of float32 or narrower on the CPU) without a check per tensor
+            return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+        except (RuntimeError, NotImplementedError, TypeError):  # sparse, complex, float64, mixed devices
+            pass
     dense = [t.coalesce().values() if t.is_sparse else t for t in tensors]
     if any(t.device.type != "cpu" for t in dense):
         return peak_magnitudes(dense)
