@@ -12,12 +12,15 @@ and every artefact is written under a temporary name and renamed.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import threading
 from types import FrameType
 from typing import Any, Iterable
+
+from ris_stability.observe.critical import defer
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +95,8 @@ class FlushOnSignals:
                         "at once", signal.Signals(signum).name)
             return
         self._flushing = True
-        raise Terminated(signum)
+        if not defer(functools.partial(_terminate, signum)):  # a step's records being completed: at their end
+            raise Terminated(signum)
 
     def __exit__(self, *exc: Any) -> None:
         for signum, previous in self._previous.items():
@@ -104,6 +108,10 @@ class FlushOnSignals:
                 log.debug("signal %s handler not restored: %s", signum, err)
         self._previous = {}
         _ASKED_TO_END.clear()
+
+
+def _terminate(signum: int) -> None:
+    raise Terminated(signum)
 
 
 def asked_to_end() -> bool:

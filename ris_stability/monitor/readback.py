@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ris_stability.observe.critical import critical
+
 log = logging.getLogger(__name__)
 
 Use = Callable[[list[float]], None]
@@ -38,19 +40,20 @@ class ReadBack:
     def read(self) -> None:
         """One host read of everything queued, then each part's function with its numbers. A function may
         queue more (read at the next read point)."""
-        parts, self._parts = self._parts, []
-        tensors = [t for t, _ in parts if t is not None and t.numel()]
-        values: list[float] = []
-        if tensors:
-            device = tensors[0].device
-            flat = torch.cat([t.to(device=device, dtype=torch.float64) for t in tensors])
-            values = flat.tolist()  # the one host read
-            self.reads += 1
-        at = 0
-        for tensor, use in parts:
-            n = 0 if tensor is None else tensor.numel()
-            use(values[at:at + n])
-            at += n
+        with critical():  # a termination signal waits until every taken part has run (observe/critical.py)
+            parts, self._parts = self._parts, []
+            tensors = [t for t, _ in parts if t is not None and t.numel()]
+            values: list[float] = []
+            if tensors:
+                device = tensors[0].device
+                flat = torch.cat([t.to(device=device, dtype=torch.float64) for t in tensors])
+                values = flat.tolist()  # the one host read
+                self.reads += 1
+            at = 0
+            for tensor, use in parts:
+                n = 0 if tensor is None else tensor.numel()
+                use(values[at:at + n])
+                at += n
 
 
 __all__ = ["ReadBack"]

@@ -100,3 +100,39 @@ def test_handlers_are_installed_only_for_the_run():
     assert signal.getsignal(signal.SIGTERM) is before
     with pytest.raises(ValueError, match="--flush-on 'SIGKILL'"):
         signal_numbers(["SIGKILL"])
+
+
+def test_a_signal_during_a_read_point_takes_effect_once_every_taken_row_is_written():
+    """A SIGTERM that arrives while a read point writes its rows (here: inside the first row's function) waits
+    until every part taken off the queue has run; then the run ends with Terminated, and nothing is half done."""
+    import torch
+
+    from ris_stability.attach.signals import FlushOnSignals, Terminated
+    from ris_stability.monitor.readback import ReadBack
+
+    reads, done = ReadBack(), []
+
+    def first(values):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered at the next bytecode: inside the read point
+        done.append(("first", values))
+
+    reads.add(torch.tensor([1.0]), first)
+    reads.add(torch.tensor([2.0, 3.0]), lambda values: done.append(("second", values)))
+    with FlushOnSignals([signal.SIGTERM]):
+        with pytest.raises(Terminated):
+            reads.read()
+    assert done == [("first", [1.0]), ("second", [2.0, 3.0])] and len(reads) == 0
+
+
+def test_outside_a_read_point_the_signal_acts_at_once():
+    from ris_stability.attach.signals import FlushOnSignals, Terminated
+    from ris_stability.observe.critical import critical
+
+    seen = []
+    with FlushOnSignals([signal.SIGTERM]):
+        with pytest.raises(Terminated):
+            with critical():
+                seen.append("in")
+            os.kill(os.getpid(), signal.SIGTERM)
+            seen.append("after")  # not reached: the signal ended the block at once
+    assert seen == ["in"]
