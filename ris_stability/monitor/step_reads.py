@@ -47,6 +47,11 @@ def verdict_of(values: list[float], layout: tuple[int, int, int]) -> tuple[bool,
     return out[0], out[1], out[2]
 
 
+def _loss_slice(ctx: LoopContext) -> Tensor | None:
+    """The step's loss as a 1-element device tensor for its row (None: no single-valued loss)."""
+    return ctx.loss.detach().reshape(-1)[:1] if ctx.loss is not None and ctx.loss.numel() == 1 else None
+
+
 class StepReads:
     """The reading half of StabilityMonitor."""
 
@@ -55,6 +60,8 @@ class StepReads:
         self.found_late: list[int] = []  # non-finite steps found after their update (observe); the driver's to take
         self._read_step = 0  # the step of the last read point
         self._flags = (True, True, True)  # this step's (loss, gradients at backward, gradients now) verdict
+        self._loss_in_verdict: tuple[int, Tensor] | None = None  # (step, loss) whose value the verdict vector holds
+        self._loss_read: tuple[int, Tensor, float] | None = None  # (step, loss, value) read with the verdict
         self.verdict_layout = (0, 0, 0)  # how many values of the verdict vector each of the three has
 
     def verdict_flags(self, ctx: LoopContext, grads_in_block: bool) -> Tensor | None:
@@ -64,9 +71,12 @@ class StepReads:
         ``grads_in_block``: the grad monitor's block holds the gradients' flag (a sampled step)."""
         parts: list[Tensor] = []
         layout = [0, 0, 0]
+        self._loss_in_verdict = None
         if ctx.loss is not None:
             parts.append(finite_value(ctx.loss))
             layout[0] = 1
+            if ctx.loss.numel() == 1 and not ctx.loss.is_complex():  # the verdict carries the loss's own value
+                self._loss_in_verdict = (ctx.step, ctx.loss)
         if ctx.born_screen is not None:
             parts.append(ctx.born_screen.reshape(1))
             layout[1] = 1
@@ -83,6 +93,14 @@ class StepReads:
 
     def take_flags(self, values: list[float]) -> None:
         self._flags = verdict_of(values, self.verdict_layout)
+        if self._loss_in_verdict is not None:  # the step's row takes its loss from here (no second transfer)
+            step, loss = self._loss_in_verdict
+            self._loss_read = (step, loss, values[0])
+
+    def _loss_value(self, ctx: LoopContext) -> float | None:
+        """The step's loss as read with its verdict (None when it was not: the row queues it)."""
+        read = self._loss_read
+        return read[2] if read is not None and read[0] == ctx.step and read[1] is ctx.loss else None
 
     def resolve_verdict(self, ctx: LoopContext) -> None:
         """After the check's read: ``ctx.grads_finite`` and, for gradients non-finite at backward but not now
@@ -156,7 +174,6 @@ class StepReads:
     def queue_row(self, ctx: LoopContext, skipped: bool) -> None:
         """The step's row: its host part now, its device part read at the next read point, then written."""
         step = ctx.step
-        loss = ctx.loss.detach().reshape(-1)[:1] if ctx.loss is not None and ctx.loss.numel() == 1 else None
         head: dict[str, Any] = {"step": step, "time_s": time.perf_counter() - self._t0, "lr": float(ctx.lr),
                                 "skipped": skipped}
         if self._amp_scale is not None:
@@ -173,8 +190,13 @@ class StepReads:
                 if step in self.nonfinite_steps:
                     self._write_row(head, value, {}, {}, [], [])
                 self._losses.append(value)  # after its row: a step cut short by a signal is counted nowhere
-            self.reads.add(loss, unsampled)
+            known = self._loss_value(ctx)
+            if known is not None:
+                self.reads.add(None, lambda _: unsampled([known]))
+            else:
+                self.reads.add(_loss_slice(ctx), unsampled)
             return
+        loss = _loss_slice(ctx)
         floats, keys, pending = self.grads.take_pending()
         terms = {f"loss/{k}": v for k, v in ctx.terms.items() if v.numel() == 1 and f"loss/{k}" not in keys}
         dead, ripe = self.grads.dead_check()
