@@ -236,6 +236,25 @@ def test_wait_for_shards_waits_for_a_late_rank(tmp_path: Path) -> None:
     assert missing == [] and seen  # returned only once rank 1's shard was closed
 
 
+def test_a_stop_request_ends_both_waits_at_once(tmp_path: Path) -> None:
+    """stop() true (a termination signal came while the run is being written): the waits return what is still
+    missing without waiting for their timeouts."""
+    since, asked = time.time(), []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) >= 3  # true at the third look: the waits poll it
+
+    assert shards.wait_for_shards(tmp_path, 3, since, timeout_s=60.0, stop=stop) == [1, 2]
+    assert len(asked) == 3
+    asked.clear()
+    assert shards.wait_for_rank0(tmp_path, since, timeout_s=60.0, stop=stop) is False
+    assert len(asked) == 3
+    _summary(tmp_path, 1)
+    _summary(tmp_path, 2)
+    assert shards.wait_for_shards(tmp_path, 3, since, timeout_s=60.0, stop=lambda: True) == []
+
+
 def test_rank0_done_mark_and_the_wait_for_it(tmp_path: Path, caplog) -> None:
     since = time.time()
     assert shards.wait_for_rank0(tmp_path, since, timeout_s=0.0) is False
