@@ -25,8 +25,8 @@ from ris_stability.observe.critical import defer
 log = logging.getLogger(__name__)
 
 DEFAULT_SIGNALS = ("SIGTERM",)
-_ASKED_TO_END = threading.Event()  # a signal came during the flush: finish it without waiting on other ranks
 OPTIONAL_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGHUP")  # --flush-on NAME accepts these besides SIGTERM
+_ASKED_TO_END = threading.Event()  # a signal came during the flush: finish it without waiting on other ranks
 
 
 class Terminated(BaseException):
