@@ -255,6 +255,7 @@ class StepDriver:
         if self._located:  # an armed locator whose forward has begun but not its backward stays
             self.close_locator()
         self.monitor.on_step_end(self.ctx)
+        self.ctx.drop_graph()
         self.step += 1
         self.in_step = False
         self._inputs, self.step_backwards = {}, 0

@@ -81,6 +81,12 @@ class LoopContext:
             self.terms = {k: self.terms[k] + v if k in self.terms else v for k, v in terms.items()}
         self.micro_batches += 1
 
+    def drop_graph(self) -> None:
+        """The step is over: keep the loss's value but not its autograd graph, which is the loop's to free
+        (holding it would move the cost of freeing it into the monitor's next step)."""
+        if self.loss is not None and self.loss.grad_fn is not None:
+            self.loss = self.loss.detach()
+
     def request_skip(self, reason: str = "monitor") -> None:
         self.skip_requested = reason
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from typing import Any
 
 import torch
@@ -60,8 +61,8 @@ class StepReads:
         self.found_late: list[int] = []  # non-finite steps found after their update (observe); the driver's to take
         self._read_step = 0  # the step of the last read point
         self._flags = (True, True, True)  # this step's (loss, gradients at backward, gradients now) verdict
-        self._loss_in_verdict: tuple[int, Tensor] | None = None  # (step, loss) whose value the verdict vector holds
-        self._loss_read: tuple[int, Tensor, float] | None = None  # (step, loss, value) read with the verdict
+        self._loss_in_verdict: tuple[int, weakref.ref] | None = None  # (step, loss) whose value the verdict holds
+        self._loss_read: tuple[int, weakref.ref, float] | None = None  # (step, loss, value) read with the verdict
         self.verdict_layout = (0, 0, 0)  # how many values of the verdict vector each of the three has
 
     def verdict_flags(self, ctx: LoopContext, grads_in_block: bool) -> Tensor | None:
@@ -76,7 +77,7 @@ class StepReads:
             parts.append(finite_value(ctx.loss))
             layout[0] = 1
             if ctx.loss.numel() == 1 and not ctx.loss.is_complex():  # the verdict carries the loss's own value
-                self._loss_in_verdict = (ctx.step, ctx.loss)
+                self._loss_in_verdict = (ctx.step, weakref.ref(ctx.loss))  # a weak one: not its graph
         if ctx.born_screen is not None:
             parts.append(ctx.born_screen.reshape(1))
             layout[1] = 1
@@ -100,7 +101,7 @@ class StepReads:
     def _loss_value(self, ctx: LoopContext) -> float | None:
         """The step's loss as read with its verdict (None when it was not: the row queues it)."""
         read = self._loss_read
-        return read[2] if read is not None and read[0] == ctx.step and read[1] is ctx.loss else None
+        return read[2] if read is not None and read[0] == ctx.step and read[1]() is ctx.loss else None
 
     def resolve_verdict(self, ctx: LoopContext) -> None:
         """After the check's read: ``ctx.grads_finite`` and, for gradients non-finite at backward but not now
