@@ -8,8 +8,9 @@ Golub-Pereyra, same damping and acceptance rule, float64), computed with less wo
         dd_n/dtheta = -r (p_n . u_theta) / rho_n
         dd_n/dln r  = r (r - u.p_n - rho_n) / rho_n = r ((u.p_n)^2 - ||p_n||^2) / (rho_n (r - u.p_n + rho_n))
     (no cancellation), and da_n = -j k0 dd_n a_n; the Fresnel model of ``geometry.path_difference`` likewise;
-  - the columns of a trial point by ONE GEMM with the stacked operators [Phi_1; ..; Phi_L], their derivatives
-    by a second one (complex64: they only steer the step; costs and residuals stay float64) once it is accepted;
+  - the columns of a trial point and their derivatives by ONE complex64 GEMM with the stacked operators
+    [Phi_1; ..; Phi_L] (the phases before it and the projections after it are float64), the derivatives only
+    when another iteration follows;
   - the normal matrix Re(J^H J) and the gradient Re(J^H r) from small per-snapshot matrices (D^H D, D^H B,
     D^H r and the Gram matrix's Cholesky factor, ``normal_equations``), never the (L M, 3k) Jacobian itself.
 Every scene of a call holds the same number k of sources (the caller groups scenes by k).
@@ -33,7 +34,7 @@ class FastRefiner:
         """phis (1, L, M, N) complex128: the operators Phi_l = H diag(c_l); lo / hi (3,): the parameter box."""
         _, self.L, self.m, self.n = phis.shape
         self.f = phis[0].reshape(self.L * self.m, self.n).to(torch.complex128).contiguous()  # (L M, N)
-        self.f32 = self.f.to(torch.complex64)  # for the derivative columns (2x faster GEMM, float64 elsewhere)
+        self.f32 = self.f.to(torch.complex64)  # the column GEMMs (``_apply``)
         self.pos = system.positions.to(torch.float64)  # (N, 3)
         self.pn2 = (self.pos ** 2).sum(-1)  # (N,)
         self.k0 = 2 * math.pi / system.wavelength
@@ -42,9 +43,8 @@ class FastRefiner:
         self.lo, self.hi = lo, hi
         self._mjk = torch.complex(torch.zeros((), dtype=torch.float64), torch.tensor(-self.k0, dtype=torch.float64))
 
-    def steering_and_derivatives(self, x: Tensor, derivatives_only: bool = False) -> Tensor:
-        """a and d a / d(phi, theta, ln r) of every source of x (B, k, 3): (B, k, 4, N) complex128 (without a:
-        (B, k, 3, N)); a as in ``geometry.steering`` (unit norm, a_n = exp(-j k0 (||p - p_n|| - r)) / sqrt(N))."""
+    def steering_and_derivatives(self, x: Tensor) -> Tensor:
+        """a and d a / d(phi, theta, ln r) of every source of x (B, k, 3): (B, k, 4, N) complex128; a as in ``geometry.steering`` (unit norm, a_n = exp(-j k0 (||p - p_n|| - r)) / sqrt(N))."""
         phi, theta, r = x[..., 0:1], x[..., 1:2], x[..., 2:3].exp()  # (B, k, 1)
         sp, cp, st, ct = phi.sin(), phi.cos(), theta.sin(), theta.cos()
         px, py, pz = self.pos[:, 0], self.pos[:, 1], self.pos[:, 2]
@@ -63,26 +63,27 @@ class FastRefiner:
             dd = (-q * u_phi, -q * u_theta, q * (up * up - self.pn2) / (r - up + rho))
         a = torch.polar(torch.full_like(d, 1.0 / math.sqrt(self.n)), -self.k0 * d)  # (B, k, N)
         ja = a * self._mjk  # -j k0 a
-        return torch.stack(([] if derivatives_only else [a]) + [ja * v for v in dd], 2)
+        return torch.stack([a] + [ja * v for v in dd], 2)
 
     def columns(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """B_l = Phi_l A (B, L, M, k) complex128 and its derivatives d_l = Phi_l da/d eta (B, L, M, 3k), ordered
-        (source, coordinate), by a complex64 GEMM: the Jacobian only steers the step, the cost is float64."""
-        vec = self.steering_and_derivatives(x)
-        return self._apply(vec[:, :, 0]), self._derivatives(vec[:, :, 1:])
+        """B_l = Phi_l A (B, L, M, k) and its derivatives d_l = Phi_l da/d eta (B, L, M, 3k), ordered (source,
+        coordinate), complex128, from ONE GEMM (``_apply``)."""
+        return self._split(self._apply(self.steering_and_derivatives(x).flatten(1, 2)), x.shape[1])
+
+    @staticmethod
+    def _split(cols: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """(B, L, M, 4k) columns ordered (source, [a, d/dphi, d/dtheta, d/dln r]) -> (B, k columns, 3k derivatives)."""
+        c = cols.unflatten(-1, (k, 4))
+        return c[..., 0].contiguous(), c[..., 1:].flatten(-2).contiguous()
 
     def _apply(self, vec: Tensor) -> Tensor:
-        """Phi_l v for vectors (B, J, N): (B, L, M, J) complex128 (one GEMM)."""
+        """Phi_l v for vectors (B, J, N) complex128: (B, L, M, J) complex128, by ONE complex64 GEMM with the stacked
+        operators (2x faster than complex128 here; the steering phases before it and the projections after it
+        are float64, and a column's relative rounding of ~1e-7 moves a residual energy by < 1e-5 of itself)."""
         bsz, j, _ = vec.shape
-        out = self.f @ vec.reshape(bsz * j, self.n).T  # (L M, B J)
-        return out.reshape(self.L, self.m, bsz, j).permute(2, 0, 1, 3).contiguous()
-
-    def _derivatives(self, dvec: Tensor) -> Tensor:
-        """Phi_l v for the derivative vectors (B, k, 3, N): (B, L, M, 3k) complex128, GEMM in complex64."""
-        bsz, k, _, _ = dvec.shape
-        out = self.f32 @ dvec.reshape(bsz * k * 3, self.n).T.to(torch.complex64)  # (L M, B 3k)
-        return out.reshape(self.L, self.m, bsz, 3 * k).permute(2, 0, 1, 3).to(torch.complex128,
-                                                                            memory_format=torch.contiguous_format)
+        out = self.f32 @ vec.reshape(bsz * j, self.n).T.to(torch.complex64)  # (L M, B J)
+        return out.reshape(self.L, self.m, bsz, j).permute(2, 0, 1, 3).to(torch.complex128,
+                                                                          memory_format=torch.contiguous_format)
 
     @staticmethod
     def project(b: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -148,8 +149,8 @@ class FastRefiner:
 
     def refine(self, x: Tensor, y: Tensor, iters: int) -> Tensor:
         """``iters`` LM iterations from x (B, k, 3) on y (B, L, M) complex128 (the rule of
-        ``ml_estimator.levenberg_marquardt``). A trial point's cost needs its columns only; their derivatives
-        are computed once it is accepted and another iteration follows."""
+        ``ml_estimator.levenberg_marquardt``). A trial point's columns and derivatives come from one GEMM (the
+        columns alone on the last iteration)."""
         bsz, k, _ = x.shape
         if iters <= 0 or bsz == 0:
             return x
@@ -165,19 +166,22 @@ class FastRefiner:
             damp = mu[:, None, None] * (torch.diagonal(jtj, dim1=-2, dim2=-1)[:, None, :] * eye + 1e-12 * eye)
             step = torch.linalg.solve(jtj + damp, -g[..., None])[..., 0].reshape(bsz, k, 3)
             cand = torch.maximum(torch.minimum(x + step, self.hi), self.lo)
-            vec = self.steering_and_derivatives(cand)
-            b_new = self._apply(vec[:, :, 0])
+            last = it == iters - 1  # the trial's derivatives are needed only when another iteration follows
+            if last:
+                b_new = self.plain_columns(cand)
+            else:
+                b_new, d_new = self._split(self._apply(self.steering_and_derivatives(cand).flatten(1, 2)), k)
             r_new, s_new, chol_new = self.project(b_new, y)
             cost_new = _sq(r_new)
             ok = cost_new < cost
             mu = torch.where(ok, mu / 3, mu * 4).clamp(1e-9, 1e9)
             done = done | (ok & (step.abs().amax((-2, -1)) < LM_TOL)) | (mu >= 1e9)
-            if it == iters - 1 or bool(done.all()):
+            if last or bool(done.all()):
                 return torch.where(ok[:, None, None], cand, x)
             if bool(ok.any()):
                 o = ok[:, None, None]
                 x, cost = torch.where(o, cand, x), torch.where(ok, cost_new, cost)
-                d = torch.where(o[..., None], self._derivatives(vec[:, :, 1:]), d)
+                d = torch.where(o[..., None], d_new, d)
                 b, r, s = torch.where(o[..., None], b_new, b), torch.where(o, r_new, r), torch.where(o, s_new, s)
                 chol = torch.where(o[..., None], chol_new, chol)
         return x
