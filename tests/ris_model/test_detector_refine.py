@@ -120,8 +120,8 @@ def test_residual_map_candidate_finds_the_source_left_out_and_extend_adds_it(set
     found = det.residual_peaks(x, k, d["y"][i:i + 1])
     cand = found[0][0]
     assert abs(float(torch.rad2deg(cand[0] - t[-1, 0]))) <= 2.0 and abs(float(torch.rad2deg(cand[1] - t[-1, 1]))) <= 2.0
-    xe, ke = det.extend(x, k, d["y"][i:i + 1], found, float("-inf"), 40.0)
-    assert int(ke[0]) == len(t)
+    xe, ke, gained = det.extend(x, k, d["y"][i:i + 1], found, float("-inf"), 40.0)
+    assert int(ke[0]) == len(t) and gained.tolist() == [0]
     assert float(torch.rad2deg(xe[0, len(t) - 1, :2] - t[-1, :2]).abs().max()) < 0.5
 
 
@@ -139,3 +139,21 @@ def test_prune_drops_a_duplicate_and_caps_at_k_max(setup):
     xc, kc = det.prune(full, torch.tensor([cfg.scene.k_max + 1]), d["y"][i:i + 1], float("-inf"),
                        k_keep=cfg.scene.k_max)
     assert int(kc[0]) == cfg.scene.k_max  # capped even when every source passes the threshold
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_detect_subtract_adds_one_missing_source_per_step(setup, steps):
+    """Two sources left out: each detect-subtract step adds one (a step runs only on the scenes the previous
+    one extended; the others would find the same rejected candidate again)."""
+    cfg, system, _, _, d = setup
+    det = _Bare(cfg, system)
+    det.params = dataclasses.replace(det.params, detect_steps=steps)
+    i = int(torch.nonzero(d["k"] >= 3)[0])
+    t = _truth(d, i)
+    x = torch.zeros(1, cfg.scene.k_max + 1, 3, dtype=torch.float64)
+    x[0, :len(t) - 2] = t[:-2]
+    xd, kd = det.detect_subtract(x, torch.tensor([len(t) - 2]), d["y"][i:i + 1], None, 40.0)
+    assert xd.shape == (1, cfg.scene.k_max, 3)
+    assert int(kd[0]) == len(t) - 2 + steps
+    for added in xd[0, len(t) - 2:int(kd[0]), :2]:  # each added source lies on one of the two left out (3 deg grid)
+        assert float(torch.rad2deg(t[-2:, :2] - added).abs().amax(-1).min()) < 1.5
