@@ -1,5 +1,5 @@
 """The learned pipeline at inference: beamformer map -> detector peaks -> short ML refinement -> pruning ->
-one detect-subtract step -> pruning by the ML residual.
+detect-subtract steps -> pruning by the ML residual.
 
 For the benchmark's system (any channel, any L; the detector was trained on other channels):
   1. the whitened Bartlett map of the scene (``beam_map``) and one pass of the detector (``detector``): the
@@ -15,7 +15,8 @@ For the benchmark's system (any channel, any L; the detector was trained on othe
      detector's best peak on the residual's map when above ``second``) is added when, at its position, it
      lowers the ML residual by more than ``tau`` per degree of freedom, and that scene refined again; a scene
      may hold K_MAX + 1 sources here, so that a source the peaks misplaced can be replaced;
-  5. pruning again, down to at most K_MAX sources.
+  5. pruning again, down to at most K_MAX sources; steps 4-5 are repeated (``detect_steps`` in all) on the
+     scenes the previous step extended (on the others the step would find the same rejected candidate).
 ``heat``, ``second`` and ``tau`` are tuned per L on validation scenes of the TRAINING channels
 (``detector_tune``) and stored in the checkpoint with the iteration counts. Two methods are reported: the
 peaks of step 1 alone, and the whole pipeline.
@@ -198,8 +199,9 @@ class LearnedDetector:
 
     def detect_subtract(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, second: float | None,
                         tau: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 4-5 on the output of ``refined_peaks``: one detect-subtract step (up to K_MAX + 1 sources, so
-        that a source the peaks misplaced can be replaced), pruning, at most K_MAX sources; (B, K_MAX, 3)."""
+        """Steps 4-5 on the output of ``refined_peaks``: ``detect_steps`` detect-subtract steps (each up to
+        K_MAX + 1 sources, so that a source the peaks misplaced can be replaced, then pruning to at most K_MAX),
+        the second and later ones on the scenes the step before extended; (B, K_MAX, 3)."""
         k_max = self.cfg.scene.k_max
         if tau is not None:
             x, k = x.clone(), k.clone()
