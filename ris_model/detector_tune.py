@@ -4,8 +4,8 @@ For every L of the detector: validation-split scenes of each training system (``
 quarter as many at L = 64, which costs 4x), nominal SNR uniform in ``snr_db``. The pipeline runs once per
 heat threshold up to its refinement (``WHITEN_ITERS`` whitened then ``LM_ITERS`` ML iterations: fixed, not
 tuned), then per tau (a grid times L / 16: a spurious source's statistic is about L) through pruning, the
-``DETECT_STEPS`` detect-subtract steps on the residual's map (``second`` None: the map's largest cell, no second network pass)
-and the final pruning; the pair with the best pooled F1 (``benchmark.pooled_counts``: Hungarian, 5 deg gate)
+``DETECT_STEPS`` detect-subtract steps on the residual's map (``second`` None: the map's largest cell, no
+second network pass) and the final pruning; the pair with the best pooled F1 (``benchmark.pooled_counts``: Hungarian, 5 deg gate)
 is kept. The benchmark's channel (dataset seed 0) and its scenes are never used.
 
     python -m ris_model tunedet --checkpoint reports/evaluation/detector.pt   (re-tunes a trained detector)
