@@ -251,7 +251,7 @@ def load_detector(path: str | Path, cfg: RunConfig, lm_iters: int | None = None)
                           cfg, system, p.get("lm_iters") if lm_iters is None else lm_iters)
     det.meta = {"config": dataclasses.asdict(dcfg), "train_seconds": round(float(ckpt["train_seconds"]), 1),
                 "parameters": sum(q.numel() for q in net.parameters()), "pipeline": ckpt["pipeline"],
-                "lm_iters": det.lm_iters}
+                "lm_iters": det.lm_iters, "detect_steps": det.params.detect_steps, "pipeline_version": PIPELINE_VERSION}
     tag = (hashlib.sha256(raw).hexdigest()[:12] + f"_p{PIPELINE_VERSION}"
            + ("" if lm_iters is None else f"_lm{lm_iters}"))
     return det, tag
