@@ -140,7 +140,7 @@ def _benchmark(args: argparse.Namespace) -> None:
     res = run_benchmark(cfg, list(args.snr), args.n, args.val, Path(args.cache), reps=args.reps, learned=learned,
                         learned_tag=tag, only=args.only)
     if learned is not None:
-        res["learned"] = dict(learned.meta, checkpoint=args.learned, sha256_12=tag)
+        res["learned"] = dict(learned.meta, checkpoint=args.learned, sha256_12=tag.split("_")[0], cache_tag=tag)
     for path in write_bench_report(res, Path(args.out)):
         print(f"wrote {path}")
 

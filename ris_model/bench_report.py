@@ -109,7 +109,7 @@ def limits(res: dict) -> list[str]:
         f"- Detection: its peaks match {peaks['matched_frac']:.3f} of the sources within the gate (ML: "
         f"{ml['matched_frac']:.3f}) with {peaks['fa_per_scene']:.2f} false alarms per scene (ML: {ml['fa_per_scene']:.2f}); "
         f"its K is right in {peaks['k_acc']:.3f} of the scenes (ML threshold: {ml['k_acc']:.3f}). The stages after "
-        f"the peaks (refinement, pruning by the ML residual, one detect-subtract step) take F1 from {peaks['f1']:.3f} "
+        f"the peaks (refinement, pruning by the ML residual, {_steps(res)}) take F1 from {peaks['f1']:.3f} "
         f"to {lr['f1']:.3f} (ML {ml['f1']:.3f}), K right in {lr['k_acc']:.3f}. What the misses are: docs/evaluation.md.",
         f"- Time: the stages after the peaks are {share:.0%} of the learned method's time per scene; the peaks alone are "
         f"{ml['s_per_scene'] / peaks['s_per_scene']:.0f}x faster than the ML, the refined pipeline "
@@ -150,6 +150,15 @@ def conditions_header(res: dict) -> list[str]:
     ]
 
 
+def _n_steps(res: dict) -> int:
+    return int((res.get("learned") or {}).get("detect_steps", 1))
+
+
+def _steps(res: dict) -> str:
+    n = _n_steps(res)
+    return "one detect-subtract step" if n == 1 else f"{n} detect-subtract steps"
+
+
 def _learned_lines(res: dict) -> list[str]:
     lr = res.get("learned")
     if lr is None:
@@ -166,10 +175,12 @@ def _learned_lines(res: dict) -> list[str]:
             f"{lr['train_seconds']:.0f} s on one thread of the shared CPU (training and a first tuning). Pipeline "
             f"(`detector_infer`): peaks above heat = {p.get('heat')}, {p.get('whiten_iters', 0)} Levenberg-Marquardt "
             f"iterations of the whitened cost then {lr['lm_iters']} of the ML cost, pruning of sources whose removal "
-            f"raises the ML residual by less than tau = {p.get('tau')} per degree of freedom, one detect-subtract step "
+            f"raises the ML residual by less than tau = {p.get('tau')} per degree of freedom, {_steps(res)} "
             + ("(the largest cell of the residual's whitened beamformer map, kept when it passes the same test) "
                if p.get('second') is None else f"(residual peak above {p.get('second')}) ")
-            + f"and pruning again to at most K_MAX sources; heat and tau tuned for L = {res['snapshots']} on "
+            + "each followed by pruning to at most K_MAX sources"
+            + (", each step after the first on the scenes the previous one extended" if _n_steps(res) > 1 else "")
+            + f"; heat and tau tuned for L = {res['snapshots']} on "
             f"{p.get('val_scenes')} validation scenes of the training channels (F1 {p.get('val_f1')}). Other L and "
             "channel seeds: docs/evaluation.md."]
 

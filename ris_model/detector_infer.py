@@ -1,5 +1,5 @@
 """The learned pipeline at inference: beamformer map -> detector peaks -> short ML refinement -> pruning ->
-one detect-subtract step -> pruning by the ML residual.
+detect-subtract steps -> pruning by the ML residual.
 
 For the benchmark's system (any channel, any L; the detector was trained on other channels):
   1. the whitened Bartlett map of the scene (``beam_map``) and one pass of the detector (``detector``): the
@@ -15,7 +15,8 @@ For the benchmark's system (any channel, any L; the detector was trained on othe
      detector's best peak on the residual's map when above ``second``) is added when, at its position, it
      lowers the ML residual by more than ``tau`` per degree of freedom, and that scene refined again; a scene
      may hold K_MAX + 1 sources here, so that a source the peaks misplaced can be replaced;
-  5. pruning again, down to at most K_MAX sources.
+  5. pruning again, down to at most K_MAX sources; steps 4-5 are repeated (``detect_steps`` in all) on the
+     scenes the previous step extended (on the others the step would find the same rejected candidate).
 ``heat``, ``second`` and ``tau`` are tuned per L on validation scenes of the TRAINING channels
 (``detector_tune``) and stored in the checkpoint with the iteration counts. Two methods are reported: the
 peaks of step 1 alone, and the whole pipeline.
@@ -39,6 +40,8 @@ from ris_model.music import Estimates, single_threaded
 from ris_model.simulate import System, make_system
 
 NET_CHUNK = 25  # scenes per forward pass at inference
+DETECT_STEPS = 2  # detect-subtract steps (docs/evaluation.md: validation scenes of the training channels)
+PIPELINE_VERSION = 2  # part of the benchmark's cache key of the learned rows: bump when the pipeline's output changes
 DETECTOR_PEAKS = "learned detector peaks (no refinement)"
 DETECTOR_REFINED = "learned detector + ML refinement"
 
@@ -55,6 +58,7 @@ class PipelineParams:
     second: float | None
     tau: float | None
     whiten_iters: int = 0  # LM iterations on the whitened cost before the ``lm_iters`` of the ML cost
+    detect_steps: int = DETECT_STEPS  # detect-subtract steps (each on the scenes the previous one extended)
 
 
 def detector_config(raw: dict) -> DetectorConfig:
@@ -123,10 +127,11 @@ class LearnedDetector:
         return cand[:, 0], score[:, 0], energy
 
     def extend(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, found: tuple[torch.Tensor, ...],
-               threshold: float, tau: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+               threshold: float, tau: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Detect-subtract: the residual peak ``found`` (``residual_peaks``) is added where its score exceeds
         ``threshold`` (and k < the slots of x) and, at its detected position, it lowers the ML residual by more
-        than ``tau`` per degree of freedom (the statistic of ``prune``); only those scenes are refined again."""
+        than ``tau`` per degree of freedom (the statistic of ``prune``); only those scenes are refined again.
+        Returns x, k and the indices of the scenes that gained the candidate."""
         cand, score, e_old = found
         slots = x.shape[1]
         L, m = y.shape[-2:]
@@ -145,7 +150,7 @@ class LearnedDetector:
             idx = idx[keep]
         k[idx] += 1
         x[idx] = self.refine(x[idx], k[idx], y[idx])
-        return x, k
+        return x, k, idx
 
     def drop_statistics(self, x: torch.Tensor, kk: int, y: torch.Tensor) -> torch.Tensor:
         """(e_{-j} - e) / (e / (L (M - kk))) for each of the kk sources of x (B, kk, 3): (B, kk)."""
@@ -194,13 +199,23 @@ class LearnedDetector:
 
     def detect_subtract(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, second: float | None,
                         tau: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 4-5 on the output of ``refined_peaks``: one detect-subtract step (up to K_MAX + 1 sources, so
-        that a source the peaks misplaced can be replaced), pruning, at most K_MAX sources; (B, K_MAX, 3)."""
+        """Steps 4-5 on the output of ``refined_peaks``: ``detect_steps`` detect-subtract steps (each up to
+        K_MAX + 1 sources, so that a source the peaks misplaced can be replaced, then pruning to at most K_MAX),
+        the second and later ones on the scenes the step before extended; (B, K_MAX, 3)."""
         k_max = self.cfg.scene.k_max
         if tau is not None:
-            found = self.residual_peaks(x, k, y)
-            x, k = self.extend(x, k, y, found, float("-inf") if second is None else second, tau)
-            x, k = self.prune(x, k, y, tau, k_keep=k_max)
+            x, k = x.clone(), k.clone()
+            todo = torch.arange(len(k))
+            for _ in range(self.params.detect_steps):
+                xs, ks, ys = x[todo], k[todo], y[todo]
+                found = self.residual_peaks(xs, ks, ys)
+                xs, ks, gained = self.extend(xs, ks, ys, found, float("-inf") if second is None else second, tau)
+                x[todo], k[todo] = self.prune(xs, ks, ys, tau, k_keep=k_max)
+                # a scene that did not gain its candidate is left as it was (pruned already), so the next step
+                # would find the same candidate and reject it again: only the others go on
+                todo = todo[gained]
+                if len(todo) == 0:
+                    break
         elif bool((k > k_max).any()):
             x, k = self.prune(x, k, y, float("-inf"), k_keep=k_max)
         return x[:, :k_max], k
@@ -231,14 +246,16 @@ def load_detector(path: str | Path, cfg: RunConfig, lm_iters: int | None = None)
     net = HeatNet(dcfg.n_range, dcfg.width)
     net.load_state_dict(ckpt["state"])
     p = ckpt["pipeline"][str(L)]
-    det = LearnedDetector(net, dcfg, PipelineParams(p["heat"], p["second"], p["tau"], p.get("whiten_iters", 0)),
+    det = LearnedDetector(net, dcfg, PipelineParams(p["heat"], p["second"], p["tau"], p.get("whiten_iters", 0),
+                                                    p.get("detect_steps", DETECT_STEPS)),
                           cfg, system, p.get("lm_iters") if lm_iters is None else lm_iters)
     det.meta = {"config": dataclasses.asdict(dcfg), "train_seconds": round(float(ckpt["train_seconds"]), 1),
                 "parameters": sum(q.numel() for q in net.parameters()), "pipeline": ckpt["pipeline"],
-                "lm_iters": det.lm_iters}
-    tag = hashlib.sha256(raw).hexdigest()[:12] + ("" if lm_iters is None else f"_lm{lm_iters}")
+                "lm_iters": det.lm_iters, "detect_steps": det.params.detect_steps, "pipeline_version": PIPELINE_VERSION}
+    tag = (hashlib.sha256(raw).hexdigest()[:12] + f"_p{PIPELINE_VERSION}"
+           + ("" if lm_iters is None else f"_lm{lm_iters}"))
     return det, tag
 
 
-__all__ = ["DETECTOR_PEAKS", "DETECTOR_REFINED", "DetectorError", "PipelineParams", "LearnedDetector",
+__all__ = ["DETECT_STEPS", "PIPELINE_VERSION", "DETECTOR_PEAKS", "DETECTOR_REFINED", "DetectorError", "PipelineParams", "LearnedDetector",
            "load_detector", "detector_config"]

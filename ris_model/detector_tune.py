@@ -4,8 +4,8 @@ For every L of the detector: validation-split scenes of each training system (``
 quarter as many at L = 64, which costs 4x), nominal SNR uniform in ``snr_db``. The pipeline runs once per
 heat threshold up to its refinement (``WHITEN_ITERS`` whitened then ``LM_ITERS`` ML iterations: fixed, not
 tuned), then per tau (a grid times L / 16: a spurious source's statistic is about L) through pruning, the
-detect-subtract step on the residual's map (``second`` None: the map's largest cell, no second network pass)
-and the final pruning; the pair with the best pooled F1 (``benchmark.pooled_counts``: Hungarian, 5 deg gate)
+``DETECT_STEPS`` detect-subtract steps on the residual's map (``second`` None: the map's largest cell, no
+second network pass) and the final pruning; the pair with the best pooled F1 (``benchmark.pooled_counts``: Hungarian, 5 deg gate)
 is kept. The benchmark's channel (dataset seed 0) and its scenes are never used.
 
     python -m ris_model tunedet --checkpoint reports/evaluation/detector.pt   (re-tunes a trained detector)
@@ -23,7 +23,7 @@ from ris_model.benchmark import pooled_counts
 from ris_model.config import RunConfig
 from ris_model.detector import DetectorConfig, HeatNet, peak_estimates
 from ris_model.detector_data import CHUNK, scenes
-from ris_model.detector_infer import LearnedDetector, PipelineParams
+from ris_model.detector_infer import DETECT_STEPS, LearnedDetector, PipelineParams
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ def tune_pipeline(net: HeatNet, dcfg: DetectorConfig, cfg: RunConfig, systems: d
                 best = max(best, (_f1(counts), (heat, None, tau)), key=lambda t: t[0])
         heat, second, tau = best[1]
         out[str(L)] = {"heat": heat, "second": second, "tau": tau, "whiten_iters": WHITEN_ITERS, "lm_iters": LM_ITERS,
+                       "detect_steps": DETECT_STEPS,
                        "val_f1": round(best[0], 4), "val_scenes": sum(len(d["k"]) for _, d in sets)}
         logger.info("detector pipeline L=%d: heat %.2f, tau %.0f (validation F1 %.3f over %d scenes)",
                     L, heat, tau, best[0], out[str(L)]["val_scenes"])

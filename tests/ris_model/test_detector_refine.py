@@ -37,9 +37,14 @@ def setup():
 def test_closed_form_derivatives_match_forward_mode_autograd(fresnel):
     _, system, phis, fr = _setup(fresnel)
     b_ref, db_ref = _columns_and_derivatives(X, phis, system)
-    cols = fr.columns(X)
-    torch.testing.assert_close(cols[..., 0], b_ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(cols[..., 1:], db_ref, rtol=1e-9, atol=1e-9 * float(db_ref.abs().max()))
+    b, d = fr.columns(X)
+    # the columns come from a complex64 GEMM (the phases before it are float64): single-precision agreement
+    tol = dict(rtol=1e-5, atol=1e-6 * float(b_ref.abs().max()))
+    torch.testing.assert_close(b, b_ref, **tol)
+    torch.testing.assert_close(fr.plain_columns(X), b, rtol=0.0, atol=0.0)
+    torch.testing.assert_close(d, db_ref.reshape(d.shape), rtol=1e-5, atol=1e-6 * float(db_ref.abs().max()))
+    torch.testing.assert_close(fr.steering_and_derivatives(X)[:, :, 0], system.steer(X[..., 0], X[..., 1], X[..., 2].exp()),
+                               rtol=1e-12, atol=1e-14)  # the steering vector itself stays float64
 
 
 def test_normal_equations_match_the_golub_pereyra_jacobian(setup):
@@ -48,13 +53,17 @@ def test_normal_equations_match_the_golub_pereyra_jacobian(setup):
     r, jac = residual_and_jacobian(X, phis, y, system)
     j = torch.view_as_real(jac.reshape(2, -1, 9)).transpose(-1, -2).reshape(2, -1, 9)
     rv = torch.view_as_real(r.reshape(2, -1)).reshape(2, -1)
-    cols = fr.columns(X)
-    e, r2, s, w = fr._state(cols, y)
-    jtj, g = fr.normal_equations(cols, r2, s, w)
+    _, db_ref = _columns_and_derivatives(X, phis, system)
+    b, _ = _columns_and_derivatives(X, phis, system)
+    r2, s, chol = fr.project(b, y)
+    # the exact derivative columns: the reduced normal equations themselves, to double precision
+    jtj, g = fr.normal_equations(b, db_ref.reshape(*b.shape[:3], -1), r2, s, chol)
     torch.testing.assert_close(jtj, j.transpose(-1, -2) @ j, rtol=1e-9, atol=1e-9 * float(jtj.abs().max()))
     torch.testing.assert_close(g, (j.transpose(-1, -2) @ rv[..., None])[..., 0], rtol=1e-9,
                                atol=1e-9 * float(g.abs().max()))
-    torch.testing.assert_close(e, energy(X, phis, y, system), rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(fr.energy(X, y), energy(X, phis, y, system), rtol=1e-6, atol=0.0)
+    jtj32, g32 = fr.normal_equations(b, fr.columns(X)[1], r2, s, chol)  # the pipeline's complex64 derivatives
+    torch.testing.assert_close(jtj32, jtj, rtol=1e-4, atol=1e-5 * float(jtj.abs().max()))
 
 
 def test_refine_follows_the_generic_levenberg_marquardt(setup):
@@ -63,7 +72,7 @@ def test_refine_follows_the_generic_levenberg_marquardt(setup):
     x0 = X + 0.02
     ref = levenberg_marquardt(x0.clone(), phis, y, system, *_box(cfg.scene), 4)
     got = fr.refine(x0.clone(), y, 4)
-    torch.testing.assert_close(got, ref, rtol=0.0, atol=1e-9)
+    torch.testing.assert_close(got, ref, rtol=0.0, atol=1e-6)  # complex64 Jacobian: steps agree to ~1e-7
     assert not torch.equal(got, x0)
 
 
@@ -72,8 +81,8 @@ def test_removal_rise_equals_the_energies_without_each_source(setup):
     y = d["y"][:2].to(torch.complex128)
     e, rise = fr.removal_rise(X, y)
     ref = torch.stack([energy(X[:, [i for i in range(3) if i != j]], phis, y, system) for j in range(3)], -1)
-    torch.testing.assert_close(e, energy(X, phis, y, system), rtol=1e-12, atol=0.0)
-    torch.testing.assert_close(rise, ref - e[:, None], rtol=1e-7, atol=1e-9 * float(ref.max()))
+    torch.testing.assert_close(e, energy(X, phis, y, system), rtol=1e-6, atol=0.0)  # complex64 columns
+    torch.testing.assert_close(rise, ref - e[:, None], rtol=1e-5, atol=1e-7 * float(ref.max()))
     torch.testing.assert_close(fr.energy(X, y), e, rtol=1e-12, atol=0.0)
 
 
@@ -111,8 +120,8 @@ def test_residual_map_candidate_finds_the_source_left_out_and_extend_adds_it(set
     found = det.residual_peaks(x, k, d["y"][i:i + 1])
     cand = found[0][0]
     assert abs(float(torch.rad2deg(cand[0] - t[-1, 0]))) <= 2.0 and abs(float(torch.rad2deg(cand[1] - t[-1, 1]))) <= 2.0
-    xe, ke = det.extend(x, k, d["y"][i:i + 1], found, float("-inf"), 40.0)
-    assert int(ke[0]) == len(t)
+    xe, ke, gained = det.extend(x, k, d["y"][i:i + 1], found, float("-inf"), 40.0)
+    assert int(ke[0]) == len(t) and gained.tolist() == [0]
     assert float(torch.rad2deg(xe[0, len(t) - 1, :2] - t[-1, :2]).abs().max()) < 0.5
 
 
@@ -130,3 +139,21 @@ def test_prune_drops_a_duplicate_and_caps_at_k_max(setup):
     xc, kc = det.prune(full, torch.tensor([cfg.scene.k_max + 1]), d["y"][i:i + 1], float("-inf"),
                        k_keep=cfg.scene.k_max)
     assert int(kc[0]) == cfg.scene.k_max  # capped even when every source passes the threshold
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_detect_subtract_adds_one_missing_source_per_step(setup, steps):
+    """Two sources left out: each detect-subtract step adds one (a step runs only on the scenes the previous
+    one extended; the others would find the same rejected candidate again)."""
+    cfg, system, _, _, d = setup
+    det = _Bare(cfg, system)
+    det.params = dataclasses.replace(det.params, detect_steps=steps)
+    i = int(torch.nonzero(d["k"] >= 3)[0])
+    t = _truth(d, i)
+    x = torch.zeros(1, cfg.scene.k_max + 1, 3, dtype=torch.float64)
+    x[0, :len(t) - 2] = t[:-2]
+    xd, kd = det.detect_subtract(x, torch.tensor([len(t) - 2]), d["y"][i:i + 1], None, 40.0)
+    assert xd.shape == (1, cfg.scene.k_max, 3)
+    assert int(kd[0]) == len(t) - 2 + steps
+    for added in xd[0, len(t) - 2:int(kd[0]), :2]:  # each added source lies on one of the two left out (3 deg grid)
+        assert float(torch.rad2deg(t[-2:, :2] - added).abs().amax(-1).min()) < 1.5

@@ -1,0 +1,24 @@
+"""The whitened Bartlett map of the learned detector (``beam_map``) against its definition."""
+
+from __future__ import annotations
+
+import torch
+
+from ris_model.beam_map import CHUNK_SCENES, BeamMap
+from ris_model.config import RunConfig
+from ris_model.simulate import make_system, simulate
+
+
+def test_flat_map_is_the_sum_over_snapshots_of_the_captured_energy():
+    cfg = RunConfig()
+    system = make_system(cfg)
+    bmap = BeamMap(system, cfg.scene, 3.0, 8)
+    d = simulate(cfg, system, "test", list(range(CHUNK_SCENES + 3)))  # two blocks, the second partial
+    yw = (bmap.w @ d["y"].to(torch.complex128)[..., None])[..., 0]  # (B, L, M)
+    ref = torch.einsum("lmg,blm->blg", bmap.dictionary.cols_h.to(torch.complex128), yw).abs().square().sum(1)
+    got = bmap.flat(d["y"])
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.max()))
+    img = bmap.image(d["y"])
+    assert img.shape == (len(d["k"]), 8, *bmap.shape[:2])
+    torch.testing.assert_close(img.mean((1, 2, 3)), torch.ones(len(d["k"])), rtol=1e-5, atol=0.0)
