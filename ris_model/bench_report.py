@@ -177,7 +177,12 @@ def _learned_lines(res: dict) -> list[str]:
             f"{lr['train_seconds']:.0f} s on one thread of the shared CPU (training and a first tuning). Pipeline "
             f"(`detector_infer`): peaks above heat = {p.get('heat')}, {p.get('whiten_iters', 0)} Levenberg-Marquardt "
             f"iterations of the whitened cost then {lr['lm_iters']} of the ML cost, pruning of sources whose removal "
-            f"raises the ML residual by less than tau = {p.get('tau')} per degree of freedom, {_steps(res)} "
+            f"raises the ML residual by less than tau = {p.get('tau')} per degree of freedom, "
+            + ("" if lr.get("relocate") is None else
+               f"a re-search of each scene's weakest source on the whitened map of the residual with the other "
+               f"sources projected out, where its drop statistic is below {lr['relocate']:g} (moved when the ML "
+               "residual drops, refined again), ")
+            + f"{_steps(res)} "
             + ("(the largest cell of the residual's whitened beamformer map, kept when it passes the same test) "
                if p.get('second') is None else f"(residual peak above {p.get('second')}) ")
             + "each followed by pruning to at most K_MAX sources"

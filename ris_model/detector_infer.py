@@ -1,5 +1,5 @@
 """The learned pipeline at inference: beamformer map -> detector peaks -> short ML refinement -> pruning ->
-detect-subtract steps -> pruning by the ML residual.
+re-search of the weakest source -> detect-subtract steps -> pruning by the ML residual.
 
 For the benchmark's system (any channel, any L; the detector was trained on other channels):
   1. the whitened Bartlett map of the scene (``beam_map``) and one pass of the detector (``detector``): the
@@ -9,7 +9,10 @@ For the benchmark's system (any channel, any L; the detector was trained on othe
      concentrated ML cost, on all candidates of a scene jointly;
   3. pruning (``prune``): a source whose removal raises the ML residual by less than ``tau`` per residual
      degree of freedom is dropped (the statistic of ``model_order.residual_drop``, read backwards; all of a
-     scene's statistics from one fit, ``FastRefiner.removal_rise``);
+     scene's statistics from one fit, ``FastRefiner.removal_rise``); then (``relocate_weakest``, on scenes whose
+     weakest statistic is below ``relocate``) the weakest source is searched again on the whitened map of the
+     residual with the other sources projected out (one alternating-projection step) and moved when the ML
+     residual drops there;
   4. detect-subtract (``extend``): a candidate in the residual after those sources (``second`` None: the cell
      of the largest whitened Bartlett map value of the residual, the ML estimator's greedy step; else the
      detector's best peak on the residual's map when above ``second``) is added when, at its position, it
@@ -289,7 +292,8 @@ def load_detector(path: str | Path, cfg: RunConfig, lm_iters: int | None = None)
                           cfg, system, p.get("lm_iters") if lm_iters is None else lm_iters)
     det.meta = {"config": dataclasses.asdict(dcfg), "train_seconds": round(float(ckpt["train_seconds"]), 1),
                 "parameters": sum(q.numel() for q in net.parameters()), "pipeline": ckpt["pipeline"],
-                "lm_iters": det.lm_iters, "detect_steps": det.params.detect_steps, "pipeline_version": PIPELINE_VERSION}
+                "lm_iters": det.lm_iters, "detect_steps": det.params.detect_steps, "relocate": det.params.relocate,
+                "pipeline_version": PIPELINE_VERSION}
     tag = (hashlib.sha256(raw).hexdigest()[:12] + f"_p{PIPELINE_VERSION}"
            + ("" if lm_iters is None else f"_lm{lm_iters}"))
     return det, tag
