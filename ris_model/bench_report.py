@@ -81,14 +81,16 @@ def goal_check(res: dict) -> list[str]:
         speed = ml["s_per_scene"] / lr["s_per_scene"]
         lines.append(f"- learned F1 at {snr} dB: {lr['f1']:.3f} {_ci(lr, 'f1')} vs ML {ml['f1']:.3f} {_ci(ml, 'f1')} -> "
                      f"{gap:+.3f} (goal >= -{GOAL_F1_GAP}: {'met' if gap >= -GOAL_F1_GAP else 'NOT met'}); {speed:.1f}x faster per scene in this "
-                     f"table's times (goal >= {GOAL_SPEEDUP:g}x: {'met' if speed >= GOAL_SPEEDUP else 'NOT met'})")
+                     f"table's times (taken at different moments: the speed goal is judged back to back, below)")
     t = res.get("timing")
     if t:
-        lines.append(f"- speed back to back ({t['scenes']} validation scenes at {t['snr_db']:g} dB, ML and learned "
-                     f"interleaved {len(t['ml_s'])} times in one process): ML "
+        lines.append(f"- speed back to back ({t['scenes']} validation scenes at {t['snr_db']:g} dB in one process: an untimed "
+                     f"warm-up pass of each method, then {len(t['ml_s'])} passes over the scenes in chunks of "
+                     f"{t.get('chunk', t['scenes'])}, ML and learned alternating chunk by chunk; wall time): ML "
                      f"{' / '.join(f'{v:.3f}' for v in t['ml_s'])} s/scene, learned "
-                     f"{' / '.join(f'{v:.4f}' for v in t['learned_s'])} s/scene -> {t['ratio']:.1f}x "
-                     f"(goal >= {GOAL_SPEEDUP:g}x: {'met' if t['ratio'] >= GOAL_SPEEDUP else 'NOT met'})")
+                     f"{' / '.join(f'{v:.4f}' for v in t['learned_s'])} s/scene per pass ("
+                     f"{' / '.join(f'{v:.1f}x' for v in t.get('ratios', []))}) -> total ML / total learned "
+                     f"{t['ratio']:.1f}x (goal >= {GOAL_SPEEDUP:g}x: {'met' if t['ratio'] >= GOAL_SPEEDUP else 'NOT met'})")
     lr = _row(res, "20", LEARNED)
     w = None if lr is None else _worst(lr, "own")
     if w is not None:
@@ -175,7 +177,12 @@ def _learned_lines(res: dict) -> list[str]:
             f"{lr['train_seconds']:.0f} s on one thread of the shared CPU (training and a first tuning). Pipeline "
             f"(`detector_infer`): peaks above heat = {p.get('heat')}, {p.get('whiten_iters', 0)} Levenberg-Marquardt "
             f"iterations of the whitened cost then {lr['lm_iters']} of the ML cost, pruning of sources whose removal "
-            f"raises the ML residual by less than tau = {p.get('tau')} per degree of freedom, {_steps(res)} "
+            f"raises the ML residual by less than tau = {p.get('tau')} per degree of freedom, "
+            + ("" if lr.get("relocate") is None else
+               f"a re-search of each scene's weakest source on the whitened map of the residual with the other "
+               f"sources projected out, where its drop statistic is below {lr['relocate']:g} (moved when the ML "
+               "residual drops, refined again), ")
+            + f"{_steps(res)} "
             + ("(the largest cell of the residual's whitened beamformer map, kept when it passes the same test) "
                if p.get('second') is None else f"(residual peak above {p.get('second')}) ")
             + "each followed by pruning to at most K_MAX sources"

@@ -39,6 +39,8 @@ SNR_SLOTS = (0.0, 10.0, 20.0, 30.0, -10.0, -5.0, 5.0, 15.0, 25.0, 40.0)  # condi
 CACHE_FORMAT = 1
 LEARNED = "learned detector + ML refinement"  # = detector_infer.DETECTOR_REFINED (not imported: no circle)
 TIMING_OFFSET = 2000  # validation-scene offset of ``back_to_back`` (the threshold uses indices 0..n_val - 1)
+TIMING_SCENES, TIMING_REPEATS = 200, 2  # ``back_to_back``: scenes and passes over them
+TIMING_CHUNK = 50  # scenes per call of either method in ``back_to_back``: the ML's batch in ``run_benchmark``
 MUSIC_STEP_DEG = 1.0  # MUSIC grid step here (refined by Newton after the grid; 0.5 deg was 3x slower)
 
 
@@ -128,19 +130,32 @@ def run_condition(cfg: RunConfig, system: System, estimator: MLEstimator, snr: f
 
 
 def back_to_back(cfg: RunConfig, system: System, estimator: MLEstimator, learned: object, snr: float = 20.0,
-                 n: int = 50, repeats: int = 2) -> dict:
-    """Seconds per scene of the ML estimator and the learned pipeline on the SAME n validation scenes (offset
-    TIMING_OFFSET: not the threshold's), interleaved ``repeats`` times in this process, so that the load of a
-    shared machine hits both alike (the per-condition times of the tables were taken at different moments)."""
+                 n: int = TIMING_SCENES, repeats: int = TIMING_REPEATS, chunk: int = TIMING_CHUNK) -> dict:
+    """Wall seconds per scene of the ML estimator and the learned pipeline on the SAME n validation scenes
+    (offset TIMING_OFFSET: not the threshold's), measured alike: one untimed warm-up pass of each method on the
+    first chunk, then ``repeats`` passes over the n scenes in chunks of ``chunk``, ML and learned alternating
+    chunk by chunk, so that a change of a shared machine's load hits both (the per-condition times of the
+    tables were taken at different moments). ``ratio``: total ML time / total learned time over all repeats;
+    ``ratios``: the same per repeat."""
     data = condition_data(cfg, system, "val", snr, n, offset=TIMING_OFFSET)
+    parts = _batched(n, chunk)
+    estimator.path(data["y"][parts[0]])  # warm-up, untimed (first-call set-up costs of either method)
+    learned({"y": data["y"][parts[0]]})
     ml_s, lr_s = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        estimator.path(data["y"])
-        ml_s.append((time.perf_counter() - t0) / n)
-        lr_s.append(learned(data)[LEARNED][2] / n)
+        t_ml = t_lr = 0.0
+        for sl in parts:
+            t0 = time.perf_counter()
+            estimator.path(data["y"][sl])
+            t_ml += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            learned({"y": data["y"][sl]})
+            t_lr += time.perf_counter() - t0
+        ml_s.append(t_ml / n)
+        lr_s.append(t_lr / n)
     logger.info("back to back: ML %s s/scene, learned %s s/scene", ml_s, lr_s)
-    return {"snr_db": snr, "scenes": n, "ml_s": ml_s, "learned_s": lr_s, "ratio": sum(ml_s) / sum(lr_s)}
+    return {"snr_db": snr, "scenes": n, "chunk": chunk, "repeats": repeats, "ml_s": ml_s, "learned_s": lr_s,
+            "ratios": [a / b for a, b in zip(ml_s, lr_s)], "ratio": sum(ml_s) / sum(lr_s)}
 
 
 def cached_condition(cache: Path, key: str, compute: object) -> dict:

@@ -1,9 +1,11 @@
 """Pooled F1 of the learned pipeline's variants on VALIDATION scenes of the TRAINING channels (dataset seeds 1-8,
 never the benchmark's seed-0 channel or its test scenes), L = 16, at fixed nominal SNRs: the evidence behind the
-pipeline choices of docs/evaluation.md (detect-subtract steps, tau).
+pipeline choices of docs/evaluation.md (detect-subtract steps, tau, the gate of the weakest source's re-search:
+``off`` or a drop-statistic gate, ``inf`` = every scene with k >= 2).
 
     PYTHONPATH=. python reports/evaluation/validation_check.py [--snr 10 20] [--n 100] [--steps 1 2]
-                                                               [--tau 50] [--ml]
+                                                               [--tau 50] [--relocate off inf 100]
+                                                               [--ml]
 
 Scenes: validation-split indices OFFSET..OFFSET + n - 1 of each training system (the tuning of ``tunedet`` uses
 0..49, at SNR uniform in 0-30 dB). ``--ml``: the ML estimator with the benchmark's threshold (tau 51.6) on the
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import time
 
 import numpy as np
@@ -44,6 +47,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=100, help="scenes per training channel and SNR")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2], help="detect-subtract steps to compare")
     p.add_argument("--tau", type=float, nargs="+", default=None, help="pruning thresholds (default: the checkpoint's)")
+    p.add_argument("--relocate", nargs="+", default=None,
+                   help="gates of the weakest source's re-search, 'off' for none (default: the pipeline's)")
     p.add_argument("--ml", action="store_true", help="also the ML estimator on the same scenes")
     p.add_argument("--checkpoint", default="reports/evaluation/detector.pt")
     args = p.parse_args()
@@ -58,16 +63,17 @@ def main() -> None:
             det = LearnedDetector(base.net, base.dcfg, base.params, c, system, base.lm_iters, warm=False)
             sets.append((det, simulate(c, system, "val", list(range(OFFSET, OFFSET + args.n)))))
         for steps in args.steps:
-            for tau in args.tau or [base.params.tau]:
+            for tau, gate in itertools.product(args.tau or [base.params.tau], args.relocate or [base.params.relocate]):
+                gate = None if gate in (None, "off") else float(gate)
                 counts, sec = np.zeros(3), 0.0
                 for det, d in sets:
-                    det.params = dataclasses.replace(base.params, detect_steps=steps, tau=tau)
+                    det.params = dataclasses.replace(base.params, detect_steps=steps, tau=tau, relocate=gate)
                     with single_threaded(), torch.inference_mode():
                         t0 = time.process_time()
                         _, _, x, k, _ = det.run(d["y"])
                         sec += time.process_time() - t0
                     counts += pooled_counts(peak_estimates(x, k, cfg.scene.k_max), d)
-                print(f"{snr:g} dB, {len(sets) * args.n} scenes: learned, {steps} detect-subtract step(s), tau {tau:g}: "
+                print(f"{snr:g} dB, {len(sets) * args.n} scenes: learned, {steps} detect-subtract step(s), tau {tau:g}, re-search gate {gate}: "
                       f"F1 {_f1(counts):.4f} (TP {counts[0]:.0f}, FP {counts[1]:.0f}, FN {counts[2]:.0f}), "
                       f"{sec / (len(sets) * args.n) * 1e3:.2f} ms CPU per scene", flush=True)
         if args.ml:
