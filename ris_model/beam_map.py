@@ -48,7 +48,7 @@ class BeamMap:
         out = []
         for start in range(0, yw.shape[1], CHUNK_SCENES):
             # one snapshot at a time, |.|^2 accumulated in place: the (b, G) block stays in cache (one batched
-            # product over the L snapshots was 1.5-2x slower: its (L, b, G) output goes through memory)
+            # product over the L snapshots is 1.5-2x slower: its (L, b, G) output goes through memory)
             acc = None
             for l in range(yw.shape[0]):
                 p = torch.view_as_real(yw[l, start:start + CHUNK_SCENES] @ self._cols[l])  # (b, G, 2)
