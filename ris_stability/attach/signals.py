@@ -6,15 +6,15 @@ events, summary.json (status ``terminated``), sinks and report.md, then the conv
 Installed only for the run (:class:`FlushOnSignals`, a context manager on the main thread) and removed at its
 end; a handler the script installs for itself replaces ours and is left in place (the script keeps it). A
 signal that arrives once the script has ended on its own asks for what is already under way: the flush goes
-on (summary.json first), and waits on other ranks are cut short (:func:`asked_to_end`). A further signal
-exits at once (``os._exit``): the folder is left readable, because every record file is appended line by line
-and every artefact is written under a temporary name and renamed.
+on (summary.json first), and waits on other ranks are cut short (:func:`asked_to_end`). A further signal gets
+the handling it has without the toolkit (the previous handler is put back and the signal raised again: by
+default the process ends by it at once); the folder is left readable, because every record file is appended
+line by line and every artefact is written under a temporary name and renamed.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import os
 import signal
 import threading
 from types import FrameType
@@ -56,7 +56,7 @@ def signal_numbers(names: Iterable[str]) -> list[int]:
 
 class FlushOnSignals:
     """While entered, ``signums`` raise :class:`Terminated` in the main thread (the script stops where it is
-    and the runner flushes); after :meth:`flushing` one lets the flush finish; a second one exits at once."""
+    and the runner flushes); after :meth:`flushing` one lets the flush finish; a second one is handled as without the toolkit."""
 
     def __init__(self, signums: Iterable[int] = ()):
         self.signums = list(dict.fromkeys(int(s) for s in signums))
@@ -78,21 +78,25 @@ class FlushOnSignals:
 
     def flushing(self) -> None:
         """The script is over and the run is being written: a signal from now on lets the flush finish (without
-        waiting on other ranks) and a second one exits at once."""
+        waiting on other ranks) and a second one is handled as without the toolkit."""
         self._flushing = True
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None:
-            # A second signal: the user or the scheduler insists. Every file written so far is complete or
-            # under a temporary name, so leaving now keeps the folder readable.
-            os._exit(128 + signum)
+            # A second signal: the user or the scheduler insists. It gets the handling it has without the
+            # toolkit (the handler that was there before ours; by default the process ends by the signal).
+            # Every file written so far is complete or under a temporary name: the folder stays readable.
+            previous = self._previous.pop(signum, None)
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
         self.received = signum
         if self._flushing:
             # The script has already ended and its run is being written: that is what the signal asks for,
             # so the flush goes on (raising here would cut it short) without waiting on other ranks.
             _ASKED_TO_END.set()
-            log.warning("%s received while the run is being written: finishing it now; a second signal exits "
-                        "at once", signal.Signals(signum).name)
+            log.warning("%s received while the run is being written: finishing it now; a second one is handled "
+                        "as without the toolkit", signal.Signals(signum).name)
             return
         self._flushing = True
         if not defer(functools.partial(_terminate, signum)):  # a step's records being completed: at their end

@@ -10,8 +10,7 @@ ends. Sections are counted per thread: only the main thread receives signals.
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable
 
 
 class _Local(threading.local):
@@ -23,17 +22,28 @@ class _Local(threading.local):
 _S = _Local()
 
 
-@contextmanager
-def critical() -> Iterator[None]:
-    """A block a termination signal must not cut in two (its action runs once the block is complete)."""
-    _S.depth += 1
-    try:
-        yield
-    finally:
+class _Critical:
+    """A block a termination signal must not cut in two (its action runs once the block is complete). A plain
+    context manager, not a generator: it is entered at every read point of every step."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        _S.depth += 1
+
+    def __exit__(self, *exc: Any) -> None:
         _S.depth -= 1
         if _S.depth == 0 and _S.pending is not None:
             action, _S.pending = _S.pending, None
             action()
+
+
+_CRITICAL = _Critical()
+
+
+def critical() -> _Critical:
+    """``with critical():`` a block a termination signal must not cut in two."""
+    return _CRITICAL
 
 
 def defer(action: Callable[[], None]) -> bool:

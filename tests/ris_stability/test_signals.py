@@ -1,6 +1,6 @@
 """Termination signals flush a traced run as Ctrl-C does (issue #30): SIGTERM (and SIGUSR1 with --flush-on)
 end the script, and the run folder gets its summary (status ``terminated``) and report, with exit 128 + N; a
-script's own SIGTERM handler is left to it; a signal during the flush exits at once."""
+script's own SIGTERM handler is left to it; a second signal is handled as without the toolkit."""
 from __future__ import annotations
 
 import json
@@ -67,28 +67,37 @@ def test_a_scripts_own_sigterm_handler_is_kept(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "clean"
 
 
-def test_a_signal_during_the_flush_lets_it_finish_and_a_second_exits_at_once():
+def test_a_signal_during_the_flush_lets_it_finish_and_a_second_is_handled_as_without_the_toolkit():
     """Once the script has ended, a first signal asks for the flush already under way: it goes on (and waits
-    on other ranks end, asked_to_end); a second signal exits at once with 128 + N."""
+    on other ranks end, asked_to_end). A second signal gets the handling it has without the toolkit: the
+    default action (the process ends by the signal), or the handler that was installed before ours."""
     code = ("import os, signal, sys, time\n"
             "from ris_stability.attach.signals import FlushOnSignals, asked_to_end\n"
+            "if sys.argv[1] == 'outer':\n"
+            "    signal.signal(signal.SIGTERM, lambda *a: (print('outer handler', flush=True), os._exit(7)))\n"
             "with FlushOnSignals([signal.SIGTERM]) as s:\n"
             "    s.flushing()\n"
             "    assert not asked_to_end()\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"
             "    time.sleep(0.2)\n"
             "    print('flush went on', asked_to_end(), flush=True)\n"
-            "    if sys.argv[1] == 'twice':\n"
+            "    if sys.argv[1] != 'once':\n"
             "        os.kill(os.getpid(), signal.SIGTERM)\n"
             "        time.sleep(60)\n"
             "print('done', asked_to_end())\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    once = subprocess.run([sys.executable, "-c", code, "once"], env=env, capture_output=True, text=True, timeout=120)
+
+    def run(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, mode], env=env, capture_output=True, text=True, timeout=120)
+
+    once = run("once")
     assert once.returncode == 0, once.stderr
     assert once.stdout.split("\n")[:2] == ["flush went on True", "done False"]
     assert "SIGTERM received while the run is being written" in once.stderr
-    twice = subprocess.run([sys.executable, "-c", code, "twice"], env=env, capture_output=True, text=True, timeout=120)
-    assert twice.returncode == 128 + signal.SIGTERM and twice.stdout == "flush went on True\n"
+    twice = run("twice")
+    assert twice.returncode == -signal.SIGTERM and twice.stdout == "flush went on True\n"
+    outer = run("outer")
+    assert outer.returncode == 7 and outer.stdout == "flush went on True\nouter handler\n"
 
 
 def test_handlers_are_installed_only_for_the_run():
