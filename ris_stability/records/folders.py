@@ -2,6 +2,8 @@
 the option, the folder and why it cannot be written, with the next step."""
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,9 +16,10 @@ def writable_folder(path: str | Path, option: str, hint: str) -> Path:
     folder = Path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        # a probe of this call's own (the ranks of a data-parallel run check the same --out at the same time)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as err:
         raise UsageError(f"{option} {str(folder)!r}: cannot write there ({err.strerror or err}); {hint}") from None
     return folder
