@@ -1,10 +1,12 @@
 """BornCheck: whether backward made a gradient non-finite, seen where it is born (before user code between backward
 and ``optimizer.step`` can sanitise, clip or skip it), at no host read.
 
-At the end of each backward: per-parameter screen values (``numerics.norms.finite_screen``: finite when the
-gradient is; on CPU a float32 norm whose overflow is ruled out on the exact peaks before a step is called bad)
-stay on the device and are read with the step's verdict
-(monitor/step_reads.py); the gradients are kept by reference with their versions. On a bad step the copies of the
+At the end of each backward: one screen value, finite when every gradient is, stays on the device and is read
+with the step's verdict (monitor/step_reads.py). On CPU it is the sum of one flat copy of the gradients
+(``numerics.norms.flat_copy``), kept until the step ends so that the non-finite parameters can be named even
+after the script rewrote them; elsewhere (and for large or mixed gradients) per-parameter screen values
+(``numerics.norms.finite_screen``: the exact peaks on an accelerator). A screen's overflow is ruled out on exact
+peaks before a step is called bad. The gradients are kept by reference with their versions. On a bad step the copies of the
 gradients as born come from those references, unless the script rewrote them in place since (``nan_to_num_``,
 ``clip_grad_norm_``): for that the first step keeps one copy (a copy, not a read). A script seen rewriting its
 gradients in place gets the eager check while a fault lasts: after a non-finite step, every backward reads its
@@ -20,7 +22,7 @@ import math
 from torch import Tensor, nn
 
 from ris_stability.monitor.context import LoopContext
-from ris_stability.numerics.norms import finite_screen, peak_magnitudes
+from ris_stability.numerics.norms import finite_screen, flat_copy, flat_sum, peak_magnitudes
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +41,24 @@ class BornCheck:
         self._copies: dict[int, Tensor] | None = None  # eager: id(param) -> gradient as born, when non-finite
         self._screen: Tensor | None = None  # device value of the step's backward calls: finite when their gradients are
         self._refs: list[tuple[Tensor, Tensor, int]] = []  # (param, grad, version) after the last backward
-        self._peaks: Tensor | None = None
+        self._peaks: Tensor | None = None  # per-parameter screen values of the last backward (no flat copy)
+        self._flat: Tensor | None = None  # the last backward's gradients in one flat copy (the CPU screen)
         self._first_copy = None if self._learned else self._first_copy
 
     def after_backward(self, params: list[Tensor]) -> None:
-        grads = [(p, p.grad) for p in params if p.grad is not None]
+        grads = [(p, g) for p in params if (g := p.grad) is not None]
         if not grads:
             return
-        peaks = finite_screen([g for _, g in grads])
+        flat = flat_copy([g for _, g in grads])
+        peaks = finite_screen([g for _, g in grads]) if flat is None else None
         if self.eager and self._copies is None and not bool(peak_magnitudes([g for _, g in grads]).isfinite().all()):
             self._copies = {id(p): g.detach().clone() for p, g in grads}  # the first bad backward of the step
         if not self._learned:
             self._first_copy = {id(p): g.detach().clone() for p, g in grads}
-        total = peaks.sum()  # non-finite when one gradient is (or the sum overflows: confirmed on peaks)
+        # non-finite when one gradient is (or the sum overflows: confirmed on peaks)
+        total = flat_sum(flat) if flat is not None else peaks.sum()
         self._screen = total if self._screen is None else self._screen + total
-        self._refs, self._peaks = [(p, g, g._version) for p, g in grads], peaks
+        self._refs, self._peaks, self._flat = [(p, g, g._version) for p, g in grads], peaks, flat
 
     def into(self, c: LoopContext) -> None:
         """Hand the step's check to its context (before the monitor's verdict); then learn about the script."""
@@ -83,7 +88,7 @@ class BornCheck:
         names = {id(p): n for n, p in model.named_parameters()}
         rewritten = self._rewritten()
         # the screen's values, confirmed by exact peaks where the gradients as born are still there
-        peaks = (self._peaks if rewritten else peak_magnitudes([g for _, g, _ in self._refs])).tolist()
+        peaks = (self._screen_values() if rewritten else peak_magnitudes([g for _, g, _ in self._refs])).tolist()
         refs = [(p, g, peak) for (p, g, _), peak in zip(self._refs, peaks) if id(p) in names]
         bad = [names[id(p)] for p, _, peak in refs if not math.isfinite(peak)]
         if not rewritten:
@@ -94,6 +99,12 @@ class BornCheck:
         self.rewrites = True
         copy = self._first_copy
         return bad, None if copy is None else {names[id(p)]: copy[id(p)] for p, _, _ in refs if id(p) in copy}
+
+    def _screen_values(self) -> Tensor:
+        """Per-parameter values of the last backward's screen, finite exactly where its gradients were."""
+        if self._flat is None:
+            return self._peaks
+        return peak_magnitudes(list(self._flat.split([g.numel() for _, g, _ in self._refs])))
 
     def _rewritten(self) -> bool:
         return any(g._version != v for _, g, v in self._refs)

@@ -21,6 +21,7 @@ from ris_stability.observe.critical import critical
 log = logging.getLogger(__name__)
 
 Use = Callable[[list[float]], None]
+_EXACT = (torch.float64, torch.float32, torch.float16, torch.bfloat16)  # read alone as Python floats, exactly
 
 
 class ReadBack:
@@ -44,7 +45,10 @@ class ReadBack:
             parts, self._parts = self._parts, []
             tensors = [t for t, _ in parts if t is not None and t.numel()]
             values: list[float] = []
-            if tensors:
+            if len(tensors) == 1 and tensors[0].dtype in _EXACT:  # a lone verdict: .tolist() widens it exactly
+                values = tensors[0].tolist()  # the one host read
+                self.reads += 1
+            elif tensors:
                 device = tensors[0].device
                 flat = torch.cat([t.to(device=device, dtype=torch.float64) for t in tensors])
                 values = flat.tolist()  # the one host read

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ris_stability.monitor.context import LoopContext
 from ris_stability.monitor.readback import ReadBack
-from ris_stability.numerics.norms import finite_screen, peak_magnitudes
+from ris_stability.numerics.norms import peak_magnitudes, screen_total
 
 LATE_NOTE = ("seen at the read of step {seen}: under on_nonfinite='observe' the steps between samples are checked "
              "on the device and read at the next sampled step, so this step has no capsule (every=1 or "
@@ -82,10 +82,10 @@ class StepReads:
             parts.append(ctx.born_screen.reshape(1))
             layout[1] = 1
         if ctx.grads_finite is None and not grads_in_block and not ctx.born_covers:
-            grads = [p.grad for p in ctx.params() if p.grad is not None]
+            grads = [g for p in ctx.params() if (g := p.grad) is not None]
             if grads:
-                parts.append(finite_screen(grads))
-                layout[2] = parts[-1].numel()
+                parts.append(screen_total(grads))
+                layout[2] = 1
         self.verdict_layout = tuple(layout)
         if not parts:
             return None

@@ -41,7 +41,7 @@ def capture_rng() -> dict[str, Any]:
 
 def rng_snapshot() -> tuple[Any, ...]:
     """The RNG states as they are (cheap enough for every step); :func:`rng_state` makes them storable."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() and torch.cuda.is_available() else None
     return torch.get_rng_state(), random.getstate(), cuda
 
 

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from ris_stability.numerics.norms import finite_screen
+from ris_stability.numerics import norms
+from ris_stability.numerics.norms import finite_screen, flat_copy, screen_total
 
 
 def _cases():
@@ -34,3 +35,40 @@ def test_the_fast_path_gives_the_float32_norms():
     tensors = [torch.randn(5, 3), torch.randn(7)]
     expected = torch.stack([torch.linalg.vector_norm(t) for t in tensors])
     assert torch.allclose(finite_screen(tensors), expected) and finite_screen(tensors).dtype == torch.float32
+
+
+@pytest.mark.parametrize("name,tensors,finite", list(_cases()), ids=[c[0] for c in _cases()])
+def test_the_total_screen_is_finite_exactly_when_every_tensor_is(name, tensors, finite):
+    value = screen_total(tensors)
+    assert value.shape == (1,) and math.isfinite(value.item()) == all(finite)
+
+
+def test_the_flat_copy_holds_every_tensor_in_order():
+    tensors = [torch.arange(6.0).reshape(2, 3), torch.tensor([7.0]), torch.arange(4.0).reshape(2, 2).t()]
+    flat = flat_copy(tensors)
+    assert torch.equal(flat, torch.cat([t.reshape(-1) for t in tensors]))
+    assert [torch.equal(a, b.reshape(-1)) for a, b in zip(flat.split([6, 1, 4]), tensors)] == [True] * 3
+
+
+@pytest.mark.parametrize("tensors", [
+    [torch.ones(2), torch.ones(2, dtype=torch.float64)],  # mixed dtypes
+    [torch.ones(2, dtype=torch.float64)],  # float64: a float32 sum could overflow where its own would not
+    [torch.ones(2, dtype=torch.complex64)],
+    [torch.sparse_coo_tensor([[0]], torch.tensor([1.0]), (2,))],
+    [],
+], ids=["mixed", "float64", "complex", "sparse", "empty"])
+def test_no_flat_copy_where_the_cheap_screen_does_not_apply(tensors):
+    assert flat_copy(tensors) is None
+
+
+def test_no_flat_copy_beyond_its_size_limit(monkeypatch):
+    monkeypatch.setattr(norms, "FLAT_SCREEN_MAX", 5)
+    assert flat_copy([torch.ones(3), torch.ones(2)]) is not None
+    assert flat_copy([torch.ones(3), torch.ones(3)]) is None
+
+
+def test_half_precision_is_summed_in_float32():
+    # 4096 elements of 60000: their float16 sum (2.5e8) overflows float16's 65504, not float32
+    values = [torch.full((4096,), 60000.0, dtype=torch.float16)]
+    assert math.isfinite(screen_total(values).item())
+    assert screen_total(values).dtype == torch.float32
