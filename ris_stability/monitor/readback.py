@@ -45,12 +45,12 @@ class ReadBack:
             parts, self._parts = self._parts, []
             tensors = [t for t, _ in parts if t is not None and t.numel()]
             values: list[float] = []
-            if len(tensors) == 1 and tensors[0].dtype in _EXACT:  # a lone verdict: .tolist() widens it exactly
-                values = tensors[0].tolist()  # the one host read
-                self.reads += 1
-            elif tensors:
-                device = tensors[0].device
-                flat = torch.cat([t.to(device=device, dtype=torch.float64) for t in tensors])
+            if tensors:
+                if len(tensors) == 1 and tensors[0].dtype in _EXACT:  # a lone verdict: .tolist() widens it exactly
+                    flat = tensors[0]
+                else:
+                    device = tensors[0].device
+                    flat = torch.cat([t.to(device=device, dtype=torch.float64) for t in tensors])
                 values = flat.tolist()  # the one host read
                 self.reads += 1
             at = 0

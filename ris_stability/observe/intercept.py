@@ -95,6 +95,7 @@ class _State(threading.local):
 
 _STATE = _State()
 _LISTENERS: list[Listener] = []
+_PARTS: dict[type, str] = {}  # listener class -> its guard part name (asked at every call)
 _ORIGINALS: dict[EntryPoint, Callable] = {}  # entry -> original, while installed
 _INSTALLED: dict[EntryPoint, tuple[bool, Callable]] = {}  # entry -> (owned the attribute, wrapper)
 _LOCK = threading.Lock()
@@ -161,11 +162,9 @@ def _wrap(entry: EntryPoint, original: Callable) -> Callable:
         state = _STATE
         if state.depth or not _LISTENERS or torch.compiler.is_compiling():
             return original(*args, **kwargs)
-        if entry.when is not None and not entry.when(args, kwargs):
-            return original(*args, **kwargs)
-        ident = threading.get_ident()
+        ident = threading.get_ident()  # the cheaper refusal first: no listener samples this call (most steps)
         listeners = [lst for lst in _LISTENERS if lst.thread == ident and _accepts(lst)]
-        if not listeners:
+        if not listeners or (entry.when is not None and not entry.when(args, kwargs)):
             return original(*args, **kwargs)
         frame = sys._getframe(2)  # the caller of StandIn.__call__
         name, kind = entry.name, entry.kind
@@ -208,7 +207,11 @@ def _notify(listeners: list[Listener], name: str, kind: str, args: tuple, kwargs
 
 def _part(listener: Listener) -> str:
     """The guard's name for a listener's work (one failure switches that listener off for the run)."""
-    return f"intercept:{type(listener).__name__}"
+    kind = type(listener)
+    part = _PARTS.get(kind)
+    if part is None:
+        part = _PARTS[kind] = f"intercept:{kind.__name__}"
+    return part
 
 
 def _accepts(listener: Listener) -> bool:
