@@ -97,6 +97,8 @@ class GradMonitor:
         keys = [module_key(name, depth) for name in self.names]
         self.modules = list(dict.fromkeys(keys))
         self._module_index = torch.tensor([self.modules.index(k) for k in keys], device=self.device)
+        self._grad_keys = [f"grad/{module}" for module in self.modules] + [f"grad/{TOTAL_KEY}"]
+        self._param_keys = [f"param/{module}" for module in self.modules] + [f"param/{TOTAL_KEY}"]
         self._position = {id(p): i for i, p in enumerate(self.params)}
         self._group_indices: dict[tuple[int, ...], Tensor] = {}
         self._present_indices: dict[tuple[int, ...], Tensor] = {}
@@ -139,7 +141,7 @@ class GradMonitor:
         squares = norms.square()
         by_module = torch.zeros(len(self.modules), dtype=norms.dtype, device=norms.device).index_add_(
             0, self._module_index, squares).sqrt()
-        keys = [f"grad/{module}" for module in self.modules] + [f"grad/{TOTAL_KEY}"]
+        keys = list(self._grad_keys)
         parts = [by_module, squares.sum().sqrt().reshape(1)]
         opts = _as_list(optimizer)
         for k, opt in enumerate(opts):
@@ -148,9 +150,10 @@ class GradMonitor:
                 parts.append(squares[self._group_index(group["params"])].sum().sqrt().reshape(1))
         # Parameter norms per module ride in the same read-back: the explosion checks compare the update
         # with them before the optimizer steps and trace a crash back to the update that grew them.
-        weights = torch.stack([n if n.device == self.device else n.to(self.device)
-                               for n in fast_norms([p.detach() for p in self.params])]).to(norms.dtype)
-        keys += [f"param/{module}" for module in self.modules] + [f"param/{TOTAL_KEY}"]
+        with torch.no_grad():  # the parameters themselves, no graph (not a detached view of each)
+            weights = torch.stack([n if n.device == self.device else n.to(self.device)
+                                   for n in fast_norms(self.params)]).to(norms.dtype)
+        keys += self._param_keys
         wsq = weights.square()
         parts += [torch.zeros(len(self.modules), dtype=norms.dtype, device=norms.device).index_add_(
             0, self._module_index, wsq).sqrt(), wsq.sum().sqrt().reshape(1)]

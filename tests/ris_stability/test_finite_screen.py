@@ -72,3 +72,15 @@ def test_half_precision_is_summed_in_float32():
     values = [torch.full((4096,), 60000.0, dtype=torch.float16)]
     assert math.isfinite(screen_total(values).item())
     assert screen_total(values).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                    (torch.float64, torch.float32), (torch.complex64, torch.float32)],
+                         ids=["float32", "half", "with float64", "with complex"])
+def test_fast_norms_are_the_l2_norms_whatever_the_kinds(dtypes):
+    torch.manual_seed(0)
+    tensors = [torch.randn(4, 3, dtype=d) for d in dtypes]
+    got = norms.fast_norms(tensors)
+    expected = [torch.linalg.vector_norm(t.to(torch.complex128 if t.is_complex() else torch.float64)) for t in tensors]
+    assert [g.dtype for g in got] == [torch.float64 if torch.float64 in dtypes else torch.float32] * len(tensors)
+    assert all(torch.allclose(g.double(), e.real, rtol=1e-3) for g, e in zip(got, expected))
