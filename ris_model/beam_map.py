@@ -24,7 +24,9 @@ from ris_model.ml_estimator import GridDictionary, MLConfig, operators, whitener
 from ris_model.simulate import System
 
 
-CHUNK_SCENES = 25  # scenes per GEMM block of ``BeamMap.flat``
+CHUNK_SCENES = 50  # scenes per GEMM block of ``BeamMap.flat``
+CHUNK_CELLS = 2048  # grid cells per GEMM block of ``BeamMap.flat`` for blocks of at least SPLIT_SCENES scenes
+SPLIT_SCENES = 16  # fewer scenes: one block of all cells (there the calls, not the data, dominate)
 
 
 class BeamMap:
@@ -35,26 +37,39 @@ class BeamMap:
         self.w = whitener(self.phis, MLConfig().whiten_delta)
         self.dictionary = GridDictionary(system, (self.w @ self.phis)[0], scene,
                                          MLConfig(grid_step_deg=step_deg, n_range=n_range))
-        self._cols = self.dictionary.cols_h  # (L, M, G) complex64: conjugated unit columns
+        cols = self.dictionary.cols_h  # (L, M, G) complex64: conjugated unit columns
+        self._cols = torch.cat([cols.real, cols.imag], -2).contiguous()  # (L, 2M, G) float32
         self.step_deg = step_deg
         self.shape = (_count(*scene.phi_deg, step_deg), _count(*scene.theta_deg, step_deg), n_range)  # (P, T, R)
         if math.prod(self.shape) != self.dictionary.points.shape[0]:
             raise ValueError(f"BeamMap: grid {self.shape} does not match the dictionary's "
                              f"{self.dictionary.points.shape[0]} cells")
 
+    def whiten(self, y: Tensor) -> Tensor:
+        """W_l y_l of every scene of y (B, L, M): (B, L, M) complex128 (one (M, M) x (M, B) product per snapshot)."""
+        return (self.w[0] @ y.to(torch.complex128).permute(1, 2, 0)).permute(2, 0, 1)
+
     def flat(self, y: Tensor) -> Tensor:
-        """Map of every scene of y (B, L, M): (B, G) float32, cells phi-major (GridDictionary order)."""
-        yw = (self.w @ y.to(torch.complex128)[..., None])[..., 0].transpose(0, 1).to(torch.complex64)  # (L, B, M)
-        out = []
-        for start in range(0, yw.shape[1], CHUNK_SCENES):
-            # one snapshot at a time, |.|^2 accumulated in place: the (b, G) block stays in cache (one batched
-            # product over the L snapshots is 1.5-2x slower: its (L, b, G) output goes through memory)
-            acc = None
-            for l in range(yw.shape[0]):
-                p = torch.view_as_real(yw[l, start:start + CHUNK_SCENES] @ self._cols[l])  # (b, G, 2)
-                acc = p.square() if acc is None else acc.addcmul_(p, p)
-            out.append(acc.sum(-1))
-        return torch.cat(out)
+        """Map of every scene of y (B, L, M): (B, G) float32, cells phi-major (GridDictionary order).
+
+        With z = W_l y_l and c = the cell's conjugated unit column, u^H W_l y_l = z^T c, and in real arithmetic
+        [Re z, -Im z; Im z, Re z] @ [Re c; Im c] = [Re; Im] of z^T c: one float32 GEMM per snapshot and block of
+        cells, |.|^2 accumulated in place on a (2 b, cells) block that stays in cache."""
+        yw = self.whiten(y).transpose(0, 1).to(torch.complex64)  # (L, B, M)
+        z = torch.cat([torch.cat([yw.real, -yw.imag], -1), torch.cat([yw.imag, yw.real], -1)], 1)  # (L, 2B, 2M)
+        bsz, n_cells = yw.shape[1], self._cols.shape[-1]
+        step = CHUNK_CELLS if bsz >= SPLIT_SCENES else n_cells
+        out = torch.empty(bsz, n_cells)
+        for start in range(0, bsz, CHUNK_SCENES):
+            stop = min(start + CHUNK_SCENES, bsz)
+            zb = torch.cat([z[:, start:stop], z[:, bsz + start:bsz + stop]], 1)  # (L, 2 b, 2M)
+            for g0 in range(0, n_cells, step):
+                acc = None
+                for l in range(zb.shape[0]):
+                    p = zb[l] @ self._cols[l, :, g0:g0 + step]  # (2 b, cells): Re rows, then Im rows
+                    acc = p.square() if acc is None else acc.addcmul_(p, p)
+                out[start:stop, g0:g0 + step] = acc[:stop - start] + acc[stop - start:]
+        return out
 
     def image(self, y: Tensor) -> Tensor:
         """Map as an image (B, R, P, T): one channel per range plane, normalised to mean 1 per scene."""

@@ -111,7 +111,7 @@ def limits(res: dict) -> list[str]:
         f"- Detection: its peaks match {peaks['matched_frac']:.3f} of the sources within the gate (ML: "
         f"{ml['matched_frac']:.3f}) with {peaks['fa_per_scene']:.2f} false alarms per scene (ML: {ml['fa_per_scene']:.2f}); "
         f"its K is right in {peaks['k_acc']:.3f} of the scenes (ML threshold: {ml['k_acc']:.3f}). The stages after "
-        f"the peaks (refinement, pruning by the ML residual, {_steps(res)}) take F1 from {peaks['f1']:.3f} "
+        f"the peaks (refinement, pruning by the ML residual, {_research(res)}{_steps(res)}) take F1 from {peaks['f1']:.3f} "
         f"to {lr['f1']:.3f} (ML {ml['f1']:.3f}), K right in {lr['k_acc']:.3f}. What the misses are: docs/evaluation.md.",
         f"- Time: the stages after the peaks are {share:.0%} of the learned method's time per scene; the peaks alone are "
         f"{ml['s_per_scene'] / peaks['s_per_scene']:.0f}x faster than the ML, the refined pipeline "
@@ -159,6 +159,12 @@ def _n_steps(res: dict) -> int:
 def _steps(res: dict) -> str:
     n = _n_steps(res)
     return "one detect-subtract step" if n == 1 else f"{n} detect-subtract steps"
+
+
+def _research(res: dict) -> str:
+    """The weakest-source re-search among the stages after the peaks, when the pipeline runs it."""
+    gate = (res.get("learned") or {}).get("relocate")
+    return "" if gate is None else f"re-search of the weakest source where its drop statistic is below {gate:g}, "
 
 
 def _learned_lines(res: dict) -> list[str]:

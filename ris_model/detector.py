@@ -63,7 +63,7 @@ class HeatNet(nn.Module):
         nn.init.constant_(self.head.bias[:1], -4.0)  # sources are rare: start the heat near p = 0.02
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.head(self.body(x))
+        out = self.head(self.body(x)).contiguous()  # channels-last at inference: tanh on strided slices is 4x slower
         return torch.cat([out[:, :1], torch.tanh(out[:, 1:3]) * 0.5, torch.tanh(out[:, 3:])], 1)
 
 

@@ -45,7 +45,7 @@ from ris_model.simulate import System, make_system
 NET_CHUNK = 25  # scenes per forward pass at inference
 DETECT_STEPS = 2  # detect-subtract steps (docs/evaluation.md: validation scenes of the training channels)
 RELOCATE_GATE = 400.0  # ``relocate_weakest`` on scenes whose weakest drop statistic is below this (validation)
-PIPELINE_VERSION = 3  # part of the benchmark's cache key of the learned rows: bump when the pipeline's output changes
+PIPELINE_VERSION = 4  # part of the benchmark's cache key of the learned rows: bump when the pipeline's output changes
 DETECTOR_PEAKS = "learned detector peaks (no refinement)"
 DETECTOR_REFINED = "learned detector + ML refinement"
 
@@ -97,19 +97,18 @@ class LearnedDetector:
         return x, k, score
 
     def refine(self, x0: torch.Tensor, k: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """LM on the first k[b] sources of every scene: ``whiten_iters`` iterations of the whitened cost
-        sum_l ||P_perp(W_l B_l) W_l y_l||^2 (the ML search's cost: fewer false minima, docs/evaluation.md), then
-        ``lm_iters`` of the ML cost."""
+        """LM on the first k[b] sources of every scene, all scenes in one batch: ``whiten_iters`` iterations of the
+        whitened cost sum_l ||P_perp(W_l B_l) W_l y_l||^2 (the ML search's cost: fewer false minima,
+        docs/evaluation.md), then ``lm_iters`` of the ML cost."""
         x = torch.maximum(torch.minimum(x0, self.refiner.hi), self.refiner.lo)
+        if len(k) == 0:
+            return x
+        n = int(k.max())
         y = y.to(torch.complex128)
-        yw = (self.bmap.w @ y[..., None])[..., 0] if self.params.whiten_iters > 0 else None
-        for kk in range(1, x.shape[1] + 1):
-            sel = k == kk
-            if sel.any():
-                xs = x[sel, :kk]
-                if yw is not None:
-                    xs = self.refiner_w.refine(xs, yw[sel], self.params.whiten_iters)
-                x[sel, :kk] = self.refiner.refine(xs, y[sel], self.lm_iters)
+        xs = x[:, :n]
+        if self.params.whiten_iters > 0:
+            xs = self.refiner_w.refine(xs, self.bmap.whiten(y), self.params.whiten_iters, k)
+        x[:, :n] = self.refiner.refine(xs, y, self.lm_iters, k)
         return x
 
     def residual_peaks(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor
@@ -118,12 +117,7 @@ class LearnedDetector:
         (B,), and the residual energy e_k (B,). ``second`` None: the cell (phi, theta, ln r) of the largest
         whitened Bartlett map value of the residual (the ML estimator's greedy step, on the detector's grid),
         score +inf; else the detector's best peak on the residual's map and its score."""
-        y = y.to(torch.complex128)
-        res = y.clone()
-        for kk in range(1, x.shape[1] + 1):
-            sel = k == kk
-            if sel.any():
-                res[sel] = self.refiner.project(self.refiner.plain_columns(x[sel, :kk]), y[sel])[0]
+        res = self.refiner.residual(x[:, :int(k.max())], y.to(torch.complex128), k)
         energy = res.real.square().sum((-2, -1)) + res.imag.square().sum((-2, -1))
         if self.params.second is None:
             cell = self.bmap.flat(res).argmax(-1)
@@ -144,15 +138,10 @@ class LearnedDetector:
         x, k = x.clone(), k.clone()
         idx = ((score > threshold) & (k < slots)).nonzero()[:, 0]
         x[idx, k[idx]] = cand[idx]
-        if tau is not None:
-            keep = torch.zeros(len(idx), dtype=torch.bool)
-            for kk in range(2, slots + 1):
-                sub = (k[idx] + 1 == kk).nonzero()[:, 0]
-                if len(sub):
-                    b = idx[sub]
-                    e_new = self.refiner.energy(x[b, :kk], y[b])
-                    keep[sub] = (e_old[b] - e_new) / (e_new / (L * (m - kk))) > tau
-            idx = idx[keep]
+        if tau is not None and len(idx):
+            kn = k[idx] + 1
+            e_new = self.refiner.energy(x[idx, :int(kn.max())], y[idx], kn)
+            idx = idx[(e_old[idx] - e_new) / (e_new / (L * (m - kn))) > tau]
         k[idx] += 1
         x[idx] = self.refine(x[idx], k[idx], y[idx])
         return x, k, idx
@@ -163,58 +152,62 @@ class LearnedDetector:
         cell of the largest whitened Bartlett map value of the residual with the OTHER sources projected out
         replaces it when the ML residual drops there, and that scene is refined again. It moves a source the
         short local refinement left in a false minimum (a miss and a false alarm at once)."""
-        L, m = y.shape[-2:]
         y = y.to(torch.complex128)
         x = x.clone()
-        for kk in range(2, x.shape[1] + 1):
-            sel = (k == kk).nonzero()[:, 0]
-            if len(sel) == 0:
-                continue
-            xb, yb = x[sel, :kk], y[sel]
-            e_cur, rise = self.refiner.removal_rise(xb, yb)
-            low, j = (rise / (e_cur / (L * (m - kk)))[:, None]).min(-1)
-            hit = low < gate
-            sel, xb, yb, e_cur, j = sel[hit], xb[hit], yb[hit], e_cur[hit], j[hit]
-            n = len(sel)
-            if n == 0:
-                continue
-            order = torch.arange(kk).expand(n, kk)
-            others = xb[torch.arange(n)[:, None], order[order != j[:, None]].reshape(n, kk - 1)]
-            res = self.refiner.project(self.refiner.plain_columns(others), yb)[0]
-            trial = xb.clone()
-            trial[torch.arange(n), j] = self.bmap.dictionary.points[self.bmap.flat(res).argmax(-1)]
-            ok = self.refiner.energy(trial, yb) < e_cur
-            b = sel[ok]
-            if len(b):
-                x[b, :kk] = trial[ok]
-                x[b] = self.refine(x[b], k[b], y[b])
+        sel = (k >= 2).nonzero()[:, 0]
+        if len(sel) == 0:
+            return x
+        ks = k[sel]
+        n = int(ks.max())
+        xb, yb = x[sel, :n], y[sel]
+        low, j, e_cur = self.drop_statistics(xb, ks, yb)
+        hit = low < gate
+        sel, xb, yb, ks, e_cur, j = sel[hit], xb[hit], yb[hit], ks[hit], e_cur[hit], j[hit]
+        if len(sel) == 0:
+            return x
+        rows = torch.arange(len(sel))
+        order = torch.arange(n).expand(len(sel), n)
+        others = xb[rows[:, None], order[order != j[:, None]].reshape(len(sel), n - 1)]
+        res = self.refiner.residual(others, yb, ks - 1)
+        trial = xb.clone()
+        trial[rows, j] = self.bmap.dictionary.points[self.bmap.flat(res).argmax(-1)]
+        ok = self.refiner.energy(trial, yb, ks) < e_cur
+        b = sel[ok]
+        if len(b):
+            x[b, :n] = trial[ok]
+            x[b] = self.refine(x[b], k[b], y[b])
         return x
 
-    def drop_statistics(self, x: torch.Tensor, kk: int, y: torch.Tensor) -> torch.Tensor:
-        """(e_{-j} - e) / (e / (L (M - kk))) for each of the kk sources of x (B, kk, 3): (B, kk)."""
+    def drop_statistics(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The smallest drop statistic (e_{-j} - e) / (e / (L (M - k))) over the first k[b] sources of x (B, K, 3)
+        (B,), the source j (B,) it belongs to, and the residual energy e (B,)."""
         L, m = y.shape[-2:]
-        e, rise = self.refiner.removal_rise(x[:, :kk], y)
-        return rise / (e / (L * (m - kk)))[:, None]
+        e, rise = self.refiner.removal_rise(x, y, k)
+        low, j = (rise / (e / (L * (m - k)))[:, None]).min(-1)
+        return low, j, e
 
     def prune(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, tau: float,
               k_keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Drop, one at a time, the source whose removal raises the ML residual least while that rise is below
-        ``tau`` per residual degree of freedom, or while the scene holds more than ``k_keep`` sources. A
-        spurious source explains about one noise degree of freedom per snapshot (plus what its position fits);
-        a real one far more."""
+        ``tau`` per residual degree of freedom, or while the scene holds more than ``k_keep`` sources (the
+        dropped source goes to the last slot). A spurious source explains about one noise degree of freedom per
+        snapshot (plus what its position fits); a real one far more."""
         slots = x.shape[1]
         k_keep = slots if k_keep is None else k_keep
         y = y.to(torch.complex128)
         x, k = x.clone(), k.clone()
-        for kk in range(slots, 1, -1):  # a scene dropping from kk to kk - 1 is tested again at kk - 1
-            sel = (k == kk).nonzero()[:, 0]
-            if len(sel) == 0:
-                continue
-            low, j = self.drop_statistics(x[sel, :kk], kk, y[sel]).min(-1)
-            drop = (low < tau) | (kk > k_keep)
-            for b, jj in zip(sel[drop].tolist(), j[drop].tolist()):
-                x[b] = x[b, [i for i in range(slots) if i != jj] + [jj]]
-                k[b] -= 1
+        todo = (k >= 2).nonzero()[:, 0]
+        while len(todo):  # a scene that dropped a source is tested again with one fewer
+            kt = k[todo]
+            low, j, _ = self.drop_statistics(x[todo, :int(kt.max())], kt, y[todo])
+            drop = (low < tau) | (kt > k_keep)
+            todo, j = todo[drop], j[drop]
+            order = torch.arange(slots).expand(len(todo), slots)
+            order = torch.where(order == j[:, None], slots, order).argsort(-1)  # source j to the last slot
+            x[todo] = x[todo[:, None], order]
+            k[todo] -= 1
+            todo = todo[k[todo] >= 2]
         return x, k
 
     @torch.inference_mode()

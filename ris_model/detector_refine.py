@@ -13,7 +13,10 @@ Golub-Pereyra, same damping and acceptance rule, float64), computed with less wo
     when another iteration follows;
   - the normal matrix Re(J^H J) and the gradient Re(J^H r) from small per-snapshot matrices (D^H D, D^H B,
     D^H r and the Gram matrix's Cholesky factor, ``normal_equations``), never the (L M, 3k) Jacobian itself.
-Every scene of a call holds the same number k of sources (the caller groups scenes by k).
+A call takes scenes with different numbers of sources at once: x (B, K, 3) with k (B,) the number of each
+scene's sources (its first k slots; None: all K). A slot past k gets a zero column, a unit diagonal in the Gram
+matrix and in the normal matrix, so it leaves the residual, the projection and the other sources' steps exactly
+as a call on the first k slots would (one call per batch instead of one per k: the per-call costs dominate).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class FastRefiner:
         """phis (1, L, M, N) complex128: the operators Phi_l = H diag(c_l); lo / hi (3,): the parameter box."""
         _, self.L, self.m, self.n = phis.shape
         self.f = phis[0].reshape(self.L * self.m, self.n).to(torch.complex128).contiguous()  # (L M, N)
-        self.f32 = self.f.to(torch.complex64)  # the column GEMMs (``_apply``)
+        self.f32 = self.f.to(torch.complex64)  # the column GEMMs (``_gemm``)
         self.pos = system.positions.to(torch.float64)  # (N, 3)
         self.pn2 = (self.pos ** 2).sum(-1)  # (N,)
         self.k0 = 2 * math.pi / system.wavelength
@@ -61,47 +64,66 @@ class FastRefiner:
             d = num / (rho + r)
             q = r / rho
             dd = (-q * u_phi, -q * u_theta, q * (up * up - self.pn2) / (r - up + rho))
-        a = torch.polar(torch.full_like(d, 1.0 / math.sqrt(self.n)), -self.k0 * d)  # (B, k, N)
+        a = self._unit_phasor(d)  # (B, k, N)
         ja = a * self._mjk  # -j k0 a
         return torch.stack([a] + [ja * v for v in dd], 2)
 
-    def columns(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """B_l = Phi_l A (B, L, M, k) and its derivatives d_l = Phi_l da/d eta (B, L, M, 3k), ordered (source,
-        coordinate), complex128, from ONE GEMM (``_apply``)."""
-        return self._split(self._apply(self.steering_and_derivatives(x).flatten(1, 2)), x.shape[1])
+    def _unit_phasor(self, d: Tensor) -> Tensor:
+        """exp(-j k0 d) / sqrt(N): the values of ``torch.polar`` (|a| cos, |a| sin) from vectorised cos and sin
+        (``torch.polar`` is 2-3x slower here)."""
+        phase, mag = -self.k0 * d, 1.0 / math.sqrt(self.n)
+        return torch.complex(phase.cos() * mag, phase.sin() * mag)
 
-    @staticmethod
-    def _split(cols: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """(B, L, M, 4k) columns ordered (source, [a, d/dphi, d/dtheta, d/dln r]) -> (B, k columns, 3k derivatives)."""
-        c = cols.unflatten(-1, (k, 4))
-        return c[..., 0].contiguous(), c[..., 1:].flatten(-2).contiguous()
+    def columns(self, x: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """B_l = Phi_l A (B, L, M, K) and its derivatives d_l = Phi_l da/d eta (B, L, M, 3K), ordered (source,
+        coordinate), complex128, from ONE GEMM (``_gemm``) on the vectors ordered [a_1..a_K, da_1..da_K]
+        (both blocks then slices of one (B, L, M, 4K) tensor); zero columns for the slots past k."""
+        n = x.shape[1]
+        sd = self.steering_and_derivatives(x)  # (B, K, 4, N)
+        keep = _slots(k, n)
+        if keep is not None:
+            keep = torch.cat([keep, keep.repeat_interleave(3, -1)], -1)
+        c = self._gemm(torch.cat([sd[:, :, 0], sd[:, :, 1:].flatten(1, 2)], 1), keep)
+        c = _batch_first(c)  # (B, L, M, 4K)
+        return c[..., :n], c[..., n:]
 
-    def _apply(self, vec: Tensor) -> Tensor:
-        """Phi_l v for vectors (B, J, N) complex128: (B, L, M, J) complex128, by ONE complex64 GEMM with the stacked
+    def _gemm(self, vec: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Phi_l v for vectors (B, J, N) complex128: (L, M, B, J) complex64, by ONE complex64 GEMM with the stacked
         operators (2x faster than complex128 here; the steering phases before it and the projections after it
-        are float64, and a column's relative rounding of ~1e-7 moves a residual energy by < 1e-5 of itself)."""
+        are float64, and a column's relative rounding of ~1e-7 moves a residual energy by < 1e-5 of itself).
+        ``keep`` (B, J) bool: only those vectors enter the GEMM, the others give zero columns."""
         bsz, j, _ = vec.shape
-        out = self.f32 @ vec.reshape(bsz * j, self.n).T.to(torch.complex64)  # (L M, B J)
-        return out.reshape(self.L, self.m, bsz, j).permute(2, 0, 1, 3).to(torch.complex128,
-                                                                          memory_format=torch.contiguous_format)
+        flat = vec.reshape(bsz * j, self.n)
+        if keep is None:
+            out = self.f32 @ flat.T.to(torch.complex64)  # (L M, B J)
+        else:
+            keep = keep.reshape(-1)
+            out = torch.zeros(self.L * self.m, bsz * j, dtype=torch.complex64)
+            out[:, keep] = self.f32 @ flat[keep].T.to(torch.complex64)
+        return out.reshape(self.L, self.m, bsz, j)
 
     @staticmethod
-    def project(b: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(r = P_perp y, s = B^+ y, the Cholesky factor of the Gram matrix B^H B) per snapshot: b (B, L, M, k),
+    def project(b: Tensor, y: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(r = P_perp y, s = B^+ y, the Cholesky factor of the Gram matrix B^H B) per snapshot: b (B, L, M, K),
         y (B, L, M). The Gram matrix carries the ridge 1e-12 tr / k of ``ml_estimator._projection`` (two
-        coinciding sources)."""
+        coinciding sources); a slot past k[b] (a zero column) gets a unit diagonal, so s is 0 there."""
         bh = b.mH.resolve_conj()  # materialised once (a conjugate view is copied by every product)
         gram = bh @ b
-        k = gram.shape[-1]
-        ridge = 1e-12 * torch.diagonal(gram, dim1=-2, dim2=-1).real.mean(-1)
-        gram = gram + ridge[..., None, None] * torch.eye(k, dtype=gram.dtype)
+        n = gram.shape[-1]
+        keep = _slots(k, n)
+        diag = torch.diagonal(gram, dim1=-2, dim2=-1).real
+        if keep is None:
+            gram = gram + (1e-12 * diag.mean(-1))[..., None, None] * torch.eye(n, dtype=gram.dtype)
+        else:
+            ridge = 1e-12 * diag.sum(-1) / k[:, None]  # (B, L): the mean over the k real columns
+            gram = gram + torch.diag_embed(torch.where(keep[:, None, :], ridge[..., None], 1.0).to(gram.dtype))
         chol = torch.linalg.cholesky(gram)  # raises on a Gram the ridge does not make definite
-        s = torch.cholesky_solve(bh @ y[..., None], chol)[..., 0]  # (B, L, k)
+        s = torch.cholesky_solve(bh @ y[..., None], chol)[..., 0]  # (B, L, K)
         return y - (b @ s[..., None])[..., 0], s, chol
 
-    def plain_columns(self, x: Tensor) -> Tensor:
-        """B_l = Phi_l A of the sources of x (B, k, 3): (B, L, M, k) complex128 (no derivatives)."""
-        return self._apply(self.steering(x))
+    def plain_columns(self, x: Tensor, k: Tensor | None = None) -> Tensor:
+        """B_l = Phi_l A of the sources of x (B, K, 3): (B, L, M, K) complex128 (no derivatives; zero past k)."""
+        return _batch_first(self._gemm(self.steering(x), _slots(k, x.shape[1])))
 
     def steering(self, x: Tensor) -> Tensor:
         """a of every source of x (B, k, 3): (B, k, N) complex128 (``geometry.steering``, same formula)."""
@@ -113,65 +135,82 @@ class FastRefiner:
         else:
             num = self.pn2 - 2 * r * up
             d = num / (torch.sqrt(r * r + num) + r)
-        return torch.polar(torch.full_like(d, 1.0 / math.sqrt(self.n)), -self.k0 * d)
+        return self._unit_phasor(d)
 
-    def energy(self, x: Tensor, y: Tensor) -> Tensor:
-        """Residual energies (B,) of x (B, k, 3) (the cost of ``ml_estimator.energy``); k = 0: ||y||^2."""
+    def residual(self, x: Tensor, y: Tensor, k: Tensor | None = None) -> Tensor:
+        """P_perp(B_l) y_l (B, L, M) after the first k[b] sources of x (B, K, 3)."""
+        return self.project(self.plain_columns(x, k), y, k)[0]
+
+    def energy(self, x: Tensor, y: Tensor, k: Tensor | None = None) -> Tensor:
+        """Residual energies (B,) of the first k[b] sources of x (B, K, 3) (the cost of ``ml_estimator.energy``);
+        no source: ||y||^2."""
         if x.shape[1] == 0:
             return _sq(y)
-        return _sq(self.project(self.plain_columns(x), y)[0])
+        return _sq(self.residual(x, y, k))
 
-    def removal_rise(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Residual energy e (B,) of the k sources of x (B, k, 3) and its rise (B, k) when source j alone is
-        removed, from ONE fit: per snapshot the least-squares residual grows by |s_lj|^2 / [(B_l^H B_l)^-1]_jj
-        when column j is dropped (the partial-regression identity), summed over the snapshots."""
-        r, s, chol = self.project(self.plain_columns(x), y)
-        ginv_diag = torch.diagonal(torch.cholesky_inverse(chol), dim1=-2, dim2=-1).real  # (B, L, k)
+    def removal_rise(self, x: Tensor, y: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Residual energy e (B,) of the first k[b] sources of x (B, K, 3) and its rise (B, K) when source j alone
+        is removed (+inf past k), from ONE fit: per snapshot the least-squares residual grows by
+        |s_lj|^2 / [(B_l^H B_l)^-1]_jj when column j is dropped (the partial-regression identity), summed over the
+        snapshots."""
+        r, s, chol = self.project(self.plain_columns(x, k), y, k)
+        ginv_diag = torch.diagonal(torch.cholesky_inverse(chol), dim1=-2, dim2=-1).real  # (B, L, K)
         rise = ((s.real.square() + s.imag.square()) / ginv_diag).sum(1)
-        return _sq(r), rise
+        keep = _slots(k, x.shape[1])
+        return _sq(r), rise if keep is None else rise.masked_fill(~keep, float("inf"))
 
     @staticmethod
     def normal_equations(b: Tensor, d: Tensor, r: Tensor, s: Tensor, chol: Tensor) -> tuple[Tensor, Tensor]:
         """J^T J (B, 3k, 3k) and J^T r (B, 3k) of the real residual [Re r; Im r], with the Golub-Pereyra Jacobian
-        dr/d eta_ic = -s_i P_perp d_ic - w_i d_ic^H r (d_ic = Phi_l da_i / d eta_c, W = B G^-1, G = B^H B)
+        dr/d eta_ic = -s_i P_perp d_ic - w_i d_ic^H r (d_ic = Phi_l da_i / d eta_c, W = B G^-1, G = B^H B = C C^H)
         reduced to small matrices: P_perp W = 0 and W^H W = G^-1, so per snapshot
             J^H J = diag(s3)^* (D^H D - D^H B G^-1 B^H D) diag(s3) + (c^* c^T) o (G^-1 (x) 1_33),
             J^H r = -s3^* o c,    with c = D^H r and s3 = s repeated per coordinate (B^H r = 0),
-        and J^T J = Re sum_l J^H J, J^T r = Re sum_l J^H r. No (L M, 3k) Jacobian is formed."""
-        dh = d.mH.resolve_conj()  # (B, L, 3k, M), materialised once
-        dhb = dh @ b  # (B, L, 3k, k)
-        p = dh @ d - dhb @ torch.cholesky_solve(dhb.mH, chol)  # D^H P_perp D (B, L, 3k, 3k)
-        c = (dh @ r[..., None])[..., 0]  # (B, L, 3k)
+        and J^T J = Re sum_l J^H J, J^T r = Re sum_l J^H r. Each of the three terms is a sum over l of Gram
+        matrices, so ONE product per scene over the stacked snapshots gives it:
+            sum_l diag(s3)^* D^H D diag(s3) = Dt^H Dt          (Dt_l = D_l diag(s3_l), stacked over l),
+            sum_l diag(s3)^* D^H B G^-1 B^H D diag(s3) = F^H F  (F_l = C_l^-1 B_l^H Dt_l),
+            sum_l (c^* c^T) o (G^-1 (x) 1_33) = E^H E           (E_l[q, 3i + a] = [C_l^-1]_qi c_l[3i + a]).
+        No (L M, 3k) Jacobian and no per-snapshot (3k, 3k) matrix is formed."""
         s3 = s.repeat_interleave(3, -1)  # (B, L, 3k)
-        ginv = torch.cholesky_inverse(chol).repeat_interleave(3, -1).repeat_interleave(3, -2)
-        jhj = s3.conj()[..., :, None] * p * s3[..., None, :] + c.conj()[..., :, None] * c[..., None, :] * ginv
-        return jhj.sum(1).real, -(s3.conj() * c).sum(1).real
+        dt = d * s3[:, :, None, :]  # (B, L, M, 3k)
+        c = (d.mT @ r.conj()[..., None])[..., 0].conj()  # D^H r (B, L, 3k), without a conjugated copy of d
+        n = chol.shape[-1]
+        cinv = torch.linalg.solve_triangular(chol, torch.eye(n, dtype=chol.dtype), upper=False)  # (B, L, k, k)
+        f = (cinv @ b.mH) @ dt  # (B, L, k, 3k)
+        e = cinv.repeat_interleave(3, -1) * c[:, :, None, :]  # (B, L, k, 3k)
+        jtj = _gram_real(dt.flatten(1, 2)) - _gram_real(f.flatten(1, 2)) + _gram_real(e.flatten(1, 2))
+        return jtj, -(s3.conj() * c).sum(1).real
 
-    def refine(self, x: Tensor, y: Tensor, iters: int) -> Tensor:
-        """``iters`` LM iterations from x (B, k, 3) on y (B, L, M) complex128 (the rule of
-        ``ml_estimator.levenberg_marquardt``). A trial point's columns and derivatives come from one GEMM (the
-        columns alone on the last iteration)."""
-        bsz, k, _ = x.shape
+    def refine(self, x: Tensor, y: Tensor, iters: int, k: Tensor | None = None) -> Tensor:
+        """``iters`` LM iterations from the first k[b] sources of x (B, K, 3) on y (B, L, M) complex128 (the rule
+        of ``ml_estimator.levenberg_marquardt``; the slots past k do not move). A trial point's columns and
+        derivatives come from one GEMM (the columns alone on the last iteration)."""
+        bsz, n, _ = x.shape
         if iters <= 0 or bsz == 0:
             return x
         y = y.to(torch.complex128)
         mu = torch.full((bsz,), 1e-3, dtype=torch.float64)
-        eye = torch.eye(3 * k, dtype=torch.float64)
-        b, d = self.columns(x)
-        r, s, chol = self.project(b, y)
+        eye = torch.eye(3 * n, dtype=torch.float64)
+        keep = _slots(k, n)
+        pad = None if keep is None else torch.diag_embed((~keep).repeat_interleave(3, -1).to(torch.float64))
+        b, d = self.columns(x, k)
+        r, s, chol = self.project(b, y, k)
         cost = _sq(r)
         done = torch.zeros(bsz, dtype=torch.bool)
         for it in range(iters):
             jtj, g = self.normal_equations(b, d, r, s, chol)
+            if pad is not None:  # a unit diagonal past k: a zero step there
+                jtj = jtj + pad
             damp = mu[:, None, None] * (torch.diagonal(jtj, dim1=-2, dim2=-1)[:, None, :] * eye + 1e-12 * eye)
-            step = torch.linalg.solve(jtj + damp, -g[..., None])[..., 0].reshape(bsz, k, 3)
+            step = torch.linalg.solve(jtj + damp, -g[..., None])[..., 0].reshape(bsz, n, 3)
             cand = torch.maximum(torch.minimum(x + step, self.hi), self.lo)
             last = it == iters - 1  # the trial's derivatives are needed only when another iteration follows
             if last:
-                b_new = self.plain_columns(cand)
+                b_new = self.plain_columns(cand, k)
             else:
-                b_new, d_new = self._split(self._apply(self.steering_and_derivatives(cand).flatten(1, 2)), k)
-            r_new, s_new, chol_new = self.project(b_new, y)
+                b_new, d_new = self.columns(cand, k)
+            r_new, s_new, chol_new = self.project(b_new, y, k)
             cost_new = _sq(r_new)
             ok = cost_new < cost
             mu = torch.where(ok, mu / 3, mu * 4).clamp(1e-9, 1e9)
@@ -185,6 +224,25 @@ class FastRefiner:
                 b, r, s = torch.where(o[..., None], b_new, b), torch.where(o, r_new, r), torch.where(o, s_new, s)
                 chol = torch.where(o[..., None], chol_new, chol)
         return x
+
+
+def _slots(k: Tensor | None, n: int) -> Tensor | None:
+    """(B, n) bool: slot j holds a source of scene b (j < k[b]); None when every slot of every scene does."""
+    if k is None or bool((k >= n).all()):
+        return None
+    return torch.arange(n) < k[:, None]
+
+
+def _batch_first(c: Tensor) -> Tensor:
+    """(L, M, B, J) complex64 -> (B, L, M, J) complex128, contiguous: the permuted copy on the float view (a
+    float32 -> float64 copy vectorises; a complex one with the permutation is ~5x slower)."""
+    return torch.view_as_complex(torch.view_as_real(c).permute(2, 0, 1, 3, 4).to(
+        torch.float64, memory_format=torch.contiguous_format))
+
+
+def _gram_real(a: Tensor) -> Tensor:
+    """Re(a^H a) = Re(a^T a^*) of (B, P, Q): (B, Q, Q) (a transposed view and a plain conjugate: no strided copy)."""
+    return (a.mT @ a.conj()).real
 
 
 def _sq(r: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ris_model.beam_map import CHUNK_SCENES, BeamMap
+from ris_model.beam_map import CHUNK_SCENES, SPLIT_SCENES, BeamMap
 from ris_model.config import RunConfig
 from ris_model.simulate import make_system, simulate
 
@@ -19,6 +19,19 @@ def test_flat_map_is_the_sum_over_snapshots_of_the_captured_energy():
     got = bmap.flat(d["y"])
     assert got.shape == ref.shape
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.max()))
+    few = bmap.flat(d["y"][:SPLIT_SCENES - 1])  # fewer scenes: one block of all cells
+    torch.testing.assert_close(few.double(), ref[:SPLIT_SCENES - 1], rtol=1e-5, atol=1e-6 * float(ref.max()))
     img = bmap.image(d["y"])
     assert img.shape == (len(d["k"]), 8, *bmap.shape[:2])
     torch.testing.assert_close(img.mean((1, 2, 3)), torch.ones(len(d["k"])), rtol=1e-5, atol=0.0)
+
+
+def test_whiten_applies_each_snapshot_s_whitener():
+    cfg = RunConfig()
+    system = make_system(cfg)
+    bmap = BeamMap(system, cfg.scene, 3.0, 8)
+    y = simulate(cfg, system, "test", list(range(3)))["y"]
+    got = bmap.whiten(y)
+    for b in range(3):
+        for l in range(y.shape[1]):
+            torch.testing.assert_close(got[b, l], bmap.w[0, l] @ y[b, l].to(torch.complex128), rtol=1e-12, atol=1e-14)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ris_model.bench_report import GOAL_ML_RATIO, condition_table, goal_check
+from ris_model.bench_report import GOAL_ML_RATIO, LEARNED_SLOTS, condition_table, goal_check, limits
 from ris_model.benchmark import LEARNED
 
 
@@ -36,3 +36,16 @@ def test_missing_conditions_are_said_and_tables_show_intervals():
     assert all("not measured" in line for line in lines)
     table = condition_table([row("ML, threshold K", 0.9, 1.0, 2.0)])
     assert "0.900 [0.890, 0.910]" in table[2]
+
+
+def test_limits_name_the_weakest_source_re_search_among_the_stages_after_the_peaks():
+    res = results(ml_ratio=1.1, learned_f1=0.99)
+    res["conditions"]["20"].append(row(LEARNED_SLOTS, 0.85, 5.0, 0.005))
+    for r in res["conditions"]["20"]:
+        r["k_acc"] = 0.9
+    res["learned"] = {"relocate": 400.0, "detect_steps": 2}
+    text = "\n".join(limits(res))
+    assert "(refinement, pruning by the ML residual, re-search of the weakest source where its drop statistic is " \
+           "below 400, 2 detect-subtract steps)" in text
+    res["learned"]["relocate"] = None
+    assert "re-search" not in "\n".join(limits(res))

@@ -87,6 +87,28 @@ def test_removal_rise_equals_the_energies_without_each_source(setup):
     torch.testing.assert_close(fr.energy(X, y), e, rtol=1e-12, atol=0.0)
 
 
+def test_a_batch_of_scenes_with_different_k_matches_one_call_per_scene(setup):
+    """Slots past k[b] (padding, any values) leave every result as the call on the scene's first k[b] sources."""
+    _, _, _, fr, d = setup
+    y = d["y"][:2].to(torch.complex128)
+    x = X + 0.02
+    x[1, 2] = torch.tensor([5.0, -7.0, 3.0], dtype=torch.float64)  # padding: not a source of scene 1
+    k = torch.tensor([3, 2])
+    e, rise = fr.removal_rise(x, y, k)
+    res = fr.residual(x, y, k)
+    xr = fr.refine(x.clone(), y, 3, k)
+    assert torch.isinf(rise[1, 2]) and torch.equal(xr[1, 2], x[1, 2].clamp(fr.lo, fr.hi))
+    for b in range(2):
+        xs, ys = x[b:b + 1, :int(k[b])], y[b:b + 1]
+        e1, rise1 = fr.removal_rise(xs, ys)
+        # complex64 columns from GEMMs of other shapes: agreement to their rounding (~1e-7 relative)
+        torch.testing.assert_close(e[b:b + 1], e1, rtol=1e-6, atol=0.0)
+        torch.testing.assert_close(rise[b:b + 1, :int(k[b])], rise1, rtol=1e-5, atol=1e-7 * float(rise1.max()))
+        torch.testing.assert_close(res[b:b + 1], fr.residual(xs, ys), rtol=0.0, atol=1e-6 * float(ys.abs().max()))
+        torch.testing.assert_close(fr.energy(x, y, k)[b:b + 1], e1, rtol=1e-6, atol=0.0)
+        torch.testing.assert_close(xr[b:b + 1, :int(k[b])], fr.refine(xs.clone(), ys, 3), rtol=0.0, atol=1e-6)
+
+
 class _Bare:
     """The pipeline methods of ``LearnedDetector`` without a network (only the map, refiner and params)."""
 
@@ -180,3 +202,24 @@ def test_weakest_source_re_search_moves_a_misplaced_source_back():
     det.params = dataclasses.replace(det.params, relocate=None)
     x_off, _ = det.refined_peaks(x0, k0, d["y"][i:i + 1])
     assert float(torch.rad2deg(x_off[0, len(t) - 1, :2] - t[-1, :2]).abs().max()) > 5.0
+
+
+def test_prune_of_a_batch_matches_prune_of_each_scene(setup):
+    """Scenes with different k pruned together (rounds until no scene drops) end as each pruned alone."""
+    cfg, system, _, _, d = setup
+    det = _Bare(cfg, system)
+    idx = torch.nonzero(d["k"] >= 2)[:2, 0].tolist()
+    slots = cfg.scene.k_max + 1
+    xs, ks = [], []
+    for n, i in enumerate(idx):
+        t = _truth(d, i)
+        junk = torch.tensor([[0.9, -0.4, 0.5]], dtype=torch.float64)[:1 - n]  # the second scene: no junk
+        x = torch.cat([t, junk])
+        xs.append(torch.cat([x, torch.zeros(slots - len(x), 3, dtype=torch.float64)]))
+        ks.append(len(x))
+    x, k, y = torch.stack(xs), torch.tensor(ks), d["y"][idx]
+    xp, kp = det.prune(x, k, y, 40.0)
+    for b in range(len(idx)):
+        xb, kb = det.prune(x[b:b + 1], k[b:b + 1], y[b:b + 1], 40.0)
+        assert int(kp[b]) == int(kb[0]) == int(d["k"][idx[b]])
+        torch.testing.assert_close(xp[b, :int(kb[0])], xb[0, :int(kb[0])], rtol=0.0, atol=0.0)
