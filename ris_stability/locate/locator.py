@@ -11,8 +11,9 @@ included) with ``torch.autograd.grad``, so ``.grad`` attributes are left as they
 * a TorchFunctionMode maps every autograd node created in forward to the module, source line and
   torch function that created it, and to the eigenvalues of an eigh/svd forward, so a backward op
   (running inside ``torch._C._current_autograd_node()``) is reported with its forward context;
-* ``torch.autograd.detect_anomaly(check_nan=True)`` around backward stops at the first NaN node and
-  names the node of a backward that raises.
+* backward stops at the first node that returns NaN (the check ``detect_anomaly(check_nan=True)`` makes,
+  made only at the nodes whose ops produced NaN), and a pre-hook per node names the node of a backward
+  that raises.
 Everything is removed on exit, also when ``fn`` raises. ``fn`` must not run backward itself.
 
 Under any dispatch mode PyTorch skips the complex-phase checks of the eigh/svd backward, so the
@@ -52,7 +53,7 @@ from ris_stability.locate.ops import _finite, _spectral_stats, culprit_values, o
 from ris_stability.locate.phase import EIGH_PHASE_MESSAGE, SVD_PHASE_MESSAGE
 from ris_stability.locate.stack import _Context
 from ris_stability.observe.tracker import ModuleTracker
-from ris_stability.locate.taint import _DispatchChecks, _NonFiniteMode, _Origin
+from ris_stability.locate.taint import BackwardStopped, _DispatchChecks, _NonFiniteMode, _Origin
 
 __all__ = ["EIGH_PHASE_MESSAGE", "Locator", "LocatorUsageError", "MAX_STACK", "SVD_PHASE_MESSAGE",
            "bind_arguments", "culprit_values", "discover_roots", "find_nonfinite", "locate_nonfinite",
@@ -60,7 +61,6 @@ __all__ = ["EIGH_PHASE_MESSAGE", "Locator", "LocatorUsageError", "MAX_STACK", "S
 
 logger = logging.getLogger(__name__)
 
-_ANOMALY_NAN = re.compile(r"Function '(\w+)' returned nan values")
 _ANOMALY_NODE = re.compile(r"Error detected in (\w+)")
 
 
@@ -77,6 +77,7 @@ class _Session(_DispatchChecks, _NodeRecorder):
         with contextlib.ExitStack() as stack:
             self.caught = stack.enter_context(warnings.catch_warnings(record=True, action="always"))
             stack.callback(self._remove_node_hooks)
+            stack.callback(self.remove_stops)
             stack.enter_context(_NonFiniteMode(self))
             yield
 
@@ -101,16 +102,16 @@ class _Session(_DispatchChecks, _NodeRecorder):
         leaves = _graph_leaves(loss)
         if not leaves:
             return None
-        self.phase = "backward"
+        self.phase, self.stop_at_nan = "backward", True
         try:
-            with torch.autograd.detect_anomaly(check_nan=True):
-                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        except Exception as exc:
-            stopped = _ANOMALY_NAN.search(str(exc))
-            if stopped is None or self.last_bad is None:
-                return self._error_finding(exc)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        except BackwardStopped as stop:
             with self.paused():
-                return self._finding(self.last_bad, f"detect_anomaly stopped backward at {stopped.group(1)}")
+                return self._finding(self.last_bad, f"backward stopped at {stop.node}, the first node to return NaN")
+        except Exception as exc:
+            return self._error_finding(exc)
+        finally:
+            self.stop_at_nan = False
         with self.paused():
             bad = [g for g in grads if g is not None and not _finite(g)]
             if not bad:
@@ -169,11 +170,9 @@ class _Session(_DispatchChecks, _NodeRecorder):
         return self._finding(origin, message=str(exc))
 
     def _raising_node(self):
-        """The node that raised in backward: anomaly mode names it, the dispatch mode saw it last."""
-        named = [m.group(1) for w in self.caught for m in [_ANOMALY_NODE.search(str(w.message))] if m]
-        if named and (self.last_node is None or self.last_node.name() != named[-1]):
-            return next((n for n in self.nodes if n.name() == named[-1]), self.last_node)
-        return self.last_node
+        """The node that raised in backward: the last one entered (its pre-hook), else the last the dispatch
+        mode saw running an op."""
+        return self.running_node if self.running_node is not None else self.last_node
 
     def _replay_warnings(self) -> None:
         for w in self.caught:

@@ -7,6 +7,7 @@ eigh/svd forward. It also installs the complex-phase checks that dispatch modes 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
@@ -60,6 +61,8 @@ class _NodeRecorder:
         self.nodes: dict[Any, _Context | None] = {}
         self.hook_handles: list = []
         self.cluster_leaks: dict[Any, float] = {}  # eigh/svd node -> share of its gradient inside tied clusters
+        self._order: list[Any] = []  # the nodes by registration, for hooks that must not hold their own node
+        self.running_node = None  # the node backward entered last (its pre-hook ran): the one that raised
 
     def _context(self):
         """(phase, node name, forward context) of the op running now."""
@@ -84,6 +87,8 @@ class _NodeRecorder:
             return
         ctx = _Context(self.modules.current(), user_stack(), self.function, self.last_forward_op)
         for node in new:
+            self.hook_handles.append(node.register_prehook(functools.partial(self._entered, len(self._order))))
+            self._order.append(node)
             if node.name() in _PHASE_CHECKS:
                 self.hook_handles.append(_PHASE_CHECKS[node.name()](node))
             if node.name() in CLUSTER_HOOKS:
@@ -100,6 +105,9 @@ class _NodeRecorder:
                 node_ctx = dataclasses.replace(node_ctx, spectrum=(kind, values), stack=stack, module=module)
                 self.pending_spectrum = None
             self.nodes[node] = node_ctx
+
+    def _entered(self, index: int, grad_outputs: Any) -> None:
+        self.running_node = self._order[index]
 
     def _remove_node_hooks(self) -> None:
         for handle in self.hook_handles:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Iterator
 
 import torch
@@ -55,6 +56,14 @@ class _Origin:
     context: str = ""
 
 
+class BackwardStopped(Exception):
+    """Raised by the node hook of :attr:`_DispatchChecks.stop_at_nan`: ``node`` returned NaN."""
+
+    def __init__(self, node: str):
+        super().__init__(f"{node} returned NaN")
+        self.node = node
+
+
 class _NonFiniteMode(TorchDispatchMode):
     def __init__(self, checks: "_DispatchChecks"):
         super().__init__()
@@ -85,6 +94,8 @@ class _DispatchChecks:
         self.last_bad: _Origin | None = None
         self.error: tuple[BaseException, _Origin] | None = None
         self.symptom_of: _Origin | None = None  # first origin of the non-finite input an op raised on
+        self.stop_at_nan = False  # backward ends at the first node that returns NaN (BackwardStopped)
+        self._stops: dict[int, object] = {}  # id(node) -> handle of its NaN check (stop_at_nan)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -180,6 +191,27 @@ class _DispatchChecks:
             if t._is_view() and self.taint.get(t._base) is None:
                 self.taint[t._base] = origin  # written through a view: the base holds the value now
         self.last_bad = origin
+        if self.stop_at_nan and masks.has_nan(bad):
+            self._check_node_returns()
+
+    def _check_node_returns(self) -> None:
+        """An op of the running backward node made NaN: once that node returns, stop backward if what it
+        returns holds NaN (what ``detect_anomaly(check_nan=True)`` checks at every node, here only at the
+        nodes whose ops made NaN: a NaN masked inside its node does not stop it)."""
+        node = torch._C._current_autograd_node()
+        if node is None or id(node) in self._stops:
+            return
+        self._stops[id(node)] = node.register_hook(functools.partial(self._node_returned, node.name()))
+
+    def _node_returned(self, name: str, grad_inputs: tuple, grad_outputs: tuple) -> None:
+        with self.paused():
+            if masks.has_nan([g for g in grad_inputs if isinstance(g, Tensor)]):
+                raise BackwardStopped(name)
+
+    def remove_stops(self) -> None:
+        for handle in self._stops.values():
+            handle.remove()
+        self._stops = {}
 
     def origin_of(self, t: Tensor) -> _Origin | None:
         """The origin a tensor carries: its own, else (a view) its base's."""

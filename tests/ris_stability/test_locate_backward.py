@@ -34,7 +34,7 @@ def test_eigh_backward_through_exactly_tied_eigenvalues():
     spectral = [s.spectral for s in f.inputs if s.spectral]
     assert spectral and spectral[-1]["max_cluster"] == 20 and spectral[-1]["min_gap"] == 0
     assert any("gap_aware" in r for r in f.remedies)
-    assert "LinalgEighBackward0" in f.message  # detect_anomaly stopped there
+    assert "LinalgEighBackward0" in f.message  # backward stopped there
 
 
 def test_eigh_ties_at_ris_size_name_the_cluster_of_118():
@@ -160,3 +160,45 @@ def test_python_exception_in_a_module_is_an_error_finding():
     assert (f.phase, f.op, f.module) == ("error", "", "1")
     assert "planted failure" in f.cause and f.message == "planted failure"
     assert_at(f, "raise")
+
+
+class _RaisesInBackward(torch.autograd.Function):
+    """A backward that raises before it runs any op: no dispatch shows which node is running."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("refused in backward")
+
+
+class _MasksItsOwnNaN(torch.autograd.Function):
+    """A backward that makes 0/0 inside and masks it before it returns (as a gap-aware backward does)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        ratio = (x - x) / (x - x)  # NaN everywhere
+        return torch.where(torch.isnan(ratio), grad, ratio)
+
+
+def test_the_node_that_raises_in_backward_is_named_even_before_it_runs_an_op():
+    x = torch.ones(3, requires_grad=True)
+    f = locate_nonfinite(lambda x: (_RaisesInBackward.apply(x) * 2.0).sum(), x)
+    assert (f.phase, f.node) == ("error", "_RaisesInBackwardBackward")  # not MulBackward0, the last with an op
+    assert "refused in backward" in f.message
+
+
+def test_a_nan_masked_inside_its_node_does_not_stop_backward():
+    x = torch.ones(3, requires_grad=True)
+    assert locate_nonfinite(lambda x: (_MasksItsOwnNaN.apply(x) * 2.0).sum(), x) is None
+    g = locate_nonfinite(lambda x: (_MasksItsOwnNaN.apply(x) * 2.0).sum() + torch.sqrt(x - 1.0).sum() * 0.0, x)
+    assert (g.phase, g.node, g.message) == (
+        "backward", "SqrtBackward0", "backward stopped at SqrtBackward0, the first node to return NaN")

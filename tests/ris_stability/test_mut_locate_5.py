@@ -134,7 +134,7 @@ def test_gradients_of_every_leaf_are_checked():
     f = locate_nonfinite(lambda a, b: (a * 2).sum() + torch.sqrt(b).sum(), a, b)  # d sqrt/db = inf at 0
     assert (f.phase, f.node, f.message) == ("backward", "SqrtBackward0", "1 of 2 gradients are non-finite")
     g = locate_nonfinite(lambda a, b: (a * 2).sum() + (torch.sqrt(b) * 0).sum(), a, b)  # inf * 0: a NaN node
-    assert (g.node, g.message) == ("SqrtBackward0", "detect_anomaly stopped backward at SqrtBackward0")
+    assert (g.node, g.message) == ("SqrtBackward0", "backward stopped at SqrtBackward0, the first node to return NaN")
 
 
 def test_a_loss_that_is_not_a_scalar_tensor_is_refused_with_the_fix():
