@@ -146,25 +146,28 @@ class LearnedDetector:
         x[idx] = self.refine(x[idx], k[idx], y[idx])
         return x, k, idx
 
-    def relocate_weakest(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, gate: float) -> torch.Tensor:
+    def relocate_weakest(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, gate: float,
+                         stats: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One alternating-projection step for the weakest source of each scene with k >= 2 sources (the one whose
         removal raises the ML residual least), on the scenes where that drop statistic is below ``gate``: the
         cell of the largest whitened Bartlett map value of the residual with the OTHER sources projected out
         replaces it when the ML residual drops there, and that scene is refined again. It moves a source the
-        short local refinement left in a false minimum (a miss and a false alarm at once)."""
+        short local refinement left in a false minimum (a miss and a false alarm at once). ``stats``: the
+        ``drop_statistics`` (low, j, e) (B,) of every scene's current sources where k >= 2 (those of
+        ``prune_with_statistics``; None: computed here). Returns x and the indices of the scenes moved."""
         y = y.to(torch.complex128)
         x = x.clone()
         sel = (k >= 2).nonzero()[:, 0]
         if len(sel) == 0:
-            return x
+            return x, sel
         ks = k[sel]
         n = int(ks.max())
         xb, yb = x[sel, :n], y[sel]
-        low, j, e_cur = self.drop_statistics(xb, ks, yb)
+        low, j, e_cur = self.drop_statistics(xb, ks, yb) if stats is None else (t[sel] for t in stats)
         hit = low < gate
         sel, xb, yb, ks, e_cur, j = sel[hit], xb[hit], yb[hit], ks[hit], e_cur[hit], j[hit]
         if len(sel) == 0:
-            return x
+            return x, sel
         rows = torch.arange(len(sel))
         order = torch.arange(n).expand(len(sel), n)
         others = xb[rows[:, None], order[order != j[:, None]].reshape(len(sel), n - 1)]
@@ -176,7 +179,7 @@ class LearnedDetector:
         if len(b):
             x[b, :n] = trial[ok]
             x[b] = self.refine(x[b], k[b], y[b])
-        return x
+        return x, b
 
     def drop_statistics(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -193,22 +196,32 @@ class LearnedDetector:
         ``tau`` per residual degree of freedom, or while the scene holds more than ``k_keep`` sources (the
         dropped source goes to the last slot). A spurious source explains about one noise degree of freedom per
         snapshot (plus what its position fits); a real one far more."""
+        return self.prune_with_statistics(x, k, y, tau, k_keep)[:2]
+
+    def prune_with_statistics(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, tau: float,
+                              k_keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``prune``, and the ``drop_statistics`` (low, j, e) (B,) of the sources each scene keeps, from its last
+        test (every scene left with k >= 2 was tested last with the sources it keeps; low is +inf where k < 2)."""
         slots = x.shape[1]
         k_keep = slots if k_keep is None else k_keep
         y = y.to(torch.complex128)
         x, k = x.clone(), k.clone()
+        low_all = torch.full(k.shape, float("inf"), dtype=torch.float64)
+        j_all, e_all = torch.zeros_like(k), torch.zeros(k.shape, dtype=torch.float64)
         todo = (k >= 2).nonzero()[:, 0]
         while len(todo):  # a scene that dropped a source is tested again with one fewer
             kt = k[todo]
-            low, j, _ = self.drop_statistics(x[todo, :int(kt.max())], kt, y[todo])
+            low, j, e = self.drop_statistics(x[todo, :int(kt.max())], kt, y[todo])
+            low_all[todo], j_all[todo], e_all[todo] = low, j, e
             drop = (low < tau) | (kt > k_keep)
             todo, j = todo[drop], j[drop]
             order = torch.arange(slots).expand(len(todo), slots)
             order = torch.where(order == j[:, None], slots, order).argsort(-1)  # source j to the last slot
             x[todo] = x[todo[:, None], order]
             k[todo] -= 1
+            low_all[todo] = float("inf")
             todo = todo[k[todo] >= 2]
-        return x, k
+        return x, k, (low_all, j_all, e_all)
 
     @torch.inference_mode()
     def run(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -216,36 +229,48 @@ class LearnedDetector:
         t0 = time.perf_counter()
         x0, k0, _ = self.peaks(y)
         t_net = time.perf_counter() - t0
-        x, k = self.refined_peaks(x0, k0, y)
-        x, k = self.detect_subtract(x, k, y, self.params.second, self.params.tau)
+        x, k, pruned = self.refined_peaks(x0, k0, y)
+        x, k = self.detect_subtract(x, k, y, self.params.second, self.params.tau, pruned)
         return x0, k0, x, k, t_net
 
     def refined_peaks(self, x0: torch.Tensor, k0: torch.Tensor, y: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 2-3: LM on the peaks, then pruning (room for the detect-subtract step); x gets one spare slot."""
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 2-3: LM on the peaks, then pruning (room for the detect-subtract step); x gets one spare slot.
+        Also (B,) bool: the scenes whose sources pruning has tested as they are (not moved by the re-search)."""
         x, k = self.refine(x0, k0, y), k0
+        pruned = torch.zeros(k.shape, dtype=torch.bool)
+        stats = None
         if self.params.tau is not None:
-            x, k = self.prune(x, k, y, self.params.tau)
+            x, k, stats = self.prune_with_statistics(x, k, y, self.params.tau)
+            pruned[:] = True
         if self.params.relocate is not None:
-            x = self.relocate_weakest(x, k, y, self.params.relocate)
-        return torch.cat([x, torch.zeros_like(x[:, :1])], 1), k
+            x, moved = self.relocate_weakest(x, k, y, self.params.relocate, stats)
+            pruned[moved] = False
+        return torch.cat([x, torch.zeros_like(x[:, :1])], 1), k, pruned
 
     def detect_subtract(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, second: float | None,
-                        tau: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+                        tau: float | None, pruned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 4-5 on the output of ``refined_peaks``: ``detect_steps`` detect-subtract steps (each up to
         K_MAX + 1 sources, so that a source the peaks misplaced can be replaced, then pruning to at most K_MAX),
-        the second and later ones on the scenes the step before extended; (B, K_MAX, 3)."""
+        the second and later ones on the scenes the step before extended; (B, K_MAX, 3). ``pruned`` (B,) bool:
+        scenes of at most K_MAX sources that pruning by ``tau`` has tested as they are (it would keep them: a
+        step that does not extend such a scene leaves it out of its pruning); None: none."""
         k_max = self.cfg.scene.k_max
         if tau is not None:
             x, k = x.clone(), k.clone()
             todo = torch.arange(len(k))
+            fresh = torch.ones(k.shape, dtype=torch.bool) if pruned is None else ~pruned
             for _ in range(self.params.detect_steps):
                 xs, ks, ys = x[todo], k[todo], y[todo]
                 found = self.residual_peaks(xs, ks, ys)
                 xs, ks, gained = self.extend(xs, ks, ys, found, float("-inf") if second is None else second, tau)
-                x[todo], k[todo] = self.prune(xs, ks, ys, tau, k_keep=k_max)
-                # a scene that did not gain its candidate is left as it was (pruned already), so the next step
-                # would find the same candidate and reject it again: only the others go on
+                x[todo], k[todo] = xs, ks
+                # a scene pruning tested that did not gain its candidate is left as it was: pruning would keep it,
+                # and the next step would find the same candidate and reject it again; only the others go on
+                fresh[todo[gained]] = True
+                test = fresh.nonzero()[:, 0]
+                x[test], k[test] = self.prune(x[test], k[test], y[test], tau, k_keep=k_max)
+                fresh[:] = False
                 todo = todo[gained]
                 if len(todo) == 0:
                     break
