@@ -153,11 +153,16 @@ class FastRefiner:
         is removed (+inf past k), from ONE fit: per snapshot the least-squares residual grows by
         |s_lj|^2 / [(B_l^H B_l)^-1]_jj when column j is dropped (the partial-regression identity), summed over the
         snapshots."""
+        r, rise = self.residual_and_rise(x, y, k)
+        return _sq(r), rise
+
+    def residual_and_rise(self, x: Tensor, y: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``removal_rise`` with the residual P_perp(B_l) y_l (B, L, M) itself in place of its energy."""
         r, s, chol = self.project(self.plain_columns(x, k), y, k)
         ginv_diag = torch.diagonal(torch.cholesky_inverse(chol), dim1=-2, dim2=-1).real  # (B, L, K)
         rise = ((s.real.square() + s.imag.square()) / ginv_diag).sum(1)
         keep = _slots(k, x.shape[1])
-        return _sq(r), rise if keep is None else rise.masked_fill(~keep, float("inf"))
+        return r, rise if keep is None else rise.masked_fill(~keep, float("inf"))
 
     @staticmethod
     def normal_equations(b: Tensor, d: Tensor, r: Tensor, s: Tensor, chol: Tensor) -> tuple[Tensor, Tensor]:

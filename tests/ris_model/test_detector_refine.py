@@ -257,16 +257,19 @@ def test_prune_statistics_are_those_of_the_sources_each_scene_keeps(setup, twelv
     x, k, y = _junk_batch(cfg, d, idx, [True, False, True])
     x[2, 1] = x[2, 0]  # scene 2: its first source twice, pruned down to one
     k1 = torch.tensor([k[0], k[1], 2])
-    xp, kp, (low, j, e) = det.prune_with_statistics(x, k1, y, 40.0)
+    xp, kp, (low, j, e, r) = det.prune_with_statistics(x, k1, y, 40.0)
     assert torch.equal(det.prune(x, k1, y, 40.0)[1], kp) and int(kp[2]) == 1
     for b in range(3):
         if int(kp[b]) < 2:
             assert torch.isinf(low[b])
             continue
-        lb, jb, eb = det.drop_statistics(xp[b:b + 1, :int(kp[b])], kp[b:b + 1], y[b:b + 1])
+        lb, jb, eb, rb = det.drop_statistics(xp[b:b + 1, :int(kp[b])], kp[b:b + 1], y[b:b + 1])
         # complex64 columns from GEMMs of other shapes: agreement to their rounding (~1e-7 relative)
         torch.testing.assert_close(low[b:b + 1], lb, rtol=1e-5, atol=0.0)
         torch.testing.assert_close(e[b:b + 1], eb, rtol=1e-6, atol=0.0)
+        torch.testing.assert_close(r[b:b + 1], rb, rtol=0.0, atol=1e-6 * float(y[b].abs().max()))
+        torch.testing.assert_close(r[b:b + 1], det.refiner.residual(xp[b:b + 1, :int(kp[b])], y[b:b + 1]), rtol=0.0,
+                                   atol=1e-6 * float(y[b].abs().max()))
         assert int(j[b]) == int(jb[0])
 
 
@@ -284,7 +287,7 @@ def test_re_search_on_the_statistics_of_pruning_equals_the_one_computing_them():
     torch.testing.assert_close(x_st, x_own, rtol=0.0, atol=1e-9)
     det.params = dataclasses.replace(det.params, relocate=float("inf"))
     _, _, marks = det.refined_peaks(x, k, y)  # a moved scene is no longer as pruning tested it
-    assert marks.tolist() == [b not in moved_st.tolist() for b in range(len(idx))]
+    assert marks.pruned.tolist() == marks.known.tolist() == [b not in moved_st.tolist() for b in range(len(idx))]
 
 
 def test_detect_subtract_leaves_scenes_pruning_tested_out_of_its_pruning(setup, twelve):
@@ -302,16 +305,49 @@ def test_detect_subtract_leaves_scenes_pruning_tested_out_of_its_pruning(setup, 
     k[2] -= 1
     x = torch.cat([x, torch.zeros_like(x[:, :1])], 1)
     tested = []
-    det.prune = lambda xp, *a, **kw: tested.append(len(xp)) or _Bare.__getattr__(det, "prune")(xp, *a, **kw)
-    xs, ks = det.detect_subtract(x, k, y, None, 40.0, torch.tensor([True, False, True]))
+    det.prune_with_statistics = lambda xp, *a, **kw: tested.append(len(xp)) or _Bare.__getattr__(
+        det, "prune_with_statistics")(xp, *a, **kw)
+    from ris_model.detector_infer import Tested
+    res = det.refiner.residual(x[:, :int(k.max())], y.to(torch.complex128), k)
+    marks = Tested(torch.tensor([True, False, True]), torch.tensor([True, False, True]), res)
+    stale = []  # every residual a step takes as known is that of the scene's current sources
+
+    def spy(xs, ks, ys, known):
+        ref = det.refiner.residual(xs[:, :int(ks.max())], ys.to(torch.complex128), ks)
+        gap = (known[1] - ref)[known[0]].abs()
+        stale.append(bool(gap.numel()) and float(gap.max()) > 1e-6 * float(ys.abs().max()))
+        return _Bare.__getattr__(det, "residual_peaks")(xs, ks, ys, known)
+
+    det.residual_peaks = spy
+    xs, ks = det.detect_subtract(x, k, y, None, 40.0, marks)
     assert ks.tolist() == [int(d["k"][i]) + (1 if b == 0 else 0) for b, i in enumerate(idx)]
     assert tested[0] == 2 and tested[1] <= 1  # step 1: scenes 1 and 2; step 2: scene 2 only, if it gained again
-    del det.prune
+    assert len(stale) == 2 and not any(stale)
+    del det.prune_with_statistics, det.residual_peaks
     assert torch.equal(det.detect_subtract(x, k, y, None, 40.0)[1], d["k"][idx])
     junk = [bool(d["k"][i] < cfg.scene.k_max) and i % 2 == 0 for i in range(len(d["k"]))]
     xr, kr, marks = det.refined_peaks(*_junk_batch(cfg, d, range(len(d["k"])), junk))
-    assert int(kr.sum()) == int(d["k"].sum())
+    assert int(kr.sum()) == int(d["k"].sum()) and torch.equal(marks.known, kr >= 2)
     xa, ka = det.detect_subtract(xr, kr, d["y"], None, 40.0, marks)
     xb, kb = det.detect_subtract(xr, kr, d["y"], None, 40.0)
     assert torch.equal(ka, kb)
     torch.testing.assert_close(xa, xb, rtol=0.0, atol=1e-9)
+
+
+def test_residual_candidates_take_the_known_residuals(setup, twelve):
+    """``residual_peaks`` with some scenes' residuals given uses them (here a stand-in: scene 0's residual
+    replaced by scene 1's own, whose candidate it then finds) and computes the others'."""
+    cfg, system, _, _, _ = setup
+    d = twelve
+    det = _Bare(cfg, system)
+    idx = _few(d, 2)
+    x, k, y = _junk_batch(cfg, d, idx, [False, False])
+    k = k - 1  # each scene's last source missing: the candidate
+    full = det.residual_peaks(x, k, y)
+    res = det.refiner.residual(x[:, :int(k.max())], y.to(torch.complex128), k)
+    got = det.residual_peaks(x, k, y, (torch.tensor([True, False]), res[[1, 1]]))
+    assert torch.equal(got[0][0], full[0][1]) and torch.equal(got[0][1], full[0][1])
+    torch.testing.assert_close(got[2], full[2][[1, 1]], rtol=1e-12, atol=0.0)
+    none = det.residual_peaks(x, k, y, (torch.tensor([False, False]), torch.zeros_like(res)))
+    assert torch.equal(none[0], full[0])
+    torch.testing.assert_close(none[2], full[2], rtol=1e-6, atol=0.0)
