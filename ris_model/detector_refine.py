@@ -121,14 +121,13 @@ class FastRefiner:
         coinciding sources); a slot past k[b] (a zero column) gets a unit diagonal, so s is 0 there."""
         bh = b.mH.resolve_conj()  # materialised once (a conjugate view is copied by every product)
         gram = bh @ b
-        n = gram.shape[-1]
-        keep = _slots(k, n)
-        diag = torch.diagonal(gram, dim1=-2, dim2=-1).real
+        keep = _slots(k, gram.shape[-1])
+        diag = torch.diagonal(gram, dim1=-2, dim2=-1)  # a view: the ridge is added in place
         if keep is None:
-            gram = gram + (1e-12 * diag.mean(-1))[..., None, None] * torch.eye(n, dtype=gram.dtype)
+            diag.add_((1e-12 * diag.real.mean(-1))[..., None])
         else:
-            ridge = 1e-12 * diag.sum(-1) / k[:, None]  # (B, L): the mean over the k real columns
-            gram = gram + torch.diag_embed(torch.where(keep[:, None, :], ridge[..., None], 1.0).to(gram.dtype))
+            ridge = 1e-12 * diag.real.sum(-1) / k[:, None]  # (B, L): the mean over the k real columns
+            diag.copy_(torch.where(keep[:, None, :], diag + ridge[..., None], 1.0))
         chol = torch.linalg.cholesky(gram)  # raises on a Gram the ridge does not make definite
         s = torch.cholesky_solve(bh @ y[..., None], chol)[..., 0]  # (B, L, K)
         return y - (b @ s[..., None])[..., 0], s, chol
