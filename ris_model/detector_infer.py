@@ -101,7 +101,7 @@ class LearnedDetector:
     @torch.inference_mode()
     def peaks(self, y: torch.Tensor, threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decoded positions (B, K_MAX, 3) = (phi, theta, ln r), K (B,) and peak scores (B, K_MAX) of y (B, L, M)."""
-        img = log_map(self.bmap.image(y)).to(memory_format=torch.channels_last)
+        img = log_map(self.bmap.image(y, torch.channels_last))  # elementwise: stays channels-last
         out = torch.cat([self.net(img[i:i + NET_CHUNK]) for i in range(0, img.shape[0], NET_CHUNK)])
         thr = self.params.heat if threshold is None else threshold
         x, score, k = decode(out, thr, self.cfg.scene.k_max, self.cfg.scene, self.dcfg.grid_step_deg)
