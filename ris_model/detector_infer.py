@@ -183,9 +183,10 @@ class LearnedDetector:
         ks = k[sel]
         n = int(ks.max())
         xb, yb = x[sel, :n], y[sel]
-        low, j, e_cur = (self.drop_statistics(xb, ks, yb) if stats is None else stats)[:3]
-        if stats is not None:
-            low, j, e_cur = low[sel], j[sel], e_cur[sel]
+        if stats is None:
+            low, j, e_cur, _ = self.drop_statistics(xb, ks, yb)
+        else:
+            low, j, e_cur = stats[0][sel], stats[1][sel], stats[2][sel]
         hit = low < gate
         sel, xb, yb, ks, e_cur, j = sel[hit], xb[hit], yb[hit], ks[hit], e_cur[hit], j[hit]
         if len(sel) == 0:
@@ -204,7 +205,7 @@ class LearnedDetector:
         return x, b
 
     def drop_statistics(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The smallest drop statistic (e_{-j} - e) / (e / (L (M - k))) over the first k[b] sources of x (B, K, 3)
         (B,), the source j (B,) it belongs to, the residual energy e (B,) and the residual (B, L, M)."""
         L, m = y.shape[-2:]
