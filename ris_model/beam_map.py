@@ -71,12 +71,13 @@ class BeamMap:
                 out[start:stop, g0:g0 + step] = acc[:stop - start] + acc[stop - start:]
         return out
 
-    def image(self, y: Tensor) -> Tensor:
-        """Map as an image (B, R, P, T): one channel per range plane, normalised to mean 1 per scene."""
+    def image(self, y: Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+        """Map as an image (B, R, P, T): one channel per range plane, normalised to mean 1 per scene; in
+        ``torch.channels_last`` it is the map's own layout (range planes innermost), no copy."""
         p, t, r = self.shape
         m = self.flat(y)
         m = m / m.mean(-1, keepdim=True)
-        return m.reshape(-1, p, t, r).permute(0, 3, 1, 2).contiguous()
+        return m.reshape(-1, p, t, r).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
 
 
 def _count(lo: float, hi: float, step: float) -> int:

@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -45,7 +46,7 @@ from ris_model.simulate import System, make_system
 NET_CHUNK = 25  # scenes per forward pass at inference
 DETECT_STEPS = 2  # detect-subtract steps (docs/evaluation.md: validation scenes of the training channels)
 RELOCATE_GATE = 400.0  # ``relocate_weakest`` on scenes whose weakest drop statistic is below this (validation)
-PIPELINE_VERSION = 4  # part of the benchmark's cache key of the learned rows: bump when the pipeline's output changes
+PIPELINE_VERSION = 5  # part of the benchmark's cache key of the learned rows: bump when the pipeline's output changes
 DETECTOR_PEAKS = "learned detector peaks (no refinement)"
 DETECTOR_REFINED = "learned detector + ML refinement"
 
@@ -64,6 +65,16 @@ class PipelineParams:
     whiten_iters: int = 0  # LM iterations on the whitened cost before the ``lm_iters`` of the ML cost
     detect_steps: int = DETECT_STEPS  # detect-subtract steps (each on the scenes the previous one extended)
     relocate: float | None = RELOCATE_GATE  # gate of ``relocate_weakest`` (None: the step is off)
+
+
+class Tested(NamedTuple):
+    """What pruning has established about each scene's current sources (B scenes): ``pruned`` (B,) bool, tested
+    by pruning as they are (it keeps them); ``known`` (B,) bool, their residual P_perp(B_l) y_l is
+    ``residual`` (B, L, M) (where pruning tested them with k >= 2)."""
+
+    pruned: torch.Tensor
+    known: torch.Tensor
+    residual: torch.Tensor
 
 
 def detector_config(raw: dict) -> DetectorConfig:
@@ -90,7 +101,7 @@ class LearnedDetector:
     @torch.inference_mode()
     def peaks(self, y: torch.Tensor, threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decoded positions (B, K_MAX, 3) = (phi, theta, ln r), K (B,) and peak scores (B, K_MAX) of y (B, L, M)."""
-        img = log_map(self.bmap.image(y)).to(memory_format=torch.channels_last)
+        img = log_map(self.bmap.image(y, torch.channels_last))  # elementwise: stays channels-last
         out = torch.cat([self.net(img[i:i + NET_CHUNK]) for i in range(0, img.shape[0], NET_CHUNK)])
         thr = self.params.heat if threshold is None else threshold
         x, score, k = decode(out, thr, self.cfg.scene.k_max, self.cfg.scene, self.dcfg.grid_step_deg)
@@ -111,13 +122,22 @@ class LearnedDetector:
         x[:, :n] = self.refiner.refine(xs, y, self.lm_iters, k)
         return x
 
-    def residual_peaks(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor
+    def residual_peaks(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor,
+                       known: tuple[torch.Tensor, torch.Tensor] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A candidate in the residual P_perp(B_l) y_l after the first k[b] sources of x: (B, 3) with a score
         (B,), and the residual energy e_k (B,). ``second`` None: the cell (phi, theta, ln r) of the largest
         whitened Bartlett map value of the residual (the ML estimator's greedy step, on the detector's grid),
-        score +inf; else the detector's best peak on the residual's map and its score."""
-        res = self.refiner.residual(x[:, :int(k.max())], y.to(torch.complex128), k)
+        score +inf; else the detector's best peak on the residual's map and its score. ``known``: (mask (B,),
+        residuals (B, L, M)), the residuals of these sources where mask holds (computed here for the others)."""
+        y = y.to(torch.complex128)
+        if known is None:
+            res = self.refiner.residual(x[:, :int(k.max())], y, k)
+        else:
+            res = known[1].clone()
+            todo = (~known[0]).nonzero()[:, 0]
+            if len(todo):
+                res[todo] = self.refiner.residual(x[todo, :int(k[todo].max())], y[todo], k[todo])
         energy = res.real.square().sum((-2, -1)) + res.imag.square().sum((-2, -1))
         if self.params.second is None:
             cell = self.bmap.flat(res).argmax(-1)
@@ -146,25 +166,31 @@ class LearnedDetector:
         x[idx] = self.refine(x[idx], k[idx], y[idx])
         return x, k, idx
 
-    def relocate_weakest(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, gate: float) -> torch.Tensor:
+    def relocate_weakest(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, gate: float,
+                         stats: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One alternating-projection step for the weakest source of each scene with k >= 2 sources (the one whose
         removal raises the ML residual least), on the scenes where that drop statistic is below ``gate``: the
         cell of the largest whitened Bartlett map value of the residual with the OTHER sources projected out
         replaces it when the ML residual drops there, and that scene is refined again. It moves a source the
-        short local refinement left in a false minimum (a miss and a false alarm at once)."""
+        short local refinement left in a false minimum (a miss and a false alarm at once). ``stats``: the
+        ``drop_statistics`` of every scene's current sources where k >= 2 (those of ``prune_with_statistics``;
+        None: computed here). Returns x and the indices of the scenes moved."""
         y = y.to(torch.complex128)
         x = x.clone()
         sel = (k >= 2).nonzero()[:, 0]
         if len(sel) == 0:
-            return x
+            return x, sel
         ks = k[sel]
         n = int(ks.max())
         xb, yb = x[sel, :n], y[sel]
-        low, j, e_cur = self.drop_statistics(xb, ks, yb)
+        if stats is None:
+            low, j, e_cur, _ = self.drop_statistics(xb, ks, yb)
+        else:
+            low, j, e_cur = stats[0][sel], stats[1][sel], stats[2][sel]
         hit = low < gate
         sel, xb, yb, ks, e_cur, j = sel[hit], xb[hit], yb[hit], ks[hit], e_cur[hit], j[hit]
         if len(sel) == 0:
-            return x
+            return x, sel
         rows = torch.arange(len(sel))
         order = torch.arange(n).expand(len(sel), n)
         others = xb[rows[:, None], order[order != j[:, None]].reshape(len(sel), n - 1)]
@@ -176,16 +202,17 @@ class LearnedDetector:
         if len(b):
             x[b, :n] = trial[ok]
             x[b] = self.refine(x[b], k[b], y[b])
-        return x
+        return x, b
 
     def drop_statistics(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The smallest drop statistic (e_{-j} - e) / (e / (L (M - k))) over the first k[b] sources of x (B, K, 3)
-        (B,), the source j (B,) it belongs to, and the residual energy e (B,)."""
+        (B,), the source j (B,) it belongs to, the residual energy e (B,) and the residual (B, L, M)."""
         L, m = y.shape[-2:]
-        e, rise = self.refiner.removal_rise(x, y, k)
+        r, rise = self.refiner.residual_and_rise(x, y, k)
+        e = r.real.square().sum((-2, -1)) + r.imag.square().sum((-2, -1))
         low, j = (rise / (e / (L * (m - k)))[:, None]).min(-1)
-        return low, j, e
+        return low, j, e, r
 
     def prune(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, tau: float,
               k_keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,22 +220,34 @@ class LearnedDetector:
         ``tau`` per residual degree of freedom, or while the scene holds more than ``k_keep`` sources (the
         dropped source goes to the last slot). A spurious source explains about one noise degree of freedom per
         snapshot (plus what its position fits); a real one far more."""
+        return self.prune_with_statistics(x, k, y, tau, k_keep)[:2]
+
+    def prune_with_statistics(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, tau: float,
+                              k_keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``prune``, and the ``drop_statistics`` (low, j, e (B,), residual (B, L, M)) of the sources each scene
+        keeps, from its last test (every scene left with k >= 2 was tested last with the sources it keeps; low is
+        +inf where k < 2, and the residual is not known there)."""
         slots = x.shape[1]
         k_keep = slots if k_keep is None else k_keep
         y = y.to(torch.complex128)
         x, k = x.clone(), k.clone()
+        low_all = torch.full(k.shape, float("inf"), dtype=torch.float64)
+        j_all, e_all = torch.zeros_like(k), torch.zeros(k.shape, dtype=torch.float64)
+        r_all = torch.zeros(y.shape, dtype=torch.complex128)
         todo = (k >= 2).nonzero()[:, 0]
         while len(todo):  # a scene that dropped a source is tested again with one fewer
             kt = k[todo]
-            low, j, _ = self.drop_statistics(x[todo, :int(kt.max())], kt, y[todo])
+            low, j, e, r = self.drop_statistics(x[todo, :int(kt.max())], kt, y[todo])
+            low_all[todo], j_all[todo], e_all[todo], r_all[todo] = low, j, e, r
             drop = (low < tau) | (kt > k_keep)
             todo, j = todo[drop], j[drop]
             order = torch.arange(slots).expand(len(todo), slots)
             order = torch.where(order == j[:, None], slots, order).argsort(-1)  # source j to the last slot
             x[todo] = x[todo[:, None], order]
             k[todo] -= 1
+            low_all[todo] = float("inf")
             todo = todo[k[todo] >= 2]
-        return x, k
+        return x, k, (low_all, j_all, e_all, r_all)
 
     @torch.inference_mode()
     def run(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -216,36 +255,57 @@ class LearnedDetector:
         t0 = time.perf_counter()
         x0, k0, _ = self.peaks(y)
         t_net = time.perf_counter() - t0
-        x, k = self.refined_peaks(x0, k0, y)
-        x, k = self.detect_subtract(x, k, y, self.params.second, self.params.tau)
+        x, k, tested = self.refined_peaks(x0, k0, y)
+        x, k = self.detect_subtract(x, k, y, self.params.second, self.params.tau, tested)
         return x0, k0, x, k, t_net
 
     def refined_peaks(self, x0: torch.Tensor, k0: torch.Tensor, y: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 2-3: LM on the peaks, then pruning (room for the detect-subtract step); x gets one spare slot."""
+                      ) -> tuple[torch.Tensor, torch.Tensor, Tested]:
+        """Steps 2-3: LM on the peaks, then pruning (room for the detect-subtract step); x gets one spare slot.
+        Also what pruning established about the sources returned (``Tested``: a scene the re-search moved is
+        no longer as pruning tested it)."""
         x, k = self.refine(x0, k0, y), k0
+        tested = Tested(torch.zeros(k.shape, dtype=torch.bool), torch.zeros(k.shape, dtype=torch.bool),
+                        torch.zeros(y.shape, dtype=torch.complex128))
+        stats = None
         if self.params.tau is not None:
-            x, k = self.prune(x, k, y, self.params.tau)
+            x, k, stats = self.prune_with_statistics(x, k, y, self.params.tau)
+            tested = Tested(torch.ones(k.shape, dtype=torch.bool), stats[0].isfinite(), stats[3])
         if self.params.relocate is not None:
-            x = self.relocate_weakest(x, k, y, self.params.relocate)
-        return torch.cat([x, torch.zeros_like(x[:, :1])], 1), k
+            x, moved = self.relocate_weakest(x, k, y, self.params.relocate, stats)
+            tested.pruned[moved] = False
+            tested.known[moved] = False
+        return torch.cat([x, torch.zeros_like(x[:, :1])], 1), k, tested
 
     def detect_subtract(self, x: torch.Tensor, k: torch.Tensor, y: torch.Tensor, second: float | None,
-                        tau: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+                        tau: float | None, tested: Tested | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 4-5 on the output of ``refined_peaks``: ``detect_steps`` detect-subtract steps (each up to
         K_MAX + 1 sources, so that a source the peaks misplaced can be replaced, then pruning to at most K_MAX),
-        the second and later ones on the scenes the step before extended; (B, K_MAX, 3)."""
+        the second and later ones on the scenes the step before extended; (B, K_MAX, 3). ``tested``: what
+        pruning by ``tau`` established about the scenes of at most K_MAX sources as they are (a step that does
+        not extend a scene pruning tested leaves it out of its pruning; known residuals are not recomputed);
+        None: nothing."""
         k_max = self.cfg.scene.k_max
         if tau is not None:
             x, k = x.clone(), k.clone()
             todo = torch.arange(len(k))
+            if tested is None:
+                fresh = torch.ones(k.shape, dtype=torch.bool)
+                known, res = torch.zeros(k.shape, dtype=torch.bool), torch.zeros(y.shape, dtype=torch.complex128)
+            else:
+                fresh, known, res = ~tested.pruned, tested.known.clone(), tested.residual.clone()
             for _ in range(self.params.detect_steps):
                 xs, ks, ys = x[todo], k[todo], y[todo]
-                found = self.residual_peaks(xs, ks, ys)
+                found = self.residual_peaks(xs, ks, ys, (known[todo], res[todo]))
                 xs, ks, gained = self.extend(xs, ks, ys, found, float("-inf") if second is None else second, tau)
-                x[todo], k[todo] = self.prune(xs, ks, ys, tau, k_keep=k_max)
-                # a scene that did not gain its candidate is left as it was (pruned already), so the next step
-                # would find the same candidate and reject it again: only the others go on
+                x[todo], k[todo] = xs, ks
+                # a scene pruning tested that did not gain its candidate is left as it was: pruning would keep it,
+                # and the next step would find the same candidate and reject it again; only the others go on
+                fresh[todo[gained]] = True
+                test = fresh.nonzero()[:, 0]
+                x[test], k[test], stats = self.prune_with_statistics(x[test], k[test], y[test], tau, k_keep=k_max)
+                known[test], res[test] = stats[0].isfinite(), stats[3]
+                fresh[:] = False
                 todo = todo[gained]
                 if len(todo) == 0:
                     break
@@ -292,5 +352,5 @@ def load_detector(path: str | Path, cfg: RunConfig, lm_iters: int | None = None)
     return det, tag
 
 
-__all__ = ["DETECT_STEPS", "PIPELINE_VERSION", "DETECTOR_PEAKS", "DETECTOR_REFINED", "DetectorError", "PipelineParams", "LearnedDetector",
+__all__ = ["DETECT_STEPS", "PIPELINE_VERSION", "DETECTOR_PEAKS", "DETECTOR_REFINED", "DetectorError", "PipelineParams", "Tested", "LearnedDetector",
            "load_detector", "detector_config"]

@@ -44,16 +44,23 @@ class FastRefiner:
         self.fresnel = system.fresnel
         self.system = system
         self.lo, self.hi = lo, hi
-        self._mjk = torch.complex(torch.zeros((), dtype=torch.float64), torch.tensor(-self.k0, dtype=torch.float64))
 
     def steering_and_derivatives(self, x: Tensor) -> Tensor:
         """a and d a / d(phi, theta, ln r) of every source of x (B, k, 3): (B, k, 4, N) complex128; a as in ``geometry.steering`` (unit norm, a_n = exp(-j k0 (||p - p_n|| - r)) / sqrt(N))."""
-        phi, theta, r = x[..., 0:1], x[..., 1:2], x[..., 2:3].exp()  # (B, k, 1)
+        bsz, n = x.shape[:2]
+        v = self._vectors(x)
+        return torch.cat([v[:, :n, None], v[:, n:].reshape(bsz, n, 3, -1)], 2)
+
+    def _vectors(self, x: Tensor) -> Tensor:
+        """``steering_and_derivatives`` ordered [a_1..a_K, da_1..da_K] (B, 4K, N) complex128, written in place
+        into one tensor: with a = c + j s, -j k0 a = k0 s - j k0 c, so da/d eta = (k0 s) dd/d eta - j (k0 c) dd/d eta
+        (the values of the complex products, without a complex copy of each real factor)."""
+        bsz, n = x.shape[:2]
+        phi, theta, r = x[..., 0], x[..., 1], x[..., 2:3].exp()  # (B, k), (B, k), (B, k, 1)
         sp, cp, st, ct = phi.sin(), phi.cos(), theta.sin(), theta.cos()
-        px, py, pz = self.pos[:, 0], self.pos[:, 1], self.pos[:, 2]
-        up = sp * ct * px + st * py + cp * ct * pz  # (B, k, N): u . p_n
-        u_phi = cp * ct * px - sp * ct * pz  # p_n . du/dphi
-        u_theta = -sp * st * px + ct * py - cp * st * pz  # p_n . du/dtheta
+        # u, du/dphi and du/dtheta (B, k, 3, 3) against every p_n in one product: u . p_n, p_n . u_phi, p_n . u_theta
+        frame = torch.stack([sp * ct, st, cp * ct, cp * ct, torch.zeros_like(st), -sp * ct, -sp * st, ct, -cp * st], -1)
+        up, u_phi, u_theta = (frame.reshape(*phi.shape, 3, 3) @ self.pos.T).unbind(-2)  # (B, k, N) each
         if self.fresnel:
             d = -up + (self.pn2 - up * up) / (2 * r)
             g = -(1 + up / r)
@@ -64,9 +71,15 @@ class FastRefiner:
             d = num / (rho + r)
             q = r / rho
             dd = (-q * u_phi, -q * u_theta, q * (up * up - self.pn2) / (r - up + rho))
-        a = self._unit_phasor(d)  # (B, k, N)
-        ja = a * self._mjk  # -j k0 a
-        return torch.stack([a] + [ja * v for v in dd], 2)
+        phase, mag = -self.k0 * d, 1.0 / math.sqrt(self.n)
+        c, s = phase.cos() * mag, phase.sin() * mag  # a = c + j s (``_unit_phasor``)
+        out = torch.empty(bsz, 4 * n, self.n, 2, dtype=torch.float64)
+        out[:, :n, :, 0], out[:, :n, :, 1] = c, s
+        der = out[:, n:].view(bsz, n, 3, self.n, 2)
+        dd = torch.stack(dd, 2)  # (B, k, 3, N)
+        torch.mul((s * self.k0)[:, :, None], dd, out=der[..., 0])
+        torch.mul((c * -self.k0)[:, :, None], dd, out=der[..., 1])
+        return torch.view_as_complex(out)
 
     def _unit_phasor(self, d: Tensor) -> Tensor:
         """exp(-j k0 d) / sqrt(N): the values of ``torch.polar`` (|a| cos, |a| sin) from vectorised cos and sin
@@ -79,11 +92,10 @@ class FastRefiner:
         coordinate), complex128, from ONE GEMM (``_gemm``) on the vectors ordered [a_1..a_K, da_1..da_K]
         (both blocks then slices of one (B, L, M, 4K) tensor); zero columns for the slots past k."""
         n = x.shape[1]
-        sd = self.steering_and_derivatives(x)  # (B, K, 4, N)
         keep = _slots(k, n)
         if keep is not None:
             keep = torch.cat([keep, keep.repeat_interleave(3, -1)], -1)
-        c = self._gemm(torch.cat([sd[:, :, 0], sd[:, :, 1:].flatten(1, 2)], 1), keep)
+        c = self._gemm(self._vectors(x), keep)
         c = _batch_first(c)  # (B, L, M, 4K)
         return c[..., :n], c[..., n:]
 
@@ -109,14 +121,13 @@ class FastRefiner:
         coinciding sources); a slot past k[b] (a zero column) gets a unit diagonal, so s is 0 there."""
         bh = b.mH.resolve_conj()  # materialised once (a conjugate view is copied by every product)
         gram = bh @ b
-        n = gram.shape[-1]
-        keep = _slots(k, n)
-        diag = torch.diagonal(gram, dim1=-2, dim2=-1).real
+        keep = _slots(k, gram.shape[-1])
+        diag = torch.diagonal(gram, dim1=-2, dim2=-1)  # a view: the ridge is added in place
         if keep is None:
-            gram = gram + (1e-12 * diag.mean(-1))[..., None, None] * torch.eye(n, dtype=gram.dtype)
+            diag.add_((1e-12 * diag.real.mean(-1))[..., None])
         else:
-            ridge = 1e-12 * diag.sum(-1) / k[:, None]  # (B, L): the mean over the k real columns
-            gram = gram + torch.diag_embed(torch.where(keep[:, None, :], ridge[..., None], 1.0).to(gram.dtype))
+            ridge = 1e-12 * diag.real.sum(-1) / k[:, None]  # (B, L): the mean over the k real columns
+            diag.copy_(torch.where(keep[:, None, :], diag + ridge[..., None], 1.0))
         chol = torch.linalg.cholesky(gram)  # raises on a Gram the ridge does not make definite
         s = torch.cholesky_solve(bh @ y[..., None], chol)[..., 0]  # (B, L, K)
         return y - (b @ s[..., None])[..., 0], s, chol
@@ -153,11 +164,16 @@ class FastRefiner:
         is removed (+inf past k), from ONE fit: per snapshot the least-squares residual grows by
         |s_lj|^2 / [(B_l^H B_l)^-1]_jj when column j is dropped (the partial-regression identity), summed over the
         snapshots."""
+        r, rise = self.residual_and_rise(x, y, k)
+        return _sq(r), rise
+
+    def residual_and_rise(self, x: Tensor, y: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``removal_rise`` with the residual P_perp(B_l) y_l (B, L, M) itself in place of its energy."""
         r, s, chol = self.project(self.plain_columns(x, k), y, k)
         ginv_diag = torch.diagonal(torch.cholesky_inverse(chol), dim1=-2, dim2=-1).real  # (B, L, K)
         rise = ((s.real.square() + s.imag.square()) / ginv_diag).sum(1)
         keep = _slots(k, x.shape[1])
-        return _sq(r), rise if keep is None else rise.masked_fill(~keep, float("inf"))
+        return r, rise if keep is None else rise.masked_fill(~keep, float("inf"))
 
     @staticmethod
     def normal_equations(b: Tensor, d: Tensor, r: Tensor, s: Tensor, chol: Tensor) -> tuple[Tensor, Tensor]:

@@ -35,3 +35,16 @@ def test_whiten_applies_each_snapshot_s_whitener():
     for b in range(3):
         for l in range(y.shape[1]):
             torch.testing.assert_close(got[b, l], bmap.w[0, l] @ y[b, l].to(torch.complex128), rtol=1e-12, atol=1e-14)
+
+
+def test_channels_last_image_is_the_map_s_own_layout_without_a_copy():
+    cfg = RunConfig()
+    system = make_system(cfg)
+    bmap = BeamMap(system, cfg.scene, 3.0, 8)
+    y = simulate(cfg, system, "test", list(range(3)))["y"]
+    img, cl = bmap.image(y), bmap.image(y, torch.channels_last)
+    assert img.is_contiguous() and cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(cl, img)
+    p, t, r = bmap.shape
+    flat = cl.permute(0, 2, 3, 1).reshape(3, p * t * r)  # cells phi-major, range innermost: the flat map's order
+    assert flat.is_contiguous() and torch.equal(flat, bmap.flat(y) / bmap.flat(y).mean(-1, keepdim=True))
