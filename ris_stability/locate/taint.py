@@ -95,7 +95,7 @@ class _DispatchChecks:
         self.error: tuple[BaseException, _Origin] | None = None
         self.symptom_of: _Origin | None = None  # first origin of the non-finite input an op raised on
         self.stop_at_nan = False  # backward ends at the first node that returns NaN (BackwardStopped)
-        self._stops: dict[int, object] = {}  # id(node) -> handle of its NaN check (stop_at_nan)
+        self._stops: dict[int, tuple] = {}  # id(node) -> (node, handle of its NaN check) (stop_at_nan)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -201,7 +201,8 @@ class _DispatchChecks:
         node = torch._C._current_autograd_node()
         if node is None or id(node) in self._stops:
             return
-        self._stops[id(node)] = node.register_hook(functools.partial(self._node_returned, node.name()))
+        # the node itself is kept with its handle: a freed node's id could name another node
+        self._stops[id(node)] = (node, node.register_hook(functools.partial(self._node_returned, node.name())))
 
     def _node_returned(self, name: str, grad_inputs: tuple, grad_outputs: tuple) -> None:
         with self.paused():
@@ -209,7 +210,7 @@ class _DispatchChecks:
                 raise BackwardStopped(name)
 
     def remove_stops(self) -> None:
-        for handle in self._stops.values():
+        for _, handle in self._stops.values():
             handle.remove()
         self._stops = {}
 
