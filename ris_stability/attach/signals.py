@@ -4,7 +4,9 @@ end the traced script with :class:`Terminated`, which the script runner turns in
 events, summary.json (status ``terminated``), sinks and report.md, then the conventional exit code 128 + N.
 
 Installed only for the run (:class:`FlushOnSignals`, a context manager on the main thread) and removed at its
-end; a handler the script installs for itself replaces ours and is left in place (the script keeps it). A
+end, putting back exactly the handler it found; a handler the script installs for itself replaces ours and is
+left in place (the script keeps it), and a handler installed outside Python (which Python could not put back)
+is left alone: that signal is not flushed on. A
 signal that arrives once the script has ended on its own asks for what is already under way: the flush goes
 on (summary.json first), and waits on other ranks are cut short (:func:`asked_to_end`). A further signal gets
 the handling it has without the toolkit (the previous handler is put back and the signal raised again: by
@@ -71,6 +73,9 @@ class FlushOnSignals:
         _ASKED_TO_END.clear()
         for signum in self.signums:
             try:
+                if signal.getsignal(signum) is None:  # installed outside Python: it could not be put back
+                    log.debug("signal %s not handled: its handler was not installed from Python", signum)
+                    continue
                 self._previous[signum] = signal.signal(signum, self._handle)
             except (OSError, ValueError) as err:  # e.g. a signal this platform cannot catch
                 log.debug("signal %s not handled: %s", signum, err)
@@ -86,8 +91,7 @@ class FlushOnSignals:
             # A second signal: the user or the scheduler insists. It gets the handling it has without the
             # toolkit (the handler that was there before ours; by default the process ends by the signal).
             # Every file written so far is complete or under a temporary name: the folder stays readable.
-            previous = self._previous.pop(signum, None)
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+            signal.signal(signum, self._previous.pop(signum, signal.SIG_DFL))
             signal.raise_signal(signum)
             return
         self.received = signum
@@ -107,7 +111,7 @@ class FlushOnSignals:
             try:
                 current = signal.getsignal(signum)
                 if current == self._handle:  # a handler the script installed for itself stays (it owns it)
-                    signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+                    signal.signal(signum, previous)
             except (OSError, ValueError) as err:
                 log.debug("signal %s handler not restored: %s", signum, err)
         self._previous = {}

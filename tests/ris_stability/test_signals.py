@@ -111,6 +111,26 @@ def test_handlers_are_installed_only_for_the_run():
         signal_numbers(["SIGKILL"])
 
 
+
+def test_a_python_handler_is_put_back_exactly_and_one_installed_outside_python_is_left_alone(monkeypatch):
+    from ris_stability.attach import signals as sig
+
+    def own(signum, frame):  # the script's own handler, installed before the run
+        pass
+
+    previous = signal.signal(signal.SIGUSR1, own)
+    try:
+        with sig.FlushOnSignals([signal.SIGUSR1]):
+            assert signal.getsignal(signal.SIGUSR1) is not own
+        assert signal.getsignal(signal.SIGUSR1) is own
+        real = signal.getsignal  # a handler installed from C reads as None: Python could never restore it
+        monkeypatch.setattr(sig.signal, "getsignal", lambda n: None if n == signal.SIGUSR1 else real(n))
+        with sig.FlushOnSignals([signal.SIGUSR1]):
+            assert real(signal.SIGUSR1) is own  # not replaced
+        assert real(signal.SIGUSR1) is own
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
 def test_a_signal_during_a_read_point_takes_effect_once_every_taken_row_is_written():
     """A SIGTERM that arrives while a read point writes its rows (here: inside the first row's function) waits
     until every part taken off the queue has run; then the run ends with Terminated, and nothing is half done."""
