@@ -38,7 +38,7 @@ import torch
 from ris_model.beam_map import BeamMap
 from ris_model.config import RunConfig
 from ris_model.detector import DETECTOR_FORMAT, DetectorConfig, HeatNet, decode, log_map, peak_estimates
-from ris_model.detector_refine import FastRefiner
+from ris_model.detector_refine import FastRefiner, residual_energy
 from ris_model.ml_estimator import _box
 from ris_model.music import Estimates, single_threaded
 from ris_model.simulate import System, make_system
@@ -210,7 +210,7 @@ class LearnedDetector:
         (B,), the source j (B,) it belongs to, the residual energy e (B,) and the residual (B, L, M)."""
         L, m = y.shape[-2:]
         r, rise = self.refiner.residual_and_rise(x, y, k)
-        e = r.real.square().sum((-2, -1)) + r.imag.square().sum((-2, -1))
+        e = residual_energy(r)
         low, j = (rise / (e / (L * (m - k)))[:, None]).min(-1)
         return low, j, e, r
 

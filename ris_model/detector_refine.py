@@ -156,8 +156,8 @@ class FastRefiner:
         """Residual energies (B,) of the first k[b] sources of x (B, K, 3) (the cost of ``ml_estimator.energy``);
         no source: ||y||^2."""
         if x.shape[1] == 0:
-            return _sq(y)
-        return _sq(self.residual(x, y, k))
+            return residual_energy(y)
+        return residual_energy(self.residual(x, y, k))
 
     def removal_rise(self, x: Tensor, y: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Residual energy e (B,) of the first k[b] sources of x (B, K, 3) and its rise (B, K) when source j alone
@@ -165,7 +165,7 @@ class FastRefiner:
         |s_lj|^2 / [(B_l^H B_l)^-1]_jj when column j is dropped (the partial-regression identity), summed over the
         snapshots."""
         r, rise = self.residual_and_rise(x, y, k)
-        return _sq(r), rise
+        return residual_energy(r), rise
 
     def residual_and_rise(self, x: Tensor, y: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``removal_rise`` with the residual P_perp(B_l) y_l (B, L, M) itself in place of its energy."""
@@ -212,7 +212,7 @@ class FastRefiner:
         pad = None if keep is None else torch.diag_embed((~keep).repeat_interleave(3, -1).to(torch.float64))
         b, d = self.columns(x, k)
         r, s, chol = self.project(b, y, k)
-        cost = _sq(r)
+        cost = residual_energy(r)
         done = torch.zeros(bsz, dtype=torch.bool)
         for it in range(iters):
             jtj, g = self.normal_equations(b, d, r, s, chol)
@@ -227,7 +227,7 @@ class FastRefiner:
             else:
                 b_new, d_new = self.columns(cand, k)
             r_new, s_new, chol_new = self.project(b_new, y, k)
-            cost_new = _sq(r_new)
+            cost_new = residual_energy(r_new)
             ok = cost_new < cost
             mu = torch.where(ok, mu / 3, mu * 4).clamp(1e-9, 1e9)
             done = done | (ok & (step.abs().amax((-2, -1)) < LM_TOL)) | (mu >= 1e9)
@@ -261,9 +261,9 @@ def _gram_real(a: Tensor) -> Tensor:
     return (a.mT @ a.conj()).real
 
 
-def _sq(r: Tensor) -> Tensor:
+def residual_energy(r: Tensor) -> Tensor:
     """sum over the last two dimensions of |r|^2 (residual energies)."""
     return r.real.square().sum((-2, -1)) + r.imag.square().sum((-2, -1))
 
 
-__all__ = ["FastRefiner"]
+__all__ = ["FastRefiner", "residual_energy"]

@@ -50,13 +50,15 @@ class BornCheck:
         if not grads:
             return
         flat = flat_copy([g for _, g in grads])
-        peaks = finite_screen([g for _, g in grads]) if flat is None else None
+        if flat is not None:  # non-finite when one gradient is (or the sum overflows: confirmed on peaks)
+            peaks, total = None, flat_sum(flat)
+        else:
+            peaks = finite_screen([g for _, g in grads])
+            total = peaks.sum()
         if self.eager and self._copies is None and not bool(peak_magnitudes([g for _, g in grads]).isfinite().all()):
             self._copies = {id(p): g.detach().clone() for p, g in grads}  # the first bad backward of the step
         if not self._learned:
             self._first_copy = {id(p): g.detach().clone() for p, g in grads}
-        # non-finite when one gradient is (or the sum overflows: confirmed on peaks)
-        total = flat_sum(flat) if flat is not None else peaks.sum()
         self._screen = total if self._screen is None else self._screen + total
         self._refs, self._peaks, self._flat = [(p, g, g._version) for p, g in grads], peaks, flat
 

