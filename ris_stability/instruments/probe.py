@@ -44,7 +44,8 @@ from ris_stability.linalg.norms import refine
 from ris_stability.observe.frames import caller_location, user_stack
 from ris_stability.numerics.stats import STAT_KEYS, worst_rows, worst_segments
 from ris_stability.records.schema import SettingError
-from ris_stability.linalg.site_stats import KINDS, NOT_BATCHABLE, batch_parts, batched_rows, nan_rows, stat_rows
+from ris_stability.linalg.site_stats import (KINDS, NOT_BATCHABLE, batch_parts, batched_rows, leading_rows, nan_rows,
+                                             stat_rows)
 from ris_stability.linalg.site_grads import BackwardRecord
 from ris_stability.observe.tracker import ModuleTracker
 
@@ -267,8 +268,7 @@ class SpectralProbe:
         return site
 
     def _flatten(self, matrices: Tensor, whole: bool = False) -> Tensor:
-        flat = matrices.detach().reshape(-1, *matrices.shape[-2:])
-        return flat if self.max_matrices is None or whole else flat[: self.max_matrices]
+        return leading_rows(matrices, 2, None if whole else self.max_matrices)
 
     def _measure(self, compute: Callable[[], Tensor], flat: Tensor, what: str) -> Tensor:
         try:

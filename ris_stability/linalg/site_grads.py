@@ -10,6 +10,7 @@ called once per sample in a Python loop costs a handful of kernels per step, not
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -36,35 +37,38 @@ class BackwardRecord:
     _back: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     _eig: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
 
+    # The hooks are bound methods (and partials of them): one is made per observed call, and a closure
+    # guarded per call would copy the function's metadata each time (most of a small call's hook cost).
     def vector_hook(self) -> Callable[[Tensor | None], None]:
-        @guarded(_PART)
-        def hook(grad: Tensor | None) -> None:
-            # Called with None when the loss does not use this output; must never alter the gradient.
-            if grad is not None:
-                self._vec_grads.append(grad.detach() if grad.numel() <= _KEEP_NUMEL else norm64(grad))
-            return None
-        return hook
+        return self._on_vector_grad
+
+    @guarded(_PART)
+    def _on_vector_grad(self, grad: Tensor | None) -> None:
+        # Called with None when the loss does not use this output; must never alter the gradient.
+        if grad is not None:
+            self._vec_grads.append(grad.detach() if grad.numel() <= _KEEP_NUMEL else norm64(grad))
+        return None
 
     def backward_hook(self, matrix: Tensor) -> Callable:
         """Hook for the op's autograd node; ``matrix``: the op's (detached) input, whose norm scales the
         gradient it receives (kept by reference when small and measured in :meth:`settle` with the others)."""
-        scale = matrix if matrix.numel() <= _KEEP_NUMEL else norm64(matrix)
+        return partial(self._on_node_grad, matrix if matrix.numel() <= _KEEP_NUMEL else norm64(matrix))
 
-        @guarded(_PART)
-        def hook(grad_inputs, grad_outputs) -> None:
-            g = grad_inputs[0] if grad_inputs else None
-            if g is not None:
-                self._back.append((g.detach() if g.numel() <= _KEEP_NUMEL else norm64(g), scale))
-        return hook
+    @guarded(_PART)
+    def _on_node_grad(self, scale: Tensor, grad_inputs, grad_outputs) -> None:
+        g = grad_inputs[0] if grad_inputs else None
+        if g is not None:
+            self._back.append((g.detach() if g.numel() <= _KEEP_NUMEL else norm64(g), scale))
 
     def eig_hook(self, w: Tensor, V: Tensor) -> Callable[[Tensor], None]:
-        @guarded(_PART)
-        def hook(gV: Tensor | None) -> None:
-            # None when the loss uses only the eigenvalues (ESPRIT's rotation eig): no eigenvector terms
-            if gV is None:
-                return None
-            self._eig.append((w, V, gV.detach().reshape(-1, *gV.shape[-2:])[: w.shape[0]]))
-        return hook
+        return partial(self._on_eigvec_grad, w, V)
+
+    @guarded(_PART)
+    def _on_eigvec_grad(self, w: Tensor, V: Tensor, gV: Tensor | None) -> None:
+        # None when the loss uses only the eigenvalues (ESPRIT's rotation eig): no eigenvector terms
+        if gV is None:
+            return None
+        self._eig.append((w, V, gV.detach().reshape(-1, *gV.shape[-2:])[: w.shape[0]]))
 
     @guarded(_PART)
     def settle(self) -> None:

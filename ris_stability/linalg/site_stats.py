@@ -21,8 +21,8 @@ from ris_stability.linalg import registry
 from ris_stability.linalg.norms import SPECTRAL_ORDERS, norm_kind
 from ris_stability.linalg.op_spec import Kind, Output
 from ris_stability.numerics.stats import (STAT_KEYS, eig_stats, hermitian_error, matrix_stats,
-                                       pinv_cutoff_margin, singular_stats)
-from ris_stability.numerics.spectrum import eigen_table, singular_table
+                                       pinv_cutoff_margin)
+from ris_stability.numerics.spectrum import columns, eigen_table, poison_rows, singular_table
 from ris_stability.numerics.tolerances import tie_tol
 
 log = logging.getLogger(__name__)
@@ -42,23 +42,38 @@ class Measurement:
     vector_outputs: tuple[int, ...] = ()
     hermitian: bool = False
     table: Callable[[Tensor, Any, Any], Tensor] | None = None
+    input_table: Callable[[Tensor, Any, Any], Tensor] | None = None  # ``stats`` as one table (any call)
 
 
 def nan_rows(flat: Tensor) -> Tensor:
     return torch.full(flat.shape[:-2], math.nan, dtype=torch.float64, device=flat.device)
 
 
+def leading_rows(t: Tensor, trailing: int, b: int | None = None) -> Tensor:
+    """``t`` detached with its leading dims flattened into one, ``(rows, *t.shape[-trailing:])``, and only its
+    first ``b`` rows (all when ``b`` is None); a view, taken without a kernel the shape does not need (a
+    per-sample loop makes a call per sample)."""
+    flat = t.detach()
+    if flat.dim() != trailing + 1:
+        flat = flat.reshape(-1, *flat.shape[flat.dim() - trailing:])
+    return flat if b is None or flat.shape[0] <= b else flat[:b]
+
+
 def _first(values: Tensor, b: int) -> Tensor:
-    return values.detach().reshape(-1, values.shape[-1])[:b]
+    return leading_rows(values, 1, b)
+
+
+def general_table(flat: Tensor, out: Any, k) -> Tensor:
+    """Singular-value statistics of general (b, m, n) matrices as (b, len(STAT_KEYS)) float64; NaN (but ``n``)
+    for matrices with non-finite entries."""
+    finite = flat.abs().amax((-2, -1)) < math.inf  # amax propagates NaN: below inf exactly when all entries are finite
+    safe = torch.where(finite[..., None, None], flat, 0.0)
+    return poison_rows(singular_table(torch.linalg.svdvals(safe), k=k, dtype=flat.dtype), finite)
 
 
 def general_stats(flat: Tensor, out: Any, k) -> dict[str, Tensor]:
-    """Singular-value statistics of general (b, m, n) matrices; NaN for matrices with non-finite entries."""
-    finite = torch.isfinite(flat).all(-1).all(-1)
-    safe = torch.where(finite[..., None, None], flat, torch.zeros_like(flat))
-    stats = singular_stats(torch.linalg.svdvals(safe), k=k, dtype=flat.dtype)
-    return {key: torch.where(finite, value, torch.full_like(value, math.nan)) if key != "n" else value
-            for key, value in stats.items()}
+    """:func:`general_table` as a dict of the spectrum's columns (SORTED_KEYS)."""
+    return columns(general_table(flat, out, k))
 
 
 def complex_gap_stats(w: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -153,6 +168,7 @@ _FAMILIES: dict[str, Callable[[Kind], StatsFn]] = {
     **{norm_kind(order): (lambda kind, order=order: _norm_stats(order)) for order in SPECTRAL_ORDERS},
 }
 _CUSTOM: dict[str, StatsFn] = {}
+_FAMILY_TABLES: dict[str, Callable[[Tensor, Any, Any], Tensor]] = {"singular": general_table}
 
 
 def _table_of(kind: Kind) -> Callable[[Tensor, Any, Any], Tensor] | None:
@@ -174,7 +190,7 @@ def _measurements() -> dict[str, Measurement]:
                         kind.statistics, ", ".join(sorted(_FAMILIES)))
             continue
         found[name] = Measurement(stats or _FAMILIES[kind.statistics](kind), kind.output.vectors, kind.hermitian,
-                                  _table_of(kind))
+                                  _table_of(kind), None if stats else _FAMILY_TABLES.get(kind.statistics))
     return found
 
 
@@ -194,6 +210,8 @@ def stat_rows(kind: str, flat: Tensor, out: Any, k) -> Tensor:
     spec = KINDS[kind]
     if spec.table is not None and out is not None:
         return spec.table(flat, out, k)
+    if spec.input_table is not None:
+        return spec.input_table(flat, out, k)
     stats = spec.stats(flat, out, k)
     if spec.hermitian and "herm_err" not in stats:
         stats["herm_err"] = hermitian_error(flat)
@@ -233,8 +251,7 @@ def batch_parts(kind: str, out: Any, batch_dims: int, b: int) -> Any:
         return NOT_BATCHABLE
     # Only the output the statistics read (the spectrum); the vectors would be copied for nothing.
     used = _SPECTRUM_OUTPUT.get(kind, range(len(items)))
-    flat = tuple(t.detach().reshape(-1, *t.shape[batch_dims:])[:b] if i in used else None
-                 for i, t in enumerate(items))
+    flat = tuple(leading_rows(t, t.dim() - batch_dims, b) if i in used else None for i, t in enumerate(items))
     return flat if isinstance(out, (tuple, list)) else flat[0]
 
 

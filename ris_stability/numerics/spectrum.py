@@ -43,17 +43,22 @@ STAT_KEYS: tuple[str, ...] = SPECTRUM_KEYS + HAZARD_KEYS
 SORTED_KEYS: tuple[str, ...] = tuple(k for k in SPECTRUM_KEYS if k != "herm_err")
 
 _F64 = torch.float64
-_NOT_N: dict[torch.device, Tensor] = {}
+_N_COLUMN: dict[torch.device, Tensor] = {}
 _POSITIONS: dict[tuple[int, torch.device], Tensor] = {}
 
 
-def _not_n(device: torch.device) -> Tensor:
-    """(K,) bool, False only in the ``n`` column (the one a non-finite spectrum does not poison); cached:
-    building it is a host-to-device copy."""
-    mask = _NOT_N.get(device)
+def _n_column(device: torch.device) -> Tensor:
+    """(K,) bool, True only in the ``n`` column (the one a non-finite spectrum or matrix does not poison);
+    cached: building it is a host-to-device copy."""
+    mask = _N_COLUMN.get(device)
     if mask is None:
-        mask = _NOT_N[device] = torch.tensor([key != "n" for key in STAT_KEYS], device=device)
+        mask = _N_COLUMN[device] = torch.tensor([key == "n" for key in STAT_KEYS], device=device)
     return mask
+
+
+def poison_rows(table: Tensor, finite: Tensor) -> Tensor:
+    """``table`` (..., K) with every column but ``n`` set to NaN in the rows where ``finite`` (...,) is False."""
+    return torch.where(finite.unsqueeze(-1) | _n_column(table.device), table, math.nan)
 
 
 def _positions(d: int, device: torch.device) -> Tensor:
@@ -109,9 +114,10 @@ def _table(gap_values: Tensor, mags: Tensor, low: Tensor, high: Tensor, trace: T
     nan = torch.full_like(low, math.nan)
     small = mags.amin(-1)
     rtol = rank_tol(mags.shape[-1], dtype, big)
-    rank = (mags > rtol.unsqueeze(-1)).sum(-1).to(_F64)
+    resolved = mags > rtol.unsqueeze(-1)
+    rank = resolved.sum(-1).to(_F64)
     cond = torch.where(small <= rtol, math.inf, big / small)
-    above = torch.where(mags > rtol.unsqueeze(-1), mags, math.inf).amin(-1)
+    above = torch.where(resolved, mags, math.inf).amin(-1)
     range_cond = torch.where(rank > 0, torch.log10(big / above), math.nan)
     if n > 1:
         diffs = gap_values[..., 1:] - gap_values[..., :-1]
@@ -126,8 +132,7 @@ def _table(gap_values: Tensor, mags: Tensor, low: Tensor, high: Tensor, trace: T
     columns = (torch.full_like(low, float(n)), rank, cond, torch.log10(cond), range_cond, low, high, trace,
                nan if herm_err is None else herm_err.to(_F64), min_gap, split, signal, noise, size, middle,
                min_gap.reciprocal(), nan, nan, nan)
-    table = torch.stack(columns, dim=-1)
-    return torch.where(~finite.unsqueeze(-1) & _not_n(table.device), math.nan, table)
+    return poison_rows(torch.stack(columns, dim=-1), finite)
 
 
 def eigen_table(eigvals: Tensor, k=None, dtype: torch.dtype | None = None, herm_err: Tensor | None = None) -> Tensor:
@@ -137,7 +142,8 @@ def eigen_table(eigvals: Tensor, k=None, dtype: torch.dtype | None = None, herm_
         ev = eigvals.detach().to(_F64)
         mags = ev.abs()
         big = mags.amax(-1)
-        return _table(ev, mags, ev[..., 0], ev[..., -1], ev.sum(-1), torch.isfinite(ev).all(-1), big, big, k,
+        # amax propagates NaN: the largest magnitude is below inf exactly when every eigenvalue is finite
+        return _table(ev, mags, ev[..., 0], ev[..., -1], ev.sum(-1), big < math.inf, big, big, k,
                       dtype or eigvals.dtype, herm_err, cluster_sqrt=False)
 
 
@@ -150,7 +156,7 @@ def singular_table(svals: Tensor, k=None, dtype: torch.dtype | None = None) -> T
         mags = s.abs()
         big = mags.amax(-1)
         squares = torch.flip(s, dims=(-1,)).square()
-        return _table(squares, mags, s[..., -1], s[..., 0], s.sum(-1), torch.isfinite(s).all(-1), big.square(),
+        return _table(squares, mags, s[..., -1], s[..., 0], s.sum(-1), big < math.inf, big.square(),
                       big, k, dtype or svals.dtype, None, cluster_sqrt=True)
 
 

@@ -90,7 +90,15 @@ class ModuleTracker:
 
     def current(self, frame: FrameType | None = None) -> str:
         """Name of the innermost module running at ``frame`` (default: the caller's); "" outside modules."""
-        return self.name(running_modules(_frames_from(frame if frame is not None else sys._getframe(1))))
+        frame = frame if frame is not None else sys._getframe(1)
+        while frame is not None:  # the innermost module call; a module with a name ends the walk there
+            if frame.f_code in _CALL_CODES:
+                module = frame.f_locals.get("self")
+                if isinstance(module, nn.Module):
+                    known = self._names.get(id(module))
+                    return known if known is not None else self.name(running_modules(_frames_from(frame)))
+            frame = frame.f_back
+        return ""
 
     def of_traceback(self, tb: TracebackType | None) -> str:
         """Name of the innermost module that was running where an exception with this traceback was raised."""
