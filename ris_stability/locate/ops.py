@@ -26,6 +26,14 @@ _FRESH = frozenset({_aten.empty, _aten.empty_like, _aten.empty_strided, _aten.ne
 # In-place ops that overwrite ``self`` completely: its previous content is not an input.
 _OVERWRITE = frozenset({_aten.copy_, _aten.fill_, _aten.zero_, _aten.normal_, _aten.uniform_, _aten.random_,
                         _aten.bernoulli_, _aten.exponential_, _aten.geometric_, _aten.log_normal_, _aten.cauchy_})
+# Ops whose output holds only values of their floating-point tensor inputs (copies, reorderings,
+# selections, negation, a gradient scattered into zeros): finite whenever those inputs are, so an output of
+# inputs already checked finite needs no check of its own. No op here takes a fill value or narrows a dtype.
+_PRESERVING = frozenset(op for op in (getattr(_aten, name, None) for name in (
+    "clone", "_unsafe_view", "neg", "conj_physical", "flip", "roll", "repeat", "cat", "stack", "index",
+    "index_select", "gather", "take_along_dim", "select_backward", "slice_backward", "diagonal_backward",
+    "view_copy", "permute_copy", "transpose_copy", "t_copy", "expand_copy", "slice_copy", "select_copy",
+    "diagonal_copy", "unsqueeze_copy", "squeeze_copy", "_reshape_copy")) if op is not None)
 # aten op -> (kind, index of its spectrum in the output): the registry's ops that name aten ops whose
 # spectrum the locator summarises when a non-finite value is born downstream ("eigh", "svd" or "eig").
 _SPECTRAL_OPS = registry.derived_table(lambda: {getattr(_aten, packet): (op.kind, registry.spectrum_at(op))

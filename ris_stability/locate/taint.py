@@ -26,8 +26,8 @@ from ris_stability.locate import masks
 from ris_stability.locate.causes import is_linalg_op
 from ris_stability.locate.clusters import LEAK_KEY
 from ris_stability.locate.finding import TensorSummary
-from ris_stability.locate.ops import (_CHECK_ERRORS, _FRESH, _NO_VALUES, _OVERWRITE, _SPECTRAL_OPS, _TRIVIAL,
-                                      _finite, _is_float, _is_view, _matrix_spectral, _mutated_positions,
+from ris_stability.locate.ops import (_CHECK_ERRORS, _FRESH, _NO_VALUES, _OVERWRITE, _PRESERVING, _SPECTRAL_OPS,
+                                      _TRIVIAL, _finite, _is_float, _is_view, _matrix_spectral, _mutated_positions,
                                       _named_inputs, _nonfinite_inputs, _spectral_stats, _tensors,
                                       culprit_values, op_name)
 from ris_stability.locate.stack import _Context
@@ -84,6 +84,9 @@ class _DispatchChecks:
         self.modules = modules
         self.phase = "forward"
         self.taint = WeakTensorKeyDictionary()
+        # Tensors whose every value was checked finite (an op's output) or is a copy of such values: an op
+        # of _PRESERVING on them is not checked again (written non-finite later, a tensor carries an origin).
+        self.checked = WeakTensorKeyDictionary()
         self.origins: list[_Origin] = []
         # (kind, values, stack, module) of the last forward eigh/svd, until its autograd node shows up
         self.pending_spectrum: tuple[str, Tensor, tuple[str, ...], str] | None = None
@@ -147,7 +150,25 @@ class _DispatchChecks:
                 for t in _tensors(out):
                     self.taint[t] = origin
             return
+        if info.preserving and self._known_finite(args):
+            for t in _tensors(out):
+                self.checked[t] = True
+            return
         self._check(func, args, kwargs, out, copies, pre_finite)
+
+    def _known_finite(self, args) -> bool:
+        """Every floating-point tensor among ``args`` (at least one) was checked finite and carries no origin
+        (its base's check counts for a view)."""
+        seen = False
+        for t in _tensors(args):
+            if not _is_float(t):
+                continue
+            if self.origin_of(t) is not None:
+                return False
+            if t not in self.checked and not (t._is_view() and t._base in self.checked):
+                return False
+            seen = True
+        return seen
 
     @staticmethod
     def _before_inplace(info: "_OpInfo", args) -> tuple[dict[int, Tensor], dict[int, bool]]:
@@ -165,8 +186,11 @@ class _DispatchChecks:
     def _check(self, func, args, kwargs, out, copies, pre_finite) -> None:
         if _info(func).fresh:
             return  # uninitialised memory holds anything; it becomes a value only once an op writes it
-        bad = [t for t in _tensors(out) if _is_float(t) and not _finite(t)]
+        outs = [t for t in _tensors(out) if _is_float(t)]
+        bad = [t for t in outs if not _finite(t)]
         if not bad:
+            for t in outs:
+                self.checked[t] = True
             return
         bad_in = _nonfinite_inputs(func, args, kwargs, pre_finite)
         origin = next((o for o in map(self.origin_of, bad_in) if o is not None), None)
@@ -278,6 +302,7 @@ class _OpInfo:
     mutated: tuple[int, ...]
     overwrite: bool
     fresh: bool
+    preserving: bool
 
 
 _INFOS: dict[int, tuple[object, _OpInfo]] = {}  # id(func) -> (func, info): the reference pins the id
@@ -289,6 +314,7 @@ def _info(func) -> _OpInfo:
         packet = func.overloadpacket
         info = _OpInfo(name=op_name(func), no_values=packet in _NO_VALUES, trivial=packet in _TRIVIAL,
                        spectral=_SPECTRAL_OPS.get(packet), linalg=is_linalg_op(str(func)), view=_is_view(func),
-                       mutated=_mutated_positions(func), overwrite=packet in _OVERWRITE, fresh=packet in _FRESH)
+                       mutated=_mutated_positions(func), overwrite=packet in _OVERWRITE, fresh=packet in _FRESH,
+                       preserving=packet in _PRESERVING)
         entry = _INFOS[id(func)] = (func, info)
     return entry[1]
