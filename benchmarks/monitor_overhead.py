@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import statistics
 import sys
 import tempfile
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -149,6 +151,46 @@ def host_reads(name: str, every: int, policy: str, steps: int, tmp: Path, device
             for step in range(steps):
                 session_step(s, work, step)
     return sum(reads.steps(range(steps))) / steps
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched (each a kernel launch on a GPU) per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.per_step: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.per_step[-1] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def monitor_ops(name: str, every: int, steps: int, tmp: Path, device: str) -> tuple[float, float]:
+    """Aten ops the monitor adds per sampled and per unsampled step (every=``every``, policy skip): the ops of
+    the monitored steps less those of the same steps unmonitored (counted, not timed: no noise). Step 0 (first
+    calls, caches) is left out."""
+    counts = []
+    for monitored in (False, True):
+        work = WORKLOADS[name](device)
+        session = (MonitorSession(StabilityMonitor(tmp / f"ops-{time.monotonic_ns()}", MonitorConfig(every=every)),
+                                  work.model, work.optimizer) if monitored else contextlib.nullcontext())
+        counter = OpCounter()
+        with session as s:
+            for step in range(steps):
+                counter.per_step.append(0)
+                with counter:
+                    if s is None:
+                        work.optimizer.zero_grad(set_to_none=True)
+                        loss = work.loss(step)
+                        loss.backward()
+                        work.optimizer.step()
+                    else:
+                        session_step(s, work, step)
+        counts.append(counter.per_step)
+    extra = [(step, on - off) for step, (off, on) in enumerate(zip(*counts)) if step > 0]
+    sampled = [n for step, n in extra if step % every == 0]
+    unsampled = [n for step, n in extra if step % every != 0]
+    return (statistics.mean(sampled) if sampled else math.nan, statistics.mean(unsampled) if unsampled else math.nan)
 
 
 class StepClock:
@@ -295,6 +337,10 @@ def main() -> None:
                                cuda=args.device.startswith("cuda"))
             counts = {(p, e): host_reads(name, e, p, 20, Path(tmp), args.device)
                       for p in ("skip", "observe") for e in (1, 10)}
+            sampled_ops, _ = monitor_ops(name, 1, 6, Path(tmp), args.device)
+            _, unsampled_ops = monitor_ops(name, 10, 21, Path(tmp), args.device)
+            verdicts.append(f"{name}: aten ops the monitor adds per step (counted): {sampled_ops:.1f} sampled (every=1), "
+                            f"{unsampled_ops:.1f} not sampled (every=10)")
             verdicts.append(f"{name}: host reads per step (ris_stability's, 20 steps) " + ", ".join(
                 f"{p} every={e}: {v:.2f}" for (p, e), v in counts.items())
                 + " (goals: observe 0 unsampled / <= 1 sampled, skip 1)")
