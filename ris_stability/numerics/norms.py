@@ -74,25 +74,25 @@ def finite_screen(tensors: Sequence[Tensor]) -> Tensor:
 
 def flat_copy(tensors: Sequence[Tensor]) -> Tensor | None:
     """All of ``tensors`` copied into one flat vector in one call (no Python loop over them), or None where the
-    cheap screen does not apply: not every tensor a dense real CPU tensor of one float32-or-narrower dtype, or
-    more than ``FLAT_SCREEN_MAX`` elements in all (a copy of a large model's gradients costs memory; the
-    per-tensor screen copies nothing). ``flat.split(sizes)`` gives the tensors back, flattened."""
+    cheap screen does not apply: not every tensor a dense real CPU tensor of float32-or-narrower dtypes (mixed
+    ones are widened to the widest, exactly), or more than ``FLAT_SCREEN_MAX`` elements in all (a copy of a
+    large model's gradients costs memory; the per-tensor screen copies nothing). ``flat.split(sizes)`` gives
+    the tensors back, flattened."""
     if not tensors:
         return None
     first = tensors[0]
-    dtype = first.dtype
-    if dtype not in _NARROW or first.device.type != "cpu":
+    if first.dtype not in _NARROW or first.device.type != "cpu":
         return None
     total = 0
     for t in tensors:
-        if t.dtype != dtype or t.layout != torch.strided or t.device.type != "cpu":
-            return None
         total += t.numel()
     if total > FLAT_SCREEN_MAX:
         return None
-    if _flatten is not None:
-        return _flatten(list(tensors))
-    return torch.cat([t.reshape(-1) for t in tensors])
+    try:  # the copy itself refuses sparse tensors and other devices; a wider dtype shows in its result
+        flat = _flatten(list(tensors)) if _flatten is not None else torch.cat([t.reshape(-1) for t in tensors])
+    except RuntimeError:
+        return None
+    return flat if flat.dtype in _NARROW and flat.device.type == "cpu" else None
 
 
 def flat_sum(flat: Tensor) -> Tensor:

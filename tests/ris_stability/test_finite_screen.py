@@ -55,10 +55,20 @@ def test_the_flat_copy_holds_every_tensor_in_order():
     [torch.ones(2, dtype=torch.float64)],  # float64: a float32 sum could overflow where its own would not
     [torch.ones(2, dtype=torch.complex64)],
     [torch.sparse_coo_tensor([[0]], torch.tensor([1.0]), (2,))],
+    [torch.ones(2), torch.sparse_coo_tensor([[0]], torch.tensor([1.0]), (2,))],  # not the first one
+    [torch.ones(2), torch.ones(2, dtype=torch.complex64)],
     [],
-], ids=["mixed", "float64", "complex", "sparse", "empty"])
+], ids=["mixed", "float64", "complex", "sparse", "sparse-later", "complex-later", "empty"])
 def test_no_flat_copy_where_the_cheap_screen_does_not_apply(tensors):
     assert flat_copy(tensors) is None
+
+
+def test_mixed_narrow_dtypes_are_widened_exactly():
+    tensors = [torch.tensor([1.5, 65504.0], dtype=torch.float16), torch.tensor([3.0e38]),
+               torch.tensor([2.0 ** -133], dtype=torch.bfloat16)]
+    flat = flat_copy(tensors)
+    assert flat.dtype == torch.float32
+    assert flat.tolist() == [x for t in tensors for x in t.float().tolist()]  # each value as its own dtype holds it
 
 
 def test_no_flat_copy_beyond_its_size_limit(monkeypatch):
