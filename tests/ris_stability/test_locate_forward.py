@@ -97,3 +97,27 @@ def test_nan_in_a_tensor_that_is_not_an_argument():
     assert (f.phase, f.op) == ("input", "aten.exp")
     assert f.cause.startswith("a tensor that was not an argument")
     assert_at(f, "hidden")
+
+
+def test_a_non_finite_tensor_copied_first_is_named_at_the_copy():
+    # Copies of values already checked finite are not checked again; a copy of a tensor never checked is.
+    hidden = torch.tensor([math.nan, 1.0])
+
+    def step(x):
+        return (x * 2.0 + hidden.clone().exp()).sum()
+
+    f = locate_nonfinite(step, torch.ones(2))
+    assert (f.phase, f.op) == ("input", "aten.clone")
+    f = locate_nonfinite(lambda x: torch.cat([x * 2.0, hidden]).exp().sum(), torch.ones(2))
+    assert (f.phase, f.op) == ("input", "aten.cat")
+
+
+def test_a_value_written_non_finite_after_its_check_is_named_at_the_write():
+    def step(x):
+        y = x * 2.0  # checked finite here
+        y[0] = math.nan  # <write>
+        return y.clone().exp().sum()  # the copy carries the write's origin
+
+    f = locate_nonfinite(step, torch.ones(3))
+    assert (f.phase, f.op) == ("input", "aten.copy_")  # the NaN scalar arrives as a tensor copied in
+    assert_at(f, "write")
