@@ -23,10 +23,9 @@ import functools
 import logging
 import sys
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import FrameType, MethodType
-from typing import Any, Callable, Iterator, Protocol
+from types import CodeType, FrameType, MethodType
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -101,14 +100,45 @@ _INSTALLED: dict[EntryPoint, tuple[bool, Callable]] = {}  # entry -> (owned the 
 _LOCK = threading.Lock()
 
 
-@contextmanager
-def quiet() -> Iterator[None]:
-    """Entry points called inside pass through unobserved (for the listeners' own statistics)."""
-    _STATE.depth += 1
-    try:
-        yield
-    finally:
+class _Quiet:
+    """``with quiet():`` entry points called inside pass through unobserved (a class, not a generator: it is
+    entered at every observed call)."""
+
+    def __enter__(self) -> None:
+        _STATE.depth += 1
+
+    def __exit__(self, *exc: Any) -> None:
         _STATE.depth -= 1
+
+
+_QUIET = _Quiet()
+
+
+def quiet() -> _Quiet:
+    """Entry points called inside pass through unobserved (for the listeners' own statistics)."""
+    return _QUIET
+
+
+_MARKS: dict[CodeType, tuple[str, str] | None] = {}  # code -> (name, kind) of its marked function, or None
+
+
+def _mark_of(frame: FrameType) -> tuple[str, str] | None:
+    """(name, kind) when ``frame`` runs a function marked ``__spectral_op__``; cached per code object (a
+    decorator marks a function when it is defined, so a code object's answer does not change)."""
+    code = frame.f_code
+    try:
+        return _MARKS[code]
+    except KeyError:
+        pass
+    func = frame.f_globals.get(code.co_name)
+    kind = getattr(func, "__spectral_op__", None)
+    mark = (code.co_name, kind) if kind is not None and getattr(func, "__code__", None) is code else None
+    if len(_MARKS) < _MAX_MARKS:
+        _MARKS[code] = mark
+    return mark
+
+
+_MAX_MARKS = 4096
 
 
 def _marked_caller(frame: FrameType | None, limit: int = 8) -> tuple[str, str, FrameType] | None:
@@ -116,11 +146,9 @@ def _marked_caller(frame: FrameType | None, limit: int = 8) -> tuple[str, str, F
     for _ in range(limit):
         if frame is None:
             return None
-        code = frame.f_code
-        func = frame.f_globals.get(code.co_name)
-        kind = getattr(func, "__spectral_op__", None)
-        if kind is not None and getattr(func, "__code__", None) is code:
-            return code.co_name, kind, frame
+        mark = _mark_of(frame)
+        if mark is not None:
+            return mark[0], mark[1], frame
         frame = frame.f_back
     return None
 
