@@ -89,15 +89,16 @@ class _NodeRecorder:
         for node in new:
             self.hook_handles.append(node.register_prehook(functools.partial(self._entered, len(self._order))))
             self._order.append(node)
-            if node.name() in _PHASE_CHECKS:
-                self.hook_handles.append(_PHASE_CHECKS[node.name()](node))
-            if node.name() in CLUSTER_HOOKS:
-                self.hook_handles.append(CLUSTER_HOOKS[node.name()](node, self.cluster_leaks))
+            name = node.name()
+            if name in _PHASE_CHECKS:
+                self.hook_handles.append(_PHASE_CHECKS[name](node))
+            if name in CLUSTER_HOOKS:
+                self.hook_handles.append(CLUSTER_HOOKS[name](node, self.cluster_leaks))
             node_ctx = ctx
             forward_cls = getattr(node, "_forward_cls", None)
             if forward_cls is not None:  # a custom autograd.Function: apply() bypasses function modes
                 node_ctx = dataclasses.replace(ctx, function=f"{forward_cls.__qualname__}.apply")
-            name = node.name().lower()
+            name = name.lower()
             if self.pending_spectrum is not None and ("eig" in name or "svd" in name):
                 # The decomposition's own call site: for a custom autograd.Function the node is only
                 # found when a later op consumes its output, possibly on another line.

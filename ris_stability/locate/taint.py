@@ -112,17 +112,26 @@ class _DispatchChecks:
     def dispatch(self, func, args, kwargs):
         if self.is_paused or guard.is_off(LOCATOR):
             return func(*args, **kwargs)
-        # Only the locator's own work is guarded: the op itself runs (and raises) exactly as the user's.
-        prepared = guard.call(LOCATOR, self._prepare, func, args)
-        if prepared is None:
+        # Only the locator's own work is guarded: the op itself runs (and raises) exactly as the user's. The
+        # guard is written out here rather than through guard.call: this runs for every aten op of the step.
+        try:
+            info, copies, pre_finite = self._prepare(func, args)
+        except BaseException as exc:
+            if guard.passes(exc):
+                raise
+            guard.record(LOCATOR, exc)
             return func(*args, **kwargs)
-        info, copies, pre_finite = prepared
         try:
             out = func(*args, **kwargs)
         except Exception as exc:
             guard.call(LOCATOR, self._record_error, func, args, kwargs, copies, exc)
             raise
-        guard.call(LOCATOR, self._after, func, info, args, kwargs, out, copies, pre_finite)
+        try:
+            self._after(func, info, args, kwargs, out, copies, pre_finite)
+        except BaseException as exc:
+            if guard.passes(exc):
+                raise
+            guard.record(LOCATOR, exc)
         return out
 
     def _prepare(self, func, args) -> tuple:

@@ -124,3 +124,23 @@ def test_precision_audit_of_an_esprit_like_loss_does_not_fail():
 
     audit_precision(loss_fn, roots={"lin": lin})
     assert guard.errors() == []
+
+
+@pytest.mark.parametrize("stage", ["_prepare", "_after"])
+def test_a_fault_in_the_locators_own_work_switches_it_off_and_the_op_still_runs(tmp_path, monkeypatch, stage):
+    from ris_stability.locate import taint
+    from ris_stability.observe import guard
+    from ris_stability.observe.tracker import ModuleTracker
+
+    monkeypatch.setattr(taint._DispatchChecks, stage, lambda *a, **k: _boom())
+    checks = taint._DispatchChecks(ModuleTracker())
+    guard.bind(tmp_path, lambda *a, **k: None)
+    try:
+        out = checks.dispatch(torch.ops.aten.mul.Tensor, (torch.tensor([2.0]), torch.tensor([3.0])), {})
+        assert out.tolist() == [6.0]  # the op ran once, its result unchanged
+        assert guard.is_off(taint.LOCATOR) and [e["part"] for e in guard.errors()] == [taint.LOCATOR]
+        out = checks.dispatch(torch.ops.aten.add.Tensor, (torch.tensor([2.0]), torch.tensor([3.0])), {})
+        assert out.tolist() == [5.0]  # switched off: passed straight through
+        assert len(guard.errors()) == 1
+    finally:
+        guard.unbind()
