@@ -96,11 +96,12 @@ class GradMonitor:
         self.device = self.params[0].device
         keys = [module_key(name, depth) for name in self.names]
         self.modules = list(dict.fromkeys(keys))
-        self._module_index = torch.tensor([self.modules.index(k) for k in keys], device=self.device)
+        self._module_of = [self.modules.index(k) for k in keys]
+        self._module_index = torch.tensor(self._module_of, device=self.device)
+        self._segment_cache: dict[tuple[tuple[int, ...], ...], tuple[Tensor, Tensor, int]] = {}
         self._grad_keys = [f"grad/{module}" for module in self.modules] + [f"grad/{TOTAL_KEY}"]
         self._param_keys = [f"param/{module}" for module in self.modules] + [f"param/{TOTAL_KEY}"]
         self._position = {id(p): i for i, p in enumerate(self.params)}
-        self._group_indices: dict[tuple[int, ...], Tensor] = {}
         self._present_indices: dict[tuple[int, ...], Tensor] = {}
         self._alive = torch.zeros(len(self.params), dtype=torch.bool, device=self.device)
         self._had_grad = [False] * len(self.params)
@@ -138,33 +139,61 @@ class GradMonitor:
         norms = grad_norms(self.params, self.device, self._present_indices, exact=exact)
         if isinstance(scale, Tensor) or scale != 1.0:  # a tensor scale: divided on the device, not read
             norms = norms / scale
-        squares = norms.square()
-        by_module = torch.zeros(len(self.modules), dtype=norms.dtype, device=norms.device).index_add_(
-            0, self._module_index, squares).sqrt()
         keys = list(self._grad_keys)
-        parts = [by_module, squares.sum().sqrt().reshape(1)]
         opts = _as_list(optimizer)
+        layout = []
         for k, opt in enumerate(opts):
             for g, group in enumerate(opt.param_groups):
                 keys.append(f"grad_group/{_group_key(k, g, group, len(opts))}")
-                parts.append(squares[self._group_index(group["params"])].sum().sqrt().reshape(1))
+                layout.append(tuple(id(p) for p in group["params"]))
         # Parameter norms per module ride in the same read-back: the explosion checks compare the update
         # with them before the optimizer steps and trace a crash back to the update that grew them.
         with torch.no_grad():  # the parameters themselves, no graph (not a detached view of each)
             weights = torch.stack([n if n.device == self.device else n.to(self.device)
                                    for n in fast_norms(self.params)]).to(norms.dtype)
         keys += self._param_keys
-        wsq = weights.square()
-        parts += [torch.zeros(len(self.modules), dtype=norms.dtype, device=norms.device).index_add_(
-            0, self._module_index, wsq).sqrt(), wsq.sum().sqrt().reshape(1)]
+        # Every sum of squares of the block (gradient norms per module, in total, per param group; parameter
+        # norms per module and in total) in one scatter-add: a fixed handful of kernels whatever the groups.
+        source, slots, size = self._segments(tuple(layout))
+        squares = torch.cat([norms, weights]).square()
+        sums = torch.zeros(size, dtype=norms.dtype, device=norms.device).index_add_(0, slots, squares[source]).sqrt()
         finite = torch.isfinite(norms)
         # One vector per observation, read back once (peek_norms / collect / grads_finite share it); the
         # last entry is 1 when every norm is finite.
-        self._block = (keys, torch.cat(parts + [finite.all().to(norms.dtype).reshape(1)]))
+        self._block = (keys, torch.cat([sums, finite.all().to(norms.dtype).reshape(1)]))
         self._block_floats, self._exact = None, exact
         # A NaN or inf norm is not a usable gradient; a zero norm means no gradient reached the parameter.
         self._liveness = (finite & (norms > 0), [p.grad is not None for p in self.params])
         self.last_norms = norms
+
+    def _segments(self, layout: tuple[tuple[int, ...], ...]) -> tuple[Tensor, Tensor, int]:
+        """(source, slot, number of slots) of the block's scatter-add, for param groups of these parameter ids.
+        Sources index [grad norms (P), parameter norms (P)]; slots follow the block's keys: grad per module,
+        grad total, one per group, param per module, param total. Cached: index tensors are host-to-device
+        copies."""
+        cached = self._segment_cache.get(layout)
+        if cached is not None:
+            return cached
+        count, modules = len(self.params), len(self.modules)
+        source: list[int] = []
+        slot: list[int] = []
+        for i, m in enumerate(self._module_of):
+            source += [i, i]
+            slot += [m, modules]
+        for g, ids in enumerate(layout):
+            members = [self._position[pid] for pid in ids if pid in self._position]
+            source += members
+            slot += [modules + 1 + g] * len(members)
+        base = modules + 1 + len(layout)
+        for i, m in enumerate(self._module_of):
+            source += [count + i, count + i]
+            slot += [base + m, base + modules]
+        cached = (torch.tensor(source, dtype=torch.long, device=self.device),
+                  torch.tensor(slot, dtype=torch.long, device=self.device), base + modules + 1)
+        if len(self._segment_cache) >= 8:  # param groups rebuilt again and again: keep only the latest
+            self._segment_cache.clear()
+        self._segment_cache[layout] = cached
+        return cached
 
     def _block_values(self) -> dict[str, float]:
         if self._block is None:
@@ -247,15 +276,6 @@ class GradMonitor:
         nonfinite.index_add_(0, self._module_index, counts)
         for i, module in enumerate(self.modules):
             self._pending[f"grad_nonfinite/{module}"] = nonfinite[i]
-
-    def _group_index(self, params: Sequence[nn.Parameter]) -> Tensor:
-        # Cached: building an index tensor is a host-to-device copy, which is not free on a GPU.
-        key = tuple(id(p) for p in params)
-        index = self._group_indices.get(key)
-        if index is None:
-            positions = [self._position[id(p)] for p in params if id(p) in self._position]
-            index = self._group_indices[key] = torch.tensor(positions, dtype=torch.long, device=self.device)
-        return index
 
     def before_step(self, optimizer: Any) -> None:
         """Snapshot the parameters of every param group (call right before ``optimizer.step()``; one
