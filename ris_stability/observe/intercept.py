@@ -120,6 +120,7 @@ def quiet() -> _Quiet:
 
 
 _MARKS: dict[CodeType, tuple[str, str] | None] = {}  # code -> (name, kind) of its marked function, or None
+_MAX_MARKS = 4096  # code objects remembered (a program that makes functions at run time stops adding)
 
 
 def _mark_of(frame: FrameType) -> tuple[str, str] | None:
@@ -136,9 +137,6 @@ def _mark_of(frame: FrameType) -> tuple[str, str] | None:
     if len(_MARKS) < _MAX_MARKS:
         _MARKS[code] = mark
     return mark
-
-
-_MAX_MARKS = 4096
 
 
 def _marked_caller(frame: FrameType | None, limit: int = 8) -> tuple[str, str, FrameType] | None:
