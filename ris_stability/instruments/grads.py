@@ -21,42 +21,15 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ris_stability.instruments.grad_block import TOTAL_KEY, as_list, group_key, module_key, segments
 from ris_stability.instruments.grad_norms import grad_norms, per_param, present_grads
 from ris_stability.numerics.norms import fast_norms, float64_norms
 from ris_stability.numerics.stats import to_floats
 
 log = logging.getLogger(__name__)
 
-TOTAL_KEY = "_total"
-
-
-def _as_list(optimizer: Any) -> list:
-    if optimizer is None:
-        return []
-    return list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
-
-
-def _group_key(k: int, g: int, group: Mapping, n_optimizers: int) -> str:
-    """A param group's column name: its group name, prefixed by the optimizer's index when there are several."""
-    name = group_name(g, group)
-    return name if n_optimizers == 1 else f"{k}.{name}"
-
-
 class GradMonitorError(RuntimeError):
     """The monitor was called out of order or with an object it cannot measure."""
-
-
-def module_key(param_name: str, depth: int) -> str:
-    """Module a parameter is grouped under: the first ``depth`` components of its module path
-    (``heads.angle.weight`` -> ``heads`` at depth 1, ``heads.angle`` at depth 2 and deeper); a
-    parameter registered directly on the root keeps its own name."""
-    parts = param_name.split(".")
-    return ".".join(parts[: min(depth, len(parts) - 1)]) or parts[-1]
-
-
-def group_name(index: int, group: Mapping) -> str:
-    """Name of an optimizer param group: its ``"name"`` entry if it has one, else its index."""
-    return str(group.get("name", index))
 
 
 def nonfinite_counts(params: Sequence[nn.Parameter], device: torch.device,
@@ -140,11 +113,11 @@ class GradMonitor:
         if isinstance(scale, Tensor) or scale != 1.0:  # a tensor scale: divided on the device, not read
             norms = norms / scale
         keys = list(self._grad_keys)
-        opts = _as_list(optimizer)
+        opts = as_list(optimizer)
         layout = []
         for k, opt in enumerate(opts):
             for g, group in enumerate(opt.param_groups):
-                keys.append(f"grad_group/{_group_key(k, g, group, len(opts))}")
+                keys.append(f"grad_group/{group_key(k, g, group, len(opts))}")
                 layout.append(tuple(id(p) for p in group["params"]))
         # Parameter norms per module ride in the same read-back: the explosion checks compare the update
         # with them before the optimizer steps and trace a crash back to the update that grew them.
@@ -167,32 +140,14 @@ class GradMonitor:
         self.last_norms = norms
 
     def _segments(self, layout: tuple[tuple[int, ...], ...]) -> tuple[Tensor, Tensor, int]:
-        """(source, slot, number of slots) of the block's scatter-add, for param groups of these parameter ids.
-        Sources index [grad norms (P), parameter norms (P)]; slots follow the block's keys: grad per module,
-        grad total, one per group, param per module, param total. Cached: index tensors are host-to-device
-        copies."""
+        """The block's scatter-add for these param groups (grad_block.segments), cached: its index tensors are
+        host-to-device copies."""
         cached = self._segment_cache.get(layout)
-        if cached is not None:
-            return cached
-        count, modules = len(self.params), len(self.modules)
-        source: list[int] = []
-        slot: list[int] = []
-        for i, m in enumerate(self._module_of):
-            source += [i, i]
-            slot += [m, modules]
-        for g, ids in enumerate(layout):
-            members = [self._position[pid] for pid in ids if pid in self._position]
-            source += members
-            slot += [modules + 1 + g] * len(members)
-        base = modules + 1 + len(layout)
-        for i, m in enumerate(self._module_of):
-            source += [count + i, count + i]
-            slot += [base + m, base + modules]
-        cached = (torch.tensor(source, dtype=torch.long, device=self.device),
-                  torch.tensor(slot, dtype=torch.long, device=self.device), base + modules + 1)
-        if len(self._segment_cache) >= 8:  # param groups rebuilt again and again: keep only the latest
-            self._segment_cache.clear()
-        self._segment_cache[layout] = cached
+        if cached is None:
+            if len(self._segment_cache) >= 8:  # param groups rebuilt again and again: keep only the latest
+                self._segment_cache.clear()
+            cached = self._segment_cache[layout] = segments(self._module_of, len(self.modules), self._position,
+                                                            layout, self.device)
         return cached
 
     def _block_values(self) -> dict[str, float]:
@@ -281,7 +236,7 @@ class GradMonitor:
         """Snapshot the parameters of every param group (call right before ``optimizer.step()``; one
         optimizer or a sequence)."""
         self._snapshot = [[p.detach().clone() for p in group["params"]]
-                          for opt in _as_list(optimizer) for group in opt.param_groups]
+                          for opt in as_list(optimizer) for group in opt.param_groups]
 
     @property
     def snapshot_taken(self) -> bool:
@@ -291,8 +246,8 @@ class GradMonitor:
     def after_step(self, optimizer: Any) -> None:
         """Update ratio ||dtheta|| / ||theta|| against the snapshot of before_step: per module
         (``update_ratio/<module>``, grouped as the grad norms) and per param group (``update_ratio_group/<g>``)."""
-        opts = _as_list(optimizer)
-        groups = [(_group_key(k, g, group, len(opts)), group) for k, opt in enumerate(opts)
+        opts = as_list(optimizer)
+        groups = [(group_key(k, g, group, len(opts)), group) for k, opt in enumerate(opts)
                   for g, group in enumerate(opt.param_groups)]
         if self._snapshot is None or len(self._snapshot) != len(groups):
             raise GradMonitorError("GradMonitor.after_step: no matching before_step snapshot; call "

@@ -13,7 +13,7 @@ import math
 import torch
 
 from ris_stability.instruments.explosion import TOTAL, ExplosionDetector, UpdateOrigin
-from ris_stability.instruments.grads import TOTAL_KEY, _group_key
+from ris_stability.instruments.grad_block import TOTAL_KEY, group_key
 from ris_stability.instruments.spikes import TOTAL as SPIKE_TOTAL
 from ris_stability.monitor.context import LoopContext
 from ris_stability.observe.loopstack import optimizers_of
@@ -102,7 +102,7 @@ def _sgd_update_ratio(ctx: LoopContext, group_norms: dict[str, float], weight: f
     total = 0.0
     for k, opt in enumerate(opts):
         for g, group in enumerate(opt.param_groups):
-            norm = group_norms.get(_group_key(k, g, group, len(opts)))
+            norm = group_norms.get(group_key(k, g, group, len(opts)))
             lr = group.get("lr")
             if norm is None or not isinstance(lr, (int, float, torch.Tensor)):
                 return None
