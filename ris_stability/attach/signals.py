@@ -71,14 +71,18 @@ class FlushOnSignals:
             log.debug("termination signals not handled: the run is not on the main thread")
             return self
         _ASKED_TO_END.clear()
-        for signum in self.signums:
-            try:
-                if signal.getsignal(signum) is None:  # installed outside Python: it could not be put back
-                    log.debug("signal %s not handled: its handler was not installed from Python", signum)
-                    continue
-                self._previous[signum] = signal.signal(signum, self._handle)
-            except (OSError, ValueError) as err:  # e.g. a signal this platform cannot catch
-                log.debug("signal %s not handled: %s", signum, err)
+        try:
+            for signum in self.signums:
+                try:
+                    if signal.getsignal(signum) is None:  # installed outside Python: it could not be put back
+                        log.debug("signal %s not handled: its handler was not installed from Python", signum)
+                        continue
+                    self._previous[signum] = signal.signal(signum, self._handle)
+                except (OSError, ValueError) as err:  # e.g. a signal this platform cannot catch
+                    log.debug("signal %s not handled: %s", signum, err)
+        except BaseException:  # e.g. Ctrl-C while installing: no handler of ours outlives a failed start
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def flushing(self) -> None:

@@ -111,7 +111,6 @@ def test_handlers_are_installed_only_for_the_run():
         signal_numbers(["SIGKILL"])
 
 
-
 def test_a_python_handler_is_put_back_exactly_and_one_installed_outside_python_is_left_alone(monkeypatch):
     from ris_stability.attach import signals as sig
 
@@ -130,6 +129,25 @@ def test_a_python_handler_is_put_back_exactly_and_one_installed_outside_python_i
         assert real(signal.SIGUSR1) is own
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_every_handler_installed_is_put_back_when_installing_fails_midway(monkeypatch):
+    from ris_stability.attach import signals as sig
+
+    before = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGUSR1)}
+    real = signal.signal
+
+    def failing(signum, handler):  # the second install is interrupted (e.g. Ctrl-C at that moment)
+        if signum == signal.SIGUSR1 and handler not in before.values():
+            raise KeyboardInterrupt
+        return real(signum, handler)
+
+    monkeypatch.setattr(sig.signal, "signal", failing)
+    with pytest.raises(KeyboardInterrupt):
+        with sig.FlushOnSignals([signal.SIGTERM, signal.SIGUSR1]):
+            pass
+    assert {n: signal.getsignal(n) for n in before} == before  # SIGTERM's handler is ours no more
+
 
 def test_a_signal_during_a_read_point_takes_effect_once_every_taken_row_is_written():
     """A SIGTERM that arrives while a read point writes its rows (here: inside the first row's function) waits
