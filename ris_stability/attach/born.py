@@ -49,13 +49,14 @@ class BornCheck:
         grads = [(p, g) for p in params if (g := p.grad) is not None]
         if not grads:
             return
-        flat = flat_copy([g for _, g in grads])
+        tensors = [g for _, g in grads]
+        flat = flat_copy(tensors)
         if flat is not None:  # non-finite when one gradient is (or the sum overflows: confirmed on peaks)
             peaks, total = None, flat_sum(flat)
         else:
-            peaks = finite_screen([g for _, g in grads])
+            peaks = finite_screen(tensors)
             total = peaks.sum()
-        if self.eager and self._copies is None and not bool(peak_magnitudes([g for _, g in grads]).isfinite().all()):
+        if self.eager and self._copies is None and not bool(peak_magnitudes(tensors).isfinite().all()):
             self._copies = {id(p): g.detach().clone() for p, g in grads}  # the first bad backward of the step
         if not self._learned:
             self._first_copy = {id(p): g.detach().clone() for p, g in grads}

@@ -105,8 +105,9 @@ def flat_sum(flat: Tensor) -> Tensor:
 def screen_total(tensors: Sequence[Tensor]) -> Tensor:
     """One value finite when every tensor is (no host read), for a verdict that needs no per-tensor values:
     on CPU the sum of one flat copy (:func:`flat_copy`; on the 30 gradients of a small GPT about 60 us against
-    about 145 us for a norm per tensor, measured in a loop), else the sum of :func:`finite_screen`. A non-finite value is a NaN/Inf element or
-    an overflow: confirm it with :func:`peak_magnitudes` before calling a tensor non-finite."""
+    about 145 us for a norm per tensor, measured in a loop), else the sum of :func:`finite_screen`. A
+    non-finite value is a NaN/Inf element or an overflow: confirm it with :func:`peak_magnitudes` before
+    calling a tensor non-finite."""
     flat = flat_copy(tensors)
     if flat is not None:
         return flat_sum(flat)
