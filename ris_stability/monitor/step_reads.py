@@ -32,11 +32,11 @@ LATE_NOTE = ("seen at the read of step {seen}: under on_nonfinite='observe' the 
 
 
 def finite_value(t: Tensor) -> Tensor:
-    """One value, finite exactly when ``t`` is (its own value when it is one real number: no extra kernel)."""
+    """One value (0-d), finite exactly when ``t`` is (its own value when it is one real number: no kernel)."""
     t = t.detach()
     if t.numel() == 1 and not t.is_complex():
-        return t.reshape(1)
-    return torch.where(torch.isfinite(t).all(), 0.0, math.nan).reshape(1)
+        return t if t.dim() == 0 else t.reshape(())
+    return torch.where(torch.isfinite(t).all(), 0.0, math.nan)
 
 
 def verdict_of(values: list[float], layout: tuple[int, int, int]) -> tuple[bool, bool, bool]:
@@ -79,7 +79,8 @@ class StepReads:
             if ctx.loss.numel() == 1 and not ctx.loss.is_complex():  # the verdict carries the loss's own value
                 self._loss_in_verdict = (ctx.step, weakref.ref(ctx.loss))  # a weak one: not its graph
         if ctx.born_screen is not None:
-            parts.append(ctx.born_screen.reshape(1))
+            screen = ctx.born_screen
+            parts.append(screen if screen.dim() == 0 else screen.reshape(()))
             layout[1] = 1
         if ctx.grads_finite is None and not grads_in_block and not ctx.born_covers:
             grads = [g for p in ctx.params() if (g := p.grad) is not None]
@@ -89,8 +90,8 @@ class StepReads:
         self.verdict_layout = tuple(layout)
         if not parts:
             return None
-        device = parts[0].device
-        return torch.cat([t if t.device == device else t.to(device) for t in parts])
+        device = parts[0].device  # one stack of 0-d values: no reshape kernel per part
+        return torch.stack([t if t.device == device else t.to(device) for t in parts])
 
     def take_flags(self, values: list[float]) -> None:
         self._flags = verdict_of(values, self.verdict_layout)

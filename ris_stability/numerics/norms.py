@@ -96,10 +96,10 @@ def flat_copy(tensors: Sequence[Tensor]) -> Tensor | None:
 
 
 def flat_sum(flat: Tensor) -> Tensor:
-    """The sum of a :func:`flat_copy` as a 1-element float32 vector: finite when every element is, or a float32
+    """The sum of a :func:`flat_copy` as a 0-d float32 tensor: finite when every element is, or a float32
     overflow of the sum (elements near 1e38 / n; confirm with :func:`peak_magnitudes`). Half-precision values
     are summed into float32, where their own range would overflow long before any element is infinite."""
-    return flat.sum(dtype=torch.float32).reshape(1)
+    return flat.sum(dtype=torch.float32)
 
 
 def screen_total(tensors: Sequence[Tensor]) -> Tensor:
@@ -111,4 +111,4 @@ def screen_total(tensors: Sequence[Tensor]) -> Tensor:
     flat = flat_copy(tensors)
     if flat is not None:
         return flat_sum(flat)
-    return finite_screen(tensors).sum().reshape(1)
+    return finite_screen(tensors).sum()

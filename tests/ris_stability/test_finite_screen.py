@@ -40,7 +40,7 @@ def test_the_fast_path_gives_the_float32_norms():
 @pytest.mark.parametrize("name,tensors,finite", list(_cases()), ids=[c[0] for c in _cases()])
 def test_the_total_screen_is_finite_exactly_when_every_tensor_is(name, tensors, finite):
     value = screen_total(tensors)
-    assert value.shape == (1,) and math.isfinite(value.item()) == all(finite)
+    assert value.shape == () and math.isfinite(value.item()) == all(finite)
 
 
 def test_the_flat_copy_holds_every_tensor_in_order():
