@@ -9,14 +9,9 @@ per-call interception, timed directly: far less noisy than a difference of two s
 what the monitor costs the training's own kernels, e.g. through the caches); ``stats`` is the part of it
 spent computing the spectral statistics (``SpectralProbe._reduce`` and ``_measure``); ``fixed`` = own - stats.
 The monitor's own time on a step whose statistics are not sampled (the every=10 run's own time, less its
-sampled steps at the every=1 run's own time per step) is printed too; the fixed-cost goal is judged on step time
-(below), which also counts what the monitor costs the training's own ops and not the cache misses it takes
-over from them.
-
-``floor`` (outside models) is the plain loop plus the one check a per-step skip decision needs, as a GradScaler
-makes it (a fused finite check of the gradients and one read); the fixed cost of a step not sampled is measured
-as step time: the every=10 run's steps 2-9 of each 10 (step 1 writes step 0's row) less the same steps of the off
-run, paired within a round.
+sampled steps at the every=1 run's own time per step) is printed too, but the fixed-cost goal is judged on step
+time over paired steps next to a GradScaler-check floor (benchmarks/paired_steps.py), which counts what the
+monitor costs the training's own ops and not the cache misses it takes over from them.
 
 Workloads: the ris_model configs (``--configs``, default quickstart and default) and, with ``--model``,
 outside-style models (benchmarks/outside_models.py): ``gpt`` (tiny transformer, ~5 ms/step), ``whiten``
@@ -47,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from outside_models import DESCRIPTIONS, WORKLOADS, session_step  # noqa: E402
+from paired_steps import paired_fixed_cost  # noqa: E402
 from tests.ris_stability.host_reads import counting  # noqa: E402  (the test's own counter)
 
 from ris_stability import watch  # noqa: E402
@@ -58,7 +54,7 @@ from ris_stability.attach.watch import Watcher  # noqa: E402
 from ris_stability.instruments.probe import SpectralProbe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("off", "every=1", "every=10", "anomaly", "watch", "floor")  # watch, floor: outside models only
+MODES = ("off", "every=1", "every=10", "anomaly", "watch")  # watch: outside models only
 WATCH_GOAL = 1.02  # watch() vs an explicit MonitorSession, every step
 GOALS = {"quickstart.toml": 1.03, "default.toml": 1.03, "gpt": 1.08, "whiten": 1.5, "persample": 1.3}  # every=1
 E10_GOALS = {"gpt": 1.02, "whiten": 1.05}  # every=10 ratio goals
@@ -119,21 +115,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def scaler_check(params: list[torch.Tensor]) -> float:
-    """The check a GradScaler makes at every step of an AMP loop (one fused finite check of the gradients, by
-    unscaling them by 1.0: values unchanged, and its one host read): the floor of any per-step skip decision."""
-    grads = [g for p in params if (g := p.grad) is not None]
-    found = torch.zeros(1, device=grads[0].device)
-    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=found.device))
-    return found.item()
-
-
-def run_workload(name: str, mode: str, steps: int, warmup: int, tmp: Path, device: str) -> tuple[float, float]:
-    """Mean seconds per timed step of an outside-style workload in one mode, and the mean over the timed steps
-    2-9 of each 10 (at every=10 neither sampled nor completing a sampled step's row; the same steps in every mode). ``floor``: the plain loop
-    with a GradScaler's finite check after backward (:func:`scaler_check`)."""
+def run_workload(name: str, mode: str, steps: int, warmup: int, tmp: Path, device: str) -> float:
+    """Mean seconds per timed step of an outside-style workload in one mode."""
     work = WORKLOADS[name](device)
-    params = list(work.model.parameters())
     every = {"every=1": 1, "every=10": 10}.get(mode)
     run_dir = tmp / f"{name}-{time.monotonic_ns()}"
     session = (MonitorSession(StabilityMonitor(run_dir, MonitorConfig(every=every)), work.model, work.optimizer)
@@ -141,13 +125,11 @@ def run_workload(name: str, mode: str, steps: int, warmup: int, tmp: Path, devic
     anomaly = torch.autograd.detect_anomaly(check_nan=True) if mode == "anomaly" else contextlib.nullcontext()
     # watch(): attached automatically (optimizer and backward hooks), the loop is the plain one.
     auto = watch(work.model, work.optimizer, out=run_dir, report=False) if mode == "watch" else contextlib.nullcontext()
-    unsampled: list[float] = []
     with session as s, anomaly, auto:
         for step in range(warmup + steps):
             if step == warmup:
                 _sync(device)
                 t0 = clock()
-            ts = clock()
             if s is not None:
                 s.start_step(step)
             work.optimizer.zero_grad(set_to_none=True)
@@ -155,17 +137,12 @@ def run_workload(name: str, mode: str, steps: int, warmup: int, tmp: Path, devic
             if s is not None:
                 s.after_forward(loss)
             loss.backward()
-            if mode == "floor":
-                scaler_check(params)
             if s is None or s.after_backward():
                 work.optimizer.step()
             if s is not None:
                 s.end_step()
-            if step >= warmup and step % 10 > 1:  # step 10k+1 writes step 10k's row: sampled work
-                _sync(device)
-                unsampled.append(clock() - ts)
         _sync(device)
-        return (clock() - t0) / steps, statistics.mean(unsampled)
+        return (clock() - t0) / steps
 
 
 def host_reads(name: str, every: int, policy: str, steps: int, tmp: Path, device: str) -> float:
@@ -256,41 +233,35 @@ def run_config(config: str, mode: str, steps: int, warmup: int, tmp: Path, overr
     return clock.mean_step()
 
 
-def measure(run, rounds: int, modes: tuple[str, ...]):
-    """Seconds per step per mode and round (interleaved); the statistics seconds of every=1 runs; the
-    monitor's own seconds of every=1 and watch runs (summed over a run's steps, median over rounds); the seconds
-    per step not sampled at every=10 per mode and round (outside models)."""
+def measure(run, rounds: int, modes: tuple[str, ...]) -> tuple[dict[str, list[float]], float, dict[str, float]]:
+    """Seconds per step per mode and round (interleaved); the statistics seconds of every=1 runs and the
+    monitor's own seconds of every=1 and watch runs (summed over a run's steps, median over rounds)."""
     times: dict[str, list[float]] = {m: [] for m in modes}
-    unsampled: dict[str, list[float]] = {m: [] for m in modes}
     stats: list[float] = []
     own: dict[str, list[float]] = {"every=1": [], "every=10": [], "watch": []}
     for r in range(rounds):
         # The order rotates every round, so no mode always runs first (cold caches) or after the same mode.
         for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
             with PartClock(STATS).installed() as s_clock, PartClock(OWN).installed() as o_clock:
-                result = run(mode)
-            if isinstance(result, tuple):
-                result, quiet_step = result
-                unsampled[mode].append(quiet_step)
-            times[mode].append(result)
+                times[mode].append(run(mode))
             if mode == "every=1":
                 stats.append(s_clock.seconds)
             if mode in own:
                 own[mode].append(o_clock.seconds)
     return (times, statistics.median(stats) if stats else 0.0,
-            {mode: statistics.median(v) for mode, v in own.items() if v}, unsampled)
+            {mode: statistics.median(v) for mode, v in own.items() if v})
 
 
 def report(label: str, times: dict[str, list[float]], stats_s: float, own: dict[str, float], steps_per_run: int,
-           cuda: bool = False, unsampled: dict[str, list[float]] | None = None) -> list[str]:
+           cuda: bool = False) -> list[str]:
     off = times["off"]
     ratios = {m: [t / o for t, o in zip(v, off)] for m, v in times.items() if m != "off"}
     cells = [f"{label:<18}{min(off) * 1e3:>9.2f}{statistics.median(off) * 1e3:>9.2f}"]
     for mode in MODES[1:]:
         if mode in ratios:
-            cells.append(f"{min(ratios[mode]):>9.3f}{statistics.median(ratios[mode]):>9.3f}")
-        elif mode in ("watch", "floor"):
-            cells.append(f"{'-':>9}{'-':>9}")
+            cells.append(f"{min(ratios[mode]):>10.3f}{statistics.median(ratios[mode]):>10.3f}")
+        elif mode == "watch":
+            cells.append(f"{'-':>10}{'-':>10}")
     added_ms = (statistics.median(times["every=1"]) - statistics.median(off)) * 1e3
     stats_ms, own_ms = stats_s / steps_per_run * 1e3, own["every=1"] / steps_per_run * 1e3
     own_ratio = 1 + own_ms / (statistics.median(off) * 1e3)
@@ -323,17 +294,6 @@ def report(label: str, times: dict[str, list[float]], stats_s: float, own: dict[
         verdicts.append(f"{label}: monitor's own time {fixed * 1e3:.0f} us per step not sampled (every=10: "
                         f"{own['every=10'] / steps_per_run * 1e6:.0f} us/step, of which {sampled} sampled steps at "
                         f"{own_ms * 1e3:.0f} us each; it includes cache misses the training's next ops are spared)")
-    quiet = unsampled or {}
-    if quiet.get("every=10") and quiet.get("off"):
-        # what a step not sampled costs the training: the same steps (2-9 of each 10) timed with and without
-        # the monitor, paired within a round; the floor is a plain loop's own GradScaler-style check
-        added = statistics.median(e - o for e, o in zip(quiet["every=10"], quiet["off"]))
-        floor = (f"; floor {statistics.median(f - o for f, o in zip(quiet['floor'], quiet['off'])) * 1e6:.0f} us "
-                 "(the plain loop plus a GradScaler's finite check and read of its gradients, the one check a "
-                 "per-step skip decision needs)" if quiet.get("floor") else "")
-        verdicts.append(f"{label}: fixed cost {added * 1e6:.0f} us per step not sampled (step time at every=10, "
-                        f"steps not sampled, less the same steps off; median of rounds){floor}; goal <= "
-                        f"{FIXED_GOAL_MS * 1e3:.0f} us: {'met' if added <= FIXED_GOAL_MS * 1e-3 else 'NOT met'}")
     return verdicts
 
 
@@ -342,6 +302,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per run (ris_model configs)")
     ap.add_argument("--model-steps", type=int, default=200, help="timed steps per run (outside models)")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--paired-steps", type=int, default=400,
+                    help="steps of the paired fixed-cost measure (outside models; 8 of each 10 are used)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--configs", nargs="*", default=["quickstart.toml", "default.toml"])
     ap.add_argument("--model", nargs="*", default=[], choices=sorted(WORKLOADS))
@@ -358,27 +320,33 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds interleaved, "
           f"ratios to 'off' within a round: min and median over rounds; {args.clock} clock; overrides "
           f"{args.overrides or 'none'}")
-    short = {"every=1": "e1", "every=10": "e10", "anomaly": "anom", "watch": "watch", "floor": "floor"}
-    print(f"{'workload':<18}{'off min':>9}{'off med':>9}" + "".join(f"{short[m] + ' min':>9}{short[m] + ' med':>9}"
+    short = {"every=1": "e1", "every=10": "e10", "anomaly": "anom", "watch": "watch"}
+    print(f"{'workload':<18}{'off min':>9}{'off med':>9}" + "".join(f"{short[m] + ' min':>10}{short[m] + ' med':>10}"
                                                                for m in modes[1:])
-          + f"{'added ms':>9}{'own':>8}{'stats':>8}{'fixed':>8}   (ms per step; e1/e10/anom/watch/floor: ratios to off)")
+          + f"{'added ms':>9}{'own':>8}{'stats':>8}{'fixed':>8}   (ms per step; e1/e10/anom/watch: ratios to off)")
     verdicts: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs:
-            times, stats_s, own, _ = measure(lambda mode: run_config(config, mode, args.steps, args.warmup, Path(tmp),
-                                                                       args.overrides), args.rounds,
-                                               tuple(m for m in modes if m not in ("watch", "floor")))
+            times, stats_s, own = measure(lambda mode: run_config(config, mode, args.steps, args.warmup, Path(tmp),
+                                                                    args.overrides), args.rounds,
+                                            tuple(m for m in modes if m != "watch"))
             verdicts += report(config, times, stats_s, own, args.steps + args.warmup,
                                cuda=any("device=cuda" in o for o in args.overrides))
         if args.threads:
             torch.set_num_threads(args.threads)
         for name in args.model:
-            times, stats_s, own, quiet = measure(lambda mode: run_workload(name, mode, args.model_steps, args.warmup,
-                                                                             Path(tmp), args.device), args.rounds, modes)
+            times, stats_s, own = measure(lambda mode: run_workload(name, mode, args.model_steps, args.warmup,
+                                                                      Path(tmp), args.device), args.rounds, modes)
             verdicts += report(name, times, stats_s, own, args.model_steps + args.warmup,
-                               cuda=args.device.startswith("cuda"), unsampled=quiet)
+                               cuda=args.device.startswith("cuda"))
             counts = {(p, e): host_reads(name, e, p, 20, Path(tmp), args.device)
                       for p in ("skip", "observe") for e in (1, 10)}
+            paired = paired_fixed_cost(name, args.paired_steps, args.warmup, Path(tmp), args.device, clock)
+            (fixed, fixed_se), (floor, floor_se) = paired["monitored"], paired["checked"]
+            verdicts.append(f"{name}: fixed cost {fixed * 1e6:.0f} +- {fixed_se * 1e6:.0f} us per step not sampled "
+                            f"(paired steps, every=10, mean +- standard error); floor {floor * 1e6:.0f} +- "
+                            f"{floor_se * 1e6:.0f} us (a GradScaler's finite check and read); goal <= "
+                            f"{FIXED_GOAL_MS * 1e3:.0f} us: {'met' if fixed <= FIXED_GOAL_MS * 1e-3 else 'NOT met'}")
             sampled_ops, _ = monitor_ops(name, 1, 6, Path(tmp), args.device)
             _, unsampled_ops = monitor_ops(name, 10, 21, Path(tmp), args.device)
             verdicts.append(f"{name}: aten ops the monitor adds per step (counted): {sampled_ops:.1f} sampled (every=1), "
