@@ -36,7 +36,9 @@ class ReadBack:
 
     def add(self, tensor: Tensor | None, use: Use) -> None:
         """Queue ``tensor`` (any shape, flattened; None: no values, ``use([])`` runs in order with the rest)."""
-        self._parts.append((None if tensor is None else tensor.detach().reshape(-1), use))
+        if tensor is not None and (tensor.requires_grad or tensor.dim() != 1):  # a flat vector as it is: no kernel
+            tensor = tensor.detach().reshape(-1)
+        self._parts.append((tensor, use))
 
     def read(self) -> None:
         """One host read of everything queued, then each part's function with its numbers. A function may

@@ -32,8 +32,8 @@ LATE_NOTE = ("seen at the read of step {seen}: under on_nonfinite='observe' the 
 
 
 def finite_value(t: Tensor) -> Tensor:
-    """One value (0-d), finite exactly when ``t`` is (its own value when it is one real number: no kernel)."""
-    t = t.detach()
+    """One value (0-d), finite exactly when ``t`` is (its own value when it is one real number: no kernel).
+    Call it without grad mode: ``t`` is not detached."""
     if t.numel() == 1 and not t.is_complex():
         return t if t.dim() == 0 else t.reshape(())
     return torch.where(torch.isfinite(t).all(), 0.0, math.nan)
@@ -90,8 +90,9 @@ class StepReads:
         self.verdict_layout = tuple(layout)
         if not parts:
             return None
-        device = parts[0].device  # one stack of 0-d values: no reshape kernel per part
-        return torch.stack([t if t.device == device else t.to(device) for t in parts])
+        device = parts[0].device  # one stack of 0-d values (no reshape kernel per part), recorded by no graph
+        with torch.no_grad():
+            return torch.stack([t if t.device == device else t.to(device) for t in parts])
 
     def take_flags(self, values: list[float]) -> None:
         self._flags = verdict_of(values, self.verdict_layout)
