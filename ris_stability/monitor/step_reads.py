@@ -33,7 +33,7 @@ LATE_NOTE = ("seen at the read of step {seen}: under on_nonfinite='observe' the 
 
 def finite_value(t: Tensor) -> Tensor:
     """One value (0-d), finite exactly when ``t`` is (its own value when it is one real number: no kernel).
-    Call it without grad mode: ``t`` is not detached."""
+    ``t`` is not detached: stack it under ``torch.no_grad()``, as :meth:`StepReads.verdict_flags` does."""
     if t.numel() == 1 and not t.is_complex():
         return t if t.dim() == 0 else t.reshape(())
     return torch.where(torch.isfinite(t).all(), 0.0, math.nan)
