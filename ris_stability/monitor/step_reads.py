@@ -199,7 +199,8 @@ class StepReads:
             else:
                 self.reads.add(_loss_slice(ctx), unsampled)
             return
-        loss = _loss_slice(ctx)
+        known = self._loss_value(ctx)  # read with the verdict: not transferred a second time
+        loss = _loss_slice(ctx) if known is None else None
         floats, keys, pending = self.grads.take_pending()
         terms = {f"loss/{k}": v for k, v in ctx.terms.items() if v.numel() == 1 and f"loss/{k}" not in keys}
         dead, ripe = self.grads.dead_check()
@@ -207,13 +208,12 @@ class StepReads:
         parts = [loss, pending,
                  torch.stack([v.reshape(()) for v in terms.values()]) if terms else None, dead]
         sizes = [0 if p is None else p.numel() for p in parts]
-        nan_loss = loss is None
         present = [p.reshape(-1).to(torch.float64) for p in parts if p is not None]
         device = present[0].device if present else None
 
         def sampled(values: list[float]) -> None:
             at = [sum(sizes[:i]) for i in range(5)]
-            value = math.nan if nan_loss else values[0]
+            value = known if known is not None else math.nan if loss is None else values[0]
             row = self.grads.collect_from(floats, keys, values[at[1]:at[2]])
             row.update(zip(terms, values[at[2]:at[3]]))
             self._write_row(head, value, row, sites, values[at[3]:at[4]], ripe)
