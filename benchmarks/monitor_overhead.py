@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from outside_models import DESCRIPTIONS, WORKLOADS, session_step  # noqa: E402
+from outside_models import DESCRIPTIONS, WORKLOADS, session_step, sync  # noqa: E402
 from paired_steps import paired_fixed_cost  # noqa: E402
 from tests.ris_stability.host_reads import counting  # noqa: E402  (the test's own counter)
 
@@ -110,11 +110,6 @@ OWN = tuple((StabilityMonitor, f"on_{event}") for event in (
         "after_optimizer_step"))
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def run_workload(name: str, mode: str, steps: int, warmup: int, tmp: Path, device: str) -> float:
     """Mean seconds per timed step of an outside-style workload in one mode."""
     work = WORKLOADS[name](device)
@@ -128,7 +123,7 @@ def run_workload(name: str, mode: str, steps: int, warmup: int, tmp: Path, devic
     with session as s, anomaly, auto:
         for step in range(warmup + steps):
             if step == warmup:
-                _sync(device)
+                sync(device)
                 t0 = clock()
             if s is not None:
                 s.start_step(step)
@@ -141,7 +136,7 @@ def run_workload(name: str, mode: str, steps: int, warmup: int, tmp: Path, devic
                 work.optimizer.step()
             if s is not None:
                 s.end_step()
-        _sync(device)
+        sync(device)
         return (clock() - t0) / steps
 
 

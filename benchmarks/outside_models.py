@@ -20,6 +20,12 @@ class Workload:
     loss: Callable[[int], torch.Tensor]
 
 
+def sync(device: str) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so that a clock read after it times that work."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def session_step(session, work: "Workload", step: int) -> None:
     """One training step of ``work`` driven through a MonitorSession, as a loop with its own step gate writes it."""
     session.start_step(step)

@@ -20,13 +20,8 @@ from typing import Callable
 
 import torch
 
-from outside_models import WORKLOADS, session_step
+from outside_models import WORKLOADS, session_step, sync
 from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def scaler_check(params: list[torch.Tensor]) -> None:
@@ -54,7 +49,7 @@ def paired_fixed_cost(name: str, steps: int, warmup: int, tmp: Path, device: str
             took = {}
             for kind in kinds[step % 3:] + kinds[:step % 3]:
                 work = copies[kind]
-                _sync(device)
+                sync(device)
                 t0 = clock()
                 if kind == "monitored":
                     session_step(s, work, step)
@@ -64,7 +59,7 @@ def paired_fixed_cost(name: str, steps: int, warmup: int, tmp: Path, device: str
                     if kind == "checked":
                         scaler_check(params)
                     work.optimizer.step()
-                _sync(device)
+                sync(device)
                 took[kind] = clock() - t0
             if step >= warmup and step % 10 > 1:
                 for kind in added:

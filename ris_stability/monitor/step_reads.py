@@ -187,20 +187,16 @@ class StepReads:
             head.update({"local/grad_norm": self._decision.local_grad_norm,
                          "local/nonfinite": 0.0 if self._decision.local_ok else 1.0,
                          "local/origin_rank_count": len(self._decision.origins)})
+        known = self._loss_value(ctx)  # read with the verdict: not transferred a second time
+        loss = _loss_slice(ctx) if known is None else None
         if not self.cfg.sampled(step):
             def unsampled(values: list[float]) -> None:
-                value = values[0] if values else math.nan
+                value = known if known is not None else values[0] if values else math.nan
                 if step in self.nonfinite_steps:
                     self._write_row(head, value, {}, {}, [], [])
                 self._losses.append(value)  # after its row: a step cut short by a signal is counted nowhere
-            known = self._loss_value(ctx)
-            if known is not None:
-                self.reads.add(None, lambda _: unsampled([known]))
-            else:
-                self.reads.add(_loss_slice(ctx), unsampled)
+            self.reads.add(loss, unsampled)
             return
-        known = self._loss_value(ctx)  # read with the verdict: not transferred a second time
-        loss = _loss_slice(ctx) if known is None else None
         floats, keys, pending = self.grads.take_pending()
         terms = {f"loss/{k}": v for k, v in ctx.terms.items() if v.numel() == 1 and f"loss/{k}" not in keys}
         dead, ripe = self.grads.dead_check()
