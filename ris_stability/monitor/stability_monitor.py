@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from ris_stability.records.capsule import capture_rng, restore_rng, rng_snapshot, rng_state
+from ris_stability.records.capsule import capture_rng, restore_rng, rng_state
+from ris_stability.records.step_rng import StepRng
 from ris_stability.monitor import amp
 from ris_stability.monitor import distributed
 from ris_stability.instruments.grads import TOTAL_KEY, GradMonitor
@@ -66,7 +67,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks, StepReads):
         self.capsules: list[Path] = []  # kept capsules (the budget deletes the middle ones: writing.py)
         self._capsule_store = None
         self.snapshots: list[Path] = []  # spike snapshots of finite steps (MonitorConfig.spike_snapshots)
-        self._rng: tuple[Any, ...] | None = None  # rng_snapshot() at step start
+        self._rng = StepRng()  # the RNG states at each step start (records/step_rng.py)
         self._sites: dict[str, dict[str, Any]] = {}
         self._flagged: set[tuple[str, str]] = set()
         self._t0 = time.perf_counter()
@@ -163,7 +164,7 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks, StepReads):
         self.attach(ctx.model, ctx.loss_fn, ctx.roots)
 
     def on_step_start(self, ctx: LoopContext) -> None:
-        self._rng = rng_snapshot()
+        self._rng.start(check=self.cfg.sampled(ctx.step))
         self.overflow, self._amp_scale, self.exploded = False, None, False
         if self.dist is not None:
             self.dist.start_step(ctx.step)
@@ -375,8 +376,8 @@ class StabilityMonitor(MonitorWriting, ExplosionChecks, StepReads):
         from ris_stability.instruments.precision import audit_precision  # noqa: PLC0415 (only when auditing)
         outer = capture_rng()
         try:
-            if self._rng is not None:
-                restore_rng(rng_state(self._rng))
+            if self._rng.snapshot is not None:
+                restore_rng(rng_state(self._rng.verified()[0]))
             result = audit_precision(fn, *args, roots=self.probe.roots if self.probe else None, **kwargs)
         finally:
             restore_rng(outer)

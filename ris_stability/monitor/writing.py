@@ -4,6 +4,7 @@ holds the step's checks and this one the records they leave."""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from ris_stability.records.capsule import Capsule, capsule_path, capture_rng, cl
 from ris_stability.records.capsule_store import CapsuleStore
 from ris_stability.records.capsule_writer import CapsuleWriter
 
+log = logging.getLogger(__name__)
 
 SNAPSHOT_DIR = "snapshots"  # spike snapshots: finite steps kept for a precision audit, apart from crash capsules
 
@@ -54,11 +56,20 @@ class MonitorWriting:
             grads = {n: p.grad.detach().clone() for n, p in self._model.named_parameters() if p.grad is not None}
             if ctx.born_names is not None:
                 meta.update(grads_at="optimizer.step", born_nonfinite=list(ctx.born_names))
+        rng = capture_rng()
+        if self._rng.snapshot is not None:
+            snapshot, exact = self._rng.verified()
+            rng = rng_state(snapshot)
+            if not exact:  # random moved since it was last copied: its state now stands in (records/step_rng.py)
+                meta["python_rng"] = "at capsule"
+                log.warning("capsule of step %d: Python's random state moved since it was last copied; the capsule "
+                            "holds its state at the capsule, exact unless the step itself drew from random "
+                            "(it is copied at every step from now on)", ctx.step)
         # Copies on the device, taken now: the script's next step may change the model, the optimizer, the batch.
         cap = Capsule(step=ctx.step, batch=clone_state(self.batch_state(ctx.batch)),
                       model_state=clone_state(self._model.state_dict()),
                       optimizer_state=(opts[0] if len(opts) == 1 else {"optimizers": opts}) if opts else None,
-                      rng=rng_state(self._rng) if self._rng is not None else capture_rng(),
+                      rng=rng,
                       config_text=self.config_text, reason=reason, meta=meta,
                       grads=grads)
         if purpose == "spike":  # its path (known now) goes into the spike's message; written in the background

@@ -145,18 +145,22 @@ def test_aux_matching_is_permutation_invariant(setup):
 
 def test_subspace_nan_with_ties_and_gap_aware_fix():
     """Seeded fault: shrinkage ties noise eigenvalues; torch's eigh backward through the eigenvectors goes
-    non-finite for some batch, the gap-aware backward stays finite on the same batch."""
-    grads = {}
+    non-finite for some batch, the gap-aware backward stays finite on the same batches. Whether a given batch's
+    ties are exact depends on the CPU's LAPACK path (one AMD machine kept batch 0 finite), hence four batches."""
+    grads: dict[str, list[bool]] = {}
     for backward in ("torch", "gap_aware"):
         cfg = load_config(None, TINY + ["data.batch_size=16", "covariance.shrinkage=1e-3",
                                         f'loss.eigh_backward="{backward}"'])
         system = make_system(cfg)
         model, loss_fn = build_model(cfg, system), CompositeLoss(cfg, system)
-        batch = train_batch(cfg, system, 0)
-        value = loss_fn.subspace(loss_fn.inputs(model(batch), batch))
-        g = torch.autograd.grad(value, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
-        grads[backward] = all(x is None or bool(torch.isfinite(x).all()) for x in g)
-    assert grads == {"torch": False, "gap_aware": True}
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads[backward] = []
+        for index in range(4):
+            batch = train_batch(cfg, system, index)
+            value = loss_fn.subspace(loss_fn.inputs(model(batch), batch))
+            g = torch.autograd.grad(value, params, allow_unused=True)
+            grads[backward].append(all(x is None or bool(torch.isfinite(x).all()) for x in g))
+    assert not all(grads["torch"]) and all(grads["gap_aware"]), grads
 
 
 def test_unknown_eigh_backward_is_refused_with_the_choices():

@@ -1,0 +1,120 @@
+"""Step-start RNG snapshots: Python's random state copied only while it has to be, and capsules whose RNG is
+the state their step started from (exactly, or said not to be)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from ris_stability import MonitorConfig, MonitorSession, StabilityMonitor
+from ris_stability.records.capsule import Capsule
+from ris_stability.records.step_rng import StepRng
+
+
+def python_state(capsule: Capsule) -> tuple:
+    internal = capsule.rng["python"]["internal"]
+    return capsule.rng["python"]["version"], tuple(int(x) for x in internal.tolist()), capsule.rng["python"]["gauss"]
+
+
+def test_still_random_is_copied_only_at_first_and_on_checks():
+    rng = StepRng(still_steps=2)
+    for _ in range(10):
+        rng.start()
+    assert rng.copies == 3 and not rng.moves  # the first copy, then two steps that found it still
+    rng.start(check=True)
+    assert rng.copies == 4
+    snapshot, exact = rng.verified()
+    assert exact and snapshot[1] == random.getstate() and rng.copies == 4  # copied at this start: no check
+
+
+def test_a_reused_copy_is_verified_when_used():
+    rng = StepRng(still_steps=1)
+    rng.start(), rng.start(), rng.start()
+    copies = rng.copies
+    snapshot, exact = rng.verified()
+    assert exact and snapshot[1] == random.getstate() and rng.copies == copies + 1
+    rng.verified()
+    assert rng.copies == copies + 1  # verified once per step
+
+
+def test_random_drawn_between_steps_is_copied_every_step_once_seen():
+    rng = StepRng(still_steps=1)
+    starts = []
+    for step in range(6):
+        starts.append(random.getstate())
+        rng.start()
+        assert rng.snapshot[1] == starts[-1]
+        random.random()  # a script drawing from random in each step
+    assert rng.moves and rng.copies == 6
+
+
+def test_a_move_between_checks_gives_the_live_state_and_says_so():
+    rng = StepRng(still_steps=1)
+    rng.start(), rng.start(), rng.start()
+    random.shuffle(list(range(5)))  # an epoch boundary between two checks
+    rng.start()  # reuses the copy
+    live = random.getstate()
+    snapshot, exact = rng.verified()
+    assert not exact and snapshot[1] == live and rng.moves
+    assert rng.verified() == (snapshot, False)  # the same answer for the rest of the step
+    copies = rng.copies
+    rng.start()
+    assert rng.copies == copies + 1  # copied at every step from now on
+
+
+def test_bad_setting_and_use_before_start_are_clear():
+    with pytest.raises(ValueError, match="still_steps=0"):
+        StepRng(still_steps=0)
+    with pytest.raises(RuntimeError, match="before any start"):
+        StepRng().verified()
+
+
+class Dropper(nn.Module):
+    """Research-style layer drop drawn from Python's random, and a NaN on the step the test names."""
+
+    def __init__(self, bad_step: int, draws: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 1)
+        self.bad_step, self.draws, self.step = bad_step, draws, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if self.draws and random.random() < 0.5:
+            h = h * 0.5
+        out = self.b(h).pow(2).mean()
+        return out * float("nan") if self.step == self.bad_step else out
+
+
+@pytest.mark.parametrize("draws", [True, False])
+@pytest.mark.parametrize("shuffle_at", [None, 5])
+def test_capsule_holds_the_random_state_its_step_started_from(tmp_path, draws, shuffle_at):
+    torch.manual_seed(0)
+    random.seed(1)
+    model = Dropper(bad_step=7, draws=draws)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(8, 4)
+    monitor = StabilityMonitor(tmp_path / "run", MonitorConfig(every=10, policy="skip"))
+    at_start = {}
+    with MonitorSession(monitor, model, opt) as s:
+        for step in range(9):
+            if step == shuffle_at:
+                random.shuffle(list(range(10)))  # between steps, like an epoch's shuffle
+            model.step = step
+            at_start[step] = random.getstate()
+            opt.zero_grad(set_to_none=True)
+            s.start_step(step, batch={"x": x})
+            loss = model(x)
+            s.after_forward(loss)
+            loss.backward()
+            if s.after_backward():
+                opt.step()
+            s.end_step()
+    capsule = Capsule.load(tmp_path / "run" / "capsules" / "step_000007.pt")
+    assert python_state(capsule) == at_start[7]
+    # Drawing in every step is seen at step 1 and copied from then on; a shuffle between checks is seen when the
+    # capsule is written, and the capsule says its state was taken then (exact here: the step drew nothing).
+    said = capsule.meta.get("python_rng")
+    assert said == ("at capsule" if shuffle_at is not None and not draws else None)
+    assert monitor._rng.moves == (draws or shuffle_at is not None)
