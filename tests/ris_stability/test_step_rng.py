@@ -118,3 +118,64 @@ def test_capsule_holds_the_random_state_its_step_started_from(tmp_path, draws, s
     said = capsule.meta.get("python_rng")
     assert said == ("at capsule" if shuffle_at is not None and not draws else None)
     assert monitor._rng.moves == (draws or shuffle_at is not None)
+
+
+class RowDrop(nn.Module):
+    """A layer drop drawn from Python's random in forward; an all-zero input row makes the sqrt backward NaN in
+    ``lin``'s gradient while ``head``'s stays finite and depends on the draw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.head = nn.Linear(3, 4, bias=False), nn.Linear(1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if random.random() < 0.5:
+            h = h * 0.5
+        return self.head(torch.sqrt((h ** 2).sum(-1, keepdim=True))).mean()
+
+
+def replayer(capsule: Capsule, dtype: str | None):
+    from types import SimpleNamespace
+
+    from ris_stability.records.capsule import restore_rng
+    model = RowDrop()
+    model.load_state_dict(capsule.model_state)
+    restore_rng(capsule.rng)
+    x = capsule.batch["batch"]["x"]  # a MonitorSession capsule keeps the batch it was given under "batch"
+    return SimpleNamespace(model=model, roots={"model": model}, loss=lambda: model(x))
+
+
+def test_a_step_drawing_from_random_replays_bit_exact(tmp_path):
+    from ris_stability.replay.bisect import replay
+
+    torch.manual_seed(0)
+    random.seed(3)
+    model = RowDrop()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = StabilityMonitor(tmp_path / "run", MonitorConfig(every=10))
+    with MonitorSession(monitor, model, opt) as s:
+        for step in range(9):
+            x = torch.randn(5, 3)
+            if step == 7:
+                x[2] = 0.0
+            opt.zero_grad(set_to_none=True)
+            s.start_step(step, batch={"x": x})
+            loss = model(x)
+            s.after_forward(loss)
+            loss.backward()
+            if s.after_backward():
+                opt.step()
+            s.end_step()
+    capsule = Capsule.load(tmp_path / "run" / "capsules" / "step_000007.pt")
+    capsule.meta["replayer"] = f"{__name__}:replayer"
+    assert replay(capsule).bit_exact
+    # The same step from a Python state whose first draw falls the other way is not: the check can tell.
+    random.setstate(python_state(capsule))
+    first = random.random() < 0.5
+    while True:
+        other = random.getstate()
+        if (random.random() < 0.5) != first:
+            break
+    capsule.rng["python"]["internal"] = torch.tensor(other[1], dtype=torch.int64)
+    assert not replay(capsule).bit_exact
