@@ -38,7 +38,7 @@ class StepRng:
         self.moves = False  # random moved between two copies: copied at every step from now on
         self.copies = 0  # Python random states copied (the costly part), for tests and benchmarks
         self._python: tuple | None = None  # the last copy of Python's random state
-        self._still = 0  # consecutive step starts at which it had not moved
+        self._still = 0  # step starts at which it had not moved (until it moves once)
         # Whether the snapshot's Python state is the step's exact start state: True (copied at the start or
         # verified since), False (random had moved: the live state stands in), None (a reused copy, not verified).
         self._exact: bool | None = True
@@ -54,7 +54,7 @@ class StepRng:
             now = self._copy()
             if self._python is not None:
                 if now != self._python:
-                    self.moves, self._still = True, 0
+                    self.moves = True
                 else:
                     self._still += 1
             self._python, self._exact = now, True
@@ -74,6 +74,6 @@ class StepRng:
         if now == self._python:
             self._exact = True
             return self.snapshot, True
-        self.moves, self._still, self._python, self._exact = True, 0, now, False
+        self.moves, self._python, self._exact = True, now, False
         self.snapshot = (self.snapshot[0], now, self.snapshot[2])
         return self.snapshot, False

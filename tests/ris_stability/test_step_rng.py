@@ -35,8 +35,14 @@ def test_a_reused_copy_is_verified_when_used():
     copies = rng.copies
     snapshot, exact = rng.verified()
     assert exact and snapshot[1] == random.getstate() and rng.copies == copies + 1
-    rng.verified()
-    assert rng.copies == copies + 1  # verified once per step
+    assert rng.verified() == (snapshot, True) and rng.copies == copies + 1  # verified once per step
+
+
+def test_three_still_steps_by_default():
+    rng = StepRng()
+    for _ in range(10):
+        rng.start()
+    assert rng.copies == 4 and not rng.moves
 
 
 def test_random_drawn_between_steps_is_copied_every_step_once_seen():
@@ -54,10 +60,12 @@ def test_a_move_between_checks_gives_the_live_state_and_says_so():
     rng = StepRng(still_steps=1)
     rng.start(), rng.start(), rng.start()
     random.shuffle(list(range(5)))  # an epoch boundary between two checks
+    torch_state = torch.get_rng_state()
     rng.start()  # reuses the copy
     live = random.getstate()
     snapshot, exact = rng.verified()
     assert not exact and snapshot[1] == live and rng.moves
+    assert torch.equal(snapshot[0], torch_state)  # torch's state as taken at the start
     assert rng.verified() == (snapshot, False)  # the same answer for the rest of the step
     copies = rng.copies
     rng.start()
@@ -67,7 +75,7 @@ def test_a_move_between_checks_gives_the_live_state_and_says_so():
 def test_bad_setting_and_use_before_start_are_clear():
     with pytest.raises(ValueError, match="still_steps=0"):
         StepRng(still_steps=0)
-    with pytest.raises(RuntimeError, match="before any start"):
+    with pytest.raises(RuntimeError, match=r"^StepRng\.verified\(\) before any start"):
         StepRng().verified()
 
 
@@ -113,6 +121,7 @@ def test_capsule_holds_the_random_state_its_step_started_from(tmp_path, draws, s
             s.end_step()
     capsule = Capsule.load(tmp_path / "run" / "capsules" / "step_000007.pt")
     assert python_state(capsule) == at_start[7]
+    assert ("cuda" in capsule.rng) == torch.cuda.is_initialized()  # CUDA states only where CUDA is in use
     # Drawing in every step is seen at step 1 and copied from then on; a shuffle between checks is seen when the
     # capsule is written, and the capsule says its state was taken then (exact here: the step drew nothing).
     said = capsule.meta.get("python_rng")
