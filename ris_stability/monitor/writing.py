@@ -56,8 +56,9 @@ class MonitorWriting:
             grads = {n: p.grad.detach().clone() for n, p in self._model.named_parameters() if p.grad is not None}
             if ctx.born_names is not None:
                 meta.update(grads_at="optimizer.step", born_nonfinite=list(ctx.born_names))
-        rng = capture_rng()
-        if self._rng.snapshot is not None:
+        if self._rng.snapshot is None:  # no step has started (a capsule outside any step)
+            rng = capture_rng()
+        else:
             snapshot, exact = self._rng.verified()
             rng = rng_state(snapshot)
             if not exact:  # random moved since it was last copied: its state now stands in (records/step_rng.py)
