@@ -72,6 +72,7 @@ class GradMonitor:
         self._module_of = [self.modules.index(k) for k in keys]
         self._module_index = torch.tensor(self._module_of, device=self.device)
         self._segment_cache: dict[tuple[tuple[int, ...], ...], tuple[Tensor, Tensor, int]] = {}
+        self._update_cache: dict[tuple[int, ...], tuple[Tensor | None, Tensor] | None] = {}  # _update_index
         self._grad_keys = [f"grad/{module}" for module in self.modules] + [f"grad/{TOTAL_KEY}"]
         self._param_keys = [f"param/{module}" for module in self.modules] + [f"param/{TOTAL_KEY}"]
         self._position = {id(p): i for i, p in enumerate(self.params)}
@@ -262,15 +263,29 @@ class GradMonitor:
                                  for v in torch._foreach_norm(torch._foreach_sub(after, before))]).square()
             theta = torch.stack([v.to(self.device, torch.float64) for v in torch._foreach_norm(before)]).square()
             self._pending[f"update_ratio_group/{key}"] = delta.sum().sqrt() / theta.sum().sqrt()
-            mine = [i for i, p in enumerate(group["params"]) if id(p) in self._position]
-            if mine:
-                at = self._module_index[[self._position[id(group["params"][i])] for i in mine]]
-                d_mod.index_add_(0, at, delta[mine])
-                t_mod.index_add_(0, at, theta[mine])
+            where = self._update_index(tuple(id(p) for p in group["params"]))
+            if where is not None:
+                mine, at = where
+                d_mod.index_add_(0, at, delta if mine is None else delta[mine])
+                t_mod.index_add_(0, at, theta if mine is None else theta[mine])
         ratio = d_mod.sqrt() / t_mod.sqrt()
         for i, module in enumerate(self.modules):
             self._pending[f"update_ratio/{module}"] = ratio[i]
         self._snapshot = None
+
+    def _update_index(self, ids: tuple[int, ...]) -> tuple[Tensor | None, Tensor] | None:
+        """(positions in the group of its monitored parameters, None when all are; their module indices) for a
+        param group's update ratios, cached: built from Python lists they are host-to-device copies, which a GPU
+        waits for. None: no monitored parameter in the group."""
+        if ids not in self._update_cache:
+            if len(self._update_cache) >= 8:  # param groups rebuilt again and again: keep only the latest
+                self._update_cache.clear()
+            mine = [i for i, pid in enumerate(ids) if pid in self._position]
+            self._update_cache[ids] = None if not mine else (
+                None if len(mine) == len(ids) else torch.tensor(mine, dtype=torch.long, device=self.device),
+                self._module_index[torch.tensor([self._position[ids[i]] for i in mine], dtype=torch.long,
+                                                device=self.device)])
+        return self._update_cache[ids]
 
     # -- loss terms --------------------------------------------------------------------------------
     def observe_terms(self, terms: Mapping[str, Tensor | float]) -> None:

@@ -378,6 +378,7 @@ def test_host_reads_per_step_under_ddp(tmp_path):
         where = result["read_where"]
         assert sorted(where["0"]) == [local, read, read] and sorted(where["2"]) == [local, read]
         assert result["reads"].get("setup", 0) == 0
+        assert [result["copies"].get(str(s), 0) for s in range(1, 4)] == [0, 0, 0]  # no host-to-device copy after step 0
 
 
 def test_dead_rank_stops_the_others_with_a_clear_message(tmp_path):

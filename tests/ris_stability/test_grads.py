@@ -136,15 +136,21 @@ def test_nonfinite_counting_can_be_deferred_to_a_bad_step():
     assert gm.collect() == {"grad_nonfinite/phase": 1}
 
 
-def test_update_ratio_and_param_group_norms_match_sgd():
+@pytest.mark.parametrize("outside", [False, True])
+def test_update_ratio_and_param_group_norms_match_sgd(outside):
+    """``outside``: the second group also holds a parameter that is not the model's (first in the group): the
+    per-module ratios take the model's parameters only, each to its own module."""
     torch.manual_seed(0)
     model = Toy()
     lr = 0.1
+    extra = [nn.Parameter(torch.randn(6))] if outside else []
     opt = torch.optim.SGD([
         {"params": model.encoder.parameters(), "name": "encoder"},
-        {"params": list(model.heads.parameters()) + [model.phase]},
+        {"params": extra + list(model.heads.parameters()) + [model.phase]},
     ], lr=lr)
     _step(model, 3)
+    for p in extra:
+        p.grad = torch.full_like(p, 50.0)  # a large update of its own: it must not reach any module's ratio
     gm = GradMonitor(model)
     gm.observe_grads(opt)
     before = [[p.detach().clone() for p in g["params"]] for g in opt.param_groups]
@@ -152,13 +158,17 @@ def test_update_ratio_and_param_group_norms_match_sgd():
     opt.step()
     gm.after_step(opt)
     got = gm.collect()
+    own = {id(p) for p in model.parameters()}
     for g, key in enumerate(["encoder", "1"]):
-        grad_norm = _reference_norm(opt.param_groups[g]["params"])
+        group = opt.param_groups[g]["params"]
+        grad_norm = _reference_norm(group)
         theta = float(torch.linalg.vector_norm(torch.cat([p.reshape(-1).to(torch.complex128) for p in before[g]])))
-        assert got[f"grad_group/{key}"] == pytest.approx(grad_norm, rel=1e-6)
+        # the group's gradient norm is over the model's parameters in it; its update ratio over the whole group
+        assert got[f"grad_group/{key}"] == pytest.approx(_reference_norm([p for p in group if id(p) in own]), rel=1e-6)
         assert got[f"update_ratio_group/{key}"] == pytest.approx(lr * grad_norm / theta, rel=1e-5)
     names = {id(p): n for n, p in model.named_parameters()}
-    start = {names[id(p)]: b for snap, grp in zip(before, opt.param_groups) for b, p in zip(snap, grp["params"])}
+    start = {names[id(p)]: b for snap, grp in zip(before, opt.param_groups) for b, p in zip(snap, grp["params"])
+             if id(p) in names}
     assert len(gm.modules) == 3
     for module in gm.modules:  # per module, as the grad norms: the module's own parameters
         mine = [n for n in start if module_key(n, 1) == module]

@@ -1,7 +1,9 @@
 """The host reads ris_stability makes per step, counted on CPU through the public front doors (each one is a
 GPU sync on CUDA): under policy observe none on a step that is not sampled and at most one on a sampled step;
 under skip / stop exactly one per step, the read the skip decision needs (as a GradScaler's finite check).
-A new ``.item()`` / ``float(t)`` / ``bool(t)`` / ``.tolist()`` anywhere in a clean step fails here."""
+A new ``.item()`` / ``float(t)`` / ``bool(t)`` / ``.tolist()`` anywhere in a clean step fails here, and so does an
+op that syncs without a read (``nonzero``, a mask selection) or Python data made into a device tensor after the
+first step (a list used as an index: a host-to-device copy a GPU waits for)."""
 from __future__ import annotations
 
 import textwrap
@@ -115,6 +117,8 @@ def test_reads_per_step(tmp_path, door, policy, every, capsys):
     else:
         assert reads.steps(steps) == [1] * STEPS, detail
     assert reads.by_step["setup"] == 0 and reads.by_step["finish"] <= 1, detail
+    # No Python data made into a device tensor once the first step has built what it caches (a copy a GPU waits for).
+    assert [reads.copies[s] for s in steps[1:]] == [0] * (STEPS - 1), dict(reads.copy_where)
 
 
 def test_rows_are_complete_after_the_deferred_reads(tmp_path):

@@ -97,7 +97,8 @@ def main(run_dir: str, mode: str, steps: int) -> int:
            "capsules": [str(p) for p in mon.capsules],
            "params": [p.detach().double().sum().item() for p in model.parameters()],
            "reads": {str(k): v for k, v in reads.by_step.items()} if reads is not None else None,
-           "read_where": {str(k): v for k, v in reads.where.items()} if reads is not None else None}
+           "read_where": {str(k): v for k, v in reads.where.items()} if reads is not None else None,
+           "copies": {str(k): v for k, v in reads.copies.items()} if reads is not None else None}
     (Path(run_dir) / f"result{rank}.json").write_text(json.dumps(out))
     if status == "clean":
         dist.destroy_process_group()
