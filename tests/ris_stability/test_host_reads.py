@@ -74,6 +74,39 @@ def _session(tmp: Path, cfg: MonitorConfig):
     return reads
 
 
+class _Whiten(nn.Module):
+    """A linear layer, then ZCA whitening through eigh (a linear-algebra site for the probe to measure)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.head = nn.Linear(8, 6), nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        h = h - h.mean(0)
+        evals, evecs = torch.linalg.eigh(h.mT @ h / h.shape[0] + 1e-2 * torch.eye(h.shape[1]))
+        return self.head(h @ evecs @ torch.diag(evals.rsqrt()) @ evecs.mT).pow(2).mean()
+
+
+def _session_eigh(tmp: Path, cfg: MonitorConfig):
+    """The probe's statistics of an eigh site ride in the same read."""
+    torch.manual_seed(0)
+    model = _Whiten()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with counting() as reads:
+        with MonitorSession(StabilityMonitor(tmp / "run", cfg), model, opt) as s:
+            for step in range(STEPS):
+                s.start_step(step)
+                opt.zero_grad()
+                loss = model(torch.randn(16, 8))
+                s.after_forward(loss)
+                loss.backward()
+                if s.after_backward():
+                    opt.step()
+                s.end_step()
+    return reads
+
+
 def _watch_amp(tmp: Path, cfg: MonitorConfig):
     """A GradScaler loop (zero glue): the scaler's own finite check is the loop's read, not the toolkit's."""
     model, opt = _model()
@@ -98,7 +131,7 @@ def _script(tmp: Path, cfg: MonitorConfig, text: str = SCRIPT):
     return reads
 
 
-DOORS = {"watch": _watch, "session": _session, "script": _script, "watch_amp": _watch_amp,
+DOORS = {"watch": _watch, "session": _session, "session_eigh": _session_eigh, "script": _script, "watch_amp": _watch_amp,
          "script_rewrites": lambda tmp, cfg: _script(tmp, cfg, REWRITES)}
 
 
