@@ -342,6 +342,12 @@ def main() -> None:
                             f"(paired steps, every=10, mean +- standard error); floor {floor * 1e6:.0f} +- "
                             f"{floor_se * 1e6:.0f} us (a GradScaler's finite check and read); goal <= "
                             f"{FIXED_GOAL_MS * 1e3:.0f} us: {'met' if fixed <= FIXED_GOAL_MS * 1e-3 else 'NOT met'}")
+            ratio10, ratio10_se = paired["every10"]
+            goal10 = None if args.device.startswith("cuda") else E10_GOALS.get(name)
+            verdicts.append(f"{name}: every=10 on paired steps {ratio10:.3f}x +- {ratio10_se:.3f} (mean step time over "
+                            f"all {args.paired_steps} paired steps, sampled ones included, against the plain copy "
+                            "stepping in turn)" + ("" if goal10 is None else
+                                                   f", goal <= {goal10:.2f}x: {'met' if ratio10 <= goal10 else 'NOT met'}"))
             sampled_ops, _ = monitor_ops(name, 1, 6, Path(tmp), args.device)
             _, unsampled_ops = monitor_ops(name, 10, 21, Path(tmp), args.device)
             verdicts.append(f"{name}: aten ops the monitor adds per step (counted): {sampled_ops:.1f} sampled (every=1), "

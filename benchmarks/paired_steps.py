@@ -36,7 +36,9 @@ def scaler_check(params: list[torch.Tensor]) -> None:
 def paired_fixed_cost(name: str, steps: int, warmup: int, tmp: Path, device: str,
                       clock: Callable[[], float] = time.perf_counter) -> dict[str, tuple[float, float]]:
     """{"monitored": (mean, standard error), "checked": (...)}: seconds of step time added on the steps not
-    sampled (2-9 of each 10) by the monitor at every=10 and by a GradScaler's check, against the plain copy."""
+    sampled (2-9 of each 10) by the monitor at every=10 and by a GradScaler's check, against the plain copy;
+    "every10": (ratio, standard error) of the monitored copy's mean step time over every timed step (its sampled
+    steps included; ``steps`` a multiple of 10 samples exactly one in ten) to the plain copy's."""
     copies = {kind: WORKLOADS[name](device) for kind in ("plain", "monitored", "checked")}
     monitored = copies["monitored"]
     session = MonitorSession(StabilityMonitor(tmp / f"paired-{time.monotonic_ns()}", MonitorConfig(every=10)),
@@ -44,6 +46,7 @@ def paired_fixed_cost(name: str, steps: int, warmup: int, tmp: Path, device: str
     params = list(copies["checked"].model.parameters())
     kinds = list(copies)
     added: dict[str, list[float]] = {"monitored": [], "checked": []}
+    every_step: list[tuple[float, float]] = []  # (monitored, plain) of every timed step
     with session as s:
         for step in range(warmup + steps):
             took = {}
@@ -61,7 +64,13 @@ def paired_fixed_cost(name: str, steps: int, warmup: int, tmp: Path, device: str
                     work.optimizer.step()
                 sync(device)
                 took[kind] = clock() - t0
+            if step >= warmup:
+                every_step.append((took["monitored"], took["plain"]))
             if step >= warmup and step % 10 > 1:
                 for kind in added:
                     added[kind].append(took[kind] - took["plain"])
-    return {kind: (statistics.mean(v), statistics.stdev(v) / math.sqrt(len(v))) for kind, v in added.items()}
+    result = {kind: (statistics.mean(v), statistics.stdev(v) / math.sqrt(len(v))) for kind, v in added.items()}
+    plain = statistics.mean(p for _, p in every_step)
+    diffs = [m - p for m, p in every_step]
+    result["every10"] = (1 + statistics.mean(diffs) / plain, statistics.stdev(diffs) / math.sqrt(len(diffs)) / plain)
+    return result
