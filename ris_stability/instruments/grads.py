@@ -259,9 +259,8 @@ class GradMonitor:
             after = [p.detach() for p in group["params"]]
             if not after:
                 continue
-            delta = torch.stack([v.to(self.device, torch.float64)
-                                 for v in torch._foreach_norm(torch._foreach_sub(after, before))]).square()
-            theta = torch.stack([v.to(self.device, torch.float64) for v in torch._foreach_norm(before)]).square()
+            delta = self._stacked(torch._foreach_norm(torch._foreach_sub(after, before))).square()
+            theta = self._stacked(torch._foreach_norm(before)).square()
             self._pending[f"update_ratio_group/{key}"] = delta.sum().sqrt() / theta.sum().sqrt()
             where = self._update_index(tuple(id(p) for p in group["params"]))
             if where is not None:
@@ -272,6 +271,13 @@ class GradMonitor:
         for i, module in enumerate(self.modules):
             self._pending[f"update_ratio/{module}"] = ratio[i]
         self._snapshot = None
+
+    def _stacked(self, norms: Sequence[Tensor]) -> Tensor:
+        """0-d norms as one float64 vector on the monitor's device: one stack and one cast when they are all there
+        already (a cast per norm otherwise: parameters spread over devices)."""
+        if all(n.device == self.device for n in norms):
+            return torch.stack(list(norms)).to(torch.float64)
+        return torch.stack([n.to(self.device, torch.float64) for n in norms])
 
     def _update_index(self, ids: tuple[int, ...]) -> tuple[Tensor | None, Tensor] | None:
         """(positions in the group of its monitored parameters, None when all are; their module indices) for a
