@@ -79,6 +79,19 @@ def test_bad_setting_and_use_before_start_are_clear():
         StepRng().verified()
 
 
+def train_step(session: MonitorSession, model: nn.Module, opt: torch.optim.Optimizer, step: int,
+               x: torch.Tensor) -> None:
+    """One step of a loop that gates its own update on the monitor's verdict."""
+    opt.zero_grad(set_to_none=True)
+    session.start_step(step, batch={"x": x})
+    loss = model(x)
+    session.after_forward(loss)
+    loss.backward()
+    if session.after_backward():
+        opt.step()
+    session.end_step()
+
+
 class Dropper(nn.Module):
     """Research-style layer drop drawn from Python's random, and a NaN on the step the test names."""
 
@@ -111,14 +124,7 @@ def test_capsule_holds_the_random_state_its_step_started_from(tmp_path, draws, s
                 random.shuffle(list(range(10)))  # between steps, like an epoch's shuffle
             model.step = step
             at_start[step] = random.getstate()
-            opt.zero_grad(set_to_none=True)
-            s.start_step(step, batch={"x": x})
-            loss = model(x)
-            s.after_forward(loss)
-            loss.backward()
-            if s.after_backward():
-                opt.step()
-            s.end_step()
+            train_step(s, model, opt, step, x)
     capsule = Capsule.load(tmp_path / "run" / "capsules" / "step_000007.pt")
     assert python_state(capsule) == at_start[7]
     assert ("cuda" in capsule.rng) == torch.cuda.is_initialized()  # CUDA states only where CUDA is in use
@@ -168,14 +174,7 @@ def test_a_step_drawing_from_random_replays_bit_exact(tmp_path):
             x = torch.randn(5, 3)
             if step == 7:
                 x[2] = 0.0
-            opt.zero_grad(set_to_none=True)
-            s.start_step(step, batch={"x": x})
-            loss = model(x)
-            s.after_forward(loss)
-            loss.backward()
-            if s.after_backward():
-                opt.step()
-            s.end_step()
+            train_step(s, model, opt, step, x)
     capsule = Capsule.load(tmp_path / "run" / "capsules" / "step_000007.pt")
     capsule.meta["replayer"] = f"{__name__}:replayer"
     assert replay(capsule).bit_exact
