@@ -109,16 +109,12 @@ def counting() -> Iterator[HostReads]:
     class HiddenSyncs(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             op = str(func)
-            if op in SYNC_OPS:
-                where = _reader()
-                if where is not None:
-                    counts.by_step[counts.phase] += 1
-                    counts.where[counts.phase].append(f"{op}@{where}")
-            elif op in COPY_OPS:
-                where = _reader()
-                if where is not None:
-                    counts.copies[counts.phase] += 1
-                    counts.copy_where[counts.phase].append(f"{op}@{where}")
+            tally = (counts.by_step, counts.where) if op in SYNC_OPS else \
+                (counts.copies, counts.copy_where) if op in COPY_OPS else None
+            where = _reader() if tally is not None else None
+            if where is not None:
+                tally[0][counts.phase] += 1
+                tally[1][counts.phase].append(f"{op}@{where}")
             return func(*args, **(kwargs or {}))
 
     for name, real in originals.items():
